@@ -1,0 +1,36 @@
+# `make test` and `make bench` do all their own set-up on a fresh machine: a venv, torch
+# (TORCH_SPEC, default: the CPU wheel this machine provides), the extras of pyproject.toml,
+# and an in-place build of consequential_ext._C against that torch (no build isolation,
+# so pip never pulls the registry's CUDA torch).
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= test bench triton
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip install -q --disable-pip-version-check
+EXT        := consequential_ext/_C.abi3.so
+CSRC       := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
+PYTEST_ARGS ?=
+
+.PHONY: env build test bench clean
+
+env: $(VENV)/.ready
+$(VENV)/.ready: pyproject.toml tools/requirements.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH_SPEC)"
+	$(PY) tools/requirements.py $(EXTRAS) > $(VENV)/requirements.txt
+	$(PIP) -r $(VENV)/requirements.txt
+	touch $@
+
+build: $(EXT)
+$(EXT): $(VENV)/.ready setup.py $(CSRC)
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m bench --quick
+
+clean:
+	rm -rf build $(EXT) .pytest_cache

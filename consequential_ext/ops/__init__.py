@@ -1,0 +1,107 @@
+"""The fused ops, one entry each, with backend dispatch: cuda → triton → cpu → reference.
+
+``cuda`` and ``cpu`` are the compiled operators in ``consequential_ext._C`` (reached through
+``torch.ops.consequential_ext``), ``triton`` the kernels in ``ops/triton`` (CUDA tensors
+only), ``reference`` the pure-PyTorch spec in ``ops/reference.py``. ``use_backend(name)``
+forces one, for tests and benchmarks.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+
+import torch
+
+from . import reference
+from ._backends import available_backends, backend_for
+from ._fake import register_fakes
+
+__all__ = ["im2col_gram", "ridge_solve", "use_backend", "available_backends", "reference"]
+
+register_fakes()
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Run the ops in this block on backend ``name`` (None: automatic)."""
+    if name is not None and name not in ("cuda", "triton", "cpu", "reference"):
+        raise ValueError(f"use_backend: backend must be one of 'cuda', 'triton', 'cpu', "
+                         f"'reference' or None, got {name!r}")
+    previous = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = previous
+
+
+def _pair(value, name):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return tuple(value)
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, *, groups=1, bias=False):
+    """Σ over every im2col patch of ``x`` of patch·patchᵀ, unnormalised.
+
+    x: (B, C, H, W), any memory format. Returns (D, D) for ``groups=1`` and
+    (groups, D, D) otherwise, D = C/groups·kh·kw (+1 with ``bias``: the constant-1 row
+    a bias multiplies). float32 accumulation (float64 for float64 input).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"im2col_gram: x must be a 4-D (B, C, H, W) tensor, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    if not x.is_floating_point():
+        raise TypeError(f"im2col_gram: x must be floating point, got {x.dtype}")
+    ks, st = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
+    pd, dl = _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(ks) < 1 or min(st) < 1 or min(dl) < 1 or min(pd) < 0:
+        raise ValueError(f"im2col_gram: need kernel_size, stride, dilation >= 1 and padding >= 0, "
+                         f"got kernel_size={ks}, stride={st}, padding={pd}, dilation={dl}")
+    if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"im2col_gram: groups must be a positive int dividing C={x.shape[1]}, "
+                         f"got {groups!r}")
+    for i in range(2):
+        if x.shape[2 + i] + 2 * pd[i] < dl[i] * (ks[i] - 1) + 1:
+            raise ValueError(f"im2col_gram: kernel_size {ks} (dilation {dl}) does not fit the "
+                             f"padded input {tuple(x.shape[2:])} + 2·{pd}")
+    backend = backend_for("im2col_gram", x, getattr(_forced, "name", None))
+    if backend == "reference":
+        gram = reference.im2col_gram(x, ks, st, pd, dl, groups, bias)
+    elif backend == "triton":
+        from . import triton as triton_ops
+        gram = triton_ops.im2col_gram(x, ks, st, pd, dl, groups, bias)
+    else:
+        gram = torch.ops.consequential_ext.im2col_gram(x, ks, st, pd, dl, groups, bias)
+    return gram[0] if groups == 1 else gram
+
+
+def ridge_solve(gram, grad, ridge, *, out_dtype=None):
+    """``grad @ inverse(gram + ridge·I)``, batched over leading dims, by Cholesky.
+
+    gram: (..., D, D) symmetric positive semi-definite; grad: (..., M, D) with the same
+    leading dims. Solved in float32 or better; returned in ``out_dtype`` (default: grad's).
+    """
+    if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not math.isfinite(ridge) \
+            or ridge <= 0:
+        raise ValueError(f"ridge_solve: ridge must be a finite float > 0, got {ridge!r}")
+    if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
+        raise ValueError(f"ridge_solve: gram must be (..., D, D), got {tuple(gram.shape)}")
+    if grad.dim() != gram.dim() or grad.shape[-1] != gram.shape[-1] \
+            or grad.shape[:-2] != gram.shape[:-2]:
+        raise ValueError(f"ridge_solve: grad must be (..., M, D) with the leading dims and D of "
+                         f"gram {tuple(gram.shape)}, got {tuple(grad.shape)}")
+    if gram.device != grad.device:
+        raise ValueError(f"ridge_solve: gram on {gram.device} but grad on {grad.device}")
+    backend = backend_for("ridge_solve", gram, getattr(_forced, "name", None))
+    if backend == "reference":
+        return reference.ridge_solve(gram, grad, float(ridge), out_dtype)
+    if backend == "triton":
+        from . import triton as triton_ops
+        return triton_ops.ridge_solve(gram, grad, float(ridge), out_dtype)
+    return torch.ops.consequential_ext.ridge_solve(gram, grad, float(ridge), out_dtype)

@@ -1,0 +1,78 @@
+"""Pure-PyTorch definition of every fused op: the spec each kernel is tested against.
+
+Kept deliberately plain (explicit ``unfold``, dense products, ``torch.linalg``); speed is
+the kernels' job.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["accumulate_dtype", "im2col", "im2col_gram", "ridge_solve"]
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Grams and solves accumulate in float32 or better whatever the input dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def im2col(x, kernel_size, stride, padding, dilation, groups=1, bias=False):
+    """Patches of ``x`` (B, C, H, W) as (groups, D, B·L) columns, D = C/groups·kh·kw (+1).
+
+    Row order matches ``weight.reshape(out, -1)`` of a Conv2d (channel, then kernel row,
+    then kernel column); with ``bias`` a constant-1 row is appended per group.
+    """
+    b, c = x.shape[:2]
+    cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    cols = cols.reshape(b, groups, -1, cols.shape[-1]).permute(1, 2, 0, 3)
+    cols = cols.reshape(groups, cols.shape[1], -1)
+    if bias:
+        cols = torch.cat([cols, cols.new_ones(groups, 1, cols.shape[-1])], dim=1)
+    return cols
+
+
+def im2col_gram(x, kernel_size, stride, padding, dilation, groups=1, bias=False):
+    """Σ over patches of patch·patchᵀ, unnormalised: (groups, D, D) in the accumulate dtype."""
+    cols = im2col(x.to(accumulate_dtype(x.dtype)), kernel_size, stride, padding, dilation,
+                  groups, bias)
+    return cols @ cols.transpose(1, 2)
+
+
+_escalation_warned = False
+
+
+def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
+    """``grad @ inverse(gram + ridge·I)`` for a batch of systems, by Cholesky.
+
+    gram: (..., D, D) symmetric PSD; grad: (..., M, D) with the same batch dims.
+    A failed factorisation of finite input escalates the ridge ×10 (one warning per
+    process); non-finite input gives non-finite output rather than an exception, so
+    ``GradScaler`` can skip the step.
+    """
+    out_dtype = grad.dtype if out_dtype is None else out_dtype
+    work = torch.float64 if torch.float64 in (gram.dtype, grad.dtype) else torch.float32
+    a, g = gram.to(work), grad.to(work)
+    if not (torch.isfinite(a).all() and torch.isfinite(g).all()):
+        return torch.full_like(g, float("nan"), dtype=out_dtype)
+    eye = torch.eye(a.shape[-1], dtype=work, device=a.device)
+    lam = float(ridge)
+    for attempt in range(max_escalations):
+        chol, info = torch.linalg.cholesky_ex(a + lam * eye)
+        if not bool((info != 0).any()):
+            if attempt:
+                _warn_escalated(ridge, lam)
+            return torch.cholesky_solve(g.transpose(-1, -2), chol).transpose(-1, -2).to(out_dtype)
+        lam *= 10.0
+    raise RuntimeError(f"ridge_solve: (gram + ridge*I) is not positive definite even with "
+                       f"ridge escalated to {lam:g}")
+
+
+def _warn_escalated(ridge, lam):
+    global _escalation_warned
+    if not _escalation_warned:
+        _escalation_warned = True
+        warnings.warn(f"consequential_ext.ridge_solve: Cholesky of (gram + ridge*I) failed; ridge "
+                      f"escalated from {ridge:g} to {lam:g}. Consider a larger ridge.",
+                      RuntimeWarning, stacklevel=3)

@@ -1,0 +1,37 @@
+// Operator schemas of consequential_ext: declared once here; every backend adds its
+// kernels with TORCH_LIBRARY_IMPL(consequential_ext, <Backend>, m) beside its sources.
+// Python-side fake (meta) implementations live in consequential_ext/ops/_fake.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty module: importing consequential_ext._C runs the static registrations below
+// (no pybind11 needed, so the extension can use the limited API).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(consequential_ext, m) {
+  // Σ over every patch (im2col column) of patch ⊗ patch, unnormalised, per group:
+  // (groups, D, D) with D = C_in/groups · kh · kw (+1 for a trailing constant-1 row when
+  // bias). Accumulated in float32 (float64 for float64 input).
+  m.def("im2col_gram(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, bool bias) -> Tensor");
+  // grad @ (gram + ridge·I)⁻¹ for a batch of systems: gram (..., D, D) symmetric PSD,
+  // grad (..., M, D). Cholesky; on a failed factorisation of finite input the ridge is
+  // escalated (×10) with one warning; non-finite input gives non-finite output. Output
+  // is cast to out_dtype (default: grad's dtype).
+  m.def("ridge_solve(Tensor gram, Tensor grad, float ridge, ScalarType? out_dtype=None) -> Tensor");
+  // The torch version this extension was compiled against (checked at import).
+  m.def("built_with_torch() -> str");
+}
+
+namespace {
+std::string built_with_torch() { return CX_TORCH_VERSION; }
+}  // namespace
+
+TORCH_LIBRARY_IMPL(consequential_ext, CompositeExplicitAutograd, m) {
+  m.impl("built_with_torch", &built_with_torch);
+}
