@@ -51,7 +51,7 @@ def _extension():
     sources = sorted(["csrc/ops.cpp"] + glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     extra = {"cxx": opt + ["-std=c++20"]}
-              ("CX_TORCH_VERSION", f'"{torch.__version__}"')]
+    macros = [("CX_TORCH_VERSION", f'"{torch.__version__}"')]
     if cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         nvcc = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"] + _gencode_flags()
