@@ -51,6 +51,8 @@ def _extension():
     sources = sorted(["csrc/ops.cpp"] + glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     extra = {"cxx": opt + ["-std=c++20"]}
+    if torch._C.has_openmp:  # at::parallel_for in the CPU kernels is OpenMP, as in torch
+        extra["cxx"].append("-fopenmp")
     macros = [("CX_TORCH_VERSION", f'"{torch.__version__}"')]
     if cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))

@@ -1,0 +1,21 @@
+// Channel-correlation micro-kernel shared by the CPU im2col-Gram paths (no torch headers:
+// it is plain loops over raw pointers, vectorised per CPU at run time).
+#pragma once
+#include <cstdint>
+
+namespace consequential_ext::cpu {
+
+// Width, in elements, that callers pad M and N to (one 64-byte vector of floats).
+constexpr int64_t kCorrAlign = 16;
+
+// out[m][n] += Σ_{o < n_outer} Σ_{k < n_inner} L[o·outer_stride + k·ld + m] · R[o·outer_stride + k·ld + n]
+// for m < M, n < N: the correlation of two row-major (K × ·) panels, K split into n_outer
+// runs of n_inner rows (a run per image row when the rows of a column strip are not
+// evenly spaced). out is row-major with leading dimension ldo. M and N must be multiples
+// of kCorrAlign. Accumulates in T; picks AVX-512 / AVX2 / portable code at run time.
+void corr_accumulate(float* out, int64_t ldo, const float* L, const float* R, int64_t M, int64_t N,
+                     int64_t n_outer, int64_t outer_stride, int64_t n_inner, int64_t ld);
+void corr_accumulate(double* out, int64_t ldo, const double* L, const double* R, int64_t M,
+                     int64_t N, int64_t n_outer, int64_t outer_stride, int64_t n_inner, int64_t ld);
+
+}  // namespace consequential_ext::cpu

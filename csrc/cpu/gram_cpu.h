@@ -1,0 +1,26 @@
+// Internal interface between the CPU im2col_gram entry point and its two algorithms.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace consequential_ext::cpu {
+
+// One convolution's patch geometry (per spatial axis: kernel, stride, padding, dilation).
+struct PatchGeometry {
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t groups;
+  bool bias;
+  int64_t out_h(int64_t h) const { return (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1; }
+  int64_t out_w(int64_t w) const { return (w + 2 * pw - dw * (kw - 1) - 1) / sw + 1; }
+};
+
+// Both fill gram (groups, D, D), D = C/groups·kh·kw (+1 with bias), in acc_t (float for
+// every input dtype but double). x: (B, C, H, W) of any dtype and strides.
+// Stride-1 convolutions: shifted channel correlations + border corrections (exact).
+void gram_shift_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
+// Any stride / dilation: im2col in cache-sized tiles of patches, upper triangle only.
+void gram_tiled_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
+
+// Rows (or columns) padded to whole 64-byte vectors for the correlation micro-kernel.
+inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+}  // namespace consequential_ext::cpu

@@ -1,0 +1,261 @@
+// Stride-1 im2col Gram from shifted channel correlations (exact; no im2col matrix).
+//
+// Maths. For a shift (s, t) let π(y, x) = Σ_b x_b[:, y, x] · x_b[:, y + dh·s, x + dw·t]ᵀ
+// (C × C; zero where the partner pixel lies outside the image: the zero padding). The Gram
+// block of kernel offsets (i, j) and (i + s, j + t) is Σ π(y, x) over the first factor's
+// positions y ∈ Y_i = [dh·i − ph, dh·i − ph + Ho), x ∈ X_j (clipped to the image). All
+// windows Y_i contain one core range of rows; the ≤ 2·dh·(kh−1) rows outside it are "border
+// rows", each a row class of its own, the core is one more (likewise for columns). With
+//   S[rc][all] = Σ_{y ∈ rc, every x} π     one contiguous correlation per row class,
+//   S[rc][x]   = Σ_{y ∈ rc} π(y, x)        a thin strip per border column x,
+// every block is  Σ_{rc ⊆ Y_i} ( S[rc][all] − Σ_{border x ∉ X_j} S[rc][x] ).
+// Blocks with s < 0 (or s = 0, t < 0) are transposes of blocks with the opposite shift, so
+// only kh·(2kw−1) − (kw−1) shifts are correlated (13 for 3×3, instead of 81 blocks).
+//
+// Layout. A chunk of Bc images of one group is copied (converted to acc_t) into
+// Z[y][x][b][c]: pixel-major, then batch, then channels padded to Cp. Each row is followed by
+// G = dw·(kw−1) zero columns and the buffer starts and ends with G zero pixels (·Bc), so a
+// shift is one constant flat offset δ = (dh·s·Wz + dw·t)·Bc pixels and a partner leaving
+// the image sideways reads zeros rather than the neighbouring row: each correlation is a
+// single (K × Cp)ᵀ·(K × Cp) product over a contiguous range.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "corr_kernel.h"
+#include "gram_cpu.h"
+
+namespace consequential_ext::cpu {
+namespace {
+
+constexpr int64_t kChunkElems = int64_t{1} << 20;  // bound on the Z copy of one chunk
+constexpr int64_t kBlockElems = int64_t{1} << 14;  // K-block: L2-resident with its shifts
+
+struct Range {
+  int64_t begin, end;
+};
+
+// First-factor positions along one axis, grouped into classes that lie wholly inside or
+// wholly outside each kernel offset's window.
+struct AxisClasses {
+  std::vector<Range> classes;   // in order, covering [0, n)
+  std::vector<char> is_core;    // per class: inside every window
+  std::vector<int64_t> border;  // border positions (each one class)
+  int64_t d, p, out;            // dilation, padding, output size
+
+  bool inside(int64_t pos, int64_t i) const { return pos >= d * i - p && pos < d * i - p + out; }
+  bool class_inside(size_t cls, int64_t i) const {
+    return is_core[cls] || inside(classes[cls].begin, i);
+  }
+};
+
+AxisClasses axis_classes(int64_t n, int64_t k, int64_t d, int64_t p, int64_t out) {
+  AxisClasses a;
+  a.d = d;
+  a.p = p;
+  a.out = out;
+  const int64_t core0 = std::clamp(d * (k - 1) - p, int64_t{0}, n);
+  const int64_t core1 = std::clamp(n + p - d * (k - 1), int64_t{0}, n);
+  auto add_border = [&](int64_t pos) {
+    a.classes.push_back({pos, pos + 1});
+    a.is_core.push_back(0);
+    a.border.push_back(pos);
+  };
+  if (core0 < core1) {
+    for (int64_t pos = 0; pos < core0; ++pos) add_border(pos);
+    a.classes.push_back({core0, core1});
+    a.is_core.push_back(1);
+    for (int64_t pos = core1; pos < n; ++pos) add_border(pos);
+  } else {
+    for (int64_t pos = 0; pos < n; ++pos) add_border(pos);
+  }
+  return a;
+}
+
+template <typename src_t, typename acc_t>
+void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram) {
+  const int64_t B = x.size(0), Cg = x.size(1) / g.groups, H = x.size(2), W = x.size(3);
+  const int64_t Cp = round_up(Cg, kCorrAlign), cell = Cp * Cp;
+  const int64_t gap = g.dw * (g.kw - 1), Wz = W + gap;
+  const int64_t Ho = g.out_h(H), Wo = g.out_w(W), kk = g.kh * g.kw, d0 = Cg * kk;
+  const AxisClasses rows = axis_classes(H, g.kh, g.dh, g.ph, Ho);
+  const AxisClasses cols = axis_classes(W, g.kw, g.dw, g.pw, Wo);
+
+  struct Shift {
+    int64_t s, t;
+  };
+  std::vector<Shift> shifts;
+  std::vector<int64_t> shift_index(g.kh * (2 * g.kw - 1), -1);  // [s][t + kw − 1]
+  for (int64_t s = 0; s < g.kh; ++s)
+    for (int64_t t = 1 - g.kw; t < g.kw; ++t)
+      if (s > 0 || t >= 0) {
+        shift_index[s * (2 * g.kw - 1) + t + g.kw - 1] = static_cast<int64_t>(shifts.size());
+        shifts.push_back({s, t});
+      }
+  const int64_t nsh = shifts.size(), nrc = rows.classes.size();
+  const int64_t nxb = cols.border.size(), ncc = 1 + nxb;  // column slot 0: every column
+
+  // One accumulator set per thread (threads split K), summed at the end.
+  const int64_t slots = at::get_num_threads();
+  std::vector<acc_t> S(slots * nsh * nrc * ncc * cell);
+  auto S_at = [&](int64_t slot, int64_t sh, int64_t rc, int64_t cc) {
+    return S.data() + (((slot * nsh + sh) * nrc + rc) * ncc + cc) * cell;
+  };
+  // Bias row: Σ_b x over each row y and column slot, per channel; double because it is a
+  // plain sum over up to B·W terms.
+  std::vector<double> Q(g.bias ? H * ncc * Cg : 0);
+
+  const int64_t Bc = std::clamp(kChunkElems / (H * Wz * Cp), int64_t{1}, B);
+  std::vector<acc_t> zbuf((2 * gap + H * Wz) * Bc * Cp);
+  const src_t* src = x.const_data_ptr<src_t>();
+  const int64_t sb = x.stride(0), sc = x.stride(1), sy = x.stride(2), sx = x.stride(3);
+  auto out = gram.accessor<acc_t, 3>();
+  std::vector<acc_t> block(cell);
+
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    std::fill(S.begin(), S.end(), acc_t(0));
+    std::fill(Q.begin(), Q.end(), 0.0);
+    for (int64_t b0 = 0; b0 < B; b0 += Bc) {
+      const int64_t bc = std::min(Bc, B - b0);
+      std::fill(zbuf.begin(), zbuf.begin() + (2 * gap + H * Wz) * bc * Cp, acc_t(0));
+      acc_t* Z = zbuf.data() + gap * bc * Cp;
+      at::parallel_for(0, bc * H, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t idx = lo; idx < hi; ++idx) {
+          const int64_t b = idx / H, y = idx % H;
+          const src_t* s0 = src + (b0 + b) * sb + grp * Cg * sc + y * sy;
+          acc_t* z0 = Z + (y * Wz * bc + b) * Cp;
+          for (int64_t c = 0; c < Cg; ++c)
+            for (int64_t xx = 0; xx < W; ++xx)
+              z0[xx * bc * Cp + c] = static_cast<acc_t>(s0[c * sc + xx * sx]);
+        }
+      });
+
+      // S[rc][all]: K-blocks of the contiguous range of each row class, all shifts per block.
+      struct Block {
+        int64_t rc, p0, p1;  // pixel range, pixel index (y·Wz + x)·bc + b
+      };
+      std::vector<Block> blocks;
+      const int64_t kb = std::max(kBlockElems / Cp, bc);
+      for (int64_t rc = 0; rc < nrc; ++rc) {
+        const int64_t p_end = rows.classes[rc].end * Wz * bc;
+        for (int64_t p = rows.classes[rc].begin * Wz * bc; p < p_end; p += kb)
+          blocks.push_back({rc, p, std::min(p + kb, p_end)});
+      }
+      at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
+        const int64_t slot = at::get_thread_num();
+        for (int64_t bi = lo; bi < hi; ++bi) {
+          const Block& blk = blocks[bi];
+          for (int64_t sh = 0; sh < nsh; ++sh) {
+            const auto [s, t] = shifts[sh];
+            // rows whose partner row y + dh·s is still inside the image
+            const int64_t p1 = std::min(blk.p1, (H - g.dh * s) * Wz * bc);
+            if (blk.p0 >= p1) continue;
+            const int64_t delta = (g.dh * s * Wz + g.dw * t) * bc;
+            corr_accumulate(S_at(slot, sh, blk.rc, 0), Cp, Z + blk.p0 * Cp,
+                            Z + (blk.p0 + delta) * Cp, Cp, Cp, 1, 0, p1 - blk.p0, Cp);
+          }
+        }
+      });
+
+      // S[rc][x] for border columns: per row y a run of bc pixels, rows Wz·bc pixels apart.
+      at::parallel_for(0, nsh * nxb, 1, [&](int64_t lo, int64_t hi) {
+        const int64_t slot = at::get_thread_num();
+        for (int64_t task = lo; task < hi; ++task) {
+          const int64_t sh = task / nxb, xi = task % nxb;
+          const auto [s, t] = shifts[sh];
+          const int64_t delta = (g.dh * s * Wz + g.dw * t) * bc;
+          for (int64_t rc = 0; rc < nrc; ++rc) {
+            const int64_t y0 = rows.classes[rc].begin;
+            const int64_t y1 = std::min(rows.classes[rc].end, H - g.dh * s);
+            if (y0 >= y1) continue;
+            const acc_t* L = Z + (y0 * Wz + cols.border[xi]) * bc * Cp;
+            corr_accumulate(S_at(slot, sh, rc, 1 + xi), Cp, L, L + delta * Cp, Cp, Cp, y1 - y0,
+                            Wz * bc * Cp, bc, Cp);
+          }
+        }
+      });
+
+      if (g.bias) {
+        at::parallel_for(0, H, 1, [&](int64_t lo, int64_t hi) {
+          for (int64_t y = lo; y < hi; ++y) {
+            double* q = Q.data() + y * ncc * Cg;
+            size_t next_border = 0;
+            for (int64_t xx = 0; xx < W; ++xx) {
+              const bool border = next_border < cols.border.size() && cols.border[next_border] == xx;
+              double* qb = border ? q + (1 + next_border) * Cg : nullptr;
+              next_border += border;
+              const acc_t* z = Z + (y * Wz + xx) * bc * Cp;
+              for (int64_t b = 0; b < bc; ++b)
+                for (int64_t c = 0; c < Cg; ++c) {
+                  q[c] += z[b * Cp + c];
+                  if (qb) qb[c] += z[b * Cp + c];
+                }
+            }
+          }
+        });
+      }
+    }
+
+    for (int64_t slot = 1; slot < slots; ++slot)
+      for (int64_t e = 0; e < nsh * nrc * ncc * cell; ++e) S[e] += S[slot * nsh * nrc * ncc * cell + e];
+
+    // Assemble the (kh·kw)² blocks, each from its shift's pieces; mirror the rest.
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j)
+        for (int64_t i2 = i; i2 < g.kh; ++i2)
+          for (int64_t j2 = 0; j2 < g.kw; ++j2) {
+            const int64_t s = i2 - i, t = j2 - j;
+            if (s == 0 && t < 0) continue;
+            const int64_t sh = shift_index[s * (2 * g.kw - 1) + t + g.kw - 1];
+            std::fill(block.begin(), block.end(), acc_t(0));
+            for (int64_t rc = 0; rc < nrc; ++rc) {
+              if (!rows.class_inside(rc, i)) continue;
+              for (int64_t cc = 0; cc < ncc; ++cc) {
+                if (cc > 0 && cols.inside(cols.border[cc - 1], j)) continue;
+                const acc_t* piece = S_at(0, sh, rc, cc);
+                if (cc == 0)
+                  for (int64_t e = 0; e < cell; ++e) block[e] += piece[e];
+                else
+                  for (int64_t e = 0; e < cell; ++e) block[e] -= piece[e];
+              }
+            }
+            const bool diagonal = s == 0 && t == 0;
+            for (int64_t c = 0; c < Cg; ++c)
+              for (int64_t c2 = diagonal ? c : 0; c2 < Cg; ++c2) {
+                const int64_t p = c * kk + i * g.kw + j, q = c2 * kk + i2 * g.kw + j2;
+                out[grp][p][q] = out[grp][q][p] = block[c * Cp + c2];
+              }
+          }
+
+    if (g.bias) {
+      for (int64_t c = 0; c < Cg; ++c)
+        for (int64_t i = 0; i < g.kh; ++i)
+          for (int64_t j = 0; j < g.kw; ++j) {
+            double sum = 0;
+            for (int64_t y = std::max<int64_t>(0, g.dh * i - g.ph);
+                 y < std::min(H, g.dh * i - g.ph + Ho); ++y) {
+              const double* q = Q.data() + y * ncc * Cg;
+              sum += q[c];
+              for (int64_t xi = 0; xi < nxb; ++xi)
+                if (!cols.inside(cols.border[xi], j)) sum -= q[(1 + xi) * Cg + c];
+            }
+            const int64_t p = c * kk + i * g.kw + j;
+            out[grp][p][d0] = out[grp][d0][p] = static_cast<acc_t>(sum);
+          }
+      out[grp][d0][d0] = static_cast<acc_t>(B * Ho * Wo);
+    }
+  }
+}
+
+}  // namespace
+
+void gram_shift_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "im2col_gram_cpu", [&] {
+    gram_shift_impl<scalar_t, at::opmath_type<scalar_t>>(x, g, gram);
+  });
+}
+
+}  // namespace consequential_ext::cpu

@@ -1,0 +1,81 @@
+// General im2col Gram (any stride, dilation, padding): patches are gathered a cache-sized
+// tile at a time (T patches × Dp, never the whole im2col matrix) and Σ patch·patchᵀ is
+// accumulated for the upper triangle of 16 × 16 blocks only, then mirrored.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "corr_kernel.h"
+#include "gram_cpu.h"
+
+namespace consequential_ext::cpu {
+namespace {
+
+constexpr int64_t kTileElems = int64_t{1} << 17;  // patch tile: ~512 KiB of float, L2-resident
+
+template <typename src_t, typename acc_t>
+void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram) {
+  const int64_t B = x.size(0), Cg = x.size(1) / g.groups, H = x.size(2), W = x.size(3);
+  const int64_t Ho = g.out_h(H), Wo = g.out_w(W), kk = g.kh * g.kw, d0 = Cg * kk;
+  const int64_t D = d0 + (g.bias ? 1 : 0), Dp = round_up(D, kCorrAlign);
+  const int64_t P = B * Ho * Wo, T = std::clamp(kTileElems / Dp, int64_t{16}, std::max<int64_t>(P, 1));
+  const int64_t nb = Dp / kCorrAlign;
+  std::vector<std::pair<int64_t, int64_t>> pairs;  // upper-triangle 16 × 16 blocks
+  for (int64_t rb = 0; rb < nb; ++rb)
+    for (int64_t cb = rb; cb < nb; ++cb) pairs.emplace_back(rb, cb);
+
+  std::vector<acc_t> tile(T * Dp), acc(Dp * Dp);  // pad columns [D, Dp) stay zero
+  const src_t* src = x.const_data_ptr<src_t>();
+  const int64_t sb = x.stride(0), sc = x.stride(1), sy = x.stride(2), sx = x.stride(3);
+  auto out = gram.accessor<acc_t, 3>();
+
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    for (int64_t p0 = 0; p0 < P; p0 += T) {
+      const int64_t n = std::min(T, P - p0);
+      at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          const int64_t pos = p0 + r, b = pos / (Ho * Wo), oy = pos / Wo % Ho, ox = pos % Wo;
+          const src_t* s0 = src + b * sb + grp * Cg * sc;
+          acc_t* row = tile.data() + r * Dp;
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const int64_t y = oy * g.sh + g.dh * i - g.ph;
+            for (int64_t j = 0; j < g.kw; ++j) {
+              const int64_t xx = ox * g.sw + g.dw * j - g.pw;
+              acc_t* dst = row + i * g.kw + j;
+              if (y < 0 || y >= H || xx < 0 || xx >= W) {  // zero padding
+                for (int64_t c = 0; c < Cg; ++c) dst[c * kk] = acc_t(0);
+                continue;
+              }
+              const src_t* sp = s0 + y * sy + xx * sx;
+              for (int64_t c = 0; c < Cg; ++c) dst[c * kk] = static_cast<acc_t>(sp[c * sc]);
+            }
+          }
+          if (g.bias) row[d0] = acc_t(1);
+        }
+      });
+      at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t k = lo; k < hi; ++k) {
+          const int64_t r0 = pairs[k].first * kCorrAlign, c0 = pairs[k].second * kCorrAlign;
+          corr_accumulate(acc.data() + r0 * Dp + c0, Dp, tile.data() + r0, tile.data() + c0,
+                          kCorrAlign, kCorrAlign, 1, 0, n, Dp);
+        }
+      });
+    }
+    for (int64_t p = 0; p < D; ++p)
+      for (int64_t q = p; q < D; ++q) out[grp][p][q] = out[grp][q][p] = acc[p * Dp + q];
+  }
+}
+
+}  // namespace
+
+void gram_tiled_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "im2col_gram_cpu", [&] {
+    gram_tiled_impl<scalar_t, at::opmath_type<scalar_t>>(x, g, gram);
+  });
+}
+
+}  // namespace consequential_ext::cpu
