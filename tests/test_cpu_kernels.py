@@ -1,0 +1,226 @@
+"""CPU kernels (csrc/cpu) against the float64 reference: im2col_gram (shift-correlation
+form for stride 1, tiled form otherwise) and ridge_solve (batched Cholesky)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import consequential_ext as cx
+from consequential_ext.ops import reference
+
+gram_op = torch.ops.consequential_ext.im2col_gram
+solve_op = torch.ops.consequential_ext.ridge_solve
+
+pytestmark = pytest.mark.skipif("cpu" not in cx.ops.available_backends("im2col_gram", "cpu"),
+                                reason="consequential_ext._C was built without CPU kernels")
+
+
+def _ref_gram(x, k, s, p, d, groups, bias):
+    """Float64 Gram from explicit unfold over the same (already rounded) input values."""
+    cols = F.unfold(x.double(), k, dilation=d, padding=p, stride=s)
+    b, L = x.shape[0], cols.shape[-1]
+    cols = cols.reshape(b, groups, -1, L).permute(1, 2, 0, 3).reshape(groups, -1, b * L)
+    if bias:
+        cols = torch.cat([cols, cols.new_ones(groups, 1, cols.shape[-1])], dim=1)
+    return cols @ cols.transpose(1, 2)
+
+
+def _assert_gram_close(out, ref, tol):
+    """Entry-wise error scaled by sqrt(G_ii G_jj), the Cauchy–Schwarz bound of |G_ij|:
+    off-diagonal entries near zero are judged on the scale of their rows, not their value."""
+    assert out.shape == ref.shape
+    diag = ref.diagonal(dim1=-2, dim2=-1).clamp_min(1e-30).sqrt()
+    scale = diag.unsqueeze(-1) * diag.unsqueeze(-2)
+    err = ((out.double() - ref).abs() / scale).max().item()
+    assert err <= tol, f"scaled max error {err:.3g} > {tol:.3g}"
+
+
+# (B, C, H, W), kernel, stride, padding, dilation, groups — odd sizes, non-square kernels,
+# padding 0 / "same" / larger than the kernel, dilation, groups; stride 1 exercises the
+# shift-correlation form, the others the tiled form.
+GEOMETRIES = [
+    ((3, 5, 9, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((2, 4, 11, 6), (3, 3), (1, 1), (0, 0), (1, 1), 2),
+    ((2, 3, 7, 10), (3, 2), (1, 1), (2, 0), (1, 1), 1),
+    ((2, 6, 9, 9), (5, 3), (1, 1), (4, 1), (1, 2), 3),
+    ((1, 3, 5, 5), (5, 5), (1, 1), (6, 6), (1, 1), 1),   # padding > kernel: no border rows
+    ((2, 2, 4, 13), (3, 3), (1, 1), (1, 0), (2, 3), 1),  # windows with no common core
+    ((2, 17, 8, 7), (1, 1), (1, 1), (0, 0), (1, 1), 1),
+    ((3, 19, 6, 5), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # C just over a 16-channel vector
+    ((2, 5, 10, 9), (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    ((2, 6, 11, 8), (3, 2), (2, 3), (0, 1), (1, 1), 2),
+    ((3, 4, 13, 12), (3, 3), (3, 1), (2, 2), (2, 1), 4),
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}k{g[1]}s{g[2]}p{g[3]}d{g[4]}g{g[5]}")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5),
+                                       (torch.bfloat16, 2e-5), (torch.float16, 2e-5)])
+def test_gram_matches_reference(geometry, bias, dtype, tol):
+    shape, k, s, p, d, groups = geometry
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    out = gram_op(x, k, s, p, d, groups, bias)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    ref = _ref_gram(x, k, s, p, d, groups, bias)
+    _assert_gram_close(out, ref, tol)
+    if bias:  # the constant-1 row: its diagonal entry counts the patches exactly
+        assert out[:, -1, -1].eq(ref[0, -1, -1]).all()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed_hw"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gram_any_memory_layout(layout, stride):
+    base = torch.randn(3, 6, 9, 11)
+    if layout == "channels_last":
+        x = base.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(3, 12, 10, 23)[:, ::2, 1:, ::2]
+    else:
+        x = torch.randn(3, 6, 11, 9).transpose(2, 3)
+    assert not x.is_contiguous()
+    out = gram_op(x, (3, 3), (stride, stride), (1, 1), (1, 1), 2, True)
+    _assert_gram_close(out, _ref_gram(x, (3, 3), (stride, stride), (1, 1), (1, 1), 2, True), 2e-5)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_gram_after_caller_padding_modes(mode):
+    x = torch.randn(2, 3, 8, 7)
+    xp = F.pad(x, (2, 1, 1, 2), mode=mode)  # other padding modes are applied before the op
+    out = gram_op(xp, (3, 3), (1, 1), (0, 0), (1, 1), 1, True)
+    _assert_gram_close(out, _ref_gram(xp, (3, 3), (1, 1), (0, 0), (1, 1), 1, True), 2e-5)
+
+
+def test_gram_across_batch_chunks():
+    # 33 × 35 pixels × 16 channels per image: the 2^20-element copy holds 56 images, so 64
+    # images take two chunks of different sizes.
+    x = torch.randn(64, 16, 33, 33)
+    out = gram_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True)
+    _assert_gram_close(out, _ref_gram(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True), 2e-5)
+
+
+def test_gram_is_exactly_symmetric():
+    x = torch.randn(2, 7, 9, 8)
+    for stride in (1, 2):
+        g = gram_op(x, (3, 3), (stride, stride), (1, 1), (1, 1), 1, True)
+        assert torch.equal(g, g.transpose(1, 2))
+
+
+def test_gram_empty_batch_counts_no_patches():
+    out = gram_op(torch.empty(0, 4, 5, 5), (3, 3), (1, 1), (1, 1), (1, 1), 2, True)
+    assert out.shape == (2, 19, 19) and not out.any()
+
+
+def test_public_op_dispatches_to_cpu_kernel():
+    assert cx.ops.available_backends("im2col_gram", "cpu")[0] == "cpu"
+    assert cx.ops.available_backends("ridge_solve", "cpu")[0] == "cpu"
+    x = torch.randn(2, 3, 6, 5)
+    with cx.ops.use_backend("cpu"):
+        a = cx.ops.im2col_gram(x, 3, padding=1, bias=True)
+    b = reference.im2col_gram(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True)[0]
+    _assert_gram_close(a.unsqueeze(0), b.double().unsqueeze(0), 2e-5)
+
+
+@pytest.mark.parametrize("args,match", [
+    (((2, 3, 5), (3, 3), (1, 1), (0, 0), (1, 1), 1), "x must be a 4-D"),
+    (((2, 3, 5, 5), (3,), (1, 1), (0, 0), (1, 1), 1), "kernel_size"),
+    (((2, 3, 5, 5), (3, 3), (0, 1), (0, 0), (1, 1), 1), "stride"),
+    (((2, 3, 5, 5), (3, 3), (1, 1), (-1, 0), (1, 1), 1), "padding"),
+    (((2, 3, 5, 5), (3, 3), (1, 1), (0, 0), (1, 0), 1), "dilation"),
+    (((2, 3, 5, 5), (3, 3), (1, 1), (0, 0), (1, 1), 2), "groups"),
+    (((2, 3, 2, 5), (3, 3), (1, 1), (0, 0), (1, 1), 1), "does not fit"),
+])
+def test_gram_rejects_bad_arguments(args, match):
+    shape, *rest = args
+    with pytest.raises(RuntimeError, match=match):
+        gram_op(torch.randn(shape), *rest, False)
+    with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
+        gram_op(torch.ones(2, 3, 5, 5, dtype=torch.int32), (3, 3), (1, 1), (0, 0), (1, 1), 1, False)
+
+
+def test_gram_opcheck():
+    x = torch.randn(2, 4, 6, 5)
+    torch.library.opcheck(gram_op.default, (x, [3, 3], [1, 1], [1, 1], [1, 1], 2, True))
+    torch.library.opcheck(gram_op.default, (x.double(), [3, 2], [2, 1], [0, 1], [1, 1], 1, False))
+
+
+# ---- ridge_solve -------------------------------------------------------------------------
+
+def _spd_batch(batch, d, m, dtype=torch.float64):
+    x = torch.randn(*batch, d, 2 * d + 3, dtype=torch.float64)
+    gram = x @ x.transpose(-1, -2) / x.shape[-1]
+    grad = torch.randn(*batch, m, d, dtype=torch.float64)
+    return gram.to(dtype), grad.to(dtype)
+
+
+def _ref_solve(gram, grad, ridge):
+    eye = torch.eye(gram.shape[-1], dtype=torch.float64)
+    a = gram.double() + ridge * eye
+    return torch.linalg.solve(a, grad.double().transpose(-1, -2)).transpose(-1, -2)
+
+
+@pytest.mark.parametrize("batch,d,m", [((), 7, 5), ((3,), 13, 1), ((2, 3), 5, 9), ((1,), 33, 17)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4),
+                                       (torch.bfloat16, 1e-4)])
+def test_ridge_solve_matches_linalg_solve(batch, d, m, dtype, tol):
+    gram, grad = _spd_batch(batch, d, m, dtype)
+    out = solve_op(gram, grad, 1e-2, None)
+    assert out.dtype == dtype and out.shape == grad.shape
+    # the work dtype is float32 or better: compare before the final rounding to dtype
+    work = solve_op(gram, grad, 1e-2, torch.float64 if dtype == torch.float64 else torch.float32)
+    ref = _ref_solve(gram, grad, 1e-2)
+    rel = (work.double() - ref).norm() / ref.norm()
+    assert rel <= tol, f"relative error {rel:.3g}"
+    assert torch.equal(out, work.to(dtype))  # the rescale is a plain cast of the solution
+
+
+def test_ridge_solve_out_dtype_rescale():
+    gram, grad = _spd_batch((2,), 6, 4, torch.float32)
+    out = solve_op(gram, grad, 1e-3, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    ref = _ref_solve(gram, grad, 1e-3)
+    assert ((out.double() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-6).all()
+
+
+def test_ridge_solve_escalates_once_with_one_warning(monkeypatch):
+    gram, grad = _spd_batch((2,), 6, 3)
+    gram[1] -= 0.5 * torch.eye(6, dtype=torch.float64) * gram[1].diagonal().max()  # indefinite
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = solve_op(gram, grad, 1e-3, None)
+        solve_op(gram, grad, 1e-3, None)
+    escalated = [w for w in caught if "escalated" in str(w.message)]
+    assert len(escalated) <= 1  # one per process (0 if an earlier test already warned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = reference.ridge_solve(gram, grad, 1e-3)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["gram_nan", "grad_inf"])
+def test_ridge_solve_non_finite_gives_nan_not_exception(bad):
+    gram, grad = _spd_batch((2,), 5, 3, torch.float32)
+    if bad == "gram_nan":
+        gram[0, 1, 1] = float("nan")
+    else:
+        grad[1, 0, 2] = float("inf")
+    out = solve_op(gram, grad, 1e-3, torch.float16)
+    assert out.dtype == torch.float16 and out.isnan().all()
+
+
+def test_ridge_solve_rejects_bad_arguments():
+    gram, grad = _spd_batch((2,), 4, 3)
+    with pytest.raises(RuntimeError, match="ridge"):
+        solve_op(gram, grad, 0.0, None)
+    with pytest.raises(RuntimeError, match="gram must be"):
+        solve_op(gram[..., :3], grad, 1e-3, None)
+    with pytest.raises(RuntimeError, match="grad must be"):
+        solve_op(gram, grad[..., :3], 1e-3, None)
+
+
+def test_ridge_solve_opcheck():
+    gram, grad = _spd_batch((3,), 5, 2, torch.float32)
+    torch.library.opcheck(solve_op.default, (gram, grad, 1e-2, None))
+    torch.library.opcheck(solve_op.default, (gram, grad, 1e-2, torch.float64))
