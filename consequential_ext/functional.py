@@ -41,13 +41,9 @@ class CLinearFunction(torch.autograd.Function):
             elif ctx.rule == "backmatch-layerwise":
                 grad_input = (grad_input / layerwise.column_mean_sq(weight)).to(input.dtype)
         if ctx.rule == "backmatch-layerwise":
-            # Algorithm 1: the ordinary gradient of the incoming (already 1/m-scaled) signal; s = 1.
-            gy = grad_output.reshape(-1, grad_output.shape[-1])
-            if ctx.needs_input_grad[1]:
-                grad_weight = (gy.T @ input.reshape(-1, input.shape[-1]).to(gy.dtype)
-                               ).to(weight.dtype)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = gy.sum(0).to(weight.dtype)
+            grad_weight, grad_bias = layerwise.linear_weight_grads(
+                input, grad_output, weight.dtype, ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2])
         elif ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             gw, gb = matching.matched_linear(input.reshape(-1, input.shape[-1]),
                                              grad_output.reshape(-1, grad_output.shape[-1]),
@@ -111,13 +107,9 @@ class CConv2dFunction(torch.autograd.Function):
                                 extra[0]: grad_x.shape[-1] - extra[1]]
             grad_input = grad_x.to(input.dtype)
         if ctx.rule == "backmatch-layerwise":
-            # Algorithm 1: the ordinary gradient of the incoming (already 1/m-scaled) signal / s.
-            _, gw, gb = torch.ops.aten.convolution_backward(
-                grad_output, x, weight.to(grad_output.dtype), [weight.shape[0]], list(stride),
-                [ph, pw], list(dilation), False, [0, 0], groups,
-                [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
-            grad_weight = None if gw is None else (gw / sharing).to(weight.dtype)
-            grad_bias = None if gb is None else (gb / sharing).to(weight.dtype)
+            grad_weight, grad_bias = layerwise.conv2d_weight_grads(
+                x, grad_output, weight, stride, (ph, pw), dilation, groups, sharing,
+                ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         elif ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             gw, gb = matching.matched_conv2d(x, grad_output, weight.shape, stride, (ph, pw),
                                              dilation, groups, ctx.has_bias, ctx.ridge)

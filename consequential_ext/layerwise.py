@@ -30,7 +30,7 @@ import torch
 from .ops.reference import accumulate_dtype
 
 __all__ = ["row_mean_sq", "column_mean_sq", "sharing_factor", "conv2d_input_factor",
-           "batchnorm_factor", "producer_weight"]
+           "batchnorm_factor", "producer_weight", "linear_weight_grads", "conv2d_weight_grads"]
 
 
 def row_mean_sq(weight):
@@ -85,3 +85,29 @@ def producer_weight(tensor):
         inputs = [n for n, _ in node.next_functions if n is not None]
         node = inputs[0] if len(inputs) == 1 else None
     return None
+
+
+def linear_weight_grads(input, grad_output, dtype, need_weight, need_bias):
+    """δW / m_b (s = 1): the ordinary gradient of the incoming, already 1/m-scaled, signal.
+    Accumulated in float32 or better (autocast hands in mixed dtypes); returned in ``dtype``."""
+    work = accumulate_dtype(grad_output.dtype)
+    gy = grad_output.reshape(-1, grad_output.shape[-1]).to(work)
+    grad_weight = (gy.T @ input.reshape(-1, input.shape[-1]).to(work)).to(dtype) \
+        if need_weight else None
+    grad_bias = gy.sum(0).to(dtype) if need_bias else None
+    return grad_weight, grad_bias
+
+
+def conv2d_weight_grads(x, grad_output, weight, stride, padding, dilation, groups, sharing,
+                        need_weight, need_bias):
+    """δW / m_b / s of a conv (eq. 33), from the incoming, already 1/m-scaled, signal.
+
+    x: the input padded so that ``padding`` is symmetric, as the conv backward sees it.
+    """
+    work = accumulate_dtype(grad_output.dtype)
+    _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad_output.to(work), x.to(work), weight.to(work), [weight.shape[0]], list(stride),
+        list(padding), list(dilation), False, [0, 0], groups, [False, need_weight, need_bias])
+    grad_weight = (grad_weight / sharing).to(weight.dtype) if need_weight else None
+    grad_bias = (grad_bias / sharing).to(weight.dtype) if need_bias else None
+    return grad_weight, grad_bias

@@ -134,3 +134,15 @@ def test_producer_is_found_through_single_input_ops_only():
     assert producer_weight(lin(x) + lin(x)) is None          # a branch: no single producer
     assert producer_weight(x.requires_grad_()) is None        # a leaf
     assert producer_weight(nn.Linear(3, 4)(x)) is None        # not a C-layer
+
+
+@pytest.mark.parametrize("rule", ["backmatch", "backmatch-layerwise"])
+def test_rules_run_under_bf16_autocast(rule):
+    model = cx.consequentialize(nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.MaxPool2d(2), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(12, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)), rule=rule)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(5, 2, 6, 6))
+    out.float().square().sum().backward()
+    for p in model.parameters():
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
