@@ -39,7 +39,7 @@ class CLinearFunction(torch.autograd.Function):
             if ctx.rule == "backmatch":
                 grad_input = backmatch.match_linear_input(grad_input, weight)
             elif ctx.rule == "backmatch-layerwise":
-                grad_input = (grad_input / layerwise.column_mean_sq(weight)).to(input.dtype)
+                grad_input = layerwise.divide_signal(grad_input, layerwise.column_mean_sq(weight))
         if ctx.rule == "backmatch-layerwise":
             grad_weight, grad_bias = layerwise.linear_weight_grads(
                 input, grad_output, weight.dtype, ctx.needs_input_grad[1],
@@ -100,8 +100,8 @@ class CConv2dFunction(torch.autograd.Function):
                 grad_x = backmatch.match_conv2d_input(grad_x, weight, stride, (ph, pw), dilation,
                                                       groups, grad_output.shape[2:])
             elif ctx.rule == "backmatch-layerwise":
-                grad_x = grad_x / layerwise.conv2d_input_factor(weight, groups, input.shape[2:],
-                                                                sharing)
+                grad_x = layerwise.divide_signal(grad_x, layerwise.conv2d_input_factor(
+                    weight, groups, input.shape[2:], sharing))
             if any(extra):
                 grad_x = grad_x[..., extra[2]: grad_x.shape[-2] - extra[3],
                                 extra[0]: grad_x.shape[-1] - extra[1]]

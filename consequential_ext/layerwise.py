@@ -30,7 +30,8 @@ import torch
 from .ops.reference import accumulate_dtype
 
 __all__ = ["row_mean_sq", "column_mean_sq", "sharing_factor", "conv2d_input_factor",
-           "batchnorm_factor", "producer_weight", "linear_weight_grads", "conv2d_weight_grads"]
+           "batchnorm_factor", "producer_weight", "divide_signal", "linear_weight_grads",
+           "conv2d_weight_grads"]
 
 
 def row_mean_sq(weight):
@@ -57,6 +58,13 @@ def conv2d_input_factor(weight, groups, input_hw, sharing):
     """δa/δ'a of a conv, eq. 35: ‖W_col‖²_{2,µ} / c with c = H_in·W_in / s, the supplement's
     196/25 for LeNet's second conv (14×14 inputs, 5×5 locations reached)."""
     return column_mean_sq(weight, groups) * sharing / (input_hw[0] * input_hw[1])
+
+
+def divide_signal(grad_input, factor):
+    """BP's signal over a layer's δa/δ'a, in its dtype; 0 where the factor is 0 (all-zero
+    weights: BP's signal is 0 too, and 0 is the minimum-norm matched one)."""
+    quotient = grad_input / torch.where(factor != 0, factor, torch.ones_like(factor))
+    return torch.where(factor != 0, quotient, torch.zeros_like(quotient)).to(grad_input.dtype)
 
 
 def batchnorm_factor(producer_sq, batch_var, gamma):

@@ -146,3 +146,14 @@ def test_rules_run_under_bf16_autocast(rule):
     out.float().square().sum().backward()
     for p in model.parameters():
         assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+def test_all_zero_weights_send_a_zero_signal():
+    """δa/δ'a = 0 (no weight leaves any input): the minimum-norm signal 0, not 0/0."""
+    for layer, x in [(cx.CLinear(3, 2, rule="backmatch-layerwise"), torch.randn(4, 3)),
+                     (cx.CConv2d(2, 3, 3, rule="backmatch-layerwise"), torch.randn(2, 2, 5, 5))]:
+        nn.init.zeros_(layer.weight)
+        x.requires_grad_()
+        layer(x).sum().backward()
+        assert torch.equal(x.grad, torch.zeros_like(x))
+        assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
