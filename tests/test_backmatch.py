@@ -122,26 +122,32 @@ def test_network_composes_the_rules_through_relu():
 
 
 def test_rules_mix_in_one_model():
-    """Each layer applies its own rule to the signal it receives: here an sgd layer below a
-    backmatch layer below a consequential layer."""
+    """Each layer applies its own rule to the signal it receives: bottom to top, a layerwise
+    layer, an sgd layer, a backmatch layer and a consequential layer."""
     ridge = 0.03
-    model = nn.Sequential(cx.CLinear(4, 6, rule="sgd"), nn.Tanh(),
+    model = nn.Sequential(cx.CLinear(3, 4, rule="backmatch-layerwise"), nn.Tanh(),
+                          cx.CLinear(4, 6, rule="sgd"), nn.Tanh(),
                           cx.CLinear(6, 5, rule="backmatch", ridge=ridge), nn.Tanh(),
                           cx.CLinear(5, 2, rule="consequential", ridge=ridge)).double()
-    x = torch.randn(9, 4, dtype=torch.float64)
+    x = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
     h = [x]
     for layer in model:
         h.append(layer(h[-1]))
+    h = [v.detach() for v in h]
     gy = torch.randn_like(h[-1])
-    h[-1].backward(gy)
-    gw, _ = ref.matched_linear(h[4], model[4].weight, model[4].bias, gy, ridge)
+    model(x).backward(gy)
+    gw, _ = ref.matched_linear(h[6], model[6].weight, model[6].bias, gy, ridge)
+    _close(model[6].weight.grad, gw)
+    signal = (gy @ model[6].weight.detach()) * (1 - h[6] ** 2)      # ordinary, then tanh'
+    gw, _ = ref.matched_linear(h[4], model[4].weight, model[4].bias, signal, ridge)
     _close(model[4].weight.grad, gw)
-    signal = (gy @ model[4].weight) * (1 - h[4] ** 2)             # ordinary, then tanh'
-    gw, _ = ref.matched_linear(h[2], model[2].weight, model[2].bias, signal, ridge)
-    _close(model[2].weight.grad, gw)
-    signal = bref.matched_linear_input(model[2].weight, signal) * (1 - h[2] ** 2)
-    _close(model[0].weight.grad, signal.T @ x)                     # sgd: plain BP
-    _close(model[0].bias.grad, signal.sum(0))
+    signal = bref.matched_linear_input(model[4].weight, signal) * (1 - h[4] ** 2)
+    _close(model[2].weight.grad, signal.T @ h[2])                  # sgd: plain BP
+    _close(model[2].bias.grad, signal.sum(0))
+    signal = (signal @ model[2].weight.detach()) * (1 - h[2] ** 2)
+    w = model[0].weight.detach()
+    _close(model[0].weight.grad, signal.T @ x.detach())            # layerwise: δW / m_b, s = 1
+    _close(x.grad, signal @ w / (w.square().sum() / w.shape[1]))   # eq. 34
 
 
 def test_sgd_rule_with_batchnorm_is_bit_identical_to_nn():
