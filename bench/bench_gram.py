@@ -1,0 +1,252 @@
+"""CPU im2col-Gram benchmark: the compiled kernel vs the reference (unfold + matmul).
+
+    python bench/bench_gram.py [--quick] [--out DIR]
+
+For ResNet-20's stride-1 3×3 layer shapes (batch 128) and one large image whose ``unfold``
+needs ≥ 500 MB, measures side by side in one run (providers interleaved A, B, B, A, …;
+medians with 20/80 % quantiles):
+
+* Gram build time, kernel / reference (goal ≤ 0.35);
+* extra peak memory of the Gram build, kernel / reference (goal ≤ 0.10): each build runs in
+  a fresh subprocess (Linux) and reports its peak RSS (VmHWM, reset just before) over the
+  RSS after a warm-up and after the input is allocated — output Gram included;
+* ``CConv2d`` forward+backward / ``nn.Conv2d`` forward+backward (oneDNN) (goal ≤ 2.0);
+
+plus ResNet-20's two stride-2 shapes (the tiled path; no goal). Writes ``gram_cpu.json``
+and ``gram_cpu.md`` to DIR (default ``bench/results_cpu``). ``run(...)`` returns the rows;
+importing this module runs nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOALS = {"time_ratio": 0.35, "memory_ratio": 0.10, "conv_ratio": 2.0}
+
+
+def shapes(quick: bool) -> list[dict]:
+    """Benchmark cases: (B, C, H, W) input of a 3×3 convolution, padding 1."""
+    batch = 16 if quick else 128
+    cases = [
+        {"name": "resnet20-32x32x16", "shape": (batch, 16, 32, 32), "stride": 1, "goal": True},
+        {"name": "resnet20-16x16x32", "shape": (batch, 32, 16, 16), "stride": 1, "goal": True},
+        {"name": "resnet20-8x8x64", "shape": (batch, 64, 8, 8), "stride": 1, "goal": True},
+        {"name": "resnet20-down-32x32x16-s2", "shape": (batch, 16, 32, 32), "stride": 2,
+         "goal": False},
+        {"name": "resnet20-down-16x16x32-s2", "shape": (batch, 32, 16, 16), "stride": 2,
+         "goal": False},
+    ]
+    # unfold of 8 × 16 × 336 × 336 (3×3): 8·144·336² floats = 520 MB.
+    large = (2, 16, 96, 96) if quick else (8, 16, 336, 336)
+    cases.append({"name": f"large-{large[2]}x{large[3]}x{large[1]}", "shape": large, "stride": 1,
+                  "goal": True})
+    return cases
+
+
+def _gram_fn(provider, x, stride):
+    import consequential_ext as cx
+    from consequential_ext.ops import reference
+    args = ((3, 3), (stride, stride), (1, 1), (1, 1), 1, False)
+    if provider == "reference":
+        return lambda: reference.im2col_gram(x, *args)
+    if provider == "cpu":
+        assert "cpu" in cx.ops.available_backends("im2col_gram", "cpu"), "CPU kernel not built"
+        return lambda: torch.ops.consequential_ext.im2col_gram(x, *args)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def _conv_fn(provider, x, stride):
+    import consequential_ext as cx
+    c = x.shape[1]
+    cls = nn.Conv2d if provider == "nn.Conv2d" else cx.CConv2d
+    conv = cls(c, c * stride, 3, stride=stride, padding=1, bias=False)
+    x = x.detach().requires_grad_(True)
+    grad_out = torch.randn_like(conv(x))
+
+    def step():
+        conv.weight.grad = x.grad = None
+        conv(x).backward(grad_out)
+    return step
+
+
+def interleaved_medians(fns: dict, reps: int) -> dict:
+    """Median (and 20/80 % quantiles) seconds per provider, run side by side: each rep times
+    every provider once, the order reversed on alternate reps so drift cancels."""
+    for fn in fns.values():
+        fn()  # warm-up: thread pools, oneDNN primitives, first-touch allocations
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for rep in range(reps):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
+        out[name] = {"median_s": statistics.median(ts), "q20_s": q[0], "q80_s": q[3], "reps": reps}
+    return out
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _memory_probe(provider: str, shape, stride: int) -> dict:
+    """Runs in a fresh process: peak RSS of one Gram build over the RSS just before it."""
+    warm = torch.randn(2, shape[1], 8, 8)
+    _gram_fn(provider, warm, stride)()  # load kernels and thread pools before the baseline
+    x = torch.randn(shape)
+    base_kb = _rss_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark VmHWM to the current RSS (Linux >= 4.0)
+    gram = _gram_fn(provider, x, stride)()
+    peak_kb = _rss_kb("VmHWM")
+    return {"extra_peak_mb": (peak_kb - base_kb) / 1024, "input_mb": x.numel() * 4 / 2**20,
+            "gram_mb": gram.numel() * gram.element_size() / 2**20}
+
+
+def extra_peak_memory(provider: str, shape, stride: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe",
+           json.dumps({"provider": provider, "shape": list(shape), "stride": stride})]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool = False, cases: list[dict] | None = None, reps: int | None = None,
+        memory: bool = True, conv: bool = True, log=print) -> list[dict]:
+    """One row per case with time, memory and conv ratios (kernel / baseline)."""
+    rows = []
+    for case in cases or shapes(quick):
+        shape, stride = tuple(case["shape"]), case["stride"]
+        large = shape[2] * shape[3] >= 100_000
+        n = reps or (3 if quick else (5 if large else 15))
+        torch.manual_seed(0)
+        x = torch.randn(shape)
+        row = {"name": case["name"], "shape": list(shape), "kernel": [3, 3], "stride": stride,
+               "padding": 1, "goal": case["goal"],
+               "unfold_mb": shape[0] * shape[1] * 9 * _out(shape[2], stride) * _out(shape[3], stride)
+               * 4 / 2**20}
+        t = interleaved_medians({p: _gram_fn(p, x, stride) for p in ("reference", "cpu")}, n)
+        row["gram_time"] = t
+        row["time_ratio"] = t["cpu"]["median_s"] / t["reference"]["median_s"]
+        if memory:
+            mem = {p: extra_peak_memory(p, shape, stride) for p in ("reference", "cpu")}
+            row["gram_memory"] = mem
+            ref_mb = mem["reference"]["extra_peak_mb"]
+            row["memory_ratio"] = mem["cpu"]["extra_peak_mb"] / ref_mb if ref_mb > 0 else None
+        if conv:
+            t = interleaved_medians({p: _conv_fn(p, x, stride) for p in ("nn.Conv2d", "CConv2d")}, n)
+            row["conv_fwd_bwd_time"] = t
+            row["conv_ratio"] = t["CConv2d"]["median_s"] / t["nn.Conv2d"]["median_s"]
+        log(_summary(row))
+        rows.append(row)
+    return rows
+
+
+def _fmt(ratio):
+    return "–" if ratio is None else f"{ratio:.3f}"
+
+
+def _out(size, stride):
+    return (size + 2 - 3) // stride + 1
+
+
+def _summary(row):
+    parts = [f"{row['name']}: gram {row['gram_time']['cpu']['median_s'] * 1e3:.1f} ms vs "
+             f"{row['gram_time']['reference']['median_s'] * 1e3:.1f} ms (x{row['time_ratio']:.3f})"]
+    if "memory_ratio" in row:
+        m = row["gram_memory"]
+        parts.append(f"extra peak {m['cpu']['extra_peak_mb']:.1f} MB vs "
+                     f"{m['reference']['extra_peak_mb']:.1f} MB (x{_fmt(row['memory_ratio'])})")
+    if "conv_ratio" in row:
+        parts.append(f"CConv2d/nn.Conv2d fwd+bwd x{row['conv_ratio']:.2f}")
+    return "; ".join(parts)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# CPU im2col Gram benchmark\n",
+             f"`{meta['command']}` — {meta['timestamp']}, {meta['cpu']}, {meta['threads']} threads, "
+             f"torch {meta['torch']}, load average before/after {meta['loadavg_before']} / "
+             f"{meta['loadavg_after']}.\n",
+             "Ratios are kernel / baseline medians measured side by side (goals: time ≤ "
+             f"{GOALS['time_ratio']}, extra peak memory ≤ {GOALS['memory_ratio']}, CConv2d fwd+bwd "
+             f"≤ {GOALS['conv_ratio']}× nn.Conv2d; stride-2 rows have no goal).\n",
+             "| case | input (B,C,H,W) | stride | unfold MB | gram ref ms | gram cpu ms | time ratio "
+             "| extra MB ref | extra MB cpu | memory ratio | nn.Conv2d ms | CConv2d ms | conv ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g, m, c = r["gram_time"], r.get("gram_memory"), r.get("conv_fwd_bwd_time")
+        lines.append(
+            f"| {r['name']} | {tuple(r['shape'])} | {r['stride']} | {r['unfold_mb']:.0f} "
+            f"| {g['reference']['median_s'] * 1e3:.1f} | {g['cpu']['median_s'] * 1e3:.1f} "
+            f"| {r['time_ratio']:.3f} "
+            + (f"| {m['reference']['extra_peak_mb']:.1f} | {m['cpu']['extra_peak_mb']:.1f} "
+               f"| {_fmt(r['memory_ratio'])} " if m else "| – | – | – ")
+            + (f"| {c['nn.Conv2d']['median_s'] * 1e3:.1f} | {c['CConv2d']['median_s'] * 1e3:.1f} "
+               f"| {r['conv_ratio']:.2f} |" if c else "| – | – | – |"))
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small batch, few reps (smoke run)")
+    parser.add_argument("--out", default=os.path.join(REPO, "bench", "results_cpu"))
+    parser.add_argument("--reps", type=int, default=None, help="timed reps per provider")
+    parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
+    parser.add_argument("--no-conv", action="store_true", help="skip CConv2d vs nn.Conv2d")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        probe = json.loads(args.memory_probe)
+        print(json.dumps(_memory_probe(probe["provider"], tuple(probe["shape"]), probe["stride"])))
+        return None
+
+    meta = {"command": "python bench/bench_gram.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "loadavg_before": [round(v, 2) for v in os.getloadavg()], "goals": GOALS}
+    rows = run(quick=args.quick, reps=args.reps, memory=not args.no_memory, conv=not args.no_conv)
+    meta["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gram_cpu.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    table = markdown(rows, meta)
+    with open(os.path.join(args.out, "gram_cpu.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    if REPO not in sys.path:  # run by path: make the package in this checkout importable
+        sys.path.insert(0, REPO)
+    main()
