@@ -17,7 +17,7 @@
 // G = dw·(kw−1) zero columns and the buffer starts and ends with G zero pixels (·Bc), so a
 // shift is one constant flat offset δ = (dh·s·Wz + dw·t)·Bc pixels and a partner leaving
 // the image sideways reads zeros rather than the neighbouring row: each correlation is a
-// single (K × Cp)ᵀ·(K × Cp) product over a contiguous range.
+// (K × Cp)ᵀ·(K × Cp) product over evenly spaced runs, the W·Bc real pixels of each row.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -133,29 +133,36 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
         }
       });
 
-      // S[rc][all]: K-blocks of the contiguous range of each row class, all shifts per block.
+      // S[rc][all]: per row, the run of W·bc real pixels (the gap columns are zero on the
+      // left), in K-blocks of whole rows or of row pieces; all shifts per block while cached.
       struct Block {
-        int64_t rc, p0, p1;  // pixel range, pixel index (y·Wz + x)·bc + b
+        int64_t rc, y0, y1, q0, q1;  // rows [y0, y1), pixels [q0, q1) of each row's run
       };
       std::vector<Block> blocks;
-      const int64_t kb = std::max(kBlockElems / Cp, bc);
+      const int64_t run = W * bc, kb = std::max(kBlockElems / Cp, bc);
       for (int64_t rc = 0; rc < nrc; ++rc) {
-        const int64_t p_end = rows.classes[rc].end * Wz * bc;
-        for (int64_t p = rows.classes[rc].begin * Wz * bc; p < p_end; p += kb)
-          blocks.push_back({rc, p, std::min(p + kb, p_end)});
+        const auto [r0, r1] = rows.classes[rc];
+        if (run >= kb) {
+          for (int64_t y = r0; y < r1; ++y)
+            for (int64_t q = 0; q < run; q += kb) blocks.push_back({rc, y, y + 1, q, std::min(q + kb, run)});
+        } else {
+          const int64_t per = kb / run;
+          for (int64_t y = r0; y < r1; y += per) blocks.push_back({rc, y, std::min(y + per, r1), 0, run});
+        }
       }
       at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
         const int64_t slot = at::get_thread_num();
         for (int64_t bi = lo; bi < hi; ++bi) {
           const Block& blk = blocks[bi];
+          const acc_t* L = Z + (blk.y0 * Wz * bc + blk.q0) * Cp;
           for (int64_t sh = 0; sh < nsh; ++sh) {
             const auto [s, t] = shifts[sh];
             // rows whose partner row y + dh·s is still inside the image
-            const int64_t p1 = std::min(blk.p1, (H - g.dh * s) * Wz * bc);
-            if (blk.p0 >= p1) continue;
+            const int64_t y1 = std::min(blk.y1, H - g.dh * s);
+            if (blk.y0 >= y1) continue;
             const int64_t delta = (g.dh * s * Wz + g.dw * t) * bc;
-            corr_accumulate(S_at(slot, sh, blk.rc, 0), Cp, Z + blk.p0 * Cp,
-                            Z + (blk.p0 + delta) * Cp, Cp, Cp, 1, 0, p1 - blk.p0, Cp);
+            corr_accumulate(S_at(slot, sh, blk.rc, 0), Cp, L, L + delta * Cp, Cp, Cp, y1 - blk.y0,
+                            Wz * bc * Cp, blk.q1 - blk.q0, Cp);
           }
         }
       });

@@ -1,14 +1,24 @@
-// CPU ridge_solve: batched Cholesky of (gram + ridge·I), then grad·(L Lᵀ)⁻¹.
+// CPU ridge_solve: grad · (gram + ridge·I)⁻¹ for a batch of systems by one batched
+// Cholesky (LAPACK potrf through ATen) and the two triangular solves (potrs), then the
+// rescale (cast) into the requested dtype.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <cmath>
 
-#include "escalation.h"
-
-namespace consequential_ext {
+namespace consequential_ext::cpu {
 namespace {
+
+constexpr int kMaxEscalations = 12;  // ridge × 10 each: 1e-3 becomes 1e8 before giving up
+
+// Finite check without two boolean temporaries in the common case: a finite sum proves
+// every entry finite; only an inf/NaN sum (non-finite input, or finite input that
+// overflowed) needs the exact test.
+bool all_finite(const at::Tensor& t) {
+  if (t.numel() == 0 || std::isfinite(t.sum().item<double>())) return true;
+  return t.isfinite().all().item<bool>();
+}
 
 at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, double ridge,
                            std::optional<at::ScalarType> out_dtype) {
@@ -18,30 +28,41 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
                   grad.sizes().slice(0, grad.dim() - 2) == gram.sizes().slice(0, gram.dim() - 2),
               "ridge_solve: grad must be (..., M, D) with the batch dims and D of gram ",
               gram.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK(std::isfinite(ridge) && ridge > 0, "ridge_solve: ridge must be a finite float > 0, got ",
-              ridge);
+  TORCH_CHECK(gram.is_floating_point() && grad.is_floating_point(),
+              "ridge_solve: gram and grad must be floating point, got ", gram.scalar_type(),
+              " and ", grad.scalar_type());
+  TORCH_CHECK(std::isfinite(ridge) && ridge > 0,
+              "ridge_solve: ridge must be a finite float > 0, got ", ridge);
   const auto out_type = out_dtype.value_or(grad.scalar_type());
   // Solve in float32 or better whatever the input dtype (bf16/fp16 Grams are too coarse).
   const auto work = gram.scalar_type() == at::kDouble || grad.scalar_type() == at::kDouble
                         ? at::kDouble
                         : at::kFloat;
-  auto a = gram.to(work);
+  // Own copy of gram: the ridge goes onto its diagonal in place.
+  auto a = gram.to(work, /*non_blocking=*/false, /*copy=*/true);
   auto g = grad.to(work);
-  const auto d = a.size(-1);
-  auto eye = at::eye(d, a.options());
-
-  if (!a.isfinite().all().item<bool>() || !g.isfinite().all().item<bool>()) {
+  if (!all_finite(a) || !all_finite(g)) {
     // Non-finite in, non-finite out: GradScaler must see it; never throw inside backward.
-    return at::full_like(g, NAN, g.options().dtype(out_type));
+    return at::full(grad.sizes(), NAN, grad.options().dtype(out_type));
   }
+  auto diag = a.diagonal(0, -2, -1);
+  diag.add_(ridge);
   double lam = ridge;
-  for (int attempt = 0; attempt < 12; ++attempt, lam *= 10.0) {
-    auto [chol, info] = at::linalg_cholesky_ex(a + lam * eye, /*upper=*/false, /*check_errors=*/false);
-    if (info.ne(0).any().item<bool>()) continue;
-    // x (A) = g  ⇔  A xᵀ = gᵀ (A symmetric).
-    auto x = at::cholesky_solve(g.transpose(-1, -2), chol, /*upper=*/false).transpose(-1, -2);
-    if (attempt > 0) note_ridge_escalation(ridge, lam);
-    return x.to(out_type);
+  for (int attempt = 0; attempt < kMaxEscalations; ++attempt) {
+    auto [chol, info] = at::linalg_cholesky_ex(a, /*upper=*/false, /*check_errors=*/false);
+    if (info.ne(0).any().item<bool>()) {
+      // Not positive definite on finite input: escalate the ridge for the whole batch (as
+      // the reference does), i.e. add the difference 9·lam to the diagonal.
+      diag.add_(9.0 * lam);
+      lam *= 10.0;
+      continue;
+    }
+    if (attempt > 0) {
+      TORCH_WARN_ONCE("consequential_ext.ridge_solve: Cholesky of (gram + ridge*I) failed; ridge "
+                      "escalated from ", ridge, " to ", lam, ". Consider a larger ridge.");
+    }
+    // x (L Lᵀ) = g  ⇔  (L Lᵀ) xᵀ = gᵀ (A symmetric).
+    return at::cholesky_solve(g.mT(), chol, /*upper=*/false).mT().to(out_type);
   }
   TORCH_CHECK(false, "ridge_solve: (gram + ridge*I) is not positive definite even after escalating "
                      "the ridge to ", lam);
@@ -49,8 +70,6 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(consequential_ext, CPU, m) {
-  m.impl("ridge_solve", &ridge_solve_cpu);
-}
+TORCH_LIBRARY_IMPL(consequential_ext, CPU, m) { m.impl("ridge_solve", &ridge_solve_cpu); }
 
-}  // namespace consequential_ext
+}  // namespace consequential_ext::cpu
