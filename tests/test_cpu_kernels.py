@@ -93,8 +93,8 @@ def test_gram_after_caller_padding_modes(mode):
 
 
 def test_gram_across_batch_chunks():
-    # 33 × 35 pixels × 16 channels per image: the 2^20-element copy holds 56 images, so 64
-    # images take two chunks of different sizes.
+    # 33 × 35 pixels × 16 channels per image: the 2^18-element copy holds 14 images, so 64
+    # images take five chunks, the last one smaller.
     x = torch.randn(64, 16, 33, 33)
     out = gram_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True)
     _assert_gram_close(out, _ref_gram(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True), 2e-5)

@@ -8,7 +8,9 @@
 // rows", each a row class of its own, the core is one more (likewise for columns). With
 //   S[rc][all] = Σ_{y ∈ rc, every x} π     one contiguous correlation per row class,
 //   S[rc][x]   = Σ_{y ∈ rc} π(y, x)        a thin strip per border column x,
-// every block is  Σ_{rc ⊆ Y_i} ( S[rc][all] − Σ_{border x ∉ X_j} S[rc][x] ).
+// every block is  Σ_{rc ⊆ Y_i} ( S[rc][all] − Σ_{border x ∉ X_j} S[rc][x] ); each piece is
+// added into (or subtracted from) the blocks it belongs to as soon as it is computed, so
+// the only memory beyond the output is the chunk copy below and a few pieces per thread.
 // Blocks with s < 0 (or s = 0, t < 0) are transposes of blocks with the opposite shift, so
 // only kh·(2kw−1) − (kw−1) shifts are correlated (13 for 3×3, instead of 81 blocks).
 //
@@ -23,6 +25,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <mutex>
 #include <vector>
 
 #include "corr_kernel.h"
@@ -31,7 +34,7 @@
 namespace consequential_ext::cpu {
 namespace {
 
-constexpr int64_t kChunkElems = int64_t{1} << 20;  // bound on the Z copy of one chunk
+constexpr int64_t kChunkElems = int64_t{1} << 18;  // bound on the Z copy of one chunk
 constexpr int64_t kBlockElems = int64_t{1} << 14;  // K-block: L2-resident with its shifts
 
 struct Range {
@@ -88,35 +91,48 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
     int64_t s, t;
   };
   std::vector<Shift> shifts;
-  std::vector<int64_t> shift_index(g.kh * (2 * g.kw - 1), -1);  // [s][t + kw − 1]
   for (int64_t s = 0; s < g.kh; ++s)
     for (int64_t t = 1 - g.kw; t < g.kw; ++t)
-      if (s > 0 || t >= 0) {
-        shift_index[s * (2 * g.kw - 1) + t + g.kw - 1] = static_cast<int64_t>(shifts.size());
-        shifts.push_back({s, t});
-      }
+      if (s > 0 || t >= 0) shifts.push_back({s, t});
   const int64_t nsh = shifts.size(), nrc = rows.classes.size();
-  const int64_t nxb = cols.border.size(), ncc = 1 + nxb;  // column slot 0: every column
+  const int64_t nxb = cols.border.size();
+  const int64_t D = gram.size(-1);
 
-  // One accumulator set per thread (threads split K), summed at the end.
-  const int64_t slots = at::get_num_threads();
-  std::vector<acc_t> S(slots * nsh * nrc * ncc * cell);
-  auto S_at = [&](int64_t slot, int64_t sh, int64_t rc, int64_t cc) {
-    return S.data() + (((slot * nsh + sh) * nrc + rc) * ncc + cc) * cell;
+  // Adds ±piece — the correlation of shift sh over row class rc and every column (cc = 0,
+  // added) or over border column cols.border[cc − 1] (cc > 0, subtracted where outside the
+  // window) — to every Gram block (i, j) × (i + s, j + t) it belongs to. Only blocks with
+  // s > 0 or s = 0, t ≥ 0 are accumulated; the rest are mirrored at the end.
+  auto scatter = [&](acc_t* G, const acc_t* piece, int64_t sh, int64_t rc, int64_t cc) {
+    const auto [s, t] = shifts[sh];
+    for (int64_t i = 0; i + s < g.kh; ++i) {
+      if (!rows.class_inside(rc, i)) continue;
+      for (int64_t j = std::max<int64_t>(0, -t); j < g.kw && j + t < g.kw; ++j) {
+        if (cc > 0 && cols.inside(cols.border[cc - 1], j)) continue;
+        acc_t* dst = G + (i * g.kw + j) * D + (i + s) * g.kw + (j + t);
+        for (int64_t c = 0; c < Cg; ++c) {
+          acc_t* row = dst + c * kk * D;
+          const acc_t* src_row = piece + c * Cp;
+          if (cc == 0)
+            for (int64_t c2 = 0; c2 < Cg; ++c2) row[c2 * kk] += src_row[c2];
+          else
+            for (int64_t c2 = 0; c2 < Cg; ++c2) row[c2 * kk] -= src_row[c2];
+        }
+      }
+    }
   };
-  // Bias row: Σ_b x over each row y and column slot, per channel; double because it is a
-  // plain sum over up to B·W terms.
-  std::vector<double> Q(g.bias ? H * ncc * Cg : 0);
+  std::mutex gram_mutex;  // threads add their pieces into the one output Gram
+
+  // Bias row: Σ_b x over each row y and column slot (every column, then each border
+  // column), per channel; double because it is a plain sum over up to B·W terms.
+  std::vector<double> Q(g.bias ? H * (1 + nxb) * Cg : 0);
 
   const int64_t Bc = std::clamp(kChunkElems / (H * Wz * Cp), int64_t{1}, B);
   std::vector<acc_t> zbuf((2 * gap + H * Wz) * Bc * Cp);
   const src_t* src = x.const_data_ptr<src_t>();
   const int64_t sb = x.stride(0), sc = x.stride(1), sy = x.stride(2), sx = x.stride(3);
-  auto out = gram.accessor<acc_t, 3>();
-  std::vector<acc_t> block(cell);
 
   for (int64_t grp = 0; grp < g.groups; ++grp) {
-    std::fill(S.begin(), S.end(), acc_t(0));
+    acc_t* G = gram.data_ptr<acc_t>() + grp * D * D;
     std::fill(Q.begin(), Q.end(), 0.0);
     for (int64_t b0 = 0; b0 < B; b0 += Bc) {
       const int64_t bc = std::min(Bc, B - b0);
@@ -133,8 +149,9 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
         }
       });
 
-      // S[rc][all]: per row, the run of W·bc real pixels (the gap columns are zero on the
-      // left), in K-blocks of whole rows or of row pieces; all shifts per block while cached.
+      // Every column: per row, the run of W·bc real pixels (the gap columns are zero on
+      // the left), in K-blocks of whole rows or of row pieces; all shifts per block while
+      // it is cached. Each thread sums its blocks of one row class, then adds them in.
       struct Block {
         int64_t rc, y0, y1, q0, q1;  // rows [y0, y1), pixels [q0, q1) of each row's run
       };
@@ -144,16 +161,24 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
         const auto [r0, r1] = rows.classes[rc];
         if (run >= kb) {
           for (int64_t y = r0; y < r1; ++y)
-            for (int64_t q = 0; q < run; q += kb) blocks.push_back({rc, y, y + 1, q, std::min(q + kb, run)});
+            for (int64_t q = 0; q < run; q += kb)
+              blocks.push_back({rc, y, y + 1, q, std::min(q + kb, run)});
         } else {
           const int64_t per = kb / run;
-          for (int64_t y = r0; y < r1; y += per) blocks.push_back({rc, y, std::min(y + per, r1), 0, run});
+          for (int64_t y = r0; y < r1; y += per)
+            blocks.push_back({rc, y, std::min(y + per, r1), 0, run});
         }
       }
       at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
-        const int64_t slot = at::get_thread_num();
+        std::vector<acc_t> local(nsh * cell, acc_t(0));
+        auto flush = [&](int64_t rc) {
+          std::lock_guard<std::mutex> lock(gram_mutex);
+          for (int64_t sh = 0; sh < nsh; ++sh) scatter(G, local.data() + sh * cell, sh, rc, 0);
+          std::fill(local.begin(), local.end(), acc_t(0));
+        };
         for (int64_t bi = lo; bi < hi; ++bi) {
           const Block& blk = blocks[bi];
+          if (bi > lo && blocks[bi - 1].rc != blk.rc) flush(blocks[bi - 1].rc);
           const acc_t* L = Z + (blk.y0 * Wz * bc + blk.q0) * Cp;
           for (int64_t sh = 0; sh < nsh; ++sh) {
             const auto [s, t] = shifts[sh];
@@ -161,15 +186,16 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
             const int64_t y1 = std::min(blk.y1, H - g.dh * s);
             if (blk.y0 >= y1) continue;
             const int64_t delta = (g.dh * s * Wz + g.dw * t) * bc;
-            corr_accumulate(S_at(slot, sh, blk.rc, 0), Cp, L, L + delta * Cp, Cp, Cp, y1 - blk.y0,
-                            Wz * bc * Cp, blk.q1 - blk.q0, Cp);
+            corr_accumulate(local.data() + sh * cell, Cp, L, L + delta * Cp, Cp, Cp,
+                            y1 - blk.y0, Wz * bc * Cp, blk.q1 - blk.q0, Cp);
           }
         }
+        if (hi > lo) flush(blocks[hi - 1].rc);
       });
 
-      // S[rc][x] for border columns: per row y a run of bc pixels, rows Wz·bc pixels apart.
+      // Border columns: per row y a run of bc pixels, rows Wz·bc pixels apart.
       at::parallel_for(0, nsh * nxb, 1, [&](int64_t lo, int64_t hi) {
-        const int64_t slot = at::get_thread_num();
+        std::vector<acc_t> piece(cell);
         for (int64_t task = lo; task < hi; ++task) {
           const int64_t sh = task / nxb, xi = task % nxb;
           const auto [s, t] = shifts[sh];
@@ -178,9 +204,12 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
             const int64_t y0 = rows.classes[rc].begin;
             const int64_t y1 = std::min(rows.classes[rc].end, H - g.dh * s);
             if (y0 >= y1) continue;
+            std::fill(piece.begin(), piece.end(), acc_t(0));
             const acc_t* L = Z + (y0 * Wz + cols.border[xi]) * bc * Cp;
-            corr_accumulate(S_at(slot, sh, rc, 1 + xi), Cp, L, L + delta * Cp, Cp, Cp, y1 - y0,
-                            Wz * bc * Cp, bc, Cp);
+            corr_accumulate(piece.data(), Cp, L, L + delta * Cp, Cp, Cp, y1 - y0, Wz * bc * Cp,
+                            bc, Cp);
+            std::lock_guard<std::mutex> lock(gram_mutex);
+            scatter(G, piece.data(), sh, rc, 1 + xi);
           }
         }
       });
@@ -188,7 +217,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       if (g.bias) {
         at::parallel_for(0, H, 1, [&](int64_t lo, int64_t hi) {
           for (int64_t y = lo; y < hi; ++y) {
-            double* q = Q.data() + y * ncc * Cg;
+            double* q = Q.data() + y * (1 + nxb) * Cg;
             size_t next_border = 0;
             for (int64_t xx = 0; xx < W; ++xx) {
               const bool border = next_border < cols.border.size() && cols.border[next_border] == xx;
@@ -206,36 +235,14 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       }
     }
 
-    for (int64_t slot = 1; slot < slots; ++slot)
-      for (int64_t e = 0; e < nsh * nrc * ncc * cell; ++e) S[e] += S[slot * nsh * nrc * ncc * cell + e];
-
-    // Assemble the (kh·kw)² blocks, each from its shift's pieces; mirror the rest.
-    for (int64_t i = 0; i < g.kh; ++i)
-      for (int64_t j = 0; j < g.kw; ++j)
-        for (int64_t i2 = i; i2 < g.kh; ++i2)
-          for (int64_t j2 = 0; j2 < g.kw; ++j2) {
-            const int64_t s = i2 - i, t = j2 - j;
-            if (s == 0 && t < 0) continue;
-            const int64_t sh = shift_index[s * (2 * g.kw - 1) + t + g.kw - 1];
-            std::fill(block.begin(), block.end(), acc_t(0));
-            for (int64_t rc = 0; rc < nrc; ++rc) {
-              if (!rows.class_inside(rc, i)) continue;
-              for (int64_t cc = 0; cc < ncc; ++cc) {
-                if (cc > 0 && cols.inside(cols.border[cc - 1], j)) continue;
-                const acc_t* piece = S_at(0, sh, rc, cc);
-                if (cc == 0)
-                  for (int64_t e = 0; e < cell; ++e) block[e] += piece[e];
-                else
-                  for (int64_t e = 0; e < cell; ++e) block[e] -= piece[e];
-              }
-            }
-            const bool diagonal = s == 0 && t == 0;
-            for (int64_t c = 0; c < Cg; ++c)
-              for (int64_t c2 = diagonal ? c : 0; c2 < Cg; ++c2) {
-                const int64_t p = c * kk + i * g.kw + j, q = c2 * kk + i2 * g.kw + j2;
-                out[grp][p][q] = out[grp][q][p] = block[c * Cp + c2];
-              }
-          }
+    // Mirror: blocks of shifts (s < 0) or (s = 0, t < 0) are transposes of accumulated ones;
+    // within s = t = 0 blocks keep the c ≤ c2 entry so the result is exactly symmetric.
+    for (int64_t p = 0; p < d0; ++p)
+      for (int64_t q = 0; q < d0; ++q) {
+        const int64_t c = p / kk, c2 = q / kk;
+        const int64_t s = (q % kk) / g.kw - (p % kk) / g.kw, t = q % g.kw - p % g.kw;
+        if (s > 0 || (s == 0 && t > 0) || (s == 0 && t == 0 && c < c2)) G[q * D + p] = G[p * D + q];
+      }
 
     if (g.bias) {
       for (int64_t c = 0; c < Cg; ++c)
@@ -244,15 +251,15 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
             double sum = 0;
             for (int64_t y = std::max<int64_t>(0, g.dh * i - g.ph);
                  y < std::min(H, g.dh * i - g.ph + Ho); ++y) {
-              const double* q = Q.data() + y * ncc * Cg;
+              const double* q = Q.data() + y * (1 + nxb) * Cg;
               sum += q[c];
               for (int64_t xi = 0; xi < nxb; ++xi)
                 if (!cols.inside(cols.border[xi], j)) sum -= q[(1 + xi) * Cg + c];
             }
             const int64_t p = c * kk + i * g.kw + j;
-            out[grp][p][d0] = out[grp][d0][p] = static_cast<acc_t>(sum);
+            G[p * D + d0] = G[d0 * D + p] = static_cast<acc_t>(sum);
           }
-      out[grp][d0][d0] = static_cast<acc_t>(B * Ho * Wo);
+      G[d0 * D + d0] = static_cast<acc_t>(B * Ho * Wo);
     }
   }
 }
