@@ -98,25 +98,23 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   const int64_t nxb = cols.border.size();
   const int64_t D = gram.size(-1);
 
-  // Adds ±piece — the correlation of shift sh over row class rc and every column (cc = 0,
-  // added) or over border column cols.border[cc − 1] (cc > 0, subtracted where outside the
-  // window) — to every Gram block (i, j) × (i + s, j + t) it belongs to. Only blocks with
-  // s > 0 or s = 0, t ≥ 0 are accumulated; the rest are mirrored at the end.
+  // While accumulating, the group's output memory holds the Gram in offset-major order,
+  // block (i·kw + j, i2·kw + j2) of Cg × Cg entries, so adding a piece is a contiguous
+  // sweep; it is permuted to (channel, i, j) order at the end.
+  // scatter adds ±piece — the correlation of shift sh over row class rc and every column
+  // (cc = 0, added) or over border column cols.border[cc − 1] (cc > 0, subtracted where
+  // outside the window) — to every block (i, j) × (i + s, j + t) it belongs to. Only
+  // shifts with s > 0 or s = 0, t ≥ 0 are accumulated; the rest are mirrored at the end.
   auto scatter = [&](acc_t* G, const acc_t* piece, int64_t sh, int64_t rc, int64_t cc) {
     const auto [s, t] = shifts[sh];
+    const acc_t sign = cc == 0 ? acc_t(1) : acc_t(-1);
     for (int64_t i = 0; i + s < g.kh; ++i) {
       if (!rows.class_inside(rc, i)) continue;
       for (int64_t j = std::max<int64_t>(0, -t); j < g.kw && j + t < g.kw; ++j) {
         if (cc > 0 && cols.inside(cols.border[cc - 1], j)) continue;
-        acc_t* dst = G + (i * g.kw + j) * D + (i + s) * g.kw + (j + t);
-        for (int64_t c = 0; c < Cg; ++c) {
-          acc_t* row = dst + c * kk * D;
-          const acc_t* src_row = piece + c * Cp;
-          if (cc == 0)
-            for (int64_t c2 = 0; c2 < Cg; ++c2) row[c2 * kk] += src_row[c2];
-          else
-            for (int64_t c2 = 0; c2 < Cg; ++c2) row[c2 * kk] -= src_row[c2];
-        }
+        acc_t* dst = G + ((i * g.kw + j) * kk + (i + s) * g.kw + (j + t)) * Cg * Cg;
+        for (int64_t c = 0; c < Cg; ++c)
+          for (int64_t c2 = 0; c2 < Cg; ++c2) dst[c * Cg + c2] += sign * piece[c * Cp + c2];
       }
     }
   };
@@ -127,13 +125,13 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   std::vector<double> Q(g.bias ? H * (1 + nxb) * Cg : 0);
 
   const int64_t Bc = std::clamp(kChunkElems / (H * Wz * Cp), int64_t{1}, B);
-  std::vector<acc_t> zbuf((2 * gap + H * Wz) * Bc * Cp);
   const src_t* src = x.const_data_ptr<src_t>();
   const int64_t sb = x.stride(0), sc = x.stride(1), sy = x.stride(2), sx = x.stride(3);
 
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     acc_t* G = gram.data_ptr<acc_t>() + grp * D * D;
     std::fill(Q.begin(), Q.end(), 0.0);
+    std::vector<acc_t> zbuf((2 * gap + H * Wz) * Bc * Cp);
     for (int64_t b0 = 0; b0 < B; b0 += Bc) {
       const int64_t bc = std::min(Bc, B - b0);
       std::fill(zbuf.begin(), zbuf.begin() + (2 * gap + H * Wz) * bc * Cp, acc_t(0));
@@ -235,13 +233,17 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       }
     }
 
-    // Mirror: blocks of shifts (s < 0) or (s = 0, t < 0) are transposes of accumulated ones;
-    // within s = t = 0 blocks keep the c ≤ c2 entry so the result is exactly symmetric.
+    std::vector<acc_t>().swap(zbuf);  // release the copy before the permutation's buffer
+    // To (channel, i, j) order. Blocks of shifts (s < 0) or (s = 0, t < 0) are transposes of
+    // accumulated ones; within s = t = 0 blocks the c ≤ c2 entry is kept on both sides so
+    // the result is exactly symmetric.
+    const std::vector<acc_t> blocked(G, G + d0 * d0);
     for (int64_t p = 0; p < d0; ++p)
       for (int64_t q = 0; q < d0; ++q) {
-        const int64_t c = p / kk, c2 = q / kk;
-        const int64_t s = (q % kk) / g.kw - (p % kk) / g.kw, t = q % g.kw - p % g.kw;
-        if (s > 0 || (s == 0 && t > 0) || (s == 0 && t == 0 && c < c2)) G[q * D + p] = G[p * D + q];
+        const int64_t c = p / kk, o = p % kk, c2 = q / kk, o2 = q % kk;
+        const int64_t s = o2 / g.kw - o / g.kw, t = o2 % g.kw - o % g.kw;
+        if (s > 0 || (s == 0 && t > 0) || (s == 0 && t == 0 && c <= c2))
+          G[p * D + q] = G[q * D + p] = blocked[(o * kk + o2) * Cg * Cg + c * Cg + c2];
       }
 
     if (g.bias) {
