@@ -7,6 +7,8 @@
 
 #include <cmath>
 
+#include "escalation_warning.h"
+
 namespace consequential_ext::cpu {
 namespace {
 
@@ -57,10 +59,7 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
       lam *= 10.0;
       continue;
     }
-    if (attempt > 0) {
-      TORCH_WARN_ONCE("consequential_ext.ridge_solve: Cholesky of (gram + ridge*I) failed; ridge "
-                      "escalated from ", ridge, " to ", lam, ". Consider a larger ridge.");
-    }
+    if (attempt > 0) warn_ridge_escalated(ridge, lam);
     // x (L Lᵀ) = g  ⇔  (L Lᵀ) xᵀ = gᵀ (A symmetric).
     return at::cholesky_solve(g.mT(), chol, /*upper=*/false).mT().to(out_type);
   }
