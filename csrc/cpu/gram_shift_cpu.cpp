@@ -34,7 +34,7 @@
 namespace consequential_ext::cpu {
 namespace {
 
-constexpr int64_t kChunkElems = int64_t{1} << 18;  // bound on the Z copy of one chunk
+constexpr int64_t kChunkElems = int64_t{1} << 17;  // bound on one thread's chunk copy
 constexpr int64_t kBlockElems = int64_t{1} << 14;  // K-block: L2-resident with its shifts
 
 struct Range {
@@ -122,100 +122,85 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
 
   // Bias row: Σ_b x over each row y and column slot (every column, then each border
   // column), per channel; double because it is a plain sum over up to B·W terms.
-  std::vector<double> Q(g.bias ? H * (1 + nxb) * Cg : 0);
+  const int64_t q_size = g.bias ? H * (1 + nxb) * Cg : 0;
+  std::vector<double> Q(q_size);
 
-  const int64_t Bc = std::clamp(kChunkElems / (H * Wz * Cp), int64_t{1}, B);
+  // Threads take whole chunks of images (a private copy each, no barrier inside a chunk:
+  // on a shared machine every barrier waits for the slowest thread). The chunk count is a
+  // multiple of the thread count where the batch allows, so the threads stay balanced.
+  const int64_t threads = at::get_num_threads(), per_image = (2 * gap + H * Wz) * Cp;
+  int64_t chunks = std::max(threads, (B * per_image + kChunkElems - 1) / kChunkElems);
+  chunks = std::min(B, round_up(chunks, threads));
+  const int64_t Bc = (B + chunks - 1) / chunks;
+  chunks = (B + Bc - 1) / Bc;
   const src_t* src = x.const_data_ptr<src_t>();
   const int64_t sb = x.stride(0), sc = x.stride(1), sy = x.stride(2), sx = x.stride(3);
 
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     acc_t* G = gram.data_ptr<acc_t>() + grp * D * D;
     std::fill(Q.begin(), Q.end(), 0.0);
-    std::vector<acc_t> zbuf((2 * gap + H * Wz) * Bc * Cp);
-    for (int64_t b0 = 0; b0 < B; b0 += Bc) {
-      const int64_t bc = std::min(Bc, B - b0);
-      std::fill(zbuf.begin(), zbuf.begin() + (2 * gap + H * Wz) * bc * Cp, acc_t(0));
-      acc_t* Z = zbuf.data() + gap * bc * Cp;
-      at::parallel_for(0, bc * H, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t idx = lo; idx < hi; ++idx) {
-          const int64_t b = idx / H, y = idx % H;
-          const src_t* s0 = src + (b0 + b) * sb + grp * Cg * sc + y * sy;
-          acc_t* z0 = Z + (y * Wz * bc + b) * Cp;
-          for (int64_t c = 0; c < Cg; ++c)
-            for (int64_t xx = 0; xx < W; ++xx)
-              z0[xx * bc * Cp + c] = static_cast<acc_t>(s0[c * sc + xx * sx]);
-        }
-      });
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_lo, int64_t chunk_hi) {
+      std::vector<acc_t> zbuf(Bc * per_image), local(nsh * cell), piece(cell);
+      std::vector<double> q_local(q_size);
+      for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
+        const int64_t b0 = chunk * Bc, bc = std::min(Bc, B - b0);
+        std::fill(zbuf.begin(), zbuf.end(), acc_t(0));
+        acc_t* Z = zbuf.data() + gap * bc * Cp;
+        for (int64_t b = 0; b < bc; ++b)
+          for (int64_t y = 0; y < H; ++y) {
+            const src_t* s0 = src + (b0 + b) * sb + grp * Cg * sc + y * sy;
+            acc_t* z0 = Z + (y * Wz * bc + b) * Cp;
+            for (int64_t c = 0; c < Cg; ++c)
+              for (int64_t xx = 0; xx < W; ++xx)
+                z0[xx * bc * Cp + c] = static_cast<acc_t>(s0[c * sc + xx * sx]);
+          }
 
-      // Every column: per row, the run of W·bc real pixels (the gap columns are zero on
-      // the left), in K-blocks of whole rows or of row pieces; all shifts per block while
-      // it is cached. Each thread sums its blocks of one row class, then adds them in.
-      struct Block {
-        int64_t rc, y0, y1, q0, q1;  // rows [y0, y1), pixels [q0, q1) of each row's run
-      };
-      std::vector<Block> blocks;
-      const int64_t run = W * bc, kb = std::max(kBlockElems / Cp, bc);
-      for (int64_t rc = 0; rc < nrc; ++rc) {
-        const auto [r0, r1] = rows.classes[rc];
-        if (run >= kb) {
-          for (int64_t y = r0; y < r1; ++y)
-            for (int64_t q = 0; q < run; q += kb)
-              blocks.push_back({rc, y, y + 1, q, std::min(q + kb, run)});
-        } else {
-          const int64_t per = kb / run;
-          for (int64_t y = r0; y < r1; y += per)
-            blocks.push_back({rc, y, std::min(y + per, r1), 0, run});
-        }
-      }
-      at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
-        std::vector<acc_t> local(nsh * cell, acc_t(0));
-        auto flush = [&](int64_t rc) {
+        // Every column: per row, the run of W·bc real pixels (the gap columns are zero on
+        // the left), in K-blocks of whole rows or of row pieces, all shifts per block while
+        // it is cached; a row class's sums are then added into the Gram.
+        const int64_t run = W * bc, kb = std::max(kBlockElems / Cp, bc);
+        const int64_t rows_per_block = run >= kb ? 1 : kb / run;
+        for (int64_t rc = 0; rc < nrc; ++rc) {
+          std::fill(local.begin(), local.end(), acc_t(0));
+          for (int64_t y0 = rows.classes[rc].begin; y0 < rows.classes[rc].end; y0 += rows_per_block)
+            for (int64_t q0 = 0; q0 < run; q0 += kb) {
+              const int64_t q1 = std::min(q0 + kb, run);
+              const acc_t* L = Z + (y0 * Wz * bc + q0) * Cp;
+              for (int64_t sh = 0; sh < nsh; ++sh) {
+                const auto [s, t] = shifts[sh];
+                // rows whose partner row y + dh·s is still inside the image
+                const int64_t y1 = std::min({y0 + rows_per_block, rows.classes[rc].end, H - g.dh * s});
+                if (y0 >= y1) continue;
+                const int64_t delta = (g.dh * s * Wz + g.dw * t) * bc;
+                corr_accumulate(local.data() + sh * cell, Cp, L, L + delta * Cp, Cp, Cp, y1 - y0,
+                                Wz * bc * Cp, q1 - q0, Cp);
+              }
+            }
           std::lock_guard<std::mutex> lock(gram_mutex);
           for (int64_t sh = 0; sh < nsh; ++sh) scatter(G, local.data() + sh * cell, sh, rc, 0);
-          std::fill(local.begin(), local.end(), acc_t(0));
-        };
-        for (int64_t bi = lo; bi < hi; ++bi) {
-          const Block& blk = blocks[bi];
-          if (bi > lo && blocks[bi - 1].rc != blk.rc) flush(blocks[bi - 1].rc);
-          const acc_t* L = Z + (blk.y0 * Wz * bc + blk.q0) * Cp;
-          for (int64_t sh = 0; sh < nsh; ++sh) {
+        }
+
+        // Border columns: per row y a run of bc pixels, rows Wz·bc pixels apart.
+        for (int64_t sh = 0; sh < nsh; ++sh)
+          for (int64_t xi = 0; xi < nxb; ++xi) {
             const auto [s, t] = shifts[sh];
-            // rows whose partner row y + dh·s is still inside the image
-            const int64_t y1 = std::min(blk.y1, H - g.dh * s);
-            if (blk.y0 >= y1) continue;
             const int64_t delta = (g.dh * s * Wz + g.dw * t) * bc;
-            corr_accumulate(local.data() + sh * cell, Cp, L, L + delta * Cp, Cp, Cp,
-                            y1 - blk.y0, Wz * bc * Cp, blk.q1 - blk.q0, Cp);
+            for (int64_t rc = 0; rc < nrc; ++rc) {
+              const int64_t y0 = rows.classes[rc].begin;
+              const int64_t y1 = std::min(rows.classes[rc].end, H - g.dh * s);
+              if (y0 >= y1) continue;
+              std::fill(piece.begin(), piece.end(), acc_t(0));
+              const acc_t* L = Z + (y0 * Wz + cols.border[xi]) * bc * Cp;
+              corr_accumulate(piece.data(), Cp, L, L + delta * Cp, Cp, Cp, y1 - y0, Wz * bc * Cp,
+                              bc, Cp);
+              std::lock_guard<std::mutex> lock(gram_mutex);
+              scatter(G, piece.data(), sh, rc, 1 + xi);
+            }
           }
-        }
-        if (hi > lo) flush(blocks[hi - 1].rc);
-      });
 
-      // Border columns: per row y a run of bc pixels, rows Wz·bc pixels apart.
-      at::parallel_for(0, nsh * nxb, 1, [&](int64_t lo, int64_t hi) {
-        std::vector<acc_t> piece(cell);
-        for (int64_t task = lo; task < hi; ++task) {
-          const int64_t sh = task / nxb, xi = task % nxb;
-          const auto [s, t] = shifts[sh];
-          const int64_t delta = (g.dh * s * Wz + g.dw * t) * bc;
-          for (int64_t rc = 0; rc < nrc; ++rc) {
-            const int64_t y0 = rows.classes[rc].begin;
-            const int64_t y1 = std::min(rows.classes[rc].end, H - g.dh * s);
-            if (y0 >= y1) continue;
-            std::fill(piece.begin(), piece.end(), acc_t(0));
-            const acc_t* L = Z + (y0 * Wz + cols.border[xi]) * bc * Cp;
-            corr_accumulate(piece.data(), Cp, L, L + delta * Cp, Cp, Cp, y1 - y0, Wz * bc * Cp,
-                            bc, Cp);
-            std::lock_guard<std::mutex> lock(gram_mutex);
-            scatter(G, piece.data(), sh, rc, 1 + xi);
-          }
-        }
-      });
-
-      if (g.bias) {
-        at::parallel_for(0, H, 1, [&](int64_t lo, int64_t hi) {
-          for (int64_t y = lo; y < hi; ++y) {
-            double* q = Q.data() + y * (1 + nxb) * Cg;
+        if (g.bias) {
+          for (int64_t y = 0; y < H; ++y) {
+            double* q = q_local.data() + y * (1 + nxb) * Cg;
             size_t next_border = 0;
             for (int64_t xx = 0; xx < W; ++xx) {
               const bool border = next_border < cols.border.size() && cols.border[next_border] == xx;
@@ -229,11 +214,12 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
                 }
             }
           }
-        });
+        }
       }
-    }
+      std::lock_guard<std::mutex> lock(gram_mutex);
+      for (int64_t e = 0; e < q_size; ++e) Q[e] += q_local[e];
+    });
 
-    std::vector<acc_t>().swap(zbuf);  // release the copy before the permutation's buffer
     // To (channel, i, j) order. Blocks of shifts (s < 0) or (s = 0, t < 0) are transposes of
     // accumulated ones; within s = t = 0 blocks the c ≤ c2 entry is kept on both sides so
     // the result is exactly symmetric.
