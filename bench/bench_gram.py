@@ -48,8 +48,8 @@ def shapes(quick: bool) -> list[dict]:
         {"name": "resnet20-down-16x16x32-s2", "shape": (batch, 32, 16, 16), "stride": 2,
          "goal": False},
     ]
-    # unfold of 8 × 16 × 336 × 336 (3×3): 8·144·336² floats = 520 MB.
-    large = (2, 16, 96, 96) if quick else (8, 16, 336, 336)
+    # unfold of 8 × 16 × 344 × 344 (3×3): 8·144·344² floats = 545 MB (520 MiB).
+    large = (2, 16, 96, 96) if quick else (8, 16, 344, 344)
     cases.append({"name": f"large-{large[2]}x{large[3]}x{large[1]}", "shape": large, "stride": 1,
                   "goal": True})
     return cases
@@ -118,8 +118,8 @@ def _memory_probe(provider: str, shape, stride: int) -> dict:
         f.write("5")  # reset the high-water mark VmHWM to the current RSS (Linux >= 4.0)
     gram = _gram_fn(provider, x, stride)()
     peak_kb = _rss_kb("VmHWM")
-    return {"extra_peak_mb": (peak_kb - base_kb) / 1024, "input_mb": x.numel() * 4 / 2**20,
-            "gram_mb": gram.numel() * gram.element_size() / 2**20}
+    return {"extra_peak_mib": (peak_kb - base_kb) / 1024, "input_mib": x.numel() * 4 / 2**20,
+            "gram_mib": gram.numel() * gram.element_size() / 2**20}
 
 
 def extra_peak_memory(provider: str, shape, stride: int) -> dict:
@@ -142,7 +142,7 @@ def run(quick: bool = False, cases: list[dict] | None = None, reps: int | None =
         x = torch.randn(shape)
         row = {"name": case["name"], "shape": list(shape), "kernel": [3, 3], "stride": stride,
                "padding": 1, "goal": case["goal"],
-               "unfold_mb": shape[0] * shape[1] * 9 * _out(shape[2], stride) * _out(shape[3], stride)
+               "unfold_mib": shape[0] * shape[1] * 9 * _out(shape[2], stride) * _out(shape[3], stride)
                * 4 / 2**20}
         t = interleaved_medians({p: _gram_fn(p, x, stride) for p in ("reference", "cpu")}, n)
         row["gram_time"] = t
@@ -150,8 +150,8 @@ def run(quick: bool = False, cases: list[dict] | None = None, reps: int | None =
         if memory:
             mem = {p: extra_peak_memory(p, shape, stride) for p in ("reference", "cpu")}
             row["gram_memory"] = mem
-            ref_mb = mem["reference"]["extra_peak_mb"]
-            row["memory_ratio"] = mem["cpu"]["extra_peak_mb"] / ref_mb if ref_mb > 0 else None
+            ref_mb = mem["reference"]["extra_peak_mib"]
+            row["memory_ratio"] = mem["cpu"]["extra_peak_mib"] / ref_mb if ref_mb > 0 else None
         if conv:
             t = interleaved_medians({p: _conv_fn(p, x, stride) for p in ("nn.Conv2d", "CConv2d")}, n)
             row["conv_fwd_bwd_time"] = t
@@ -174,8 +174,8 @@ def _summary(row):
              f"{row['gram_time']['reference']['median_s'] * 1e3:.1f} ms (x{row['time_ratio']:.3f})"]
     if "memory_ratio" in row:
         m = row["gram_memory"]
-        parts.append(f"extra peak {m['cpu']['extra_peak_mb']:.1f} MB vs "
-                     f"{m['reference']['extra_peak_mb']:.1f} MB (x{_fmt(row['memory_ratio'])})")
+        parts.append(f"extra peak {m['cpu']['extra_peak_mib']:.1f} MiB vs "
+                     f"{m['reference']['extra_peak_mib']:.1f} MiB (x{_fmt(row['memory_ratio'])})")
     if "conv_ratio" in row:
         parts.append(f"CConv2d/nn.Conv2d fwd+bwd x{row['conv_ratio']:.2f}")
     return "; ".join(parts)
@@ -189,16 +189,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "Ratios are kernel / baseline medians measured side by side (goals: time ≤ "
              f"{GOALS['time_ratio']}, extra peak memory ≤ {GOALS['memory_ratio']}, CConv2d fwd+bwd "
              f"≤ {GOALS['conv_ratio']}× nn.Conv2d; stride-2 rows have no goal).\n",
-             "| case | input (B,C,H,W) | stride | unfold MB | gram ref ms | gram cpu ms | time ratio "
-             "| extra MB ref | extra MB cpu | memory ratio | nn.Conv2d ms | CConv2d ms | conv ratio |",
+             "| case | input (B,C,H,W) | stride | unfold MiB | gram ref ms | gram cpu ms | time ratio "
+             "| extra MiB ref | extra MiB cpu | memory ratio | nn.Conv2d ms | CConv2d ms | conv ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g, m, c = r["gram_time"], r.get("gram_memory"), r.get("conv_fwd_bwd_time")
         lines.append(
-            f"| {r['name']} | {tuple(r['shape'])} | {r['stride']} | {r['unfold_mb']:.0f} "
+            f"| {r['name']} | {tuple(r['shape'])} | {r['stride']} | {r['unfold_mib']:.0f} "
             f"| {g['reference']['median_s'] * 1e3:.1f} | {g['cpu']['median_s'] * 1e3:.1f} "
             f"| {r['time_ratio']:.3f} "
-            + (f"| {m['reference']['extra_peak_mb']:.1f} | {m['cpu']['extra_peak_mb']:.1f} "
+            + (f"| {m['reference']['extra_peak_mib']:.1f} | {m['cpu']['extra_peak_mib']:.1f} "
                f"| {_fmt(r['memory_ratio'])} " if m else "| – | – | – ")
             + (f"| {c['nn.Conv2d']['median_s'] * 1e3:.1f} | {c['CConv2d']['median_s'] * 1e3:.1f} "
                f"| {r['conv_ratio']:.2f} |" if c else "| – | – | – |"))

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <mutex>
 #include <vector>
 
 #include "corr_kernel.h"
@@ -21,23 +22,25 @@ void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   const int64_t B = x.size(0), Cg = x.size(1) / g.groups, H = x.size(2), W = x.size(3);
   const int64_t Ho = g.out_h(H), Wo = g.out_w(W), kk = g.kh * g.kw, d0 = Cg * kk;
   const int64_t D = d0 + (g.bias ? 1 : 0), Dp = round_up(D, kCorrAlign);
-  const int64_t P = B * Ho * Wo, T = std::clamp(kTileElems / Dp, int64_t{16}, std::max<int64_t>(P, 1));
-  const int64_t nb = Dp / kCorrAlign;
-  std::vector<std::pair<int64_t, int64_t>> pairs;  // upper-triangle 16 × 16 blocks
-  for (int64_t rb = 0; rb < nb; ++rb)
-    for (int64_t cb = rb; cb < nb; ++cb) pairs.emplace_back(rb, cb);
-
-  std::vector<acc_t> tile(T * Dp), acc(Dp * Dp);  // pad columns [D, Dp) stay zero
+  // Tiles fit in L2, and there are at least 4 per thread to balance the threads.
+  const int64_t P = B * Ho * Wo, per_thread = (P + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
+  const int64_t T = std::max<int64_t>(16, std::min(kTileElems / Dp, per_thread));
+  const int64_t nb = Dp / kCorrAlign, tiles = (P + T - 1) / T;
   const src_t* src = x.const_data_ptr<src_t>();
   const int64_t sb = x.stride(0), sc = x.stride(1), sy = x.stride(2), sx = x.stride(3);
   auto out = gram.accessor<acc_t, 3>();
+  std::vector<acc_t> acc(Dp * Dp);
+  std::mutex acc_mutex;
 
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     std::fill(acc.begin(), acc.end(), acc_t(0));
-    for (int64_t p0 = 0; p0 < P; p0 += T) {
-      const int64_t n = std::min(T, P - p0);
-      at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
-        for (int64_t r = lo; r < hi; ++r) {
+    // Threads take whole tiles with a private tile and upper triangle (no barrier per
+    // tile: on a shared machine every barrier waits for the slowest thread).
+    at::parallel_for(0, tiles, 1, [&](int64_t tile_lo, int64_t tile_hi) {
+      std::vector<acc_t> tile(T * Dp), mine(Dp * Dp);  // pad columns [D, Dp) stay zero
+      for (int64_t tile_index = tile_lo; tile_index < tile_hi; ++tile_index) {
+        const int64_t p0 = tile_index * T, n = std::min(T, P - p0);
+        for (int64_t r = 0; r < n; ++r) {
           const int64_t pos = p0 + r, b = pos / (Ho * Wo), oy = pos / Wo % Ho, ox = pos % Wo;
           const src_t* s0 = src + b * sb + grp * Cg * sc;
           acc_t* row = tile.data() + r * Dp;
@@ -56,15 +59,16 @@ void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
           }
           if (g.bias) row[d0] = acc_t(1);
         }
-      });
-      at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t k = lo; k < hi; ++k) {
-          const int64_t r0 = pairs[k].first * kCorrAlign, c0 = pairs[k].second * kCorrAlign;
-          corr_accumulate(acc.data() + r0 * Dp + c0, Dp, tile.data() + r0, tile.data() + c0,
-                          kCorrAlign, kCorrAlign, 1, 0, n, Dp);
-        }
-      });
-    }
+        for (int64_t rb = 0; rb < nb; ++rb)  // upper triangle of 16 × 16 blocks
+          for (int64_t cb = rb; cb < nb; ++cb) {
+            const int64_t r0 = rb * kCorrAlign, c0 = cb * kCorrAlign;
+            corr_accumulate(mine.data() + r0 * Dp + c0, Dp, tile.data() + r0, tile.data() + c0,
+                            kCorrAlign, kCorrAlign, 1, 0, n, Dp);
+          }
+      }
+      std::lock_guard<std::mutex> lock(acc_mutex);
+      for (int64_t e = 0; e < Dp * Dp; ++e) acc[e] += mine[e];
+    });
     for (int64_t p = 0; p < D; ++p)
       for (int64_t q = p; q < D; ++q) out[grp][p][q] = out[grp][q][p] = acc[p * Dp + q];
   }
