@@ -122,6 +122,22 @@ def test_public_op_dispatches_to_cpu_kernel():
     _assert_gram_close(a.unsqueeze(0), b.double().unsqueeze(0), 2e-5)
 
 
+def test_cconv2d_backward_runs_the_cpu_kernels_by_default():
+    # P = 4·81 patches ≫ D = 46: the matched gradient takes the row side (im2col_gram).
+    x = torch.randn(4, 5, 9, 9, requires_grad=True)
+    conv = cx.CConv2d(5, 7, 3, padding=1)
+    go = torch.randn(4, 7, 9, 9)
+    with torch.profiler.profile() as prof:
+        conv(x).backward(go)
+    names = {e.name for e in prof.events()}
+    assert {"consequential_ext::im2col_gram", "consequential_ext::ridge_solve"} <= names
+    by_kernel = conv.weight.grad.clone()
+    conv.weight.grad = None
+    with cx.ops.use_backend("reference"):
+        conv(x).backward(go)
+    assert torch.allclose(by_kernel, conv.weight.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("args,match", [
     (((2, 3, 5), (3, 3), (1, 1), (0, 0), (1, 1), 1), "x must be a 4-D"),
     (((2, 3, 5, 5), (3,), (1, 1), (0, 0), (1, 1), 1), "kernel_size"),
