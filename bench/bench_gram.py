@@ -13,7 +13,8 @@ medians with 20/80 % quantiles):
 * ``CConv2d`` forward+backward / ``nn.Conv2d`` forward+backward (oneDNN) (goal ≤ 2.0);
 
 plus ResNet-20's two stride-2 shapes (the tiled path; no goal). Writes ``gram_cpu.json``
-and ``gram_cpu.md`` to DIR (default ``bench/results_cpu``). ``run(...)`` returns the rows;
+and ``gram_cpu.md`` (``gram_cpu_Nthread.*`` with ``--threads N``) to DIR (default
+``bench/results_cpu``). ``run(...)`` returns the rows;
 importing this module runs nothing.
 """
 from __future__ import annotations
@@ -223,8 +224,13 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=None, help="timed reps per provider")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
     parser.add_argument("--no-conv", action="store_true", help="skip CConv2d vs nn.Conv2d")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); 1 is the fairest on a "
+                             "machine shared with other jobs")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_probe:
         probe = json.loads(args.memory_probe)
         print(json.dumps(_memory_probe(probe["provider"], tuple(probe["shape"]), probe["stride"])))
@@ -237,10 +243,11 @@ def main(argv=None):
     rows = run(quick=args.quick, reps=args.reps, memory=not args.no_memory, conv=not args.no_conv)
     meta["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gram_cpu.json"), "w") as f:
+    stem = f"gram_cpu_{args.threads}thread" if args.threads else "gram_cpu"
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     table = markdown(rows, meta)
-    with open(os.path.join(args.out, "gram_cpu.md"), "w") as f:
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(table)
     print(table)
     return rows

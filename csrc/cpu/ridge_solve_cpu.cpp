@@ -3,9 +3,14 @@
 // rescale (cast) into the requested dtype.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "escalation_warning.h"
 
@@ -13,6 +18,44 @@ namespace consequential_ext::cpu {
 namespace {
 
 constexpr int kMaxEscalations = 12;  // ridge × 10 each: 1e-3 becomes 1e8 before giving up
+constexpr double kSerialWork = 1e9;   // batch · D³ below which one thread is fastest
+
+}  // namespace
+}  // namespace consequential_ext::cpu
+
+// MKL's per-thread thread count (exported by torch's MKL builds; null elsewhere).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace consequential_ext::cpu {
+namespace {
+
+// Runs a small solve on the calling thread only: ATen's loops (the OpenMP thread count is
+// a per-thread setting) and MKL's LAPACK (its thread-local count). Threads do not speed up
+// a Gram of a few hundred rows, and on a busy machine every parallel region waits for a
+// descheduled thread (measured with other jobs running: 144 × 144 potrf 0.05 ms on one
+// thread, 124 ms on two).
+class SingleThreaded {
+ public:
+  SingleThreaded() {
+#ifdef _OPENMP
+    at::get_num_threads();  // torch's per-thread initialisation first, so it cannot undo ours
+    previous_omp_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    if (MKL_Set_Num_Threads_Local) previous_mkl_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreaded() {
+#ifdef _OPENMP
+    omp_set_num_threads(previous_omp_);
+#endif
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_mkl_);
+  }
+  SingleThreaded(const SingleThreaded&) = delete;
+  SingleThreaded& operator=(const SingleThreaded&) = delete;
+
+ private:
+  int previous_omp_ = 1, previous_mkl_ = 0;
+};
 
 // Finite check without two boolean temporaries in the common case: a finite sum proves
 // every entry finite; only an inf/NaN sum (non-finite input, or finite input that
@@ -40,6 +83,9 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
   const auto work = gram.scalar_type() == at::kDouble || grad.scalar_type() == at::kDouble
                         ? at::kDouble
                         : at::kFloat;
+  const double d = static_cast<double>(gram.size(-1));
+  std::optional<SingleThreaded> single;
+  if (static_cast<double>(gram.numel()) * d <= kSerialWork) single.emplace();
   // Own copy of gram: the ridge goes onto its diagonal in place.
   auto a = gram.to(work, /*non_blocking=*/false, /*copy=*/true);
   auto g = grad.to(work);
