@@ -39,7 +39,8 @@ at::Tensor im2col_gram_cpu(const at::Tensor& x, c10::IntArrayRef kernel_size,
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   auto gram = at::zeros({groups, d, d}, x.options().dtype(acc));
   if (x.numel() == 0) {  // every patch is zero; only the bias count survives
-    if (bias) gram.select(1, d - 1).select(1, d - 1).fill_(x.size(0) * g.out_h(x.size(2)) * g.out_w(x.size(3)));
+    const int64_t patches = x.size(0) * g.out_h(x.size(2)) * g.out_w(x.size(3));
+    if (bias) gram.select(1, d - 1).select(1, d - 1).fill_(patches);
     return gram;
   }
   if (g.sh == 1 && g.sw == 1)

@@ -165,15 +165,17 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
           for (int64_t y0 = rows.classes[rc].begin; y0 < rows.classes[rc].end; y0 += rows_per_block)
             for (int64_t q0 = 0; q0 < run; q0 += kb) {
               const int64_t q1 = std::min(q0 + kb, run);
-              const acc_t* L = Z + (y0 * Wz * bc + q0) * Cp;
               for (int64_t sh = 0; sh < nsh; ++sh) {
                 const auto [s, t] = shifts[sh];
-                // rows whose partner row y + dh·s is still inside the image
+                // only rows and columns whose partner y + dh·s, x + dw·t is inside the image
                 const int64_t y1 = std::min({y0 + rows_per_block, rows.classes[rc].end, H - g.dh * s});
-                if (y0 >= y1) continue;
+                const int64_t qa = std::max(q0, std::max<int64_t>(0, -g.dw * t) * bc);
+                const int64_t qb = std::min(q1, std::min(W, W - g.dw * t) * bc);
+                if (y0 >= y1 || qa >= qb) continue;
+                const acc_t* L = Z + (y0 * Wz * bc + qa) * Cp;
                 const int64_t delta = (g.dh * s * Wz + g.dw * t) * bc;
                 corr_accumulate(local.data() + sh * cell, Cp, L, L + delta * Cp, Cp, Cp, y1 - y0,
-                                Wz * bc * Cp, q1 - q0, Cp);
+                                Wz * bc * Cp, qb - qa, Cp);
               }
             }
           std::lock_guard<std::mutex> lock(gram_mutex);

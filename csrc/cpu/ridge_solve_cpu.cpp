@@ -2,8 +2,8 @@
 // Cholesky (LAPACK potrf through ATen) and the two triangular solves (potrs), then the
 // rescale (cast) into the requested dtype.
 #include <ATen/ATen.h>
-#include <c10/util/Exception.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -14,20 +14,14 @@
 
 #include "escalation_warning.h"
 
-namespace consequential_ext::cpu {
-namespace {
-
-constexpr int kMaxEscalations = 12;  // ridge × 10 each: 1e-3 becomes 1e8 before giving up
-constexpr double kSerialWork = 1e9;   // batch · D³ below which one thread is fastest
-
-}  // namespace
-}  // namespace consequential_ext::cpu
-
 // MKL's per-thread thread count (exported by torch's MKL builds; null elsewhere).
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace consequential_ext::cpu {
 namespace {
+
+constexpr int kMaxEscalations = 12;  // ridge × 10 each: 1e-3 becomes 1e8 before giving up
+constexpr double kSerialWork = 1e9;  // batch · D³ below which one thread is fastest
 
 // Runs a small solve on the calling thread only: ATen's loops (the OpenMP thread count is
 // a per-thread setting) and MKL's LAPACK (its thread-local count). Threads do not speed up
