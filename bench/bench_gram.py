@@ -138,7 +138,7 @@ def run(quick: bool = False, cases: list[dict] | None = None, reps: int | None =
     for case in cases or shapes(quick):
         shape, stride = tuple(case["shape"]), case["stride"]
         large = shape[2] * shape[3] >= 100_000
-        n = reps or (3 if quick else (5 if large else 15))
+        n = reps or (3 if quick else (7 if large else 25))
         torch.manual_seed(0)
         x = torch.randn(shape)
         row = {"name": case["name"], "shape": list(shape), "kernel": [3, 3], "stride": stride,
