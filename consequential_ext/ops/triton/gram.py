@@ -24,9 +24,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ._common import accumulate_dtype, check_precision, num_programs_target
+from ._register import register_kernel_op
 
 # Partial Grams of a split patch range are summed afterwards (deterministic, unlike
 # atomics); this caps the memory those partials may take.
@@ -60,13 +61,16 @@ def _decode_rows(rows, group, C_per_group, D_patch, stride_c, stride_h, stride_w
 
 @triton.jit
 def _patch_tile(x_ptr, row_offset, dy, dx, is_patch_row, is_bias_row,
-                col_offset, iy0, ix0, col_valid, H, W, HAS_BIAS: tl.constexpr):
+                col_offset, iy0, ix0, col_valid, H, W, HAS_BIAS: tl.constexpr,
+                DOT_IN_FP32: tl.constexpr):
     """(rows × columns) block of the implicit im2col matrix; zero padding via the mask."""
     iy = iy0[None, :] + dy[:, None]
     ix = ix0[None, :] + dx[:, None]
     inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
     mask = is_patch_row[:, None] & col_valid[None, :] & inside
     tile = tl.load(x_ptr + row_offset[:, None] + col_offset[None, :], mask=mask, other=0.0)
+    if DOT_IN_FP32:  # exact: bfloat16 products fit float32
+        tile = tile.to(tl.float32)
     if HAS_BIAS:
         # The constant-1 row a bias multiplies; masked out of the load above, so it is 0 here.
         tile += (is_bias_row[:, None] & col_valid[None, :]).to(tile.dtype)
@@ -86,7 +90,7 @@ def _im2col_gram_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, CHANNELS_INNER: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,  # the CPU interpreter's dot misreads bfloat16 (raw bits)
+    DOT_IN_FP32: tl.constexpr,  # the CPU interpreter's bfloat16 arithmetic reads raw bits
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -125,12 +129,9 @@ def _im2col_gram_kernel(
         ix0 = (q % OW) * SW
         col_offset = b.to(tl.int64) * stride_b + iy0 * stride_h + ix0 * stride_w
         a = _patch_tile(x_ptr, off_i, dy_i, dx_i, patch_i, bias_i,
-                        col_offset, iy0, ix0, col_valid, H, W, HAS_BIAS)
+                        col_offset, iy0, ix0, col_valid, H, W, HAS_BIAS, DOT_IN_FP32)
         bt = _patch_tile(x_ptr, off_j, dy_j, dx_j, patch_j, bias_j,
-                         col_offset, iy0, ix0, col_valid, H, W, HAS_BIAS)
-        if DOT_IN_FP32:  # exact: bfloat16 products fit float32
-            a = a.to(tl.float32)
-            bt = bt.to(tl.float32)
+                         col_offset, iy0, ix0, col_valid, H, W, HAS_BIAS, DOT_IN_FP32)
         acc = tl.dot(a, tl.trans(bt), acc, input_precision=INPUT_PRECISION)
 
     base = out_ptr + split * out_stride_split + group * out_stride_group
@@ -154,11 +155,14 @@ def _choose_blocks(D, dtype, block_d, block_p):
     return block_d, block_p
 
 
-@triton_op("consequential_ext_triton::im2col_gram", mutates_args=())
-def im2col_gram_op(x: torch.Tensor, kernel_size: list[int], stride: list[int],
+def _gram_size(x, kernel_size, groups, bias):
+    return x.shape[1] // groups * kernel_size[0] * kernel_size[1] + int(bias)
+
+
+def _im2col_gram_launch(x: torch.Tensor, kernel_size: list[int], stride: list[int],
                    padding: list[int], dilation: list[int], groups: int, bias: bool,
                    input_precision: str, block_d: int, block_p: int, split: int) -> torch.Tensor:
-    """The registered op (torch.compile traces into it); block sizes / split 0 = automatic."""
+    """Body of the registered op; block sizes / split 0 = automatic."""
     B, C, H, W = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     oh, ow = _output_size(H, kh, sh, ph, dh), _output_size(W, kw, sw, pw, dw)
@@ -188,6 +192,16 @@ def im2col_gram_op(x: torch.Tensor, kernel_size: list[int], stride: list[int],
         DOT_IN_FP32=x.dtype == torch.bfloat16 and x.device.type == "cpu", BLOCK_D=block_d, BLOCK_P=block_p,
         num_warps=8 if block_d >= 128 else 4, num_stages=3)
     return out[0] if split == 1 else out.sum(0)
+
+
+def _im2col_gram_fake(x, kernel_size, stride, padding, dilation, groups, bias,
+                      input_precision, block_d, block_p, split):
+    D = _gram_size(x, kernel_size, groups, bias)
+    return x.new_empty((groups, D, D), dtype=accumulate_dtype(x.dtype))
+
+
+im2col_gram_op = register_kernel_op("consequential_ext_triton::im2col_gram", _im2col_gram_launch,
+                                    fake=_im2col_gram_fake, kernels=(_im2col_gram_kernel,))
 
 
 def _pair(value, name):

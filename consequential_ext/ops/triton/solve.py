@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .. import reference
+from ._register import register_kernel_op
 
 # Largest D the register-resident Cholesky takes; above it torch.linalg.cholesky_ex
 # (cuSOLVER) factors. Not yet measured against cuSOLVER on a GPU: bench_triton.py's
@@ -33,7 +34,8 @@ def _cholesky_kernel(
     a_ptr,             # (batch, D, D) symmetric; only the lower triangle is read
     l_ptr,             # (batch, D, D) out: lower factor of a + ridge·I (upper part zero)
     info_ptr,          # (batch,) int32 out: 0, or k+1 for the first non-positive pivot k
-    D, ridge,
+    ridge_ptr,         # (1,) ridge in the factor's dtype (a float argument would be float32)
+    D,
     a_sb, a_sr, a_sc, l_sb, l_sr, l_sc,
     BLOCK: tl.constexpr,
 ):
@@ -47,6 +49,7 @@ def _cholesky_kernel(
     a = a.to(l_ptr.dtype.element_ty)
     # + ridge on the diagonal; 1 on the padding's diagonal keeps it positive definite.
     diag = r[:, None] == r[None, :]
+    ridge = tl.load(ridge_ptr)
     a += tl.where(diag, tl.where(r < D, ridge, 1.0)[:, None], 0.0).to(a.dtype)
     factor = tl.zeros((BLOCK, BLOCK), dtype=a.dtype)
     info = tl.full((), 0, tl.int32)
@@ -142,22 +145,21 @@ def _cholesky_solve_kernel(
         tl.debug_barrier()
 
 
-@triton_op("consequential_ext_triton::cholesky", mutates_args=())
-def cholesky_op(a: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _cholesky_launch(a: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(L, info) for a (batch, D, D) + ridge·I, D ≤ 128: L lower, info as cholesky_ex's."""
     batch, D = a.shape[0], a.shape[-1]
     factor = a.new_empty(a.shape, dtype=reference.accumulate_dtype(a.dtype))
     info = a.new_empty((batch,), dtype=torch.int32)
     block = max(16, triton.next_power_of_2(D))
+    ridge_value = torch.full((1,), ridge, dtype=factor.dtype, device=a.device)
     wrap_triton(_cholesky_kernel)[(batch,)](
-        a, factor, info, D, ridge, a.stride(0), a.stride(1), a.stride(2),
+        a, factor, info, ridge_value, D, a.stride(0), a.stride(1), a.stride(2),
         factor.stride(0), factor.stride(1), factor.stride(2),
         BLOCK=block, num_warps=8 if block >= 128 else 4)
     return factor, info
 
 
-@triton_op("consequential_ext_triton::cholesky_solve", mutates_args=())
-def cholesky_solve_op(factor: torch.Tensor, grad: torch.Tensor, out_dtype: torch.dtype,
+def _cholesky_solve_launch(factor: torch.Tensor, grad: torch.Tensor, out_dtype: torch.dtype,
                       block_m: int, block_d: int) -> torch.Tensor:
     """grad @ inverse(L Lᵀ) for factor L (batch, D, D), grad (batch, M, D); in out_dtype."""
     batch, M, D = grad.shape
@@ -177,6 +179,17 @@ def cholesky_solve_op(factor: torch.Tensor, grad: torch.Tensor, out_dtype: torch
         out.stride(0), out.stride(1), out.stride(2),
         SEPARATE_OUT=separate, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
     return out
+
+
+cholesky_op = register_kernel_op(
+    "consequential_ext_triton::cholesky", _cholesky_launch, kernels=(_cholesky_kernel,),
+    fake=lambda a, ridge: (a.new_empty(a.shape, dtype=reference.accumulate_dtype(a.dtype)),
+                           a.new_empty(a.shape[:1], dtype=torch.int32)))
+cholesky_solve_op = register_kernel_op(
+    "consequential_ext_triton::cholesky_solve", _cholesky_solve_launch,
+    kernels=(_cholesky_solve_kernel,),
+    fake=lambda factor, grad, out_dtype, block_m, block_d: grad.new_empty(grad.shape,
+                                                                          dtype=out_dtype))
 
 
 def cholesky(a, ridge=0.0):

@@ -1,0 +1,22 @@
+"""Registers a Triton launcher as a ``torch.library`` operator.
+
+Compiled Triton kernels go through ``torch.library.triton_op`` (+ ``wrap_triton`` in the
+launcher), so ``torch.compile`` traces into the kernel and Inductor can schedule it.
+Under ``TRITON_INTERPRET=1`` the kernels are interpreted Python that cannot run on fake
+tensors, so the same launcher becomes an opaque ``custom_op`` with an explicit fake:
+CI still checks schema, fake shapes and ``torch.compile(fullgraph=True)`` capture.
+"""
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op
+from triton.runtime.interpreter import InterpretedFunction
+
+
+def register_kernel_op(name, launcher, *, fake, kernels):
+    """``launcher`` (type-annotated; its schema is inferred) as operator ``name``."""
+    if any(isinstance(kernel, InterpretedFunction) for kernel in kernels):
+        op = torch.library.custom_op(name, launcher, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return triton_op(name, launcher, mutates_args=())
