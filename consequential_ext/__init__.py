@@ -1,5 +1,13 @@
-"""consequential_ext: consequence-aware (matched) weight gradients for PyTorch layers."""
-from ._version import __version__
-from . import ops
+"""consequential_ext: consequence-aware (matched) weight gradients for PyTorch layers.
 
-__all__ = ["__version__", "ops"]
+    import consequential_ext as cx
+    model = cx.consequentialize(model)          # or cx.CLinear / cx.CConv2d directly
+"""
+from ._version import __version__
+from . import functional, ops
+from ._validate import DEFAULT_RIDGE, RULES
+from .convert import consequentialize
+from .modules import CConv2d, CLinear
+
+__all__ = ["__version__", "CLinear", "CConv2d", "consequentialize", "functional", "ops", "RULES",
+           "DEFAULT_RIDGE"]

@@ -4,6 +4,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <vector>
+
+#include "escalation.h"
+
 extern "C" {
 // An empty module: importing consequential_ext._C runs the static registrations below
 // (no pybind11 needed, so the extension can use the limited API).
@@ -26,12 +31,35 @@ TORCH_LIBRARY(consequential_ext, m) {
   m.def("ridge_solve(Tensor gram, Tensor grad, float ridge, ScalarType? out_dtype=None) -> Tensor");
   // The torch version this extension was compiled against (checked at import).
   m.def("built_with_torch() -> str");
+  // [requested, escalated] ridges of escalations since the last call (then forgotten).
+  m.def("take_ridge_escalations() -> float[]");
 }
 
+namespace consequential_ext {
 namespace {
+std::mutex escalation_mutex;
+std::vector<double> escalations;  // flattened (requested, escalated) pairs
+
 std::string built_with_torch() { return CX_TORCH_VERSION; }
+
+std::vector<double> take_ridge_escalations() {
+  std::lock_guard<std::mutex> lock(escalation_mutex);
+  std::vector<double> out;
+  out.swap(escalations);
+  return out;
+}
 }  // namespace
 
+void note_ridge_escalation(double requested, double escalated) {
+  std::lock_guard<std::mutex> lock(escalation_mutex);
+  if (escalations.size() < 64) {  // a record, not a log: the first few are enough to warn
+    escalations.push_back(requested);
+    escalations.push_back(escalated);
+  }
+}
+}  // namespace consequential_ext
+
 TORCH_LIBRARY_IMPL(consequential_ext, CompositeExplicitAutograd, m) {
-  m.impl("built_with_torch", &built_with_torch);
+  m.impl("built_with_torch", &consequential_ext::built_with_torch);
+  m.impl("take_ridge_escalations", &consequential_ext::take_ridge_escalations);
 }

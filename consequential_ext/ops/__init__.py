@@ -104,4 +104,8 @@ def ridge_solve(gram, grad, ridge, *, out_dtype=None):
     if backend == "triton":
         from . import triton as triton_ops
         return triton_ops.ridge_solve(gram, grad, float(ridge), out_dtype)
-    return torch.ops.consequential_ext.ridge_solve(gram, grad, float(ridge), out_dtype)
+    out = torch.ops.consequential_ext.ridge_solve(gram, grad, float(ridge), out_dtype)
+    escalations = torch.ops.consequential_ext.take_ridge_escalations()
+    if escalations:
+        reference.warn_escalated(escalations[0], escalations[1])
+    return out

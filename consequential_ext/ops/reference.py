@@ -62,14 +62,15 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
         chol, info = torch.linalg.cholesky_ex(a + lam * eye)
         if not bool((info != 0).any()):
             if attempt:
-                _warn_escalated(ridge, lam)
+                warn_escalated(ridge, lam)
             return torch.cholesky_solve(g.transpose(-1, -2), chol).transpose(-1, -2).to(out_dtype)
         lam *= 10.0
     raise RuntimeError(f"ridge_solve: (gram + ridge*I) is not positive definite even with "
                        f"ridge escalated to {lam:g}")
 
 
-def _warn_escalated(ridge, lam):
+def warn_escalated(ridge, lam):
+    """One RuntimeWarning per process, whichever backend escalated."""
     global _escalation_warned
     if not _escalation_warned:
         _escalation_warned = True

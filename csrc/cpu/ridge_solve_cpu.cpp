@@ -5,6 +5,8 @@
 
 #include <cmath>
 
+#include "escalation.h"
+
 namespace consequential_ext {
 namespace {
 
@@ -38,10 +40,7 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
     if (info.ne(0).any().item<bool>()) continue;
     // x (A) = g  ⇔  A xᵀ = gᵀ (A symmetric).
     auto x = at::cholesky_solve(g.transpose(-1, -2), chol, /*upper=*/false).transpose(-1, -2);
-    if (attempt > 0) {
-      TORCH_WARN_ONCE("consequential_ext.ridge_solve: Cholesky of (gram + ridge*I) failed; ridge "
-                      "escalated from ", ridge, " to ", lam, ". Consider a larger ridge.");
-    }
+    if (attempt > 0) note_ridge_escalation(ridge, lam);
     return x.to(out_type);
   }
   TORCH_CHECK(false, "ridge_solve: (gram + ridge*I) is not positive definite even after escalating "

@@ -1,0 +1,92 @@
+"""The matched weight gradient G (A + λI)⁻¹ of DESIGN.md §2, for Linear and Conv2d inputs.
+
+A = X Xᵀ / N with X the layer input as columns (plus a constant-1 row for a bias). By the
+push-through identity G (XXᵀ/N + λI)⁻¹ = dZ (XᵀX/N + λI)⁻¹ Xᵀ (G = dZ Xᵀ), so the solve
+can run on the row side (D × D) or the column side (P × P, one column per input row or
+patch); ``cheaper_side`` picks by flop count.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .ops.reference import accumulate_dtype, im2col
+
+
+def cheaper_side(p: int, d: int, m: int) -> str:
+    """'row' (D×D system) or 'column' (P×P system) for P columns, D rows, M outputs."""
+    row = p * d * d + d ** 3 / 3 + m * d * d
+    column = p * p * d + p ** 3 / 3 + m * p * p + m * p * d
+    return "row" if row <= column else "column"
+
+
+def _with_ones(rows: torch.Tensor) -> torch.Tensor:
+    return torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1)
+
+
+def matched_linear(x2d, gy2d, has_bias, ridge, side=None):
+    """Matched (grad_weight, grad_bias) of a Linear layer, float32-or-better.
+
+    x2d: (N, in) layer inputs, gy2d: (N, out) gradient of the loss w.r.t. the outputs.
+    """
+    work = accumulate_dtype(x2d.dtype)
+    x, gy = x2d.to(work), gy2d.to(work)
+    rows = _with_ones(x) if has_bias else x                     # (N, D): Xᵀ
+    n, d = rows.shape
+    side = side or cheaper_side(n, d, gy.shape[1])
+    if side == "row":
+        gram = rows.T @ rows / n                                # A, (D, D)
+        grad = gy.T @ rows                                      # G, (out, D)
+        matched = ops.ridge_solve(gram, grad, ridge)
+    else:
+        gram = rows @ rows.T / n                                # XᵀX / N, (N, N)
+        matched = ops.ridge_solve(gram, gy.T.contiguous(), ridge) @ rows
+    if has_bias:
+        return matched[:, :-1], matched[:, -1]
+    return matched, None
+
+
+def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_bias, ridge,
+                   side=None):
+    """Matched (grad_weight, grad_bias) of a Conv2d layer, float32-or-better.
+
+    x: (B, C, H, W) input already padded so that ``padding`` (a pair) is symmetric;
+    gy: (B, out, Ho, Wo). N = B, the number of samples a mean-reduced loss averages over.
+    """
+    work = accumulate_dtype(x.dtype)
+    out, cg, kh, kw = weight_shape
+    b = x.shape[0]
+    og = out // groups
+    d = cg * kh * kw + int(has_bias)
+    p = b * gy.shape[2] * gy.shape[3]
+    side = side or cheaper_side(p, d, og)
+    if side == "row":
+        gram = ops.im2col_gram(x, (kh, kw), stride, padding, dilation, groups=groups,
+                               bias=has_bias)
+        gram = gram.reshape(groups, d, d) / b
+        grad = _conv_weight_grad(x, gy, weight_shape, stride, padding, dilation, groups, has_bias,
+                                 work)
+        matched = ops.ridge_solve(gram, grad, ridge)
+    else:
+        # dZ per group with columns in im2col order (sample, then output location).
+        dz = gy.to(work).reshape(b, groups, og, -1).permute(1, 2, 0, 3).reshape(groups, og, p)
+        cols = im2col(x.to(work), (kh, kw), stride, padding, dilation, groups, has_bias)
+        gram = cols.transpose(1, 2) @ cols / b                  # (groups, P, P)
+        matched = ops.ridge_solve(gram, dz, ridge) @ cols.transpose(1, 2)
+    grad_weight = matched[..., : d - int(has_bias)].reshape(weight_shape)
+    grad_bias = matched[..., -1].reshape(out) if has_bias else None
+    return grad_weight, grad_bias
+
+
+def _conv_weight_grad(x, gy, weight_shape, stride, padding, dilation, groups, has_bias, work):
+    """Ordinary G = dZ Xᵀ per group, (groups, out/groups, D), via the native conv backward."""
+    out = weight_shape[0]
+    weight = torch.empty(weight_shape, dtype=work, device=x.device)
+    _, grad_weight, _ = torch.ops.aten.convolution_backward(
+        gy.to(work), x.to(work), weight, None, list(stride), list(padding), list(dilation),
+        False, [0, 0], groups, [False, True, False])
+    grad = grad_weight.reshape(groups, out // groups, -1)
+    if has_bias:
+        bias_grad = gy.to(work).sum((0, 2, 3)).reshape(groups, out // groups, 1)
+        grad = torch.cat([grad, bias_grad], dim=-1)
+    return grad

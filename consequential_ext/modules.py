@@ -1,0 +1,72 @@
+"""Drop-in C-layers: nn.Linear / nn.Conv2d subclasses whose weight gradient is matched.
+
+Same parameters, same state_dict keys, ``isinstance`` still true, forward bit-identical to
+the nn layer; only backward differs (see ``functional.py``).
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import functional as CF
+from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, check_rule
+
+__all__ = ["CLinear", "CConv2d", "CLayerMixin"]
+
+
+class CLayerMixin:
+    """``rule`` and ``ridge`` as validated attributes (checked on every assignment)."""
+
+    @property
+    def rule(self):
+        return self._cx_rule
+
+    @rule.setter
+    def rule(self, value):
+        self._cx_rule = check_rule(value)
+
+    @property
+    def ridge(self):
+        return self._cx_ridge
+
+    @ridge.setter
+    def ridge(self, value):
+        self._cx_ridge = check_ridge(value)
+
+    def _cx_repr(self):
+        return f"rule={self.rule!r}, ridge={self.ridge:g}"
+
+
+class CLinear(CLayerMixin, nn.Linear):
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
+                 rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.rule, self.ridge = rule, ridge
+
+    def forward(self, input):
+        return CF.clinear(input, self.weight, self.bias, rule=self.rule, ridge=self.ridge)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._cx_repr()}"
+
+
+class CConv2d(CLayerMixin, nn.Conv2d):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
+                 rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        self.rule, self.ridge = rule, ridge
+
+    def forward(self, input):
+        # The same two steps as nn.Conv2d._conv_forward, so outputs are bit-identical.
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        else:
+            padding = self.padding
+        return CF.cconv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
+                          self.groups, rule=self.rule, ridge=self.ridge)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._cx_repr()}"

@@ -1,0 +1,73 @@
+"""consequentialize: in place, identity-preserving, filterable, and honest about what it skips."""
+import pytest
+import torch
+import torch.nn as nn
+
+import consequential_ext as cx
+
+
+def _net(dtype=torch.float32):
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Sequential(nn.Linear(4 * 5 * 5, 8), nn.ReLU()), nn.Linear(8, 3),
+    ).to(dtype)
+
+
+def test_converts_in_place_keeping_parameters_dtype_and_optimizer():
+    model = _net(torch.float64)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = cx.consequentialize(model, ridge=0.01)
+    assert out is model
+    assert isinstance(model[0], cx.CConv2d) and isinstance(model[3][0], cx.CLinear)
+    assert all(a is b for a, b in zip(params, model.parameters()))
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert model[4].ridge == 0.01
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    model(x).sum().backward()
+    before = model[4].weight.detach().clone()
+    opt.step()   # the optimizer built before the call sees the matched gradients
+    assert not torch.equal(before, model[4].weight)
+
+
+def test_include_exclude_by_name_and_type():
+    model = cx.consequentialize(_net(), exclude=["4"])
+    assert type(model[4]) is nn.Linear and isinstance(model[3][0], cx.CLinear)
+    model = cx.consequentialize(_net(), include=[nn.Conv2d])
+    assert isinstance(model[0], cx.CConv2d) and type(model[3][0]) is nn.Linear
+    model = cx.consequentialize(_net(), include="3")        # a name selects its subtree
+    assert isinstance(model[3][0], cx.CLinear) and type(model[0]) is nn.Conv2d
+    with pytest.raises(TypeError, match="include"):
+        cx.consequentialize(_net(), include=[3.5])
+
+
+def test_reconversion_updates_rule_and_ridge():
+    model = cx.consequentialize(_net(), ridge=0.1)
+    cx.consequentialize(model, rule="sgd", ridge=0.2)
+    assert model[0].rule == "sgd" and model[0].ridge == 0.2
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.ff = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.ff(self.attn(x, x, x)[0])
+
+
+def test_leaves_attention_projections_alone_with_a_warning():
+    model = _Block()
+    with pytest.warns(UserWarning, match=r"attn\.out_proj"):
+        cx.consequentialize(model)
+    assert isinstance(model.ff, cx.CLinear)
+    assert not isinstance(model.attn.out_proj, (cx.CLinear,))
+    model(torch.randn(3, 2, 8)).sum().backward()   # still trains
+
+
+def test_rejects_non_module():
+    with pytest.raises(TypeError, match="model"):
+        cx.consequentialize("resnet")

@@ -1,0 +1,145 @@
+"""Matched weight/bias gradients of every supported configuration vs the float64 reference."""
+import pytest
+import torch
+import torch.nn as nn
+
+import consequential_ext as cx
+import matched_reference as ref
+
+
+def _close(actual, expected, rtol):
+    """Norm-wise relative error: robust to individual near-zero entries, still strict."""
+    err = (actual.double() - expected).norm() / expected.norm().clamp_min(1e-300)
+    assert err < rtol, f"relative error {err:.3e} >= {rtol:.1e}"
+
+
+LINEAR_CASES = [
+    # leading dims of the input, in, out, bias
+    ((7,), 5, 3, True),          # N > D: row side
+    ((3,), 11, 4, True),         # N < D: column side
+    ((2, 3, 5), 6, 2, False),    # several leading dims
+    ((), 9, 4, True),            # a single 1-D input
+    ((4, 1), 13, 1, True),
+]
+
+
+@pytest.mark.parametrize("lead,fin,fout,bias", LINEAR_CASES)
+def test_clinear_grads_match_reference(lead, fin, fout, bias):
+    ridge = 0.05
+    layer = cx.CLinear(fin, fout, bias=bias, dtype=torch.float64, ridge=ridge)
+    x = torch.randn(*lead, fin, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    gw, gb = ref.matched_linear(x, layer.weight, layer.bias, gy, ridge)
+    _close(layer.weight.grad, gw, 1e-9)
+    if bias:
+        _close(layer.bias.grad, gb, 1e-9)
+    plain = nn.Linear(fin, fout, bias=bias, dtype=torch.float64)
+    plain.load_state_dict(layer.state_dict())
+    x2 = x.detach().clone().requires_grad_()
+    plain(x2).backward(gy)
+    torch.testing.assert_close(x.grad, x2.grad)  # input gradient is the ordinary one
+
+
+def test_clinear_noncontiguous_float32_input():
+    ridge = 0.1
+    layer = cx.CLinear(6, 3, ridge=ridge)
+    x = torch.randn(5, 4, 6).transpose(0, 1)                        # (4, 5, 6) non-contiguous
+    assert not x.is_contiguous()
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    gw, gb = ref.matched_linear(x, layer.weight, layer.bias, gy, ridge)
+    _close(layer.weight.grad, gw, 2e-4)
+    _close(layer.bias.grad, gb, 2e-4)
+    assert layer.weight.grad.dtype == torch.float32
+
+
+CONV_CASES = [
+    # B, Cin, Cout, H, W, kernel, stride, padding, dilation, groups, bias, padding_mode
+    (2, 3, 4, 7, 6, 3, 1, 1, 1, 1, True, "zeros"),
+    (3, 4, 6, 9, 8, (3, 2), (2, 1), (1, 0), 1, 2, True, "zeros"),
+    (2, 6, 6, 8, 9, 3, 1, 2, 2, 3, False, "zeros"),
+    (1, 2, 3, 5, 7, (2, 3), 1, "same", (2, 1), 1, True, "zeros"),   # uneven 'same'
+    (2, 4, 2, 9, 7, 4, 1, "same", 1, 2, True, "zeros"),             # even kernel 'same'
+    (2, 3, 5, 6, 6, 3, 2, "valid", 1, 1, True, "zeros"),
+    (2, 3, 4, 7, 6, 3, 1, 1, 1, 1, True, "reflect"),
+    (2, 2, 4, 6, 7, 3, 2, (2, 1), 1, 2, True, "replicate"),
+    (3, 3, 3, 5, 5, 3, 1, 1, 1, 1, False, "circular"),
+    (1, 8, 4, 3, 3, 3, 1, 0, 1, 1, True, "zeros"),                  # P < D: column side
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_cconv2d_grads_match_reference(case, layout):
+    b, cin, cout, h, w, k, s, p, d, g, bias, mode = case
+    ridge = 0.02
+    layer = cx.CConv2d(cin, cout, k, s, p, d, g, bias, mode, dtype=torch.float64, ridge=ridge)
+    x = torch.randn(b, cin, h, w, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(b, cin, 2 * h, w + 3, dtype=torch.float64)[:, :, ::2, 1:w + 1]
+    x.requires_grad_()
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    gw, gb = ref.matched_conv2d(x, layer.weight, layer.bias, gy, layer.stride, p, layer.dilation,
+                                g, ridge, mode)
+    _close(layer.weight.grad, gw, 1e-9)
+    if bias:
+        _close(layer.bias.grad, gb, 1e-9)
+    plain = nn.Conv2d(cin, cout, k, s, p, d, g, bias, mode, dtype=torch.float64)
+    plain.load_state_dict(layer.state_dict())
+    x2 = x.detach().clone().requires_grad_()
+    plain(x2).backward(gy)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_cconv2d_unbatched_and_float32():
+    ridge = 0.1
+    layer = cx.CConv2d(3, 5, 3, padding=1, ridge=ridge)
+    x = torch.randn(3, 6, 7)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    gw, gb = ref.matched_conv2d(x, layer.weight, layer.bias, gy, (1, 1), 1, (1, 1), 1, ridge)
+    _close(layer.weight.grad, gw, 2e-4)
+    _close(layer.bias.grad, gb, 2e-4)
+
+
+def test_functional_forms_match_modules():
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    conv = cx.CConv2d(4, 4, 3, padding=1, groups=2, dtype=torch.float64)
+    w = conv.weight.detach().clone().requires_grad_()
+    bvec = conv.bias.detach().clone().requires_grad_()
+    cx.functional.cconv2d(x, w, bvec, 1, 1, 1, 2).sum().backward()
+    conv(x).sum().backward()
+    torch.testing.assert_close(w.grad, conv.weight.grad)
+    torch.testing.assert_close(bvec.grad, conv.bias.grad)
+
+
+def test_layer_called_several_times_sums_matched_grads():
+    ridge = 0.05
+    layer = cx.CLinear(4, 3, dtype=torch.float64, ridge=ridge)
+    x1, x2 = torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    y1, y2 = layer(x1), layer(x2)
+    g1, g2 = torch.randn_like(y1), torch.randn_like(y2)
+    torch.autograd.backward([y1, y2], [g1, g2])
+    w1, b1 = ref.matched_linear(x1, layer.weight, layer.bias, g1, ridge)
+    w2, b2 = ref.matched_linear(x2, layer.weight, layer.bias, g2, ridge)
+    _close(layer.weight.grad, w1 + w2, 1e-9)
+    _close(layer.bias.grad, b1 + b2, 1e-9)
+
+
+def test_sgd_rule_is_bit_identical_to_nn():
+    torch.manual_seed(0)
+    c = cx.CConv2d(3, 4, 3, padding=1, rule="sgd")
+    n = nn.Conv2d(3, 4, 3, padding=1)
+    n.load_state_dict(c.state_dict())
+    x = torch.randn(2, 3, 7, 7)
+    c(x).square().sum().backward()
+    n(x).square().sum().backward()
+    assert torch.equal(c.weight.grad, n.weight.grad) and torch.equal(c.bias.grad, n.bias.grad)

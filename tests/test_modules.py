@@ -1,0 +1,59 @@
+"""Drop-in behaviour of CLinear / CConv2d: forward identity, state_dict, validation."""
+import pytest
+import torch
+import torch.nn as nn
+
+import consequential_ext as cx
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [1, (2, 1), "same", "valid"])
+def test_cconv2d_forward_bit_identical(mode, padding):
+    torch.manual_seed(1)
+    n = nn.Conv2d(4, 6, 3, 1, padding, 1, 2, True, mode)
+    c = cx.CConv2d(4, 6, 3, 1, padding, 1, 2, True, mode)
+    c.load_state_dict(n.state_dict())
+    x = torch.randn(2, 4, 9, 8).to(memory_format=torch.channels_last)
+    assert torch.equal(c(x), n(x))
+    assert isinstance(c, nn.Conv2d)
+
+
+def test_clinear_forward_bit_identical_and_state_dict_both_ways():
+    n = nn.Linear(7, 5)
+    c = cx.CLinear(7, 5)
+    c.load_state_dict(n.state_dict())
+    x = torch.randn(3, 2, 7)
+    assert torch.equal(c(x), n(x))
+    n2 = nn.Linear(7, 5)
+    n2.load_state_dict(c.state_dict())
+    assert torch.equal(n2.weight, n.weight) and torch.equal(n2.bias, n.bias)
+    assert set(c.state_dict()) == set(n.state_dict())
+    assert isinstance(c, nn.Linear)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "1e-3", True, None])
+def test_bad_ridge_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="ridge"):
+        cx.CLinear(3, 2, ridge=bad)
+    layer = cx.CConv2d(2, 2, 3)
+    with pytest.raises(ValueError, match="ridge"):
+        layer.ridge = bad
+    with pytest.raises(ValueError, match="ridge"):
+        cx.functional.clinear(torch.randn(2, 3), torch.randn(2, 3), ridge=bad)
+
+
+@pytest.mark.parametrize("bad", ["Consequential", "adam", None, 3])
+def test_bad_rule_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="rule"):
+        cx.CConv2d(2, 2, 3, rule=bad)
+    with pytest.raises(ValueError, match="rule"):
+        cx.consequentialize(nn.Linear(2, 2), rule=bad)
+
+
+def test_bad_padding_string_is_a_clear_error():
+    with pytest.raises(ValueError, match="padding"):
+        cx.functional.cconv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), padding="full")
+
+
+def test_repr_shows_rule_and_ridge():
+    assert "rule='consequential'" in repr(cx.CLinear(2, 3, ridge=0.5))

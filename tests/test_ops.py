@@ -1,0 +1,103 @@
+"""The public ops: reference semantics, argument checks, and backend agreement."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import consequential_ext as cx
+from consequential_ext.ops import reference
+
+
+def _spd(batch, d, dtype=torch.float64):
+    a = torch.randn(*batch, d, d + 3, dtype=dtype)
+    return a @ a.transpose(-1, -2) / d
+
+
+@pytest.mark.parametrize("case", [
+    ((2, 3, 7, 6), 3, 1, 1, 1, 1, True),
+    ((3, 4, 9, 8), (3, 2), (2, 1), (1, 0), 1, 2, False),
+    ((1, 6, 8, 9), 3, 1, 2, 2, 3, True),
+])
+def test_im2col_gram_matches_explicit_unfold(case):
+    shape, k, s, p, d, g, bias = case
+    x = torch.randn(*shape, dtype=torch.float64).to(memory_format=torch.channels_last)
+    gram = cx.ops.im2col_gram(x, k, s, p, d, groups=g, bias=bias)
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)            # (B, C·kh·kw, L)
+    cg = shape[1] // g
+    per = cols.shape[1] // g
+    expected = []
+    for gi in range(g):
+        xg = cols[:, gi * per:(gi + 1) * per].permute(1, 0, 2).reshape(per, -1)
+        if bias:
+            xg = torch.cat([xg, torch.ones(1, xg.shape[1], dtype=xg.dtype)])
+        expected.append(xg @ xg.T)
+    expected = torch.stack(expected)
+    torch.testing.assert_close(gram, expected[0] if g == 1 else expected)
+    assert cg * (per // cg) == per
+
+
+def test_im2col_gram_argument_errors():
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match="x must be a 4-D"):
+        cx.ops.im2col_gram(x[0], 3)
+    with pytest.raises(ValueError, match="groups"):
+        cx.ops.im2col_gram(x, 3, groups=3)
+    with pytest.raises(ValueError, match="does not fit"):
+        cx.ops.im2col_gram(x, 7)
+    with pytest.raises(TypeError, match="kernel_size"):
+        cx.ops.im2col_gram(x, (3, 3, 3))
+
+
+@pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_ridge_solve_matches_linalg_solve(backend, dtype):
+    gram = _spd((3,), 9)
+    grad = torch.randn(3, 4, 9, dtype=torch.float64)
+    expected = torch.linalg.solve(gram + 0.1 * torch.eye(9, dtype=gram.dtype),
+                                  grad.transpose(1, 2)).transpose(1, 2)
+    with cx.ops.use_backend(backend):
+        out = cx.ops.ridge_solve(gram.to(dtype), grad.to(dtype), 0.1, out_dtype=torch.float64)
+    # The only error is the input's rounding to `dtype`, amplified by the condition number.
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-1}[dtype]
+    assert ((out - expected).norm() / expected.norm()) < tol
+
+
+@pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
+def test_ridge_solve_escalates_once_with_warning_on_singular_input(backend, monkeypatch):
+    monkeypatch.setattr(reference, "_escalation_warned", False)
+    v = torch.randn(6, 2)
+    gram = v @ v.T - 1e-3 * torch.eye(6)            # indefinite: Cholesky fails at tiny ridge
+    grad = torch.randn(3, 6)
+    with cx.ops.use_backend(backend), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = cx.ops.ridge_solve(gram, grad, 1e-8)
+    assert torch.isfinite(out).all()
+    assert any("escalated" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
+def test_ridge_solve_non_finite_gives_nan(backend):
+    gram = _spd((), 4, torch.float32)
+    gram[1, 2] = float("inf")
+    with cx.ops.use_backend(backend):
+        out = cx.ops.ridge_solve(gram, torch.randn(2, 4), 0.1)
+    assert out.shape == (2, 4) and torch.isnan(out).all()
+
+
+def test_ridge_solve_argument_errors():
+    gram = _spd((), 4)
+    for bad in (0.0, -1.0, float("nan"), "x"):
+        with pytest.raises(ValueError, match="ridge"):
+            cx.ops.ridge_solve(gram, torch.randn(2, 4, dtype=torch.float64), bad)
+    with pytest.raises(ValueError, match="grad"):
+        cx.ops.ridge_solve(gram, torch.randn(2, 5, dtype=torch.float64), 0.1)
+    with pytest.raises(ValueError, match="gram"):
+        cx.ops.ridge_solve(torch.randn(3, 4), torch.randn(2, 4), 0.1)
+    with pytest.raises(ValueError, match="backend"):
+        with cx.ops.use_backend("gpu"):
+            pass
+
+
+def test_extension_built_for_running_torch():
+    assert torch.ops.consequential_ext.built_with_torch() == torch.__version__

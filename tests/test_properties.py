@@ -1,0 +1,92 @@
+"""The math contract's consequences (DESIGN.md §2; paper 1, eqs. 58–62)."""
+import pytest
+import torch
+
+import consequential_ext as cx
+from consequential_ext import matching
+
+
+def _one_sgd_step(n, d_in, d_out, ridge, bias):
+    layer = cx.CLinear(d_in, d_out, bias=bias, dtype=torch.float64, ridge=ridge)
+    x = torch.randn(n, d_in, dtype=torch.float64)
+    t = torch.randn(n, d_out, dtype=torch.float64)
+    y0 = layer(x)
+    (0.5 * ((y0 - t) ** 2).sum(-1).mean()).backward()
+    torch.optim.SGD(layer.parameters(), lr=1.0).step()
+    with torch.no_grad():
+        return x, t, y0.detach(), layer(x)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_step_reaches_targets_when_n_le_d(bias):
+    x, t, _, y1 = _one_sgd_step(n=6, d_in=9, d_out=3, ridge=1e-10, bias=bias)
+    torch.testing.assert_close(y1, t, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,d_in", [(5, 8), (17, 4)])
+def test_one_step_residual_formula(n, d_in):
+    ridge = 0.3
+    x, t, y0, y1 = _one_sgd_step(n, d_in, 2, ridge, bias=True)
+    cols = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1).T        # X: (D, N)
+    e = (y0 - t).T                                                     # E: (out, N)
+    nl = n * ridge
+    expected = e @ (nl * torch.linalg.inv(cols.T @ cols + nl * torch.eye(n, dtype=x.dtype)))
+    torch.testing.assert_close((y1 - t).T, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("n,d_in,bias", [(3, 10, True), (12, 5, False), (7, 7, True)])
+def test_linear_row_side_equals_column_side(n, d_in, bias):
+    x = torch.randn(n, d_in, dtype=torch.float64)
+    gy = torch.randn(n, 4, dtype=torch.float64)
+    row = matching.matched_linear(x, gy, bias, 0.01, side="row")
+    col = matching.matched_linear(x, gy, bias, 0.01, side="column")
+    for a, b in zip(row, col):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 1, 1, 1), (2, 0, 1, 2), (1, 2, 2, 3)])
+def test_conv_row_side_equals_column_side(stride, padding, dilation, groups):
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    w_shape = (6, 6 // groups, 3, 3)
+    ho = (7 + 2 * padding - dilation * 2 - 1) // stride + 1
+    wo = (5 + 2 * padding - dilation * 2 - 1) // stride + 1
+    gy = torch.randn(2, 6, ho, wo, dtype=torch.float64)
+    args = (x, gy, w_shape, (stride, stride), (padding, padding), (dilation, dilation), groups,
+            True, 0.05)
+    row = matching.matched_conv2d(*args, side="row")
+    col = matching.matched_conv2d(*args, side="column")
+    for a, b in zip(row, col):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+
+
+def test_cheaper_side_picks_small_system():
+    assert matching.cheaper_side(p=8, d=1000, m=10) == "column"
+    assert matching.cheaper_side(p=10000, d=64, m=10) == "row"
+
+
+def test_non_finite_input_gives_non_finite_grads_without_exception():
+    layer = cx.CConv2d(2, 3, 3, padding=1)
+    x = torch.randn(2, 2, 5, 5)
+    x[0, 1, 2, 2] = float("nan")
+    layer(x).sum().backward()
+    assert not torch.isfinite(layer.weight.grad).any()
+    lin = cx.CLinear(4, 2)
+    lin(torch.tensor([[1.0, float("inf"), 0.0, 2.0]] * 3)).sum().backward()
+    assert not torch.isfinite(lin.weight.grad).all()
+
+
+def test_bf16_input_accumulates_in_float32_and_returns_param_dtype():
+    ridge = 0.1
+    layer = cx.CLinear(8, 3, ridge=ridge, dtype=torch.bfloat16)
+    x = torch.randn(20, 8, dtype=torch.bfloat16)
+    layer(x).float().square().sum().backward()
+    assert layer.weight.grad.dtype == torch.bfloat16
+    # Reference from the same bf16 values in float64.
+    xd = x.double()
+    gy = 2 * (xd @ layer.weight.double().T + layer.bias.double())
+    rows = torch.cat([xd, torch.ones(20, 1, dtype=xd.dtype)], 1)
+    g = gy.T @ rows
+    m = torch.linalg.solve(rows.T @ rows / 20 + ridge * torch.eye(9, dtype=xd.dtype), g.T).T
+    err = (layer.weight.grad.double() - m[:, :-1]).norm() / m[:, :-1].norm()
+    assert err < 3e-2   # bf16 output rounding of y and the gradient, not the solve
