@@ -13,9 +13,14 @@ from torch.library import triton_op
 from triton.runtime.interpreter import InterpretedFunction
 
 
+def is_interpreted(kernel) -> bool:
+    """True when TRITON_INTERPRET=1 made ``kernel`` interpreted Python."""
+    return isinstance(kernel, InterpretedFunction)
+
+
 def register_kernel_op(name, launcher, *, fake, kernels):
     """``launcher`` (type-annotated; its schema is inferred) as operator ``name``."""
-    if any(isinstance(kernel, InterpretedFunction) for kernel in kernels):
+    if any(is_interpreted(kernel) for kernel in kernels):
         op = torch.library.custom_op(name, launcher, mutates_args=())
         op.register_fake(fake)
         return op

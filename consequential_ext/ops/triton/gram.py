@@ -27,7 +27,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._common import accumulate_dtype, check_precision, num_programs_target
-from ._register import register_kernel_op
+from ._register import is_interpreted, register_kernel_op
 
 # Partial Grams of a split patch range are summed afterwards (deterministic, unlike
 # atomics); this caps the memory those partials may take.
@@ -147,7 +147,7 @@ def _output_size(size, k, s, p, d):
 
 def _choose_blocks(D, dtype, block_d, block_p):
     """Tile sizes: 128-row tiles once D is large enough to fill them, else 16…64; the
-    patch step is 64 bytes-deep per row for 16-bit input, 32 for float32 (tensor-core k)."""
+    patch step (the MMA's k) spans 128 bytes: 64 16-bit or 32 float32 elements."""
     if block_d <= 0:
         block_d = 128 if D >= 512 else min(64, max(16, triton.next_power_of_2(D)))
     if block_p <= 0:
@@ -160,16 +160,19 @@ def _gram_size(x, kernel_size, groups, bias):
 
 
 def _im2col_gram_launch(x: torch.Tensor, kernel_size: list[int], stride: list[int],
-                   padding: list[int], dilation: list[int], groups: int, bias: bool,
-                   input_precision: str, block_d: int, block_p: int, split: int) -> torch.Tensor:
+                        padding: list[int], dilation: list[int], groups: int, bias: bool,
+                        input_precision: str, block_d: int, block_p: int,
+                        split: int) -> torch.Tensor:
     """Body of the registered op; block sizes / split 0 = automatic."""
     B, C, H, W = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     oh, ow = _output_size(H, kh, sh, ph, dh), _output_size(W, kw, sw, pw, dw)
     c_per_group = C // groups
     d_patch = c_per_group * kh * kw
-    D = d_patch + int(bias)
+    D = _gram_size(x, kernel_size, groups, bias)
     n_patches = B * oh * ow
+    if D == 0:
+        return x.new_zeros((groups, 0, 0), dtype=accumulate_dtype(x.dtype))
     block_d, block_p = _choose_blocks(D, x.dtype, block_d, block_p)
     n_blocks = triton.cdiv(D, block_d)
     n_tiles = n_blocks * (n_blocks + 1) // 2
@@ -178,8 +181,8 @@ def _im2col_gram_launch(x: torch.Tensor, kernel_size: list[int], stride: list[in
         by_work = max(1, n_patches // (4 * block_p))
         by_memory = max(1, _SPLIT_BUFFER_BYTES // (groups * D * D * 4))
         split = max(1, min(wanted, by_work, by_memory))
-    per_split = triton.cdiv(triton.cdiv(n_patches, split), block_p) * block_p
-    split = max(1, triton.cdiv(n_patches, per_split))
+    per_split = max(1, triton.cdiv(triton.cdiv(n_patches, split), block_p)) * block_p
+    split = max(1, triton.cdiv(n_patches, per_split))  # no empty trailing splits
     # channels_last: channel is the unit-stride axis, so walk rows channel-fastest.
     channels_inner = x.stride(1) == 1 and c_per_group > 1 and kh * kw > 1
     out = x.new_empty((split, groups, D, D), dtype=accumulate_dtype(x.dtype))
@@ -189,7 +192,8 @@ def _im2col_gram_launch(x: torch.Tensor, kernel_size: list[int], stride: list[in
         sh, sw, ph, pw, dh, dw, per_split, out.stride(0), out.stride(1),
         KH=kh, KW=kw, HAS_BIAS=bias, CHANNELS_INNER=channels_inner,
         INPUT_PRECISION=input_precision,
-        DOT_IN_FP32=x.dtype == torch.bfloat16 and x.device.type == "cpu", BLOCK_D=block_d, BLOCK_P=block_p,
+        DOT_IN_FP32=x.dtype == torch.bfloat16 and is_interpreted(_im2col_gram_kernel),
+        BLOCK_D=block_d, BLOCK_P=block_p,
         num_warps=8 if block_d >= 128 else 4, num_stages=3)
     return out[0] if split == 1 else out.sum(0)
 

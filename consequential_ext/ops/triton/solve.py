@@ -241,6 +241,6 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, *, block_m=0, block_d=0):
         raise RuntimeError(f"ridge_solve: (gram + ridge*I) is not positive definite even with "
                            f"ridge escalated to {lam:g}")
     if attempt:
-        reference._warn_escalated(ridge, lam)
+        reference.warn_escalated(ridge, lam)
     out = torch.ops.consequential_ext_triton.cholesky_solve(factor, g, out_dtype, block_m, block_d)
     return out.reshape(grad.shape)
