@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from consequential_ext.ops import available_backends, reference
 from consequential_ext.ops import triton as triton_ops
 from consequential_ext.ops.triton import solve as triton_solve
+from consequential_ext.ops.triton._register import check_device
 
 # Elementwise error bound relative to the Gram of absolute values (|P| |P|ᵀ), which stays
 # meaningful where entries cancel. 16-bit products are exact in float32, so they share
@@ -230,7 +231,11 @@ def test_ops_pass_opcheck_and_compile():
     (lambda: triton_ops.im2col_gram(torch.randn(1, 3, 4, 4), 3, block_d=24), "block_d"),
     (lambda: triton_ops.linear_gram(torch.randn(3, 4), side="x"), "side"),
     (lambda: triton_ops.ridge_solve(torch.eye(3), torch.randn(2, 4), 1e-3, None), "grad"),
+    (lambda: triton_ops.ridge_solve(torch.eye(3), torch.randn(2, 3), float("inf"), None),
+     "ridge"),
     (lambda: triton_ops.cholesky(torch.randn(3, 4)), "a must be"),
+    # compiled (not interpreted) kernels refuse CPU tensors up front
+    (lambda: check_device("im2col_gram", "x", torch.randn(1), kernel=object()), "CUDA tensor"),
 ])
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):

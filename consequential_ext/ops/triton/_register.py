@@ -18,6 +18,13 @@ def is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def check_device(op, name, tensor, kernel):
+    """Compiled kernels need CUDA tensors; interpreted ones run on CPU tensors."""
+    if tensor.device.type != "cuda" and not is_interpreted(kernel):
+        raise ValueError(f"{op}: {name} must be a CUDA tensor for the Triton kernels (got "
+                         f"{tensor.device}; CPU tensors run only under TRITON_INTERPRET=1)")
+
+
 def register_kernel_op(name, launcher, *, fake, kernels):
     """``launcher`` (type-annotated; its schema is inferred) as operator ``name``."""
     if any(is_interpreted(kernel) for kernel in kernels):

@@ -14,13 +14,15 @@ rounding by the condition number, which tf32 would make visible.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import reference
-from ._register import register_kernel_op
+from ._register import check_device, register_kernel_op
 
 # Largest D the register-resident Cholesky takes; above it torch.linalg.cholesky_ex
 # (cuSOLVER) factors. Not yet measured against cuSOLVER on a GPU: bench_triton.py's
@@ -203,6 +205,7 @@ def cholesky(a, ridge=0.0):
     D = a.shape[-1]
     flat = a.reshape(-1, D, D)
     if 0 < D <= TRITON_CHOLESKY_MAX_D and flat.shape[0] > 0:
+        check_device("cholesky", "a", a, _cholesky_kernel)
         factor, info = torch.ops.consequential_ext_triton.cholesky(flat, float(ridge))
     else:
         work = flat.to(reference.accumulate_dtype(a.dtype))
@@ -219,6 +222,11 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, *, block_m=0, block_d=0):
             or grad.shape[:-2] != gram.shape[:-2] or grad.shape[-1] != gram.shape[-1]:
         raise ValueError(f"ridge_solve: need gram (..., D, D) and grad (..., M, D) with equal "
                          f"leading dims, got {tuple(gram.shape)} and {tuple(grad.shape)}")
+    if not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge <= 0:
+        raise ValueError(f"ridge_solve: ridge must be a finite float > 0, got {ridge!r}")
+    if gram.device != grad.device:
+        raise ValueError(f"ridge_solve: gram on {gram.device} but grad on {grad.device}")
+    check_device("ridge_solve", "grad", grad, _cholesky_solve_kernel)
     out_dtype = grad.dtype if out_dtype is None else out_dtype
     work = torch.float64 if torch.float64 in (gram.dtype, grad.dtype) else torch.float32
     if grad.numel() == 0:
