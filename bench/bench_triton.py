@@ -68,7 +68,6 @@ def _rel_err(got, want):
 def time_gram(device, shapes=CONV_SHAPES, dtypes=("float32", "bfloat16"), ceilings=None):
     """im2col_gram: triton (tf32 and ieee for float32) vs reference vs cuDNN weight grad."""
     import torch
-    import torch.nn.functional as F
 
     from consequential_ext.ops import reference
     from consequential_ext.ops import triton as triton_ops

@@ -11,15 +11,14 @@ Numerics (documented bound, checked by tests/test_triton.py):
   * float16 / bfloat16 input: products are exact in float32, accumulation in float32 —
     error ≈ float32 summation error, ≲ 1e-5 · (|P| |P|ᵀ) elementwise;
   * float32 input, ``input_precision="ieee"``: same ≲ 1e-5 bound;
-  * float32 input, ``input_precision="tf32"`` (GPU default): each operand is rounded to
-    10 mantissa bits, so |G - G_exact| ≤ ~2·2⁻¹¹ · (|P| |P|ᵀ) ≈ 1e-3 relative to the
-    Gram of absolute values (the interpreter does not round to tf32, so CI checks the
-    bound but cannot exercise it);
+  * float32 input, ``input_precision="tf32"`` (GPU default): each operand keeps 10
+    mantissa bits (rounded, or truncated by the tensor core: < 2⁻¹⁰ each), so
+    |G - G_exact| < 2⁻⁹ · (|P| |P|ᵀ) + float32 accumulation, ≈ 2e-3 relative to the Gram
+    of absolute values (the interpreter does not emulate tf32, so CI checks the bound but
+    cannot exercise it);
   * float64 input: float64 throughout (FMA path, no tensor cores).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
