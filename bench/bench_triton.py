@@ -6,7 +6,8 @@ provider × shape) ready for a CSV: median and 20/80 % times from
 ``triton.testing.do_bench``, analytic FLOP counts turned into TFLOP/s, the fraction of the
 device's measured matmul ceiling, and the kernel's error against the reference.
 
-Providers: ``triton`` (ours), ``reference`` (ops/reference.py: explicit unfold + matmul,
+Providers: ``triton`` (ours: ``triton-<precision>`` the implicit-im2col GEMM,
+``triton-shift-<precision>`` the stride-1 shifted correlations), ``reference`` (ops/reference.py: explicit unfold + matmul,
 torch.linalg), ``cudnn`` (the convolution weight gradient of the same layer, for scale),
 ``torch`` (torch.linalg.cholesky_ex / a dense matmul).
 """
@@ -86,10 +87,13 @@ def time_gram(device, shapes=CONV_SHAPES, dtypes=("float32", "bfloat16"), ceilin
             want = reference.im2col_gram(x, (k, k), (s, s), (p, p), (d, d), g, False)
             providers = {"reference": lambda: reference.im2col_gram(
                 x, (k, k), (s, s), (p, p), (d, d), g, False)}
+            methods = ("implicit", "shift") if s == 1 else ("implicit",)
             for precision in (("tf32", "ieee") if dtype_name == "float32" else ("ieee",)):
-                providers[f"triton-{precision}"] = (
-                    lambda precision=precision: triton_ops.im2col_gram(
-                        x, k, s, p, d, g, False, input_precision=precision))
+                for method in methods:
+                    label = "triton" if method == "implicit" else "triton-shift"
+                    providers[f"{label}-{precision}"] = (
+                        lambda precision=precision, method=method: triton_ops.im2col_gram(
+                            x, k, s, p, d, g, False, input_precision=precision, method=method))
             weight = torch.randn(c, c // g, k, k, device=device, dtype=dtype)
             grad_out = torch.randn(b, c, oh, ow, device=device, dtype=dtype)
             providers["cudnn"] = lambda: torch.ops.aten.convolution_backward(

@@ -102,6 +102,33 @@ def test_im2col_gram_default_blocks_and_reference_agree():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
+# (shape, kernel, padding, dilation, groups, bias, layout, dtype): stride 1 only
+SHIFT_CASES = [
+    ((2, 6, 7, 9), (3, 2), (1, 0), (1, 2), 2, True, "contiguous", torch.float32),
+    ((3, 5, 6, 5), (3, 3), (2, 1), (1, 1), 1, False, "channels_last", torch.float32),
+    ((1, 2, 5, 6), (3, 3), (1, 1), (1, 1), 1, True, "sliced", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", SHIFT_CASES, ids=lambda c: f"{c[0]}k{c[1]}p{c[2]}{c[7]}")
+def test_im2col_gram_shift_form_matches_unfold(case):
+    torch.manual_seed(9)
+    shape, k, p, d, g, bias, layout, dtype = case
+    x = make_input(shape, dtype, layout)
+    got = triton_ops.im2col_gram(x, k, 1, p, d, g, bias, input_precision="ieee", method="shift")
+    assert got.dtype == torch.float32
+    assert_gram_close(got, x, (k, (1, 1), p, d, g, bias), GRAM_RTOL["ieee"])
+
+
+def test_im2col_gram_shift_form_pixel_chunks_sum_up():
+    torch.manual_seed(10)
+    x = torch.randn(2, 3, 5, 6)
+    args = ((3, 3), (1, 1), (1, 1), 1, True)
+    got = triton_ops.im2col_gram_shift(x, [3, 3], [1, 1], [1, 1], 1, True, "ieee",
+                                       block_c=16, block_p=16, chunk=16)
+    assert_gram_close(got, x, (args[0], (1, 1), *args[1:]), GRAM_RTOL["ieee"])
+
+
 @pytest.mark.parametrize("side", ["d", "n"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_gram_both_sides(side, bias):
@@ -211,6 +238,10 @@ def test_ops_pass_opcheck_and_compile():
     x = torch.randn(2, 3, 5, 6)
     gram_args = (x, [3, 3], [1, 2], [1, 1], [1, 1], 1, True, "ieee", 16, 16, 0)
     torch.library.opcheck(torch.ops.consequential_ext_triton.im2col_gram, gram_args)
+    jobs = torch.tensor([[0, 0, 0, 5, 0, 6, 0, 60], [1, -1, 1, 4, 2, 5, 0, 18]],
+                        dtype=torch.int32)  # (s, t, y0, y1, u0, u1, p0, p1)
+    torch.library.opcheck(torch.ops.consequential_ext_triton.shift_correlations,
+                          (x, jobs, 1, [1, 1], "ieee", 16, 16))
     a = torch.randn(2, 9, 20)
     a = a @ a.transpose(1, 2)
     torch.library.opcheck(torch.ops.consequential_ext_triton.cholesky, (a, 1e-3))
@@ -232,6 +263,8 @@ def test_ops_pass_opcheck_and_compile():
     (lambda: triton_ops.im2col_gram(torch.randn(1, 3, 4, 4), 3, input_precision="tf16"),
      "input_precision"),
     (lambda: triton_ops.im2col_gram(torch.randn(1, 3, 4, 4), 3, block_d=24), "block_d"),
+    (lambda: triton_ops.im2col_gram(torch.randn(1, 3, 5, 5), 3, 2, method="shift"), "stride"),
+    (lambda: triton_ops.im2col_gram(torch.randn(1, 3, 5, 5), 3, method="fft"), "method"),
     (lambda: triton_ops.linear_gram(torch.randn(3, 4), side="x"), "side"),
     (lambda: triton_ops.ridge_solve(torch.eye(3), torch.randn(2, 4), 1e-3, None), "grad"),
     (lambda: triton_ops.ridge_solve(torch.eye(3), torch.randn(2, 3), float("inf"), None),
@@ -266,8 +299,9 @@ def test_cuda_gram_and_solve_match_reference():  # pragma: no cover - GPU suite 
     x = torch.randn(4, 16, 15, 13, device="cuda").to(memory_format=torch.channels_last)
     args = ((3, 3), (1, 1), (1, 1), (1, 1), 2, True)
     for precision in ("ieee", "tf32"):
-        got = triton_ops.im2col_gram(x, *args, input_precision=precision)
-        assert_gram_close(got.cpu(), x.cpu(), args, GRAM_RTOL[precision])
+        for method in ("implicit", "shift"):
+            got = triton_ops.im2col_gram(x, *args, input_precision=precision, method=method)
+            assert_gram_close(got.cpu(), x.cpu(), args, GRAM_RTOL[precision])
     gram = got.double() / x.shape[0]
     grad = torch.randn(2, 40, gram.shape[-1], device="cuda")
     out = triton_ops.ridge_solve(gram.float(), grad, 1e-2, torch.bfloat16)
@@ -284,15 +318,16 @@ def test_bench_functions_run_on_tiny_shapes(monkeypatch):
     monkeypatch.setattr(bt, "_environment", lambda device: {"device_name": "interpreter"})
     monkeypatch.setattr(bt, "measure_matmul_ceiling", lambda device, dtype: 1.0)
     rows = bt.time_triton_kernels("cpu", shapes={
-        "conv": [(2, 4, 5, 5, 3, 1, 1, 1, 2)], "linear": [(5, 12)],
+        "conv": [(2, 4, 5, 5, 1, 1, 0, 1, 2)], "linear": [(5, 12)],
         "solve": [((2,), 3, 9)], "cholesky": [(3, 6)]}, quick=True)
     rows += bt.sweep_gram_configs("cpu", shape=(1, 3, 4, 4, 3, 1, 1, 1, 1), blocks=((16, 16),))
     kernels = {(row["kernel"], row["provider"]) for row in rows}
-    assert {("im2col_gram", "triton-tf32"), ("im2col_gram", "cudnn"), ("linear_gram_n", "triton"),
+    assert {("im2col_gram", "triton-tf32"), ("im2col_gram", "triton-shift-tf32"),
+            ("im2col_gram", "cudnn"), ("linear_gram_n", "triton"),
             ("ridge_solve", "triton"), ("cholesky", "triton"),
             ("im2col_gram_sweep", "triton")} <= kernels
     errors = {(row["kernel"], row["provider"]): row["max_rel_err"] for row in rows
               if row["provider"].startswith("triton") and "max_rel_err" in row}
-    assert len(errors) == 6, errors
+    assert len(errors) == 8, errors
     assert errors.pop(("ridge_solve", "triton")) < 1e-2  # bfloat16 output
     assert max(errors.values()) < 1e-5, errors

@@ -5,6 +5,7 @@ Importing this package defines the kernels and registers them with ``torch.libra
 touches a GPU. ``TRITON_INTERPRET=1`` runs them on CPU tensors (CI).
 """
 from .gram import im2col_gram, linear_gram
+from .shift import im2col_gram_shift
 from .solve import cholesky, ridge_solve
 
-__all__ = ["im2col_gram", "linear_gram", "cholesky", "ridge_solve"]
+__all__ = ["im2col_gram", "im2col_gram_shift", "linear_gram", "cholesky", "ridge_solve"]

@@ -215,10 +215,12 @@ def _pair(value, name):
 
 
 def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=False, *,
-                input_precision=None, block_d=0, block_p=0, split=0):
+                input_precision=None, method="implicit", block_d=0, block_p=0, split=0):
     """(groups, D, D) Gram of the im2col patches of ``x`` (B, C, H, W); see the op contract
     in ``ops/reference.py``. ``input_precision``: "tf32" (float32 default) or "ieee";
-    ``block_d`` / ``block_p`` / ``split``: tile sizes and patch-range split (0: automatic).
+    ``method``: "implicit" (implicit-im2col GEMM) or "shift" (stride-1 shifted
+    correlations, ``shift.py``); ``block_d`` / ``block_p`` / ``split``: tile sizes and
+    patch-range split of the implicit kernel (0: automatic).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"im2col_gram: x must be a floating-point (B, C, H, W) tensor, got "
@@ -241,6 +243,13 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=
             raise ValueError(f"im2col_gram: {name} must be 0 (automatic) or a power of two >= 16, "
                              f"got {value}")
     precision = check_precision(input_precision, x.dtype)
+    if method == "shift":
+        if st != [1, 1]:
+            raise ValueError(f"im2col_gram: method='shift' needs stride 1, got stride={st}")
+        from .shift import im2col_gram_shift
+        return im2col_gram_shift(x, ks, pd, dl, groups, bool(bias), precision)
+    if method != "implicit":
+        raise ValueError(f"im2col_gram: method must be 'implicit' or 'shift', got {method!r}")
     return torch.ops.consequential_ext_triton.im2col_gram(
         x, ks, st, pd, dl, groups, bool(bias), precision, block_d, block_p, split)
 
