@@ -5,24 +5,21 @@ import torch
 
 from ..reference import accumulate_dtype
 
-__all__ = ["accumulate_dtype", "default_precision", "check_precision", "num_programs_target"]
+__all__ = ["accumulate_dtype", "check_precision", "num_programs_target"]
 
 PRECISIONS = ("ieee", "tf32")
 
 
-def default_precision(dtype: torch.dtype) -> str:
-    """tf32 tensor cores for float32 input (documented bound in gram.py); IEEE otherwise —
-    16-bit inputs ignore the setting, float64 has no tf32."""
-    return "tf32" if dtype == torch.float32 else "ieee"
-
-
 def check_precision(input_precision, dtype: torch.dtype) -> str:
-    if input_precision is None:
-        return default_precision(dtype)
-    if input_precision not in PRECISIONS:
+    """The ``tl.dot`` input precision: for float32 the caller's choice, tf32 tensor cores by
+    default (bound in gram.py). Other dtypes ignore it (16-bit MMAs are exact products,
+    float64 has no tf32), so they get Triton's own default, the common compiled path."""
+    if input_precision is not None and input_precision not in PRECISIONS:
         raise ValueError(f"input_precision must be one of {PRECISIONS} or None, "
                          f"got {input_precision!r}")
-    return "ieee" if dtype != torch.float32 else input_precision
+    if dtype != torch.float32 or input_precision is None:
+        return "tf32"
+    return input_precision
 
 
 def num_programs_target(device: torch.device) -> int:

@@ -22,6 +22,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import reference
+from ._common import num_programs_target
 from ._register import check_device, register_kernel_op
 
 # Largest D the register-resident Cholesky takes; above it torch.linalg.cholesky_ex
@@ -167,8 +168,10 @@ def _cholesky_solve_launch(factor: torch.Tensor, grad: torch.Tensor, out_dtype: 
     batch, M, D = grad.shape
     if block_d <= 0:
         block_d = min(64, max(16, triton.next_power_of_2(D)))
-    if block_m <= 0:
+    if block_m <= 0:  # rows per program: fewer when that is what it takes to fill the GPU
         block_m = 32 if block_d >= 64 else 64
+        while block_m > 16 and triton.cdiv(M, block_m) * batch < num_programs_target(grad.device):
+            block_m //= 2
     work = factor.dtype
     out = grad.new_empty(grad.shape, dtype=out_dtype)
     separate = out_dtype != work
