@@ -6,10 +6,10 @@ provider × shape) ready for a CSV: median and 20/80 % times from
 ``triton.testing.do_bench``, analytic FLOP counts turned into TFLOP/s, the fraction of the
 device's measured matmul ceiling, and the kernel's error against the reference.
 
-Providers: ``triton`` (ours: ``triton-<precision>`` the implicit-im2col GEMM,
-``triton-shift-<precision>`` the stride-1 shifted correlations), ``reference`` (ops/reference.py: explicit unfold + matmul,
-torch.linalg), ``cudnn`` (the convolution weight gradient of the same layer, for scale),
-``torch`` (torch.linalg.cholesky_ex / a dense matmul).
+Providers: ``triton-<precision>`` (ours, the implicit-im2col GEMM), ``triton-shift-<precision>``
+(ours, stride-1 shifted correlations), ``triton`` (ours, other kernels), ``reference``
+(ops/reference.py: explicit unfold + matmul, torch.linalg), ``cudnn`` (the convolution
+weight gradient of the same layer, for scale), ``torch`` (cholesky_ex / a dense matmul).
 """
 from __future__ import annotations
 

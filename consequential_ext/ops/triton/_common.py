@@ -5,7 +5,7 @@ import torch
 
 from ..reference import accumulate_dtype
 
-__all__ = ["accumulate_dtype", "check_precision", "num_programs_target"]
+__all__ = ["accumulate_dtype", "check_precision", "describe", "num_programs_target"]
 
 PRECISIONS = ("ieee", "tf32")
 
@@ -28,3 +28,10 @@ def num_programs_target(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def describe(value) -> str:
+    """What an argument is, for error messages: dtype and shape of a tensor, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} {tuple(value.shape)}"
+    return type(value).__name__

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import accumulate_dtype, check_precision, num_programs_target
+from ._common import accumulate_dtype, check_precision, describe, num_programs_target
 from ._register import check_device, is_interpreted, register_kernel_op
 
 # Partial Grams of a split patch range are summed afterwards (deterministic, unlike
@@ -224,7 +224,7 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"im2col_gram: x must be a floating-point (B, C, H, W) tensor, got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+                         f"{describe(x)}")
     check_device("im2col_gram", "x", x, _im2col_gram_kernel)
     ks, st = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
     pd, dl = _pair(padding, "padding"), _pair(dilation, "dilation")
@@ -264,7 +264,7 @@ def linear_gram(x, bias=False, side="d", *, input_precision=None, block_d=0, blo
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"linear_gram: x must be a floating-point (N, F) tensor, got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+                         f"{describe(x)}")
     if side not in ("d", "n"):
         raise ValueError(f"linear_gram: side must be 'd' (features) or 'n' (samples), got {side!r}")
     n, f = x.shape

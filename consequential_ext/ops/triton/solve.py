@@ -22,7 +22,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import reference
-from ._common import num_programs_target
+from ._common import describe, num_programs_target
 from ._register import check_device, register_kernel_op
 
 # Largest D the register-resident Cholesky takes; above it torch.linalg.cholesky_ex
@@ -149,7 +149,8 @@ def _cholesky_solve_kernel(
 
 
 def _cholesky_launch(a: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, info) for a (batch, D, D) + ridge·I, D ≤ 128: L lower, info as cholesky_ex's."""
+    """(L, info) for a (batch, D, D) + ridge·I: L lower, info as cholesky_ex's. The matrix
+    lives in registers, so D up to 128 at most."""
     batch, D = a.shape[0], a.shape[-1]
     factor = a.new_empty(a.shape, dtype=reference.accumulate_dtype(a.dtype))
     info = a.new_empty((batch,), dtype=torch.int32)
@@ -163,7 +164,7 @@ def _cholesky_launch(a: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch
 
 
 def _cholesky_solve_launch(factor: torch.Tensor, grad: torch.Tensor, out_dtype: torch.dtype,
-                      block_m: int, block_d: int) -> torch.Tensor:
+                           block_m: int, block_d: int) -> torch.Tensor:
     """grad @ inverse(L Lᵀ) for factor L (batch, D, D), grad (batch, M, D); in out_dtype."""
     batch, M, D = grad.shape
     if block_d <= 0:
@@ -204,7 +205,7 @@ def cholesky(a, ridge=0.0):
     if not isinstance(a, torch.Tensor) or a.dim() < 2 or a.shape[-1] != a.shape[-2] \
             or not a.is_floating_point():
         raise ValueError(f"cholesky: a must be a floating-point (..., D, D) tensor, got "
-                         f"{getattr(a, 'dtype', type(a).__name__)} {tuple(getattr(a, 'shape', ()))}")
+                         f"{describe(a)}")
     D = a.shape[-1]
     flat = a.reshape(-1, D, D)
     if 0 < D <= TRITON_CHOLESKY_MAX_D and flat.shape[0] > 0:
