@@ -233,6 +233,36 @@ def test_dispatcher_would_choose_triton_on_cuda():
         assert names[:len(compiled) + 1] == compiled + ["triton"], names
 
 
+def test_matched_gradients_through_the_dispatcher_on_triton(monkeypatch):
+    """The public ops → triton wiring, end to end through the C-layers' backward: CPU
+    tensors are let through to the (interpreted) Triton backend for this test only."""
+    import consequential_ext as cx
+    from consequential_ext.ops import _backends, use_backend
+    monkeypatch.setattr(_backends, "available_backends", lambda op, device: ["triton",
+                                                                             "reference"])
+    calls = []
+    for name in ("im2col_gram", "ridge_solve"):
+        def counted(*args, _launch=getattr(triton_ops, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _launch(*args, **kwargs)
+        monkeypatch.setattr(triton_ops, name, counted)
+    torch.manual_seed(11)
+    x = torch.randn(2, 4, 6, 5)
+    w, b = torch.randn(6, 2, 3, 3, requires_grad=True), torch.randn(6, requires_grad=True)
+    rows = torch.randn(7, 5)
+    lw, lb = torch.randn(3, 5, requires_grad=True), torch.randn(3, requires_grad=True)
+    grads = {}
+    for backend in ("triton", "reference"):
+        with use_backend(backend):
+            y = cx.functional.cconv2d(x, w, b, stride=(1, 2), padding=1, groups=2, ridge=1e-2)
+            z = cx.functional.clinear(rows, lw, lb, ridge=1e-2)
+            loss = y.square().sum() + z.square().sum()
+            grads[backend] = torch.autograd.grad(loss, (w, b, lw, lb))
+    assert sorted(calls) == ["im2col_gram", "ridge_solve", "ridge_solve"]  # triton pass only
+    for got, want in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_ops_pass_opcheck_and_compile():
     torch.manual_seed(7)
     x = torch.randn(2, 3, 5, 6)
