@@ -285,6 +285,37 @@ def test_ops_pass_opcheck_and_compile():
     torch.testing.assert_close(compiled(x), gram_of(x), rtol=0, atol=0)
 
 
+def test_compiled_kernels_trace_into_torch_compile_graphs():
+    """The GPU registration (triton_op + wrap_triton, TRITON_INTERPRET=0): AOTAutograd sees
+    the Triton kernels themselves, as triton_kernel_wrapper_functional nodes. Traced on
+    meta tensors, so no GPU is needed; the compiled graph is inspected, never run."""
+    probe = (
+        "import torch\n"
+        "from torch._dynamo.backends.common import aot_autograd\n"
+        "import consequential_ext.ops.triton\n"
+        "ops = torch.ops.consequential_ext_triton\n"
+        "def f(x, a, g):\n"
+        "    gram = ops.im2col_gram(x, [3, 3], [1, 1], [1, 1], [1, 1], 1, True, 'tf32', 0, 0, 0)\n"
+        "    factor, info = ops.cholesky(a, 1e-3)\n"
+        "    return gram, ops.cholesky_solve(factor, g, torch.bfloat16, 0, 0)\n"
+        "graphs = []\n"
+        "def record(gm, inputs):\n"
+        "    graphs.append(gm.code)\n"
+        "    raise RuntimeError('traced; not run')\n"
+        "meta = dict(device='meta')\n"
+        "args = (torch.empty(2, 3, 8, 8, **meta), torch.empty(2, 20, 20, **meta),\n"
+        "        torch.empty(2, 5, 20, **meta))\n"
+        "try:\n"
+        "    torch.compile(f, backend=aot_autograd(fw_compiler=record), fullgraph=True)(*args)\n"
+        "except Exception:\n"
+        "    pass\n"
+        "print('KERNEL_NODES', graphs[0].count('triton_kernel_wrapper_functional('))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert "KERNEL_NODES 3" in done.stdout, (done.stdout + done.stderr)[-3000:]
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: triton_ops.im2col_gram(torch.randn(2, 3, 4), 1), "x must be"),
     (lambda: triton_ops.im2col_gram(torch.ones(1, 2, 3, 3, dtype=torch.int32), 1), "x must be"),

@@ -24,7 +24,7 @@ def check_precision(input_precision, dtype: torch.dtype) -> str:
 
 def num_programs_target(device: torch.device) -> int:
     """Programs that keep every SM busy (two per SM); a small fixed number off-GPU, where
-    the kernels only run under the interpreter."""
+    the kernels only run under the interpreter (or are traced on meta tensors)."""
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
