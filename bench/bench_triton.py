@@ -14,6 +14,7 @@ weight gradient of the same layer, for scale), ``torch`` (cholesky_ex / a dense 
 from __future__ import annotations
 
 import math
+import time
 
 # Conv layers (B, C, H, W, kernel, stride, padding, dilation, groups): ResNet-like stages,
 # a depthwise and a pointwise layer.
@@ -32,6 +33,23 @@ SOLVE_SHAPES = [((1,), 64, 577), ((1,), 512, 2305), ((1,), 512, 4609), ((256,), 
 CHOLESKY_SHAPES = [(256, 10), (64, 28), (16, 64), (1024, 16)]    # (batch, D)
 QUICK = {"conv": CONV_SHAPES[2:4], "linear": LINEAR_SHAPES[:1], "solve": SOLVE_SHAPES[:2],
          "cholesky": CHOLESKY_SHAPES[:2]}
+
+
+class Deadline:
+    """Wall-clock budget shared by the timing functions: a case that starts after it has
+    passed is reported as skipped, so a bounded caller still gets every finished row
+    (Triton compiles each new specialisation on first call, seconds apiece)."""
+
+    def __init__(self, seconds=None, clock=time.monotonic):
+        self._clock = clock
+        self._end = None if seconds is None else clock() + seconds
+
+    def passed(self):
+        return self._end is not None and self._clock() > self._end
+
+
+def _skipped(kernel, shape):
+    return {"kernel": kernel, "shape": shape, "skipped": "time budget"}
 
 
 def _bench(fn):
@@ -66,7 +84,8 @@ def _rel_err(got, want):
     return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
-def time_gram(device, shapes=CONV_SHAPES, dtypes=("float32", "bfloat16"), ceilings=None):
+def time_gram(device, shapes=CONV_SHAPES, dtypes=("float32", "bfloat16"), ceilings=None,
+              deadline=None):
     """im2col_gram: triton (tf32 and ieee for float32) vs reference vs cuDNN weight grad."""
     import torch
 
@@ -74,8 +93,13 @@ def time_gram(device, shapes=CONV_SHAPES, dtypes=("float32", "bfloat16"), ceilin
     from consequential_ext.ops import triton as triton_ops
     ceilings = {} if ceilings is None else ceilings
     env, rows = _environment(device), []
+    deadline = deadline or Deadline()
     for (b, c, h, w, k, s, p, d, g) in shapes:
         for dtype_name in dtypes:
+            label = f"B{b}C{c}H{h}W{w}k{k}s{s}p{p}d{d}g{g}"
+            if deadline.passed():
+                rows.append(_skipped("im2col_gram", f"{label} {dtype_name}"))
+                continue
             dtype = getattr(torch, dtype_name)
             x = torch.randn(b, c, h, w, device=device, dtype=dtype)
             oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
@@ -104,7 +128,7 @@ def time_gram(device, shapes=CONV_SHAPES, dtypes=("float32", "bfloat16"), ceilin
                 # cuDNN's weight gradient does 2·B·OH·OW·C_out·D flops: same count here.
                 tflops = dense_flops / timing["ms"] / 1e9
                 rows.append({"kernel": "im2col_gram", "provider": name, "dtype": dtype_name,
-                             "shape": f"B{b}C{c}H{h}W{w}k{k}s{s}p{p}d{d}g{g}", **timing,
+                             "shape": label, **timing,
                              "tflops": tflops, "ceiling_tflops": ceilings[dtype_name],
                              "fraction_of_ceiling": tflops / ceilings[dtype_name],
                              "max_rel_err": (_rel_err(fn(), want) if name.startswith("triton")
@@ -112,14 +136,18 @@ def time_gram(device, shapes=CONV_SHAPES, dtypes=("float32", "bfloat16"), ceilin
     return rows
 
 
-def time_linear_gram(device, shapes=LINEAR_SHAPES, dtype_name="float32"):
+def time_linear_gram(device, shapes=LINEAR_SHAPES, dtype_name="float32", deadline=None):
     """N-side and D-side Gram of a Linear input: triton vs a plain matmul."""
     import torch
 
     from consequential_ext.ops import triton as triton_ops
     env, rows = _environment(device), []
     dtype = getattr(torch, dtype_name)
+    deadline = deadline or Deadline()
     for n, f in shapes:
+        if deadline.passed():
+            rows.append(_skipped("linear_gram", f"N{n}F{f}"))
+            continue
         x = torch.randn(n, f, device=device, dtype=dtype)
         for side, want_fn, size in (("n", lambda: x.float() @ x.float().T, n),
                                     ("d", lambda: x.float().T @ x.float(), f)):
@@ -135,14 +163,18 @@ def time_linear_gram(device, shapes=LINEAR_SHAPES, dtype_name="float32"):
     return rows
 
 
-def time_ridge_solve(device, shapes=SOLVE_SHAPES, ridge=1e-3):
+def time_ridge_solve(device, shapes=SOLVE_SHAPES, ridge=1e-3, deadline=None):
     """Cholesky + fused two solves + cast (triton) vs reference.ridge_solve."""
     import torch
 
     from consequential_ext.ops import reference
     from consequential_ext.ops import triton as triton_ops
     env, rows = _environment(device), []
+    deadline = deadline or Deadline()
     for batch, m, d in shapes:
+        if deadline.passed():
+            rows.append(_skipped("ridge_solve", f"batch{batch}M{m}D{d}"))
+            continue
         x = torch.randn(*batch, d, 2 * d, device=device)
         gram = x @ x.transpose(-1, -2) / (2 * d)
         grad = torch.randn(*batch, m, d, device=device)
@@ -160,14 +192,18 @@ def time_ridge_solve(device, shapes=SOLVE_SHAPES, ridge=1e-3):
     return rows
 
 
-def time_cholesky(device, shapes=CHOLESKY_SHAPES, ridge=1e-3):
+def time_cholesky(device, shapes=CHOLESKY_SHAPES, ridge=1e-3, deadline=None):
     """Register-resident batched Cholesky (triton) vs torch.linalg.cholesky_ex: the numbers
     that should set ops/triton/solve.py's TRITON_CHOLESKY_MAX_D."""
     import torch
 
     from consequential_ext.ops.triton import solve
     env, rows = _environment(device), []
+    deadline = deadline or Deadline()
     for batch, d in shapes:
+        if deadline.passed():
+            rows.append(_skipped("cholesky", f"batch{batch}D{d}"))
+            continue
         x = torch.randn(batch, d, 2 * d, device=device)
         gram = x @ x.transpose(1, 2) / (2 * d)
         eye = torch.eye(d, device=device)
@@ -185,7 +221,7 @@ def time_cholesky(device, shapes=CHOLESKY_SHAPES, ridge=1e-3):
 
 
 def sweep_gram_configs(device, shape=CONV_SHAPES[2], dtype_name="float32",
-                       blocks=((64, 32), (64, 64), (128, 32), (128, 64))):
+                       blocks=((64, 32), (64, 64), (128, 32), (128, 64)), deadline=None):
     """Gram kernel tile sizes (block_d, block_p) on one layer, for tuning the defaults."""
     import torch
 
@@ -193,7 +229,11 @@ def sweep_gram_configs(device, shape=CONV_SHAPES[2], dtype_name="float32",
     b, c, h, w, k, s, p, d, g = shape
     x = torch.randn(b, c, h, w, device=device, dtype=getattr(torch, dtype_name))
     env, rows = _environment(device), []
+    deadline = deadline or Deadline()
     for block_d, block_p in blocks:
+        if deadline.passed():
+            rows.append(_skipped("im2col_gram_sweep", f"block_d{block_d}block_p{block_p}"))
+            continue
         timing = _bench(lambda: triton_ops.im2col_gram(x, k, s, p, d, g, False,
                                                        block_d=block_d, block_p=block_p))
         rows.append({"kernel": "im2col_gram_sweep", "provider": "triton", "dtype": dtype_name,
@@ -202,12 +242,14 @@ def sweep_gram_configs(device, shape=CONV_SHAPES[2], dtype_name="float32",
     return rows
 
 
-def time_triton_kernels(device="cuda", shapes=None, quick=False):
-    """Every Triton benchmark above; ``shapes`` maps "conv" / "linear" / "solve" /
-    "cholesky" to shape lists (missing keys: defaults, or QUICK's with ``quick``)."""
+def time_triton_kernels(device="cuda", shapes=None, quick=False, budget_s=120.0):
+    """Every Triton benchmark above, most important first; ``shapes`` maps "conv" /
+    "linear" / "solve" / "cholesky" to shape lists (missing keys: defaults, or QUICK's with
+    ``quick``). Cases starting after ``budget_s`` seconds come back as skipped rows."""
     shapes = dict(QUICK if quick else {}, **(shapes or {}))
-    return (time_gram(device, shapes.get("conv", CONV_SHAPES))
-            + time_linear_gram(device, shapes.get("linear", LINEAR_SHAPES))
-            + time_ridge_solve(device, shapes.get("solve", SOLVE_SHAPES))
-            + time_cholesky(device, shapes.get("cholesky", CHOLESKY_SHAPES))
-            + ([] if quick else sweep_gram_configs(device)))
+    deadline = Deadline(budget_s)
+    return (time_gram(device, shapes.get("conv", CONV_SHAPES), deadline=deadline)
+            + time_ridge_solve(device, shapes.get("solve", SOLVE_SHAPES), deadline=deadline)
+            + time_cholesky(device, shapes.get("cholesky", CHOLESKY_SHAPES), deadline=deadline)
+            + time_linear_gram(device, shapes.get("linear", LINEAR_SHAPES), deadline=deadline)
+            + ([] if quick else sweep_gram_configs(device, deadline=deadline)))
