@@ -107,6 +107,7 @@ SHIFT_CASES = [
     ((2, 6, 7, 9), (3, 2), (1, 0), (1, 2), 2, True, "contiguous", torch.float32),
     ((3, 5, 6, 5), (3, 3), (2, 1), (1, 1), 1, False, "channels_last", torch.float32),
     ((1, 2, 5, 6), (3, 3), (1, 1), (1, 1), 1, True, "sliced", torch.bfloat16),
+    ((2, 3, 3, 4), (3, 3), (1, 1), (2, 1), 1, True, "contiguous", torch.float32),  # no core row
 ]
 
 
