@@ -15,6 +15,8 @@ asked (``method="shift"``).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -137,8 +139,10 @@ def _shifts(kh, kw):
     return [(s, t) for s in range(kh) for t in range(1 - kw, kw) if s > 0 or t >= 0]
 
 
+@functools.lru_cache(maxsize=64)
 def _plan(shape, kernel_size, padding, dilation, chunk):
-    """Jobs (shift, cell, pixel chunk) and the 0/1 matrix combining them into blocks."""
+    """Jobs (shift, cell, pixel chunk) and the 0/1 matrix combining them into blocks;
+    pure Python, so cached per layer geometry."""
     B, _, H, W = shape
     (kh, kw), (ph, pw), (dh, dw) = kernel_size, padding, dilation
     rows, row_in = _axis_classes(H, kh, dh, ph)
@@ -166,6 +170,16 @@ def _plan(shape, kernel_size, padding, dilation, chunk):
     return jobs, blocks, combine
 
 
+@functools.lru_cache(maxsize=64)
+def _device_plan(shape, kernel_size, padding, dilation, chunk, device, dtype):
+    """``_plan``'s tables on ``device``: job table, combination weights, block indices."""
+    jobs, blocks, combine = _plan(shape, kernel_size, padding, dilation, chunk)
+    job_table = torch.tensor(jobs, dtype=torch.int32).reshape(-1, _JOB_FIELDS).to(device)
+    weights = torch.tensor(combine, dtype=dtype).reshape(len(blocks), len(jobs)).to(device)
+    a_idx, b_idx = torch.tensor(blocks).reshape(-1, 2).to(device).unbind(1)
+    return job_table, weights, a_idx, b_idx
+
+
 def _window_indicator(n, k, d, p, device, dtype):
     """(k, n): 1 where position y is read by kernel offset i (stride 1)."""
     out = n + 2 * p - d * (k - 1)
@@ -189,19 +203,15 @@ def im2col_gram_shift(x, kernel_size, padding, dilation, groups, bias, input_pre
         spread = max(1, num_programs_target(x.device) // n_cells)
         chunk = max(8 * block_p, triton.cdiv(B * H * W, spread))
     chunk = triton.cdiv(chunk, block_p) * block_p
-    while True:
-        jobs, blocks, combine = _plan(x.shape, (kh, kw), (ph, pw), (dh, dw), chunk)
-        if len(jobs) * groups * cg * cg * 4 <= _PARTIALS_BYTES or chunk >= B * H * W:
-            break
+    geometry = (tuple(x.shape), (kh, kw), (ph, pw), (dh, dw))
+    while len(_plan(*geometry, chunk)[0]) * groups * cg * cg * 4 > _PARTIALS_BYTES \
+            and chunk < B * H * W:
         chunk *= 2
-    job_table = torch.tensor(jobs, dtype=torch.int32).reshape(-1, _JOB_FIELDS).to(x.device)
+    job_table, weights, a_idx, b_idx = _device_plan(*geometry, chunk, x.device, acc)
     partials = torch.ops.consequential_ext_triton.shift_correlations(
         x, job_table, groups, [dh, dw], input_precision, block_c, block_p)
-    weights = torch.tensor(combine, dtype=acc).reshape(len(blocks), len(jobs)).to(x.device)
-    found = (weights @ partials.reshape(groups, len(jobs), cg * cg)).reshape(
-        groups, len(blocks), cg, cg)
-    a_idx = torch.tensor([a for a, _ in blocks], device=x.device)
-    b_idx = torch.tensor([b for _, b in blocks], device=x.device)
+    found = (weights @ partials.reshape(groups, job_table.shape[0], cg * cg)).reshape(
+        groups, a_idx.shape[0], cg, cg)
     grid = found.new_zeros((groups, kk, kk, cg, cg))
     grid[:, b_idx, a_idx] = found.transpose(-1, -2)  # the reverse shifts
     grid[:, a_idx, b_idx] = found
