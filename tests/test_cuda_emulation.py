@@ -176,9 +176,16 @@ def emulated_ridge_solve(lib, gram, grad, ridge, out_dtype, max_shared=LARGE_SHA
 OUT_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.mark.parametrize("work", [torch.float32, torch.float64])
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("d,m,factor_in_shared", [(9, 4, True), (45, 7, False), (70, 3, True)])
+_F32, _F64, _F16, _BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+RIDGE_CASES = (
+    # every work × out dtype on a small system (factor in shared memory) ...
+    [(w, o, 9, 4, True) for w in (_F32, _F64) for o in (_F32, _F64, _F16, _BF16)]
+    # ... and larger D: several warps per row, the factor in global memory (the medium-D path)
+    + [(_F32, _BF16, 45, 7, False), (_F64, _F64, 45, 7, False), (_F32, _F32, 70, 3, True),
+       (_F64, _F16, 70, 3, True)])
+
+
+@pytest.mark.parametrize("work,out_dtype,d,m,factor_in_shared", RIDGE_CASES)
 def test_ridge_solve_matches_reference(emu, work, out_dtype, d, m, factor_in_shared):
     gram, grad = _spd(3, d, work), torch.randn(3, m, d, dtype=work)
     # Small shared memory: the factor stays in the global workspace (the medium-D path).

@@ -15,7 +15,6 @@
 #include <atomic>
 #include <cassert>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstddef>
 #include <cstdlib>
@@ -71,39 +70,48 @@ cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess
 namespace cx_emu {
 
 // A reusable barrier whose party count shrinks when a thread leaves (returns from the
-// kernel), and is restored for the next block.
+// kernel), and is restored for the next block. Parties and arrivals share one atomic word so
+// exactly one of the last arrival / the last leave releases a phase; waiters sleep on the
+// generation counter (a futex: no mutex hand-off when many threads wake at once).
 class Barrier {
  public:
   void reset(int parties) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    parties_ = parties;
-    arrived_ = 0;
+    state_.store(static_cast<uint64_t>(parties) << 32);
   }
   void wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const unsigned long generation = generation_;
-    if (++arrived_ == parties_) {
-      release();
-    } else {
-      cv_.wait(lock, [&] { return generation_ != generation; });
+    const uint32_t generation = generation_.load(std::memory_order_acquire);
+    uint64_t state = state_.load();
+    for (;;) {
+      const uint64_t parties = state >> 32, arrived = (state & 0xffffffffu) + 1;
+      const uint64_t next = arrived == parties ? parties << 32 : (parties << 32) | arrived;
+      if (state_.compare_exchange_weak(state, next)) {
+        if (arrived == parties) return release();
+        break;
+      }
     }
+    while (generation_.load(std::memory_order_acquire) == generation)
+      generation_.wait(generation, std::memory_order_acquire);
   }
   void leave() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    --parties_;
-    if (parties_ > 0 && arrived_ == parties_) release();
+    uint64_t state = state_.load();
+    for (;;) {
+      const uint64_t parties = (state >> 32) - 1, arrived = state & 0xffffffffu;
+      const bool completes = parties > 0 && arrived == parties;
+      const uint64_t next = completes ? parties << 32 : (parties << 32) | arrived;
+      if (state_.compare_exchange_weak(state, next)) {
+        if (completes) release();
+        return;
+      }
+    }
   }
 
  private:
-  void release() {  // caller holds the mutex
-    arrived_ = 0;
-    ++generation_;
-    cv_.notify_all();
+  void release() {
+    generation_.fetch_add(1, std::memory_order_release);
+    generation_.notify_all();
   }
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  int parties_ = 0, arrived_ = 0;
-  unsigned long generation_ = 0;
+  std::atomic<uint64_t> state_{0};         // parties << 32 | arrived
+  std::atomic<uint32_t> generation_{0};
 };
 
 constexpr int kWarp = 32;
@@ -112,7 +120,7 @@ struct Launch {
   int threads = 0;
   Barrier block, block_end;
   std::vector<std::unique_ptr<Barrier>> warps;
-  std::vector<uint64_t> exchange;             // one shuffle slot per thread
+  std::vector<uint64_t> exchange[2];          // shuffle slots per thread, used alternately
   std::vector<std::max_align_t> dynamic_shared;
 };
 
@@ -121,6 +129,7 @@ inline Launch*& current() {
   return launch;
 }
 inline thread_local int thread_rank = 0;  // linear thread index within the block
+inline thread_local unsigned shuffle_count = 0;
 
 inline int warp_parties(int warp, int threads) { return std::min(kWarp, threads - warp * kWarp); }
 
@@ -133,13 +142,15 @@ T shfl_xor(unsigned mask, T value, int lane_mask) {
   Launch& l = *current();
   assert(mask == 0xffffffffu && l.threads % kWarp == 0 && "emulated shuffles need full warps");
   (void)mask;
+  // Alternating slot sets need one barrier per shuffle: a lane can only come back to this
+  // set after the next shuffle's barrier, which every lane reaches after reading this one.
+  std::vector<uint64_t>& slots = l.exchange[shuffle_count++ % 2];
   uint64_t slot = 0;
   std::memcpy(&slot, &value, sizeof(T));
-  l.exchange[thread_rank] = slot;
+  slots[thread_rank] = slot;
   sync_warp();
   const int partner = (thread_rank / kWarp) * kWarp + ((thread_rank % kWarp) ^ lane_mask);
-  slot = l.exchange[partner];
-  sync_warp();  // the partner's slot must not be overwritten before it is read
+  slot = slots[partner];
   T out;
   std::memcpy(&out, &slot, sizeof(T));
   return out;
@@ -157,7 +168,8 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
   assert(l.threads >= 1 && l.threads <= 1024);
   const int warp_count = (l.threads + kWarp - 1) / kWarp;
   for (int w = 0; w < warp_count; ++w) l.warps.push_back(std::make_unique<Barrier>());
-  l.exchange.assign(l.threads, 0);
+  l.exchange[0].assign(l.threads, 0);
+  l.exchange[1].assign(l.threads, 0);
   l.dynamic_shared.resize(shared_bytes / sizeof(std::max_align_t) + 1);
   auto reset_barriers = [&] {
     l.block.reset(l.threads);
@@ -172,6 +184,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
 
   auto body = [&](int rank) {
     thread_rank = rank;
+    shuffle_count = 0;
     threadIdx = dim3(rank % block.x, (rank / block.x) % block.y, rank / (block.x * block.y));
     for (unsigned z = 0; z < grid.z; ++z)
       for (unsigned y = 0; y < grid.y; ++y)
