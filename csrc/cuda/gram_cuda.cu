@@ -321,7 +321,7 @@ cudaError_t launch_gram(const GramParams& params, const GramGeometry& geo, cudaS
     const long long cg = geo.channels_per_group;
     const long long threads = cg * (cg + 1) / 2 * (2 * params.kernel_h - 1) * (2 * params.kernel_w - 1);
     long long splits = (kTargetThreads + threads * params.groups - 1) / (threads * params.groups);
-    splits = splits < 1 ? 1 : (splits > geo.batch ? geo.batch : splits);
+    splits = splits < 1 ? 1 : (splits > geo.batch ? geo.batch : (splits > 65535 ? 65535 : splits));
     const long long per_split = (geo.batch + splits - 1) / splits;
     splits = (geo.batch + per_split - 1) / per_split;
     const dim3 grid(ceil_div(threads, kShiftThreads), static_cast<unsigned>(splits), params.groups);
@@ -344,7 +344,7 @@ cudaError_t launch_gram(const GramParams& params, const GramGeometry& geo, cudaS
 
   if (params.bias) {
     long long splits = (kTargetThreads + geo.patch_dim * params.groups - 1) / (geo.patch_dim * params.groups);
-    splits = splits < 1 ? 1 : (splits > geo.batch ? geo.batch : splits);
+    splits = splits < 1 ? 1 : (splits > geo.batch ? geo.batch : (splits > 65535 ? 65535 : splits));
     const long long per_split = (geo.batch + splits - 1) / splits;
     splits = (geo.batch + per_split - 1) / per_split;
     const dim3 grid(ceil_div(geo.patch_dim, kPatchSumThreads), static_cast<unsigned>(splits), params.groups);
@@ -364,7 +364,7 @@ long long gram_dim(const GramParams& params) {
 }
 
 cudaError_t im2col_gram_cuda(const GramParams& params, cudaStream_t stream) {
-  if (params.groups < 1 || params.channels % params.groups != 0 || params.kernel_h < 1 ||
+  if (params.groups < 1 || params.groups > 65535 || params.channels % params.groups != 0 || params.kernel_h < 1 ||
       params.kernel_w < 1 || params.stride_y < 1 || params.stride_x < 1 || params.dil_y < 1 ||
       params.dil_x < 1 || params.pad_y < 0 || params.pad_x < 0)
     return cudaErrorInvalidValue;
