@@ -189,7 +189,7 @@ RIDGE_CASES = (
 def test_ridge_solve_matches_reference(emu, work, out_dtype, d, m, factor_in_shared):
     gram, grad = _spd(3, d, work), torch.randn(3, m, d, dtype=work)
     # Small shared memory: the factor stays in the global workspace (the medium-D path).
-    max_shared = LARGE_SHARED if factor_in_shared else 4 * d * work.itemsize
+    max_shared = LARGE_SHARED if factor_in_shared else 1024 + 4 * d * work.itemsize
     out, outcome, ridge_used = emulated_ridge_solve(emu, gram, grad, 0.05, out_dtype, max_shared)
     assert outcome == SOLVED and ridge_used == 0.05
     expected = reference.ridge_solve(gram.double(), grad.double(), 0.05)
@@ -244,7 +244,7 @@ def test_triangular_solve_from_external_factor(emu, out_dtype):
     factor = torch.linalg.cholesky(gram + 0.1 * torch.eye(37)).contiguous()
     out = torch.empty(2, 5, 37, dtype=out_dtype)
     err = emu.cx_emu_triangular_solve(0, DTYPE_CODE[out_dtype], 2, 37, 5, factor.data_ptr(),
-                                      grad.data_ptr(), out.data_ptr(), 4 * 37 * 4, 0)
+                                      grad.data_ptr(), out.data_ptr(), 1024 + 4 * 37 * 4, 0)
     assert err == 0
     expected = reference.ridge_solve(gram.double(), grad.double(), 0.1)
     rel = max(OUT_TOL[out_dtype], OUT_TOL[torch.float32])

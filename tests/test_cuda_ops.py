@@ -84,7 +84,8 @@ OUT_TOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 2e-3, torch
 @pytest.mark.parametrize("batch,m,d", [
     ((3,), 4, 9),          # factor in shared memory
     ((2, 2), 7, 45),       # two leading dims
-    ((2,), 5, 300),        # medium D: the factor in the global workspace
+    ((40,), 5, 300),       # medium D, many systems: the factor in the global workspace
+    ((2,), 5, 300),        # medium D, few systems: cuSOLVER factors, our kernel solves
     ((1,), 3, 1100),       # large D: cuSOLVER factors, our kernel solves
 ])
 @pytest.mark.parametrize("work,out_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),

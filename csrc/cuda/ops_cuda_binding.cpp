@@ -103,8 +103,8 @@ long long max_shared_bytes(const at::Device& device) {
   return bytes;
 }
 
-// Large D: cuSOLVER (through ATen) factors; our kernel still does both triangular solves
-// and the rescale when one gradient row fits in shared memory.
+// Large D, or few medium systems: cuSOLVER (through ATen) factors; our kernel still does both
+// triangular solves and the rescale when one gradient row fits in shared memory.
 at::Tensor ridge_solve_large(const at::Tensor& a, const at::Tensor& g, double ridge, cuda::RidgeSolveParams p,
                              at::Tensor out, at::IntArrayRef grad_sizes, at::ScalarType out_type) {
   if (!a.isfinite().all().item<bool>() || !g.isfinite().all().item<bool>()) return out.fill_(NAN);
@@ -167,8 +167,7 @@ at::Tensor ridge_solve_cuda(const at::Tensor& gram, const at::Tensor& grad, doub
   p.status = nullptr;
   p.max_shared_bytes = max_shared_bytes(gram.device());
 
-  if (d > cuda::kMaxFactorDim || !cuda::triangular_solve_fits(p))
-    return ridge_solve_large(a, g, ridge, p, out, grad.sizes(), out_type);
+  if (!cuda::batched_cholesky_preferred(p)) return ridge_solve_large(a, g, ridge, p, out, grad.sizes(), out_type);
 
   auto factor = at::empty_like(a);
   auto status = at::empty({a.size(0)}, a.options().dtype(at::kInt));

@@ -15,10 +15,19 @@ enum SystemStatus : int { kFactored = 0, kNotPositive = 1, kNonFiniteInput = 2 }
 
 constexpr int kMaxFactorThreads = 256;
 constexpr int kSolveWarps = 4;
+constexpr long long kStaticSharedSlack = 1024;  // the kernels' own small __shared__ variables
+// With fewer systems than this, a factor in global memory leaves most SMs idle and one SM
+// latency-bound: cuSOLVER's blocked factorisation is the better choice.
+constexpr long long kMinBatchForGlobalFactor = 32;
 
 // Row stride of a factor held in shared memory: odd, so the column reads a[i·ld + k] of
 // neighbouring i fall in different banks.
 __host__ __device__ __forceinline__ int shared_ld(int n) { return n | 1; }
+
+bool factor_fits_shared(Dtype work, int n, long long max_shared_bytes) {
+  const long long element = work == Dtype::kFloat64 ? 8 : 4;
+  return static_cast<long long>(n) * shared_ld(n) * element + kStaticSharedSlack <= max_shared_bytes;
+}
 
 // Right-looking Cholesky of gram[s] + λI in place, column by column: scale column k by
 // 1/√a_kk, then a rank-1 update of the trailing lower triangle. The matrix lives in dynamic
@@ -145,9 +154,10 @@ template <typename T, typename Out>
 cudaError_t launch_triangular_solve(const RidgeSolveParams& p, bool nonfinite, cudaStream_t stream) {
   if (p.batch == 0 || p.rows == 0) return cudaSuccess;
   int warps = p.rows < kSolveWarps ? static_cast<int>(p.rows) : kSolveWarps;
-  while (warps > 1 && solve_shared_bytes<T>(p.dim, warps, false) > p.max_shared_bytes) --warps;
-  if (solve_shared_bytes<T>(p.dim, warps, false) > p.max_shared_bytes) return cudaErrorInvalidValue;
-  const bool factor_in_shared = solve_shared_bytes<T>(p.dim, warps, true) <= p.max_shared_bytes;
+  const long long limit = p.max_shared_bytes - kStaticSharedSlack;
+  while (warps > 1 && solve_shared_bytes<T>(p.dim, warps, false) > limit) --warps;
+  if (solve_shared_bytes<T>(p.dim, warps, false) > limit) return cudaErrorInvalidValue;
+  const bool factor_in_shared = solve_shared_bytes<T>(p.dim, warps, true) <= limit;
   const long long bytes = solve_shared_bytes<T>(p.dim, warps, factor_in_shared);
   auto kernel = triangular_solve_kernel<T, Out>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -179,7 +189,7 @@ cudaError_t dispatch_triangular_solve(const RidgeSolveParams& p, bool nonfinite,
 template <typename T>
 cudaError_t launch_cholesky(const RidgeSolveParams& p, double ridge, cudaStream_t stream) {
   const long long shared_bytes = static_cast<long long>(p.dim) * shared_ld(p.dim) * sizeof(T);
-  const bool in_shared = shared_bytes <= p.max_shared_bytes;
+  const bool in_shared = factor_fits_shared(p.work, p.dim, p.max_shared_bytes);
   auto kernel = cholesky_ridge_kernel<T>;
   const long long bytes = in_shared ? shared_bytes : 0;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -220,9 +230,14 @@ RidgeSolveResult ridge_solve_typed(const RidgeSolveParams& p, double ridge, int 
 
 }  // namespace
 
+bool batched_cholesky_preferred(const RidgeSolveParams& p) {
+  return p.dim <= kMaxFactorDim && triangular_solve_fits(p) &&
+         (factor_fits_shared(p.work, p.dim, p.max_shared_bytes) || p.batch >= kMinBatchForGlobalFactor);
+}
+
 bool triangular_solve_fits(const RidgeSolveParams& p) {
   const long long element = p.work == Dtype::kFloat64 ? 8 : 4;
-  return element * p.dim <= p.max_shared_bytes;
+  return element * p.dim + kStaticSharedSlack <= p.max_shared_bytes;
 }
 
 cudaError_t triangular_solve_cuda(const RidgeSolveParams& p, bool nonfinite, cudaStream_t stream) {

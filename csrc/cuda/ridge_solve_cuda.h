@@ -56,5 +56,10 @@ cudaError_t triangular_solve_cuda(const RidgeSolveParams& params, bool nonfinite
 // Whether triangular_solve_cuda can run D = params.dim within params.max_shared_bytes.
 bool triangular_solve_fits(const RidgeSolveParams& params);
 
+// Whether ridge_solve_cuda (our batched Cholesky) should factor these systems: D within
+// kMaxFactorDim, and either the factor fits in shared memory or there are enough systems to
+// fill the GPU. Otherwise the binding factors with cuSOLVER and calls triangular_solve_cuda.
+bool batched_cholesky_preferred(const RidgeSolveParams& params);
+
 }  // namespace cuda
 }  // namespace consequential_ext
