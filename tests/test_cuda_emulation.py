@@ -23,9 +23,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 EMU_SOURCES = [ROOT / "csrc" / "emu" / "emu_entry.cpp"]
 EMU_HEADER = ROOT / "csrc" / "emu" / "cuda_emu.h"
+CXX_FLAGS_ENV = os.environ.get("CX_EMU_CXXFLAGS", "").split()   # e.g. -fsanitize=thread
 DEPENDENCIES = KERNEL_SOURCES + EMU_SOURCES + sorted((ROOT / "csrc" / "cuda").glob("*.h")) \
     + sorted((ROOT / "csrc" / "cuda").glob("*.cuh")) + [EMU_HEADER]
-CXX_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread"]
+CXX_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra", "-Werror",
+             "-Wno-unknown-pragmas",     # #pragma unroll is for nvcc
+             "-Wno-unused-parameter"]    # the emulation ignores streams
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 TILED, SHIFT, AUTO = 1, 2, 0
@@ -37,7 +40,8 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ f
 
 def _build_library() -> pathlib.Path:
     """Compile the emulation library once per source state (cached by content hash)."""
-    digest = hashlib.sha256(" ".join(CXX_FLAGS).encode())
+    flags = CXX_FLAGS + CXX_FLAGS_ENV
+    digest = hashlib.sha256(" ".join(flags).encode())
     for path in DEPENDENCIES:
         digest.update(path.name.encode() + path.read_bytes())
     out_dir = pathlib.Path(tempfile.gettempdir()) / f"cx_cuda_emu_{digest.hexdigest()[:16]}"
@@ -45,7 +49,7 @@ def _build_library() -> pathlib.Path:
     if not library.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         partial = out_dir / f"partial_{os.getpid()}.so"
-        cmd = ["g++", *CXX_FLAGS, "-x", "c++", "-include", str(EMU_HEADER),
+        cmd = ["g++", *flags, "-x", "c++", "-include", str(EMU_HEADER),
                *map(str, KERNEL_SOURCES + EMU_SOURCES), "-o", str(partial)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode:

@@ -43,8 +43,12 @@ for src in csrc/cuda/*.cu; do
   if grep -q "warning" "$log"; then grep "warning" "$log"; fi
 done
 
-if [[ -n "${PYTHON:-}" ]] && torch_include=$("$PYTHON" -c \
-    "import torch.utils.cpp_extension as c; print(' '.join(c.include_paths()))" 2>/dev/null); then
+if [[ -n "${PYTHON:-}" ]]; then
+  if ! torch_include=$("$PYTHON" -c \
+      "import torch.utils.cpp_extension as c; print(' '.join(c.include_paths()))"); then
+    echo "nvcc_check: PYTHON=$PYTHON cannot import torch: cannot check the binding" >&2
+    exit 1
+  fi
   stubs="$OUTDIR/stub-include"
   mkdir -p "$stubs/c10/cuda/impl"
   echo '#pragma once' >"$stubs/c10/cuda/impl/cuda_cmake_macros.h"
