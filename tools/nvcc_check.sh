@@ -59,7 +59,7 @@ if [[ -n "${PYTHON:-}" ]]; then
   echo '#pragma once' >"$stubs/cusolver_common.h"
   # nvcc may be a wrapper script: ask it where its own headers are.
   cuda_include=${CUDA_INCLUDE:-$("$NVCC" -E -x cu - -M </dev/null 2>/dev/null | tr ' ' '\n' \
-                 | grep -m1 '/cuda_runtime.h$' | xargs -r dirname)}
+                 | awk '/\/cuda_runtime\.h$/ && !found { sub(/\/cuda_runtime\.h$/, ""); print; found = 1 }')}
   cuda_include=${cuda_include:-/usr/local/cuda/include}
   for src in csrc/cuda/*_binding.cpp; do
     echo "== g++ -fsyntax-only $src (torch headers, stubbed CUDA libraries)"
