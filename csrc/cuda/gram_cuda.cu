@@ -130,12 +130,12 @@ gram_tiled_kernel(const In* __restrict__ x, Acc* __restrict__ out, GramGeometry 
 // accumulator. ~(2kh−1)(2kw−1)·H·W products per channel pair instead of (kh·kw)²·out_h·out_w.
 constexpr int kShiftThreads = 128;
 
-// Σ_{v ∈ [lo, hi)} row1[v]·row2[v] (element stride `sw`); empty when hi ≤ lo.
+// Σ_{v ∈ [lo, hi)} row1[v + off1]·row2[v + off2] (element stride `sw`); empty when hi ≤ lo.
 template <typename Acc, typename In>
 __device__ __noinline__ Acc range_product_sum(const In* __restrict__ row1, const In* __restrict__ row2,
-                                              long long sw, int lo, int hi) {
+                                              long long sw, int off1, int off2, int lo, int hi) {
   Acc s = Acc(0);
-  for (int v = lo; v < hi; ++v) s += load_as<Acc>(row1[v * sw]) * load_as<Acc>(row2[v * sw]);
+  for (int v = lo; v < hi; ++v) s += load_as<Acc>(row1[(v + off1) * sw]) * load_as<Acc>(row2[(v + off2) * sw]);
   return s;
 }
 
@@ -192,21 +192,20 @@ gram_shift_kernel(const In* __restrict__ x, Acc* __restrict__ out, GramGeometry 
     const In* plane1 = x + b * geo.stride_b + ch1 * geo.stride_c;
     const In* plane2 = x + b * geo.stride_b + ch2 * geo.stride_c;
     for (int u = u_first; u < u_last; ++u) {
-      // Shifted so that index v (padded column) addresses both factors directly.
-      const In* row1 = plane1 + (u - geo.pad_y) * geo.stride_h - geo.pad_x * sw;
-      const In* row2 = plane2 + (u + sy - geo.pad_y) * geo.stride_h + (sx - geo.pad_x) * sw;
-      const Acc core = col_core ? range_product_sum<Acc>(row1, row2, sw, max(col_core_lo, v_lo),
-                                                         min(col_core_hi, v_hi))
-                                : Acc(0);
+      const In* row1 = plane1 + (u - geo.pad_y) * geo.stride_h;
+      const In* row2 = plane2 + (u + sy - geo.pad_y) * geo.stride_h;
+      // Padded column v is column v − pad_x of row1 and v + sx − pad_x of row2.
+      auto products = [&](int lo, int hi) {
+        return range_product_sum<Acc>(row1, row2, sw, -geo.pad_x, sx - geo.pad_x, max(lo, v_lo), min(hi, v_hi));
+      };
+      const Acc core = col_core ? products(col_core_lo, col_core_hi) : Acc(0);
       Acc row_sums[kShiftMaxKernel];
 #pragma unroll
       for (int kx = 0; kx < kShiftMaxKernel; ++kx) {
         row_sums[kx] = Acc(0);
         if (kx < kx_lo || kx >= kx_hi) continue;
         const int lo = kx * dx, hi = lo + ow;
-        row_sums[kx] = col_core ? core + range_product_sum<Acc>(row1, row2, sw, max(lo, v_lo), min(col_core_lo, v_hi)) +
-                                      range_product_sum<Acc>(row1, row2, sw, max(col_core_hi, v_lo), min(hi, v_hi))
-                                : range_product_sum<Acc>(row1, row2, sw, max(lo, v_lo), min(hi, v_hi));
+        row_sums[kx] = col_core ? core + products(lo, col_core_lo) + products(col_core_hi, hi) : products(lo, hi);
       }
       if (u >= row_core_lo && u < row_core_hi) {
 #pragma unroll
