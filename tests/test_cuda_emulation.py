@@ -146,6 +146,12 @@ def test_gram_half_inputs_accumulate_in_float32(emu, dtype):
         assert torch.allclose(got.double(), expected, rtol=2e-6, atol=2e-6 * expected.abs().max())
 
 
+@pytest.mark.parametrize("algorithm", [TILED, SHIFT])
+def test_gram_of_an_empty_batch_is_zero(emu, algorithm):
+    got = emulated_gram(emu, torch.randn(0, 3, 5, 5), 3, 1, 1, 1, 1, True, algorithm)
+    assert got.shape == (1, 28, 28) and not got.any()
+
+
 def test_gram_rejects_shift_form_for_strided_conv(emu):
     x = torch.randn(1, 2, 6, 6)
     sizes = (ctypes.c_longlong * 4)(*x.shape)
