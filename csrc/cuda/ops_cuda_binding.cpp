@@ -104,7 +104,7 @@ long long max_shared_bytes(const at::Device& device) {
 }
 
 // Large D, or few medium systems: cuSOLVER (through ATen) factors; our kernel still does both
-// triangular solves and the rescale when one gradient row fits in shared memory.
+// triangular solves and the rescale unless the factor is too big to stream (then cuBLAS).
 at::Tensor ridge_solve_large(const at::Tensor& a, const at::Tensor& g, double ridge, cuda::RidgeSolveParams p,
                              at::Tensor out, at::IntArrayRef grad_sizes, at::ScalarType out_type) {
   if (!a.isfinite().all().item<bool>() || !g.isfinite().all().item<bool>()) return out.fill_(NAN);
@@ -114,7 +114,7 @@ at::Tensor ridge_solve_large(const at::Tensor& a, const at::Tensor& g, double ri
     auto [chol, info] = at::linalg_cholesky_ex(a + lam * eye, /*upper=*/false, /*check_errors=*/false);
     if (info.ne(0).any().item<bool>()) continue;
     if (attempt > 0) note_ridge_escalation(ridge, lam);
-    if (!cuda::triangular_solve_fits(p)) {
+    if (!cuda::triangular_solve_preferred(p)) {
       return at::cholesky_solve(g.transpose(-1, -2), chol, /*upper=*/false)
           .transpose(-1, -2).to(out_type).reshape(grad_sizes);
     }

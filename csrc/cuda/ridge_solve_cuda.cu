@@ -19,6 +19,8 @@ constexpr long long kStaticSharedSlack = 1024;  // the kernels' own small __shar
 // With fewer systems than this, a factor in global memory leaves most SMs idle and one SM
 // latency-bound: cuSOLVER's blocked factorisation is the better choice.
 constexpr long long kMinBatchForGlobalFactor = 32;
+// A factor read from global memory by every gradient row should stay in L2 (50 MB on an H100).
+constexpr long long kMaxStreamedFactorBytes = 16ll << 20;
 
 // Row stride of a factor held in shared memory: odd, so the column reads a[i·ld + k] of
 // neighbouring i fall in different banks.
@@ -233,6 +235,11 @@ RidgeSolveResult ridge_solve_typed(const RidgeSolveParams& p, double ridge, int 
 bool batched_cholesky_preferred(const RidgeSolveParams& p) {
   return p.dim <= kMaxFactorDim && triangular_solve_fits(p) &&
          (factor_fits_shared(p.work, p.dim, p.max_shared_bytes) || p.batch >= kMinBatchForGlobalFactor);
+}
+
+bool triangular_solve_preferred(const RidgeSolveParams& p) {
+  const long long element = p.work == Dtype::kFloat64 ? 8 : 4;
+  return triangular_solve_fits(p) && element * p.dim * p.dim <= kMaxStreamedFactorBytes;
 }
 
 bool triangular_solve_fits(const RidgeSolveParams& p) {

@@ -12,9 +12,10 @@ namespace consequential_ext {
 namespace cuda {
 
 // Largest D the in-house batched Cholesky factors (one block per system; the factor in
-// shared memory where it fits, else in the global workspace). Larger systems go to cuSOLVER
-// through ATen in the binding.
-constexpr int kMaxFactorDim = 1024;
+// shared memory where it fits, else in the global workspace, where each column's trailing
+// update streams through L2 — O(D³) traffic per block). Larger systems go to cuSOLVER through
+// ATen in the binding. Untuned: bench/gpu_suite.py times both sides of this choice.
+constexpr int kMaxFactorDim = 512;
 
 struct RidgeSolveParams {
   Dtype work;            // kFloat32 or kFloat64: dtype of gram, grad and factor
@@ -55,6 +56,11 @@ cudaError_t triangular_solve_cuda(const RidgeSolveParams& params, bool nonfinite
 
 // Whether triangular_solve_cuda can run D = params.dim within params.max_shared_bytes.
 bool triangular_solve_fits(const RidgeSolveParams& params);
+
+// Whether triangular_solve_cuda should solve from a cuSOLVER factor: it fits, and the factor is
+// small enough to stay L2-resident while every row streams it twice (else cuBLAS's blocked
+// triangular solve, through ATen, wins).
+bool triangular_solve_preferred(const RidgeSolveParams& params);
 
 // Whether ridge_solve_cuda (our batched Cholesky) should factor these systems: D within
 // kMaxFactorDim, and either the factor fits in shared memory or there are enough systems to
