@@ -4,10 +4,11 @@
     model = cx.consequentialize(model)          # or cx.CLinear / cx.CConv2d directly
 """
 from ._version import __version__
-from . import functional, ops
+from . import distributed, functional, ops
 from ._validate import DEFAULT_RIDGE, RULES
+from .amortize import amortize
 from .convert import consequentialize
 from .modules import CConv2d, CLinear
 
 __all__ = ["__version__", "CLinear", "CConv2d", "consequentialize", "functional", "ops", "RULES",
-           "DEFAULT_RIDGE"]
+           "DEFAULT_RIDGE", "amortize", "distributed"]
