@@ -7,6 +7,8 @@ patch); ``cheaper_side`` picks by flop count.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import distributed, ops
@@ -36,6 +38,17 @@ def _solve(gram, grad, ridge, amortizer):
     return ops.ridge_solve(gram, grad, ridge)
 
 
+def _autocast_off(fn):
+    """Run ``fn`` with autocast disabled: backward may run inside an autocast region, whose
+    bf16/fp16 matmuls would undo the float32 accumulation of Gram, G and solve."""
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
+    return wrapper
+
+
+@_autocast_off
 def matched_linear(x2d, gy2d, has_bias, ridge, side=None, amortizer=None):
     """Matched (grad_weight, grad_bias) of a Linear layer, float32-or-better.
 
@@ -61,6 +74,7 @@ def matched_linear(x2d, gy2d, has_bias, ridge, side=None, amortizer=None):
     return matched, None
 
 
+@_autocast_off
 def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_bias, ridge,
                    side=None, amortizer=None):
     """Matched (grad_weight, grad_bias) of a Conv2d layer, float32-or-better.
