@@ -6,9 +6,12 @@
 from ._version import __version__
 from . import distributed, functional, ops
 from ._validate import DEFAULT_RIDGE, RULES
+from ._build_check import check_extension
 from .amortize import amortize
 from .convert import consequentialize
 from .modules import CConv2d, CLinear
 
 __all__ = ["__version__", "CLinear", "CConv2d", "consequentialize", "functional", "ops", "RULES",
            "DEFAULT_RIDGE", "amortize", "distributed"]
+
+check_extension()  # an extension built for another torch fails loudly here, naming both
