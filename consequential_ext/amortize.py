@@ -54,9 +54,6 @@ class GramAmortizer(nn.Module):
         A non-finite Gram (an fp16 overflow) leaves the state untouched and gives a
         non-finite result, so ``GradScaler`` skips the step and the average stays usable.
         """
-        if gram.shape != self.gram.shape:
-            raise ValueError(f"amortizer holds a Gram of shape {tuple(self.gram.shape)}, got "
-                             f"{tuple(gram.shape)}")
         if not bool(torch.isfinite(gram).all()):
             return torch.full_like(grad, float("nan"))
         step = int(self.steps)
@@ -74,6 +71,20 @@ class GramAmortizer(nn.Module):
 
     def extra_repr(self):
         return f"shape={tuple(self.gram.shape)}, every={self.every}, decay={self.decay:g}"
+
+
+def check_amortizer(amortizer, gram_shape):
+    """``amortizer`` if it fits a layer whose Gram has ``gram_shape`` (checked in forward:
+    an exception inside backward is much harder to read)."""
+    if amortizer is None:
+        return None
+    if not isinstance(amortizer, GramAmortizer):
+        raise TypeError(f"amortizer must be a GramAmortizer or None; got "
+                        f"{type(amortizer).__name__}")
+    if tuple(amortizer.gram.shape) != tuple(gram_shape):
+        raise ValueError(f"amortizer holds a Gram of shape {tuple(amortizer.gram.shape)}, but "
+                         f"this layer's Gram is {tuple(gram_shape)}")
+    return amortizer
 
 
 def _gram_shape(layer):

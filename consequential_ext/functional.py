@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from . import matching
+from .amortize import check_amortizer
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, check_rule
 
 __all__ = ["clinear", "cconv2d", "CLinearFunction", "CConv2dFunction"]
@@ -106,6 +107,8 @@ def clinear(input, weight, bias=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE,
     ridge = check_ridge(ridge)
     if rule == "sgd":
         return F.linear(input, weight, bias)
+    d = weight.shape[1] + (bias is not None)
+    amortizer = check_amortizer(amortizer, (d, d))
     return CLinearFunction.apply(input, weight, bias, rule, ridge, amortizer)
 
 
@@ -119,6 +122,8 @@ def cconv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
         raise ValueError(f"padding must be an int, a pair, 'same' or 'valid'; got {padding!r}")
     if rule == "sgd":
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    d = weight[0].numel() + (bias is not None)
+    amortizer = check_amortizer(amortizer, (groups, d, d))
     if input.dim() == 3:  # unbatched (C, H, W), as F.conv2d accepts: one sample
         return CConv2dFunction.apply(input.unsqueeze(0), weight, bias, stride, padding, dilation,
                                      groups, rule, ridge, amortizer).squeeze(0)
