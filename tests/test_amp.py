@@ -43,8 +43,7 @@ def test_autocast_bf16_gives_fp32_matched_gradients(case, backward_in_autocast):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
         with torch.no_grad():
-            plain = nn.functional.linear(x, layer.weight, layer.bias) \
-                if isinstance(layer, nn.Linear) else layer._conv_forward(x, layer.weight, layer.bias)
+            plain = (nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d).forward(layer, x)
         assert y.dtype == torch.bfloat16
         assert torch.equal(y, plain)  # forward is exactly the autocast nn layer's
         y.register_hook(lambda g: captured.setdefault("gy", g))
