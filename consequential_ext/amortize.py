@@ -1,11 +1,11 @@
-"""Amortised solves for large D: a running (EMA) Gram whose inverse is refreshed every k steps.
+"""Amortised solves for large D: a running (EMA) Gram refactorised every k steps.
 
 Cost per backward of a layer with D rows, P columns (patches) and M outputs:
 
 * Gram ``X Xᵀ``: ``O(D²·P)``, every step (it feeds the running average);
 * factorisation of ``A + λI``: ``O(D³)``; exact mode pays it every step, amortised mode
-  every ``every`` steps (the inverse is kept as a buffer);
-* applying it to ``G``: ``O(M·D²)`` either way.
+  every ``every`` steps (the Cholesky factor is kept as a buffer);
+* applying it to ``G`` (two triangular solves): ``O(M·D²)`` either way.
 
 So amortisation pays off once ``D³ / 3`` dominates ``D²·P + M·D²``, i.e. ``D ≳ 3 (P + M)``.
 Without amortisation the library already picks the cheaper of the row (D×D) and column
@@ -21,17 +21,18 @@ import math
 import torch
 import torch.nn as nn
 
-from . import ops
+from .ops import reference
 
 __all__ = ["GramAmortizer", "amortize"]
 
 
 class GramAmortizer(nn.Module):
-    """EMA of a layer's Gram ``A`` and a cached ``(A_ema + λI)⁻¹``.
+    """EMA of a layer's Gram ``A`` and the Cholesky factor of ``A_ema + λI``.
 
     shape: the Gram's shape, (D, D) or (groups, D, D). The first step starts the average at
-    that step's Gram (no zero-initialisation bias); the inverse is recomputed at step 0,
-    every, 2·every, ...
+    that step's Gram (no zero-initialisation bias); the factor is recomputed at step 0,
+    every, 2·every, ... It is kept rather than the inverse: G lies in the range of A, where
+    an explicit inverse loses accuracy as cond², triangular solves as cond.
     """
 
     def __init__(self, shape, *, every: int, decay: float, device=None,
@@ -44,7 +45,7 @@ class GramAmortizer(nn.Module):
             raise ValueError(f"decay must be a float in [0, 1); got {decay!r}")
         self.every, self.decay = every, float(decay)
         self.register_buffer("gram", torch.zeros(shape, device=device, dtype=dtype))
-        self.register_buffer("inverse", torch.zeros(shape, device=device, dtype=dtype))
+        self.register_buffer("factor", torch.zeros(shape, device=device, dtype=dtype))
         self.register_buffer("steps", torch.zeros((), device=device, dtype=torch.int64))
 
     @torch.no_grad()
@@ -63,14 +64,29 @@ class GramAmortizer(nn.Module):
         else:
             self.gram.lerp_(gram, 1.0 - self.decay)
         if step % self.every == 0:
-            eye = torch.eye(gram.shape[-1], dtype=self.gram.dtype, device=self.gram.device)
-            self.inverse.copy_(ops.ridge_solve(self.gram, eye.expand_as(self.gram).contiguous(),
-                                               ridge))
+            self.factor.copy_(_ridge_cholesky(self.gram, ridge))
         self.steps += 1
-        return grad @ self.inverse.to(grad.dtype)
+        factor = self.factor.to(grad.dtype)
+        return torch.cholesky_solve(grad.transpose(-1, -2), factor).transpose(-1, -2)
 
     def extra_repr(self):
         return f"shape={tuple(self.gram.shape)}, every={self.every}, decay={self.decay:g}"
+
+
+def _ridge_cholesky(gram, ridge, max_escalations=12):
+    """Lower Cholesky factor of ``gram + λI`` (finite gram), escalating λ ×10 on failure
+    with the warning ``ops.ridge_solve`` gives."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    lam = ridge
+    for attempt in range(max_escalations):
+        factor, info = torch.linalg.cholesky_ex(gram + lam * eye)
+        if not bool((info != 0).any()):
+            if attempt:
+                reference.warn_escalated(ridge, lam)
+            return factor
+        lam *= 10.0
+    raise RuntimeError(f"amortize: (EMA gram + ridge*I) is not positive definite even with "
+                       f"ridge escalated to {lam:g}")
 
 
 def check_amortizer(amortizer, gram_shape):

@@ -1,4 +1,4 @@
-"""Amortised solves: an EMA Gram whose inverse is refreshed every k steps, against a float64
+"""Amortised solves: an EMA Gram refactorised every k steps, against a float64
 re-implementation of that schedule from the ordinary gradients."""
 import pytest
 import torch
@@ -107,7 +107,7 @@ def test_amortize_is_in_state_dict_and_removable():
                                               nn.Linear(3, 2, bias=False)))
     cx.amortize(model, every=4)
     keys = set(model.state_dict())
-    assert {"0.amortizer.gram", "0.amortizer.inverse", "0.amortizer.steps",
+    assert {"0.amortizer.gram", "0.amortizer.factor", "0.amortizer.steps",
             "2.amortizer.gram"} <= keys
     assert model[0].amortizer.gram.shape == (1, 19, 19)
     assert model[2].amortizer.gram.shape == (3, 3)
