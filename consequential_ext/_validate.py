@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 # Rules a C-layer understands; see DESIGN.md §2. Extended as rules are implemented.
-RULES = ("consequential", "sgd")
+RULES = ("consequential", "backmatch", "backmatch-layerwise", "sgd")
 DEFAULT_RULE = "consequential"
 # Relative to the per-sample second moment A = X Xᵀ / N; chosen on digits (README, "ridge").
 DEFAULT_RIDGE = 1e-3

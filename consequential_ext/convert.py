@@ -12,10 +12,12 @@ import torch.nn as nn
 
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, check_rule
 from .modules import CConv2d, CLinear
+from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
 
 __all__ = ["consequentialize"]
 
 _TARGETS = {nn.Linear: CLinear, nn.Conv2d: CConv2d}
+_NORM_TARGETS = {nn.BatchNorm1d: BackMatchBatchNorm1d, nn.BatchNorm2d: BackMatchBatchNorm2d}
 # Parents known to use a child's weight without calling the child's forward.
 _WEIGHT_USERS = (nn.MultiheadAttention,)
 
@@ -48,17 +50,23 @@ def _selectors(value, arg):
 
 
 def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, include=None,
-                     exclude=None) -> nn.Module:
+                     exclude=None, batchnorm=None) -> nn.Module:
     """Make every nn.Linear / nn.Conv2d of ``model`` a CLinear / CConv2d, in place.
 
     include / exclude: module types or qualified names (globs; a name also selects what is
     below it). Layers already converted get the new ``rule`` / ``ridge``. Layers whose
     weights their parent uses without calling their forward (the ``out_proj`` of
     nn.MultiheadAttention), and subclasses of nn.Linear / nn.Conv2d with behaviour of their
-    own, are left alone with a warning naming them. Returns ``model``.
+    own, are left alone with a warning naming them. batchnorm: also make nn.BatchNorm1d /
+    2d back-matching norms (``norm.py``) with ``rule``; None (default) does so for the
+    back-matching rules, whose signals cross batch norms. Returns ``model``.
     """
     check_rule(rule)
     ridge = check_ridge(ridge)
+    if batchnorm is None:
+        batchnorm = rule.startswith("backmatch")
+    elif not isinstance(batchnorm, bool):
+        raise TypeError(f"batchnorm must be True, False or None; got {batchnorm!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
     include, exclude = _selectors(include, "include"), _selectors(exclude, "exclude")
@@ -66,7 +74,8 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
                 for child in parent.modules() if child is not parent}
     skipped = []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        is_norm = batchnorm and isinstance(module, tuple(_NORM_TARGETS))
+        if not (is_norm or isinstance(module, (nn.Linear, nn.Conv2d))):
             continue
         if include is not None and not _matches(name, module, include):
             continue
@@ -74,6 +83,15 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
             continue
         if id(module) in bypassed:
             skipped.append(f"{name} (its weight is used by its parent without calling forward)")
+            continue
+        if is_norm:
+            if type(module) in _NORM_TARGETS:
+                module.__class__ = _NORM_TARGETS[type(module)]
+            if isinstance(module, (BackMatchBatchNorm1d, BackMatchBatchNorm2d)):
+                module.rule = rule
+            else:
+                skipped.append(f"{name} ({type(module).__name__} is a subclass with its own "
+                               f"behaviour)")
             continue
         if isinstance(module, (CLinear, CConv2d)):
             module.rule, module.ridge = rule, ridge

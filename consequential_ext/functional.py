@@ -2,7 +2,10 @@
 
 Forward is exactly ``F.linear`` / ``F.conv2d``. Backward sends the ordinary gradient to the
 input and the matched gradient G (A + λI)⁻¹ (``matching.py``) to weight and bias. Rule
-``"sgd"`` bypasses the Function, so its gradients are bit-identical to the nn layers'.
+``"backmatch"`` sends the matched input signal instead (``backmatch.py``); rule
+``"backmatch-layerwise"`` replaces the solve by Algorithm 1's scalar factors
+(``layerwise.py``). Rule ``"sgd"`` bypasses the Function, so its gradients are
+bit-identical to the nn layers'.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from . import matching
+from . import backmatch, layerwise, matching
 from .amortize import check_amortizer
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, check_rule
 
@@ -35,7 +38,15 @@ class CLinearFunction(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = (grad_output @ weight.to(grad_output.dtype)).to(input.dtype)
-        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            if ctx.rule == "backmatch":
+                grad_input = backmatch.match_linear_input(grad_input, weight)
+            elif ctx.rule == "backmatch-layerwise":
+                grad_input = layerwise.divide_signal(grad_input, layerwise.column_mean_sq(weight))
+        if ctx.rule == "backmatch-layerwise":
+            grad_weight, grad_bias = layerwise.linear_weight_grads(
+                input, grad_output, weight.dtype, ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2])
+        elif ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             gw, gb = matching.matched_linear(input.reshape(-1, input.shape[-1]),
                                              grad_output.reshape(-1, grad_output.shape[-1]),
                                              ctx.has_bias, ctx.ridge, amortizer=ctx.amortizer)
@@ -83,15 +94,27 @@ class CConv2dFunction(torch.autograd.Function):
         extra = (left - pw, right - pw, top - ph, bottom - ph)
         x = F.pad(input, extra) if any(extra) else input
         grad_input = grad_weight = grad_bias = None
+        if ctx.rule == "backmatch-layerwise":
+            sharing = layerwise.sharing_factor(grad_output)
         if ctx.needs_input_grad[0]:
             grad_x, _, _ = torch.ops.aten.convolution_backward(
                 grad_output, x, weight.to(grad_output.dtype), None, list(stride), [ph, pw],
                 list(dilation), False, [0, 0], groups, [True, False, False])
+            if ctx.rule == "backmatch":
+                grad_x = backmatch.match_conv2d_input(grad_x, weight, stride, (ph, pw), dilation,
+                                                      groups, grad_output.shape[2:])
+            elif ctx.rule == "backmatch-layerwise":
+                grad_x = layerwise.divide_signal(grad_x, layerwise.conv2d_input_factor(
+                    weight, groups, input.shape[2:], sharing))
             if any(extra):
                 grad_x = grad_x[..., extra[2]: grad_x.shape[-2] - extra[3],
                                 extra[0]: grad_x.shape[-1] - extra[1]]
             grad_input = grad_x.to(input.dtype)
-        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+        if ctx.rule == "backmatch-layerwise":
+            grad_weight, grad_bias = layerwise.conv2d_weight_grads(
+                x, grad_output, weight, stride, (ph, pw), dilation, groups, sharing,
+                ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        elif ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             gw, gb = matching.matched_conv2d(x, grad_output, weight.shape, stride, (ph, pw),
                                              dilation, groups, ctx.has_bias, ctx.ridge,
                                              amortizer=ctx.amortizer)

@@ -1,0 +1,121 @@
+"""Rule ``"backmatch-layerwise"``: paper 2, Algorithm 1 (eqs. 32–37), no solve.
+
+Algorithm 1 walks the layers from the top with a backward factor ``m`` (1 at the loss):
+a layer with weights uses ``δW / m_b / s``; then ``m ← m · δa/δ'a`` with
+
+* Linear (eq. 34):   δa/δ'a = ‖Wᵀ‖²_{2,µ}
+* Conv2d (eq. 35):   δa/δ'a = ‖W_col‖²_{2,µ} / c,   c = (input locations) / s
+* BatchNorm (eq. 36): δa/δ'a = 1 / ‖W‖²_{2,µ}, W the weight of the layer that feeds it
+* ReLU, pooling, reshapes (eq. 31): 1
+
+where ‖M‖²_{2,µ} is the mean over the rows of M of their squared norms.
+
+How ``m`` travels: BP is linear in the signal, so instead of tracking ``m`` beside the
+signal each layer sends ``δa / (δa/δ'a)`` — the ordinary signal already divided by the
+factor. The signal that reaches a layer is then δb / m_b, the ordinary weight gradient
+computed from it is δW / m_b, and only ``/ s`` is left to apply. The factor rides inside
+the gradient itself: no order of layers to declare, any number of backward passes, layers
+called twice, branches and several models all work as autograd does.
+
+The sharing factor ``s`` of a conv is the number of its output locations (per sample and
+channel) that the loss reaches — H_out·W_out, or H_out·W_out/4 under a 2×2 max pooling,
+which routes each window's signal to one location. It is measured in backward as the
+count of non-zero entries of the output signal, which gives the supplement's LeNet values
+(196 and 25) and needs no knowledge of the layers above.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ops.reference import accumulate_dtype
+
+__all__ = ["row_mean_sq", "column_mean_sq", "sharing_factor", "conv2d_input_factor",
+           "batchnorm_factor", "producer_weight", "divide_signal", "linear_weight_grads",
+           "conv2d_weight_grads"]
+
+
+def row_mean_sq(weight):
+    """‖W‖²_{2,µ}: mean over the output rows of W (Linear out×in, Conv W_row) of ‖row‖²."""
+    work = accumulate_dtype(weight.dtype)
+    return weight.detach().to(work).square().sum() / weight.shape[0]
+
+
+def column_mean_sq(weight, groups=1):
+    """‖Wᵀ‖²_{2,µ} (Linear) / ‖W_col‖²_{2,µ} (Conv2d): mean over the input units
+    (features, or input channels) of the squared norm of the weights leaving each one."""
+    work = accumulate_dtype(weight.dtype)
+    return weight.detach().to(work).square().sum() / (weight.shape[1] * groups)
+
+
+def sharing_factor(grad_output):
+    """s of a conv: output locations per (sample, channel) that the signal reaches (≥ 1)."""
+    batch, channels = grad_output.shape[:2]
+    reached = torch.count_nonzero(grad_output).to(accumulate_dtype(grad_output.dtype))
+    return (reached / (batch * channels)).clamp_min(1.0)
+
+
+def conv2d_input_factor(weight, groups, input_hw, sharing):
+    """δa/δ'a of a conv, eq. 35: ‖W_col‖²_{2,µ} / c with c = H_in·W_in / s, the supplement's
+    196/25 for LeNet's second conv (14×14 inputs, 5×5 locations reached)."""
+    return column_mean_sq(weight, groups) * sharing / (input_hw[0] * input_hw[1])
+
+
+def divide_signal(grad_input, factor):
+    """BP's signal over a layer's δa/δ'a, in its dtype; 0 where the factor is 0 (all-zero
+    weights: BP's signal is 0 too, and 0 is the minimum-norm matched one)."""
+    quotient = grad_input / torch.where(factor != 0, factor, torch.ones_like(factor))
+    return torch.where(factor != 0, quotient, torch.zeros_like(quotient)).to(grad_input.dtype)
+
+
+def batchnorm_factor(producer_sq, batch_var, gamma):
+    """δ'a/δa of a batch norm, eq. 36: Var[a] ≈ ‖W‖²_{2,µ} (``producer_sq``) of the layer
+    feeding it.
+
+    With no C-layer found below (raw data, an nn layer, a branch: ``producer_sq`` None),
+    falls back to eq. 36's first form, the batch variance averaged over channels. An affine
+    γ scales BP by γ and the matched signal by 1/γ, hence the division by the mean γ².
+    """
+    var = producer_sq if producer_sq is not None else batch_var.mean()
+    if gamma is not None:
+        var = var / gamma.detach().to(var.dtype).square().mean()
+    return var
+
+
+def producer_weight(tensor):
+    """The weight of the C-layer whose output ``tensor`` is, through single-input ops
+    (pooling, activations, reshapes); None if there is none or the path branches."""
+    from .functional import CConv2dFunction, CLinearFunction  # functional imports this module
+    c_nodes = (CLinearFunction._backward_cls, CConv2dFunction._backward_cls)
+    node = tensor.grad_fn
+    while node is not None:
+        if isinstance(node, c_nodes):
+            return node.saved_tensors[1]  # both Functions save (input, weight)
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        node = inputs[0] if len(inputs) == 1 else None
+    return None
+
+
+def linear_weight_grads(input, grad_output, dtype, need_weight, need_bias):
+    """δW / m_b (s = 1): the ordinary gradient of the incoming, already 1/m-scaled, signal.
+    Accumulated in float32 or better (autocast hands in mixed dtypes); returned in ``dtype``."""
+    work = accumulate_dtype(grad_output.dtype)
+    gy = grad_output.reshape(-1, grad_output.shape[-1]).to(work)
+    grad_weight = (gy.T @ input.reshape(-1, input.shape[-1]).to(work)).to(dtype) \
+        if need_weight else None
+    grad_bias = gy.sum(0).to(dtype) if need_bias else None
+    return grad_weight, grad_bias
+
+
+def conv2d_weight_grads(x, grad_output, weight, stride, padding, dilation, groups, sharing,
+                        need_weight, need_bias):
+    """δW / m_b / s of a conv (eq. 33), from the incoming, already 1/m-scaled, signal.
+
+    x: the input padded so that ``padding`` is symmetric, as the conv backward sees it.
+    """
+    work = accumulate_dtype(grad_output.dtype)
+    _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad_output.to(work), x.to(work), weight.to(work), [weight.shape[0]], list(stride),
+        list(padding), list(dilation), False, [0, 0], groups, [False, need_weight, need_bias])
+    grad_weight = (grad_weight / sharing).to(weight.dtype) if need_weight else None
+    grad_bias = (grad_bias / sharing).to(weight.dtype) if need_bias else None
+    return grad_weight, grad_bias

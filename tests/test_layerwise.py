@@ -1,0 +1,159 @@
+"""Rule "backmatch-layerwise" (paper 2, Algorithm 1): the factors of the supplement's LeNet
+walk-through, written out literally, and the general forms of s, c and the BN factor."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import consequential_ext as cx
+from consequential_ext.layerwise import producer_weight
+
+
+def _close(actual, expected, rtol=1e-10):
+    err = (actual.double() - expected).norm() / expected.norm().clamp_min(1e-300)
+    assert err < rtol, f"relative error {err:.3e} >= {rtol:.1e}"
+
+
+def _row(w):   # ‖W‖²_{2,µ}: mean squared norm of the rows (outputs) of W / W_row
+    return w.detach().double().square().sum() / w.shape[0]
+
+
+def _col(w):   # ‖Wᵀ‖²_{2,µ} / ‖W_col‖²_{2,µ}: mean squared norm of the weights leaving an input
+    return w.detach().double().square().sum() / w.shape[1]
+
+
+def _lenet(side, pad):
+    """Paper 2, Figure 1: no biases, BN (no affine) before each ReLU, max pooling 2."""
+    bn2, bn1 = (lambda c: nn.BatchNorm2d(c, affine=False)), (lambda c: nn.BatchNorm1d(c,
+                                                                                      affine=False))
+    flat = 16 * (((side + 2 * pad - 4) // 2 - 4) // 2) ** 2
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 5, padding=pad, bias=False), nn.MaxPool2d(2), bn2(6), nn.ReLU(),
+        nn.Conv2d(6, 16, 5, bias=False), nn.MaxPool2d(2), bn2(16), nn.ReLU(), nn.Flatten(),
+        nn.Linear(flat, 120, bias=False), bn1(120), nn.ReLU(),
+        nn.Linear(120, 84, bias=False), bn1(84), nn.ReLU(),
+        nn.Linear(84, 10, bias=False)).double()
+
+
+@pytest.mark.parametrize("side,pad", [(32, 0), (28, 2)])     # CIFAR-sized / MNIST-sized
+def test_lenet_gradients_equal_the_supplement_walkthrough(side, pad):
+    torch.manual_seed(0)
+    plain = _lenet(side, pad)
+    model = cx.consequentialize(copy.deepcopy(plain), rule="backmatch-layerwise")
+    x = torch.randn(4, 3, side, side, dtype=torch.float64)
+    t = torch.tensor([1, 7, 3, 3])
+    F.cross_entropy(plain(x), t).backward()
+    F.cross_entropy(model(x), t).backward()
+    cv1, cv2, fc1, fc2, fc3 = (plain[i].weight for i in (0, 4, 9, 12, 15))
+    # The supplement, term by term (s_cv1 = 196, s_cv2 = 25, c_cv2 = 196/25).
+    expected = {
+        15: fc3.grad,
+        12: _row(fc2) / _col(fc3) * fc2.grad,
+        9: _row(fc2) * _row(fc1) / (_col(fc3) * _col(fc2)) * fc1.grad,
+        4: _row(fc2) * _row(fc1) * _row(cv2) / (25 * _col(fc3) * _col(fc2) * _col(fc1))
+        * cv2.grad,
+        0: _row(fc2) * _row(fc1) * _row(cv2) * _row(cv1)
+        / (196 * _col(fc3) * _col(fc2) * _col(fc1) * _col(cv2) / (196 / 25)) * cv1.grad,
+    }
+    for index, grad in expected.items():
+        _close(model[index].weight.grad, grad)
+
+
+@pytest.mark.parametrize("stride,padding,groups,pool", [(2, 1, 1, False), (1, 0, 2, False),
+                                                        (1, 1, 1, True)])
+def test_conv_sharing_factor_and_input_factor(stride, padding, groups, pool):
+    """s = output locations the loss reaches (H_o·W_o, /4 under 2×2 max pooling) and the
+    signal below divided by ‖W_col‖²_{2,µ}/c with c = H_in·W_in/s (eqs. 33, 35)."""
+    torch.manual_seed(1)
+    plain = nn.Conv2d(4, 6, 3, stride, padding, groups=groups).double()
+    layer = cx.consequentialize(copy.deepcopy(plain), rule="backmatch-layerwise")
+    x = torch.randn(3, 4, 9, 11, dtype=torch.float64)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [net(v) for net, v in zip((plain, layer), xs)]
+    if pool:
+        outs = [F.max_pool2d(o, 2) for o in outs]
+    gy = torch.randn_like(outs[0])
+    for o in outs:
+        o.backward(gy)
+    s = outs[0].shape[2] * outs[0].shape[3] if pool else plain(x).shape[2] * plain(x).shape[3]
+    _close(layer.weight.grad, plain.weight.grad / s)
+    _close(layer.bias.grad, plain.bias.grad / s)
+    c = 9 * 11 / s
+    _close(xs[1].grad, xs[0].grad / (_col(plain.weight) / groups / c))
+
+
+def test_layer_called_twice_with_bn_between_and_repeated_backward():
+    """x → L → BN → tanh → L: each call is scaled by the factor m at its own output."""
+    torch.manual_seed(2)
+    layer = cx.CLinear(5, 5, dtype=torch.float64, rule="backmatch-layerwise")
+    norm = cx.BackMatchBatchNorm1d(5, affine=False, dtype=torch.float64,
+                                   rule="backmatch-layerwise")
+    x = torch.randn(7, 5, dtype=torch.float64)
+    y = layer(torch.tanh(norm(layer(x))))
+    gy = torch.randn_like(y)
+    y.backward(gy, retain_graph=True)
+    first = layer.weight.grad.clone()
+    y.backward(gy)
+    _close(layer.weight.grad, 2 * first)
+    w_top, w_bottom = (layer.weight.detach().clone().requires_grad_() for _ in range(2))
+    y_ref = F.linear(torch.tanh(F.batch_norm(F.linear(x, w_bottom, layer.bias), None, None,
+                                             training=True)), w_top, layer.bias)
+    y_ref.backward(gy)
+    w = layer.weight
+    _close(first, w_top.grad + w_bottom.grad * _row(w) / _col(w))
+
+
+def test_batchnorm_factor_fallback_and_affine():
+    """No C-layer below the norm: eq. 36's batch variance (channel mean); an affine γ
+    divides the factor by the mean γ²."""
+    torch.manual_seed(3)
+    norm = cx.BackMatchBatchNorm1d(4, dtype=torch.float64, rule="backmatch-layerwise")
+    plain = nn.BatchNorm1d(4, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+    plain.load_state_dict(norm.state_dict())
+    x = (torch.randn(10, 4, dtype=torch.float64) * torch.tensor([1.0, 2, 3, 4])) \
+        .requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    gy = torch.randn(10, 4, dtype=torch.float64)
+    norm(x).backward(gy)
+    plain(x2).backward(gy)
+    factor = x.detach().var(0, unbiased=False).mean() / norm.weight.detach().square().mean()
+    _close(x.grad, x2.grad * factor)
+    _close(norm.weight.grad, plain.weight.grad)
+
+
+def test_producer_is_found_through_single_input_ops_only():
+    lin = cx.CLinear(3, 4, rule="backmatch-layerwise")
+    conv = cx.CConv2d(2, 3, 3, rule="backmatch")
+    x = torch.randn(2, 3)
+    assert producer_weight(F.relu(lin(x)).mul(2)) is lin.weight
+    assert producer_weight(F.max_pool2d(conv(torch.randn(1, 2, 6, 6)), 2)) is conv.weight
+    assert producer_weight(lin(x) + lin(x)) is None          # a branch: no single producer
+    assert producer_weight(x.requires_grad_()) is None        # a leaf
+    assert producer_weight(nn.Linear(3, 4)(x)) is None        # not a C-layer
+
+
+@pytest.mark.parametrize("rule", ["backmatch", "backmatch-layerwise"])
+def test_rules_run_under_bf16_autocast(rule):
+    model = cx.consequentialize(nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.MaxPool2d(2), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(12, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)), rule=rule)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(5, 2, 6, 6))
+    out.float().square().sum().backward()
+    for p in model.parameters():
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+def test_all_zero_weights_send_a_zero_signal():
+    """δa/δ'a = 0 (no weight leaves any input): the minimum-norm signal 0, not 0/0."""
+    for layer, x in [(cx.CLinear(3, 2, rule="backmatch-layerwise"), torch.randn(4, 3)),
+                     (cx.CConv2d(2, 3, 3, rule="backmatch-layerwise"), torch.randn(2, 2, 5, 5))]:
+        nn.init.zeros_(layer.weight)
+        x.requires_grad_()
+        layer(x).sum().backward()
+        assert torch.equal(x.grad, torch.zeros_like(x))
+        assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
