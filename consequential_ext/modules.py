@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as CF
+from .amortize import amortizer_of
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, check_rule
 
 __all__ = ["CLinear", "CConv2d", "CLayerMixin"]
@@ -44,7 +45,8 @@ class CLinear(CLayerMixin, nn.Linear):
         self.rule, self.ridge = rule, ridge
 
     def forward(self, input):
-        return CF.clinear(input, self.weight, self.bias, rule=self.rule, ridge=self.ridge)
+        return CF.clinear(input, self.weight, self.bias, rule=self.rule, ridge=self.ridge,
+                          amortizer=amortizer_of(self))
 
     def extra_repr(self):
         return f"{super().extra_repr()}, {self._cx_repr()}"
@@ -66,7 +68,8 @@ class CConv2d(CLayerMixin, nn.Conv2d):
         else:
             padding = self.padding
         return CF.cconv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
-                          self.groups, rule=self.rule, ridge=self.ridge)
+                          self.groups, rule=self.rule, ridge=self.ridge,
+                          amortizer=amortizer_of(self))
 
     def extra_repr(self):
         return f"{super().extra_repr()}, {self._cx_repr()}"

@@ -104,8 +104,22 @@ def ridge_solve(gram, grad, ridge, *, out_dtype=None):
     if backend == "triton":
         from . import triton as triton_ops
         return triton_ops.ridge_solve(gram, grad, float(ridge), out_dtype)
-    out = torch.ops.consequential_ext.ridge_solve(gram, grad, float(ridge), out_dtype)
+    return torch.ops.consequential_ext.ridge_solve_reporting(gram, grad, float(ridge), out_dtype)
+
+
+# The compiled solve and its escalation warning as one Python custom op. torch.compile keeps
+# a custom op opaque, so the kernels' escalation record is taken (and the warning given)
+# each time the graph runs; traced inline, the record would be read once, at trace time.
+@torch.library.custom_op("consequential_ext::ridge_solve_reporting", mutates_args=())
+def _ridge_solve_reporting(gram: torch.Tensor, grad: torch.Tensor, ridge: float,
+                           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    out = torch.ops.consequential_ext.ridge_solve(gram, grad, ridge, out_dtype)
     escalations = torch.ops.consequential_ext.take_ridge_escalations()
     if escalations:
         reference.warn_escalated(escalations[0], escalations[1])
     return out
+
+
+@_ridge_solve_reporting.register_fake
+def _(gram, grad, ridge, out_dtype=None):
+    return grad.new_empty(grad.shape, dtype=out_dtype or grad.dtype)
