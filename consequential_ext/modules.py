@@ -10,21 +10,13 @@ import torch.nn.functional as F
 
 from . import functional as CF
 from .amortize import amortizer_of
-from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, check_rule
+from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, RuleAttribute, check_ridge
 
 __all__ = ["CLinear", "CConv2d", "CLayerMixin"]
 
 
-class CLayerMixin:
+class CLayerMixin(RuleAttribute):
     """``rule`` and ``ridge`` as validated attributes (checked on every assignment)."""
-
-    @property
-    def rule(self):
-        return self._cx_rule
-
-    @rule.setter
-    def rule(self, value):
-        self._cx_rule = check_rule(value)
 
     @property
     def ridge(self):

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .._conv_args import check_conv_args
 from ._common import accumulate_dtype, check_precision, describe, num_programs_target
 from ._register import check_device, is_interpreted, register_kernel_op
 
@@ -207,12 +208,6 @@ im2col_gram_op = register_kernel_op("consequential_ext_triton::im2col_gram", _im
                                     fake=_im2col_gram_fake, kernels=(_im2col_gram_kernel,))
 
 
-def _pair(value, name):
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return list(pair)
-
 
 def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=False, *,
                 input_precision=None, method="implicit", block_d=0, block_p=0, split=0):
@@ -222,22 +217,9 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=
     correlations, ``shift.py``); ``block_d`` / ``block_p`` / ``split``: tile sizes and
     patch-range split of the implicit kernel (0: automatic).
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"im2col_gram: x must be a floating-point (B, C, H, W) tensor, got "
-                         f"{describe(x)}")
+    ks, st, pd, dl = (list(p) for p in check_conv_args(x, kernel_size, stride, padding,
+                                                     dilation, groups))
     check_device("im2col_gram", "x", x, _im2col_gram_kernel)
-    ks, st = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
-    pd, dl = _pair(padding, "padding"), _pair(dilation, "dilation")
-    if min(ks) < 1 or min(st) < 1 or min(dl) < 1 or min(pd) < 0:
-        raise ValueError(f"im2col_gram: need kernel_size, stride, dilation >= 1 and padding >= 0, "
-                         f"got kernel_size={ks}, stride={st}, padding={pd}, dilation={dl}")
-    if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups:
-        raise ValueError(f"im2col_gram: groups must be a positive int dividing C={x.shape[1]}, "
-                         f"got {groups!r}")
-    for i in range(2):
-        if _output_size(x.shape[2 + i], ks[i], st[i], pd[i], dl[i]) < 1:
-            raise ValueError(f"im2col_gram: kernel_size {ks} (dilation {dl}) does not fit the "
-                             f"padded input {tuple(x.shape[2:])} + 2·{pd}")
     for name, value in (("block_d", block_d), ("block_p", block_p)):
         if value and (value < 16 or value & (value - 1)):
             raise ValueError(f"im2col_gram: {name} must be 0 (automatic) or a power of two >= 16, "
