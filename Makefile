@@ -12,7 +12,7 @@ EXT        := consequential_ext/_C.abi3.so
 CSRC       := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 PYTEST_ARGS ?=
 
-.PHONY: env build test bench clean
+.PHONY: env build cuda-check test bench clean
 
 env: $(VENV)/.ready
 $(VENV)/.ready: pyproject.toml tools/requirements.py
@@ -26,7 +26,15 @@ build: $(EXT)
 $(EXT): $(VENV)/.ready setup.py $(CSRC)
 	$(PY) setup.py -q build_ext --inplace
 
-test: build
+# Every CUDA kernel source compiled by nvcc (no GPU needed), with the ptxas register/spill
+# report; re-run only when a CUDA source or the script changed.
+CUDA_SRC   := $(shell find csrc/cuda -type f \( -name '*.cu' -o -name '*.cuh' -o -name '*.h' \))
+cuda-check: build/nvcc-check/.done
+build/nvcc-check/.done: $(CUDA_SRC) $(wildcard csrc/cuda/*.cpp) tools/nvcc_check.sh
+	PYTHON=$(PY) tools/nvcc_check.sh build/nvcc-check
+	touch $@
+
+test: build cuda-check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: build

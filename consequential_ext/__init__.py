@@ -4,11 +4,16 @@
     model = cx.consequentialize(model)          # or cx.CLinear / cx.CConv2d directly
 """
 from ._version import __version__
-from . import functional, ops, optim
+from . import distributed, functional, ops, optim
 from ._validate import DEFAULT_RIDGE, RULES
+from ._build_check import check_extension
+from .amortize import amortize
 from .convert import consequentialize
 from .modules import CConv2d, CLinear
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
 
 __all__ = ["__version__", "CLinear", "CConv2d", "consequentialize", "functional", "ops", "RULES",
-           "DEFAULT_RIDGE", "BackMatchBatchNorm1d", "BackMatchBatchNorm2d", "optim"]
+           "DEFAULT_RIDGE", "BackMatchBatchNorm1d", "BackMatchBatchNorm2d", "optim", "amortize",
+           "distributed"]
+
+check_extension()  # an extension built for another torch fails loudly here, naming both

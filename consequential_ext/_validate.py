@@ -21,3 +21,15 @@ def check_ridge(ridge):
             or not math.isfinite(ridge) or ridge <= 0:
         raise ValueError(f"ridge must be a finite float > 0; got {ridge!r}")
     return float(ridge)
+
+
+class RuleAttribute:
+    """Mixin: ``rule`` as a module attribute validated on every assignment."""
+
+    @property
+    def rule(self):
+        return self._cx_rule
+
+    @rule.setter
+    def rule(self, value):
+        self._cx_rule = check_rule(value)

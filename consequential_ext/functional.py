@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from . import backmatch, layerwise, matching
+from .amortize import check_amortizer
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, check_rule
 
 __all__ = ["clinear", "cconv2d", "CLinearFunction", "CConv2dFunction"]
@@ -21,14 +22,15 @@ __all__ = ["clinear", "cconv2d", "CLinearFunction", "CConv2dFunction"]
 
 class CLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(input, weight, bias, rule, ridge):
+    def forward(input, weight, bias, rule, ridge, amortizer=None):
         return F.linear(input, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, rule, ridge = inputs
+        input, weight, bias, rule, ridge, amortizer = inputs
         ctx.save_for_backward(input, weight)
         ctx.has_bias, ctx.rule, ctx.ridge = bias is not None, rule, ridge
+        ctx.amortizer = amortizer
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -47,10 +49,10 @@ class CLinearFunction(torch.autograd.Function):
         elif ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             gw, gb = matching.matched_linear(input.reshape(-1, input.shape[-1]),
                                              grad_output.reshape(-1, grad_output.shape[-1]),
-                                             ctx.has_bias, ctx.ridge)
+                                             ctx.has_bias, ctx.ridge, amortizer=ctx.amortizer)
             grad_weight = gw.to(weight.dtype)
             grad_bias = gb.to(weight.dtype) if gb is not None else None
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None
 
 
 def _explicit_padding(padding, kernel_size, dilation):
@@ -69,15 +71,17 @@ def _explicit_padding(padding, kernel_size, dilation):
 
 class CConv2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(input, weight, bias, stride, padding, dilation, groups, rule, ridge):
+    def forward(input, weight, bias, stride, padding, dilation, groups, rule, ridge,
+                amortizer=None):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, stride, padding, dilation, groups, rule, ridge = inputs
+        input, weight, bias, stride, padding, dilation, groups, rule, ridge, amortizer = inputs
         ctx.save_for_backward(input, weight)
         ctx.conf = (_pair(stride), padding, _pair(dilation), groups)
         ctx.has_bias, ctx.rule, ctx.ridge = bias is not None, rule, ridge
+        ctx.amortizer = amortizer
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -112,33 +116,39 @@ class CConv2dFunction(torch.autograd.Function):
                 ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         elif ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             gw, gb = matching.matched_conv2d(x, grad_output, weight.shape, stride, (ph, pw),
-                                             dilation, groups, ctx.has_bias, ctx.ridge)
+                                             dilation, groups, ctx.has_bias, ctx.ridge,
+                                             amortizer=ctx.amortizer)
             grad_weight = gw.to(weight.dtype)
             grad_bias = gb.to(weight.dtype) if gb is not None else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def clinear(input, weight, bias=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
-    """``F.linear`` whose backward gives weight/bias the matched gradient of ``rule``."""
+def clinear(input, weight, bias=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, amortizer=None):
+    """``F.linear`` whose backward gives weight/bias the matched gradient of ``rule``
+    (with ``amortizer``, an ``amortize.GramAmortizer``: from its running Gram)."""
     check_rule(rule)
     ridge = check_ridge(ridge)
     if rule == "sgd":
         return F.linear(input, weight, bias)
-    return CLinearFunction.apply(input, weight, bias, rule, ridge)
+    d = weight.shape[1] + (bias is not None)
+    amortizer = check_amortizer(amortizer, (d, d))
+    return CLinearFunction.apply(input, weight, bias, rule, ridge, amortizer)
 
 
 def cconv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-            rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
+            rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, amortizer=None):
     """``F.conv2d`` (zero padding: int, pair, 'same' or 'valid') whose backward gives
-    weight/bias the matched gradient of ``rule``."""
+    weight/bias the matched gradient of ``rule`` (``amortizer``: as in ``clinear``)."""
     check_rule(rule)
     ridge = check_ridge(ridge)
     if isinstance(padding, str) and padding not in ("same", "valid"):
         raise ValueError(f"padding must be an int, a pair, 'same' or 'valid'; got {padding!r}")
     if rule == "sgd":
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    d = weight[0].numel() + (bias is not None)
+    amortizer = check_amortizer(amortizer, (groups, d, d))
     if input.dim() == 3:  # unbatched (C, H, W), as F.conv2d accepts: one sample
         return CConv2dFunction.apply(input.unsqueeze(0), weight, bias, stride, padding, dilation,
-                                     groups, rule, ridge).squeeze(0)
+                                     groups, rule, ridge, amortizer).squeeze(0)
     return CConv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups, rule,
-                                 ridge)
+                                 ridge, amortizer)

@@ -7,9 +7,11 @@ patch); ``cheaper_side`` picks by flop count.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from . import ops
+from . import distributed, ops
 from .ops.reference import accumulate_dtype, im2col
 
 
@@ -24,20 +26,46 @@ def _with_ones(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1)
 
 
-def matched_linear(x2d, gy2d, has_bias, ridge, side=None):
+def _shared_gram_side(side, group, amortizer):
+    # Column-side (P×P) systems differ per rank and per step: only the D×D Gram can be
+    # summed across ranks or averaged across steps.
+    return "row" if group is not None or amortizer is not None else side
+
+
+def _solve(gram, grad, ridge, amortizer):
+    if amortizer is not None:
+        return amortizer.precondition(gram, grad, ridge)
+    return ops.ridge_solve(gram, grad, ridge)
+
+
+def _autocast_off(fn):
+    """Run ``fn`` with autocast disabled: backward may run inside an autocast region, whose
+    bf16/fp16 matmuls would undo the float32 accumulation of Gram, G and solve."""
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
+    return wrapper
+
+
+@_autocast_off
+def matched_linear(x2d, gy2d, has_bias, ridge, side=None, amortizer=None):
     """Matched (grad_weight, grad_bias) of a Linear layer, float32-or-better.
 
     x2d: (N, in) layer inputs, gy2d: (N, out) gradient of the loss w.r.t. the outputs.
+    amortizer: an ``amortize.GramAmortizer`` to solve with its running Gram instead.
+    Under torch.distributed the Gram is summed across ranks (``distributed.py``).
     """
     work = accumulate_dtype(x2d.dtype)
     x, gy = x2d.to(work), gy2d.to(work)
     rows = _with_ones(x) if has_bias else x                     # (N, D): Xᵀ
     n, d = rows.shape
-    side = side or cheaper_side(n, d, gy.shape[1])
+    group = distributed.gram_group()
+    side = _shared_gram_side(side, group, amortizer) or cheaper_side(n, d, gy.shape[1])
     if side == "row":
-        gram = rows.T @ rows / n                                # A, (D, D)
+        pending = distributed.PendingGram(rows.T @ rows, n, group)  # overlaps G below
         grad = gy.T @ rows                                      # G, (out, D)
-        matched = ops.ridge_solve(gram, grad, ridge)
+        matched = _solve(pending.wait(), grad, ridge, amortizer)    # A = ΣXXᵀ / ΣN
     else:
         gram = rows @ rows.T / n                                # XᵀX / N, (N, N)
         matched = ops.ridge_solve(gram, gy.T.contiguous(), ridge) @ rows
@@ -46,12 +74,14 @@ def matched_linear(x2d, gy2d, has_bias, ridge, side=None):
     return matched, None
 
 
+@_autocast_off
 def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_bias, ridge,
-                   side=None):
+                   side=None, amortizer=None):
     """Matched (grad_weight, grad_bias) of a Conv2d layer, float32-or-better.
 
     x: (B, C, H, W) input already padded so that ``padding`` (a pair) is symmetric;
     gy: (B, out, Ho, Wo). N = B, the number of samples a mean-reduced loss averages over.
+    amortizer and torch.distributed: as in ``matched_linear``.
     """
     work = accumulate_dtype(x.dtype)
     out, cg, kh, kw = weight_shape
@@ -59,14 +89,15 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
     og = out // groups
     d = cg * kh * kw + int(has_bias)
     p = b * gy.shape[2] * gy.shape[3]
-    side = side or cheaper_side(p, d, og)
+    group = distributed.gram_group()
+    side = _shared_gram_side(side, group, amortizer) or cheaper_side(p, d, og)
     if side == "row":
         gram = ops.im2col_gram(x, (kh, kw), stride, padding, dilation, groups=groups,
                                bias=has_bias)
-        gram = gram.reshape(groups, d, d) / b
+        pending = distributed.PendingGram(gram.reshape(groups, d, d), b, group)  # overlaps G
         grad = _conv_weight_grad(x, gy, weight_shape, stride, padding, dilation, groups, has_bias,
                                  work)
-        matched = ops.ridge_solve(gram, grad, ridge)
+        matched = _solve(pending.wait(), grad, ridge, amortizer)
     else:
         # dZ per group with columns in im2col order (sample, then output location).
         dz = gy.to(work).reshape(b, groups, og, -1).permute(1, 2, 0, 3).reshape(groups, og, p)

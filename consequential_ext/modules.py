@@ -9,21 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as CF
-from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, check_rule
+from .amortize import amortizer_of
+from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, RuleAttribute, check_ridge
 
 __all__ = ["CLinear", "CConv2d", "CLayerMixin"]
 
 
-class CLayerMixin:
+class CLayerMixin(RuleAttribute):
     """``rule`` and ``ridge`` as validated attributes (checked on every assignment)."""
-
-    @property
-    def rule(self):
-        return self._cx_rule
-
-    @rule.setter
-    def rule(self, value):
-        self._cx_rule = check_rule(value)
 
     @property
     def ridge(self):
@@ -44,7 +37,8 @@ class CLinear(CLayerMixin, nn.Linear):
         self.rule, self.ridge = rule, ridge
 
     def forward(self, input):
-        return CF.clinear(input, self.weight, self.bias, rule=self.rule, ridge=self.ridge)
+        return CF.clinear(input, self.weight, self.bias, rule=self.rule, ridge=self.ridge,
+                          amortizer=amortizer_of(self))
 
     def extra_repr(self):
         return f"{super().extra_repr()}, {self._cx_repr()}"
@@ -66,7 +60,8 @@ class CConv2d(CLayerMixin, nn.Conv2d):
         else:
             padding = self.padding
         return CF.cconv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
-                          self.groups, rule=self.rule, ridge=self.ridge)
+                          self.groups, rule=self.rule, ridge=self.ridge,
+                          amortizer=amortizer_of(self))
 
     def extra_repr(self):
         return f"{super().extra_repr()}, {self._cx_repr()}"

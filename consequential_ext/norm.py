@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import backmatch, layerwise
-from ._validate import DEFAULT_RULE, check_rule
+from ._validate import DEFAULT_RULE, RuleAttribute
 
 __all__ = ["BackMatchBatchNorm1d", "BackMatchBatchNorm2d", "BackMatchBatchNormFunction"]
 
@@ -75,16 +75,8 @@ class BackMatchBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-class _BackMatchBatchNorm:
-    """``rule`` as a validated attribute and the rule-dependent forward."""
-
-    @property
-    def rule(self):
-        return self._cx_rule
-
-    @rule.setter
-    def rule(self, value):
-        self._cx_rule = check_rule(value)
+class _BackMatchBatchNorm(RuleAttribute):
+    """The rule-dependent forward."""
 
     def forward(self, input):
         bn_forward = super().forward

@@ -15,6 +15,7 @@ import torch
 
 from . import reference
 from ._backends import available_backends, backend_for
+from ._conv_args import check_conv_args
 from ._fake import register_fakes
 
 __all__ = ["im2col_gram", "ridge_solve", "use_backend", "available_backends", "reference"]
@@ -37,15 +38,6 @@ def use_backend(name: str | None):
         _forced.name = previous
 
 
-def _pair(value, name):
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if (isinstance(value, (tuple, list)) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        return tuple(value)
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-
-
 def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, *, groups=1, bias=False):
     """Σ over every im2col patch of ``x`` of patch·patchᵀ, unnormalised.
 
@@ -53,23 +45,7 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, *, groups=1, bi
     (groups, D, D) otherwise, D = C/groups·kh·kw (+1 with ``bias``: the constant-1 row
     a bias multiplies). float32 accumulation (float64 for float64 input).
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"im2col_gram: x must be a 4-D (B, C, H, W) tensor, got "
-                         f"{getattr(x, 'shape', type(x).__name__)}")
-    if not x.is_floating_point():
-        raise TypeError(f"im2col_gram: x must be floating point, got {x.dtype}")
-    ks, st = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
-    pd, dl = _pair(padding, "padding"), _pair(dilation, "dilation")
-    if min(ks) < 1 or min(st) < 1 or min(dl) < 1 or min(pd) < 0:
-        raise ValueError(f"im2col_gram: need kernel_size, stride, dilation >= 1 and padding >= 0, "
-                         f"got kernel_size={ks}, stride={st}, padding={pd}, dilation={dl}")
-    if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups:
-        raise ValueError(f"im2col_gram: groups must be a positive int dividing C={x.shape[1]}, "
-                         f"got {groups!r}")
-    for i in range(2):
-        if x.shape[2 + i] + 2 * pd[i] < dl[i] * (ks[i] - 1) + 1:
-            raise ValueError(f"im2col_gram: kernel_size {ks} (dilation {dl}) does not fit the "
-                             f"padded input {tuple(x.shape[2:])} + 2·{pd}")
+    ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
     backend = backend_for("im2col_gram", x, getattr(_forced, "name", None))
     if backend == "reference":
         gram = reference.im2col_gram(x, ks, st, pd, dl, groups, bias)
@@ -104,8 +80,22 @@ def ridge_solve(gram, grad, ridge, *, out_dtype=None):
     if backend == "triton":
         from . import triton as triton_ops
         return triton_ops.ridge_solve(gram, grad, float(ridge), out_dtype)
-    out = torch.ops.consequential_ext.ridge_solve(gram, grad, float(ridge), out_dtype)
+    return torch.ops.consequential_ext.ridge_solve_reporting(gram, grad, float(ridge), out_dtype)
+
+
+# The compiled solve and its escalation warning as one Python custom op. torch.compile keeps
+# a custom op opaque, so the kernels' escalation record is taken (and the warning given)
+# each time the graph runs; traced inline, the record would be read once, at trace time.
+@torch.library.custom_op("consequential_ext::ridge_solve_reporting", mutates_args=())
+def _ridge_solve_reporting(gram: torch.Tensor, grad: torch.Tensor, ridge: float,
+                           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    out = torch.ops.consequential_ext.ridge_solve(gram, grad, ridge, out_dtype)
     escalations = torch.ops.consequential_ext.take_ridge_escalations()
     if escalations:
         reference.warn_escalated(escalations[0], escalations[1])
     return out
+
+
+@_ridge_solve_reporting.register_fake
+def _(gram, grad, ridge, out_dtype=None):
+    return grad.new_empty(grad.shape, dtype=out_dtype or grad.dtype)

@@ -26,6 +26,10 @@ def _triton_has(op: str) -> bool:
     return hasattr(triton_ops, op)
 
 
+# Evaluated at trace time under torch.compile (the result is a constant of the graph): which
+# kernels are registered does not change while a graph runs, and dynamo cannot trace the
+# dispatcher query.
+@torch.compiler.assume_constant_result
 def available_backends(op: str, device: torch.device | str) -> list[str]:
     """Backends able to run ``op`` on tensors of ``device``, in dispatch order."""
     device = torch.device(device)

@@ -25,9 +25,10 @@ def im2col(x, kernel_size, stride, padding, dilation, groups=1, bias=False):
     then kernel column); with ``bias`` a constant-1 row is appended per group.
     """
     b, c = x.shape[:2]
+    d = c // groups * kernel_size[0] * kernel_size[1]    # explicit: -1 is ambiguous when b == 0
     cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
-    cols = cols.reshape(b, groups, -1, cols.shape[-1]).permute(1, 2, 0, 3)
-    cols = cols.reshape(groups, cols.shape[1], -1)
+    cols = cols.reshape(b, groups, d, cols.shape[-1]).permute(1, 2, 0, 3)
+    cols = cols.reshape(groups, d, b * cols.shape[-1])
     if bias:
         cols = torch.cat([cols, cols.new_ones(groups, 1, cols.shape[-1])], dim=1)
     return cols

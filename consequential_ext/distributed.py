@@ -1,0 +1,71 @@
+"""Sum each layer's Gram and sample count across ranks in backward (DESIGN.md §2, DDP).
+
+Under an initialised ``torch.distributed`` process group every rank solves with the global
+second moment ``A = Σ_r gram_r / Σ_r N_r``, so ``G_r (A + λI)⁻¹`` is linear in the rank's
+own gradient ``G_r`` and DDP's average over equal-size ranks equals the single-process
+update on the concatenated batch. The all-reduce is launched as soon as a layer's Gram is
+built and waited on just before its solve, so it overlaps the ordinary-gradient
+computation in between.
+
+Every rank must run the backward of the same C-layers in the same order (as DDP already
+requires); a layer used on some ranks only would leave the others waiting.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["gram_sync", "gram_group", "PendingGram"]
+
+# Process-global, not thread-local: CUDA backward runs on autograd's device threads.
+_enabled = True
+_group = None  # None: the default (world) group
+
+
+@contextlib.contextmanager
+def gram_sync(enabled: bool = True, *, group=None):
+    """Within this block, backward sums Grams over ``group`` (default: world) when a process
+    group is initialised; ``enabled=False`` keeps each rank's Gram local. The setting in
+    effect when ``backward`` runs is the one that counts."""
+    global _enabled, _group
+    if not isinstance(enabled, bool):
+        raise TypeError(f"gram_sync: enabled must be a bool, got {enabled!r}")
+    previous = _enabled, _group
+    _enabled, _group = enabled, group
+    try:
+        yield
+    finally:
+        _enabled, _group = previous
+
+
+def gram_group():
+    """The group Grams are summed over in this backward, or None for a local solve."""
+    if not _enabled or not dist.is_available() or not dist.is_initialized():
+        return None
+    group = _group if _group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+class PendingGram:
+    """A layer's Gram on its way to ``Σ_r gram_r / Σ_r N_r``: ``wait()`` gives that mean.
+
+    gram: unnormalised Σ x xᵀ of this rank, any shape; count: this rank's N.
+    """
+
+    def __init__(self, gram: torch.Tensor, count: int, group=None):
+        self._shape = gram.shape
+        self._work = None
+        if group is None:
+            self._gram, self._count = gram, count
+            return
+        # One collective carries both sums; N stays exact in float32 up to 2^24 samples.
+        self._packed = torch.cat([gram.reshape(-1), gram.new_full((1,), float(count))])
+        self._work = dist.all_reduce(self._packed, group=group, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        if self._work is None:
+            return self._gram / self._count
+        self._work.wait()
+        return self._packed[:-1].reshape(self._shape) / self._packed[-1]

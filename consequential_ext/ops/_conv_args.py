@@ -1,0 +1,37 @@
+"""Checks of an im2col_gram call's convolution geometry, shared by every backend's entry."""
+from __future__ import annotations
+
+import torch
+
+
+def _pair(value, name):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return tuple(value)
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def check_conv_args(x, kernel_size, stride, padding, dilation, groups):
+    """Validate ``x`` (B, C, H, W) floating point and the geometry; return the four pairs
+    (kernel_size, stride, padding, dilation) as tuples of ints."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"im2col_gram: x must be a 4-D (B, C, H, W) tensor, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    if not x.is_floating_point():
+        raise TypeError(f"im2col_gram: x must be floating point, got {x.dtype}")
+    ks, st = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
+    pd, dl = _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(ks) < 1 or min(st) < 1 or min(dl) < 1 or min(pd) < 0:
+        raise ValueError(f"im2col_gram: need kernel_size, stride, dilation >= 1 and padding >= 0, "
+                         f"got kernel_size={ks}, stride={st}, padding={pd}, dilation={dl}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 \
+            or x.shape[1] % groups:
+        raise ValueError(f"im2col_gram: groups must be a positive int dividing C={x.shape[1]}, "
+                         f"got {groups!r}")
+    for i in range(2):
+        if x.shape[2 + i] + 2 * pd[i] < dl[i] * (ks[i] - 1) + 1:
+            raise ValueError(f"im2col_gram: kernel_size {ks} (dilation {dl}) does not fit the "
+                             f"padded input {tuple(x.shape[2:])} + 2·{pd}")
+    return ks, st, pd, dl

@@ -1,0 +1,34 @@
+"""Registers a Triton launcher as a ``torch.library`` operator.
+
+Compiled Triton kernels go through ``torch.library.triton_op`` (+ ``wrap_triton`` in the
+launcher), so ``torch.compile`` traces into the kernel and Inductor can schedule it.
+Under ``TRITON_INTERPRET=1`` the kernels are interpreted Python that cannot run on fake
+tensors, so the same launcher becomes an opaque ``custom_op`` with an explicit fake:
+CI still checks schema, fake shapes and ``torch.compile(fullgraph=True)`` capture.
+"""
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op
+from triton.runtime.interpreter import InterpretedFunction
+
+
+def is_interpreted(kernel) -> bool:
+    """True when TRITON_INTERPRET=1 made ``kernel`` interpreted Python."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def check_device(op, name, tensor, kernel):
+    """Compiled kernels need CUDA tensors; interpreted ones run on CPU tensors."""
+    if tensor.device.type != "cuda" and not is_interpreted(kernel):
+        raise ValueError(f"{op}: {name} must be a CUDA tensor for the Triton kernels (got "
+                         f"{tensor.device}; CPU tensors run only under TRITON_INTERPRET=1)")
+
+
+def register_kernel_op(name, launcher, *, fake, kernels):
+    """``launcher`` (type-annotated; its schema is inferred) as operator ``name``."""
+    if any(is_interpreted(kernel) for kernel in kernels):
+        op = torch.library.custom_op(name, launcher, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return triton_op(name, launcher, mutates_args=())

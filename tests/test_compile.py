@@ -1,0 +1,110 @@
+"""torch.compile: every custom op passes opcheck; consequentialized models compile with
+fullgraph=True and give eager's gradients."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import consequential_ext as cx
+
+NAMESPACE = "consequential_ext::"
+
+
+def _spd(*batch_and_d, dtype=torch.float32):
+    *batch, d = batch_and_d
+    a = torch.randn(*batch, d, d + 2, dtype=dtype)
+    return a @ a.transpose(-1, -2) / d
+
+
+def _ridge_solve_samples():
+    return [(_spd(9), torch.randn(4, 9), 0.1),
+            (_spd(3, 7, dtype=torch.float64), torch.randn(3, 5, 7, dtype=torch.float64), 1e-3),
+            (_spd(2, 5), torch.randn(2, 1, 5, dtype=torch.bfloat16), 0.5, torch.float32)]
+
+
+def _im2col_gram_samples():
+    return [(torch.randn(2, 3, 7, 6), [3, 3], [1, 1], [1, 1], [1, 1], 1, True),
+            (torch.randn(1, 6, 9, 8, dtype=torch.float64), [3, 2], [2, 1], [1, 0], [1, 2], 3,
+             False)]
+
+
+# Sample arguments per op with Tensor arguments. A new op fails test_every_op_has_samples
+# until it gets an entry here, so opcheck covers it from the start.
+SAMPLES = {
+    "ridge_solve": _ridge_solve_samples,
+    "ridge_solve_reporting": _ridge_solve_samples,
+    "im2col_gram": _im2col_gram_samples,
+}
+
+
+def _tensor_ops():
+    names = sorted(n[len(NAMESPACE):] for n in torch._C._dispatch_get_all_op_names()
+                   if n.startswith(NAMESPACE))
+    return [n for n in names
+            if any(isinstance(a.type, torch.TensorType)
+                   for a in getattr(torch.ops.consequential_ext, n).default._schema.arguments)]
+
+
+def _runs_on_cpu(name):
+    key = NAMESPACE + name
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(key, k)
+               for k in ("CPU", "CompositeExplicitAutograd", "CompositeImplicitAutograd"))
+
+
+def test_every_op_has_samples():
+    ops = _tensor_ops()
+    assert "ridge_solve" in ops, ops  # the compiled extension is loaded
+    assert not set(ops) - set(SAMPLES), f"add opcheck samples for {set(ops) - set(SAMPLES)}"
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_opcheck(name):
+    if name not in _tensor_ops():
+        pytest.skip(f"consequential_ext::{name} is not registered in this build")
+    if not _runs_on_cpu(name):
+        pytest.skip(f"consequential_ext::{name} has no CPU kernel in this build (reference only)")
+    op = getattr(torch.ops.consequential_ext, name).default
+    torch.manual_seed(0)
+    for args in SAMPLES[name]():
+        torch.library.opcheck(op, args)
+
+
+def _model():
+    torch.manual_seed(0)
+    return cx.consequentialize(nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding="same", groups=2), nn.ReLU(),
+        nn.Conv2d(6, 5, 3, stride=2, bias=False), nn.Flatten(),
+        nn.Linear(5 * 3 * 3, 7), nn.Tanh(), nn.Linear(7, 3)), ridge=1e-2)
+
+
+def _grads(model, x, t):
+    model.zero_grad()
+    (0.5 * (model(x) - t).square().sum(-1).mean()).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+# The small batch takes the column side for the Linear layers, the large one the row side;
+# aot_eager for the second keeps CI time down (the custom ops are opaque to both backends).
+@pytest.mark.parametrize("batch, backend", [(3, "inductor"), (16, "aot_eager")])
+def test_compiled_model_matches_eager(batch, backend):
+    torch._dynamo.reset()
+    x, t = torch.randn(batch, 4, 7, 7), torch.randn(batch, 3)
+    model = _model()
+    eager = _grads(model, x, t)
+    compiled = _grads(torch.compile(model, backend=backend, fullgraph=True), x, t)
+    for i, (c, e) in enumerate(zip(compiled, eager, strict=True)):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6, msg=lambda m: f"param {i}: {m}")
+
+
+def test_compiled_escalation_warns_when_the_graph_runs():
+    torch._dynamo.reset()
+    layer = cx.CLinear(4, 2, bias=False, ridge=1e-9)
+    forward = torch.compile(lambda x: layer(x).sum(), fullgraph=True)
+    x = torch.randn(50, 1).expand(50, 4).contiguous()  # rank-1 inputs: a singular Gram
+    cx.ops.reference._escalation_warned = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        forward(x).backward()
+    assert any("ridge escalated" in str(w.message) for w in caught)
+    assert torch.isfinite(layer.weight.grad).all()

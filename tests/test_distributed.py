@@ -1,0 +1,165 @@
+"""Two gloo ranks on this machine give the single-process update on the concatenated batch.
+
+One spawn runs every scenario (starting processes is the slow part); rank 0 saves what each
+produced and the test compares it with references computed here, in one process.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import consequential_ext as cx
+
+WORLD = 2
+PER_RANK = 5  # samples per rank; < D of the conv layer, so one process would pick columns
+RIDGE = 1e-2
+LR = 0.5
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 5 * 5, 6), nn.Tanh(), nn.Linear(6, 3))
+    return cx.consequentialize(model, ridge=RIDGE)
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(WORLD * PER_RANK, 3, 5, 5, generator=gen),
+            torch.randn(WORLD * PER_RANK, 3, generator=gen))
+
+
+def _loss(model, x, t):
+    return 0.5 * (model(x) - t).square().sum(-1).mean()
+
+
+def _step(model, x, t):
+    """Gradients after one backward, and the parameters after one SGD step."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    opt.zero_grad()
+    _loss(model, x, t).backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    opt.step()
+    return grads, [p.detach().clone() for p in model.parameters()]
+
+
+def _full(module):
+    """A parameter list with FSDP's shards gathered back into full tensors."""
+    return [t.full_tensor() if hasattr(t, "full_tensor") else t for t in module]
+
+
+def _worker(rank, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        x, t = _batch()
+        mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        results = {}
+        ddp = nn.parallel.DistributedDataParallel(_model())
+        results["ddp"] = _step(ddp, x[mine], t[mine])
+        ddp = nn.parallel.DistributedDataParallel(_model())
+        with cx.distributed.gram_sync(False):
+            results["ddp_local_gram"] = _step(ddp, x[mine], t[mine])
+        ddp = nn.parallel.DistributedDataParallel(cx.amortize(_model(), every=2, decay=0.5))
+        for scale in (1.0, 3.0):  # a second step folds a different Gram into the EMA
+            results["ddp_amortized"] = _step(ddp, scale * x[mine], t[mine])
+        try:
+            from torch.distributed.fsdp import fully_shard
+            model = _model()
+            for layer in model:
+                if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                    fully_shard(layer)
+            fully_shard(model)
+            grads, params = _step(model, x[mine], t[mine])
+            results["fsdp"] = (_full(grads), _full(params))
+        except Exception as error:  # noqa: BLE001  (reported to the parent, which skips)
+            results["fsdp"] = f"{type(error).__name__}: {error}"
+        if rank == 0:
+            torch.save(results, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    out_path = tmp_path_factory.mktemp("dist") / "results.pt"
+    mp.spawn(_worker, args=(_free_port(), str(out_path)), nprocs=WORLD, join=True)
+    return torch.load(out_path, weights_only=False)
+
+
+def _rel_err(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def _assert_close_lists(actual, expected):
+    """Norm-wise, at float32 tolerance: one process in float32 is itself ~2e-5 from float64
+    here (the solves amplify rounding by the condition number), entry-wise checks would
+    trip on entries near zero."""
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert a.shape == e.shape, (i, a.shape, e.shape)
+        assert _rel_err(a, e) < 1e-4, f"tensor {i}: relative error {_rel_err(a, e):.2e}"
+
+
+def test_ddp_equals_one_process_on_concatenated_batch(two_rank_results):
+    grads, params = two_rank_results["ddp"]
+    x, t = _batch()
+    ref_grads, ref_params = _step(_model(), x, t)
+    _assert_close_lists(grads, ref_grads)
+    _assert_close_lists(params, ref_params)
+
+
+def test_ddp_without_gram_sync_averages_per_rank_solves(two_rank_results):
+    grads, _ = two_rank_results["ddp_local_gram"]
+    x, t = _batch()
+    per_rank = [_step(_model(), x[r * PER_RANK:(r + 1) * PER_RANK],
+                      t[r * PER_RANK:(r + 1) * PER_RANK])[0] for r in range(WORLD)]
+    expected = [sum(gs) / WORLD for gs in zip(*per_rank)]
+    _assert_close_lists(grads, expected)
+    # and it is a different update: the synchronised one uses the global Gram
+    synced, _ = two_rank_results["ddp"]
+    assert _rel_err(grads[0], synced[0]) > 1e-2
+
+
+def test_ddp_amortized_uses_the_global_running_gram(two_rank_results):
+    grads, params = two_rank_results["ddp_amortized"]
+    x, t = _batch()
+    model = cx.amortize(_model(), every=2, decay=0.5)
+    for scale in (1.0, 3.0):
+        ref_grads, ref_params = _step(model, scale * x, t)
+    _assert_close_lists(grads, ref_grads)
+    _assert_close_lists(params, ref_params)
+
+
+def test_fsdp_fully_shard_equals_one_process(two_rank_results):
+    result = two_rank_results["fsdp"]
+    if isinstance(result, str):
+        pytest.skip(f"fully_shard does not run on CPU/gloo here: {result}")
+    grads, params = result
+    x, t = _batch()
+    ref_grads, ref_params = _step(_model(), x, t)
+    _assert_close_lists(grads, ref_grads)
+    _assert_close_lists(params, ref_params)
+
+
+def test_gram_sync_rejects_non_bool():
+    with pytest.raises(TypeError, match="enabled"):
+        with cx.distributed.gram_sync("no"):
+            pass
+
+
+def test_no_process_group_means_local_solve():
+    assert not dist.is_initialized()
+    assert cx.distributed.gram_group() is None
+    gram = torch.randn(3, 3)
+    torch.testing.assert_close(cx.distributed.PendingGram(gram, 4).wait(), gram / 4)
