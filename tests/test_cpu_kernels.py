@@ -107,6 +107,15 @@ def test_gram_is_exactly_symmetric():
         assert torch.equal(g, g.transpose(1, 2))
 
 
+def test_gram_is_bit_identical_across_calls():
+    # threads sum their chunks in a fixed order (checkpoint resumes rely on it)
+    x = torch.randn(24, 8, 13, 11)
+    for stride in (1, 2):
+        first = gram_op(x, (3, 3), (stride, stride), (1, 1), (1, 1), 1, True)
+        for _ in range(3):
+            assert torch.equal(first, gram_op(x, (3, 3), (stride, stride), (1, 1), (1, 1), 1, True))
+
+
 def test_gram_empty_batch_counts_no_patches():
     out = gram_op(torch.empty(0, 4, 5, 5), (3, 3), (1, 1), (1, 1), (1, 1), 2, True)
     assert out.shape == (2, 19, 19) and not out.any()
