@@ -12,7 +12,7 @@
 #include <omp.h>
 #endif
 
-#include "escalation_warning.h"
+#include "escalation.h"
 
 // MKL's per-thread thread count (exported by torch's MKL builds; null elsewhere).
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
@@ -99,7 +99,7 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
       lam *= 10.0;
       continue;
     }
-    if (attempt > 0) warn_ridge_escalated(ridge, lam);
+    if (attempt > 0) note_ridge_escalation(ridge, lam);  // ops.ridge_solve warns (once)
     // x (L Lᵀ) = g  ⇔  (L Lᵀ) xᵀ = gᵀ (A symmetric).
     return at::cholesky_solve(g.mT(), chol, /*upper=*/false).mT().to(out_type);
   }
