@@ -25,7 +25,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <mutex>
 #include <vector>
 
 #include "corr_kernel.h"
@@ -34,7 +33,7 @@
 namespace consequential_ext::cpu {
 namespace {
 
-constexpr int64_t kChunkElems = int64_t{1} << 17;  // bound on one thread's chunk copy
+constexpr int64_t kChunkElems = int64_t{1} << 16;  // bound on one thread's chunk copy
 constexpr int64_t kBlockElems = int64_t{1} << 14;  // K-block: L2-resident with its shifts
 
 struct Range {
@@ -118,7 +117,6 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       }
     }
   };
-  std::mutex gram_mutex;  // threads add their pieces into the one output Gram
 
   // Bias row: Σ_b x over each row y and column slot (every column, then each border
   // column), per channel; double because it is a plain sum over up to B·W terms.
@@ -128,6 +126,8 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   // Threads take whole chunks of images (a private copy each, no barrier inside a chunk:
   // on a shared machine every barrier waits for the slowest thread). The chunk count is a
   // multiple of the thread count where the batch allows, so the threads stay balanced.
+  // Thread 0 adds into the output, the others into their own offset-major Gram, summed in
+  // thread order afterwards: the result is bit-identical from run to run.
   const int64_t threads = at::get_num_threads(), per_image = (2 * gap + H * Wz) * Cp;
   int64_t chunks = std::max(threads, (B * per_image + kChunkElems - 1) / kChunkElems);
   chunks = std::min(B, round_up(chunks, threads));
@@ -136,12 +136,18 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   const src_t* src = x.const_data_ptr<src_t>();
   const int64_t sb = x.stride(0), sc = x.stride(1), sy = x.stride(2), sx = x.stride(3);
 
+  std::vector<std::vector<acc_t>> thread_gram(threads);
+  std::vector<std::vector<double>> thread_q(threads);
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     acc_t* G = gram.data_ptr<acc_t>() + grp * D * D;
     std::fill(Q.begin(), Q.end(), 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_lo, int64_t chunk_hi) {
+      const int64_t tid = at::get_thread_num();
+      if (tid > 0) thread_gram[tid].assign(d0 * d0, acc_t(0));
+      acc_t* mine = tid > 0 ? thread_gram[tid].data() : G;
+      std::vector<double>& q_local = thread_q[tid];
+      q_local.assign(q_size, 0.0);
       std::vector<acc_t> zbuf(Bc * per_image), local(nsh * cell), piece(cell);
-      std::vector<double> q_local(q_size);
       for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
         const int64_t b0 = chunk * Bc, bc = std::min(Bc, B - b0);
         std::fill(zbuf.begin(), zbuf.end(), acc_t(0));
@@ -178,8 +184,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
                                 Wz * bc * Cp, qb - qa, Cp);
               }
             }
-          std::lock_guard<std::mutex> lock(gram_mutex);
-          for (int64_t sh = 0; sh < nsh; ++sh) scatter(G, local.data() + sh * cell, sh, rc, 0);
+          for (int64_t sh = 0; sh < nsh; ++sh) scatter(mine, local.data() + sh * cell, sh, rc, 0);
         }
 
         // Border columns: per row y a run of bc pixels, rows Wz·bc pixels apart.
@@ -195,8 +200,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
               const acc_t* L = Z + (y0 * Wz + cols.border[xi]) * bc * Cp;
               corr_accumulate(piece.data(), Cp, L, L + delta * Cp, Cp, Cp, y1 - y0, Wz * bc * Cp,
                               bc, Cp);
-              std::lock_guard<std::mutex> lock(gram_mutex);
-              scatter(G, piece.data(), sh, rc, 1 + xi);
+              scatter(mine, piece.data(), sh, rc, 1 + xi);
             }
           }
 
@@ -218,9 +222,13 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
           }
         }
       }
-      std::lock_guard<std::mutex> lock(gram_mutex);
-      for (int64_t e = 0; e < q_size; ++e) Q[e] += q_local[e];
     });
+    for (int64_t t = 0; t < threads; ++t) {
+      for (size_t e = 0; e < thread_q[t].size(); ++e) Q[e] += thread_q[t][e];
+      for (size_t e = 0; e < thread_gram[t].size(); ++e) G[e] += thread_gram[t][e];
+      std::vector<acc_t>().swap(thread_gram[t]);
+      thread_q[t].clear();
+    }
 
     // To (channel, i, j) order. Blocks of shifts (s < 0) or (s = 0, t < 0) are transposes of
     // accumulated ones; within s = t = 0 blocks the c ≤ c2 entry is kept on both sides so

@@ -6,7 +6,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <mutex>
 #include <vector>
 
 #include "corr_kernel.h"
@@ -30,14 +29,18 @@ void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   const int64_t sb = x.stride(0), sc = x.stride(1), sy = x.stride(2), sx = x.stride(3);
   auto out = gram.accessor<acc_t, 3>();
   std::vector<acc_t> acc(Dp * Dp);
-  std::mutex acc_mutex;
+  std::vector<std::vector<acc_t>> thread_acc(at::get_num_threads());
 
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     std::fill(acc.begin(), acc.end(), acc_t(0));
-    // Threads take whole tiles with a private tile and upper triangle (no barrier per
-    // tile: on a shared machine every barrier waits for the slowest thread).
+    // Threads take whole tiles with a private tile (no barrier per tile: on a shared machine
+    // every barrier waits for the slowest thread). Thread 0 accumulates into acc, the
+    // others into their own, summed in thread order: bit-identical from run to run.
     at::parallel_for(0, tiles, 1, [&](int64_t tile_lo, int64_t tile_hi) {
-      std::vector<acc_t> tile(T * Dp), mine(Dp * Dp);  // pad columns [D, Dp) stay zero
+      const int64_t tid = at::get_thread_num();
+      if (tid > 0) thread_acc[tid].assign(Dp * Dp, acc_t(0));
+      acc_t* mine = tid > 0 ? thread_acc[tid].data() : acc.data();
+      std::vector<acc_t> tile(T * Dp);  // pad columns [D, Dp) stay zero
       for (int64_t tile_index = tile_lo; tile_index < tile_hi; ++tile_index) {
         const int64_t p0 = tile_index * T, n = std::min(T, P - p0);
         for (int64_t r = 0; r < n; ++r) {
@@ -62,13 +65,15 @@ void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
         for (int64_t rb = 0; rb < nb; ++rb)  // upper triangle of 16 × 16 blocks
           for (int64_t cb = rb; cb < nb; ++cb) {
             const int64_t r0 = rb * kCorrAlign, c0 = cb * kCorrAlign;
-            corr_accumulate(mine.data() + r0 * Dp + c0, Dp, tile.data() + r0, tile.data() + c0,
+            corr_accumulate(mine + r0 * Dp + c0, Dp, tile.data() + r0, tile.data() + c0,
                             kCorrAlign, kCorrAlign, 1, 0, n, Dp);
           }
       }
-      std::lock_guard<std::mutex> lock(acc_mutex);
-      for (int64_t e = 0; e < Dp * Dp; ++e) acc[e] += mine[e];
     });
+    for (auto& other : thread_acc) {
+      for (size_t e = 0; e < other.size(); ++e) acc[e] += other[e];
+      std::vector<acc_t>().swap(other);
+    }
     for (int64_t p = 0; p < D; ++p)
       for (int64_t q = p; q < D; ++q) out[grp][p][q] = out[grp][q][p] = acc[p * Dp + q];
   }

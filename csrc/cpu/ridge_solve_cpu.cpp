@@ -99,7 +99,7 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
       lam *= 10.0;
       continue;
     }
-    if (attempt > 0) note_ridge_escalation(ridge, lam);
+    if (attempt > 0) note_ridge_escalation(ridge, lam);  // ops.ridge_solve warns (once)
     // x (L Lᵀ) = g  ⇔  (L Lᵀ) xᵀ = gᵀ (A symmetric).
     return at::cholesky_solve(g.mT(), chol, /*upper=*/false).mT().to(out_type);
   }
