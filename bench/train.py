@@ -40,7 +40,8 @@ def train(model, optimizer, split, *, iters, batch, eval_every, seed, progress=N
           sync=None):
     """Train with cross-entropy; returns the curve: iters, seconds, train loss/acc on the
     full training set and test loss/acc, at iteration 0 and every ``eval_every``.
-    A non-finite loss stops the run (``diverged``), the rest of the curve is NaN."""
+    A non-finite loss, or a backward that raises (a ridge solve on exploded activations),
+    stops the run (``diverged``); the rest of the curve is NaN."""
     curve = {k: [] for k in ("iters", "seconds", "train_loss", "train_acc", "test_loss",
                              "test_acc")}
 
@@ -64,7 +65,13 @@ def train(model, optimizer, split, *, iters, batch, eval_every, seed, progress=N
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
-        loss.backward()
+        try:
+            loss.backward()
+        except RuntimeError as exc:
+            # The solve gives up on a gram of exploded activations: the run has diverged.
+            curve["error"] = f"iteration {it}: {exc}"
+            diverged = True
+            break
         optimizer.step()
         if sync:
             sync()
