@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib
+import json
 import platform
 import shlex
 import subprocess
@@ -48,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=_positive, default=None,
                    help="seeds per training configuration (default: per section)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--append", action="store_true",
+                   help="keep the sections of an existing report in --out that this run does "
+                        "not redo (run sections separately into one report)")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = Path("results") / ("quick" if args.quick else "full")
@@ -72,7 +76,24 @@ def _meta(args, argv) -> dict:
             "command": "python -m bench " + " ".join(shlex.quote(a) for a in argv),
             "date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
             "git commit": _git_commit(), "device": device, "torch": torch.__version__,
-            "python": platform.python_version(), "rules": ", ".join(cx.RULES)}
+            "python": platform.python_version(), "rules": ", ".join(cx.RULES),
+            "library": f"{Path(cx.__file__).parent} (rules: {', '.join(cx.RULES)}; "
+                       f"optim: {'yes' if hasattr(cx, 'optim') else 'no'})"}
+
+
+def previous_sections(out: Path) -> list:
+    """Sections of the report already in ``out`` (none if absent or being rewritten)."""
+    try:
+        return json.loads((out / "results.json").read_text())["sections"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def merge_sections(old: list, new: list) -> list:
+    """One result per section, this run's over older ones, in report order."""
+    by_name = {s["name"]: s for s in old}
+    by_name.update({s["name"]: s for s in new})
+    return [by_name[n] for n in SECTIONS if n in by_name]
 
 
 def main(argv=None) -> int:
@@ -82,6 +103,11 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = _meta(args, argv)
     results, t_start, failed = [], time.perf_counter(), 0
+
+    def write():
+        old = previous_sections(args.out) if args.append else []
+        return report.write_all(args.out, meta, merge_sections(old, results))
+
     for name in args.only:
         print(f"[bench] section {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
@@ -92,9 +118,11 @@ def main(argv=None) -> int:
             failed += 1
             result = {"name": name, "title": name, "error": f"{type(exc).__name__}: {exc}"}
         result["seconds"] = time.perf_counter() - t0
+        result["command"] = meta["command"]
+        result["library"] = meta["library"]
         results.append(result)
-        report.write_all(args.out, meta, results)     # partial report after each section
+        write()                                       # partial report after each section
     meta["total time"] = f"{time.perf_counter() - t_start:.0f} s"
-    path = report.write_all(args.out, meta, results)
+    path = write()
     print(f"[bench] wrote {path}", file=sys.stderr)
     return 1 if failed else 0

@@ -70,7 +70,9 @@ def render(meta: dict, sections: list) -> str:
             out += ["<details><summary>configuration</summary>", "", "```json",
                     json.dumps(s["config"], indent=1, default=str), "```", "</details>", ""]
         if "seconds" in s:
-            out += [f"_Section time: {s['seconds']:.0f} s._", ""]
+            out += [f"_Section time: {s['seconds']:.0f} s"
+                    + (f"; command: `{s['command']}`" if s.get("command") else "")
+                    + (f"; library: {s['library']}" if s.get("library") else "") + "._", ""]
     return "\n".join(out)
 
 

@@ -31,6 +31,13 @@ def test_cli_rejects_bad_values(argv, capsys):
         cli.parse_args(argv)
 
 
+def test_merge_sections_prefers_this_run_and_keeps_report_order():
+    old = [{"name": "lenet", "v": 1}, {"name": "toys", "v": 1}]
+    new = [{"name": "toys", "v": 2}, {"name": "kernels", "v": 2}]
+    merged = cli.merge_sections(old, new)
+    assert [(s["name"], s["v"]) for s in merged] == [("kernels", 2), ("toys", 2), ("lenet", 1)]
+
+
 # --- metric math -----------------------------------------------------------------------
 
 def test_summarize_matches_numpy_quantiles():
@@ -78,6 +85,7 @@ def test_interleaved_runs_every_candidate_in_rotated_order():
 def test_curve_metrics():
     assert metrics.first_reach([0, 10, 20], [3.0, 1.0, 0.5], 1.0) == 10
     assert metrics.first_reach([0, 10], [3.0, float("nan")], 1.0) is None
+    assert metrics.first_above([0, 10, 20], [0.5, 0.96, 0.99], 0.95) == 10
     assert metrics.straightness([[0, 0], [1, 1], [2, 2]]) == pytest.approx(1.0)
     # there and back: displacement 0
     assert metrics.straightness([[0, 0], [1, 0], [0, 0]]) == pytest.approx(0.0)
