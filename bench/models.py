@@ -1,7 +1,6 @@
 """The networks of the paper sections: ResNet-20 (with or without BN) and LeNet with BN."""
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from bench import cli, data, metrics, report, timing, train
-from bench.context import Context
 
 
 # --- CLI -------------------------------------------------------------------------------
