@@ -23,7 +23,7 @@ MOMENTUM = 0.9
 # exact back-matching and C-SGD have none in the paper and take the layer-wise rule's.
 LRS = {"SGD": 0.1, "back-matching (layer-wise)": 0.02, "back-matching (exact)": 0.02,
        "C-SGD": 0.02, "LARS": 2.0, "LSALR": 0.1}
-QUICK = {"iters": 150, "eval_every": 25, "seeds": 1, "side": 32}
+QUICK = {"iters": 100, "eval_every": 25, "seeds": 1, "side": 32}
 FULL = {"iters": 300, "eval_every": 25, "seeds": 1, "side": 32}
 CLAIM = ("With BN and the same initialisation and batches, the layer-wise back-matching "
          "rate (lr 0.02) drives the training loss down at least as fast as momentum SGD "
