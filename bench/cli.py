@@ -72,13 +72,18 @@ def _meta(args, argv) -> dict:
     import consequential_ext as cx
     device = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    return {"title": f"consequential_ext benchmark report ({'quick' if args.quick else 'full'})",
+    meta = {"title": "consequential_ext benchmark report",
             "command": "python -m bench " + " ".join(shlex.quote(a) for a in argv),
+            "mode": "quick" if args.quick else "full",
             "date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
             "git commit": _git_commit(), "device": device, "torch": torch.__version__,
             "python": platform.python_version(), "rules": ", ".join(cx.RULES),
             "library": f"{Path(cx.__file__).parent} (rules: {', '.join(cx.RULES)}; "
                        f"optim: {'yes' if hasattr(cx, 'optim') else 'no'})"}
+    if args.append:
+        meta["note"] = ("this header is the last run's; the report may merge sections of "
+                        "several runs (--append), each of which names its command and library")
+    return meta
 
 
 def previous_sections(out: Path) -> list:
