@@ -7,7 +7,7 @@ from .kernel_cases import OPS, RESNET20_LAYERS
 from .timing import gflops, interleaved, summarize
 
 QUICK = {"batch": 16, "repeats": 5}
-FULL = {"batch": 128, "repeats": 7}
+FULL = {"batch": 128, "repeats": 15}
 
 
 def _peak_extra_mb(call, backend, device, tries=3):

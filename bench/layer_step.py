@@ -10,8 +10,8 @@ import consequential_ext as cx
 from .kernel_cases import RESNET20_LAYERS
 from .timing import interleaved, summarize
 
-QUICK = {"conv_batch": 16, "linear_batch": 32, "repeats": 7}
-FULL = {"conv_batch": 128, "linear_batch": 32, "repeats": 7}
+QUICK = {"conv_batch": 16, "linear_batch": 32, "repeats": 15}
+FULL = {"conv_batch": 128, "linear_batch": 32, "repeats": 15}
 LINEAR_LAYERS = ((256, 256), (64, 10))      # the MLP's hidden and an output layer
 
 

@@ -24,8 +24,8 @@ METHODS = {"SGD": "sgd", "C-SGD": "consequential"}
 QUICK = {"width": 64, "iters": 200, "select_iters": 100, "eval_every": 25,
          "grid": {"SGD": (0.01, 0.03, 0.1), "C-SGD": (0.01, 0.03, 0.1)}, "seeds": 1,
          "holdout": 0.2}
-FULL = {"width": 64, "iters": 400, "select_iters": 200, "eval_every": 25,
-        "grid": {"SGD": (0.01, 0.03, 0.1), "C-SGD": (0.01, 0.03, 0.1)}, "seeds": 2,
+FULL = {"width": 256, "iters": 1000, "select_iters": 500, "eval_every": 50,
+        "grid": {"SGD": (0.01, 0.03, 0.1, 0.3), "C-SGD": (0.003, 0.01, 0.03, 0.1)}, "seeds": 3,
         "holdout": 0.2}
 CLAIM = ("C-SGD lowers the training loss faster than SGD from the beginning, whatever the "
          "input distribution ([0, 1] or NF), is more stable, and stays competitive when "
