@@ -19,7 +19,7 @@ FC_LR_MULT_C = 0.1          # paper: the FC layer's learning-rate multiplier for
 LRS = {"SGD": 0.01, "Nesterov": 0.01, "Adam": 1e-3}
 C_LRS = {"SGD": 0.01, "Nesterov": 0.01, "Adam": 1e-3}
 QUICK = {"batch": 32, "iters": 40, "eval_every": 20, "seeds": 1, "side": 8, "eval_train": 256}
-FULL = {"batch": 64, "iters": 300, "eval_every": 25, "seeds": 2, "side": 8, "eval_train": 512}
+FULL = {"batch": 32, "iters": 150, "eval_every": 25, "seeds": 1, "side": 8, "eval_train": 512}
 CLAIM = ("Without BN, C-SGD and C-Nesterov train better than SGD and Nesterov (loss and "
          "accuracy, per iteration and per second), C-Adam changes little; C-SGD converges "
          "fast from the start and stays stable, SGD with BN overtakes it only late (CIFAR-10, "
