@@ -1,0 +1,133 @@
+"""``python -m bench``: run the report's sections and write results, plots and report.md."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from . import report
+from .context import Context
+
+# Report order; each name is a module of this package with run(ctx) -> section dict.
+SECTIONS = ("kernels", "layer_step", "toys", "mlp", "resnet", "lenet")
+
+
+def _sections(text: str):
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown section(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SECTIONS)}")
+    return [n for n in SECTIONS if n in names]     # report order, duplicates dropped
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true",
+                   help="small configurations (the `make bench` run: < 10 min on 2 cores)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: results/quick with --quick, else results/full)")
+    p.add_argument("--only", type=_sections, default=list(SECTIONS), metavar="SECTION[,...]",
+                   help=f"sections to run, from: {', '.join(SECTIONS)}")
+    p.add_argument("--seeds", type=_positive, default=None,
+                   help="seeds per training configuration (default: per section)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--append", action="store_true",
+                   help="keep the sections of an existing report in --out that this run does "
+                        "not redo (run sections separately into one report)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = Path("results") / ("quick" if args.quick else "full")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda requested but torch has no CUDA device")
+    return args
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _meta(args, argv) -> dict:
+    import consequential_ext as cx
+    device = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    meta = {"title": "consequential_ext benchmark report",
+            "command": "python -m bench " + " ".join(shlex.quote(a) for a in argv),
+            "mode": "quick" if args.quick else "full",
+            "date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "git commit": _git_commit(), "device": device, "torch": torch.__version__,
+            "python": platform.python_version(), "rules": ", ".join(cx.RULES),
+            "library": f"{Path(cx.__file__).parent} (rules: {', '.join(cx.RULES)}; "
+                       f"optim: {'yes' if hasattr(cx, 'optim') else 'no'})"}
+    if args.append:
+        meta["note"] = ("this header is the last run's; the report may merge sections of "
+                        "several runs (--append), each of which names its command and library")
+    return meta
+
+
+def previous_sections(out: Path) -> list:
+    """Sections of the report already in ``out`` (none if absent or being rewritten)."""
+    try:
+        return json.loads((out / "results.json").read_text())["sections"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def merge_sections(old: list, new: list) -> list:
+    """One result per section, this run's over older ones, in report order."""
+    by_name = {s["name"]: s for s in old}
+    by_name.update({s["name"]: s for s in new})
+    return [by_name[n] for n in SECTIONS if n in by_name]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    ctx = Context(out=args.out, quick=args.quick, seeds=args.seeds, device=args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = _meta(args, argv)
+    results, t_start, failed = [], time.perf_counter(), 0
+
+    def write():
+        old = previous_sections(args.out) if args.append else []
+        return report.write_all(args.out, meta, merge_sections(old, results))
+
+    for name in args.only:
+        print(f"[bench] section {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            result = importlib.import_module(f"bench.{name}").run(ctx)
+        except Exception as exc:      # one broken section must not lose the others' results
+            traceback.print_exc()
+            failed += 1
+            result = {"name": name, "title": name, "error": f"{type(exc).__name__}: {exc}"}
+        result["seconds"] = time.perf_counter() - t0
+        result["command"] = meta["command"]
+        result["library"] = meta["library"]
+        results.append(result)
+        write()                                       # partial report after each section
+    meta["total time"] = f"{time.perf_counter() - t_start:.0f} s"
+    path = write()
+    print(f"[bench] wrote {path}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,87 @@
+"""Side-by-side timing and the analytic flop counts that turn times into GFLOP/s.
+
+Candidates are timed interleaved (round-robin, order rotated every repeat) so that load
+from other processes on a shared machine hits every candidate alike; a ratio of two
+medians from one interleaved run is far steadier than two separate runs.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stats:
+    median: float
+    q25: float
+    q75: float
+    n: int
+
+    @property
+    def iqr(self) -> float:
+        return self.q75 - self.q25
+
+
+def summarize(samples) -> Stats:
+    """Median and inter-quartile range (linear interpolation, numpy's default)."""
+    xs = sorted(float(s) for s in samples)
+    if not xs:
+        raise ValueError("summarize: no samples")
+    return Stats(median=statistics.median(xs), q25=_quantile(xs, 0.25), q75=_quantile(xs, 0.75),
+                 n=len(xs))
+
+
+def _quantile(sorted_xs, q):
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def interleaved(candidates: dict, repeats: int, warmup: int = 1, sync=None) -> dict:
+    """Seconds per call of each candidate (name → list), timed round-robin.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs inside the timed region so that
+    asynchronous devices are measured to completion.
+    """
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    if sync:
+        sync()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            candidates[name]()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def conv_out(size: int, k: int, stride: int, pad: int, dilation: int = 1) -> int:
+    return (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+
+
+def gram_flops(b, c, h, w, k, stride=1, pad=0, bias=False) -> int:
+    """Multiply-adds ×2 of Σ_patches patch·patchᵀ as a dense (D×P)(P×D) product.
+
+    D = C·k² (+1 with bias), P = B·Ho·Wo patches. A kernel that exploits symmetry does
+    half the work; we count the full product so that every backend is credited alike.
+    """
+    d = c * k * k + int(bias)
+    p = b * conv_out(h, k, stride, pad) * conv_out(w, k, stride, pad)
+    return 2 * p * d * d
+
+
+def solve_flops(d: int, m: int, batch: int = 1) -> int:
+    """Cholesky of D×D (D³/3) plus two triangular solves for M right-hand sides (2·M·D²)."""
+    return batch * (d ** 3 // 3 + 2 * m * d * d)
+
+
+def gflops(flops: float, seconds: float) -> float:
+    return flops / seconds / 1e9

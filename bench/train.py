@@ -1,0 +1,91 @@
+"""The training loop shared by the MLP, ResNet and LeNet sections.
+
+Mini-batches come from a seeded shuffle per epoch, so two methods given one seed see the
+same batches in the same order. ``seconds`` counts training steps only (evaluations are
+excluded), which is what the papers' loss-vs-time plots compare.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def batches(n: int, batch: int, seed: int):
+    """Endless index batches: a fresh seeded permutation per epoch, last partial batch dropped."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch + 1, batch):
+            yield perm[i:i + batch]
+
+
+@torch.no_grad()
+def evaluate(model, x, y, chunk=1024):
+    """(mean cross-entropy, accuracy) over a whole set, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(y), chunk):
+        out = model(x[i:i + chunk])
+        loss += F.cross_entropy(out, y[i:i + chunk], reduction="sum").item()
+        correct += (out.argmax(1) == y[i:i + chunk]).sum().item()
+    model.train(was_training)
+    return loss / len(y), correct / len(y)
+
+
+def train(model, optimizer, split, *, iters, batch, eval_every, seed, progress=None,
+          sync=None, eval_train_limit=None):
+    """Train with cross-entropy; returns the curve: iters, seconds, train loss/acc on the
+    training set (its first ``eval_train_limit`` samples if given: a fixed subset, to keep
+    evaluation of big models cheap) and test loss/acc, at iteration 0 and every ``eval_every``.
+    A non-finite loss, or a backward that raises (a ridge solve on exploded activations),
+    stops the run (``diverged``); the rest of the curve is NaN."""
+    curve = {k: [] for k in ("iters", "seconds", "train_loss", "train_acc", "test_loss",
+                             "test_acc")}
+
+    def record(it, seconds):
+        tl, ta = evaluate(model, split.x_train[:eval_train_limit],
+                          split.y_train[:eval_train_limit])
+        vl, va = evaluate(model, split.x_test, split.y_test)
+        for k, v in zip(curve, (it, seconds, tl, ta, vl, va)):
+            curve[k].append(v)
+        return tl
+
+    points = sorted(set(range(0, iters + 1, eval_every)) | {iters})
+    at_points = set(points)
+    model.train()
+    elapsed = 0.0
+    record(0, 0.0)
+    stream = batches(len(split.y_train), batch, seed)
+    steps = range(1, iters + 1) if progress is None else progress(range(1, iters + 1))
+    diverged = False
+    for it in steps:
+        idx = next(stream)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
+        try:
+            loss.backward()
+        except RuntimeError as exc:
+            # The solve gives up on a gram of exploded activations: the run has diverged.
+            curve["error"] = f"iteration {it}: {exc}"
+            diverged = True
+            break
+        optimizer.step()
+        if sync:
+            sync()
+        elapsed += time.perf_counter() - t0
+        if not math.isfinite(loss.item()) or (it in at_points and not math.isfinite(
+                record(it, elapsed))):
+            diverged = True
+            break
+    if diverged:   # NaN for the evaluation points not reached: all runs share one x-axis
+        for it in points[len(curve["iters"]):]:
+            curve["iters"].append(it)
+            for k in ("seconds", "train_loss", "train_acc", "test_loss", "test_acc"):
+                curve[k].append(math.nan)
+    curve["diverged"] = diverged
+    return curve

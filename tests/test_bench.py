@@ -1,0 +1,203 @@
+"""The benchmark harness's own logic: CLI parsing, report writer, metric math, data
+loaders, training-loop bookkeeping, and one tiny section end to end."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bench import cli, data, metrics, report, timing, train
+
+
+# --- CLI -------------------------------------------------------------------------------
+
+def test_cli_defaults_and_output_folder():
+    args = cli.parse_args(["--quick"])
+    assert args.quick and args.only == list(cli.SECTIONS)
+    assert str(args.out) == "results/quick"
+    assert str(cli.parse_args([]).out) == "results/full"
+
+
+def test_cli_only_keeps_report_order_and_drops_duplicates():
+    args = cli.parse_args(["--only", "lenet,toys,toys", "--seeds", "3", "--out", "x"])
+    assert args.only == ["toys", "lenet"] and args.seeds == 3 and str(args.out) == "x"
+
+
+@pytest.mark.parametrize("argv", [["--only", "toys,nope"], ["--only", ""], ["--seeds", "0"]])
+def test_cli_rejects_bad_values(argv, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+
+
+def test_merge_sections_prefers_this_run_and_keeps_report_order():
+    old = [{"name": "lenet", "v": 1}, {"name": "toys", "v": 1}]
+    new = [{"name": "toys", "v": 2}, {"name": "kernels", "v": 2}]
+    merged = cli.merge_sections(old, new)
+    assert [(s["name"], s["v"]) for s in merged] == [("kernels", 2), ("toys", 2), ("lenet", 1)]
+
+
+# --- metric math -----------------------------------------------------------------------
+
+def test_summarize_matches_numpy_quantiles():
+    rng = np.random.default_rng(0)
+    samples = rng.exponential(size=11)
+    st = timing.summarize(samples)
+    assert st.median == pytest.approx(np.median(samples))
+    assert st.q25 == pytest.approx(np.quantile(samples, 0.25))
+    assert st.iqr == pytest.approx(np.quantile(samples, 0.75) - np.quantile(samples, 0.25))
+    assert st.n == 11
+
+
+def test_gram_flops_is_a_hand_count():
+    # 1 sample, 1 channel, 3×3 image, 2×2 kernel, no padding: 4 patches of D = 4 values.
+    # Each of the D² = 16 gram entries sums 4 products: 64 multiply-adds = 128 flops.
+    assert timing.gram_flops(1, 1, 3, 3, 2) == 128
+    # with a bias row D = 5: 25 entries × 4 patches × 2
+    assert timing.gram_flops(1, 1, 3, 3, 2, bias=True) == 200
+    # 3×3 kernel, pad 1 keeps 4×4 → 16 patches per sample; D = 2·9 = 18
+    assert timing.gram_flops(2, 2, 4, 4, 3, 1, 1) == 2 * (2 * 16) * 18 * 18
+
+
+def test_gram_flops_counts_the_reference_product():
+    # The reference builds the gram as cols @ colsᵀ with cols (D, P): 2·D·P·D flops.
+    x = torch.randn(3, 2, 5, 6)
+    cols = torch.nn.functional.unfold(x, 3, padding=1, stride=2)
+    d, p = cols.shape[1], cols.shape[0] * cols.shape[2]
+    assert timing.gram_flops(3, 2, 5, 6, 3, stride=2, pad=1) == 2 * d * p * d
+
+
+def test_solve_flops_and_gflops():
+    assert timing.solve_flops(6, 2) == 6 ** 3 // 3 + 2 * 2 * 36
+    assert timing.solve_flops(6, 2, batch=3) == 3 * timing.solve_flops(6, 2)
+    assert timing.gflops(2e9, 0.5) == pytest.approx(4.0)
+
+
+def test_interleaved_runs_every_candidate_in_rotated_order():
+    calls = []
+    times = timing.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                               repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_curve_metrics():
+    assert metrics.first_reach([0, 10, 20], [3.0, 1.0, 0.5], 1.0) == 10
+    assert metrics.first_reach([0, 10], [3.0, float("nan")], 1.0) is None
+    assert metrics.first_above([0, 10, 20], [0.5, 0.96, 0.99], 0.95) == 10
+    assert metrics.straightness([[0, 0], [1, 1], [2, 2]]) == pytest.approx(1.0)
+    # there and back: displacement 0
+    assert metrics.straightness([[0, 0], [1, 0], [0, 0]]) == pytest.approx(0.0)
+    # an L-shaped path: |(1,1)| / 2
+    assert metrics.straightness([[0, 0], [1, 0], [1, 1]]) == pytest.approx(math.sqrt(2) / 2)
+    mean, std = metrics.mean_std([1.0, 3.0, float("nan")])
+    assert (mean, std) == (2.0, pytest.approx(math.sqrt(2)))
+    assert metrics.fmt_mean_std([float("nan")]) == "diverged"
+    m, lo, hi = metrics.seed_band([[1, 2], [3, float("nan")]])
+    assert list(m) == [2, 2] and list(lo) == [1, 2] and list(hi) == [3, 2]
+
+
+# --- report writer ---------------------------------------------------------------------
+
+def test_markdown_table_renders_rows():
+    table = report.markdown_table(["name", "ms", "ok"],
+                                  [{"name": "a|b", "ms": 1.23456, "ok": True}, {"name": "c"}])
+    assert table.splitlines() == ["| name | ms | ok |", "|---|---|---|",
+                                  "| a\\|b | 1.235 | yes |", "| c | — | — |"]
+
+
+def test_write_all_writes_report_csv_and_strict_json(tmp_path):
+    sections = [{"name": "demo", "title": "Demo", "claim": "the claim",
+                 "verdicts": ["it holds"], "notes": ["fallback used"],
+                 "tables": [{"title": "Times (ms)", "columns": ["k", "v"],
+                             "rows": [{"k": "x", "v": float("nan")}, {"k": "y", "v": 2.0}]}],
+                 "plots": [], "config": {"iters": 3}, "seconds": 1.0}]
+    path = report.write_all(tmp_path, {"title": "T", "command": "python -m bench"}, sections)
+    text = path.read_text()
+    for piece in ("# T", "`python -m bench`", "## 1. Demo", "the claim", "* it holds",
+                  "> Note: fallback used", "| x | nan |"):
+        assert piece in text
+    assert (tmp_path / "demo__times_ms.csv").read_text().splitlines() == ["k,v", "x,nan", "y,2.0"]
+    loaded = json.loads((tmp_path / "results.json").read_text())   # strict: NaN → null
+    assert loaded["sections"][0]["tables"][0]["rows"][0]["v"] is None
+
+
+# --- data ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scaling", data.SCALINGS)
+def test_digits_scaling_and_shapes(scaling):
+    split = data.load("digits", scaling)
+    assert split.x_train.shape[1] == 64 and split.x_train.dtype == torch.float32
+    assert len(split.y_train) + len(split.y_test) == 1797 and split.num_classes == 10
+    x = split.x_train
+    if scaling == "unit":
+        assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    else:
+        varying = x.std(0) > 0
+        assert torch.allclose(x.mean(0), torch.zeros(64), atol=1e-5)
+        assert torch.allclose(x.std(0, unbiased=False)[varying], torch.ones(int(varying.sum())),
+                              atol=1e-4)
+
+
+def test_scale_uses_training_statistics_only():
+    train_x, test_x = np.array([[0.0], [2.0]]), np.array([[4.0]])
+    tr, te = data.scale(train_x, test_x, "unit")
+    assert tr.ravel().tolist() == [0.0, 1.0] and te.ravel().tolist() == [2.0]
+    tr, te = data.scale(train_x, test_x, "standard")
+    assert tr.ravel().tolist() == [-1.0, 1.0] and te.ravel().tolist() == [3.0]
+
+
+def test_holdout_is_disjoint_and_covers_the_training_part():
+    n = 50   # features hold each sample's index, so rows identify samples
+    split = data.Split(torch.arange(n, dtype=torch.float32)[:, None], torch.zeros(n),
+                       torch.zeros(3, 1), torch.zeros(3))
+    tune = data.holdout(split, 0.2, seed=0)
+    fit, val = set(tune.x_train.ravel().tolist()), set(tune.x_test.ravel().tolist())
+    assert len(val) == 10 and not (fit & val) and fit | val == set(range(n))
+    assert torch.equal(data.holdout(split, 0.2, seed=0).x_test, tune.x_test)   # seeded
+
+
+def test_digits_as_images():
+    split = data.as_images(data.load("digits", "unit"), side=32, low=-0.5, high=0.5)
+    assert split.x_train.shape[1:] == (1, 32, 32)
+    assert float(split.x_train.min()) >= -0.5 - 1e-6 and float(split.x_train.max()) <= 0.5 + 1e-6
+    small = data.as_images(data.load("digits", "unit"))
+    assert torch.equal(small.x_train[0, 0], data.load("digits", "unit").x_train[0].reshape(8, 8))
+
+
+# --- training loop ---------------------------------------------------------------------
+
+def test_batches_cover_each_epoch_once():
+    stream = train.batches(10, 3, seed=0)
+    epoch = torch.cat([next(stream) for _ in range(3)])   # 3 full batches, 1 sample dropped
+    assert len(set(epoch.tolist())) == 9
+
+
+def test_train_records_curve_and_pads_a_diverged_run():
+    torch.manual_seed(0)
+    split = data.Split(torch.randn(40, 4), torch.randint(0, 3, (40,)), torch.randn(8, 4),
+                       torch.randint(0, 3, (8,)))
+    model = torch.nn.Linear(4, 3)
+    curve = train.train(model, torch.optim.SGD(model.parameters(), lr=0.1), split, iters=10,
+                        batch=8, eval_every=4, seed=0)
+    assert curve["iters"] == [0, 4, 8, 10] and not curve["diverged"]
+    assert curve["train_loss"][-1] < curve["train_loss"][0]
+    model = torch.nn.Linear(4, 3)
+    curve = train.train(model, torch.optim.SGD(model.parameters(), lr=float("inf")), split,
+                        iters=10, batch=8, eval_every=4, seed=0)
+    assert curve["diverged"] and curve["iters"] == [0, 4, 8, 10]
+    assert math.isnan(curve["train_loss"][-1]) and len(curve["seconds"]) == 4
+
+
+# --- one section end to end ------------------------------------------------------------
+
+def test_toys_section_end_to_end(tmp_path):
+    assert cli.main(["--only", "toys", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "Paper's claim" in text and "What this run shows" in text
+    assert (tmp_path / "plots" / "toy_loss_surface.png").stat().st_size > 0
+    result = json.loads((tmp_path / "results.json").read_text())["sections"][0]
+    rows = result["tables"][0]["rows"]
+    csgd = [r for r in rows if r["method"] == "C-SGD"]
+    # C-SGD's matched step points straight at the optimum (independent of the learning rate)
+    assert all(r["straightness"] > 0.999 for r in csgd)
