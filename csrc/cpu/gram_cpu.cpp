@@ -37,8 +37,11 @@ at::Tensor im2col_gram_cpu(const at::Tensor& x, c10::IntArrayRef kernel_size,
   // float32 accumulation for every narrower dtype: a Gram of bf16/fp16 patches loses
   // everything past 8 (11) mantissa bits and overflows fp16's range.
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  auto gram = at::zeros({groups, d, d}, x.options().dtype(acc));
+  // Both algorithms initialise every entry themselves, on one thread (a parallel fill is a
+  // thread hand-off that costs more than the fill on a busy machine).
+  auto gram = at::empty({groups, d, d}, x.options().dtype(acc));
   if (x.numel() == 0) {  // every patch is zero; only the bias count survives
+    gram.zero_();
     const int64_t patches = x.size(0) * g.out_h(x.size(2)) * g.out_w(x.size(3));
     if (bias) gram.select(1, d - 1).select(1, d - 1).fill_(patches);
     return gram;

@@ -140,6 +140,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   std::vector<std::vector<double>> thread_q(threads);
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     acc_t* G = gram.data_ptr<acc_t>() + grp * D * D;
+    std::fill(G, G + D * D, acc_t(0));
     std::fill(Q.begin(), Q.end(), 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_lo, int64_t chunk_hi) {
       const int64_t tid = at::get_thread_num();
