@@ -101,3 +101,23 @@ def test_ridge_solve_argument_errors():
 
 def test_extension_built_for_running_torch():
     assert torch.ops.consequential_ext.built_with_torch() == torch.__version__
+
+
+@pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
+def test_ridge_solve_gives_nan_not_exception_when_no_ridge_helps(backend, monkeypatch):
+    # A finite but absurd system (a diverging run): even ridge·10¹¹ cannot make it definite.
+    monkeypatch.setattr(reference, "_escalation_warned", False)
+    gram = -1e30 * torch.eye(5)
+    with cx.ops.use_backend(backend), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = cx.ops.ridge_solve(gram, torch.randn(2, 5), 1e-3)
+    assert out.shape == (2, 5) and torch.isnan(out).all()
+    assert any("gradient is NaN" in str(w.message) for w in caught)
+
+
+def test_diverged_layer_backward_gives_nan_grads_without_exception():
+    layer = cx.CLinear(4, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer(torch.full((3, 4), 3e18)).sum().backward()   # Gram entries overflow float32
+    assert not torch.isfinite(layer.weight.grad).all()

@@ -5,6 +5,7 @@ the kernels' job.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -66,15 +67,19 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
                 warn_escalated(ridge, lam)
             return torch.cholesky_solve(g.transpose(-1, -2), chol).transpose(-1, -2).to(out_dtype)
         lam *= 10.0
-    raise RuntimeError(f"ridge_solve: (gram + ridge*I) is not positive definite even with "
-                       f"ridge escalated to {lam:g}")
+    # Still indefinite (finite but absurd input, e.g. a diverging run): NaN, never an
+    # exception inside backward, so GradScaler / the user sees a non-finite step.
+    warn_escalated(ridge, math.inf)
+    return torch.full_like(g, float("nan"), dtype=out_dtype)
 
 
 def warn_escalated(ridge, lam):
-    """One RuntimeWarning per process, whichever backend escalated."""
+    """One RuntimeWarning per process, whichever backend escalated; ``lam = inf`` means no
+    ridge helped and the solve returned NaN."""
     global _escalation_warned
     if not _escalation_warned:
         _escalation_warned = True
-        warnings.warn(f"consequential_ext.ridge_solve: Cholesky of (gram + ridge*I) failed; ridge "
-                      f"escalated from {ridge:g} to {lam:g}. Consider a larger ridge.",
-                      RuntimeWarning, stacklevel=3)
+        outcome = ("no escalation helped, so the gradient is NaN (non-finite step)"
+                   if math.isinf(lam) else f"ridge escalated from {ridge:g} to {lam:g}")
+        warnings.warn(f"consequential_ext.ridge_solve: Cholesky of (gram + ridge*I) failed; "
+                      f"{outcome}. Consider a larger ridge.", RuntimeWarning, stacklevel=3)

@@ -103,8 +103,10 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
     // x (L Lᵀ) = g  ⇔  (L Lᵀ) xᵀ = gᵀ (A symmetric).
     return at::cholesky_solve(g.mT(), chol, /*upper=*/false).mT().to(out_type);
   }
-  TORCH_CHECK(false, "ridge_solve: (gram + ridge*I) is not positive definite even after escalating "
-                     "the ridge to ", lam);
+  // Still indefinite (finite but absurd input, e.g. a diverging run): NaN, never an exception
+  // inside backward; the infinite "escalation" tells ops.ridge_solve to say so.
+  note_ridge_escalation(ridge, INFINITY);
+  return at::full(grad.sizes(), NAN, grad.options().dtype(out_type));
 }
 
 }  // namespace

@@ -124,8 +124,9 @@ at::Tensor ridge_solve_large(const at::Tensor& a, const at::Tensor& g, double ri
                "ridge_solve");
     return out;
   }
-  TORCH_CHECK(false, "ridge_solve: (gram + ridge*I) is not positive definite even after escalating the "
-                     "ridge to ", lam / 10.0);
+  // Still indefinite: NaN, never an exception inside backward (see ridge_solve_cpu.cpp).
+  note_ridge_escalation(ridge, INFINITY);
+  return out.fill_(NAN);
 }
 
 at::Tensor ridge_solve_cuda(const at::Tensor& gram, const at::Tensor& grad, double ridge,
@@ -175,9 +176,10 @@ at::Tensor ridge_solve_cuda(const at::Tensor& gram, const at::Tensor& grad, doub
   p.status = status.data_ptr<int>();
   const auto result = cuda::ridge_solve_cuda(p, ridge, kMaxRidgeAttempts, at::cuda::getCurrentCUDAStream());
   check_cuda(result.error, "ridge_solve");
-  TORCH_CHECK(result.outcome != cuda::RidgeOutcome::kNotPositiveDefinite,
-              "ridge_solve: (gram + ridge*I) is not positive definite even after escalating the ridge to ",
-              result.ridge);
+  if (result.outcome == cuda::RidgeOutcome::kNotPositiveDefinite) {
+    note_ridge_escalation(ridge, INFINITY);  // NaN out, never an exception inside backward
+    return out.fill_(NAN);
+  }
   if (result.outcome == cuda::RidgeOutcome::kSolved && result.ridge != ridge)
     note_ridge_escalation(ridge, result.ridge);
   return out;

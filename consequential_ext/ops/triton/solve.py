@@ -249,9 +249,9 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, *, block_m=0, block_d=0):
         if not failed:
             break
         lam *= 10.0
-    else:
-        raise RuntimeError(f"ridge_solve: (gram + ridge*I) is not positive definite even with "
-                           f"ridge escalated to {lam:g}")
+    else:  # still indefinite: NaN, never an exception inside backward
+        reference.warn_escalated(ridge, math.inf)
+        return torch.full(grad.shape, float("nan"), dtype=out_dtype, device=grad.device)
     if attempt:
         reference.warn_escalated(ridge, lam)
     out = torch.ops.consequential_ext_triton.cholesky_solve(factor, g, out_dtype, block_m, block_d)
