@@ -8,12 +8,12 @@ import math
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import consequential_ext as cx
 
 from . import data, plots
 from .metrics import first_reach, fmt_mean_std, seed_band
+from .models import relu_mlp
 from .train import train
 
 BATCH = 32
@@ -32,23 +32,8 @@ CLAIM = ("C-SGD lowers the training loss faster than SGD from the beginning, wha
          "plotted against wall-clock time (paper: CIFAR-10/100, Fashion-MNIST, 100 epochs).")
 
 
-def make_mlp(n_in, n_out, width, seed):
-    torch.manual_seed(seed)
-    layers, d = [], n_in
-    for _ in range(DEPTH):
-        layers += [nn.Linear(d, width), nn.ReLU()]
-        d = width
-    layers.append(nn.Linear(d, n_out))
-    model = nn.Sequential(*layers)
-    for m in model:
-        if isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-    return model
-
-
 def run_one(split, method, lr, scaling, cfg, iters, seed, ctx):
-    model = make_mlp(split.x_train.shape[1], split.num_classes, cfg["width"], seed)
+    model = relu_mlp(split.x_train.shape[1], split.num_classes, cfg["width"], DEPTH, seed)
     cx.consequentialize(model, rule=METHODS[method], ridge=PAPER_LAMBDA[scaling] / BATCH)
     model.to(ctx.device)
     opt = torch.optim.SGD(model.parameters(), lr=lr)

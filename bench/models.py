@@ -1,6 +1,8 @@
-"""The networks of the paper sections: ResNet-20 (with or without BN) and LeNet with BN."""
+"""The networks of the paper sections: paper 1's ReLU MLP, ResNet-20 (with or without BN) and
+LeNet with BN."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -69,6 +71,23 @@ class LeNetBN(nn.Module):
         x = F.relu(self.bn3(self.fc1(x.flatten(1))))
         x = F.relu(self.bn4(self.fc2(x)))
         return self.fc3(x)
+
+
+def relu_mlp(n_in: int, n_out: int, width: int, depth: int, seed: int) -> nn.Sequential:
+    """``depth`` hidden ReLU layers of ``width``, Kaiming-normal weights, zero biases (paper 1's
+    MLP), initialised from ``seed``."""
+    torch.manual_seed(seed)
+    layers, d = [], n_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    layers.append(nn.Linear(d, n_out))
+    model = nn.Sequential(*layers)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return model
 
 
 def count_params(model: nn.Module) -> int:

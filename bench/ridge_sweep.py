@@ -15,11 +15,12 @@ import os
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 import consequential_ext as cx
+
+from .models import relu_mlp
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 LRS = (0.1, 0.3, 1.0)
@@ -34,23 +35,8 @@ def digits_split(seed=0, n_val=397):
     return (x[train], y[train]), (x[val], y[val])
 
 
-def mlp(width=64, depth=4):
-    layers, d = [], 64
-    for _ in range(depth):
-        layers += [nn.Linear(d, width), nn.ReLU()]
-        d = width
-    layers.append(nn.Linear(d, 10))
-    model = nn.Sequential(*layers)
-    for m in model:
-        if isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-    return model
-
-
 def train_once(ridge, lr, seed, steps, train, val, batch=32):
-    torch.manual_seed(seed)
-    model = cx.consequentialize(mlp(), ridge=ridge)
+    model = cx.consequentialize(relu_mlp(64, 10, width=64, depth=4, seed=seed), ridge=ridge)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     x, y = train
     gen = torch.Generator().manual_seed(seed)
