@@ -81,6 +81,9 @@ def _worker(rank, port, out_path):
             results["fsdp"] = f"{type(error).__name__}: {error}"
         if rank == 0:
             torch.save(results, out_path)
+        # Tear down only once every rank is done: a rank that leaves while its peer's gloo
+        # threads still talk to it makes the peer abort (std::terminate).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
