@@ -300,6 +300,14 @@ def test_ops_pass_opcheck_and_compile():
     torch.testing.assert_close(compiled(x), gram_of(x), rtol=0, atol=0)
 
 
+def _run_native_probe(probe):
+    """Run ``probe`` in a fresh interpreter from the repo root with Triton in native mode
+    (TRITON_INTERPRET=0), where no GPU may be touched."""
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+
+
 def test_compiled_kernels_trace_into_torch_compile_graphs():
     """The GPU registration (triton_op + wrap_triton, TRITON_INTERPRET=0): AOTAutograd sees
     the Triton kernels themselves, as triton_kernel_wrapper_functional nodes. Traced on
@@ -325,9 +333,7 @@ def test_compiled_kernels_trace_into_torch_compile_graphs():
         "except Exception:\n"
         "    pass\n"
         "print('KERNEL_NODES', graphs[0].count('triton_kernel_wrapper_functional('))\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1],
-                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    done = _run_native_probe(probe)
     assert "KERNEL_NODES 3" in done.stdout, (done.stdout + done.stderr)[-3000:]
 
 
@@ -365,9 +371,7 @@ def test_import_never_touches_the_gpu():
              "    setattr(torch.cuda, name, refuse)\n"
              "import consequential_ext.ops.triton\n"
              "import bench.bench_triton\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1],
-                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    done = _run_native_probe(probe)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
