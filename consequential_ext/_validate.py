@@ -1,9 +1,10 @@
-"""Argument checks shared by the functional API, the modules and the converter."""
+"""Argument checks and the validated attributes shared by the functional API, the modules,
+the converter and the amortizer. Imports nothing from the package: everything may use it."""
 from __future__ import annotations
 
 import math
 
-# Rules a C-layer understands; see DESIGN.md §2. Extended as rules are implemented.
+# Rules a C-layer understands (docs/design.md §2); ``rules.py`` holds one entry per name.
 RULES = ("consequential", "backmatch", "backmatch-layerwise", "sgd")
 DEFAULT_RULE = "consequential"
 # Relative to the per-sample second moment A = X Xᵀ / N; chosen on digits (README, "ridge").
@@ -33,3 +34,23 @@ class RuleAttribute:
     @rule.setter
     def rule(self, value):
         self._cx_rule = check_rule(value)
+
+
+class CLayerMixin(RuleAttribute):
+    """What every C-layer has: ``rule`` and ``ridge`` as validated attributes (checked on
+    every assignment), and the shape of its Gram (``cx_gram_shape``) for ``amortize``."""
+
+    @property
+    def ridge(self):
+        return self._cx_ridge
+
+    @ridge.setter
+    def ridge(self, value):
+        self._cx_ridge = check_ridge(value)
+
+    def cx_gram_shape(self) -> tuple[int, ...]:
+        """(D, D), or (groups, D, D): the shape of the Gram this layer solves with."""
+        raise NotImplementedError
+
+    def _cx_repr(self):
+        return f"rule={self.rule!r}, ridge={self.ridge:g}"

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ._validate import CLayerMixin
 from .ops import reference
 
 __all__ = ["GramAmortizer", "amortize"]
@@ -103,26 +104,13 @@ def check_amortizer(amortizer, gram_shape):
     return amortizer
 
 
-def _gram_shape(layer):
-    from .modules import CConv2d, CLinear
-    has_bias = layer.bias is not None
-    if isinstance(layer, CLinear):
-        d = layer.in_features + has_bias
-        return (d, d)
-    if isinstance(layer, CConv2d):
-        d = layer.weight[0].numel() + has_bias
-        return (layer.groups, d, d)
-    raise TypeError(f"amortize: expected a CLinear or CConv2d, got {type(layer).__name__}")
-
-
 def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95) -> nn.Module:
     """Give every C-layer of ``model`` (or ``model`` itself) an EMA Gram refreshed every
     ``every`` backward calls; ``every=None`` removes it (exact solves). In place; returns
     ``model``. Build the optimizer after or before, either way: no parameters are added."""
-    from .modules import CConv2d, CLinear
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
-    layers = [m for m in model.modules() if isinstance(m, (CLinear, CConv2d))]
+    layers = [m for m in model.modules() if isinstance(m, CLayerMixin)]
     if not layers:
         raise ValueError("amortize: model has no CLinear / CConv2d layers (call "
                          "consequentialize first)")
@@ -131,7 +119,7 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95) -
             layer._modules.pop("amortizer", None)
             continue
         acc = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-        layer.amortizer = GramAmortizer(_gram_shape(layer), every=every, decay=decay,
+        layer.amortizer = GramAmortizer(layer.cx_gram_shape(), every=every, decay=decay,
                                         device=layer.weight.device, dtype=acc)
     return model
 

@@ -10,24 +10,9 @@ import torch.nn.functional as F
 
 from . import functional as CF
 from .amortize import amortizer_of
-from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, RuleAttribute, check_ridge
+from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin
 
 __all__ = ["CLinear", "CConv2d", "CLayerMixin"]
-
-
-class CLayerMixin(RuleAttribute):
-    """``rule`` and ``ridge`` as validated attributes (checked on every assignment)."""
-
-    @property
-    def ridge(self):
-        return self._cx_ridge
-
-    @ridge.setter
-    def ridge(self, value):
-        self._cx_ridge = check_ridge(value)
-
-    def _cx_repr(self):
-        return f"rule={self.rule!r}, ridge={self.ridge:g}"
 
 
 class CLinear(CLayerMixin, nn.Linear):
@@ -35,6 +20,10 @@ class CLinear(CLayerMixin, nn.Linear):
                  rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.rule, self.ridge = rule, ridge
+
+    def cx_gram_shape(self):
+        d = self.in_features + (self.bias is not None)
+        return (d, d)
 
     def forward(self, input):
         return CF.clinear(input, self.weight, self.bias, rule=self.rule, ridge=self.ridge,
@@ -51,6 +40,10 @@ class CConv2d(CLayerMixin, nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device, dtype)
         self.rule, self.ridge = rule, ridge
+
+    def cx_gram_shape(self):
+        d = self.weight[0].numel() + (self.bias is not None)
+        return (self.groups, d, d)
 
     def forward(self, input):
         # The same two steps as nn.Conv2d._conv_forward, so outputs are bit-identical.
