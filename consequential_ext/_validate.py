@@ -1,19 +1,21 @@
 """Argument checks and the validated attributes shared by the functional API, the modules,
-the converter and the amortizer. Imports nothing from the package: everything may use it."""
+the converter and the amortizer. Imports only the rule table, which imports nothing above it:
+everything may use this module."""
 from __future__ import annotations
 
 import math
 
+from .rules import RULE_TABLE, rule_named
+
 # Rules a C-layer understands (docs/design.md §2); ``rules.py`` holds one entry per name.
-RULES = ("consequential", "backmatch", "backmatch-layerwise", "sgd")
+RULES = tuple(RULE_TABLE)
 DEFAULT_RULE = "consequential"
 # Relative to the per-sample second moment A = X Xᵀ / N; chosen on digits (README, "ridge").
 DEFAULT_RIDGE = 1e-3
 
 
 def check_rule(rule):
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {', '.join(map(repr, RULES))}; got {rule!r}")
+    rule_named(rule)  # ValueError naming the argument and the known rules
     return rule
 
 

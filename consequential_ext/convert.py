@@ -60,6 +60,10 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
     own, are left alone with a warning naming them. batchnorm: also make nn.BatchNorm1d /
     2d back-matching norms (``norm.py``) with ``rule``; None (default) does so for the
     back-matching rules, whose signals cross batch norms. Returns ``model``.
+
+    Raises TypeError if ``model`` is not an nn.Module, an include/exclude entry is neither a
+    module type nor a name, or ``batchnorm`` is not True/False/None; ValueError for an
+    unknown ``rule`` or a bad ``ridge``.
     """
     check_rule(rule)
     ridge = check_ridge(ridge)

@@ -1,4 +1,4 @@
-"""Sum each layer's Gram and sample count across ranks in backward (DESIGN.md §2, DDP).
+"""Sum each layer's Gram and sample count across ranks in backward (docs/design.md §2, DDP).
 
 Under an initialised ``torch.distributed`` process group every rank solves with the global
 second moment ``A = Σ_r gram_r / Σ_r N_r``, so ``G_r (A + λI)⁻¹`` is linear in the rank's

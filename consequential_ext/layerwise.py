@@ -83,13 +83,16 @@ def batchnorm_factor(producer_sq, batch_var, gamma):
 
 def producer_weight(tensor):
     """The weight of the C-layer whose output ``tensor`` is, through single-input ops
-    (pooling, activations, reshapes); None if there is none or the path branches."""
-    from .functional import CConv2dFunction, CLinearFunction  # functional imports this module
-    c_nodes = (CLinearFunction._backward_cls, CConv2dFunction._backward_cls)
+    (pooling, activations, reshapes); None if there is none or the path branches.
+
+    A C-layer's autograd.Function says where it saved its weight (``cx_saved_weight_index``),
+    so any layer kind is found without this module knowing the Functions.
+    """
     node = tensor.grad_fn
     while node is not None:
-        if isinstance(node, c_nodes):
-            return node.saved_tensors[1]  # both Functions save (input, weight)
+        index = getattr(getattr(node, "_forward_cls", None), "cx_saved_weight_index", None)
+        if index is not None:
+            return node.saved_tensors[index]
         inputs = [n for n, _ in node.next_functions if n is not None]
         node = inputs[0] if len(inputs) == 1 else None
     return None

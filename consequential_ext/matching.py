@@ -1,4 +1,4 @@
-"""The matched weight gradient G (A + λI)⁻¹ of DESIGN.md §2, for Linear and Conv2d inputs.
+"""The matched weight gradient G (A + λI)⁻¹ of docs/design.md §2, for Linear and Conv2d inputs.
 
 A = X Xᵀ / N with X the layer input as columns (plus a constant-1 row for a bias). By the
 push-through identity G (XXᵀ/N + λI)⁻¹ = dZ (XᵀX/N + λI)⁻¹ Xᵀ (G = dZ Xᵀ), so the solve

@@ -12,10 +12,18 @@ from . import functional as CF
 from .amortize import amortizer_of
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin
 
-__all__ = ["CLinear", "CConv2d", "CLayerMixin"]
+__all__ = ["CLinear", "CConv2d"]
 
 
 class CLinear(CLayerMixin, nn.Linear):
+    """``nn.Linear`` whose weight and bias get the gradient of ``rule`` (default: the matched
+    gradient ``G (A + λI)⁻¹``, docs/design.md §2); forward is bit-identical to nn.Linear.
+
+    rule: one of ``cx.RULES``; ridge: λ, a finite float > 0 relative to ``A = X Xᵀ / N``.
+    Both are attributes validated on every assignment (ValueError naming them). Any number of
+    leading input dims; N is the number of input rows.
+    """
+
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
                  rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
         super().__init__(in_features, out_features, bias, device, dtype)
@@ -34,6 +42,15 @@ class CLinear(CLayerMixin, nn.Linear):
 
 
 class CConv2d(CLayerMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose weight and bias get the gradient of ``rule`` (default: the matched
+    gradient ``G (A + λI)⁻¹`` with X the im2col patches per group, N the batch size;
+    docs/design.md §2); forward is bit-identical to nn.Conv2d.
+
+    Every nn.Conv2d argument works (stride, padding int / pair / 'same' / 'valid', dilation,
+    groups, bias, every padding_mode; batched or unbatched input). rule, ridge: as in
+    ``CLinear``.
+    """
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
                  rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):

@@ -1,4 +1,4 @@
-"""Independent float64 reference of DESIGN.md §2, built directly from the formula:
+"""Independent float64 reference of docs/design.md §2, built directly from the formula:
 explicit padding + ``unfold`` for X, ``torch.linalg.solve`` for (A + λI)⁻¹, and G from
 plain autograd of F.linear / F.conv2d. Shares no code with the library."""
 import torch

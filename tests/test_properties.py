@@ -1,4 +1,4 @@
-"""The math contract's consequences (DESIGN.md §2; paper 1, eqs. 58–62)."""
+"""The math contract's consequences (docs/design.md §2; paper 1, eqs. 58–62)."""
 import pytest
 import torch
 
