@@ -9,11 +9,13 @@ from ._validate import DEFAULT_RIDGE, RULES
 from ._build_check import check_extension
 from .amortize import amortize
 from .convert import consequentialize
+from .coverage import coverage
 from .modules import CConv2d, CLinear
+from .registry import register_layer
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
 
 __all__ = ["__version__", "CLinear", "CConv2d", "consequentialize", "functional", "ops", "RULES",
            "DEFAULT_RIDGE", "BackMatchBatchNorm1d", "BackMatchBatchNorm2d", "optim", "amortize",
-           "distributed"]
+           "distributed", "register_layer", "coverage"]
 
 check_extension()  # an extension built for another torch fails loudly here, naming both

@@ -1,7 +1,10 @@
-"""consequentialize(model): turn a model's nn.Linear / nn.Conv2d layers into C-layers in place.
+"""consequentialize(model): turn a model's layers of registered kinds into C-layers in place.
 
-The conversion swaps each layer's class, so parameters keep their identity (an optimizer
-built before the call keeps working), device, dtype, hooks and state_dict keys.
+The kinds come from ``registry.py`` (nn.Linear, nn.Conv2d, Hugging Face's Conv1D, and what
+users register). The conversion swaps each layer's class, so parameters keep their identity
+(an optimizer built before the call keeps working), device, dtype, hooks and state_dict keys.
+Whatever holds a weight matrix and stays plain is named in one warning (``coverage.py``),
+except what the user chose to leave plain.
 """
 from __future__ import annotations
 
@@ -10,16 +13,15 @@ import warnings
 
 import torch.nn as nn
 
-from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, check_rule
-from .modules import CConv2d, CLinear
+from .coverage import USER_REASON, coverage, weight_users
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
+from .registry import kind_of
+from .rules import rule_named
+from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin, check_ridge, check_rule
 
 __all__ = ["consequentialize"]
 
-_TARGETS = {nn.Linear: CLinear, nn.Conv2d: CConv2d}
 _NORM_TARGETS = {nn.BatchNorm1d: BackMatchBatchNorm1d, nn.BatchNorm2d: BackMatchBatchNorm2d}
-# Parents known to use a child's weight without calling the child's forward.
-_WEIGHT_USERS = (nn.MultiheadAttention,)
 
 
 def _matches(name, module, selectors):
@@ -51,13 +53,16 @@ def _selectors(value, arg):
 
 def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, include=None,
                      exclude=None, batchnorm=None) -> nn.Module:
-    """Make every nn.Linear / nn.Conv2d of ``model`` a CLinear / CConv2d, in place.
+    """Make every layer of a registered kind (nn.Linear → CLinear, nn.Conv2d → CConv2d,
+    Hugging Face's Conv1D, ``cx.register_layer``) a C-layer with ``rule`` / ``ridge``, in place.
 
     include / exclude: module types or qualified names (globs; a name also selects what is
-    below it). Layers already converted get the new ``rule`` / ``ridge``. Layers whose
-    weights their parent uses without calling their forward (the ``out_proj`` of
-    nn.MultiheadAttention), and subclasses of nn.Linear / nn.Conv2d with behaviour of their
-    own, are left alone with a warning naming them. batchnorm: also make nn.BatchNorm1d /
+    below it). Layers already converted get the new ``rule`` / ``ridge``. Every other module
+    that holds a weight matrix — a layer whose weight its parent uses without calling its
+    forward (the ``out_proj`` of nn.MultiheadAttention), a subclass of a registered type with
+    a forward of its own, an unknown type — is named with its reason in one warning, except
+    those the user left out with include / exclude (``cx.coverage(model)`` lists all, with the
+    matched share of the parameters). batchnorm: also make nn.BatchNorm1d /
     2d back-matching norms (``norm.py``) with ``rule``; None (default) does so for the
     back-matching rules, whose signals cross batch norms. Returns ``model``.
 
@@ -68,45 +73,41 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
     check_rule(rule)
     ridge = check_ridge(ridge)
     if batchnorm is None:
-        batchnorm = rule.startswith("backmatch")
+        batchnorm = rule_named(rule).changes_batchnorm
     elif not isinstance(batchnorm, bool):
         raise TypeError(f"batchnorm must be True, False or None; got {batchnorm!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
     include, exclude = _selectors(include, "include"), _selectors(exclude, "exclude")
-    bypassed = {id(child) for parent in model.modules() if isinstance(parent, _WEIGHT_USERS)
-                for child in parent.modules() if child is not parent}
-    skipped = []
+    users = weight_users(model)
+    skipped_norms = []
     for name, module in model.named_modules():
-        is_norm = batchnorm and isinstance(module, tuple(_NORM_TARGETS))
-        if not (is_norm or isinstance(module, (nn.Linear, nn.Conv2d))):
-            continue
         if include is not None and not _matches(name, module, include):
+            module.__dict__[USER_REASON] = "not selected by include"
             continue
         if exclude is not None and _matches(name, module, exclude):
+            module.__dict__[USER_REASON] = "excluded by the user"
             continue
-        if id(module) in bypassed:
-            skipped.append(f"{name} (its weight is used by its parent without calling forward)")
-            continue
-        if is_norm:
+        module.__dict__.pop(USER_REASON, None)
+        if batchnorm and isinstance(module, tuple(_NORM_TARGETS)):
             if type(module) in _NORM_TARGETS:
                 module.__class__ = _NORM_TARGETS[type(module)]
             if isinstance(module, (BackMatchBatchNorm1d, BackMatchBatchNorm2d)):
                 module.rule = rule
             else:
-                skipped.append(f"{name} ({type(module).__name__} is a subclass with its own "
-                               f"behaviour)")
+                skipped_norms.append(f"{name} ({type(module).__name__} is a subclass with its "
+                                     f"own behaviour)")
             continue
-        if isinstance(module, (CLinear, CConv2d)):
-            module.rule, module.ridge = rule, ridge
+        if id(module) in users:
             continue
-        target = _TARGETS.get(type(module))
-        if target is None:
-            skipped.append(f"{name} ({type(module).__name__} is a subclass with its own behaviour)")
-            continue
-        module.__class__ = target
+        if not isinstance(module, CLayerMixin):
+            kind = kind_of(type(module))
+            if kind is None:
+                continue
+            module.__class__ = kind.c_type
         module.rule, module.ridge = rule, ridge
-    if skipped:
-        warnings.warn("consequentialize left these layers as they are: " + "; ".join(skipped),
-                      UserWarning, stacklevel=2)
+    left = [f"{p.name} ({p.reason})" for p in coverage(model).plain if not p.chosen_by_user]
+    if left or skipped_norms:
+        warnings.warn("consequentialize left these layers as they are: "
+                      + "; ".join(left + skipped_norms), UserWarning, stacklevel=2)
     return model

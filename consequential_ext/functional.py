@@ -16,7 +16,8 @@ from .gradients import Conv2dGradients, LinearGradients
 from .rules import rule_named
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge
 
-__all__ = ["clinear", "cconv2d", "CLinearFunction", "CConv2dFunction"]
+__all__ = ["clinear", "cconv2d", "clinear_like", "CLinearFunction", "CConv2dFunction",
+           "CLinearLikeFunction"]
 
 
 def _apply_rule(ctx, layer):
@@ -57,6 +58,27 @@ class CLinearFunction(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         layer = LinearGradients(input, weight, grad_output, **_needs(ctx))
         return *_apply_rule(ctx, layer), None, None, None
+
+
+class CLinearLikeFunction(torch.autograd.Function):
+    """A registered linear-like layer: forward is the module's own ``module_forward``,
+    backward CLinear's on ``weight_view``, the weight as (out, in) (``clinear_like``)."""
+    cx_saved_weight_index = 1
+
+    @staticmethod
+    def forward(input, weight_view, bias, module_forward, rule, ridge, amortizer=None):
+        return module_forward(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight_view, bias, _, rule, ridge, amortizer = inputs
+        _save_common(ctx, input, weight_view, bias, rule, ridge, amortizer)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight_view = ctx.saved_tensors
+        layer = LinearGradients(input, weight_view, grad_output, **_needs(ctx))
+        return *_apply_rule(ctx, layer), None, None, None, None
 
 
 class CConv2dFunction(torch.autograd.Function):
@@ -119,3 +141,23 @@ def cconv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
                                      groups, rule, ridge, amortizer).squeeze(0)
     return CConv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups, rule,
                                  ridge, amortizer)
+
+
+def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=DEFAULT_RULE,
+                 ridge=DEFAULT_RIDGE, amortizer=None):
+    """``module_forward(input)`` — a linear-like layer's own forward, ``x W_viewᵀ + b`` over
+    the last dim — whose backward is CLinear's on ``W_view``: ``weight`` (out, in), or its
+    transpose when ``transposed`` (a weight stored (in, out), as Hugging Face's Conv1D).
+
+    Raises ValueError for an unknown ``rule`` or a bad ``ridge``; TypeError/ValueError for a
+    mismatched amortizer.
+    """
+    bypass = rule_named(rule).bypass
+    ridge = check_ridge(ridge)
+    if bypass:
+        return module_forward(input)
+    view = weight.t() if transposed else weight
+    d = view.shape[1] + (bias is not None)
+    amortizer = check_amortizer(amortizer, (d, d))
+    # The gradient reaches ``weight`` through the view (autograd transposes it back).
+    return CLinearLikeFunction.apply(input, view, bias, module_forward, rule, ridge, amortizer)

@@ -12,7 +12,7 @@ from . import functional as CF
 from .amortize import amortizer_of
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin
 
-__all__ = ["CLinear", "CConv2d"]
+__all__ = ["CLinear", "CConv2d", "CLinearLike"]
 
 
 class CLinear(CLayerMixin, nn.Linear):
@@ -75,3 +75,32 @@ class CConv2d(CLayerMixin, nn.Conv2d):
 
     def extra_repr(self):
         return f"{super().extra_repr()}, {self._cx_repr()}"
+
+
+class CLinearLike(CLayerMixin):
+    """Mixin of the C-classes ``registry.register_layer`` makes for linear-like layers: the
+    module's own forward (bit-identical), CLinear's backward on the weight viewed as (out, in).
+
+    ``_cx_kind`` (a ``registry.LayerKind``) names the weight and bias attributes and whether
+    the weight is stored transposed.
+    """
+
+    _cx_kind = None
+
+    def _cx_weight_bias(self):
+        kind = self._cx_kind
+        return getattr(self, kind.weight), getattr(self, kind.bias, None) if kind.bias else None
+
+    def cx_gram_shape(self):
+        weight, bias = self._cx_weight_bias()
+        d = weight.shape[0 if self._cx_kind.transposed else 1] + (bias is not None)
+        return (d, d)
+
+    def forward(self, input):
+        weight, bias = self._cx_weight_bias()
+        return CF.clinear_like(input, weight, bias, super().forward,
+                               transposed=self._cx_kind.transposed, rule=self.rule,
+                               ridge=self.ridge, amortizer=amortizer_of(self))
+
+    def extra_repr(self):
+        return ", ".join(filter(None, [super().extra_repr(), self._cx_repr()]))

@@ -1,0 +1,124 @@
+"""``coverage(model)``: how much of a model gets matched gradients, and why the rest does not.
+
+Every module that owns a parameter of 2 or more dimensions (a weight matrix or kernel) is
+either matched — a C-layer whose rule does not bypass — or listed as plain with its reason.
+The matched share counts parameters (each tensor once, shared ones too).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn as nn
+
+from .registry import kind_of
+from .rules import rule_named
+from ._validate import CLayerMixin
+
+__all__ = ["coverage", "Coverage", "PlainLayer"]
+
+# Parents that use a child's weight without calling the child's forward.
+WEIGHT_USERS = (nn.MultiheadAttention,)
+# Set by consequentialize on modules the user chose to leave plain (exclude / include).
+USER_REASON = "_cx_plain_reason"
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainLayer:
+    """A module with a weight matrix that is left plain: its qualified name, type, reason,
+    and the number of parameters it owns."""
+    name: str
+    type_name: str
+    reason: str
+    params: int
+    chosen_by_user: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+    """The result of ``coverage(model)``. ``str()`` gives a table."""
+    matched: tuple[str, ...]
+    plain: tuple[PlainLayer, ...]
+    matched_params: int
+    total_params: int
+
+    @property
+    def share(self) -> float:
+        """Matched parameters over all parameters (0 for a model without parameters)."""
+        return self.matched_params / self.total_params if self.total_params else 0.0
+
+    def __str__(self):
+        lines = [f"{len(self.matched)} layers matched, {self.matched_params:,} of "
+                 f"{self.total_params:,} parameters ({self.share:.1%}); "
+                 f"{len(self.plain)} layers with weight matrices left plain"]
+        if self.plain:
+            lines += ["", "| layer | type | parameters | reason |", "|---|---|---|---|"]
+            lines += [f"| {p.name or '(model)'} | {p.type_name} | {p.params:,} | {p.reason} |"
+                      for p in self.plain]
+        return "\n".join(lines)
+
+
+def _own_params(module):
+    return [p for p in module._parameters.values() if p is not None]
+
+
+def _is_matched(module) -> bool:
+    return isinstance(module, CLayerMixin) and not rule_named(module.rule).bypass
+
+
+def _registered_base(module_type):
+    for base in module_type.__mro__[1:]:
+        if kind_of(base) is not None:
+            return base
+    return None
+
+
+def plain_reason(module, parent=None) -> tuple[str, bool]:
+    """(why ``module`` is left plain, whether the user chose so)."""
+    user = getattr(module, USER_REASON, None)
+    if user:
+        return user, True
+    if isinstance(module, CLayerMixin):
+        return f"rule {module.rule!r} (the ordinary gradient)", True
+    if parent is not None:
+        return (f"its weight is used by its parent {type(parent).__name__} without calling "
+                f"its forward"), False
+    base = _registered_base(type(module))
+    if base is not None:
+        return (f"a subclass of {base.__name__} with its own forward: register it with "
+                f"cx.register_layer if it is linear-like"), False
+    return "unknown layer type: cx.register_layer teaches linear-like ones", False
+
+
+def weight_users(model: nn.Module) -> dict[int, nn.Module]:
+    """id(child) → the parent that uses the child's weight without calling its forward."""
+    return {id(child): parent for parent in model.modules() if isinstance(parent, WEIGHT_USERS)
+            for child in parent.modules() if child is not parent}
+
+
+def coverage(model: nn.Module) -> Coverage:
+    """Which layers of ``model`` get matched gradients, which are left plain and why, and the
+    matched share of all parameters. Raises TypeError if ``model`` is not an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    users = weight_users(model)
+    matched, matched_by = [], {}                      # matched_by: id(parameter) → layer name
+    for name, module in model.named_modules():
+        if _is_matched(module) and id(module) not in users:
+            matched.append(name)
+            matched_by.update((id(p), name) for p in _own_params(module))
+    plain = []
+    for name, module in model.named_modules():
+        own = _own_params(module)
+        if name in matched or not any(p.dim() >= 2 for p in own):
+            continue
+        reason, chosen = plain_reason(module, users.get(id(module)))
+        shared = sorted({matched_by[id(p)] for p in own if id(p) in matched_by})
+        if shared:  # tied weights: autograd sums this layer's ordinary gradient and the match
+            reason += f"; shares a parameter with matched {', '.join(shared)}"
+        plain.append(PlainLayer(name, type(module).__name__, reason,
+                                sum(p.numel() for p in own), chosen))
+    unique = {id(p): p for p in model.parameters()}
+    return Coverage(tuple(matched), tuple(plain),
+                    sum(p.numel() for i, p in unique.items() if i in matched_by),
+                    sum(p.numel() for p in unique.values()))
+

@@ -1,0 +1,111 @@
+"""The layer kinds ``consequentialize`` knows: one table from module types to C-layer classes.
+
+Built-in kinds (nn.Linear → CLinear, nn.Conv2d → CConv2d) are entries of the same table a
+user extends with ``register_layer``. A *linear-like* layer — any module whose forward is
+``y = x W_viewᵀ + b`` on the last dim of its input, ``W_view`` its weight as (out, in) or the
+transpose of it — needs no code of its own: ``register_layer(MyLayer)`` makes a C-class for it
+whose forward is the module's own (bit-identical) and whose backward is CLinear's, on
+``W_view``. Types can also be registered by qualified name, so that a library's layer
+(``transformers.pytorch_utils.Conv1D``) is known without importing that library.
+
+Lookup is by exact type: a subclass of a registered type with a forward of its own is a
+different layer and is left plain, named in ``consequentialize``'s warning.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn as nn
+
+from .modules import CConv2d, CLinear, CLinearLike
+
+__all__ = ["LayerKind", "register_layer", "kind_of", "registered_kinds"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """How one module type maps to the contract (docs/design.md §2).
+
+    c_type: the C-layer class swapped in; transposed: the weight is stored (in, out);
+    weight, bias: the attribute names of the weight and (optional) bias parameters.
+    """
+    name: str
+    c_type: type
+    transposed: bool = False
+    weight: str = "weight"
+    bias: str | None = "bias"
+
+
+_KINDS: dict[str, LayerKind] = {}
+
+
+def _qualified_name(module_type: type) -> str:
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def register_layer(module_type, c_type=None, *, transposed=False, weight="weight", bias="bias"):
+    """Teach ``consequentialize`` a layer kind; returns its ``LayerKind``.
+
+    module_type: an nn.Module subclass, or its qualified name as a string
+    (``"transformers.pytorch_utils.Conv1D"``) to register it without importing its library.
+    c_type: the C-layer class to swap in (a subclass of ``module_type`` mixing in
+    ``CLayerMixin``); None for a linear-like layer — one whose forward computes
+    ``x W_viewᵀ + b`` over the last dim of the input, with ``W_view`` = the ``weight``
+    parameter as (out, in), or its transpose with ``transposed=True`` — for which a C-class is
+    made: forward the module's own, backward CLinear's on ``W_view``.
+    weight / bias: the attribute names of the weight and bias (bias may be absent or None).
+
+    Registering a type again replaces its entry. Raises TypeError for a module_type that is
+    neither an nn.Module subclass nor a dotted name, or a c_type that is not a subclass of
+    module_type; ValueError for empty attribute names.
+    """
+    if isinstance(module_type, str):
+        if "." not in module_type:
+            raise TypeError(f"module_type must be an nn.Module subclass or a qualified name "
+                            f"'package.module.Class'; got {module_type!r}")
+        key = module_type
+    elif isinstance(module_type, type) and issubclass(module_type, nn.Module):
+        key = _qualified_name(module_type)
+    else:
+        raise TypeError(f"module_type must be an nn.Module subclass or a qualified name; got "
+                        f"{module_type!r}")
+    if not isinstance(weight, str) or not weight or (bias is not None and
+                                                     (not isinstance(bias, str) or not bias)):
+        raise ValueError(f"weight and bias must be attribute names (bias may be None); got "
+                         f"weight={weight!r}, bias={bias!r}")
+    if c_type is not None and not (isinstance(module_type, type) and isinstance(c_type, type)
+                                   and issubclass(c_type, module_type)):
+        raise TypeError(f"c_type must be a subclass of module_type; got {c_type!r}")
+    kind = LayerKind(key, c_type, bool(transposed), weight, bias)
+    _KINDS[key] = kind
+    return kind
+
+
+def _linear_like_class(module_type: type, kind: LayerKind) -> type:
+    return type(f"C{module_type.__name__}", (CLinearLike, module_type),
+                {"_cx_kind": kind, "__module__": module_type.__module__,
+                 "__doc__": f"{module_type.__name__} with CLinear's backward "
+                            f"(registered linear-like layer)."})
+
+
+def kind_of(module_type: type) -> LayerKind | None:
+    """The registered kind of exactly ``module_type`` (a C-class of a linear-like kind is made
+    on first lookup), or None."""
+    kind = _KINDS.get(_qualified_name(module_type))
+    if kind is None:
+        return None
+    if kind.c_type is None:
+        kind = dataclasses.replace(kind, c_type=_linear_like_class(module_type, kind))
+        _KINDS[kind.name] = kind
+    return kind
+
+
+def registered_kinds() -> dict[str, LayerKind]:
+    """A copy of the table: qualified type name → LayerKind."""
+    return dict(_KINDS)
+
+
+register_layer(nn.Linear, CLinear)
+register_layer(nn.Conv2d, CConv2d)
+# Hugging Face GPT-2 and relatives: a Linear whose weight is stored (in, out), applied by addmm.
+register_layer("transformers.pytorch_utils.Conv1D", transposed=True)

@@ -1,0 +1,167 @@
+"""The layer-kind registry, Hugging Face's Conv1D, and the coverage report (docs/design.md §5)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import consequential_ext as cx
+from consequential_ext import registry
+from matched_reference import matched_linear
+
+RIDGE = 1e-3
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    """Registrations made by a test do not leak into the others."""
+    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))
+
+
+def _record_io(model, types):
+    """Each module of ``types``: its input and the gradient reaching its output."""
+    seen = {}
+
+    def hook(module, args, output):
+        entry = seen.setdefault(module, {})
+        entry["x"] = args[0].detach()
+        output.register_hook(lambda g: entry.__setitem__("gy", g.detach()))
+    for m in model.modules():
+        if isinstance(m, types):
+            m.register_forward_hook(hook)
+    return seen
+
+
+class TransposedToy(nn.Module):
+    """A linear-like layer as a user might write one: weight stored (in, out) under another
+    name, an optional offset, applied with matmul over any leading dims."""
+
+    def __init__(self, n_in, n_out, offset=True):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(n_in, n_out) / n_in ** 0.5)
+        self.offset = nn.Parameter(torch.randn(n_out)) if offset else None
+
+    def forward(self, x):
+        y = x @ self.kernel
+        return y if self.offset is None else y + self.offset
+
+
+@pytest.mark.parametrize("offset", [True, False])
+def test_a_registered_toy_layer_is_matched_exactly(clean_registry, offset):
+    kind = cx.register_layer(TransposedToy, transposed=True, weight="kernel", bias="offset")
+    assert kind.transposed and kind.weight == "kernel"
+    torch.manual_seed(3)
+    model = nn.Sequential(TransposedToy(7, 9, offset), nn.Tanh(), TransposedToy(9, 4, offset))
+    model.double()
+    x = torch.randn(2, 5, 7, dtype=torch.float64)          # leading dims: N = 10 rows
+    reference_out = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # nothing is left plain
+        cx.consequentialize(model, ridge=RIDGE)
+    assert type(model[0]).__name__ == "CTransposedToy" and isinstance(model[0], TransposedToy)
+    seen = _record_io(model, TransposedToy)
+    out = model(x)
+    assert torch.equal(out, reference_out)                  # forward: the layer's own
+    out.pow(3).sum().backward()
+    for layer in (model[0], model[2]):
+        io = seen[layer]
+        bias = layer.offset.detach() if offset else None
+        ref_w, ref_b = matched_linear(io["x"], layer.kernel.detach().T, bias, io["gy"], RIDGE)
+        torch.testing.assert_close(layer.kernel.grad, ref_w.T, rtol=1e-9, atol=1e-12)
+        if offset:
+            torch.testing.assert_close(layer.offset.grad, ref_b, rtol=1e-9, atol=1e-12)
+    assert cx.coverage(model).share == 1.0
+
+
+def test_register_layer_validates_its_arguments(clean_registry):
+    with pytest.raises(TypeError, match="module_type"):
+        cx.register_layer(42)
+    with pytest.raises(TypeError, match="module_type"):
+        cx.register_layer("Conv1D")
+    with pytest.raises(ValueError, match="weight and bias"):
+        cx.register_layer(TransposedToy, weight="")
+    with pytest.raises(TypeError, match="c_type"):
+        cx.register_layer(TransposedToy, cx.CLinear)
+
+
+class OwnForwardLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x * 2)
+
+
+def test_coverage_names_every_plain_weight_with_its_reason():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), OwnForwardLinear(6, 6), nn.Embedding(10, 6),
+                          nn.LayerNorm(6), nn.Linear(6, 3))
+    with pytest.warns(UserWarning) as caught:
+        cx.consequentialize(model, exclude=["4"])
+    text = str(caught[0].message)
+    assert "1 (a subclass of Linear with its own forward" in text
+    assert "2 (unknown layer type" in text
+    assert "4 (" not in text                            # the user's exclusion is not warned about
+    report = cx.coverage(model)
+    assert report.matched == ("0",)
+    reasons = {p.name: p.reason for p in report.plain}
+    assert set(reasons) == {"1", "2", "4"}             # LayerNorm has no weight matrix
+    assert reasons["4"] == "excluded by the user"
+    total = sum(p.numel() for p in model.parameters())
+    assert report.matched_params == 4 * 6 + 6 and report.total_params == total
+    assert f"{report.share:.1%}" in str(report)
+
+
+def test_rule_sgd_layers_count_as_plain_by_choice():
+    model = cx.consequentialize(nn.Sequential(nn.Linear(3, 3)), rule="sgd")
+    report = cx.coverage(model)
+    assert report.matched == () and report.plain[0].chosen_by_user
+    assert "rule 'sgd'" in report.plain[0].reason
+
+
+def _gpt2(dtype=torch.float64):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=24, n_head=2, vocab_size=37,
+                                     n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+    torch.manual_seed(1)
+    return transformers.GPT2LMHeadModel(config).to(dtype)
+
+
+def test_gpt2_conv1d_projections_are_matched_exactly():
+    model = _gpt2()
+    from transformers.pytorch_utils import Conv1D
+    ids = torch.randint(0, 37, (3, 11))
+    plain_logits = model(ids).logits
+    with pytest.warns(UserWarning, match="transformer.wte") as caught:
+        cx.consequentialize(model, ridge=RIDGE)
+    assert "transformer.h" not in str(caught[0].message)        # every projection converted
+    convs = [m for m in model.modules() if isinstance(m, Conv1D)]
+    assert len(convs) == 8 and all(isinstance(m, cx.registry.CLinearLike) for m in convs)
+    seen = _record_io(model, Conv1D)
+    out = model(ids)
+    assert torch.equal(out.logits, plain_logits)                # forward bit-identical
+    out.logits.square().mean().backward()
+    for layer in convs:
+        io = seen[layer]
+        ref_w, ref_b = matched_linear(io["x"], layer.weight.detach().T, layer.bias.detach(),
+                                      io["gy"], RIDGE)
+        assert (layer.weight.grad - ref_w.T).norm() <= 1e-8 * ref_w.norm()
+        assert (layer.bias.grad - ref_b).norm() <= 1e-8 * ref_b.norm()
+
+
+def test_coverage_of_gpt2_and_bert():
+    transformers = pytest.importorskip("transformers")
+    model = _gpt2(torch.float32)
+    with pytest.warns(UserWarning):
+        cx.consequentialize(model)
+    report = cx.coverage(model)
+    assert len(report.matched) == 9                              # 8 Conv1D + lm_head
+    reasons = {p.name: p.reason for p in report.plain}
+    assert set(reasons) == {"transformer.wte", "transformer.wpe"}
+    assert "shares a parameter with matched lm_head" in reasons["transformer.wte"]
+    bert = transformers.BertModel(transformers.BertConfig(
+        num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=20,
+        vocab_size=30, max_position_embeddings=12))
+    with pytest.warns(UserWarning, match="embeddings.word_embeddings"):
+        cx.consequentialize(bert)
+    report = cx.coverage(bert)
+    assert len(report.matched) == 7 and len(report.plain) == 3
+    assert 0 < report.share < 1
