@@ -85,9 +85,6 @@ class PlainSGD(Rule):
     name = "sgd"
     bypass = True
 
-    def input_signal(self, layer):
-        return layer.input_grad()
-
     def weight_grads(self, layer):
         return layer.plain_weight_grads()
 
