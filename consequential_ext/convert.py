@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .coverage import USER_REASON, coverage, weight_users
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
-from .registry import kind_of
+from .registry import kind_for
 from .rules import rule_named
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin, check_ridge, check_rule
 
@@ -101,7 +101,7 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
         if id(module) in users:
             continue
         if not isinstance(module, CLayerMixin):
-            kind = kind_of(type(module))
+            kind = kind_for(module)
             if kind is None:
                 continue
             module.__class__ = kind.c_type
