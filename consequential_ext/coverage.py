@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from .registry import kind_of, subclass_kind
 from .rules import rule_named
@@ -98,6 +99,9 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     if parent is not None:
         return (f"its weight is used by its parent {type(parent).__name__} without calling "
                 f"its forward"), False
+    if isinstance(module, parametrize.ParametrizationList):
+        return ("the parametrization of a weight (weight norm, spectral norm): the layer uses "
+                "the transformed weight, not this parameter"), False
     refused = next((r for t, r in UNSUPPORTED.items() if isinstance(module, t)), None)
     if refused is not None:
         return refused, False

@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from . import backmatch, layerwise, matching
+from . import backmatch, distributed, layerwise, matching
 
 
 class LinearGradients:
@@ -211,11 +211,13 @@ class EmbeddingGradients:
             return None, None
         work = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         counts = torch.bincount(self.indices.reshape(-1), minlength=self.weight.shape[0])
-        scale = counts.to(work) / max(self.indices.numel(), 1) + self.ridge
+        # diag(A), summed over ranks under DDP like every Gram (distributed.py)
+        pending = distributed.PendingGram(counts.to(work), self.indices.numel(),
+                                          distributed.gram_group())
         grad = self._ordinary(work)
-        if self.sparse:  # rows of the uncoalesced COO values, each by its row's scale
-            values = grad._values() / scale[grad._indices()[0]][:, None]
-            grad = torch.sparse_coo_tensor(grad._indices(), values, grad.shape)
+        scale = pending.wait() + self.ridge
+        if self.sparse:  # each value row of the fresh COO gradient by its row's scale
+            grad._values().div_(scale[grad._indices()[0]][:, None])
         else:
             grad = grad / scale[:, None]
         return grad.to(self.weight.dtype), None
