@@ -111,9 +111,9 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
         if kind is not None:
             return f"a subclass of {base.__name__} not converted yet (consequentialize " \
                    f"matches its F.{kind.c_type._cx_call.__name__} call)", False
-        return f"a subclass of {base.__name__}: " + (why_not or "with its own forward: register "
-                                                     "it with cx.register_layer if it is "
-                                                     "linear-like"), False
+        return f"a subclass of {base.__name__}" + (f": {why_not}" if why_not else
+                                                   " with its own forward: register it with "
+                                                   "cx.register_layer if it is linear-like"), False
     return "unknown layer type: cx.register_layer teaches linear-like ones", False
 
 

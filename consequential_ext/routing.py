@@ -63,15 +63,14 @@ def passes_own_weight(module: torch.nn.Module, func, probe_shape) -> str | None:
     weight = module._parameters.get("weight")
     if weight is None:
         return "its weight is not a parameter of its own (a parametrization computes it)"
-    probe = _meta_copy(module)
-    own = probe._parameters["weight"]
     seen = []
-
-    def record(input, weight, *args, **kwargs):
-        seen.append(weight is own)
-        return PASS
-    x = torch.zeros(probe_shape, device="meta", dtype=weight.dtype)
     try:
+        probe = _meta_copy(module)
+
+        def record(input, weight, *args, **kwargs):
+            seen.append(weight is probe._parameters["weight"])
+            return PASS
+        x = torch.zeros(probe_shape, device="meta", dtype=weight.dtype)
         with torch.no_grad(), FunctionalRoute({func: record}):
             probe.forward(x)
     except Exception as error:  # noqa: BLE001  (any failure: the layer stays plain, saying why)
