@@ -173,6 +173,23 @@ def test_rule_sgd_gives_nn_gradients_bit_for_bit():
         assert torch.equal(p.grad, r.grad), name
 
 
+def test_backmatch_changes_only_what_lies_below_out_proj():
+    """out_proj's G comes from above, so "backmatch" matches it as "consequential" does; the
+    in-projection sees paper 2's matched signal from out_proj instead of BP's."""
+    torch.manual_seed(10)
+    x = torch.randn(6, 2, E, dtype=torch.float64)
+    grads = {}
+    for rule in ("consequential", "backmatch"):
+        torch.manual_seed(11)
+        layer = cx.CMultiheadAttention(E, H, dtype=torch.float64, rule=rule, ridge=RIDGE)
+        layer(x, x, x)[0].square().sum().backward()
+        grads[rule] = {n: p.grad for n, p in layer.named_parameters()}
+    for name in ("out_proj.weight", "out_proj.bias"):
+        assert torch.equal(grads["backmatch"][name], grads["consequential"][name])
+    assert _rel_err(grads["backmatch"]["in_proj_weight"],
+                    grads["consequential"]["in_proj_weight"]) > 1e-3
+
+
 def test_inference_takes_nn_fast_paths(monkeypatch):
     """Without grad, nn's fused kernels run, untouched (the routing is only for backward)."""
     calls = []
