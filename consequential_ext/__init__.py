@@ -10,12 +10,12 @@ from ._build_check import check_extension
 from .amortize import amortize
 from .convert import consequentialize
 from .coverage import coverage
-from .modules import CConv2d, CLinear
+from .modules import CConv2d, CEmbedding, CLinear, CMultiheadAttention
 from .registry import register_layer
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
 
 __all__ = ["__version__", "CLinear", "CConv2d", "consequentialize", "functional", "ops", "RULES",
            "DEFAULT_RIDGE", "BackMatchBatchNorm1d", "BackMatchBatchNorm2d", "optim", "amortize",
-           "distributed", "register_layer", "coverage"]
+           "distributed", "register_layer", "coverage", "CEmbedding", "CMultiheadAttention"]
 
 check_extension()  # an extension built for another torch fails loudly here, naming both

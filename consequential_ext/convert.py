@@ -1,7 +1,8 @@
 """consequentialize(model): turn a model's layers of registered kinds into C-layers in place.
 
-The kinds come from ``registry.py`` (nn.Linear, nn.Conv2d, Hugging Face's Conv1D, and what
-users register). The conversion swaps each layer's class, so parameters keep their identity
+The kinds come from ``registry.py`` (nn.Linear, nn.Conv2d, nn.Embedding, nn.MultiheadAttention,
+Hugging Face's Conv1D, what users register, and subclasses of nn.Linear / nn.Conv2d that pass
+their own weight to F.linear / F.conv2d). The conversion swaps each layer's class, so parameters keep their identity
 (an optimizer built before the call keeps working), device, dtype, hooks and state_dict keys.
 Whatever holds a weight matrix and stays plain is named in one warning (``coverage.py``),
 except what the user chose to leave plain.
@@ -15,7 +16,7 @@ import torch.nn as nn
 
 from .coverage import USER_REASON, coverage, weight_users
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
-from .registry import kind_of
+from .registry import kind_for
 from .rules import rule_named
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin, check_ridge, check_rule
 
@@ -54,13 +55,16 @@ def _selectors(value, arg):
 def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, include=None,
                      exclude=None, batchnorm=None) -> nn.Module:
     """Make every layer of a registered kind (nn.Linear → CLinear, nn.Conv2d → CConv2d,
-    Hugging Face's Conv1D, ``cx.register_layer``) a C-layer with ``rule`` / ``ridge``, in place.
+    nn.Embedding → CEmbedding, nn.MultiheadAttention → CMultiheadAttention, Hugging Face's
+    Conv1D, ``cx.register_layer``) and every subclass of nn.Linear / nn.Conv2d whose forward
+    passes its own weight to F.linear / F.conv2d (``registry.subclass_kind``) a C-layer with
+    ``rule`` / ``ridge``, in place.
 
     include / exclude: module types or qualified names (globs; a name also selects what is
     below it). Layers already converted get the new ``rule`` / ``ridge``. Every other module
-    that holds a weight matrix — a layer whose weight its parent uses without calling its
-    forward (the ``out_proj`` of nn.MultiheadAttention), a subclass of a registered type with
-    a forward of its own, an unknown type — is named with its reason in one warning, except
+    that holds a weight matrix — a layer whose weight a plain parent uses without calling its
+    forward, a subclass that transforms its weight before use, an unknown type, a refused
+    one (nn.EmbeddingBag) — is named with its reason in one warning, except
     those the user left out with include / exclude (``cx.coverage(model)`` lists all, with the
     matched share of the parameters). batchnorm: also make nn.BatchNorm1d /
     2d back-matching norms (``norm.py``) with ``rule``; None (default) does so for the
@@ -101,7 +105,7 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
         if id(module) in users:
             continue
         if not isinstance(module, CLayerMixin):
-            kind = kind_of(type(module))
+            kind = kind_for(module)
             if kind is None:
                 continue
             module.__class__ = kind.c_type

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
-from .registry import kind_of
+from .registry import kind_of, subclass_kind
 from .rules import rule_named
 from ._validate import CLayerMixin
 
@@ -18,6 +19,11 @@ __all__ = ["coverage", "Coverage", "PlainLayer"]
 
 # Parents that use a child's weight without calling the child's forward.
 WEIGHT_USERS = (nn.MultiheadAttention,)
+# Layer types refused, with the reason coverage gives.
+UNSUPPORTED = {
+    nn.EmbeddingBag: "nn.EmbeddingBag is not supported: a bag sums or averages several rows, so "
+                     "A = X Xᵀ / N is not diagonal (a V × V solve over the vocabulary)",
+}
 # Set by consequentialize on modules the user chose to leave plain (exclude / include).
 USER_REASON = "_cx_plain_reason"
 
@@ -61,6 +67,13 @@ def _own_params(module):
     return [p for p in module._parameters.values() if p is not None]
 
 
+def _matched_params(module):
+    """The parameters a matched layer matches: ``cx_matched_parameters()`` where the layer
+    matches more than its own (an attention layer, its ``out_proj`` too)."""
+    listed = getattr(module, "cx_matched_parameters", None)
+    return listed() if listed is not None else _own_params(module)
+
+
 def _is_matched(module) -> bool:
     return isinstance(module, CLayerMixin) and not rule_named(module.rule).bypass
 
@@ -79,13 +92,28 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
         return user, True
     if isinstance(module, CLayerMixin):
         return f"rule {module.rule!r} (the ordinary gradient)", True
+    if parent is not None and (isinstance(parent, CLayerMixin) or getattr(parent, USER_REASON,
+                                                                           None)):
+        reason, chosen = plain_reason(parent)
+        return f"its parent {type(parent).__name__} is plain: {reason}", chosen
     if parent is not None:
         return (f"its weight is used by its parent {type(parent).__name__} without calling "
                 f"its forward"), False
+    if isinstance(module, parametrize.ParametrizationList):
+        return ("the parametrization of a weight (weight norm, spectral norm): the layer uses "
+                "the transformed weight, not this parameter"), False
+    refused = next((r for t, r in UNSUPPORTED.items() if isinstance(module, t)), None)
+    if refused is not None:
+        return refused, False
     base = _registered_base(type(module))
     if base is not None:
-        return (f"a subclass of {base.__name__} with its own forward: register it with "
-                f"cx.register_layer if it is linear-like"), False
+        kind, why_not = subclass_kind(module)
+        if kind is not None:
+            return f"a subclass of {base.__name__} not converted yet (consequentialize " \
+                   f"matches its F.{kind.c_type._cx_call.__name__} call)", False
+        return f"a subclass of {base.__name__}" + (f": {why_not}" if why_not else
+                                                   " with its own forward: register it with "
+                                                   "cx.register_layer if it is linear-like"), False
     return "unknown layer type: cx.register_layer teaches linear-like ones", False
 
 
@@ -105,12 +133,15 @@ def coverage(model: nn.Module) -> Coverage:
     for name, module in model.named_modules():
         if _is_matched(module) and id(module) not in users:
             matched.append(name)
-            matched_by.update((id(p), name) for p in _own_params(module))
+            matched_by.update((id(p), name) for p in _matched_params(module))
     plain = []
     for name, module in model.named_modules():
         own = _own_params(module)
         if name in matched or not any(p.dim() >= 2 for p in own):
             continue
+        owners = {matched_by.get(id(p)) for p in own}
+        if all(o is not None and name.startswith(o + ".") for o in owners):
+            continue                                # matched by the layer above it (attention)
         reason, chosen = plain_reason(module, users.get(id(module)))
         shared = sorted({matched_by[id(p)] for p in own if id(p) in matched_by})
         if shared:  # tied weights: autograd sums this layer's ordinary gradient and the match

@@ -7,17 +7,20 @@ skips the Function, so its gradients are bit-identical to the nn layers'.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .amortize import check_amortizer
-from .gradients import Conv2dGradients, LinearGradients
+from .gradients import Conv2dGradients, EmbeddingGradients, LinearGradients
 from .rules import rule_named
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge
 
 __all__ = ["clinear", "cconv2d", "clinear_like", "CLinearFunction", "CConv2dFunction",
-           "CLinearLikeFunction"]
+           "CLinearLikeFunction", "cembedding", "CEmbeddingFunction",
+           "cmulti_head_attention_forward"]
 
 
 def _apply_rule(ctx, layer):
@@ -161,3 +164,196 @@ def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=
     amortizer = check_amortizer(amortizer, (d, d))
     # The gradient reaches ``weight`` through the view (autograd transposes it back).
     return CLinearLikeFunction.apply(input, view, bias, module_forward, rule, ridge, amortizer)
+
+
+class CEmbeddingFunction(torch.autograd.Function):
+    """``F.embedding`` forward; backward by the rule on ``EmbeddingGradients`` (``cembedding``
+    is the entry point)."""
+    cx_saved_weight_index = 1
+
+    @staticmethod
+    def forward(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse,
+                rule, ridge):
+        return F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                           sparse)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, padding_idx, _, _, scale_grad_by_freq, sparse, rule, ridge = inputs
+        _save_common(ctx, input, weight, None, rule, ridge, None)
+        ctx.conf = dict(padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq,
+                        sparse=sparse)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        layer = EmbeddingGradients(input, weight, grad_output, needs_weight=ctx.needs_input_grad[1],
+                                   ridge=ctx.ridge, **ctx.conf)
+        _, grad_weight, _ = _apply_rule(ctx, layer)
+        return None, grad_weight, None, None, None, None, None, None, None
+
+
+def cembedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
+               scale_grad_by_freq=False, sparse=False, *, rule=DEFAULT_RULE,
+               ridge=DEFAULT_RIDGE):
+    """``F.embedding`` whose backward gives ``weight`` the gradient of ``rule``; for the
+    matched rules, row v of the ordinary gradient divided by (count_v / N + ridge), N the number
+    of indices (docs/design.md §2). ``padding_idx``'s row gets no gradient, as in nn;
+    ``max_norm`` renormalises the looked-up rows in place first, as nn does; ``sparse=True``
+    gives a sparse gradient.
+
+    Raises ValueError for an unknown ``rule``, a bad ``ridge`` or a ``padding_idx`` outside the
+    table.
+    """
+    bypass = rule_named(rule).bypass
+    ridge = check_ridge(ridge)
+    if padding_idx is not None:
+        if not -weight.shape[0] <= padding_idx < weight.shape[0]:
+            raise ValueError(f"padding_idx must be within num_embeddings ({weight.shape[0]}); "
+                             f"got {padding_idx}")
+        padding_idx %= weight.shape[0]
+    if bypass:
+        return F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                           sparse)
+    return CEmbeddingFunction.apply(input, weight, padding_idx, max_norm, norm_type,
+                                    scale_grad_by_freq, sparse, rule, ridge)
+
+
+def _heads_first(packed, parts, width):
+    """(…, parts·width) → ``parts`` tensors of (…, width), laid out as nn's packed projection."""
+    return packed.unflatten(-1, (parts, width)).unsqueeze(0).transpose(0, -2).squeeze(-2) \
+        .contiguous()
+
+
+def _in_projection(query, key, value, in_proj_weight, in_proj_bias, separate, project):
+    """q, k, v as ``F._in_projection_packed`` / ``F._in_projection`` compute them, each
+    projection a C-layer call on its own input (one call on the packed weight for
+    self-attention, one on the key/value rows for encoder-decoder attention)."""
+    e = query.size(-1)
+    if separate is None:
+        w, b = in_proj_weight, in_proj_bias
+        if key is value and query is key:                       # self-attention
+            q, k, v = _heads_first(project(query, w, b), 3, e)
+            return q, k, v
+        if key is value:                                        # encoder-decoder
+            w_q, w_kv = w.split([e, e * 2])
+            b_q, b_kv = (None, None) if b is None else b.split([e, e * 2])
+            k, v = _heads_first(project(key, w_kv, b_kv), 2, e)
+            return project(query, w_q, b_q), k, v
+        w_q, w_k, w_v = w.chunk(3)
+    else:
+        w_q, w_k, w_v = separate
+    b_q, b_k, b_v = (None,) * 3 if in_proj_bias is None else in_proj_bias.chunk(3)
+    return project(query, w_q, b_q), project(key, w_k, b_k), project(value, w_v, b_v)
+
+
+def cmulti_head_attention_forward(
+        query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k,
+        bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True,
+        key_padding_mask=None, need_weights=True, attn_mask=None,
+        use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None,
+        v_proj_weight=None, static_k=None, static_v=None, average_attn_weights=True,
+        is_causal=False, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
+    """``F.multi_head_attention_forward`` (same arguments, same result bit for bit) whose
+    projections are C-layer calls (``clinear``): the in-projection weight and bias are matched
+    per projection on that projection's input rows — one packed ``[W|b]`` on the query rows
+    for self-attention, ``q`` on the query and ``k``/``v`` on the key rows for
+    encoder-decoder attention, each of q/k/v on its own input otherwise — and ``out_proj`` on
+    the rows of the attention output. N = the rows of that input (tokens × batch).
+
+    Raises ValueError for an unknown ``rule`` or a bad ``ridge``; otherwise what
+    ``F.multi_head_attention_forward`` raises.
+    """
+    rule_named(rule)
+    ridge = check_ridge(ridge)
+
+    def project(x, w, b):
+        return clinear(x, w, b, rule=rule, ridge=ridge)
+
+    is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
+    if not is_batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    tgt_len, bsz, embed_dim = query.shape
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask, mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask), other_name="attn_mask", target_type=query.dtype)
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask = None                    # the causal mask is applied by SDPA itself
+    else:
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
+                                      other_name="", target_type=query.dtype, check_other=False)
+        if key_padding_mask is not None:
+            is_causal = False
+    if embed_dim != embed_dim_to_check or embed_dim % num_heads:
+        raise ValueError(f"embed_dim {embed_dim} must equal {embed_dim_to_check} and be "
+                         f"divisible by num_heads {num_heads}")
+    head_dim = embed_dim // num_heads
+    separate = (q_proj_weight, k_proj_weight, v_proj_weight) if use_separate_proj_weight \
+        else None
+    q, k, v = _in_projection(query, key, value, in_proj_weight, in_proj_bias, separate, project)
+
+    if attn_mask is not None and attn_mask.dim() == 2:
+        attn_mask = attn_mask.unsqueeze(0)
+    if bias_k is not None and bias_v is not None:
+        k = torch.cat([k, bias_k.repeat(1, bsz, 1)])
+        v = torch.cat([v, bias_v.repeat(1, bsz, 1)])
+        if attn_mask is not None:
+            attn_mask = F.pad(attn_mask, (0, 1))
+        if key_padding_mask is not None:
+            key_padding_mask = F.pad(key_padding_mask, (0, 1))
+    q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
+    k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1) if static_k is None \
+        else static_k
+    v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1) if static_v is None \
+        else static_v
+    if add_zero_attn:
+        zeros = (bsz * num_heads, 1, head_dim)
+        k = torch.cat([k, torch.zeros(zeros, dtype=k.dtype, device=k.device)], dim=1)
+        v = torch.cat([v, torch.zeros(zeros, dtype=v.dtype, device=v.device)], dim=1)
+        if attn_mask is not None:
+            attn_mask = F.pad(attn_mask, (0, 1))
+        if key_padding_mask is not None:
+            key_padding_mask = F.pad(key_padding_mask, (0, 1))
+    src_len = k.size(1)
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len) \
+            .expand(-1, num_heads, -1, -1).reshape(bsz * num_heads, 1, src_len)
+        attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+    if not training:
+        dropout_p = 0.0
+
+    if need_weights:
+        q_scaled = q * math.sqrt(1.0 / float(q.shape[-1]))
+        if attn_mask is not None:
+            weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+        else:
+            weights = torch.bmm(q_scaled, k.transpose(-2, -1))
+        weights = F.softmax(weights, dim=-1)
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
+        attn = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
+        out = project(attn, out_proj_weight, out_proj_bias)
+        out = out.view(tgt_len, bsz, out.size(1))
+        weights = weights.view(bsz, num_heads, tgt_len, src_len)
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not is_batched:
+            return out.squeeze(1), weights.squeeze(0)
+        return out, weights
+    if attn_mask is not None:
+        if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)
+        else:
+            attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)
+    q = q.view(bsz, num_heads, tgt_len, head_dim)
+    k = k.view(bsz, num_heads, src_len, head_dim)
+    v = v.view(bsz, num_heads, src_len, head_dim)
+    attn = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+    attn = attn.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
+    out = project(attn, out_proj_weight, out_proj_bias)
+    out = out.view(tgt_len, bsz, out.size(1))
+    return (out if is_batched else out.squeeze(1)), None

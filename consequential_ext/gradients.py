@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from . import backmatch, layerwise, matching
+from . import backmatch, distributed, layerwise, matching
 
 
 class LinearGradients:
@@ -179,3 +179,53 @@ class BatchNormGradients:
             if needs_weight else None
         grad_bias = self.gy.sum(self.dims).to(self.weight.dtype) if needs_bias else None
         return grad_weight, grad_bias
+
+
+class EmbeddingGradients:
+    """Backward of ``F.embedding``: the lookup is a Linear on one-hot rows, so X is one-hot,
+    A = diag(count_v / N) with N the number of indices, and the matched gradient divides row
+    v of the ordinary one by (count_v / N + λ) — rows not looked up stay zero, and so does
+    ``padding_idx``'s (nn gives it no gradient). Indices get no signal.
+    """
+
+    def __init__(self, indices, weight, grad_output, *, padding_idx, scale_grad_by_freq,
+                 sparse, needs_weight, ridge):
+        self.indices, self.weight, self.grad_output = indices, weight, grad_output
+        self.padding_idx, self.scale_grad_by_freq, self.sparse = (padding_idx, scale_grad_by_freq,
+                                                                  sparse)
+        self.needs_weight, self.ridge = needs_weight, ridge
+
+    def input_grad(self):
+        return None
+
+    matched_input_signal = layerwise_input_signal = input_grad
+
+    def _ordinary(self, work):
+        return torch.ops.aten.embedding_backward(
+            self.grad_output.to(work), self.indices, self.weight.shape[0],
+            -1 if self.padding_idx is None else self.padding_idx, self.scale_grad_by_freq,
+            self.sparse)
+
+    def matched_weight_grads(self):
+        if not self.needs_weight:
+            return None, None
+        work = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        counts = torch.bincount(self.indices.reshape(-1), minlength=self.weight.shape[0])
+        # diag(A), summed over ranks under DDP like every Gram (distributed.py)
+        pending = distributed.PendingGram(counts.to(work), self.indices.numel(),
+                                          distributed.gram_group())
+        grad = self._ordinary(work)
+        scale = pending.wait() + self.ridge
+        if self.sparse:  # each value row of the fresh COO gradient by its row's scale
+            grad._values().div_(scale[grad._indices()[0]][:, None])
+        else:
+            grad = grad / scale[:, None]
+        return grad.to(self.weight.dtype), None
+
+    def plain_weight_grads(self):
+        if not self.needs_weight:
+            return None, None
+        return self._ordinary(self.grad_output.dtype).to(self.weight.dtype), None
+
+    def layerwise_weight_grads(self):
+        return self.plain_weight_grads()  # s = 1, as for a Linear (eq. 33)

@@ -5,14 +5,18 @@ the nn layer; only backward differs (see ``functional.py``).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as CF
 from .amortize import amortizer_of
+from .routing import PASS, FunctionalRoute
+from .rules import rule_named
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin
 
-__all__ = ["CLinear", "CConv2d", "CLinearLike"]
+__all__ = ["CLinear", "CConv2d", "CLinearLike", "CEmbedding", "CMultiheadAttention",
+           "CFunctionalCall"]
 
 
 class CLinear(CLayerMixin, nn.Linear):
@@ -101,6 +105,111 @@ class CLinearLike(CLayerMixin):
         return CF.clinear_like(input, weight, bias, super().forward,
                                transposed=self._cx_kind.transposed, rule=self.rule,
                                ridge=self.ridge, amortizer=amortizer_of(self))
+
+    def extra_repr(self):
+        return ", ".join(filter(None, [super().extra_repr(), self._cx_repr()]))
+
+
+class CEmbedding(CLayerMixin, nn.Embedding):
+    """``nn.Embedding`` whose weight gets the gradient of ``rule``: for the matched rules, row
+    v of the ordinary gradient divided by (count_v / N + λ), N the number of indices
+    (one-hot inputs: A = diag(count_v / N), docs/design.md §2); forward is bit-identical to
+    nn.Embedding. ``padding_idx``, ``max_norm``, ``scale_grad_by_freq`` and ``sparse`` work as
+    in nn. rule, ridge: as in ``CLinear``.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None,
+                 norm_type=2.0, scale_grad_by_freq=False, sparse=False, _weight=None,
+                 _freeze=False, device=None, dtype=None, *, rule=DEFAULT_RULE,
+                 ridge=DEFAULT_RIDGE):
+        super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
+                         scale_grad_by_freq, sparse, _weight, _freeze, device, dtype)
+        self.rule, self.ridge = rule, ridge
+
+    def cx_gram_shape(self):
+        raise NotImplementedError("CEmbedding's A is diagonal: it has no Gram to amortize")
+
+    def forward(self, input):
+        return CF.cembedding(input, self.weight, self.padding_idx, self.max_norm,
+                             self.norm_type, self.scale_grad_by_freq, self.sparse,
+                             rule=self.rule, ridge=self.ridge)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._cx_repr()}"
+
+
+class CMultiheadAttention(CLayerMixin, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose projections get the gradient of ``rule``: the
+    in-projection (packed ``in_proj_weight``/``in_proj_bias``, or ``q/k/v_proj_weight`` when
+    ``kdim``/``vdim`` differ) matched per projection on its own input rows, ``out_proj`` on the
+    rows of the attention output (``functional.cmulti_head_attention_forward``). Forward is
+    nn's own, bit-identical: when a backward can reach the layer, nn's forward runs with its
+    ``F.multi_head_attention_forward`` call routed to the matched one (``routing.py``);
+    otherwise (inference) nn's forward runs untouched, fast path included. rule, ridge: as in
+    ``CLinear``. ``bias_k``/``bias_v`` (``add_bias_kv``) get ordinary gradients.
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
+                 add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
+                 dtype=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
+        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim,
+                         vdim, batch_first, device, dtype)
+        self.rule, self.ridge = rule, ridge
+
+    def cx_gram_shape(self):
+        raise NotImplementedError("CMultiheadAttention solves one Gram per projection: amortize "
+                                  "does not support it")
+
+    def cx_matched_parameters(self):
+        """The parameters this layer matches (its own and its ``out_proj``'s)."""
+        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                 "in_proj_bias")
+        own = [getattr(self, n) for n in names]
+        return [p for p in own + [self.out_proj.weight, self.out_proj.bias] if p is not None]
+
+    def _matched_forward(self, *args, **kwargs):
+        return CF.cmulti_head_attention_forward(*args, **kwargs, rule=self.rule,
+                                                ridge=self.ridge)
+
+    def forward(self, query, key, value, *args, **kwargs):
+        tensors = (query, key, value, *self.parameters())
+        if rule_named(self.rule).bypass or not (torch.is_grad_enabled() and
+                                                any(t.requires_grad for t in tensors)):
+            return super().forward(query, key, value, *args, **kwargs)
+        # nn's fast path needs no grad: it is never taken here, routed or not.
+        with FunctionalRoute({F.multi_head_attention_forward: self._matched_forward}):
+            return super().forward(query, key, value, *args, **kwargs)
+
+    def extra_repr(self):
+        return ", ".join(filter(None, [super().extra_repr(), self._cx_repr()]))
+
+
+class CFunctionalCall(CLayerMixin):
+    """Mixin of the C-classes ``registry`` makes for subclasses of nn.Linear / nn.Conv2d whose
+    forward passes their own ``weight`` to ``F.linear`` / ``F.conv2d`` (timm's Conv2dSame pads
+    itself first): the forward is the subclass's own, with that call routed to ``clinear`` /
+    ``cconv2d`` (``routing.py``), so the weight is matched on the input actually passed to it.
+    Calls with any other weight run unchanged.
+    """
+
+    _cx_call = None  # F.linear or F.conv2d
+
+    def cx_gram_shape(self):
+        d = self.weight[0].numel() + (self.bias is not None)
+        return (d, d) if self._cx_call is F.linear else (self.groups, d, d)
+
+    def _cx_route(self, input, weight, bias=None, *args, **kwargs):
+        if weight is not self.weight:
+            return PASS
+        entry = CF.clinear if self._cx_call is F.linear else CF.cconv2d
+        return entry(input, weight, bias, *args, **kwargs, rule=self.rule, ridge=self.ridge,
+                     amortizer=amortizer_of(self))
+
+    def forward(self, *args, **kwargs):
+        if rule_named(self.rule).bypass:
+            return super().forward(*args, **kwargs)
+        with FunctionalRoute({self._cx_call: self._cx_route}):
+            return super().forward(*args, **kwargs)
 
     def extra_repr(self):
         return ", ".join(filter(None, [super().extra_repr(), self._cx_repr()]))

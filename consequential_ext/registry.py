@@ -16,10 +16,14 @@ from __future__ import annotations
 import dataclasses
 
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .modules import CConv2d, CLinear, CLinearLike
+from .modules import (CConv2d, CEmbedding, CFunctionalCall, CLinear, CLinearLike,
+                      CMultiheadAttention)
+from .routing import passes_own_weight
 
-__all__ = ["LayerKind", "register_layer", "kind_of", "registered_kinds"]
+__all__ = ["LayerKind", "register_layer", "kind_of", "registered_kinds", "kind_for",
+           "subclass_kind"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,5 +111,50 @@ def registered_kinds() -> dict[str, LayerKind]:
 
 register_layer(nn.Linear, CLinear)
 register_layer(nn.Conv2d, CConv2d)
+register_layer(nn.Embedding, CEmbedding)
+register_layer(nn.MultiheadAttention, CMultiheadAttention)
 # Hugging Face GPT-2 and relatives: a Linear whose weight is stored (in, out), applied by addmm.
 register_layer("transformers.pytorch_utils.Conv1D", transposed=True)
+
+
+# Subclasses matched through the functional call their forward makes with their own weight
+# (``modules.CFunctionalCall``): base type → (that call, the shape of a probe input).
+_FUNCTIONAL_CALLS = {
+    nn.Linear: (F.linear, lambda m: (2, m.in_features)),
+    nn.Conv2d: (F.conv2d, lambda m: (1, m.in_channels) + tuple(
+        2 * (d * (k - 1) + 1) + s for k, d, s in zip(m.kernel_size, m.dilation, m.stride))),
+}
+_SUBCLASS_TYPES: dict[type, type] = {}
+
+
+def _functional_base(module_type):
+    return next((base for base in _FUNCTIONAL_CALLS if issubclass(module_type, base)), None)
+
+
+def subclass_kind(module) -> tuple[LayerKind | None, str | None]:
+    """(kind, None) for a subclass of nn.Linear / nn.Conv2d whose forward passes its own
+    weight to ``F.linear`` / ``F.conv2d`` — checked by running that forward on a probe input on
+    the meta device (``routing.passes_own_weight``) — or (None, why not); (None, None) for a
+    module that is no such subclass."""
+    module_type = type(module)
+    base = _functional_base(module_type)
+    if base is None:
+        return None, None
+    call, probe_shape = _FUNCTIONAL_CALLS[base]
+    why_not = passes_own_weight(module, call, probe_shape(module))
+    if why_not is not None:
+        return None, why_not
+    c_type = _SUBCLASS_TYPES.get(module_type)
+    if c_type is None:
+        c_type = type(f"C{module_type.__name__}", (CFunctionalCall, module_type),
+                      {"_cx_call": call, "__module__": module_type.__module__,
+                       "__doc__": f"{module_type.__name__} with its F.{call.__name__} call on "
+                                  f"its own weight matched."})
+        _SUBCLASS_TYPES[module_type] = c_type
+    return LayerKind(_qualified_name(module_type), c_type), None
+
+
+def kind_for(module) -> LayerKind | None:
+    """The kind ``consequentialize`` converts ``module`` with: its exact type's, else the
+    ``subclass_kind`` of a Linear / Conv2d subclass; None if it stays plain."""
+    return kind_of(type(module)) or subclass_kind(module)[0]

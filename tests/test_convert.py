@@ -1,4 +1,6 @@
 """consequentialize: in place, identity-preserving, filterable, and honest about what it skips."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -59,13 +61,15 @@ class _Block(nn.Module):
         return self.ff(self.attn(x, x, x)[0])
 
 
-def test_leaves_attention_projections_alone_with_a_warning():
+def test_converts_attention_which_matches_its_out_proj_itself():
     model = _Block()
-    with pytest.warns(UserWarning, match=r"attn\.out_proj"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         cx.consequentialize(model)
-    assert isinstance(model.ff, cx.CLinear)
-    assert not isinstance(model.attn.out_proj, (cx.CLinear,))
-    model(torch.randn(3, 2, 8)).sum().backward()   # still trains
+    assert isinstance(model.ff, cx.CLinear) and isinstance(model.attn, cx.CMultiheadAttention)
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    model(torch.randn(3, 2, 8)).sum().backward()   # tests/test_attention.py: exactly
+    assert cx.coverage(model).share == 1.0
 
 
 def test_rejects_non_module():

@@ -1,0 +1,168 @@
+"""Subclasses of nn.Linear / nn.Conv2d: matched through the F.linear / F.conv2d call their
+forward makes with their own weight, on the input actually passed to it (routing.py); those
+that transform the weight first stay plain, named in the warning (docs/design.md §5)."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import consequential_ext as cx
+from matched_reference import matched_conv2d, matched_linear
+
+RIDGE = 1e-3
+
+
+def _rel_err(actual, expected):
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def same_pads(size, kernel, stride, dilation):
+    """TensorFlow 'SAME' padding (left, right) per spatial dim, last dim first (F.pad order)."""
+    pads = []
+    for i, k, s, d in reversed(list(zip(size, kernel, stride, dilation))):
+        total = max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's Conv2dSame pattern: pads 'SAME' itself (unevenly, by the input size), then calls
+    F.conv2d with its own weight and no padding."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, padding=0, **kwargs)
+
+    def forward(self, x):
+        x = F.pad(x, same_pads(x.shape[-2:], self.kernel_size, self.stride, self.dilation))
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation,
+                        self.groups)
+
+
+class ScaledInputLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(0.5 * x)
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardisation (timm's StdConv2d pattern): transforms its weight first."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class CountingLinear(nn.Linear):
+    """State changed by forward: the probe must not touch it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+def _convert_silently(model, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return cx.consequentialize(model, ridge=RIDGE, **kwargs)
+
+
+@pytest.mark.parametrize("conf", [
+    dict(in_channels=6, out_channels=4, kernel_size=3, stride=2, groups=2),
+    dict(in_channels=5, out_channels=5, kernel_size=(3, 2), stride=2, groups=5, bias=False),
+    dict(in_channels=3, out_channels=7, kernel_size=2, dilation=2, stride=(1, 2)),
+])
+def test_conv2d_same_is_matched_on_its_padded_input(conf):
+    torch.manual_seed(1)
+    layer = Conv2dSame(**conf, dtype=torch.float64)
+    plain = Conv2dSame(**conf, dtype=torch.float64)
+    plain.load_state_dict(layer.state_dict())
+    _convert_silently(nn.Sequential(layer))
+    assert type(layer).__name__ == "CConv2dSame" and isinstance(layer, Conv2dSame)
+    x = torch.randn(2, conf["in_channels"], 9, 8, dtype=torch.float64)
+    y = layer(x)
+    assert torch.equal(y, plain(x))
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    padded = F.pad(x, same_pads(x.shape[-2:], layer.kernel_size, layer.stride, layer.dilation))
+    gw, gb = matched_conv2d(padded, layer.weight, layer.bias, grad_out, layer.stride, 0,
+                            layer.dilation, layer.groups, RIDGE)
+    assert _rel_err(layer.weight.grad, gw) < 1e-8
+    if layer.bias is not None:
+        assert _rel_err(layer.bias.grad, gb) < 1e-8
+
+
+def test_linear_subclass_is_matched_on_the_input_it_passes():
+    torch.manual_seed(2)
+    layer = ScaledInputLinear(7, 3, dtype=torch.float64)
+    _convert_silently(nn.Sequential(layer))
+    x = torch.randn(4, 5, 7, dtype=torch.float64)
+    grad_out = torch.randn(4, 5, 3, dtype=torch.float64)
+    layer(x).backward(grad_out)
+    gw, gb = matched_linear(0.5 * x, layer.weight, layer.bias, grad_out, RIDGE)
+    assert _rel_err(layer.weight.grad, gw) < 1e-8 and _rel_err(layer.bias.grad, gb) < 1e-8
+
+
+def test_efficientnet_like_stem_converts_without_warnings():
+    """tf_efficientnet's pattern: a Conv2dSame stem and stride-2 depthwise Conv2dSame."""
+    torch.manual_seed(3)
+    model = nn.Sequential(Conv2dSame(3, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8),
+                          nn.SiLU(), Conv2dSame(8, 8, 5, stride=2, groups=8, bias=False),
+                          nn.Conv2d(8, 6, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 4))
+    _convert_silently(model)
+    report = cx.coverage(model)
+    assert report.plain == () and len(report.matched) == 4
+    assert report.matched_params == report.total_params - 16       # the batch norm's γ, β
+    model(torch.randn(2, 3, 11, 10)).square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_weight_transforming_subclasses_stay_plain_and_are_named():
+    torch.manual_seed(4)
+    counting = CountingLinear(4, 4)
+    model = nn.Sequential(StdConv2d(3, 4, 3), nn.Flatten(), counting,
+                          nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)))
+    with pytest.warns(UserWarning) as caught:
+        cx.consequentialize(model)
+    text = str(caught[0].message)
+    assert "0 (a subclass of Conv2d: its forward does not pass its own weight to F.conv2d" in text
+    assert "3.parametrizations.weight (the parametrization of a weight" in text
+    assert type(model[0]) is StdConv2d and isinstance(counting, cx.registry.CFunctionalCall)
+    assert counting.calls == 0                      # the probe ran on a meta copy
+
+
+def test_failing_probe_leaves_the_layer_plain_with_the_error():
+    class NeedsTwoInputs(nn.Linear):
+        def forward(self, x, scale):
+            return super().forward(x) * scale
+    with pytest.warns(UserWarning, match="0 \\(a subclass of Linear: its forward failed on a "
+                                         "probe input of shape \\(2, 3\\)"):
+        cx.consequentialize(nn.Sequential(NeedsTwoInputs(3, 2)))
+
+
+def test_rule_sgd_and_amortize():
+    torch.manual_seed(5)
+    plain = Conv2dSame(4, 6, 3, stride=2)
+    layer = Conv2dSame(4, 6, 3, stride=2)
+    layer.load_state_dict(plain.state_dict())
+    _convert_silently(nn.Sequential(layer), rule="sgd")
+    x = torch.randn(3, 4, 7, 7)
+    layer(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    assert torch.equal(layer.weight.grad, plain.weight.grad)
+    # An EMA without memory (decay 0, refactorised every step) is the exact solve.
+    exact = Conv2dSame(4, 6, 3, stride=2)
+    exact.load_state_dict(plain.state_dict())
+    _convert_silently(nn.Sequential(exact))
+    amortized = cx.amortize(_convert_silently(nn.Sequential(layer)), every=1, decay=0.0)[0]
+    for m in (exact, amortized):
+        m.zero_grad()
+        m(x).square().sum().backward()
+    torch.testing.assert_close(amortized.weight.grad, exact.weight.grad, rtol=1e-4, atol=1e-6)
