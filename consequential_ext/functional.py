@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _pair, _single, _triple
 
 from .amortize import check_amortizer
 from .gradients import Conv2dGradients, LinearGradients
+from .gradients import (Conv1dGradients, Conv3dGradients, ConvTranspose1dGradients,
+                        ConvTranspose2dGradients)
 from .rules import rule_named
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge
 
 __all__ = ["clinear", "cconv2d", "clinear_like", "CLinearFunction", "CConv2dFunction",
            "CLinearLikeFunction"]
+__all__ += ["cconv1d", "cconv3d", "cconv_transpose1d", "cconv_transpose2d", "CConv1dFunction",
+            "CConv3dFunction", "CConvTranspose1dFunction", "CConvTranspose2dFunction"]
 
 
 def _apply_rule(ctx, layer):
@@ -161,3 +165,131 @@ def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=
     amortizer = check_amortizer(amortizer, (d, d))
     # The gradient reaches ``weight`` through the view (autograd transposes it back).
     return CLinearLikeFunction.apply(input, view, bias, module_forward, rule, ridge, amortizer)
+
+
+def _conv_function(name, conv, gradients, tuple_of, transposed=False):
+    """The autograd.Function of a conv kind: forward ``conv`` (F.conv1d, ...), backward the
+    rule over ``gradients`` (its ``<Kind>Gradients``); ``tuple_of`` makes the geometry
+    arguments tuples (``_single`` / ``_pair`` / ``_triple``)."""
+
+    def forward(input, weight, bias, *args):
+        return conv(input, weight, bias, *args[:-3])
+
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, *geometry, rule, ridge, amortizer = inputs
+        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        if transposed:  # F.conv_transposeNd's order: stride, padding, output_padding, groups,
+            stride, padding, output_padding, groups, dilation = geometry     # dilation
+            ctx.conf = (tuple_of(stride), tuple_of(padding), tuple_of(output_padding),
+                        tuple_of(dilation), groups)
+        else:
+            stride, padding, dilation, groups = geometry
+            padding = padding if isinstance(padding, str) else tuple_of(padding)
+            ctx.conf = (tuple_of(stride), padding, tuple_of(dilation), groups)
+
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        layer = gradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
+        return (*_apply_rule(ctx, layer), *(None,) * (len(ctx.conf) + 3))
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"``F.{conv.__name__}`` forward; backward by the rule (``c{conv.__name__}`` "
+                   f"is the entry point).",
+        "__module__": __name__, "cx_saved_weight_index": 1,
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward)})
+
+
+CConv1dFunction = _conv_function("CConv1dFunction", F.conv1d, Conv1dGradients, _single)
+CConv3dFunction = _conv_function("CConv3dFunction", F.conv3d, Conv3dGradients, _triple)
+CConvTranspose1dFunction = _conv_function("CConvTranspose1dFunction", F.conv_transpose1d,
+                                          ConvTranspose1dGradients, _single, transposed=True)
+CConvTranspose2dFunction = _conv_function("CConvTranspose2dFunction", F.conv_transpose2d,
+                                          ConvTranspose2dGradients, _pair, transposed=True)
+
+
+def _cconv(function, conv, spatial, gram_shape, input, weight, bias, geometry, rule, ridge,
+           amortizer):
+    """Validate, then ``conv`` itself for a bypassing rule, else ``function`` (an unbatched
+    input — ``spatial`` + 1 dims, as the F functions accept — as one sample)."""
+    bypass = rule_named(rule).bypass
+    ridge = check_ridge(ridge)
+    if bypass:
+        return conv(input, weight, bias, *geometry)
+    amortizer = check_amortizer(amortizer, gram_shape)
+    if input.dim() == spatial + 1:
+        return function.apply(input.unsqueeze(0), weight, bias, *geometry, rule, ridge,
+                              amortizer).squeeze(0)
+    return function.apply(input, weight, bias, *geometry, rule, ridge, amortizer)
+
+
+def _check_padding(padding):
+    if isinstance(padding, str) and padding not in ("same", "valid"):
+        raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid'; got {padding!r}")
+
+
+def _conv_gram_shape(weight, bias, groups):
+    d = weight[0].numel() + (bias is not None)
+    return (groups, d, d)
+
+
+def cconv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+            rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, amortizer=None):
+    """``F.conv1d`` (zero padding: int, 1-tuple, 'same' or 'valid') whose backward gives
+    weight/bias the matched gradient of ``rule``: X every patch of every sample, per group,
+    N the batch size; computed as ``cconv2d``'s on a unit height (exact).
+
+    Raises ValueError for an unknown ``rule``, a bad ``ridge`` or a padding string other
+    than 'same' / 'valid'; TypeError/ValueError for a mismatched amortizer.
+    """
+    _check_padding(padding)
+    return _cconv(CConv1dFunction, F.conv1d, 1, _conv_gram_shape(weight, bias, groups), input,
+                  weight, bias, (stride, padding, dilation, groups), rule, ridge, amortizer)
+
+
+def cconv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+            rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, amortizer=None):
+    """``F.conv3d`` (zero padding: int, triple, 'same' or 'valid') whose backward gives
+    weight/bias the matched gradient of ``rule``: X every 3-D patch of every sample, per
+    group, N the batch size (``gradients.Conv3dGradients``: the ``im2col_gram`` kernels on a
+    fold of the depth taps into channels).
+
+    Raises ValueError for an unknown ``rule``, a bad ``ridge`` or a padding string other
+    than 'same' / 'valid'; TypeError/ValueError for a mismatched amortizer.
+    """
+    _check_padding(padding)
+    return _cconv(CConv3dFunction, F.conv3d, 3, _conv_gram_shape(weight, bias, groups), input,
+                  weight, bias, (stride, padding, dilation, groups), rule, ridge, amortizer)
+
+
+def _transpose_gram_shape(weight, groups):
+    channels = weight.shape[0] // groups
+    return (groups, channels, channels)
+
+
+def cconv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                      dilation=1, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, amortizer=None):
+    """``F.conv_transpose1d`` whose backward gives weight/bias the gradient of ``rule``,
+    matched on the pre-overlap blocks as in ``cconv_transpose2d`` (on a unit height, exact).
+
+    Raises ValueError for an unknown ``rule`` or a bad ``ridge``; TypeError/ValueError for a
+    mismatched amortizer (its Gram is (groups, C_in/groups, C_in/groups)).
+    """
+    return _cconv(CConvTranspose1dFunction, F.conv_transpose1d, 1,
+                  _transpose_gram_shape(weight, groups), input, weight, bias,
+                  (stride, padding, output_padding, groups, dilation), rule, ridge, amortizer)
+
+
+def cconv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                      dilation=1, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, amortizer=None):
+    """``F.conv_transpose2d`` whose backward gives weight/bias the gradient of ``rule``,
+    matched on the pre-overlap blocks ``Z_p = Wᵀ x_p`` (docs/design.md §2): X the input's
+    channel vectors (one column per input pixel), N the batch size, weight.grad
+    ``(G (A + λI)⁻¹)ᵀ``; the bias, added after the overlap, ``g_b / (H_out·W_out + λ)``.
+
+    Raises ValueError for an unknown ``rule`` or a bad ``ridge``; TypeError/ValueError for a
+    mismatched amortizer (its Gram is (groups, C_in/groups, C_in/groups)).
+    """
+    return _cconv(CConvTranspose2dFunction, F.conv_transpose2d, 2,
+                  _transpose_gram_shape(weight, groups), input, weight, bias,
+                  (stride, padding, output_padding, groups, dilation), rule, ridge, amortizer)

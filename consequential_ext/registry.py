@@ -18,6 +18,7 @@ import dataclasses
 import torch.nn as nn
 
 from .modules import CConv2d, CLinear, CLinearLike
+from .modules import CConv1d, CConv3d, CConvTranspose1d, CConvTranspose2d
 
 __all__ = ["LayerKind", "register_layer", "kind_of", "registered_kinds"]
 
@@ -107,5 +108,9 @@ def registered_kinds() -> dict[str, LayerKind]:
 
 register_layer(nn.Linear, CLinear)
 register_layer(nn.Conv2d, CConv2d)
+register_layer(nn.Conv1d, CConv1d)
+register_layer(nn.Conv3d, CConv3d)
+register_layer(nn.ConvTranspose1d, CConvTranspose1d)
+register_layer(nn.ConvTranspose2d, CConvTranspose2d)
 # Hugging Face GPT-2 and relatives: a Linear whose weight is stored (in, out), applied by addmm.
 register_layer("transformers.pytorch_utils.Conv1D", transposed=True)
