@@ -167,45 +167,106 @@ def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=
     return CLinearLikeFunction.apply(input, view, bias, module_forward, rule, ridge, amortizer)
 
 
-def _conv_function(name, conv, gradients, tuple_of, transposed=False):
-    """The autograd.Function of a conv kind: forward ``conv`` (F.conv1d, ...), backward the
-    rule over ``gradients`` (its ``<Kind>Gradients``); ``tuple_of`` makes the geometry
-    arguments tuples (``_single`` / ``_pair`` / ``_triple``)."""
+def _conv_conf(stride, padding, dilation, groups, tuple_of):
+    padding = padding if isinstance(padding, str) else tuple_of(padding)
+    return (tuple_of(stride), padding, tuple_of(dilation), groups)
 
-    def forward(input, weight, bias, *args):
-        return conv(input, weight, bias, *args[:-3])
 
+def _transpose_conf(stride, padding, output_padding, groups, dilation, tuple_of):
+    return (tuple_of(stride), tuple_of(padding), tuple_of(output_padding), tuple_of(dilation),
+            groups)
+
+
+class CConv1dFunction(torch.autograd.Function):
+    """``F.conv1d`` forward; backward by the rule (``cconv1d`` is the entry point)."""
+    cx_saved_weight_index = 1
+
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, dilation, groups, rule, ridge,
+                amortizer=None):
+        return F.conv1d(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation, groups, rule, ridge, amortizer = inputs
+        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        ctx.conf = _conv_conf(stride, padding, dilation, groups, _single)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        layer = Conv1dGradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
+        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None
+
+
+class CConv3dFunction(torch.autograd.Function):
+    """``F.conv3d`` forward; backward by the rule (``cconv3d`` is the entry point)."""
+    cx_saved_weight_index = 1
+
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, dilation, groups, rule, ridge,
+                amortizer=None):
+        return F.conv3d(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation, groups, rule, ridge, amortizer = inputs
+        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        ctx.conf = _conv_conf(stride, padding, dilation, groups, _triple)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        layer = Conv3dGradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
+        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None
+
+
+class CConvTranspose1dFunction(torch.autograd.Function):
+    """``F.conv_transpose1d`` forward; backward by the rule (``cconv_transpose1d`` is the
+    entry point)."""
+    cx_saved_weight_index = 1
+
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, output_padding, groups, dilation, rule,
+                ridge, amortizer=None):
+        return F.conv_transpose1d(input, weight, bias, stride, padding, output_padding, groups,
+                                  dilation)
+
+    @staticmethod
     def setup_context(ctx, inputs, output):
         input, weight, bias, *geometry, rule, ridge, amortizer = inputs
         _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
-        if transposed:  # F.conv_transposeNd's order: stride, padding, output_padding, groups,
-            stride, padding, output_padding, groups, dilation = geometry     # dilation
-            ctx.conf = (tuple_of(stride), tuple_of(padding), tuple_of(output_padding),
-                        tuple_of(dilation), groups)
-        else:
-            stride, padding, dilation, groups = geometry
-            padding = padding if isinstance(padding, str) else tuple_of(padding)
-            ctx.conf = (tuple_of(stride), padding, tuple_of(dilation), groups)
+        ctx.conf = _transpose_conf(*geometry, _single)
 
+    @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        layer = gradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
-        return (*_apply_rule(ctx, layer), *(None,) * (len(ctx.conf) + 3))
-
-    return type(name, (torch.autograd.Function,), {
-        "__doc__": f"``F.{conv.__name__}`` forward; backward by the rule (``c{conv.__name__}`` "
-                   f"is the entry point).",
-        "__module__": __name__, "cx_saved_weight_index": 1,
-        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward)})
+        layer = ConvTranspose1dGradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
+        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
 
 
-CConv1dFunction = _conv_function("CConv1dFunction", F.conv1d, Conv1dGradients, _single)
-CConv3dFunction = _conv_function("CConv3dFunction", F.conv3d, Conv3dGradients, _triple)
-CConvTranspose1dFunction = _conv_function("CConvTranspose1dFunction", F.conv_transpose1d,
-                                          ConvTranspose1dGradients, _single, transposed=True)
-CConvTranspose2dFunction = _conv_function("CConvTranspose2dFunction", F.conv_transpose2d,
-                                          ConvTranspose2dGradients, _pair, transposed=True)
+class CConvTranspose2dFunction(torch.autograd.Function):
+    """``F.conv_transpose2d`` forward; backward by the rule (``cconv_transpose2d`` is the
+    entry point)."""
+    cx_saved_weight_index = 1
+
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, output_padding, groups, dilation, rule,
+                ridge, amortizer=None):
+        return F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
+                                  dilation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, *geometry, rule, ridge, amortizer = inputs
+        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        ctx.conf = _transpose_conf(*geometry, _pair)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        layer = ConvTranspose2dGradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
+        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
 
 
 def _cconv(function, conv, spatial, gram_shape, input, weight, bias, geometry, rule, ridge,

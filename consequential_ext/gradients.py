@@ -284,17 +284,13 @@ class Conv3dGradients:
             self._padded_input_grad(), self.weight, self.stride, self.padding, self.dilation,
             self.groups, self.grad_output.shape[2:]))
 
-    @functools.cached_property
-    def sharing(self):
-        return layerwise.sharing_factor(self.grad_output)
-
     def layerwise_input_signal(self):
         # Eq. 35 in three dims: ‖W_col‖²_{2,µ} / c with c = D_in·H_in·W_in / s.
-        factor = layerwise.column_mean_sq(self.weight, self.groups) * self.sharing \
-            / math.prod(self.input.shape[2:])
+        factor = layerwise.column_mean_sq(self.weight, self.groups) \
+            * layerwise.sharing_factor(self.grad_output) / math.prod(self.input.shape[2:])
         return self._crop(layerwise.divide_signal(self._padded_input_grad(), factor))
 
-    @functools.cached_property
+    # Methods, not functools.cached_property: Dynamo (torch.compile) cannot trace its lock.
     def _folded(self):
         """(input, grad_output, weight) of the 2-D conv the weight side runs on."""
         out, cg, kd, kh, kw = self.weight.shape
@@ -310,7 +306,7 @@ class Conv3dGradients:
     def matched_weight_grads(self):
         if not (self.needs_weight or self.needs_bias):
             return None, None
-        x2, gy2, weight2 = self._folded
+        x2, gy2, weight2 = self._folded()
         depth = self.grad_output.shape[2]
         gw, gb = matching.matched_conv2d(x2, gy2, weight2.shape, self.stride[1:],
                                          self.padding[1:], self.dilation[1:], self.groups,
@@ -320,7 +316,7 @@ class Conv3dGradients:
         return gw, None if gb is None else (gb / depth).to(self.weight.dtype)
 
     def _weight_grads_over(self, sharing):
-        x2, gy2, weight2 = self._folded
+        x2, gy2, weight2 = self._folded()
         gw, gb = layerwise.conv2d_weight_grads(
             x2, gy2, weight2, self.stride[1:], self.padding[1:], self.dilation[1:], self.groups,
             sharing, self.needs_weight, self.needs_bias)
@@ -330,7 +326,7 @@ class Conv3dGradients:
         return self._weight_grads_over(1.0)
 
     def layerwise_weight_grads(self):
-        return self._weight_grads_over(self.sharing)
+        return self._weight_grads_over(layerwise.sharing_factor(self.grad_output))
 
 
 class ConvTranspose2dGradients:
@@ -354,24 +350,26 @@ class ConvTranspose2dGradients:
         self.dilation, self.groups = dilation, groups
         self.has_bias, self.ridge, self.amortizer = has_bias, ridge, amortizer
         self.needs_weight, self.needs_bias = needs_weight, needs_bias
+        self._dz = None
 
-    @functools.cached_property
-    def blocks(self):
-        """The 1×1 conv's primitives: input x, weight Mᵀ (rows in unfold's channel order)."""
-        cin, cout_g, kh, kw = self.weight.shape
-        rows = cout_g * kh * kw * self.groups
-        gy = self.grad_output
-        dz = torch.nn.functional.unfold(gy, (kh, kw), self.dilation, self.padding, self.stride)
-        lh, lw = ((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
-            gy.shape[2:], self.padding, self.dilation, (kh, kw), self.stride))
-        # Output padding ≥ stride (allowed when < dilation) leaves extra windows: cut them.
-        dz = dz.reshape(gy.shape[0], rows, lh, lw)[:, :, :self.input.shape[2],
-                                                    :self.input.shape[3]]
-        pointwise = self.weight.reshape(self.groups, cin // self.groups, rows // self.groups) \
+    def _pointwise_weight(self):
+        """The weight as the 1×1 conv's: Mᵀ per group, rows in unfold's channel order."""
+        cin, rows = self.weight.shape[0], self.weight[0].numel() * self.groups
+        return self.weight.reshape(self.groups, cin // self.groups, rows // self.groups) \
             .transpose(1, 2).reshape(rows, cin // self.groups, 1, 1)
-        return Conv2dGradients(self.input, pointwise, dz, (1, 1), (0, 0), (1, 1), self.groups,
-                               has_bias=False, needs_weight=self.needs_weight, needs_bias=False,
-                               ridge=self.ridge, amortizer=self.amortizer)
+
+    def _block_signal(self):
+        """dZ: the signal of every pre-overlap block, (B, C_out·k_h·k_w, H_in, W_in); kept,
+        as the layer-wise rule asks for it twice (a plain attribute: torch.compile)."""
+        if self._dz is None:
+            gy, kernel = self.grad_output, self.weight.shape[2:]
+            dz = torch.nn.functional.unfold(gy, kernel, self.dilation, self.padding, self.stride)
+            windows = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
+                gy.shape[2:], self.padding, self.dilation, kernel, self.stride)]
+            # Output padding ≥ stride (allowed when < dilation) leaves extra windows: cut them.
+            self._dz = dz.reshape(gy.shape[:1] + (-1,) + tuple(windows))[
+                :, :, :self.input.shape[2], :self.input.shape[3]]
+        return self._dz
 
     def _from_pointwise(self, grad):
         cin, cout_g, kh, kw = self.weight.shape
@@ -401,14 +399,19 @@ class ConvTranspose2dGradients:
             .to(self.input.dtype)
 
     def layerwise_input_signal(self):
-        factor = layerwise.conv2d_input_factor(self.blocks.weight, self.groups,
-                                               self.input.shape[2:], self.blocks.sharing)
+        factor = layerwise.conv2d_input_factor(
+            self._pointwise_weight(), self.groups, self.input.shape[2:],
+            layerwise.sharing_factor(self._block_signal()))
         return layerwise.divide_signal(self.input_grad(), factor)
 
     def matched_weight_grads(self):
         grad_weight = grad_bias = None
         if self.needs_weight:
-            grad_weight = self._from_pointwise(self.blocks.matched_weight_grads()[0])
+            blocks = Conv2dGradients(
+                self.input, self._pointwise_weight(), self._block_signal(), (1, 1), (0, 0),
+                (1, 1), self.groups, has_bias=False, needs_weight=True, needs_bias=False,
+                ridge=self.ridge, amortizer=self.amortizer)
+            grad_weight = self._from_pointwise(blocks.matched_weight_grads()[0])
         if self.needs_bias:
             work = accumulate_dtype(self.grad_output.dtype)
             locations = math.prod(self.grad_output.shape[2:])
@@ -428,7 +431,7 @@ class ConvTranspose2dGradients:
         return self._weight_grads_over(1.0, 1.0)
 
     def layerwise_weight_grads(self):
-        return self._weight_grads_over(self.blocks.sharing,
+        return self._weight_grads_over(layerwise.sharing_factor(self._block_signal()),
                                        layerwise.sharing_factor(self.grad_output))
 
 
