@@ -173,3 +173,20 @@ def test_consequentialize_converts_transposed_convs_silently():
     assert cx.coverage(model).share == 1.0
     with pytest.raises(ValueError, match="zeros"):
         cx.CConvTranspose2d(2, 2, 3, padding_mode="reflect")(torch.randn(1, 2, 4, 4))
+
+
+def test_one_bias_step_removes_each_channels_mean_residual():
+    """The bias, matched on its own constant input (A = H_out·W_out): one SGD step with lr 1
+    and a tiny ridge on the bias alone leaves every channel's mean residual at 0."""
+    torch.manual_seed(10)
+    layer = cx.CConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1, ridge=1e-9,
+                                dtype=torch.float64)
+    layer.weight.requires_grad_(False)
+    x, t = torch.randn(5, 3, 4, 3, dtype=torch.float64), torch.randn(5, 4, 8, 6,
+                                                                    dtype=torch.float64)
+    (0.5 * (layer(x) - t).square().sum((1, 2, 3)).mean()).backward()
+    before = (layer(x) - t).mean((0, 2, 3))
+    with torch.no_grad():
+        layer.bias -= layer.bias.grad
+    after = (layer(x) - t).mean((0, 2, 3))
+    assert before.abs().min() > 1e-3 and after.abs().max() < 1e-8
