@@ -6,7 +6,6 @@ primitive is the kind's own math; which ones run is the rule's business. ``needs
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -104,8 +103,9 @@ class Conv2dGradients:
             self._padded_input_grad(), self.weight, self.stride, self.padding, self.dilation,
             self.groups, self.grad_output.shape[2:]))
 
-    @functools.cached_property
+    @property
     def sharing(self):
+        # Not a functools.cached_property: Dynamo (torch.compile) cannot trace its lock.
         return layerwise.sharing_factor(self.grad_output)
 
     def layerwise_input_signal(self):
@@ -290,7 +290,6 @@ class Conv3dGradients:
             * layerwise.sharing_factor(self.grad_output) / math.prod(self.input.shape[2:])
         return self._crop(layerwise.divide_signal(self._padded_input_grad(), factor))
 
-    # Methods, not functools.cached_property: Dynamo (torch.compile) cannot trace its lock.
     def _folded(self):
         """(input, grad_output, weight) of the 2-D conv the weight side runs on."""
         out, cg, kd, kh, kw = self.weight.shape

@@ -103,13 +103,13 @@ def _grads(model, x, t):
 
 
 # The small batch takes the column side of the solves, the large one the row side.
-@pytest.mark.parametrize("name, batch, backend", [("conv1d", 2, "inductor"),
-                                                  ("conv1d", 16, "aot_eager"),
-                                                  ("conv3d", 4, "aot_eager")])
-def test_compiled_model_matches_eager(name, batch, backend):
+@pytest.mark.parametrize("name, batch, backend, rule", [
+    ("conv1d", 2, "inductor", "consequential"), ("conv1d", 16, "aot_eager", "consequential"),
+    ("conv1d", 4, "aot_eager", "backmatch-layerwise"), ("conv3d", 4, "aot_eager", "backmatch")])
+def test_compiled_model_matches_eager(name, batch, backend, rule):
     torch._dynamo.reset()
     x, t = (torch.randn((batch,) + v.shape[1:]) for v in _batches()[name])
-    model = MODELS[name]()
+    model = cx.consequentialize(MODELS[name](), rule=rule, ridge=RIDGE, batchnorm=False)
     eager = _grads(model, x, t)
     compiled = _grads(torch.compile(model, backend=backend, fullgraph=True), x, t)
     for i, (c, e) in enumerate(zip(compiled, eager, strict=True)):
