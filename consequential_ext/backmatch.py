@@ -38,7 +38,8 @@ def match_conv2d_input(grad_input, weight, stride, padding, dilation, groups, ou
     The norm at location (j, u) is Σ over the outputs (k, u') that read (j, u) of
     W[k, j, v]², v the kernel offset linking u to u': a transposed convolution of ones with
     the squared weights, which counts padding, stride and borders exactly.
-    grad_input: (B, C, H, W), the ordinary value on the (symmetrically) padded input.
+    grad_input: (B, C, H, W), the ordinary value on the (symmetrically) padded input; any
+    number of spatial dims works alike (Conv3d passes (B, C, D, H, W)).
     """
     work = accumulate_dtype(grad_input.dtype)
     sq = weight.to(work).square()
@@ -46,8 +47,8 @@ def match_conv2d_input(grad_input, weight, stride, padding, dilation, groups, ou
                       device=grad_input.device)
     probe = torch.empty((1,) + tuple(grad_input.shape[1:]), dtype=work, device=grad_input.device)
     touch_sq, _, _ = torch.ops.aten.convolution_backward(
-        ones, probe, sq, None, list(stride), list(padding), list(dilation), False, [0, 0],
-        groups, [True, False, False])
+        ones, probe, sq, None, list(stride), list(padding), list(dilation), False,
+        [0] * len(stride), groups, [True, False, False])
     return _divide_or_zero(grad_input.to(work), touch_sq).to(grad_input.dtype)
 
 

@@ -11,16 +11,20 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _pair, _single, _triple
 
 from .amortize import check_amortizer
 from .gradients import Conv2dGradients, EmbeddingGradients, LinearGradients
+from .gradients import (Conv1dGradients, Conv3dGradients, ConvTranspose1dGradients,
+                        ConvTranspose2dGradients)
 from .rules import rule_named
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge
 
 __all__ = ["clinear", "cconv2d", "clinear_like", "CLinearFunction", "CConv2dFunction",
            "CLinearLikeFunction", "cembedding", "CEmbeddingFunction",
            "cmulti_head_attention_forward"]
+__all__ += ["cconv1d", "cconv3d", "cconv_transpose1d", "cconv_transpose2d", "CConv1dFunction",
+            "CConv3dFunction", "CConvTranspose1dFunction", "CConvTranspose2dFunction"]
 
 
 def _apply_rule(ctx, layer):
@@ -357,3 +361,192 @@ def cmulti_head_attention_forward(
     out = project(attn, out_proj_weight, out_proj_bias)
     out = out.view(tgt_len, bsz, out.size(1))
     return (out if is_batched else out.squeeze(1)), None
+
+
+def _conv_conf(stride, padding, dilation, groups, tuple_of):
+    padding = padding if isinstance(padding, str) else tuple_of(padding)
+    return (tuple_of(stride), padding, tuple_of(dilation), groups)
+
+
+def _transpose_conf(stride, padding, output_padding, groups, dilation, tuple_of):
+    return (tuple_of(stride), tuple_of(padding), tuple_of(output_padding), tuple_of(dilation),
+            groups)
+
+
+class CConv1dFunction(torch.autograd.Function):
+    """``F.conv1d`` forward; backward by the rule (``cconv1d`` is the entry point)."""
+    cx_saved_weight_index = 1
+
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, dilation, groups, rule, ridge,
+                amortizer=None):
+        return F.conv1d(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation, groups, rule, ridge, amortizer = inputs
+        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        ctx.conf = _conv_conf(stride, padding, dilation, groups, _single)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        layer = Conv1dGradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
+        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None
+
+
+class CConv3dFunction(torch.autograd.Function):
+    """``F.conv3d`` forward; backward by the rule (``cconv3d`` is the entry point)."""
+    cx_saved_weight_index = 1
+
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, dilation, groups, rule, ridge,
+                amortizer=None):
+        return F.conv3d(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation, groups, rule, ridge, amortizer = inputs
+        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        ctx.conf = _conv_conf(stride, padding, dilation, groups, _triple)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        layer = Conv3dGradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
+        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None
+
+
+class CConvTranspose1dFunction(torch.autograd.Function):
+    """``F.conv_transpose1d`` forward; backward by the rule (``cconv_transpose1d`` is the
+    entry point)."""
+    cx_saved_weight_index = 1
+
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, output_padding, groups, dilation, rule,
+                ridge, amortizer=None):
+        return F.conv_transpose1d(input, weight, bias, stride, padding, output_padding, groups,
+                                  dilation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, *geometry, rule, ridge, amortizer = inputs
+        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        ctx.conf = _transpose_conf(*geometry, _single)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        layer = ConvTranspose1dGradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
+        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
+
+
+class CConvTranspose2dFunction(torch.autograd.Function):
+    """``F.conv_transpose2d`` forward; backward by the rule (``cconv_transpose2d`` is the
+    entry point)."""
+    cx_saved_weight_index = 1
+
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, output_padding, groups, dilation, rule,
+                ridge, amortizer=None):
+        return F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
+                                  dilation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, *geometry, rule, ridge, amortizer = inputs
+        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        ctx.conf = _transpose_conf(*geometry, _pair)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        layer = ConvTranspose2dGradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
+        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
+
+
+def _cconv(function, conv, spatial, gram_shape, input, weight, bias, geometry, rule, ridge,
+           amortizer):
+    """Validate, then ``conv`` itself for a bypassing rule, else ``function`` (an unbatched
+    input — ``spatial`` + 1 dims, as the F functions accept — as one sample)."""
+    bypass = rule_named(rule).bypass
+    ridge = check_ridge(ridge)
+    if bypass:
+        return conv(input, weight, bias, *geometry)
+    amortizer = check_amortizer(amortizer, gram_shape)
+    if input.dim() == spatial + 1:
+        return function.apply(input.unsqueeze(0), weight, bias, *geometry, rule, ridge,
+                              amortizer).squeeze(0)
+    return function.apply(input, weight, bias, *geometry, rule, ridge, amortizer)
+
+
+def _check_padding(padding):
+    if isinstance(padding, str) and padding not in ("same", "valid"):
+        raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid'; got {padding!r}")
+
+
+def _conv_gram_shape(weight, bias, groups):
+    d = weight[0].numel() + (bias is not None)
+    return (groups, d, d)
+
+
+def cconv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+            rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, amortizer=None):
+    """``F.conv1d`` (zero padding: int, 1-tuple, 'same' or 'valid') whose backward gives
+    weight/bias the matched gradient of ``rule``: X every patch of every sample, per group,
+    N the batch size; computed as ``cconv2d``'s on a unit height (exact).
+
+    Raises ValueError for an unknown ``rule``, a bad ``ridge`` or a padding string other
+    than 'same' / 'valid'; TypeError/ValueError for a mismatched amortizer.
+    """
+    _check_padding(padding)
+    return _cconv(CConv1dFunction, F.conv1d, 1, _conv_gram_shape(weight, bias, groups), input,
+                  weight, bias, (stride, padding, dilation, groups), rule, ridge, amortizer)
+
+
+def cconv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+            rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, amortizer=None):
+    """``F.conv3d`` (zero padding: int, triple, 'same' or 'valid') whose backward gives
+    weight/bias the matched gradient of ``rule``: X every 3-D patch of every sample, per
+    group, N the batch size (``gradients.Conv3dGradients``: the ``im2col_gram`` kernels on a
+    fold of the depth taps into channels).
+
+    Raises ValueError for an unknown ``rule``, a bad ``ridge`` or a padding string other
+    than 'same' / 'valid'; TypeError/ValueError for a mismatched amortizer.
+    """
+    _check_padding(padding)
+    return _cconv(CConv3dFunction, F.conv3d, 3, _conv_gram_shape(weight, bias, groups), input,
+                  weight, bias, (stride, padding, dilation, groups), rule, ridge, amortizer)
+
+
+def _transpose_gram_shape(weight, groups):
+    channels = weight.shape[0] // groups
+    return (groups, channels, channels)
+
+
+def cconv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                      dilation=1, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, amortizer=None):
+    """``F.conv_transpose1d`` whose backward gives weight/bias the gradient of ``rule``,
+    matched on the pre-overlap blocks as in ``cconv_transpose2d`` (on a unit height, exact).
+
+    Raises ValueError for an unknown ``rule`` or a bad ``ridge``; TypeError/ValueError for a
+    mismatched amortizer (its Gram is (groups, C_in/groups, C_in/groups)).
+    """
+    return _cconv(CConvTranspose1dFunction, F.conv_transpose1d, 1,
+                  _transpose_gram_shape(weight, groups), input, weight, bias,
+                  (stride, padding, output_padding, groups, dilation), rule, ridge, amortizer)
+
+
+def cconv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                      dilation=1, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, amortizer=None):
+    """``F.conv_transpose2d`` whose backward gives weight/bias the gradient of ``rule``,
+    matched on the pre-overlap blocks ``Z_p = Wᵀ x_p`` (docs/design.md §2): X the input's
+    channel vectors (one column per input pixel), N the batch size, weight.grad
+    ``(G (A + λI)⁻¹)ᵀ``; the bias, added after the overlap, ``g_b / (H_out·W_out + λ)``.
+
+    Raises ValueError for an unknown ``rule`` or a bad ``ridge``; TypeError/ValueError for a
+    mismatched amortizer (its Gram is (groups, C_in/groups, C_in/groups)).
+    """
+    return _cconv(CConvTranspose2dFunction, F.conv_transpose2d, 2,
+                  _transpose_gram_shape(weight, groups), input, weight, bias,
+                  (stride, padding, output_padding, groups, dilation), rule, ridge, amortizer)

@@ -6,11 +6,12 @@ primitive is the kind's own math; which ones run is the rule's business. ``needs
 """
 from __future__ import annotations
 
-import functools
+import math
 
 import torch
 
 from . import backmatch, distributed, layerwise, matching
+from .ops.reference import accumulate_dtype
 
 
 class LinearGradients:
@@ -102,8 +103,9 @@ class Conv2dGradients:
             self._padded_input_grad(), self.weight, self.stride, self.padding, self.dilation,
             self.groups, self.grad_output.shape[2:]))
 
-    @functools.cached_property
+    @property
     def sharing(self):
+        # Not a functools.cached_property: Dynamo (torch.compile) cannot trace its lock.
         return layerwise.sharing_factor(self.grad_output)
 
     def layerwise_input_signal(self):
@@ -229,3 +231,264 @@ class EmbeddingGradients:
 
     def layerwise_weight_grads(self):
         return self.plain_weight_grads()  # s = 1, as for a Linear (eq. 33)
+
+
+def _squeeze_height(grads):
+    grad_weight, grad_bias = grads
+    return None if grad_weight is None else grad_weight.squeeze(2), grad_bias
+
+
+class _UnitHeight:
+    """A 1-D conv kind's primitives as its 2-D kind's on inputs of unit height: the same X
+    (every patch is a 1 × k patch), the same G and the same N, so the reduction is exact.
+
+    plane: the 2-D kind's primitives on (B, C, 1, L) input, (·, ·, 1, k) weight.
+    """
+
+    def __init__(self, plane):
+        self.plane = plane
+
+    def input_grad(self):
+        return self.plane.input_grad().squeeze(2)
+
+    def matched_input_signal(self):
+        return self.plane.matched_input_signal().squeeze(2)
+
+    def layerwise_input_signal(self):
+        return self.plane.layerwise_input_signal().squeeze(2)
+
+    def matched_weight_grads(self):
+        return _squeeze_height(self.plane.matched_weight_grads())
+
+    def layerwise_weight_grads(self):
+        return _squeeze_height(self.plane.layerwise_weight_grads())
+
+    def plain_weight_grads(self):
+        return _squeeze_height(self.plane.plain_weight_grads())
+
+
+class Conv1dGradients(_UnitHeight):
+    """Backward of ``F.conv1d`` as Conv2d's with a unit height (``stride`` etc. 1-tuples;
+    ``padding`` a 1-tuple, 'same' or 'valid')."""
+
+    def __init__(self, input, weight, grad_output, stride, padding, dilation, groups, **needs):
+        padding = padding if isinstance(padding, str) else (0, padding[0])
+        super().__init__(Conv2dGradients(
+            input.unsqueeze(2), weight.unsqueeze(2), grad_output.unsqueeze(2), (1, stride[0]),
+            padding, (1, dilation[0]), groups, **needs))
+
+
+def _split_padding(padding, kernel_size, dilation):
+    """(symmetric padding per spatial dim, the excess in F.pad's order): an uneven 'same' is
+    padded explicitly, so that kernels only ever see symmetric zero padding."""
+    pads = explicit_padding(padding, kernel_size, dilation)
+    symmetric = tuple(map(min, pads[0::2], pads[1::2]))
+    extra = []
+    for before, after, sym in reversed(list(zip(pads[0::2], pads[1::2], symmetric))):
+        extra += [before - sym, after - sym]
+    return symmetric, tuple(extra)
+
+
+class Conv3dGradients:
+    """Backward of ``F.conv3d``: X is every 3-D patch of every sample, per group; N = B.
+
+    Input side: the native 3-D conv backward. Weight side: the Conv2d kind's, on the input
+    *folded* so that each (sample, output depth) is one 2-D sample whose channels are the
+    k_d depth taps of every input channel (c·k_d + i, the order of the weight's flatten).
+    Its 2-D patches are exactly the 3-D patches (same X, same G; the Gram comes from the
+    ``im2col_gram`` kernels), but the fold has B·D_out samples where N = B, so it is solved
+    with ridge λ/D_out — ``G (A/D_out + λ/D_out·I)⁻¹ = D_out · G (A + λI)⁻¹`` — and the
+    result divided by D_out. An amortizer hence averages ``A/D_out`` (constant D_out assumed).
+    """
+
+    def __init__(self, input, weight, grad_output, stride, padding, dilation, groups, *,
+                 has_bias, needs_weight, needs_bias, ridge, amortizer):
+        self.padding, self.extra = _split_padding(padding, weight.shape[2:], dilation)
+        self.x = torch.nn.functional.pad(input, self.extra) if any(self.extra) else input
+        self.input, self.weight, self.grad_output = input, weight, grad_output
+        self.stride, self.dilation, self.groups = stride, dilation, groups
+        self.has_bias, self.ridge, self.amortizer = has_bias, ridge, amortizer
+        self.needs_weight, self.needs_bias = needs_weight, needs_bias
+
+    def _crop(self, grad_x):
+        if any(self.extra):
+            dims = len(self.padding)
+            keep = [slice(self.extra[2 * (dims - 1 - i)],
+                          grad_x.shape[2 + i] - self.extra[2 * (dims - 1 - i) + 1])
+                    for i in range(dims)]
+            grad_x = grad_x[(slice(None), slice(None), *keep)]
+        return grad_x.to(self.input.dtype)
+
+    def _padded_input_grad(self):
+        grad_x, _, _ = torch.ops.aten.convolution_backward(
+            self.grad_output, self.x, self.weight.to(self.grad_output.dtype), None,
+            list(self.stride), list(self.padding), list(self.dilation), False, [0, 0, 0],
+            self.groups, [True, False, False])
+        return grad_x
+
+    def input_grad(self):
+        return self._crop(self._padded_input_grad())
+
+    def matched_input_signal(self):
+        return self._crop(backmatch.match_conv2d_input(
+            self._padded_input_grad(), self.weight, self.stride, self.padding, self.dilation,
+            self.groups, self.grad_output.shape[2:]))
+
+    def layerwise_input_signal(self):
+        # Eq. 35 in three dims: ‖W_col‖²_{2,µ} / c with c = D_in·H_in·W_in / s.
+        factor = layerwise.column_mean_sq(self.weight, self.groups) \
+            * layerwise.sharing_factor(self.grad_output) / math.prod(self.input.shape[2:])
+        return self._crop(layerwise.divide_signal(self._padded_input_grad(), factor))
+
+    def _folded(self):
+        """(input, grad_output, weight) of the 2-D conv the weight side runs on."""
+        out, cg, kd, kh, kw = self.weight.shape
+        depth, (sd, dd) = self.grad_output.shape[2], (self.stride[0], self.dilation[0])
+        front = self.padding[0]
+        x = torch.nn.functional.pad(self.x, (0, 0, 0, 0, front, front)) if front else self.x
+        taps = [x[:, :, i * dd: i * dd + sd * (depth - 1) + 1: sd] for i in range(kd)]
+        x2 = torch.stack(taps, 2).permute(0, 3, 1, 2, 4, 5)       # (B, D_out, C, k_d, H, W)
+        x2 = x2.reshape((-1, x.shape[1] * kd) + x.shape[3:])
+        gy2 = self.grad_output.transpose(1, 2).reshape((-1, out) + self.grad_output.shape[3:])
+        return x2, gy2, self.weight.reshape(out, cg * kd, kh, kw)
+
+    def matched_weight_grads(self):
+        if not (self.needs_weight or self.needs_bias):
+            return None, None
+        x2, gy2, weight2 = self._folded()
+        depth = self.grad_output.shape[2]
+        gw, gb = matching.matched_conv2d(x2, gy2, weight2.shape, self.stride[1:],
+                                         self.padding[1:], self.dilation[1:], self.groups,
+                                         self.has_bias, self.ridge / depth,
+                                         amortizer=self.amortizer)
+        gw = (gw / depth).reshape(self.weight.shape).to(self.weight.dtype)
+        return gw, None if gb is None else (gb / depth).to(self.weight.dtype)
+
+    def _weight_grads_over(self, sharing):
+        x2, gy2, weight2 = self._folded()
+        gw, gb = layerwise.conv2d_weight_grads(
+            x2, gy2, weight2, self.stride[1:], self.padding[1:], self.dilation[1:], self.groups,
+            sharing, self.needs_weight, self.needs_bias)
+        return None if gw is None else gw.reshape(self.weight.shape), gb
+
+    def plain_weight_grads(self):
+        return self._weight_grads_over(1.0)
+
+    def layerwise_weight_grads(self):
+        return self._weight_grads_over(layerwise.sharing_factor(self.grad_output))
+
+
+class ConvTranspose2dGradients:
+    """Backward of ``F.conv_transpose2d``, matched on the pre-overlap blocks (docs/design.md §2).
+
+    The layer is a 1×1 conv — each input pixel p's block ``Z_p = Mᵀ x_p``, M the weight as
+    (C_in/g, C_out/g·k_h·k_w) per group — followed by the overlap-add (col2im), which has no
+    weights. The weight side is the Conv2d kind's on that 1×1 conv: X = the input's channel
+    vectors, N = B, and the blocks' signal ``dZ = unfold(grad_output)`` (col2im's adjoint,
+    same kernel, stride, padding and dilation) cut to the input's size; weight.grad is
+    ``(G (A + λI)⁻¹)ᵀ`` back in the weight's layout. The bias is added after the overlap, once
+    per output location: it is matched on its own constant-1 input, ``A = H_out·W_out``, so
+    it gets ``g_b / (H_out·W_out + λ)``. Rule "backmatch-layerwise": the weight is shared
+    once per input pixel (s counted on dZ), the bias once per output location (on dy).
+    """
+
+    def __init__(self, input, weight, grad_output, stride, padding, output_padding, dilation,
+                 groups, *, has_bias, needs_weight, needs_bias, ridge, amortizer):
+        self.input, self.weight, self.grad_output = input, weight, grad_output
+        self.stride, self.padding, self.output_padding = stride, padding, output_padding
+        self.dilation, self.groups = dilation, groups
+        self.has_bias, self.ridge, self.amortizer = has_bias, ridge, amortizer
+        self.needs_weight, self.needs_bias = needs_weight, needs_bias
+        self._dz = None
+
+    def _pointwise_weight(self):
+        """The weight as the 1×1 conv's: Mᵀ per group, rows in unfold's channel order."""
+        cin, rows = self.weight.shape[0], self.weight[0].numel() * self.groups
+        return self.weight.reshape(self.groups, cin // self.groups, rows // self.groups) \
+            .transpose(1, 2).reshape(rows, cin // self.groups, 1, 1)
+
+    def _block_signal(self):
+        """dZ: the signal of every pre-overlap block, (B, C_out·k_h·k_w, H_in, W_in); kept,
+        as the layer-wise rule asks for it twice (a plain attribute: torch.compile)."""
+        if self._dz is None:
+            gy, kernel = self.grad_output, self.weight.shape[2:]
+            dz = torch.nn.functional.unfold(gy, kernel, self.dilation, self.padding, self.stride)
+            windows = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
+                gy.shape[2:], self.padding, self.dilation, kernel, self.stride)]
+            # Output padding ≥ stride (allowed when < dilation) leaves extra windows: cut them.
+            self._dz = dz.reshape(gy.shape[:1] + (-1,) + tuple(windows))[
+                :, :, :self.input.shape[2], :self.input.shape[3]]
+        return self._dz
+
+    def _from_pointwise(self, grad):
+        cin, cout_g, kh, kw = self.weight.shape
+        return grad.reshape(self.groups, cout_g * kh * kw, cin // self.groups) \
+            .transpose(1, 2).reshape(self.weight.shape)
+
+    def _native(self, grad_output, weight, mask):
+        return torch.ops.aten.convolution_backward(
+            grad_output, self.input.to(grad_output.dtype), weight.to(grad_output.dtype),
+            [self.weight.shape[1] * self.groups], list(self.stride), list(self.padding),
+            list(self.dilation), True, list(self.output_padding), self.groups, mask)
+
+    def input_grad(self):
+        return self._native(self.grad_output, self.weight, [True, False, False])[0] \
+            .to(self.input.dtype)
+
+    def matched_input_signal(self):
+        # Eq. 22: over Σ W² of the outputs each input location writes, borders counted:
+        # the conv (the transposed conv's adjoint) of ones with the squared weights.
+        work = accumulate_dtype(self.grad_output.dtype)
+        ones = torch.ones((1,) + self.grad_output.shape[1:], dtype=work,
+                          device=self.input.device)
+        touch_sq = torch.nn.functional.conv2d(
+            ones, self.weight.to(work).square(), None, self.stride, self.padding, self.dilation,
+            self.groups)[..., :self.input.shape[2], :self.input.shape[3]]
+        return layerwise.divide_signal(self.input_grad().to(work), touch_sq) \
+            .to(self.input.dtype)
+
+    def layerwise_input_signal(self):
+        factor = layerwise.conv2d_input_factor(
+            self._pointwise_weight(), self.groups, self.input.shape[2:],
+            layerwise.sharing_factor(self._block_signal()))
+        return layerwise.divide_signal(self.input_grad(), factor)
+
+    def matched_weight_grads(self):
+        grad_weight = grad_bias = None
+        if self.needs_weight:
+            blocks = Conv2dGradients(
+                self.input, self._pointwise_weight(), self._block_signal(), (1, 1), (0, 0),
+                (1, 1), self.groups, has_bias=False, needs_weight=True, needs_bias=False,
+                ridge=self.ridge, amortizer=self.amortizer)
+            grad_weight = self._from_pointwise(blocks.matched_weight_grads()[0])
+        if self.needs_bias:
+            work = accumulate_dtype(self.grad_output.dtype)
+            locations = math.prod(self.grad_output.shape[2:])
+            grad_bias = (self.grad_output.to(work).sum((0, 2, 3)) / (locations + self.ridge)) \
+                .to(self.weight.dtype)
+        return grad_weight, grad_bias
+
+    def _weight_grads_over(self, weight_sharing, bias_sharing):
+        work = accumulate_dtype(self.grad_output.dtype)
+        _, grad_weight, grad_bias = self._native(
+            self.grad_output.to(work), self.weight, [False, self.needs_weight, self.needs_bias])
+        return (None if grad_weight is None
+                else (grad_weight / weight_sharing).to(self.weight.dtype),
+                None if grad_bias is None else (grad_bias / bias_sharing).to(self.weight.dtype))
+
+    def plain_weight_grads(self):
+        return self._weight_grads_over(1.0, 1.0)
+
+    def layerwise_weight_grads(self):
+        return self._weight_grads_over(layerwise.sharing_factor(self._block_signal()),
+                                       layerwise.sharing_factor(self.grad_output))
+
+
+class ConvTranspose1dGradients(_UnitHeight):
+    """Backward of ``F.conv_transpose1d`` as ConvTranspose2d's with a unit height."""
+
+    def __init__(self, input, weight, grad_output, stride, padding, output_padding, dilation,
+                 groups, **needs):
+        super().__init__(ConvTranspose2dGradients(
+            input.unsqueeze(2), weight.unsqueeze(2), grad_output.unsqueeze(2), (1, stride[0]),
+            (0, padding[0]), (0, output_padding[0]), (1, dilation[0]), groups, **needs))

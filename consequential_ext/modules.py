@@ -17,6 +17,7 @@ from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin
 
 __all__ = ["CLinear", "CConv2d", "CLinearLike", "CEmbedding", "CMultiheadAttention",
            "CFunctionalCall"]
+__all__ += ["CConv1d", "CConv3d", "CConvTranspose1d", "CConvTranspose2d"]
 
 
 class CLinear(CLayerMixin, nn.Linear):
@@ -133,6 +134,25 @@ class CEmbedding(CLayerMixin, nn.Embedding):
         return CF.cembedding(input, self.weight, self.padding_idx, self.max_norm,
                              self.norm_type, self.scale_grad_by_freq, self.sparse,
                              rule=self.rule, ridge=self.ridge)
+class _CConvNd(CLayerMixin):
+    """What CConv1d / CConv3d share: nn's ``_conv_forward`` steps (non-zero ``padding_mode``
+    padded first) around the functional C-entry ``_cx_conv``, and one Gram per group."""
+
+    _cx_conv = None
+
+    def cx_gram_shape(self):
+        d = self.weight[0].numel() + (self.bias is not None)
+        return (self.groups, d, d)
+
+    def forward(self, input):
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        else:
+            padding = self.padding
+        return self._cx_conv(input, self.weight, self.bias, self.stride, padding,
+                             self.dilation, self.groups, rule=self.rule, ridge=self.ridge,
+                             amortizer=amortizer_of(self))
 
     def extra_repr(self):
         return f"{super().extra_repr()}, {self._cx_repr()}"
@@ -213,3 +233,103 @@ class CFunctionalCall(CLayerMixin):
 
     def extra_repr(self):
         return ", ".join(filter(None, [super().extra_repr(), self._cx_repr()]))
+class CConv1d(_CConvNd, nn.Conv1d):
+    """``nn.Conv1d`` whose weight and bias get the gradient of ``rule`` (default: the matched
+    gradient ``G (A + λI)⁻¹`` with X the patches per group, N the batch size; docs/design.md
+    §2), computed as CConv2d's on a unit height; forward is bit-identical to nn.Conv1d.
+
+    Every nn.Conv1d argument works (stride, padding int / 1-tuple / 'same' / 'valid',
+    dilation, groups, bias, every padding_mode; batched or unbatched input). rule, ridge: as
+    in ``CLinear``.
+    """
+
+    _cx_conv = staticmethod(CF.cconv1d)
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
+                 rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        self.rule, self.ridge = rule, ridge
+
+
+class CConv3d(_CConvNd, nn.Conv3d):
+    """``nn.Conv3d`` whose weight and bias get the gradient of ``rule`` (default: the matched
+    gradient ``G (A + λI)⁻¹`` with X the 3-D patches per group, N the batch size;
+    docs/design.md §2); forward is bit-identical to nn.Conv3d.
+
+    Every nn.Conv3d argument works (stride, padding int / triple / 'same' / 'valid',
+    dilation, groups, bias, every padding_mode; batched or unbatched input). rule, ridge: as
+    in ``CLinear``. The Gram comes from the 2-D ``im2col_gram`` kernels on the input with its
+    depth taps folded into channels (``gradients.Conv3dGradients``), which takes k_d/s_d
+    times the input's memory in backward.
+    """
+
+    _cx_conv = staticmethod(CF.cconv3d)
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
+                 rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        self.rule, self.ridge = rule, ridge
+
+
+class _CConvTransposeNd(CLayerMixin):
+    """What CConvTranspose1d / 2d share: nn's forward (``output_size`` → output_padding)
+    around the functional C-entry ``_cx_conv``; one Gram of the input channels per group."""
+
+    _cx_conv = None
+    _cx_dims = 0
+
+    def cx_gram_shape(self):
+        channels = self.in_channels // self.groups
+        return (self.groups, channels, channels)
+
+    def forward(self, input, output_size=None):
+        if self.padding_mode != "zeros":
+            raise ValueError(f"Only `zeros` padding mode is supported for "
+                             f"{type(self).__name__}")
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding,
+                                              self.kernel_size, self._cx_dims, self.dilation)
+        return self._cx_conv(input, self.weight, self.bias, self.stride, self.padding,
+                             output_padding, self.groups, self.dilation, rule=self.rule,
+                             ridge=self.ridge, amortizer=amortizer_of(self))
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._cx_repr()}"
+
+
+class CConvTranspose1d(_CConvTransposeNd, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` matched on the pre-overlap blocks as ``CConvTranspose2d`` is,
+    computed as its on a unit height; forward is bit-identical to nn.ConvTranspose1d."""
+
+    _cx_conv = staticmethod(CF.cconv_transpose1d)
+    _cx_dims = 1
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
+                 device=None, dtype=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding,
+                         groups, bias, dilation, padding_mode, device, dtype)
+        self.rule, self.ridge = rule, ridge
+
+
+class CConvTranspose2d(_CConvTransposeNd, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` whose weight gets the gradient of ``rule``, matched on the
+    pre-overlap blocks ``Z_p = Wᵀ x_p`` (one per input pixel; X the input's channel vectors,
+    N the batch size): ``(G (A + λI)⁻¹)ᵀ``; the bias, added after the overlap, gets
+    ``g_b / (H_out·W_out + λ)`` (docs/design.md §2). Forward is bit-identical to
+    nn.ConvTranspose2d, ``output_size`` included; stride, padding, output_padding, groups,
+    dilation, bias all work. rule, ridge: as in ``CLinear``.
+    """
+
+    _cx_conv = staticmethod(CF.cconv_transpose2d)
+    _cx_dims = 2
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
+                 device=None, dtype=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding,
+                         groups, bias, dilation, padding_mode, device, dtype)
+        self.rule, self.ridge = rule, ridge

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .modules import (CConv2d, CEmbedding, CFunctionalCall, CLinear, CLinearLike,
                       CMultiheadAttention)
 from .routing import passes_own_weight
+from .modules import CConv1d, CConv3d, CConvTranspose1d, CConvTranspose2d
 
 __all__ = ["LayerKind", "register_layer", "kind_of", "registered_kinds", "kind_for",
            "subclass_kind"]
@@ -113,6 +114,10 @@ register_layer(nn.Linear, CLinear)
 register_layer(nn.Conv2d, CConv2d)
 register_layer(nn.Embedding, CEmbedding)
 register_layer(nn.MultiheadAttention, CMultiheadAttention)
+register_layer(nn.Conv1d, CConv1d)
+register_layer(nn.Conv3d, CConv3d)
+register_layer(nn.ConvTranspose1d, CConvTranspose1d)
+register_layer(nn.ConvTranspose2d, CConvTranspose2d)
 # Hugging Face GPT-2 and relatives: a Linear whose weight is stored (in, out), applied by addmm.
 register_layer("transformers.pytorch_utils.Conv1D", transposed=True)
 

@@ -1,7 +1,7 @@
 """Write docs/api.md, the reference of every public name, from the docstrings.
 
 Public: every name in ``consequential_ext.__all__``, and, for each public submodule there, every
-name in that submodule's ``__all__`` (recursively). ``tests/test_api_docs.py`` fails when the
+name in that submodule's ``__all__`` (recursively). ``tests/test_architecture.py`` fails when the
 committed page differs from what this prints, or when a public name has no docstring.
 
     python tools/api_docs.py          # rewrite docs/api.md
@@ -28,7 +28,7 @@ CONSTANTS = {
 HEADER = """# API reference
 
 Generated from the docstrings by `python tools/api_docs.py`; do not edit by hand
-(`tests/test_api_docs.py` fails when this page is out of date). What each name computes is
+(`tests/test_architecture.py` fails when this page is out of date). What each name computes is
 specified in `docs/design.md`; errors are raised in forward (or at construction), never inside
 backward.
 """
