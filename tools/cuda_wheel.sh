@@ -19,7 +19,10 @@ OUT=dist/cuda
 BUILD_REQS=("setuptools>=77" "ninja" "nvidia-cuda-cuobjdump")
 STAMP="$VENV/.cx-cuda-venv"
 WANT="$TORCH_SPEC ${BUILD_REQS[*]}"
-mkdir -p "$BUILD"
+mkdir -p "$BUILD" "$(dirname "$VENV")"
+# One run at a time per venv (clones share it): installs into it must not interleave.
+exec 9>"$VENV.lock"
+flock 9
 # torch warns at import when numpy is missing, which this venv is on purpose.
 export PYTHONWARNINGS="ignore:Failed to initialize NumPy"
 
