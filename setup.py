@@ -82,7 +82,7 @@ def find_toolkit(environ=os.environ, which=shutil.which, defaults=("/usr/local/c
             home = environ[var]
             if _is_toolkit(home):
                 return home, None
-            return None, f"{var}={home} holds no bin/nvcc and {_RUNTIME_HEADER}"
+            return None, f"{var}={home} is not a CUDA toolkit (no bin/nvcc with {_RUNTIME_HEADER})"
     tried = []
     nvcc = which("nvcc")
     if nvcc:
@@ -96,9 +96,10 @@ def find_toolkit(environ=os.environ, which=shutil.which, defaults=("/usr/local/c
         if _is_toolkit(home):
             return home, None
         tried.append(home)
-    where = f"nvcc on PATH is {nvcc}; " if nvcc else "no nvcc on PATH; "
-    return None, (f"no CUDA toolkit found ({where}no bin/nvcc with {_RUNTIME_HEADER} in "
-                  f"{', '.join(dict.fromkeys(tried))}): set CUDA_HOME")
+    where = f"nvcc on PATH is {nvcc}" if nvcc else "no nvcc on PATH"
+    if tried:
+        where += f"; no bin/nvcc with {_RUNTIME_HEADER} in {', '.join(dict.fromkeys(tried))}"
+    return None, f"no CUDA toolkit found ({where}): set CUDA_HOME"
 
 
 def library_header_dirs():
@@ -169,6 +170,8 @@ def cuda_toolkit_to_build():
     if home is None:
         if force:
             raise BuildConfigError(f"FORCE_CUDA=1, but {why}")
+        if os.getenv("CUDA_HOME") or os.getenv("CUDA_PATH"):  # asked for, so not ignored
+            raise BuildConfigError(why)
         print(f"consequential_ext: building the CPU operators only: {why}", file=sys.stderr)
     return home
 

@@ -187,7 +187,8 @@ def test_find_toolkit_says_what_is_missing(tmp_path):
     home_without_headers = tmp_path / "bare"
     (home_without_headers / "bin").mkdir(parents=True)
     assert find({"CUDA_HOME": str(home_without_headers)}, lambda name: None, defaults=()) == \
-        (None, f"CUDA_HOME={home_without_headers} holds no bin/nvcc and include/cuda_runtime_api.h")
+        (None, f"CUDA_HOME={home_without_headers} is not a CUDA toolkit (no bin/nvcc with "
+               f"include/cuda_runtime_api.h)")
     found, why = find({}, lambda name: None, defaults=(str(tmp_path / "nowhere"),))
     assert found is None
     assert "no nvcc on PATH" in why and "nowhere" in why and "set CUDA_HOME" in why
