@@ -26,8 +26,8 @@ flock 9
 # torch warns at import when numpy is missing, which this venv is on purpose.
 export PYTHONWARNINGS="ignore:Failed to initialize NumPy"
 
-# pip from the registry only: no configuration file, find-links or constraints of this machine.
-registry_pip() {
+# The venv's pip, without this machine's pip configuration file, find-links or constraints.
+venv_pip() {
   env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT -u PIP_NO_INDEX \
     PIP_CONFIG_FILE=/dev/null "$VENV/bin/python" -m pip --disable-pip-version-check "$@"
 }
@@ -37,9 +37,9 @@ fail() { echo "cuda-wheel: $*" >&2; exit 1; }
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   echo "cuda-wheel: installing $WANT into $VENV (cold cache: ~5 GB download)"
   [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
-  registry_pip index versions torch --timeout 30 --retries 1 >"$BUILD/registry-probe.log" 2>&1 \
+  venv_pip index versions torch --timeout 30 --retries 1 >"$BUILD/registry-probe.log" 2>&1 \
     || fail "cannot reach the package registry to install $TORCH_SPEC ($(tail -n 1 "$BUILD/registry-probe.log"))"
-  registry_pip install --timeout 60 --retries 3 "$TORCH_SPEC" "${BUILD_REQS[@]}" >"$BUILD/venv.log" 2>&1 \
+  venv_pip install --timeout 60 --retries 3 "$TORCH_SPEC" "${BUILD_REQS[@]}" >"$BUILD/venv.log" 2>&1 \
     || { tail -n 20 "$BUILD/venv.log" >&2; fail "pip install $WANT failed (log: $BUILD/venv.log)"; }
   echo "$WANT" >"$STAMP"
 fi
@@ -51,13 +51,13 @@ rm -rf "$OUT"
 printf '[build]\nbuild_base = %s\n' "$BUILD" >"$BUILD/dist.cfg"
 start=$SECONDS
 DIST_EXTRA_CONFIG="$BUILD/dist.cfg" FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-2} \
-  registry_pip wheel --no-build-isolation --no-deps --no-index -v -w "$OUT" . >"$BUILD/build.log" 2>&1 \
+  venv_pip wheel --no-build-isolation --no-deps --no-index -v -w "$OUT" . >"$BUILD/build.log" 2>&1 \
   || { grep -E "error|Error" "$BUILD/build.log" | tail -n 20 >&2; fail "build failed (log: $BUILD/build.log)"; }
 wheel=$(ls "$OUT"/consequential_ext-*.whl)
 echo "cuda-wheel: built $wheel in $((SECONDS - start)) s"
 
-# --no-index: the wheel's torch pin must be satisfied by the venv's torch as it is.
-registry_pip install --no-index --force-reinstall --no-deps -q "$wheel"
-registry_pip check >/dev/null || fail "$(registry_pip check)"
+# Offline; `pip check` then holds the wheel's torch pin against the venv's torch.
+venv_pip install --no-index --force-reinstall --no-deps -q "$wheel"
+venv_pip check >/dev/null || fail "$(venv_pip check)"
 # From outside the checkout, so that the package comes from the wheel.
 cd "$BUILD" && "$VENV/bin/python" "$OLDPWD/tools/check_cuda_wheel.py" "$OLDPWD/$wheel"
