@@ -111,7 +111,8 @@ def library_header_dirs():
         import nvidia
     except ImportError:
         return []
-    return sorted({d for root in nvidia.__path__ for d in glob.glob(os.path.join(root, "*", "include"))})
+    return sorted({folder for root in nvidia.__path__
+                   for folder in glob.glob(os.path.join(root, "*", "include"))})
 
 
 _ARCH = re.compile(r"(\d+)\.?(\d)([af]?)(\+PTX)?")
@@ -203,7 +204,8 @@ def _extension():
     headers = library_header_dirs()
     for folder in headers:
         extra["cxx"] += ["-idirafter", folder]
-    nvcc = (opt if debug else ["-O3"]) + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"] + gencode
+    nvcc = (opt if debug else ["-O3"]) + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc += gencode
     if nvcc_threads:
         nvcc.append(f"--threads={nvcc_threads}")
     extra["nvcc"] = nvcc
@@ -231,6 +233,11 @@ def main():
     except BuildConfigError as error:
         sys.exit(f"consequential_ext setup.py: {error}")
     from torch.utils.cpp_extension import BuildExtension
+    # Py_LIMITED_API is 3.10 (torch's cpp_extension sets it), as requires-python.
+    wheel_options = {"py_limited_api": "cp310"}
+    tag = platform_tag()
+    if tag:
+        wheel_options["plat_name"] = tag
     setup(
         version=_version(),
         # The binary loads only under the torch release it was compiled against (any local
@@ -238,9 +245,7 @@ def main():
         install_requires=[f"torch=={torch.__version__.split('+', 1)[0]}"],
         ext_modules=[extension],
         cmdclass={"build_ext": BuildExtension},
-        # Py_LIMITED_API is 3.10 (torch's cpp_extension sets it), as requires-python.
-        options={"bdist_wheel": {"py_limited_api": "cp310",
-                                 **({"plat_name": platform_tag()} if platform_tag() else {})}},
+        options={"bdist_wheel": wheel_options},
     )
 
 

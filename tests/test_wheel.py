@@ -6,6 +6,7 @@ The fresh venv borrows torch from this environment through a .pth file (appended
 its own site-packages) instead of installing it again, which would take minutes; the
 package itself comes only from the wheel, which the smoke test verifies.
 """
+import ast
 import os
 import pathlib
 import platform
@@ -99,7 +100,8 @@ def test_wheel_is_abi3_and_ships_the_extension(wheel):
     assert "consequential_ext/distributed.py" in names
     metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     release = torch.__version__.split("+")[0]
-    assert re.findall(r"^Requires-Dist: (torch.*)$", metadata, re.MULTILINE) == [f"torch=={release}"]
+    requires = re.findall(r"^Requires-Dist: (torch.*)$", metadata, re.MULTILINE)
+    assert requires == [f"torch=={release}"]
 
 
 def test_version_check_names_both_versions():
@@ -222,8 +224,10 @@ def test_triton_backend_needs_no_numpy():
     unless TRITON_INTERPRET=1 (the interpreter needs numpy)."""
     code = ("import sys; sys.modules['numpy'] = None\n"  # any `import numpy` now fails
             "import consequential_ext as cx\n"
-            "print([cx.ops.available_backends(op, 'cuda') for op in ('im2col_gram', 'ridge_solve')])")
+            "ops = ('im2col_gram', 'ridge_solve')\n"
+            "print([cx.ops.available_backends(op, 'cuda') for op in ops])")
     pytest.importorskip("triton")
-    result = _run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="0"))
-    for backends in eval(result.stdout):
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = _run([sys.executable, "-c", code], cwd=ROOT, env=env)
+    for backends in ast.literal_eval(result.stdout):
         assert backends[-2:] == ["triton", "reference"], backends

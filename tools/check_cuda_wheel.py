@@ -53,7 +53,8 @@ def check_wheel_file(wheel: Path, torch_release: str):
     requires = re.findall(r"^Requires-Dist: (.+)$", zipfile.ZipFile(wheel).read(meta).decode(),
                           re.MULTILINE)
     check(f"torch=={torch_release}" in requires,
-          f"{wheel.name} requires {requires}, not the torch it was built for (torch=={torch_release})")
+          f"{wheel.name} requires {requires}, not the torch it was built for "
+          f"(torch=={torch_release})")
 
 
 def declared_launchers() -> list[str]:
@@ -63,6 +64,10 @@ def declared_launchers() -> list[str]:
         names += re.findall(r"^[A-Za-z_][\w:<> ]*?\b(\w+)\(", header.read_text(), re.MULTILINE)
     check(names, "no launcher declarations found in csrc/cuda/*.h")
     return names
+
+
+def _output(*command: str) -> str:
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
 def cuobjdump(toolkit: str) -> str:
@@ -77,15 +82,14 @@ def cuobjdump(toolkit: str) -> str:
 
 def check_binary(so: str, toolkit: str, platform_tag: str) -> tuple[str, list[str], str]:
     """(the CUDA runtime _C needs, the launchers it defines, its cubins and PTX)."""
-    needed = subprocess.run(["readelf", "-d", so], capture_output=True, text=True, check=True).stdout
+    needed = _output("readelf", "-d", so)
     cudart = re.findall(r"\[(libcudart\.so[.\d]*)\]", needed)
     check(cudart, f"{so} does not link the CUDA runtime (no libcudart in its NEEDED entries)")
-    symbols = subprocess.run(["nm", "-C", "--defined-only", so], capture_output=True, text=True,
-                             check=True).stdout
+    symbols = _output("nm", "-C", "--defined-only", so)
     launchers = declared_launchers()
     missing = [n for n in launchers if f"consequential_ext::cuda::{n}(" not in symbols]
     check(not missing, f"{so} lacks the CUDA launchers {missing}")
-    dynamic = subprocess.run(["objdump", "-T", so], capture_output=True, text=True, check=True).stdout
+    dynamic = _output("objdump", "-T", so)
     glibc = max((tuple(map(int, v.split("."))) for v in re.findall(r"GLIBC_([\d.]+)", dynamic)),
                 default=(2, 0))
     tagged = re.match(r"manylinux_(\d+)_(\d+)_", platform_tag)
@@ -93,8 +97,7 @@ def check_binary(so: str, toolkit: str, platform_tag: str) -> tuple[str, list[st
           f"{so} needs glibc {glibc}, newer than its tag {platform_tag}")
 
     # Every kernel source is compiled to exactly the cubins and PTX setup.py asked nvcc for.
-    listing = subprocess.run([cuobjdump(toolkit), "--list-elf", "--list-ptx", so],
-                             capture_output=True, text=True, check=True).stdout
+    listing = _output(cuobjdump(toolkit), "--list-elf", "--list-ptx", so)
     flags = build_config._gencode_flags(*build_config.arch_list())
     want = sorted({f"{code.replace('compute_', 'sm_')}.ptx" if code.startswith("compute_")
                    else f"{code}.cubin" for code in (f.rsplit("code=", 1)[1] for f in flags)})
@@ -109,15 +112,16 @@ def check_binary(so: str, toolkit: str, platform_tag: str) -> tuple[str, list[st
 def check_dispatch(cx) -> list[str]:
     ops = sorted(name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
                  if name.startswith("consequential_ext::"))
-    with_cpu = [op for op in ops
-                if torch._C._dispatch_has_kernel_for_dispatch_key(f"consequential_ext::{op}", "CPU")]
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    with_cpu = [op for op in ops if has_kernel(f"consequential_ext::{op}", "CPU")]
     check(with_cpu, f"no consequential_ext op has a CPU kernel (ops: {ops})")
     for op in with_cpu:
-        check(torch._C._dispatch_has_kernel_for_dispatch_key(f"consequential_ext::{op}", "CUDA"),
+        check(has_kernel(f"consequential_ext::{op}", "CUDA"),
               f"consequential_ext::{op} has a CPU kernel but no CUDA kernel")
         backends = cx.ops.available_backends(op, "cuda")
         check(backends == ["cuda", "triton", "reference"],
-              f"available_backends({op!r}, 'cuda') is {backends}, not ['cuda', 'triton', 'reference']")
+              f"available_backends({op!r}, 'cuda') is {backends}, "
+              f"not ['cuda', 'triton', 'reference']")
     return with_cpu
 
 
@@ -140,7 +144,8 @@ def check_cpu_ops(cx) -> float:
     want = torch.linalg.solve(a + 0.3 * torch.eye(9, dtype=torch.float64), g.transpose(-1, -2))
     want = want.transpose(-1, -2)
     errors.append(((out - want).abs().max() / want.abs().max()).item())
-    check(max(errors) < 1e-10, f"CPU ops disagree with the float64 references: relative errors {errors}")
+    check(max(errors) < 1e-10,
+          f"CPU ops disagree with the float64 references: relative errors {errors}")
     return max(errors)
 
 
@@ -169,7 +174,8 @@ def main():
           f"{importlib.metadata.version('consequential_ext')}, requires torch=={release}), built "
           f"with torch {built}; _C needs {cudart}, defines "
           f"{len(launchers)} launchers, holds {archs}; CUDA kernels and backends cuda/triton/"
-          f"reference for {', '.join(ops)} (no numpy); CPU ops match float64 (rel. err. {error:.1e})")
+          f"reference for {', '.join(ops)} (no numpy); CPU ops match float64 "
+          f"(rel. err. {error:.1e})")
 
 
 if __name__ == "__main__":

@@ -38,13 +38,16 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   echo "cuda-wheel: installing $WANT into $VENV (cold cache: ~5 GB download)"
   [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
   venv_pip index versions torch --timeout 30 --retries 1 >"$BUILD/registry-probe.log" 2>&1 \
-    || fail "cannot reach the package registry to install $TORCH_SPEC ($(tail -n 1 "$BUILD/registry-probe.log"))"
-  venv_pip install --timeout 60 --retries 3 "$TORCH_SPEC" "${BUILD_REQS[@]}" >"$BUILD/venv.log" 2>&1 \
+    || fail "cannot reach the package registry to install $TORCH_SPEC" \
+            "($(tail -n 1 "$BUILD/registry-probe.log"))"
+  venv_pip install --timeout 60 --retries 3 "$TORCH_SPEC" "${BUILD_REQS[@]}" \
+      >"$BUILD/venv.log" 2>&1 \
     || { tail -n 20 "$BUILD/venv.log" >&2; fail "pip install $WANT failed (log: $BUILD/venv.log)"; }
   echo "$WANT" >"$STAMP"
 fi
 "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is None)" \
-  || fail "torch in $VENV has no CUDA ($("$VENV/bin/python" -c 'import torch; print(torch.__version__)')): delete $VENV and rerun"
+  || fail "torch in $VENV has no CUDA" \
+          "($("$VENV/bin/python" -c 'import torch; print(torch.__version__)')): delete $VENV, rerun"
 
 rm -rf "$OUT"
 # build/cuda instead of build/: the in-place CPU build of `make build` keeps its objects.
@@ -52,7 +55,8 @@ printf '[build]\nbuild_base = %s\n' "$BUILD" >"$BUILD/dist.cfg"
 start=$SECONDS
 DIST_EXTRA_CONFIG="$BUILD/dist.cfg" FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-2} \
   venv_pip wheel --no-build-isolation --no-deps --no-index -v -w "$OUT" . >"$BUILD/build.log" 2>&1 \
-  || { grep -E "error|Error" "$BUILD/build.log" | tail -n 20 >&2; fail "build failed (log: $BUILD/build.log)"; }
+  || { grep -E "error|Error" "$BUILD/build.log" | tail -n 20 >&2
+       fail "build failed (log: $BUILD/build.log)"; }
 wheel=$(ls "$OUT"/consequential_ext-*.whl)
 echo "cuda-wheel: built $wheel in $((SECONDS - start)) s"
 
