@@ -12,7 +12,7 @@ EXT        := consequential_ext/_C.abi3.so
 CSRC       := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 PYTEST_ARGS ?=
 
-.PHONY: env build cuda-check test bench clean
+.PHONY: env build cuda-check cuda-wheel test bench clean
 
 env: $(VENV)/.ready
 $(VENV)/.ready: pyproject.toml tools/requirements.py
@@ -33,6 +33,11 @@ cuda-check: build/nvcc-check/.done
 build/nvcc-check/.done: $(CUDA_SRC) $(wildcard csrc/cuda/*.cpp) tools/nvcc_check.sh
 	PYTHON=$(PY) tools/nvcc_check.sh build/nvcc-check
 	touch $@
+
+# The CUDA wheel in dist/cuda/, built against the registry's CUDA torch in a venv cached
+# outside the checkout (never $(VENV)), installed there and checked; no GPU needed.
+cuda-wheel:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" tools/cuda_wheel.sh
 
 test: build cuda-check
 	$(PY) -m pytest -q $(PYTEST_ARGS)

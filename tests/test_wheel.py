@@ -1,12 +1,17 @@
 """The wheel: `python -m build --wheel --no-isolation` builds one that installs into a fresh
-venv and passes a smoke test there; the import-time check names mismatched torch versions.
+venv and passes a smoke test there; the import-time check names mismatched torch versions;
+setup.py's CUDA switches are validated (the CUDA wheel itself: `make cuda-wheel`).
 
 The fresh venv borrows torch from this environment through a .pth file (appended after
 its own site-packages) instead of installing it again, which would take minutes; the
 package itself comes only from the wheel, which the smoke test verifies.
 """
+import ast
 import os
 import pathlib
+import platform
+import re
+import runpy
 import subprocess
 import sys
 import sysconfig
@@ -85,10 +90,18 @@ def test_wheel_installs_into_fresh_venv_and_passes_smoke_test(wheel, tmp_path):
 
 def test_wheel_is_abi3_and_ships_the_extension(wheel):
     import zipfile
-    assert wheel.name.endswith("-cp39-abi3-linux_x86_64.whl"), wheel.name
-    names = zipfile.ZipFile(wheel).namelist()
+    glibc = platform.libc_ver()[1].split(".")
+    # Py_LIMITED_API is 3.10; the build machine's glibc is the newest the binary can need.
+    assert wheel.name.endswith(f"-cp310-abi3-manylinux_{glibc[0]}_{glibc[1]}_x86_64.whl"), \
+        wheel.name
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
     assert "consequential_ext/_C.abi3.so" in names
     assert "consequential_ext/distributed.py" in names
+    metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    release = torch.__version__.split("+")[0]
+    requires = re.findall(r"^Requires-Dist: (torch.*)$", metadata, re.MULTILINE)
+    assert requires == [f"torch=={release}"]
 
 
 def test_version_check_names_both_versions():
@@ -110,3 +123,111 @@ def test_import_fails_loudly_under_another_torch():
 def test_this_build_matches_running_torch():
     assert torch.ops.consequential_ext.built_with_torch() == torch.__version__
     assert cx.ops.available_backends("ridge_solve", "cpu")[0] == "cpu"
+
+
+# ---- setup.py's CUDA switches (problem 3 of the CUDA-wheel issue), without building ----
+
+SETUP = runpy.run_path(str(ROOT / "setup.py"), run_name="cx_setup")  # main() not run
+
+
+@pytest.mark.parametrize("spec, cubins, ptx", [
+    ("90a;80", ["sm_90a", "sm_80"], ["80"]),          # the default
+    ("90a", ["sm_90a"], ["90"]),                       # portable PTX, never compute_90a
+    ("90a;", ["sm_90a"], ["90"]),                      # empty entries ignored
+    (" 8.6 , 9.0a ;100f ", ["sm_86", "sm_90a", "sm_100f"], ["86"]),
+    ("8.0;9.0+PTX;120", ["sm_80", "sm_90", "sm_120"], ["90"]),  # torch's +PTX marks
+])
+def test_gencode_flags(spec, cubins, ptx):
+    flags = SETUP["_gencode_flags"](spec, "CX_CUDA_ARCH_LIST")
+    sass = [f"-gencode=arch=compute_{c[3:]},code={c}" for c in cubins]
+    assert flags == sass + [f"-gencode=arch=compute_{a},code=compute_{a}" for a in ptx]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("sm_90", r"'sm_90' is not a compute capability"),
+    ("9", r"'9' is not a compute capability"),
+    ("Ampere", r"'Ampere' is not"),
+    (";", r"no compute capability given"),
+    ("90a+PTX", r"runs on that architecture only; write '90\+PTX'"),
+])
+def test_gencode_flags_reject_bad_entries(spec, message):
+    with pytest.raises(SETUP["BuildConfigError"], match=rf"TORCH_CUDA_ARCH_LIST: .*{message}"):
+        SETUP["_gencode_flags"](spec, "TORCH_CUDA_ARCH_LIST")
+
+
+def test_arch_list_prefers_ours_then_torchs_then_the_default():
+    arch_list = SETUP["arch_list"]
+    both = {"CX_CUDA_ARCH_LIST": "80", "TORCH_CUDA_ARCH_LIST": "8.6"}
+    assert arch_list(both) == ("80", "CX_CUDA_ARCH_LIST")
+    assert arch_list({"CX_CUDA_ARCH_LIST": " ", "TORCH_CUDA_ARCH_LIST": "8.6"}) == \
+        ("8.6", "TORCH_CUDA_ARCH_LIST")
+    assert arch_list({}) == ("90a;80", "the default arch list")
+
+
+def _fake_toolkit(root):
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "bin" / "nvcc").write_text("")
+    (root / "include" / "cuda_runtime_api.h").write_text("")
+    return str(root)
+
+
+def test_find_toolkit_behind_a_wrapper_script(tmp_path):
+    home = _fake_toolkit(tmp_path / "cuda-13.0")
+    wrapper = tmp_path / "wrapper" / "nvcc"  # like /usr/local/bin/nvcc: its parent has no include/
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!/bin/sh\necho '#$ _HERE_={home}/bin' >&2\n")
+    wrapper.chmod(0o755)
+    found = SETUP["find_toolkit"]({}, lambda name: str(wrapper), defaults=())
+    assert found == (home, None)
+
+
+def test_find_toolkit_says_what_is_missing(tmp_path):
+    find = SETUP["find_toolkit"]
+    home = _fake_toolkit(tmp_path / "cuda")
+    assert find({"CUDA_HOME": home}, lambda name: None, defaults=()) == (home, None)
+    home_without_headers = tmp_path / "bare"
+    (home_without_headers / "bin").mkdir(parents=True)
+    assert find({"CUDA_HOME": str(home_without_headers)}, lambda name: None, defaults=()) == \
+        (None, f"CUDA_HOME={home_without_headers} is not a CUDA toolkit (no bin/nvcc with "
+               f"include/cuda_runtime_api.h)")
+    found, why = find({}, lambda name: None, defaults=(str(tmp_path / "nowhere"),))
+    assert found is None
+    assert "no nvcc on PATH" in why and "nowhere" in why and "set CUDA_HOME" in why
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FORCE_CUDA": "yes"}, r"FORCE_CUDA must be 0 or 1, got 'yes'"),
+    ({"FORCE_CUDA": "1", "FORCE_ONLY_CPU": "1"}, r"FORCE_CUDA=1 and FORCE_ONLY_CPU=1 contradict"),
+    ({"MAX_JOBS": "two"}, r"MAX_JOBS must be a positive integer, got 'two'"),
+    ({"FORCE_ONLY_CPU": "1", "NVCC_THREADS": "0"}, r"NVCC_THREADS must be a positive integer"),
+])
+def test_setup_rejects_bad_switches(env, message, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SETUP["BuildConfigError"], match=message):
+        SETUP["_extension"]()
+
+
+def test_setup_says_why_it_cannot_build_cuda():
+    if torch.version.cuda is not None:
+        pytest.skip("this torch has CUDA")
+    result = subprocess.run([sys.executable, "setup.py", "--version"], capture_output=True,
+                            text=True, cwd=ROOT, env=dict(os.environ, FORCE_CUDA="1"))
+    assert result.returncode == 1
+    assert f"consequential_ext setup.py: FORCE_CUDA=1, but torch {torch.__version__} is a " \
+           f"build without CUDA: install a CUDA build of torch" in result.stderr, result.stderr
+
+
+def test_triton_backend_needs_no_numpy():
+    """A minimal install (torch + triton) has no numpy; the Triton kernels import without it
+    unless TRITON_INTERPRET=1 (the interpreter needs numpy)."""
+    code = ("import sys; sys.modules['numpy'] = None\n"  # any `import numpy` now fails
+            "import consequential_ext as cx\n"
+            "ops = ('im2col_gram', 'ridge_solve')\n"
+            "print([cx.ops.available_backends(op, 'cuda') for op in ops])")
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = _run([sys.executable, "-c", code], cwd=ROOT, env=env)
+    for backends in ast.literal_eval(result.stdout):
+        assert backends[-2:] == ["triton", "reference"], backends

@@ -8,7 +8,7 @@ import tomllib
 
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = sys.argv[1:] or list(project.get("optional-dependencies", {}))
-reqs = list(project["dependencies"])
+reqs = list(project.get("dependencies", []))  # torch: installed first, pinned by setup.py
 for extra in extras:
     reqs += project["optional-dependencies"][extra]
 print("\n".join(dict.fromkeys(reqs)))

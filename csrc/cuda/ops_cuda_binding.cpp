@@ -1,9 +1,12 @@
 // ATen binding of the CUDA kernels: argument checks, dtype/layout conversion to what the
 // launchers take, the current stream, and the cuSOLVER fallback for large D. The kernels
 // themselves (gram_cuda.cu, ridge_solve_cuda.cu) never see a torch header.
+// Only c10's stream and guard headers: ATen/cuda/CUDAContext.h would pull in the cuBLAS,
+// cuSPARSE and cuSOLVER headers, which a bare CUDA toolkit need not have.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -92,7 +95,7 @@ at::Tensor im2col_gram_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at
   auto out = at::empty({groups, d, d}, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble
                                                                                       : at::kFloat));
   p.out = out.data_ptr();
-  check_cuda(cuda::im2col_gram_cuda(p, at::cuda::getCurrentCUDAStream()), "im2col_gram");
+  check_cuda(cuda::im2col_gram_cuda(p, c10::cuda::getCurrentCUDAStream()), "im2col_gram");
   return out;
 }
 
@@ -120,7 +123,7 @@ at::Tensor ridge_solve_large(const at::Tensor& a, const at::Tensor& g, double ri
     }
     chol = chol.contiguous();
     p.factor = chol.data_ptr();
-    check_cuda(cuda::triangular_solve_cuda(p, /*nonfinite=*/false, at::cuda::getCurrentCUDAStream()),
+    check_cuda(cuda::triangular_solve_cuda(p, /*nonfinite=*/false, c10::cuda::getCurrentCUDAStream()),
                "ridge_solve");
     return out;
   }
@@ -174,7 +177,7 @@ at::Tensor ridge_solve_cuda(const at::Tensor& gram, const at::Tensor& grad, doub
   auto status = at::empty({a.size(0)}, a.options().dtype(at::kInt));
   p.factor = factor.data_ptr();
   p.status = status.data_ptr<int>();
-  const auto result = cuda::ridge_solve_cuda(p, ridge, kMaxRidgeAttempts, at::cuda::getCurrentCUDAStream());
+  const auto result = cuda::ridge_solve_cuda(p, ridge, kMaxRidgeAttempts, c10::cuda::getCurrentCUDAStream());
   check_cuda(result.error, "ridge_solve");
   if (result.outcome == cuda::RidgeOutcome::kNotPositiveDefinite) {
     note_ridge_escalation(ridge, INFINITY);  // NaN out, never an exception inside backward

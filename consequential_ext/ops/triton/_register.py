@@ -8,14 +8,18 @@ CI still checks schema, fake shapes and ``torch.compile(fullgraph=True)`` captur
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch.library import triton_op
-from triton.runtime.interpreter import InterpretedFunction
 
 
 def is_interpreted(kernel) -> bool:
     """True when TRITON_INTERPRET=1 made ``kernel`` interpreted Python."""
-    return isinstance(kernel, InterpretedFunction)
+    # triton.jit imports the interpreter only under TRITON_INTERPRET=1; importing it here
+    # would need numpy, which a minimal install (torch + triton) does not have.
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    return interpreter is not None and isinstance(kernel, interpreter.InterpretedFunction)
 
 
 def check_device(op, name, tensor, kernel):
