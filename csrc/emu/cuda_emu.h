@@ -126,7 +126,7 @@ class Fibers {
     switch_out();
   }
 
-  // Runs body(rank) for every rank of one block to completion; `order` picks the priorities.
+  // Runs `entry` as every rank of one block, to completion; `order` picks the priorities.
   void run_block(int threads, dim3 block, uint64_t order, void (*entry)()) {
     if (static_cast<int>(stacks_.size()) < threads) {
       contexts_.resize(threads);
