@@ -12,7 +12,7 @@ EXT        := consequential_ext/_C.abi3.so
 CSRC       := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 PYTEST_ARGS ?=
 
-.PHONY: env build cuda-check cuda-wheel test bench clean
+.PHONY: env build cuda-check cuda-wheel test sanitize-cuda bench clean
 
 env: $(VENV)/.ready
 $(VENV)/.ready: pyproject.toml tools/requirements.py
@@ -41,6 +41,11 @@ cuda-wheel:
 
 test: build cuda-check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The CUDA kernels' host emulation under ThreadSanitizer and AddressSanitizer: races between
+# a block's threads and out-of-bounds accesses fail it (tools/sanitize_cuda.sh).
+sanitize-cuda: build
+	PYTHON=$(PY) tools/sanitize_cuda.sh
 
 bench: build
 	$(PY) -m bench --quick

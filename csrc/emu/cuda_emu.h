@@ -1,13 +1,28 @@
 // Host emulation of the CUDA subset used by csrc/cuda/*.cu, so CI can *run* the kernels
 // without a GPU: g++ -std=c++20 -x c++ -include csrc/emu/cuda_emu.h csrc/cuda/<op>_cuda.cu
 //
-// A launch runs the grid's blocks one after another on blockDim host threads (std::thread).
+// A launch runs the grid's blocks one after another, each on blockDim emulated threads.
 // __syncthreads is a barrier over the block's threads, __syncwarp one over the 32 threads of a
 // warp, __shfl_xor_sync exchanges values through a per-thread slot between two warp barriers.
 // __shared__ becomes `static`: with blocks run one at a time, a function-local static array is
-// exactly one block's shared storage (uninitialised contents are not relied upon, as on a GPU).
-// A thread that returns early from the kernel leaves every barrier of that block, as an exited
-// GPU thread does. Launches are serialised. "Device" memory is host memory.
+// exactly one block's shared storage (uninitialised contents are not relied upon, as on a GPU;
+// the dynamic shared array is filled with 0xff bytes, NaN, at every block start, so a read
+// before the write shows). A thread that returns early from the kernel leaves every barrier of
+// that block, as an exited GPU thread does. Launches are serialised. "Device" memory is host
+// memory. A launch with an invalid configuration (an empty grid, too many threads) runs
+// nothing and sets the error cudaGetLastError returns, as on a GPU.
+//
+// Two schedules (set_schedule):
+// * kSerial (the default): a block's threads are fibers (ucontext) on the launching thread, one
+//   running at a time; at every barrier arrival the highest-priority ready thread runs next,
+//   priorities a seeded random permutation per block, reversed on every other block. A missing
+//   barrier lets a reader run before its writer (or a writer before its reader) in the same
+//   way on every run: a race that changes values fails deterministically for a given seed.
+//   Races that change no value (every thread storing the same) never show.
+// * kThreads: one host thread (std::thread) per emulated thread, all running at once, barriers
+//   the only synchronisation. For ThreadSanitizer (tools/sanitize_cuda.sh), which sees every
+//   race whether or not the interleaving exposes it; the serial schedule's hand-offs would order
+//   every access and hide them.
 #pragma once
 #define CX_CUDA_EMULATION 1
 
@@ -22,9 +37,14 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <queue>
+#include <random>
 #include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
+
+#include <ucontext.h>
 
 // ---- qualifiers and built-in types ----------------------------------------------------
 #define __global__
@@ -49,12 +69,15 @@ using std::min;
 using std::sqrt;
 
 // ---- runtime API subset -----------------------------------------------------------------
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 enum cudaMemcpyKind { cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2, cudaMemcpyDeviceToDevice = 3 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 using cudaStream_t = void*;
 
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+namespace cx_emu {
+inline cudaError_t last_error = cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() { return std::exchange(cx_emu::last_error, cudaSuccess); }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
   std::memset(p, value, bytes);
@@ -69,16 +92,115 @@ cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess
 
 namespace cx_emu {
 
+enum class Schedule { kSerial = 0, kThreads = 1 };
+struct ScheduleSetting {
+  Schedule schedule = Schedule::kSerial;
+  uint64_t seed = 0;
+};
+inline ScheduleSetting& schedule_setting() {
+  static ScheduleSetting setting;
+  return setting;
+}
+inline void set_schedule(Schedule schedule, uint64_t seed) { schedule_setting() = {schedule, seed}; }
+
+constexpr int kWarp = 32;
+inline thread_local int thread_rank = 0;  // linear thread index within the block
+inline thread_local unsigned shuffle_count = 0;
+
+inline dim3 thread_index(int rank, dim3 block) {
+  return dim3(rank % block.x, (rank / block.x) % block.y, rank / (block.x * block.y));
+}
+
+// The serial schedule: one block's threads as fibers on the launching thread. A fiber runs
+// until it arrives at a barrier (or finishes); then the highest-priority ready fiber runs.
+class Fibers {
+ public:
+  bool active() const { return active_; }
+  int self() const { return running_; }
+  void make_ready(int rank) { ready_.emplace(priority_[rank], rank); }
+  // Back to the scheduler; this fiber runs again once made ready.
+  void block() { switch_out(); }
+  // Back to the scheduler, staying ready: a higher-priority fiber the caller released runs first.
+  void yield() {
+    make_ready(running_);
+    switch_out();
+  }
+
+  // Runs `entry` as every rank of one block, to completion; `order` picks the priorities.
+  void run_block(int threads, dim3 block, uint64_t order, void (*entry)()) {
+    if (static_cast<int>(stacks_.size()) < threads) {
+      contexts_.resize(threads);
+      shuffle_counts_.resize(threads);
+      while (static_cast<int>(stacks_.size()) < threads) stacks_.emplace_back(new char[kStack]);
+    }
+    priority_.resize(threads);
+    for (int r = 0; r < threads; ++r) priority_[r] = r;
+    std::shuffle(priority_.begin(), priority_.end(), std::mt19937_64(order / 2));
+    if (order % 2) std::reverse(priority_.begin(), priority_.end());  // pairs of opposite orders
+    for (int r = 0; r < threads; ++r) {
+      getcontext(&contexts_[r]);
+      contexts_[r].uc_stack.ss_sp = stacks_[r].get();
+      contexts_[r].uc_stack.ss_size = kStack;
+      contexts_[r].uc_link = &scheduler_;
+      makecontext(&contexts_[r], entry, 0);
+      shuffle_counts_[r] = 0;
+      make_ready(r);
+    }
+    active_ = true;
+    int finished = 0;
+    while (!ready_.empty()) {
+      running_ = ready_.top().second;
+      ready_.pop();
+      thread_rank = running_;
+      threadIdx = thread_index(running_, block);
+      shuffle_count = shuffle_counts_[running_];
+      finishing_ = false;
+      swapcontext(&scheduler_, &contexts_[running_]);
+      shuffle_counts_[running_] = shuffle_count;
+      finished += finishing_;
+    }
+    active_ = false;
+    // Threads left waiting at a barrier the others never reach: a GPU would hang.
+    assert(finished == threads && "emulated block deadlocked at a barrier");
+    (void)finished;
+  }
+  // Called by a fiber's entry as its last act: returning resumes the scheduler (uc_link).
+  void finish() { finishing_ = true; }
+
+ private:
+  static constexpr size_t kStack = 256 * 1024;
+  void switch_out() { swapcontext(&contexts_[running_], &scheduler_); }
+
+  bool active_ = false, finishing_ = false;
+  int running_ = -1;
+  ucontext_t scheduler_;
+  std::vector<ucontext_t> contexts_;
+  std::vector<std::unique_ptr<char[]>> stacks_;
+  std::vector<unsigned> shuffle_counts_;
+  std::vector<int> priority_;
+  std::priority_queue<std::pair<int, int>> ready_;  // (priority, rank)
+};
+
+inline Fibers& fibers() {
+  static Fibers f;
+  return f;
+}
+
 // A reusable barrier whose party count shrinks when a thread leaves (returns from the
-// kernel), and is restored for the next block. Parties and arrivals share one atomic word so
-// exactly one of the last arrival / the last leave releases a phase; waiters sleep on the
-// generation counter (a futex: no mutex hand-off when many threads wake at once).
+// kernel), and is restored for the next block.
+// Threads schedule: parties and arrivals share one atomic word so exactly one of the last
+// arrival / the last leave releases a phase; waiters sleep on the generation counter (a
+// futex: no mutex hand-off when many threads wake at once).
+// Serial schedule: only one fiber runs at a time, so plain counters and a waiting list.
 class Barrier {
  public:
   void reset(int parties) {
     state_.store(static_cast<uint64_t>(parties) << 32);
+    parties_ = parties;
+    waiting_.clear();
   }
   void wait() {
+    if (fibers().active()) return wait_serial();
     const uint32_t generation = generation_.load(std::memory_order_acquire);
     uint64_t state = state_.load();
     for (;;) {
@@ -93,6 +215,7 @@ class Barrier {
       generation_.wait(generation, std::memory_order_acquire);
   }
   void leave() {
+    if (fibers().active()) return leave_serial();
     uint64_t state = state_.load();
     for (;;) {
       const uint64_t parties = (state >> 32) - 1, arrived = state & 0xffffffffu;
@@ -110,11 +233,26 @@ class Barrier {
     generation_.fetch_add(1, std::memory_order_release);
     generation_.notify_all();
   }
+  void wait_serial() {
+    if (static_cast<int>(waiting_.size()) + 1 < parties_) {
+      waiting_.push_back(fibers().self());
+      return fibers().block();
+    }
+    release_serial();
+    fibers().yield();
+  }
+  void leave_serial() {
+    if (--parties_ > 0 && static_cast<int>(waiting_.size()) == parties_) release_serial();
+  }
+  void release_serial() {
+    for (int rank : waiting_) fibers().make_ready(rank);
+    waiting_.clear();
+  }
   std::atomic<uint64_t> state_{0};         // parties << 32 | arrived
   std::atomic<uint32_t> generation_{0};
+  int parties_ = 0;
+  std::vector<int> waiting_;
 };
-
-constexpr int kWarp = 32;
 
 struct Launch {
   int threads = 0;
@@ -122,14 +260,13 @@ struct Launch {
   std::vector<std::unique_ptr<Barrier>> warps;
   std::vector<uint64_t> exchange[2];          // shuffle slots per thread, used alternately
   std::vector<std::max_align_t> dynamic_shared;
+  std::function<void()> kernel;               // the kernel on the launch's arguments
 };
 
 inline Launch*& current() {
   static Launch* launch = nullptr;
   return launch;
 }
-inline thread_local int thread_rank = 0;  // linear thread index within the block
-inline thread_local unsigned shuffle_count = 0;
 
 inline int warp_parties(int warp, int threads) { return std::min(kWarp, threads - warp * kWarp); }
 
@@ -158,44 +295,80 @@ T shfl_xor(unsigned mask, T value, int lane_mask) {
 
 inline void* dynamic_shared() { return current()->dynamic_shared.data(); }
 
+// One emulated thread's part of the current block: the kernel, then it leaves the barriers.
+inline void run_thread() {
+  Launch& l = *current();
+  l.kernel();
+  l.block.leave();
+  l.warps[thread_rank / kWarp]->leave();
+}
+
+inline void fiber_entry() {
+  run_thread();
+  fibers().finish();
+}
+
+inline bool valid_configuration(dim3 grid, dim3 block) {
+  const unsigned long long threads = 1ull * block.x * block.y * block.z;
+  return grid.x >= 1 && grid.x <= 0x7fffffffu && grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 &&
+         grid.z <= 65535 && block.x >= 1 && block.x <= 1024 && block.y >= 1 && block.y <= 1024 &&
+         block.z >= 1 && block.z <= 64 && threads <= 1024;
+}
+
 // Run `kernel` over `grid` × `block` on the host.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args&&... args) {
   static std::mutex serial;
   std::lock_guard<std::mutex> lock(serial);
+  if (!valid_configuration(grid, block)) {
+    last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
   Launch l;
   l.threads = static_cast<int>(block.x * block.y * block.z);
-  assert(l.threads >= 1 && l.threads <= 1024);
   const int warp_count = (l.threads + kWarp - 1) / kWarp;
   for (int w = 0; w < warp_count; ++w) l.warps.push_back(std::make_unique<Barrier>());
   l.exchange[0].assign(l.threads, 0);
   l.exchange[1].assign(l.threads, 0);
   l.dynamic_shared.resize(shared_bytes / sizeof(std::max_align_t) + 1);
-  auto reset_barriers = [&] {
+  std::tuple<std::decay_t<Params>...> converted(std::forward<Args>(args)...);
+  l.kernel = [&] { std::apply(kernel, converted); };
+  auto start_block = [&](dim3 index) {  // while no thread of the launch is running
     l.block.reset(l.threads);
     for (int w = 0; w < warp_count; ++w) l.warps[w]->reset(warp_parties(w, l.threads));
+    std::memset(l.dynamic_shared.data(), 0xff, l.dynamic_shared.size() * sizeof(std::max_align_t));
+    blockIdx = index;
   };
-  reset_barriers();
-  l.block_end.reset(l.threads);
   current() = &l;
   gridDim = grid;
   blockDim = block;
-  std::tuple<std::decay_t<Params>...> converted(std::forward<Args>(args)...);
 
+  if (schedule_setting().schedule == Schedule::kSerial) {
+    uint64_t order = (schedule_setting().seed * 0x9e3779b97f4a7c15ull) << 1;  // even: pairs of blocks
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x, ++order) {
+          start_block(dim3(x, y, z));
+          fibers().run_block(l.threads, block, order, fiber_entry);
+        }
+    current() = nullptr;
+    return;
+  }
+
+  start_block(dim3(0, 0, 0));
+  l.block_end.reset(l.threads);
   auto body = [&](int rank) {
     thread_rank = rank;
     shuffle_count = 0;
-    threadIdx = dim3(rank % block.x, (rank / block.x) % block.y, rank / (block.x * block.y));
+    threadIdx = thread_index(rank, block);
     for (unsigned z = 0; z < grid.z; ++z)
       for (unsigned y = 0; y < grid.y; ++y)
         for (unsigned x = 0; x < grid.x; ++x) {
           blockIdx = dim3(x, y, z);
-          std::apply(kernel, converted);
-          l.block.leave();
-          l.warps[rank / kWarp]->leave();
-          // Everyone is done with this block: rank 0 restores the barriers, then all go on.
+          run_thread();
+          // Everyone is done with this block: rank 0 readies the next, then all go on.
           l.block_end.wait();
-          if (rank == 0) reset_barriers();
+          if (rank == 0) start_block(blockIdx);
           l.block_end.wait();
         }
   };

@@ -8,6 +8,11 @@ using namespace consequential_ext::cuda;
 
 extern "C" {
 
+// schedule: 0 serial (fibers, deterministic for a seed), 1 threads (for ThreadSanitizer).
+void cx_emu_set_schedule(int schedule, unsigned long long seed) {
+  cx_emu::set_schedule(static_cast<cx_emu::Schedule>(schedule), seed);
+}
+
 // sizes: B, C, H, W; strides: in elements; conv: kh, kw, sy, sx, py, px, dy, dx.
 int cx_emu_im2col_gram(const void* x, int dtype, const long long* sizes, const long long* strides,
                        const int* conv, int groups, int bias, int algorithm, void* out) {
