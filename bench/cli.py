@@ -19,7 +19,7 @@ from . import report
 from .context import Context
 
 # Report order; each name is a module of this package with run(ctx) -> section dict.
-SECTIONS = ("kernels", "layer_step", "toys", "mlp", "resnet", "lenet")
+SECTIONS = ("kernels", "layer_step", "toys", "mlp", "resnet", "lenet", "real_models")
 
 
 def _sections(text: str):

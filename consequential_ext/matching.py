@@ -7,6 +7,7 @@ patch); ``cheaper_side`` picks by flop count.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -30,6 +31,14 @@ def _shared_gram_side(side, group, amortizer):
     # Column-side (P×P) systems differ per rank and per step: only the D×D Gram can be
     # summed across ranks or averaged across steps.
     return "row" if group is not None or amortizer is not None else side
+
+
+def _span(name):
+    """A named profiler range (the benchmark's Gram / G / solve breakdown), free when no
+    profiler runs."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def _solve(gram, grad, ridge, amortizer):
@@ -63,8 +72,11 @@ def matched_linear(x2d, gy2d, has_bias, ridge, side=None, amortizer=None):
     group = distributed.gram_group()
     side = _shared_gram_side(side, group, amortizer) or cheaper_side(n, d, gy.shape[1])
     if side == "row":
-        pending = distributed.PendingGram(rows.T @ rows, n, group)  # overlaps G below
-        grad = gy.T @ rows                                      # G, (out, D)
+        with _span("cx::linear_gram"):
+            gram = rows.T @ rows
+        pending = distributed.PendingGram(gram, n, group)      # overlaps G below
+        with _span("cx::weight_grad"):
+            grad = gy.T @ rows                                  # G, (out, D)
         matched = _solve(pending.wait(), grad, ridge, amortizer)    # A = ΣXXᵀ / ΣN
     else:
         gram = rows @ rows.T / n                                # XᵀX / N, (N, N)
@@ -95,8 +107,9 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
         gram = ops.im2col_gram(x, (kh, kw), stride, padding, dilation, groups=groups,
                                bias=has_bias)
         pending = distributed.PendingGram(gram.reshape(groups, d, d), b, group)  # overlaps G
-        grad = _conv_weight_grad(x, gy, weight_shape, stride, padding, dilation, groups, has_bias,
-                                 work)
+        with _span("cx::weight_grad"):
+            grad = _conv_weight_grad(x, gy, weight_shape, stride, padding, dilation, groups,
+                                     has_bias, work)
         matched = _solve(pending.wait(), grad, ridge, amortizer)
     else:
         # dZ per group with columns in im2col order (sample, then output location).

@@ -116,6 +116,24 @@ def test_gram_is_bit_identical_across_calls():
             assert torch.equal(first, gram_op(x, (3, 3), (stride, stride), (1, 1), (1, 1), 1, True))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_reference_im2col_pointwise_is_unfold(layout):
+    # 1×1, stride 1, no padding takes a reshape instead of unfold (the column side of SE
+    # and pointwise layers): the same columns, in the same order.
+    x = torch.randn(3, 12, 5, 7, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(3, 24, 5, 14, dtype=torch.float64)[:, ::2, :, ::2]
+    for groups, bias in ((1, False), (3, True)):
+        cols = reference.im2col(x, (1, 1), (1, 1), (0, 0), (1, 1), groups, bias)
+        unfolded = F.unfold(x, (1, 1)).reshape(3, groups, 12 // groups, 35).permute(1, 2, 0, 3)
+        unfolded = unfolded.reshape(groups, 12 // groups, 105)
+        if bias:
+            unfolded = torch.cat([unfolded, unfolded.new_ones(groups, 1, 105)], dim=1)
+        assert torch.equal(cols, unfolded)
+
+
 def test_gram_empty_batch_counts_no_patches():
     out = gram_op(torch.empty(0, 4, 5, 5), (3, 3), (1, 1), (1, 1), (1, 1), 2, True)
     assert out.shape == (2, 19, 19) and not out.any()

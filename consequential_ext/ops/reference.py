@@ -27,7 +27,10 @@ def im2col(x, kernel_size, stride, padding, dilation, groups=1, bias=False):
     """
     b, c = x.shape[:2]
     d = c // groups * kernel_size[0] * kernel_size[1]    # explicit: -1 is ambiguous when b == 0
-    cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    if tuple(kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        cols = x.reshape(b, c, -1)       # a 1×1 patch is a pixel: no unfold (SE / pointwise)
+    else:
+        cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
     cols = cols.reshape(b, groups, d, cols.shape[-1]).permute(1, 2, 0, 3)
     cols = cols.reshape(groups, d, b * cols.shape[-1])
     if bias:

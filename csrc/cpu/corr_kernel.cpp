@@ -71,11 +71,59 @@ __attribute__((always_inline)) inline void corr_any(T* out, int64_t ldo, const T
     corr_tiles<T, 16, 1>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
 }
 
+// Up to NV lane vectors at once, two accumulators each (the FMA latency, not the loads,
+// bounds a single chain over a short batch).
+template <typename T, int NV>
+__attribute__((always_inline)) inline void lane_tile(T* out, const T* L, const T* R, int64_t n,
+                                                     int64_t ls, int64_t rs) {
+  using vec = typename Vec<T>::type;
+  constexpr int V = 64 / sizeof(T);
+  vec acc0[NV], acc1[NV];
+  for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = vec{};
+  int64_t k = 0;
+  for (; k + 1 < n; k += 2) {
+    for (int v = 0; v < NV; ++v) {
+      vec l0, r0, l1, r1;
+      std::memcpy(&l0, L + k * ls + v * V, sizeof(vec));
+      std::memcpy(&r0, R + k * rs + v * V, sizeof(vec));
+      std::memcpy(&l1, L + (k + 1) * ls + v * V, sizeof(vec));
+      std::memcpy(&r1, R + (k + 1) * rs + v * V, sizeof(vec));
+      acc0[v] += l0 * r0;
+      acc1[v] += l1 * r1;
+    }
+  }
+  for (; k < n; ++k)
+    for (int v = 0; v < NV; ++v) {
+      vec l0, r0;
+      std::memcpy(&l0, L + k * ls + v * V, sizeof(vec));
+      std::memcpy(&r0, R + k * rs + v * V, sizeof(vec));
+      acc0[v] += l0 * r0;
+    }
+  for (int v = 0; v < NV; ++v) {
+    const vec sum = acc0[v] + acc1[v];
+    std::memcpy(out + v * V, &sum, sizeof(vec));
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void lane_any(T* out, const T* L, const T* R, int64_t n,
+                                                    int64_t ls, int64_t rs, int64_t lanes) {
+  constexpr int V = 64 / sizeof(T);
+  int64_t l = 0;
+  for (; l + 4 * V <= lanes; l += 4 * V) lane_tile<T, 4>(out + l, L + l, R + l, n, ls, rs);
+  for (; l < lanes; l += V) lane_tile<T, 1>(out + l, L + l, R + l, n, ls, rs);
+}
+
 #define CX_CORR_VARIANT(NAME, ATTR)                                                             \
   template <typename T>                                                                          \
   ATTR void NAME(T* out, int64_t ldo, const T* L, const T* R, int64_t M, int64_t N,              \
                  int64_t n_outer, int64_t os, int64_t n_inner, int64_t ld) {                     \
     corr_any<T>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);                                 \
+  }                                                                                              \
+  template <typename T>                                                                          \
+  ATTR void NAME##_lanes(T* out, const T* L, const T* R, int64_t n, int64_t ls, int64_t rs,      \
+                         int64_t lanes) {                                                        \
+    lane_any<T>(out, L, R, n, ls, rs, lanes);                                                    \
   }
 CX_CORR_VARIANT(corr_avx512, __attribute__((target("avx512f"))))
 CX_CORR_VARIANT(corr_avx2, __attribute__((target("avx2,fma"))))
@@ -104,7 +152,27 @@ void corr_dispatch(T* out, int64_t ldo, const T* L, const T* R, int64_t M, int64
   }
 }
 
+template <typename T>
+void lane_dispatch(T* out, const T* L, const T* R, int64_t n, int64_t ls, int64_t rs,
+                   int64_t lanes) {
+  static const Isa isa = detect_isa();
+  switch (isa) {
+    case Isa::kAvx512: return corr_avx512_lanes<T>(out, L, R, n, ls, rs, lanes);
+    case Isa::kAvx2: return corr_avx2_lanes<T>(out, L, R, n, ls, rs, lanes);
+    default: return corr_portable_lanes<T>(out, L, R, n, ls, rs, lanes);
+  }
+}
+
 }  // namespace
+
+void lane_dot(float* out, const float* L, const float* R, int64_t n, int64_t ls, int64_t rs,
+              int64_t lanes) {
+  lane_dispatch<float>(out, L, R, n, ls, rs, lanes);
+}
+void lane_dot(double* out, const double* L, const double* R, int64_t n, int64_t ls, int64_t rs,
+              int64_t lanes) {
+  lane_dispatch<double>(out, L, R, n, ls, rs, lanes);
+}
 
 void corr_accumulate(float* out, int64_t ldo, const float* L, const float* R, int64_t M, int64_t N,
                      int64_t n_outer, int64_t os, int64_t n_inner, int64_t ld) {

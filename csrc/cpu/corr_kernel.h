@@ -18,4 +18,11 @@ void corr_accumulate(float* out, int64_t ldo, const float* L, const float* R, in
 void corr_accumulate(double* out, int64_t ldo, const double* L, const double* R, int64_t M,
                      int64_t N, int64_t n_outer, int64_t outer_stride, int64_t n_inner, int64_t ld);
 
+// out[l] = Σ_{k < n} L[k·ls + l] · R[k·rs + l] for l < lanes (a multiple of kCorrAlign):
+// one dot product over k (the batch) per SIMD lane. Overwrites out.
+void lane_dot(float* out, const float* L, const float* R, int64_t n, int64_t ls, int64_t rs,
+              int64_t lanes);
+void lane_dot(double* out, const double* L, const double* R, int64_t n, int64_t ls, int64_t rs,
+              int64_t lanes);
+
 }  // namespace consequential_ext::cpu

@@ -3,6 +3,8 @@
 
 #include <torch/library.h>
 
+#include "corr_kernel.h"
+
 namespace consequential_ext::cpu {
 namespace {
 
@@ -46,7 +48,9 @@ at::Tensor im2col_gram_cpu(const at::Tensor& x, c10::IntArrayRef kernel_size,
     if (bias) gram.select(1, d - 1).select(1, d - 1).fill_(patches);
     return gram;
   }
-  if (g.sh == 1 && g.sw == 1)
+  if (groups > 1 && x.size(1) / groups < kCorrAlign)
+    gram_grouped_cpu(x, g, gram);
+  else if (g.sh == 1 && g.sw == 1)
     gram_shift_cpu(x, g, gram);
   else
     gram_tiled_cpu(x, g, gram);

@@ -1,4 +1,4 @@
-// Internal interface between the CPU im2col_gram entry point and its two algorithms.
+// Internal interface between the CPU im2col_gram entry point and its algorithms.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -19,6 +19,9 @@ struct PatchGeometry {
 void gram_shift_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
 // Any stride / dilation: im2col in cache-sized tiles of patches, upper triangle only.
 void gram_tiled_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
+// Few channels per group (depthwise, small groups), any stride: groups in SIMD lanes,
+// per tap difference one pass of batch products and strided prefix sums.
+void gram_grouped_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
 
 // Rows (or columns) padded to whole 64-byte vectors for the correlation micro-kernel.
 inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }

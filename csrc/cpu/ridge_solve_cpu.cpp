@@ -1,6 +1,7 @@
 // CPU ridge_solve: grad · (gram + ridge·I)⁻¹ for a batch of systems by one batched
-// Cholesky (LAPACK potrf through ATen) and the two triangular solves (potrs), then the
-// rescale (cast) into the requested dtype.
+// Cholesky (LAPACK potrf through ATen) and the two triangular solves (potrs), or, for many
+// small systems, by the lane-parallel solver of ridge_solve_lanes.cpp; then the rescale
+// (cast) into the requested dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -13,6 +14,7 @@
 #endif
 
 #include "escalation.h"
+#include "ridge_solve_lanes.h"
 
 // MKL's per-thread thread count (exported by torch's MKL builds; null elsewhere).
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
@@ -90,7 +92,25 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
   auto diag = a.diagonal(0, -2, -1);
   diag.add_(ridge);
   double lam = ridge;
+  // Many small systems (grouped / depthwise layers): one per SIMD lane, not one LAPACK call each.
+  const int64_t systems = gram.size(-1) == 0 ? 0 : gram.numel() / (gram.size(-1) * gram.size(-1));
+  const bool in_lanes = gram.size(-1) <= kLaneMaxD && systems >= kLaneMinBatch;
+  if (in_lanes) {
+    a = a.contiguous();
+    g = g.contiguous();
+    diag = a.diagonal(0, -2, -1);
+  }
   for (int attempt = 0; attempt < kMaxEscalations; ++attempt) {
+    if (in_lanes) {
+      auto x = at::empty_like(g);
+      if (lane_ridge_solve(a, g, x)) {
+        if (attempt > 0) note_ridge_escalation(ridge, lam);
+        return x.to(out_type);
+      }
+      diag.add_(9.0 * lam);  // escalate for the whole batch, as below
+      lam *= 10.0;
+      continue;
+    }
     auto [chol, info] = at::linalg_cholesky_ex(a, /*upper=*/false, /*check_errors=*/false);
     if (info.ne(0).any().item<bool>()) {
       // Not positive definite on finite input: escalate the ridge for the whole batch (as

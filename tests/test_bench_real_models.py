@@ -1,0 +1,52 @@
+"""The real-models bench section's measuring parts on a small stand-in model (timm itself
+is optional): interleaved timing, the profiler breakdown, and the section without timm."""
+import builtins
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import consequential_ext as cx
+from bench import real_models
+from bench.context import Context
+
+
+def _pair():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 10))
+    import copy
+    return plain, cx.consequentialize(copy.deepcopy(plain))
+
+
+def test_time_pair_interleaves_and_trains_both_models():
+    plain, matched = _pair()
+    before = [p.detach().clone() for p in matched.parameters()]
+    x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
+    cpu, wall = real_models.time_pair(plain, matched, x, y, steps=3)
+    assert set(cpu) == set(wall) == {"plain", "C-SGD"}
+    assert all(len(v) == 3 and min(v) >= 0 for v in (*cpu.values(), *wall.values()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, matched.parameters()))
+
+
+def test_breakdown_finds_the_matched_ops():
+    _, matched = _pair()
+    x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
+    parts, total = real_models.breakdown(matched, x, y, steps=1)
+    assert set(parts) == {"Gram", "solve", "G", "rest"}
+    assert parts["Gram"] > 0 and parts["solve"] > 0 and parts["G"] > 0
+    assert total > 0 and parts["rest"] >= 0
+
+
+def test_section_without_timm_is_skipped_with_a_note(monkeypatch, tmp_path):
+    real_import = builtins.__import__
+
+    def no_timm(name, *args, **kwargs):
+        if name == "timm" or name.startswith("timm."):
+            raise ImportError("No module named 'timm'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    result = real_models.run(Context(out=Path(tmp_path), quick=True))
+    assert result["name"] == "real_models" and not result["tables"]
+    assert "timm is not installed" in result["notes"][0]
