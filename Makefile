@@ -6,6 +6,10 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= test bench triton
+# Installed without their dependencies, which would pull the registry's CUDA torch: timm for the
+# benchmark's real-models section (its other needs come with the extras) and the torchvision
+# whose pure-Python model code it imports (bench/real_models.py).
+NO_DEPS    ?= timm==1.0.31 torchvision==0.28.0
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip install -q --disable-pip-version-check
 EXT        := consequential_ext/_C.abi3.so
@@ -20,6 +24,7 @@ $(VENV)/.ready: pyproject.toml tools/requirements.py
 	$(PIP) "$(TORCH_SPEC)"
 	$(PY) tools/requirements.py $(EXTRAS) > $(VENV)/requirements.txt
 	$(PIP) -r $(VENV)/requirements.txt
+	$(PIP) --no-deps $(NO_DEPS)
 	touch $@
 
 build: $(EXT)
