@@ -3,7 +3,8 @@ refactorised every ``every`` steps, with damping that keeps stale factors safe.
 
 Per backward of a layer with D rows, P columns (patches) and M outputs, the exact row-side
 solve pays the Gram ``O(D²·P)`` and the factorisation ``O(D³/3)`` every step. Amortised,
-those run on refresh steps only; the other steps pay one ``O(M·D²)`` matmul with the kept
+those run on refresh steps only, the Gram from a strided part of the batch holding
+``gram_oversample·D`` columns; the other steps pay one ``O(M·D²)`` matmul with the kept
 inverse and the safeguard's energy on a few columns (``O(M·D·safeguard_columns)``), so a
 step costs little more than plain SGD's ``G``. Where the column (P×P) system is cheaper
 (``matching.cheaper_side``, e.g. N < D) the exact column solve is used instead: it is exact
@@ -38,6 +39,7 @@ __all__ = ["GramAmortizer", "amortize", "DEFAULT_DAMPING", "DEFAULT_SAFEGUARD_CO
 
 DEFAULT_DAMPING = 0.1            # docs/amortize.md, "Defaults"
 DEFAULT_SAFEGUARD_COLUMNS = 256  # columns (rows of X, patches) the safeguard measures, at least
+DEFAULT_GRAM_OVERSAMPLE = 32     # a refresh Gram holds at least 32·D columns of the batch
 
 
 class GramAmortizer(nn.Module):
@@ -53,6 +55,7 @@ class GramAmortizer(nn.Module):
     """
 
     def __init__(self, shape, *, every: int, decay: float, gram_every: int | None = None,
+                 gram_oversample: float | None = DEFAULT_GRAM_OVERSAMPLE,
                  damping: float = DEFAULT_DAMPING,
                  safeguard_columns: int | None = DEFAULT_SAFEGUARD_COLUMNS,
                  exact_when_cheaper: bool = True, device=None, dtype=torch.float32):
@@ -65,6 +68,12 @@ class GramAmortizer(nn.Module):
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) \
                 or not math.isfinite(decay) or not 0 <= decay < 1:
             raise ValueError(f"decay must be a float in [0, 1); got {decay!r}")
+        if gram_oversample is not None and (
+                isinstance(gram_oversample, bool) or not isinstance(gram_oversample, (int, float))
+                or not math.isfinite(gram_oversample) or gram_oversample < 1):
+            raise ValueError(f"gram_oversample must be a finite float >= 1 or None; got "
+                             f"{gram_oversample!r}")
+        self.gram_oversample = gram_oversample
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) \
                 or not math.isfinite(damping) or damping < 0:
             raise ValueError(f"damping must be a finite float >= 0; got {damping!r}")
@@ -81,6 +90,12 @@ class GramAmortizer(nn.Module):
     def wants_gram(self) -> bool:
         """Whether this step folds a fresh Gram in (the caller builds it only then)."""
         return int(self.steps) % self.gram_every == 0
+
+    def gram_columns(self) -> int | None:
+        """Columns a refresh Gram is built from (strided samples of the batch; None: all)."""
+        if self.gram_oversample is None:
+            return None
+        return math.ceil(self.gram_oversample * self.gram.shape[-1])
 
     @torch.no_grad()
     def precondition(self, gram, grad, ridge, energy) -> torch.Tensor:
@@ -138,7 +153,8 @@ class GramAmortizer(nn.Module):
 
     def extra_repr(self):
         return (f"shape={tuple(self.gram.shape)}, every={self.every}, "
-                f"gram_every={self.gram_every}, decay={self.decay:g}, damping={self.damping:g}, "
+                f"gram_every={self.gram_every}, gram_oversample={self.gram_oversample}, "
+                f"decay={self.decay:g}, damping={self.damping:g}, "
                 f"safeguard_columns={self.safeguard_columns}, "
                 f"exact_when_cheaper={self.exact_when_cheaper}")
 
@@ -197,11 +213,14 @@ def check_amortizer(amortizer, gram_shape):
 
 
 def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
-             gram_every: int | None = None, damping: float = DEFAULT_DAMPING,
+             gram_every: int | None = None,
+             gram_oversample: float | None = DEFAULT_GRAM_OVERSAMPLE,
+             damping: float = DEFAULT_DAMPING,
              safeguard_columns: int | None = DEFAULT_SAFEGUARD_COLUMNS,
              exact_when_cheaper: bool = True) -> nn.Module:
     """Give every C-layer of ``model`` (or ``model`` itself) a running Gram: rebuilt every
-    ``gram_every`` backward calls (default: ``every``), refactorised every ``every``;
+    ``gram_every`` backward calls (default: ``every``) from strided samples holding
+    ``gram_oversample·D`` columns (None: the whole batch), refactorised every ``every``;
     ``every=None`` removes it (exact solves). ``damping``: ridge added relative to the Gram's
     mean eigenvalue; ``safeguard_columns``: columns (rows, patches) per step on which the
     step is shortened to the current batch's quadratic model (None: off); ``exact_when_cheaper``: solve the
@@ -210,7 +229,8 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
     if every is not None:  # validate once, before any layer changes
-        GramAmortizer((1, 1), every=every, decay=decay, gram_every=gram_every, damping=damping,
+        GramAmortizer((1, 1), every=every, decay=decay, gram_every=gram_every,
+                      gram_oversample=gram_oversample, damping=damping,
                       safeguard_columns=safeguard_columns, exact_when_cheaper=exact_when_cheaper)
     layers = [m for m in model.modules() if isinstance(m, CLayerMixin)]
     if not layers:
@@ -223,7 +243,7 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
         acc = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
         layer.amortizer = GramAmortizer(
             layer.cx_gram_shape(), every=every, decay=decay, gram_every=gram_every,
-            damping=damping, safeguard_columns=safeguard_columns,
+            gram_oversample=gram_oversample, damping=damping, safeguard_columns=safeguard_columns,
             exact_when_cheaper=exact_when_cheaper, device=layer.weight.device, dtype=acc)
     return model
 

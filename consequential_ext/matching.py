@@ -35,12 +35,16 @@ def _shared_gram_side(side, group, amortizer):
     return side
 
 
-def _pending_gram(build, count, group, amortizer):
-    """The row-side Gram on its way (``distributed.PendingGram``), or None on a step where
-    the amortizer needs none: skipping its O(D²·P) build is what amortising saves."""
-    if amortizer is not None and not amortizer.wants_gram():
-        return None
-    return distributed.PendingGram(build(), count, group)
+def _pending_gram(build, batch, per_sample, group, amortizer):
+    """The row-side Gram of ``batch`` on its way (``distributed.PendingGram``; ``build(b)``
+    gives Σ x xᵀ over samples ``b``), or None on a step where the amortizer needs none:
+    skipping the O(D²·P) build is what amortising saves. An amortizer's refresh Gram comes
+    from strided samples holding ``amortizer.gram_columns()`` columns."""
+    if amortizer is not None:
+        if not amortizer.wants_gram():
+            return None
+        batch = _strided(batch, amortizer.gram_columns(), per_sample)
+    return distributed.PendingGram(build(batch), batch.shape[0], group)
 
 
 def _solve(pending, grad, ridge, amortizer, energy):
@@ -52,7 +56,9 @@ def _solve(pending, grad, ridge, amortizer, energy):
 
 def _strided(t, columns, per_sample=1):
     """Samples of ``t`` (dim 0) evenly spread over the batch, enough to hold ``columns``
-    columns of X at ``per_sample`` columns each."""
+    columns of X at ``per_sample`` columns each (None: all)."""
+    if columns is None:
+        return t
     wanted = -(-columns // per_sample)
     return t[:: max(1, t.shape[0] // wanted)]
 
@@ -82,7 +88,7 @@ def matched_linear(x2d, gy2d, has_bias, ridge, side=None, amortizer=None):
     group = distributed.gram_group()
     side = _shared_gram_side(side, group, amortizer) or cheaper_side(n, d, gy.shape[1])
     if side == "row":
-        pending = _pending_gram(lambda: rows.T @ rows, n, group, amortizer)  # overlaps G
+        pending = _pending_gram(lambda r: r.T @ r, rows, 1, group, amortizer)  # overlaps G
         grad = gy.T @ rows                                      # G, (out, D)
         matched = _solve(pending, grad, ridge, amortizer,       # A = ΣXXᵀ / ΣN
                          functools.partial(_linear_energy, rows))
@@ -112,13 +118,13 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
     group = distributed.gram_group()
     side = _shared_gram_side(side, group, amortizer) or cheaper_side(p, d, og)
     if side == "row":
-        build = lambda: ops.im2col_gram(x, (kh, kw), stride, padding, dilation,  # noqa: E731
-                                        groups=groups, bias=has_bias).reshape(groups, d, d)
-        pending = _pending_gram(build, b, group, amortizer)    # overlaps G
+        build = lambda s: ops.im2col_gram(s, (kh, kw), stride, padding, dilation,  # noqa: E731
+                                          groups=groups, bias=has_bias).reshape(groups, d, d)
+        pending = _pending_gram(build, x, gy.shape[2] * gy.shape[3], group, amortizer)
         grad = _conv_weight_grad(x, gy, weight_shape, stride, padding, dilation, groups, has_bias,
                                  work)
         matched = _solve(pending, grad, ridge, amortizer, functools.partial(
-            _conv_energy, x, p // b, weight_shape, stride, padding, dilation, groups, has_bias))
+            _conv_energy, x, gy.shape[2] * gy.shape[3], weight_shape, stride, padding, dilation, groups, has_bias))
     else:
         # dZ per group with columns in im2col order (sample, then output location).
         dz = gy.to(work).reshape(b, groups, og, -1).permute(1, 2, 0, 3).reshape(groups, og, p)

@@ -76,17 +76,18 @@ def test_linear_schedule_damping_and_safeguard_match_float64_reimplementation():
     torch.manual_seed(0)
     every, gram_every, decay, damping, columns = 4, 2, 0.7, 0.3, 5
     layer = cx.amortize(cx.CLinear(6, 2, ridge=RIDGE, dtype=torch.float64), every=every,
-                        decay=decay, gram_every=gram_every, damping=damping,
-                        safeguard_columns=columns, exact_when_cheaper=False)
+                        decay=decay, gram_every=gram_every, gram_oversample=1.5,
+                        damping=damping, safeguard_columns=columns, exact_when_cheaper=False)
     ema = inverse = None
     for step in range(9):
-        x = torch.randn(11, 6, dtype=torch.float64) * (1 + step)  # the Gram drifts
+        x = torch.randn(23, 6, dtype=torch.float64) * (1 + step)  # the Gram drifts
         layer.zero_grad()
         y = layer(x)
         gy = torch.randn_like(y)
         y.backward(gy)
         rows = _rows(x)
-        a = rows.T @ rows / rows.shape[0]
+        part = rows[::2]          # 1.5·D = 11 columns wanted of 23: rows 0, 2, ..., 22
+        a = part.T @ part / part.shape[0]
         if step % gram_every == 0:
             ema = a if ema is None else decay ** gram_every * ema + (1 - decay ** gram_every) * a
         if step % every == 0:
@@ -96,8 +97,9 @@ def test_linear_schedule_damping_and_safeguard_match_float64_reimplementation():
         direction = g @ inverse
         if step % gram_every == 0:  # the Gram is there: the exact energy
             energy = ((direction @ a) * direction).sum()
-        else:                       # 5 of 11 rows, strided: rows 0, 2, 4, ...
+        else:                       # 5 of 23 rows wanted, strided: rows 0, 4, ..., 20
             sub = _strided(rows, columns)
+            assert sub.shape[0] == 6
             energy = (sub @ direction.T).square().sum() / sub.shape[0]
         expected = _shorten(g, direction, energy)
         torch.testing.assert_close(layer.weight.grad, expected[:, :-1], rtol=1e-9, atol=1e-12)
@@ -139,13 +141,12 @@ def test_grouped_conv_schedule_and_safeguard_match_float64_reimplementation():
                                    rtol=1e-9, atol=1e-12)
 
 
-def test_conv_safeguard_between_refreshes_measures_strided_samples():
+def test_conv_refresh_gram_and_safeguard_measure_strided_samples():
     torch.manual_seed(1)
     columns = 30  # 25 patches a sample: 2 samples of 7, strided by 3 (samples 0, 3, 6)
     layer = cx.amortize(cx.CConv2d(3, 4, 3, stride=2, padding=2, ridge=RIDGE,
                                    dtype=torch.float64), every=3, decay=0.5, damping=0.1,
-                        safeguard_columns=columns)
-    ema = None
+                        gram_oversample=2, safeguard_columns=columns)
     for step in range(3):
         x = torch.randn(7, 3, 8, 8, dtype=torch.float64) * (1 + step)
         layer.zero_grad()
@@ -154,9 +155,9 @@ def test_conv_safeguard_between_refreshes_measures_strided_samples():
         y.backward(gy)
         cols = F.unfold(F.pad(x, (2, 2, 2, 2)), 3, stride=2)            # (B, 27, 25)
         cols = torch.cat([cols, torch.ones(7, 1, 25, dtype=cols.dtype)], 1)
-        if step == 0:
-            flat = cols.permute(1, 0, 2).reshape(28, -1)
-            ema = flat @ flat.T / 7
+        if step == 0:  # 2·D = 56 patches wanted: 3 samples, strided by 2 (0, 2, 4, 6)
+            flat = cols[::2].permute(1, 0, 2).reshape(28, -1)
+            ema = flat @ flat.T / 4
             inverse = _damped_inverse(ema, 0.1)
         conv = lambda inp, w, b: F.conv2d(inp, w, b, 2, 2)  # noqa: E731
         gw, gb = ref.ordinary_grads(conv, x, layer.weight, layer.bias, gy)
@@ -347,6 +348,7 @@ def test_amortize_is_in_state_dict_and_removable():
 @pytest.mark.parametrize("kwargs, match", [
     ({"every": 0}, "every"), ({"every": 2.5}, "every"), ({"decay": 1.0}, "decay"),
     ({"decay": float("nan")}, "decay"), ({"gram_every": 0}, "gram_every"),
+    ({"gram_oversample": 0.5}, "gram_oversample"), ({"gram_oversample": "all"}, "gram_oversample"),
     ({"every": 10, "gram_every": 3}, "gram_every must divide every"),
     ({"damping": -0.1}, "damping"), ({"damping": float("inf")}, "damping"),
     ({"safeguard_columns": 0}, "safeguard_columns"),
