@@ -195,7 +195,7 @@ def _warn_non_finite():
         _non_finite_warned = True
         warnings.warn("consequential_ext.amortize: non-finite statistics or step (an overflow "
                       "or a diverging run); the matched gradient is NaN for this step and the "
-                      "running Gram is kept as it was.", RuntimeWarning, stacklevel=3)
+                      "running Gram is kept as it was.", RuntimeWarning, stacklevel=2)
 
 
 def check_amortizer(amortizer, gram_shape):
