@@ -99,7 +99,7 @@ class GramAmortizer(nn.Module):
 
     @torch.no_grad()
     def precondition(self, gram, grad, ridge, energy) -> torch.Tensor:
-        """The damped, safeguarded ``grad @ (A_ema + λ·I)⁻¹`` of this step.
+        """The damped, safeguarded ``grad @ (A_ema + λ'·I)⁻¹`` of this step.
 
         gram: this step's mean Gram ``A`` (..., D, D), or None when ``wants_gram()`` was
         False; grad: G (..., M, D); energy: ``energy(direction, columns)`` gives
