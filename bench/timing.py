@@ -39,11 +39,13 @@ def _quantile(sorted_xs, q):
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
-def interleaved(candidates: dict, repeats: int, warmup: int = 1, sync=None) -> dict:
+def interleaved(candidates: dict, repeats: int, warmup: int = 1, sync=None,
+                clock=time.perf_counter) -> dict:
     """Seconds per call of each candidate (name → list), timed round-robin.
 
     ``sync`` (e.g. ``torch.cuda.synchronize``) runs inside the timed region so that
-    asynchronous devices are measured to completion.
+    asynchronous devices are measured to completion. ``clock``: wall time by default;
+    ``time.process_time`` counts this process's CPU time only (steadier on a shared machine).
     """
     names = list(candidates)
     for _ in range(warmup):
@@ -55,11 +57,11 @@ def interleaved(candidates: dict, repeats: int, warmup: int = 1, sync=None) -> d
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            t0 = time.perf_counter()
+            t0 = clock()
             candidates[name]()
             if sync:
                 sync()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 

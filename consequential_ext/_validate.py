@@ -50,8 +50,9 @@ class CLayerMixin(RuleAttribute):
     def ridge(self, value):
         self._cx_ridge = check_ridge(value)
 
-    def cx_gram_shape(self) -> tuple[int, ...]:
-        """(D, D), or (groups, D, D): the shape of the Gram this layer solves with."""
+    def cx_gram_shape(self) -> tuple[int, ...] | None:
+        """(D, D), or (groups, D, D): the shape of the Gram this layer solves with; None for a
+        layer without one Gram to amortize (``amortize`` leaves it exact)."""
         raise NotImplementedError
 
     def _cx_repr(self):

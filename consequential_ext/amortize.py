@@ -1,15 +1,25 @@
-"""Amortised solves for large D: a running (EMA) Gram refactorised every k steps.
+"""Amortised solves: a running (EMA) Gram, rebuilt every ``gram_every`` steps and
+refactorised every ``every`` steps, with damping that keeps stale factors safe.
 
-Cost per backward of a layer with D rows, P columns (patches) and M outputs:
+Per backward of a layer with D rows, P columns (patches) and M outputs, the exact row-side
+solve pays the Gram ``O(D²·P)`` and the factorisation ``O(D³/3)`` every step. Amortised,
+those run on refresh steps only, the Gram from a strided part of the batch holding
+``gram_oversample·D`` columns; the other steps pay one ``O(M·D²)`` matmul with the kept
+inverse and the safeguard's energy on a few columns (``O(M·D·safeguard_columns)``), so a
+step costs little more than plain SGD's ``G``. Where the column (P×P) system is cheaper
+(``matching.cheaper_side``, e.g. N < D) the exact column solve is used instead: it is exact
+and cheaper than the amortised one there (``exact_when_cheaper``).
 
-* Gram ``X Xᵀ``: ``O(D²·P)``, every step (it feeds the running average);
-* factorisation of ``A + λI``: ``O(D³)``; exact mode pays it every step, amortised mode
-  every ``every`` steps (the Cholesky factor is kept as a buffer);
-* applying it to ``G`` (two triangular solves): ``O(M·D²)`` either way.
+Stale statistics are damped two ways (docs/amortize.md derives both):
 
-So amortisation pays off once ``D³ / 3`` dominates ``D²·P + M·D²``, i.e. ``D ≳ 3 (P + M)``.
-Without amortisation the library already picks the cheaper of the row (D×D) and column
-(P×P, the "N-side" when each sample is one column) systems per call (``matching.cheaper_side``).
+* ridge ``λ' = λ + damping·tr(A_ema)/D`` (relative to the Gram's mean eigenvalue), so a
+  direction the average barely holds is amplified at most ``1 / λ'``, not ``1 / λ``;
+* the step ``Δ = G (A_ema + λ'I)⁻¹`` is shortened to the minimiser of the current batch's
+  quadratic model ``-s⟨G, Δ⟩ + s²/2 ⟨Δ (A + λI), Δ⟩``: ``s = min(1, ⟨G, Δ⟩ / ⟨Δ (A + λI), Δ⟩)``,
+  with ``⟨Δ A, Δ⟩ = |Δ X|²/N`` measured on ``safeguard_columns`` columns of the batch (from
+  the Gram itself on refresh steps). Undamped and fresh, ``Δ`` is that model's minimiser and
+  ``s = 1`` exactly; damping only shortens ``Δ``, so it keeps ``s = 1``; a stale ``Δ`` that
+  overshoots on this batch is cut back.
 
 The running state lives in buffers of an ``amortizer`` submodule, so it is saved and
 restored with the model's ``state_dict``, moves with ``.to()``, and resumes bit-identically.
@@ -17,6 +27,7 @@ restored with the model's ``state_dict``, moves with ``.to()``, and resumes bit-
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -24,70 +35,167 @@ import torch.nn as nn
 from ._validate import CLayerMixin
 from .ops import reference
 
-__all__ = ["GramAmortizer", "amortize"]
+__all__ = ["GramAmortizer", "amortize", "DEFAULT_DAMPING", "DEFAULT_SAFEGUARD_COLUMNS"]
+
+DEFAULT_DAMPING = 0.1            # docs/amortize.md, "Defaults"
+DEFAULT_SAFEGUARD_COLUMNS = 256  # columns (rows of X, patches) the safeguard measures, at least
+DEFAULT_GRAM_OVERSAMPLE = 32     # a refresh Gram holds at least 32·D columns of the batch
 
 
 class GramAmortizer(nn.Module):
-    """EMA of a layer's Gram ``A`` and the Cholesky factor of ``A_ema + λI``.
+    """EMA of a layer's Gram ``A`` and the inverse of ``A_ema + λ'·I``, with the step count.
 
-    shape: the Gram's shape, (D, D) or (groups, D, D). The first step starts the average at
-    that step's Gram (no zero-initialisation bias); the factor is recomputed at step 0,
-    every, 2·every, ... It is kept rather than the inverse: G lies in the range of A, where
-    an explicit inverse loses accuracy as cond², triangular solves as cond.
+    shape: the Gram's shape, (D, D) or (groups, D, D). Step ``t`` (counted in ``steps``)
+    folds this step's Gram into the average when ``t % gram_every == 0`` (the first one
+    starts it: no zero-initialisation bias) and refactorises when ``t % every == 0``.
+    ``decay`` is per step: one fold weighs the old average by ``decay ** gram_every``, so
+    the average's horizon does not depend on how often it is fed. The inverse (from a
+    Cholesky factor) is kept rather than the factor: one matmul costs a fraction of two
+    triangular solves, and the damping bounds its condition number by ``1 + D / damping``.
     """
 
-    def __init__(self, shape, *, every: int, decay: float, device=None,
-                 dtype=torch.float32):
+    def __init__(self, shape, *, every: int, decay: float, gram_every: int | None = None,
+                 gram_oversample: float | None = DEFAULT_GRAM_OVERSAMPLE,
+                 damping: float = DEFAULT_DAMPING,
+                 safeguard_columns: int | None = DEFAULT_SAFEGUARD_COLUMNS,
+                 exact_when_cheaper: bool = True, device=None, dtype=torch.float32):
         super().__init__()
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1; got {every!r}")
+        self.every = _check_count("every", every)
+        self.gram_every = every if gram_every is None else _check_count("gram_every", gram_every)
+        if every % self.gram_every:
+            raise ValueError(f"gram_every must divide every (each refactorisation uses a fresh "
+                             f"Gram); got gram_every={gram_every!r}, every={every!r}")
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) \
                 or not math.isfinite(decay) or not 0 <= decay < 1:
             raise ValueError(f"decay must be a float in [0, 1); got {decay!r}")
-        self.every, self.decay = every, float(decay)
+        if gram_oversample is not None and (
+                isinstance(gram_oversample, bool) or not isinstance(gram_oversample, (int, float))
+                or not math.isfinite(gram_oversample) or gram_oversample < 1):
+            raise ValueError(f"gram_oversample must be a finite float >= 1 or None; got "
+                             f"{gram_oversample!r}")
+        self.gram_oversample = gram_oversample
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) \
+                or not math.isfinite(damping) or damping < 0:
+            raise ValueError(f"damping must be a finite float >= 0; got {damping!r}")
+        self.safeguard_columns = None if safeguard_columns is None \
+            else _check_count("safeguard_columns", safeguard_columns)
+        if not isinstance(exact_when_cheaper, bool):
+            raise ValueError(f"exact_when_cheaper must be a bool; got {exact_when_cheaper!r}")
+        self.decay, self.damping = float(decay), float(damping)
+        self.exact_when_cheaper = exact_when_cheaper
         self.register_buffer("gram", torch.zeros(shape, device=device, dtype=dtype))
-        self.register_buffer("factor", torch.zeros(shape, device=device, dtype=dtype))
+        self.register_buffer("inverse", torch.zeros(shape, device=device, dtype=dtype))
         self.register_buffer("steps", torch.zeros((), device=device, dtype=torch.int64))
 
-    @torch.no_grad()
-    def precondition(self, gram: torch.Tensor, grad: torch.Tensor, ridge: float) -> torch.Tensor:
-        """``grad @ (A_ema + ridge·I)⁻¹`` after folding this step's mean Gram into the EMA.
+    def wants_gram(self) -> bool:
+        """Whether this step folds a fresh Gram in (the caller builds it only then)."""
+        return int(self.steps) % self.gram_every == 0
 
-        A non-finite Gram (an fp16 overflow) leaves the state untouched and gives a
-        non-finite result, so ``GradScaler`` skips the step and the average stays usable.
+    def gram_columns(self) -> int | None:
+        """Columns a refresh Gram is built from (strided samples of the batch; None: all)."""
+        if self.gram_oversample is None:
+            return None
+        return math.ceil(self.gram_oversample * self.gram.shape[-1])
+
+    @torch.no_grad()
+    def precondition(self, gram, grad, ridge, energy) -> torch.Tensor:
+        """The damped, safeguarded ``grad @ (A_ema + λ'·I)⁻¹`` of this step.
+
+        gram: this step's mean Gram ``A`` (..., D, D), or None when ``wants_gram()`` was
+        False; grad: G (..., M, D); energy: ``energy(direction, columns)`` gives
+        ``|direction·X|²/N`` per system (...,) from evenly strided samples holding at least
+        ``columns`` columns. Non-finite or absurd statistics give NaN and one warning, never
+        an exception, and leave the running average and inverse as they were.
         """
-        if not bool(torch.isfinite(gram).all()):
-            return torch.full_like(grad, float("nan"))
         step = int(self.steps)
-        gram = gram.to(self.gram.dtype)
-        if step == 0:
-            self.gram.copy_(gram)
-        else:
-            self.gram.lerp_(gram, 1.0 - self.decay)
-        if step % self.every == 0:
-            self.factor.copy_(_ridge_cholesky(self.gram, ridge))
+        if gram is not None:
+            if not self._refresh(gram, ridge, step):
+                return torch.full_like(grad, float("nan"))
+        direction = grad @ self.inverse.to(grad.dtype)
         self.steps += 1
-        factor = self.factor.to(grad.dtype)
-        return torch.cholesky_solve(grad.transpose(-1, -2), factor).transpose(-1, -2)
+        if self.safeguard_columns is not None:
+            if gram is not None:  # the exact energy, cheap once the Gram is there
+                current = ((direction @ gram.to(grad.dtype)) * direction).sum((-2, -1))
+            else:
+                current = energy(direction, self.safeguard_columns)
+            direction = self._shorten(direction, grad, current, ridge)
+        if not bool(torch.isfinite(direction).all()):
+            _warn_non_finite()
+            return torch.full_like(grad, float("nan"))
+        return direction
+
+    def _refresh(self, gram, ridge, step) -> bool:
+        """Fold ``gram`` in (and refactorise on schedule); False, state untouched, if the
+        statistics are non-finite or no ridge makes the average positive definite."""
+        if not bool(torch.isfinite(gram).all()):
+            _warn_non_finite()
+            return False
+        gram = gram.to(self.gram.dtype)
+        average = gram if step == 0 else torch.lerp(gram, self.gram,
+                                                    self.decay ** self.gram_every)
+        if step % self.every == 0:
+            inverse = _damped_inverse(average, ridge, self.damping)
+            if inverse is None:
+                return False
+            self.inverse.copy_(inverse)
+        self.gram.copy_(average)
+        return True
+
+    def _shorten(self, direction, grad, current, ridge):
+        """``direction·s``, s = min(1, ⟨G, Δ⟩ / (|ΔX|²/N + λ|Δ|²)) per system: the step
+        length that minimises the current batch's quadratic model along Δ."""
+        gain = (grad * direction).sum((-2, -1))
+        model = current + ridge * direction.square().sum((-2, -1))
+        if not (bool(torch.isfinite(gain).all()) and bool(torch.isfinite(model).all())):
+            return torch.full_like(direction, float("nan"))
+        scale = torch.where(model > 0, gain / model, torch.ones_like(model)).clamp(max=1.0)
+        return direction * scale[..., None, None]
 
     def extra_repr(self):
-        return f"shape={tuple(self.gram.shape)}, every={self.every}, decay={self.decay:g}"
+        return (f"shape={tuple(self.gram.shape)}, every={self.every}, "
+                f"gram_every={self.gram_every}, gram_oversample={self.gram_oversample}, "
+                f"decay={self.decay:g}, damping={self.damping:g}, "
+                f"safeguard_columns={self.safeguard_columns}, "
+                f"exact_when_cheaper={self.exact_when_cheaper}")
 
 
-def _ridge_cholesky(gram, ridge, max_escalations=12):
-    """Lower Cholesky factor of ``gram + λI`` (finite gram), escalating λ ×10 on failure
-    with the warning ``ops.ridge_solve`` gives."""
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    lam = ridge
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    return value
+
+
+def _damped_inverse(gram, ridge, damping, max_escalations=12):
+    """``(gram + λ·I)⁻¹`` by Cholesky, ``λ = ridge + damping·tr(gram)/D`` per system,
+    escalating λ ×10 on failure with the warning ``ops.ridge_solve`` gives; None (and that
+    warning) if no escalation helps."""
+    d = gram.shape[-1]
+    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
+    # The mean eigenvalue in float64: a huge but finite float32 Gram must not overflow here.
+    mean_eig = gram.diagonal(dim1=-2, dim2=-1).double().mean(-1)
+    lam = (ridge + damping * mean_eig).to(gram.dtype)
     for attempt in range(max_escalations):
-        factor, info = torch.linalg.cholesky_ex(gram + lam * eye)
-        if not bool((info != 0).any()):
+        factor, info = torch.linalg.cholesky_ex(gram + lam[..., None, None] * eye)
+        if bool(torch.isfinite(lam).all()) and not bool((info != 0).any()):
             if attempt:
-                reference.warn_escalated(ridge, lam)
-            return factor
-        lam *= 10.0
-    raise RuntimeError(f"amortize: (EMA gram + ridge*I) is not positive definite even with "
-                       f"ridge escalated to {lam:g}")
+                reference.warn_escalated(ridge, float(lam.max()))
+            return torch.cholesky_inverse(factor)
+        lam = lam * 10.0
+    reference.warn_escalated(ridge, math.inf)
+    return None
+
+
+_non_finite_warned = False
+
+
+def _warn_non_finite():
+    """One RuntimeWarning per process, as the exact path's escalation warning."""
+    global _non_finite_warned
+    if not _non_finite_warned:
+        _non_finite_warned = True
+        warnings.warn("consequential_ext.amortize: non-finite statistics or step (an overflow "
+                      "or a diverging run); the matched gradient is NaN for this step and the "
+                      "running Gram is kept as it was.", RuntimeWarning, stacklevel=2)
 
 
 def check_amortizer(amortizer, gram_shape):
@@ -104,23 +212,41 @@ def check_amortizer(amortizer, gram_shape):
     return amortizer
 
 
-def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95) -> nn.Module:
-    """Give every C-layer of ``model`` (or ``model`` itself) an EMA Gram refreshed every
-    ``every`` backward calls; ``every=None`` removes it (exact solves). In place; returns
-    ``model``. Build the optimizer after or before, either way: no parameters are added."""
+def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
+             gram_every: int | None = None,
+             gram_oversample: float | None = DEFAULT_GRAM_OVERSAMPLE,
+             damping: float = DEFAULT_DAMPING,
+             safeguard_columns: int | None = DEFAULT_SAFEGUARD_COLUMNS,
+             exact_when_cheaper: bool = True) -> nn.Module:
+    """Give every C-layer of ``model`` (or ``model`` itself) a running Gram: rebuilt every
+    ``gram_every`` backward calls (default: ``every``) from strided samples holding
+    ``gram_oversample·D`` columns (None: the whole batch), refactorised every ``every``;
+    ``every=None`` removes it (exact solves). ``damping``: ridge added relative to the Gram's
+    mean eigenvalue; ``safeguard_columns``: columns (rows, patches) per step on which the
+    step is shortened to the current batch's quadratic model (None: off); ``exact_when_cheaper``: solve the
+    exact column system where it is the cheaper one (N < D). docs/amortize.md has the
+    derivation and when to use which. In place; returns ``model``; adds no parameters."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
-    layers = [m for m in model.modules() if isinstance(m, CLayerMixin)]
+    if every is not None:  # validate once, before any layer changes
+        GramAmortizer((1, 1), every=every, decay=decay, gram_every=gram_every,
+                      gram_oversample=gram_oversample, damping=damping,
+                      safeguard_columns=safeguard_columns, exact_when_cheaper=exact_when_cheaper)
+    # Layers without one Gram (attention, embeddings) stay exact.
+    layers = [m for m in model.modules()
+              if isinstance(m, CLayerMixin) and m.cx_gram_shape() is not None]
     if not layers:
-        raise ValueError("amortize: model has no CLinear / CConv2d layers (call "
+        raise ValueError("amortize: model has no C-layer with a Gram to amortize (call "
                          "consequentialize first)")
     for layer in layers:
         if every is None:
             layer._modules.pop("amortizer", None)
             continue
         acc = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-        layer.amortizer = GramAmortizer(layer.cx_gram_shape(), every=every, decay=decay,
-                                        device=layer.weight.device, dtype=acc)
+        layer.amortizer = GramAmortizer(
+            layer.cx_gram_shape(), every=every, decay=decay, gram_every=gram_every,
+            gram_oversample=gram_oversample, damping=damping, safeguard_columns=safeguard_columns,
+            exact_when_cheaper=exact_when_cheaper, device=layer.weight.device, dtype=acc)
     return model
 
 

@@ -29,8 +29,11 @@ def _with_ones(rows: torch.Tensor) -> torch.Tensor:
 
 def _shared_gram_side(side, group, amortizer):
     # Column-side (P×P) systems differ per rank and per step: only the D×D Gram can be
-    # summed across ranks or averaged across steps.
-    return "row" if group is not None or amortizer is not None else side
+    # summed across ranks or averaged across steps. An amortizer that may go exact leaves
+    # the column side to ``cheaper_side`` (exact and cheaper than amortising there).
+    if group is not None or (amortizer is not None and not amortizer.exact_when_cheaper):
+        return "row"
+    return side
 
 
 def _span(name):
@@ -41,10 +44,32 @@ def _span(name):
     return contextlib.nullcontext()
 
 
-def _solve(gram, grad, ridge, amortizer):
+def _pending_gram(build, batch, per_sample, group, amortizer):
+    """The row-side Gram of ``batch`` on its way (``distributed.PendingGram``; ``build(b)``
+    gives Σ x xᵀ over samples ``b``), or None on a step where the amortizer needs none:
+    skipping the O(D²·P) build is what amortising saves. An amortizer's refresh Gram comes
+    from strided samples holding ``amortizer.gram_columns()`` columns."""
     if amortizer is not None:
-        return amortizer.precondition(gram, grad, ridge)
-    return ops.ridge_solve(gram, grad, ridge)
+        if not amortizer.wants_gram():
+            return None
+        batch = _strided(batch, amortizer.gram_columns(), per_sample)
+    return distributed.PendingGram(build(batch), batch.shape[0], group)
+
+
+def _solve(pending, grad, ridge, amortizer, energy):
+    if amortizer is not None:
+        gram = None if pending is None else pending.wait()
+        return amortizer.precondition(gram, grad, ridge, energy)
+    return ops.ridge_solve(pending.wait(), grad, ridge)
+
+
+def _strided(t, columns, per_sample=1):
+    """Samples of ``t`` (dim 0) evenly spread over the batch, enough to hold ``columns``
+    columns of X at ``per_sample`` columns each (None: all)."""
+    if columns is None:
+        return t
+    wanted = -(-columns // per_sample)
+    return t[:: max(1, t.shape[0] // wanted)]
 
 
 def _autocast_off(fn):
@@ -73,11 +98,11 @@ def matched_linear(x2d, gy2d, has_bias, ridge, side=None, amortizer=None):
     side = _shared_gram_side(side, group, amortizer) or cheaper_side(n, d, gy.shape[1])
     if side == "row":
         with _span("cx::linear_gram"):
-            gram = rows.T @ rows
-        pending = distributed.PendingGram(gram, n, group)      # overlaps G below
+            pending = _pending_gram(lambda r: r.T @ r, rows, 1, group, amortizer)  # overlaps G
         with _span("cx::weight_grad"):
             grad = gy.T @ rows                                  # G, (out, D)
-        matched = _solve(pending.wait(), grad, ridge, amortizer)    # A = ΣXXᵀ / ΣN
+        matched = _solve(pending, grad, ridge, amortizer,       # A = ΣXXᵀ / ΣN
+                         functools.partial(_linear_energy, rows))
     else:
         gram = rows @ rows.T / n                                # XᵀX / N, (N, N)
         matched = ops.ridge_solve(gram, gy.T.contiguous(), ridge) @ rows
@@ -104,13 +129,15 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
     group = distributed.gram_group()
     side = _shared_gram_side(side, group, amortizer) or cheaper_side(p, d, og)
     if side == "row":
-        gram = ops.im2col_gram(x, (kh, kw), stride, padding, dilation, groups=groups,
-                               bias=has_bias)
-        pending = distributed.PendingGram(gram.reshape(groups, d, d), b, group)  # overlaps G
+        build = lambda s: ops.im2col_gram(s, (kh, kw), stride, padding, dilation,  # noqa: E731
+                                          groups=groups, bias=has_bias).reshape(groups, d, d)
+        pending = _pending_gram(build, x, gy.shape[2] * gy.shape[3], group, amortizer)
         with _span("cx::weight_grad"):
             grad = _conv_weight_grad(x, gy, weight_shape, stride, padding, dilation, groups,
                                      has_bias, work)
-        matched = _solve(pending.wait(), grad, ridge, amortizer)
+        energy = functools.partial(_conv_energy, x, gy.shape[2] * gy.shape[3], weight_shape,
+                                   stride, padding, dilation, groups, has_bias)
+        matched = _solve(pending, grad, ridge, amortizer, energy)
     else:
         # dZ per group with columns in im2col order (sample, then output location).
         dz = gy.to(work).reshape(b, groups, og, -1).permute(1, 2, 0, 3).reshape(groups, og, p)
@@ -134,3 +161,21 @@ def _conv_weight_grad(x, gy, weight_shape, stride, padding, dilation, groups, ha
         bias_grad = gy.to(work).sum((0, 2, 3)).reshape(groups, out // groups, 1)
         grad = torch.cat([grad, bias_grad], dim=-1)
     return grad
+
+
+def _linear_energy(rows, direction, columns):
+    """|Δ·x|² averaged over ``columns`` strided rows of ``rows`` (N, D): ⟨Δ A, Δ⟩ estimated."""
+    sub = _strided(rows, columns)
+    return (sub @ direction.T).square().sum() / sub.shape[0]
+
+
+def _conv_energy(x, locations, weight_shape, stride, padding, dilation, groups, has_bias,
+                 direction, columns):
+    """Per group, |Δ ⋆ x|² summed over locations, averaged over strided samples of ``x``
+    holding ``columns`` patches: ⟨Δ A, Δ⟩ of the conv Gram (A sums patches, divides by
+    samples), estimated at the cost of a forward on those samples."""
+    sub = _strided(x, columns, locations).to(direction.dtype)
+    weight = direction[..., : direction.shape[-1] - int(has_bias)].reshape(weight_shape)
+    bias = direction[..., -1].reshape(-1) if has_bias else None
+    out = torch.nn.functional.conv2d(sub, weight, bias, stride, padding, dilation, groups)
+    return out.reshape(sub.shape[0], groups, -1).square().sum((0, 2)) / sub.shape[0]

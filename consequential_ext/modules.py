@@ -128,7 +128,7 @@ class CEmbedding(CLayerMixin, nn.Embedding):
         self.rule, self.ridge = rule, ridge
 
     def cx_gram_shape(self):
-        raise NotImplementedError("CEmbedding's A is diagonal: it has no Gram to amortize")
+        return None  # A is diagonal and exact at O(V): nothing to amortize
 
     def forward(self, input):
         return CF.cembedding(input, self.weight, self.padding_idx, self.max_norm,
@@ -177,8 +177,7 @@ class CMultiheadAttention(CLayerMixin, nn.MultiheadAttention):
         self.rule, self.ridge = rule, ridge
 
     def cx_gram_shape(self):
-        raise NotImplementedError("CMultiheadAttention solves one Gram per projection: amortize "
-                                  "does not support it")
+        return None  # one Gram per projection: amortize leaves this layer exact
 
     def cx_matched_parameters(self):
         """The parameters this layer matches (its own and its ``out_proj``'s)."""

@@ -1,5 +1,12 @@
-"""Amortised solves: an EMA Gram refactorised every k steps, against a float64
-re-implementation of that schedule from the ordinary gradients."""
+"""Amortised solves: the running Gram's schedule, damping and safeguard against a float64
+re-implementation from the ordinary gradients; stability on the 8-layer MLP where the
+undamped version diverged; non-finite statistics; checkpoint resume; options."""
+import copy
+import importlib
+import io
+import math
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,20 +14,53 @@ import torch.nn.functional as F
 
 import consequential_ext as cx
 import matched_reference as ref
+from consequential_ext.ops import reference as ops_reference
 
 RIDGE = 0.05
+amortize_module = importlib.import_module("consequential_ext.amortize")  # cx.amortize: the function
 
 
-def _rows(x, bias=True):
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Both once-per-process warnings armed again, and captured."""
+    monkeypatch.setattr(amortize_module, "_non_finite_warned", False)
+    monkeypatch.setattr(ops_reference, "_escalation_warned", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+def _rows(x):
     rows = x.detach().double().reshape(-1, x.shape[-1])
-    return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1) if bias else rows
+    return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
 
 
-def test_every_step_without_memory_is_the_exact_matched_gradient():
+def _damped_inverse(a, damping):
+    d = a.shape[-1]
+    lam = RIDGE + damping * a.diagonal(dim1=-2, dim2=-1).mean(-1)
+    return torch.linalg.inv(a + lam[..., None, None] * torch.eye(d, dtype=a.dtype))
+
+
+def _strided(t, columns, per_sample=1):
+    wanted = math.ceil(columns / per_sample)
+    return t[:: max(1, t.shape[0] // wanted)]
+
+
+def _shorten(g, direction, energy):
+    """The safeguard's step length, from its definition."""
+    gain = (g * direction).sum((-2, -1))
+    model = energy + RIDGE * direction.square().sum((-2, -1))
+    return direction * (gain / model).clamp(max=1.0)[..., None, None]
+
+
+@pytest.mark.parametrize("safeguard_columns", [None, 3])
+def test_every_step_without_memory_or_damping_is_the_exact_matched_gradient(safeguard_columns):
+    """A fresh undamped factor: the safeguard's step length is exactly 1."""
     torch.manual_seed(0)
     exact = cx.CLinear(12, 3, ridge=RIDGE, dtype=torch.float64)
     amortized = cx.amortize(cx.CLinear(12, 3, ridge=RIDGE, dtype=torch.float64), every=1,
-                            decay=0.0)
+                            decay=0.0, damping=0.0, safeguard_columns=safeguard_columns,
+                            exact_when_cheaper=False)
     amortized.load_state_dict(exact.state_dict(), strict=False)
     for n in (5, 20):  # column side, then row side, for the exact layer
         x = torch.randn(n, 12, dtype=torch.float64)
@@ -32,74 +72,264 @@ def test_every_step_without_memory_is_the_exact_matched_gradient():
         torch.testing.assert_close(amortized.bias.grad, exact.bias.grad, rtol=1e-9, atol=1e-12)
 
 
-def test_linear_schedule_matches_float64_reimplementation():
+def test_linear_schedule_damping_and_safeguard_match_float64_reimplementation():
     torch.manual_seed(0)
-    every, decay = 3, 0.7
+    every, gram_every, decay, damping, columns = 4, 2, 0.7, 0.3, 5
     layer = cx.amortize(cx.CLinear(6, 2, ridge=RIDGE, dtype=torch.float64), every=every,
-                        decay=decay)
+                        decay=decay, gram_every=gram_every, gram_oversample=1.5,
+                        damping=damping, safeguard_columns=columns, exact_when_cheaper=False)
     ema = inverse = None
-    for step in range(7):
-        x = torch.randn(4, 6, dtype=torch.float64) * (1 + step)  # the Gram drifts
+    for step in range(9):
+        x = torch.randn(23, 6, dtype=torch.float64) * (1 + step)  # the Gram drifts
         layer.zero_grad()
         y = layer(x)
         gy = torch.randn_like(y)
         y.backward(gy)
         rows = _rows(x)
-        a = rows.T @ rows / rows.shape[0]
-        ema = a if ema is None else decay * ema + (1 - decay) * a
+        part = rows[::2]          # 1.5·D = 11 columns wanted of 23: rows 0, 2, ..., 22
+        a = part.T @ part / part.shape[0]
+        if step % gram_every == 0:
+            ema = a if ema is None else decay ** gram_every * ema + (1 - decay ** gram_every) * a
         if step % every == 0:
-            inverse = torch.linalg.inv(ema + RIDGE * torch.eye(7, dtype=torch.float64))
+            inverse = _damped_inverse(ema, damping)
         gw, gb = ref.ordinary_grads(F.linear, x, layer.weight, layer.bias, gy)
-        expected = torch.cat([gw, gb[:, None]], 1) @ inverse
+        g = torch.cat([gw, gb[:, None]], 1)
+        direction = g @ inverse
+        if step % gram_every == 0:  # the Gram is there: the exact energy
+            energy = ((direction @ a) * direction).sum()
+        else:                       # 5 of 23 rows wanted, strided: rows 0, 4, ..., 20
+            sub = _strided(rows, columns)
+            assert sub.shape[0] == 6
+            energy = (sub @ direction.T).square().sum() / sub.shape[0]
+        expected = _shorten(g, direction, energy)
         torch.testing.assert_close(layer.weight.grad, expected[:, :-1], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(layer.bias.grad, expected[:, -1], rtol=1e-9, atol=1e-12)
-    assert int(layer.amortizer.steps) == 7
+    assert int(layer.amortizer.steps) == 9
 
 
-def test_grouped_conv_schedule_matches_float64_reimplementation():
+def test_grouped_conv_schedule_and_safeguard_match_float64_reimplementation():
     torch.manual_seed(0)
-    every, decay = 2, 0.5
+    every, decay, damping, columns = 2, 0.5, 0.2, 40   # 40 patches: 2 of 5 samples of 25
     layer = cx.amortize(cx.CConv2d(4, 6, 3, padding=1, groups=2, ridge=RIDGE,
-                                   dtype=torch.float64), every=every, decay=decay)
+                                   dtype=torch.float64), every=every, decay=decay,
+                        gram_every=1, damping=damping, safeguard_columns=columns)
     ema = inverse = None
     for step in range(4):
-        x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+        x = torch.randn(5, 4, 5, 5, dtype=torch.float64)
         layer.zero_grad()
         y = layer(x)
         gy = torch.randn_like(y)
         y.backward(gy)
         cols = F.unfold(F.pad(x, (1, 1, 1, 1)), 3)                      # (B, 4·9, L)
-        grams = []
+        per_group = []
         for g in range(2):
             xg = cols[:, g * 18:(g + 1) * 18].permute(1, 0, 2).reshape(18, -1)
-            xg = torch.cat([xg, torch.ones(1, xg.shape[1], dtype=xg.dtype)])
-            grams.append(xg @ xg.T / x.shape[0])
-        a = torch.stack(grams)
+            per_group.append(torch.cat([xg, torch.ones(1, xg.shape[1], dtype=xg.dtype)]))
+        a = torch.stack([xg @ xg.T / x.shape[0] for xg in per_group])
         ema = a if ema is None else decay * ema + (1 - decay) * a
         if step % every == 0:
-            inverse = torch.linalg.inv(ema + RIDGE * torch.eye(19, dtype=torch.float64))
+            inverse = _damped_inverse(ema, damping)
         conv = lambda inp, w, b: F.conv2d(inp, w, b, 1, 1, 1, 2)  # noqa: E731
         gw, gb = ref.ordinary_grads(conv, x, layer.weight, layer.bias, gy)
         g = torch.cat([gw.reshape(2, 3, 18), gb.reshape(2, 3, 1)], -1)
-        expected = g @ inverse
+        direction = g @ inverse
+        energy = ((direction @ a) * direction).sum((-2, -1))  # gram_every=1: exact energy
+        expected = _shorten(g, direction, energy)
         torch.testing.assert_close(layer.weight.grad, expected[..., :-1].reshape(6, 2, 3, 3),
                                    rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(layer.bias.grad, expected[..., -1].reshape(6),
                                    rtol=1e-9, atol=1e-12)
 
 
-def test_non_finite_batch_leaves_the_running_state_untouched():
+def test_conv_refresh_gram_and_safeguard_measure_strided_samples():
+    torch.manual_seed(1)
+    columns = 30  # 25 patches a sample: 2 samples of 7, strided by 3 (samples 0, 3, 6)
+    layer = cx.amortize(cx.CConv2d(3, 4, 3, stride=2, padding=2, ridge=RIDGE,
+                                   dtype=torch.float64), every=3, decay=0.5, damping=0.1,
+                        gram_oversample=2, safeguard_columns=columns)
+    for step in range(3):
+        x = torch.randn(7, 3, 8, 8, dtype=torch.float64) * (1 + step)
+        layer.zero_grad()
+        y = layer(x)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        cols = F.unfold(F.pad(x, (2, 2, 2, 2)), 3, stride=2)            # (B, 27, 25)
+        cols = torch.cat([cols, torch.ones(7, 1, 25, dtype=cols.dtype)], 1)
+        if step == 0:  # 2·D = 56 patches wanted: 3 samples, strided by 2 (0, 2, 4, 6)
+            flat = cols[::2].permute(1, 0, 2).reshape(28, -1)
+            ema = flat @ flat.T / 4
+            inverse = _damped_inverse(ema, 0.1)
+        conv = lambda inp, w, b: F.conv2d(inp, w, b, 2, 2)  # noqa: E731
+        gw, gb = ref.ordinary_grads(conv, x, layer.weight, layer.bias, gy)
+        g = torch.cat([gw.reshape(4, 27), gb[:, None]], 1)
+        direction = g @ inverse
+        if step == 0:
+            energy = ((direction @ ema) * direction).sum()
+        else:
+            sub = _strided(cols, columns, 25)
+            assert sub.shape[0] == 3
+            energy = (direction @ sub).square().sum() / sub.shape[0]
+        expected = _shorten(g[None], direction[None], energy[None])[0]
+        torch.testing.assert_close(layer.weight.grad, expected[:, :-1].reshape(4, 3, 3, 3),
+                                   rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(layer.bias.grad, expected[:, -1], rtol=1e-9, atol=1e-12)
+
+
+def test_gram_is_built_on_refresh_steps_only(monkeypatch):
+    calls = []
+    original = cx.ops.im2col_gram
+    monkeypatch.setattr(cx.ops, "im2col_gram", lambda *a, **k: calls.append(1) or original(*a, **k))
+    layer = cx.amortize(cx.CConv2d(2, 3, 3), every=4, gram_every=2)
+    for _ in range(8):
+        layer(torch.randn(6, 2, 6, 6)).sum().backward()
+    assert len(calls) == 4  # steps 0, 2, 4, 6
+    assert int(layer.amortizer.steps) == 8
+
+
+def test_exact_column_side_where_cheaper_and_running_state_untouched():
     torch.manual_seed(0)
-    layer = cx.amortize(cx.CLinear(5, 2), every=2, decay=0.9)
-    layer(torch.randn(8, 5)).sum().backward()
+    exact = cx.CLinear(40, 5, ridge=RIDGE)
+    amortized = cx.amortize(copy.deepcopy(exact), every=10)
+    x = torch.randn(6, 40)  # N = 6 < D = 41: the exact column (6×6) system is the cheaper
+    for layer in (exact, amortized):
+        layer(x).square().sum().backward()
+    assert torch.equal(amortized.weight.grad, exact.weight.grad)
+    assert torch.equal(amortized.bias.grad, exact.bias.grad)
+    assert int(amortized.amortizer.steps) == 0
+
+
+def _mlp(seed):
+    torch.manual_seed(seed)
+    dims = [784] + [256] * 8
+    layers = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return cx.consequentialize(nn.Sequential(*layers, nn.Linear(256, 10)))
+
+
+def _train_fixed_batch(model, steps=60):
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 784, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    return loss.item(), max(p.grad.abs().max().item() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls: threads only add synchronisation on a busy CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def exact_mlp_loss(one_thread):
+    loss, _ = _train_fixed_batch(_mlp(0))
+    assert loss < 2.0  # the exact run itself trains (from 2.30)
+    return loss
+
+
+@pytest.mark.parametrize("options", [{}, {"exact_when_cheaper": False}])
+def test_mlp_where_the_undamped_amortised_run_diverged_stays_close_to_exact(options,
+                                                                             exact_mlp_loss):
+    """The issue's scenario: 8 ReLU layers of 256, one fixed batch of 32 (N < D), SGD 0.01.
+    Undamped and unguarded, the amortised run reached NaN by step 59; by default it takes
+    the exact column solves, and forced onto the row side it stays finite."""
+    loss, max_grad = _train_fixed_batch(cx.amortize(_mlp(0), every=10, **options))
+    assert math.isfinite(loss) and max_grad < 10.0
+    assert loss < 2.0 * exact_mlp_loss
+
+
+def _force_row(layer_class, *args, **kwargs):
+    return cx.amortize(layer_class(*args, **kwargs), every=3, exact_when_cheaper=False)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: _force_row(cx.CLinear, 5, 3), (8, 5)),
+    (lambda: _force_row(cx.CConv2d, 2, 3, 3, padding=1), (4, 2, 5, 5))])
+def test_huge_input_gives_nan_and_one_warning_and_keeps_the_state(make, shape, fresh_warnings):
+    """1e30 overflows the float32 Gram: on a refresh step and between refreshes, the step is
+    NaN (no exception in backward), one warning, and the next finite step is as if the bad
+    one had not refreshed anything."""
+    torch.manual_seed(0)
+    layer = make()
+    clean = copy.deepcopy(layer)
+    good = [torch.randn(shape) for _ in range(3)]
+    for model in (layer, clean):                      # step 0: a refresh
+        model(good[0]).sum().backward()
+    bad = torch.randn(shape)
+    bad.view(-1)[3] = 1e30
     state = {k: v.clone() for k, v in layer.amortizer.state_dict().items()}
     layer.zero_grad()
-    bad = torch.randn(8, 5)
-    bad[3, 1] = float("nan")
-    layer(bad).sum().backward()
-    assert not torch.isfinite(layer.weight.grad).any()
-    for key, value in layer.amortizer.state_dict().items():
-        assert torch.equal(value, state[key]), key
+    layer(bad).sum().backward()                       # step 1: between refreshes
+    assert not torch.isfinite(layer.weight.grad).all()
+    assert torch.equal(layer.amortizer.gram, state["gram"])
+    assert torch.equal(layer.amortizer.inverse, state["inverse"])
+    clean.amortizer.steps += 1                        # the clean copy skips that step
+    for x in good[1:]:                                # step 2, then 3: a refresh
+        for model in (layer, clean):
+            model.zero_grad()
+            model(x).sum().backward()
+        assert torch.equal(layer.weight.grad, clean.weight.grad)
+    layer.zero_grad()
+    state = {k: v.clone() for k, v in layer.amortizer.state_dict().items()}
+    layer(bad).sum().backward()                       # step 4: between refreshes
+    layer(bad).sum().backward()                       # step 5
+    layer.zero_grad()
+    layer(bad).sum().backward()                       # step 6: a refresh, refused
+    assert not torch.isfinite(layer.weight.grad).all()
+    assert torch.equal(layer.amortizer.gram, state["gram"])
+    assert int(layer.amortizer.steps) == 6            # the refresh is retried next step
+    messages = [str(w.message) for w in fresh_warnings]
+    assert len(messages) == 1 and "amortize" in messages[0], messages
+
+
+def test_finite_gram_that_no_ridge_makes_definite_gives_nan_not_an_exception(fresh_warnings):
+    amortizer = amortize_module.GramAmortizer((3, 3), every=1, decay=0.5)
+    indefinite = -torch.eye(3)    # not a Gram; the factorisation fails at every escalation
+    out = amortizer.precondition(indefinite, torch.ones(2, 3), 1e-3, energy=None)
+    assert out.shape == (2, 3) and torch.isnan(out).all()
+    assert int(amortizer.steps) == 0 and not amortizer.gram.any()
+    assert any("no escalation helped" in str(w.message) for w in fresh_warnings)
+
+
+def test_checkpoint_resumes_every_piece_of_state_bit_identically():
+    """Saved between refreshes (steps, EMA, inverse mid-period), resumed into a model with a
+    different initialisation and an empty amortizer."""
+    def model(seed):
+        torch.manual_seed(seed)
+        net = cx.consequentialize(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(),
+                                                nn.Linear(27, 4)), ridge=1e-2)
+        return cx.amortize(net, every=4, gram_every=2, exact_when_cheaper=False)
+
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(5, 2, 5, 5, generator=gen), torch.randn(5, 4, generator=gen))
+               for _ in range(7)]
+
+    def train(net, opt, part):
+        for x, t in part:
+            opt.zero_grad()
+            F.mse_loss(net(x), t).backward()
+            opt.step()
+
+    straight = model(0)
+    train(straight, torch.optim.SGD(straight.parameters(), lr=0.1), batches)
+    first = model(0)
+    train(first, torch.optim.SGD(first.parameters(), lr=0.1), batches[:3])
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = model(1)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert int(resumed[0].amortizer.steps) == 3 and resumed[2].amortizer.inverse.any()
+    train(resumed, torch.optim.SGD(resumed.parameters(), lr=0.1), batches[3:])
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
 
 
 def test_amortize_is_in_state_dict_and_removable():
@@ -107,7 +337,7 @@ def test_amortize_is_in_state_dict_and_removable():
                                               nn.Linear(3, 2, bias=False)))
     cx.amortize(model, every=4)
     keys = set(model.state_dict())
-    assert {"0.amortizer.gram", "0.amortizer.factor", "0.amortizer.steps",
+    assert {"0.amortizer.gram", "0.amortizer.inverse", "0.amortizer.steps",
             "2.amortizer.gram"} <= keys
     assert model[0].amortizer.gram.shape == (1, 19, 19)
     assert model[2].amortizer.gram.shape == (3, 3)
@@ -115,12 +345,20 @@ def test_amortize_is_in_state_dict_and_removable():
     assert not any("amortizer" in k for k in model.state_dict())
 
 
-@pytest.mark.parametrize("kwargs, match", [({"every": 0}, "every"), ({"every": 2.5}, "every"),
-                                           ({"decay": 1.0}, "decay"),
-                                           ({"decay": float("nan")}, "decay")])
+@pytest.mark.parametrize("kwargs, match", [
+    ({"every": 0}, "every"), ({"every": 2.5}, "every"), ({"decay": 1.0}, "decay"),
+    ({"decay": float("nan")}, "decay"), ({"gram_every": 0}, "gram_every"),
+    ({"gram_oversample": 0.5}, "gram_oversample"), ({"gram_oversample": "all"}, "gram_oversample"),
+    ({"every": 10, "gram_every": 3}, "gram_every must divide every"),
+    ({"damping": -0.1}, "damping"), ({"damping": float("inf")}, "damping"),
+    ({"safeguard_columns": 0}, "safeguard_columns"),
+    ({"safeguard_columns": 1.5}, "safeguard_columns"),
+    ({"exact_when_cheaper": "yes"}, "exact_when_cheaper")])
 def test_bad_options_name_the_argument(kwargs, match):
+    layer = cx.CLinear(3, 2)
     with pytest.raises(ValueError, match=match):
-        cx.amortize(cx.CLinear(3, 2), **kwargs)
+        cx.amortize(layer, **kwargs)
+    assert "amortizer" not in layer._modules
 
 
 def test_model_without_c_layers_is_an_error():
