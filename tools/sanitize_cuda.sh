@@ -6,9 +6,10 @@
 #
 # The sanitizer runtime is preloaded into the Python process, which loads the instrumented
 # emulation library through ctypes. torch's OpenMP threads are not instrumented and would give
-# false race reports: OMP_NUM_THREADS=1. The emulation runs its threads concurrently here
-# (CX_EMU_SCHEDULE=threads): the deterministic schedule hands a token from thread to thread,
-# which would order every access and hide the races from ThreadSanitizer.
+# false race reports: OMP_NUM_THREADS=1. --capture=sys: the reports, written to file descriptor 2,
+# show even for a test that passes. The emulation runs its threads concurrently here
+# (CX_EMU_SCHEDULE=threads): the deterministic schedule runs a block's threads as fibers on
+# one host thread, where ThreadSanitizer sees no two accesses as concurrent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -21,7 +22,7 @@ run_under() {  # name, runtime library, compile flags, sanitizer options variabl
   runtime=$("$CXX" -print-file-name="$2")
   echo "== $name: $3"
   env CX_EMU_CXXFLAGS="$3" CX_EMU_SCHEDULE=threads OMP_NUM_THREADS=1 "$4" LD_PRELOAD="$runtime" \
-    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_emulation.py -k "$SELECT"
+    "$PYTHON" -m pytest -q -p no:cacheprovider --capture=sys tests/test_cuda_emulation.py -k "$SELECT"
 }
 
 status=0

@@ -21,8 +21,8 @@
 //   Races that change no value (every thread storing the same) never show.
 // * kThreads: one host thread (std::thread) per emulated thread, all running at once, barriers
 //   the only synchronisation. For ThreadSanitizer (tools/sanitize_cuda.sh), which sees every
-//   race whether or not the interleaving exposes it; the serial schedule's hand-offs would order
-//   every access and hide them.
+//   race whether or not the interleaving exposes it; under the serial schedule it would see a
+//   single host thread and no race at all.
 #pragma once
 #define CX_CUDA_EMULATION 1
 
