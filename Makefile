@@ -6,10 +6,14 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= test bench triton
-# Installed without their dependencies, which would pull the registry's CUDA torch: timm for the
-# benchmark's real-models section (its other needs come with the extras) and the torchvision
-# whose pure-Python model code it imports (bench/real_models.py).
-NO_DEPS    ?= timm==1.0.31 torchvision==0.28.0
+# Packages installed without their dependencies (which would pull the registry's CUDA torch).
+NO_DEPS    ?=
+# `make bench` runs in a venv of its own that adds timm for the real-models section and the
+# torchvision whose pure-Python model code timm imports (bench/real_models.py). Not in .venv:
+# that torchvision's compiled ops do not load with the CPU torch, which breaks transformers'
+# model imports in the tests.
+BENCH_VENV ?= .venv-bench
+BENCH_NO_DEPS ?= timm==1.0.31 torchvision==0.28.0
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip install -q --disable-pip-version-check
 EXT        := consequential_ext/_C.abi3.so
@@ -24,7 +28,7 @@ $(VENV)/.ready: pyproject.toml tools/requirements.py
 	$(PIP) "$(TORCH_SPEC)"
 	$(PY) tools/requirements.py $(EXTRAS) > $(VENV)/requirements.txt
 	$(PIP) -r $(VENV)/requirements.txt
-	$(PIP) --no-deps $(NO_DEPS)
+	$(if $(strip $(NO_DEPS)),$(PIP) --no-deps $(NO_DEPS))
 	touch $@
 
 build: $(EXT)
@@ -52,8 +56,9 @@ test: build cuda-check
 sanitize-cuda: build
 	PYTHON=$(PY) tools/sanitize_cuda.sh
 
-bench: build
-	$(PY) -m bench --quick
+bench:
+	$(MAKE) VENV=$(BENCH_VENV) NO_DEPS="$(BENCH_NO_DEPS)" build
+	$(BENCH_VENV)/bin/python -m bench --quick
 
 clean:
 	rm -rf build $(EXT) .pytest_cache

@@ -6,7 +6,8 @@ threads of this process, so other jobs on a shared machine count less than in wa
 with wall time beside it. A profiled C step splits its time into Gram, solve, G (the
 ordinary weight gradient the solve preconditions) and the rest.
 
-timm is optional (`make` installs it and torchvision without their dependencies). On machines whose only torchvision wheel is a
+timm is optional (`make bench` installs it and torchvision, without their dependencies, in
+its own venv). On machines whose only torchvision wheel is a
 CUDA build, torchvision's compiled ops fail to load and its import then stops at the fake
 registrations of ``nms``/``qnms``; ``import_timm`` declares those two schemas (no kernel:
 detection code would fail loudly, model code never calls them) and imports timm again.
