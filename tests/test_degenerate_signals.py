@@ -126,3 +126,27 @@ def test_batchnorm_of_one_sample_every_rule(signal, rule):
     rr.close(a.grad, expected, 1e-9, f"{rule} input signal")
     rr.close(norm.weight.grad, plain.weight.grad, 1e-9, "gamma")
     rr.close(norm.bias.grad, plain.bias.grad, 1e-9, "beta")
+
+
+@pytest.mark.parametrize("rule", ["backmatch", "backmatch-layerwise"])
+def test_batchnorm_without_running_statistics_in_eval_uses_the_batch(rule):
+    """track_running_stats=False: nn normalises by the batch in eval mode too, and so must the
+    matched signal (there are no running statistics to use)."""
+    torch.manual_seed(6)
+    norm = cx.BackMatchBatchNorm2d(3, track_running_stats=False, rule=rule,
+                                   dtype=torch.float64).eval()
+    a = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    y = norm(a)
+    assert torch.equal(y, torch.nn.functional.batch_norm(a, None, None, norm.weight, norm.bias,
+                                                         True, 0.0, norm.eps))
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    if rule == "backmatch":
+        expected = bref.matched_batchnorm_input(a, norm.weight, gy, norm.eps)
+    else:
+        a2 = a.detach().clone().requires_grad_()
+        torch.nn.functional.batch_norm(a2, None, None, norm.weight.detach(), None, True, 0.0,
+                                       norm.eps).backward(gy)
+        var = a.detach().var((0, 2, 3), unbiased=False).mean()
+        expected = a2.grad * var / norm.weight.detach().square().mean()
+    rr.close(a.grad, expected, 1e-9, f"{rule} input signal")
