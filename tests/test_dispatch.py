@@ -7,7 +7,7 @@ import torch
 
 import consequential_ext as cx
 from consequential_ext.ops import reference
-from rule_reference import close, unfold_gram
+from rule_reference import close, pair, unfold_gram
 
 pytestmark = pytest.mark.skipif("cpu" not in cx.ops.available_backends("im2col_gram", "cpu"),
                                 reason="compiled CPU kernels not built")
@@ -63,8 +63,7 @@ def test_im2col_gram_runs_the_cpu_kernel_for_every_layout(layout, stride, refere
     gram, ran = _compiled_ops_run(lambda: cx.ops.im2col_gram(xl, (3, 2), stride, (1, 0),
                                                              bias=True))
     assert "im2col_gram" in ran and reference_calls == []
-    stride = stride if isinstance(stride, tuple) else (stride, stride)
-    close(gram, unfold_gram(x, (3, 2), stride, (1, 0), (1, 1), 1, True)[0], 1e-5, layout)
+    close(gram, unfold_gram(x, (3, 2), pair(stride), (1, 0), (1, 1), 1, True)[0], 1e-5, layout)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])

@@ -30,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXTENSION = pathlib.Path("consequential_ext/_C.abi3.so")
 FILE_LIST = ".mutate-files"
 PRISTINE = ".mutate-pristine"    # the unmutated build/ and extension, restored after C++ mutants
-FIRST_FAILURE = re.compile(r"^(FAILED|ERROR) (\S+)", re.M)
+FIRST_FAILURE = re.compile(r"^(FAILED|ERROR) (.+?)(?: - .*)?$", re.M)  # -rfE summary
 
 
 def _compiled(path: str) -> bool:
