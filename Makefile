@@ -20,7 +20,7 @@ EXT        := consequential_ext/_C.abi3.so
 CSRC       := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 PYTEST_ARGS ?=
 
-.PHONY: env build cuda-check cuda-wheel test sanitize-cuda bench clean
+.PHONY: env build cuda-check cuda-wheel test sanitize-cuda bench mutate clean
 
 env: $(VENV)/.ready
 $(VENV)/.ready: pyproject.toml tools/requirements.py
@@ -59,6 +59,12 @@ sanitize-cuda: build
 bench:
 	$(MAKE) VENV=$(BENCH_VENV) NO_DEPS="$(BENCH_NO_DEPS)" build
 	$(BENCH_VENV)/bin/python -m bench --quick
+
+# Mutation testing (docs/mutation.md): each curated mutant of tools/mutants.py in a scratch
+# copy (build/mutate), against its own tests; prints the table and the score. Not in CI.
+MUTATE_ARGS ?=
+mutate: env
+	$(PY) tools/mutate.py $(MUTATE_ARGS)
 
 clean:
 	rm -rf build $(EXT) .pytest_cache

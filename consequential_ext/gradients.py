@@ -89,8 +89,11 @@ class Conv2dGradients:
         return grad_x.to(self.input.dtype)
 
     def _padded_input_grad(self):
+        # Under autocast the saved input stays float32 while the signal is bf16/fp16; some
+        # conv backends reject the mix, and only the input's shape matters here.
+        dtype = self.grad_output.dtype
         grad_x, _, _ = torch.ops.aten.convolution_backward(
-            self.grad_output, self.x, self.weight.to(self.grad_output.dtype), None,
+            self.grad_output, self.x.to(dtype), self.weight.to(dtype), None,
             list(self.stride), list(self.padding), list(self.dilation), False, [0, 0],
             self.groups, [True, False, False])
         return grad_x

@@ -103,8 +103,11 @@ def linear_weight_grads(input, grad_output, dtype, need_weight, need_bias):
     Accumulated in float32 or better (autocast hands in mixed dtypes); returned in ``dtype``."""
     work = accumulate_dtype(grad_output.dtype)
     gy = grad_output.reshape(-1, grad_output.shape[-1]).to(work)
-    grad_weight = (gy.T @ input.reshape(-1, input.shape[-1]).to(work)).to(dtype) \
-        if need_weight else None
+    grad_weight = None
+    if need_weight:
+        # backward may run inside an autocast region, whose bf16 matmul would undo the cast
+        with torch.autocast(gy.device.type, enabled=False):
+            grad_weight = (gy.T @ input.reshape(-1, input.shape[-1]).to(work)).to(dtype)
     grad_bias = gy.sum(0).to(dtype) if need_bias else None
     return grad_weight, grad_bias
 
