@@ -41,8 +41,8 @@ MUTANTS = [
        "gram = rows @ rows.T / n", "gram = rows @ rows.T",
        "tests/test_properties.py", FUNCTIONAL),
     _m("matching.conv-N-counts-patches", PY + "matching.py",
-       "PendingGram(gram.reshape(groups, d, d), b, group)",
-       "PendingGram(gram.reshape(groups, d, d), p, group)",
+       "PendingGram(build(batch), batch.shape[0], group)",
+       "PendingGram(build(batch), batch.shape[0] * per_sample, group)",
        FUNCTIONAL, why="N for convolutions"),
     _m("matching.conv-column-N-counts-patches", PY + "matching.py",
        "cols.transpose(1, 2) @ cols / b", "cols.transpose(1, 2) @ cols / p",
@@ -61,8 +61,8 @@ MUTANTS = [
        "@_autocast_off\ndef matched_linear", "def matched_linear",
        AMP_SIDES, "tests/test_amp.py"),
     _m("matching.amortizer-on-column-side", PY + "matching.py",
-       'return "row" if group is not None or amortizer is not None else side',
-       'return "row" if group is not None else side',
+       "if group is not None or (amortizer is not None and not amortizer.exact_when_cheaper):",
+       "if group is not None:",
        "tests/test_amortize.py"),
     _m("matching.column-signal-order", PY + "matching.py",
        "permute(1, 2, 0, 3).reshape(groups, og, p)", "permute(1, 2, 3, 0).reshape(groups, og, p)",
@@ -169,7 +169,7 @@ MUTANTS = [
 
     # ---- amortize.py (its stable part) ----------------------------------------------------
     _m("amortize.ema-weight-swapped", PY + "amortize.py",
-       "self.gram.lerp_(gram, 1.0 - self.decay)", "self.gram.lerp_(gram, self.decay)",
+       "torch.lerp(gram, self.gram,", "torch.lerp(self.gram, gram,",
        "tests/test_amortize.py", why="the EMA weight"),
 
     # ---- ops: the reference spec and the dispatcher ---------------------------------------
@@ -222,7 +222,8 @@ MUTANTS = [
        "int64_t out_w(int64_t w) const { return (w + 2 * ph",
        GEOMETRY, CPU_KERNELS),
     _m("cpu.solve-escalation-step", "csrc/cpu/ridge_solve_cpu.cpp",
-       "diag.add_(9.0 * lam);", "diag.add_(10.0 * lam);",
+       "to the diagonal.\n      diag.add_(9.0 * lam);",
+       "to the diagonal.\n      diag.add_(10.0 * lam);",
        CPU_KERNELS + "::test_ridge_solve_escalates_records_and_warns_once",
        why="the CPU escalation"),
     _m("cpu.solve-ridge-times-D", "csrc/cpu/ridge_solve_cpu.cpp",
