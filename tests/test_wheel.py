@@ -34,7 +34,7 @@ assert cx.__file__.startswith(venv), f"imported from {cx.__file__}, not the whee
 assert "cpu" in cx.ops.available_backends("ridge_solve", "cpu"), "compiled ops missing"
 assert torch.ops.consequential_ext.built_with_torch() == torch.__version__
 
-# DESIGN.md §2: with N <= D, one SGD step with lr=1 and a tiny ridge puts every output on
+# docs/design.md §2: with N <= D, one SGD step with lr=1 and a tiny ridge puts every output on
 # its target.
 torch.manual_seed(0)
 layer = cx.CLinear(12, 3, ridge=1e-9, dtype=torch.float64)
