@@ -114,7 +114,11 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
         return f"a subclass of {base.__name__}" + (f": {why_not}" if why_not else
                                                    " with its own forward: register it with "
                                                    "cx.register_layer if it is linear-like"), False
-    return "unknown layer type: cx.register_layer teaches linear-like ones", False
+    # Name the parameters: a model's own (ViT's pos_embed, cls_token) are often no weight
+    # matrix at all, and the user should see which ones the report means.
+    names = [n for n, p in module._parameters.items() if p is not None and p.dim() >= 2]
+    return (f"unknown layer type ({type(module).__name__}) holding {', '.join(names)}: "
+            f"cx.register_layer teaches linear-like ones"), False
 
 
 def weight_users(model: nn.Module) -> dict[int, nn.Module]:

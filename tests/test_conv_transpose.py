@@ -145,7 +145,8 @@ def test_amortizer_without_averaging_equals_the_exact_solve():
     torch.manual_seed(8)
     model = cx.amortize(cx.consequentialize(nn.Sequential(
         nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)).double(), ridge=RIDGE),
-        every=1, decay=0.0)
+        every=1, decay=0.0, damping=0.0, gram_oversample=None, safeguard_columns=None,
+        exact_when_cheaper=False)  # no averaging, damping or safeguard: the exact solve
     assert model[0].amortizer.gram.shape == (2, 2, 2)
     x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
     for _ in range(2):
