@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -34,7 +35,8 @@ def straightness(points) -> float:
 def seed_band(curves):
     """Mean, min and max over seeds of equally long curves (NaN where a run diverged)."""
     a = np.asarray(curves, dtype=np.float64)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():     # a column of NaN (every seed diverged) stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(a, 0), np.nanmin(a, 0), np.nanmax(a, 0)
 
 
