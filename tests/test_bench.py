@@ -192,6 +192,36 @@ def test_train_records_curve_and_pads_a_diverged_run():
     assert math.isnan(curve["wall_seconds"][-1]) and curve["cpu_seconds"][0] == 0.0
 
 
+def test_protocol_picks_the_best_held_out_rate_and_runs_every_seed(tmp_path):
+    from bench.context import Context
+    torch.manual_seed(0)
+    split = data.Split(torch.randn(60, 4), torch.randint(0, 3, (60,)), torch.randn(9, 4),
+                       torch.randint(0, 3, (9,)))
+    built = []
+
+    def build(lr, seed):
+        built.append((lr, seed))
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 3)
+        return model, torch.optim.SGD(model.parameters(), lr=lr)
+
+    cfg = {"iters": 6, "select_iters": 4, "batch": 8, "eval_every": 3, "holdout": 0.25,
+           "seeds": 2}
+    threads = torch.get_num_threads()
+    out = protocol.run_methods(Context(out=tmp_path, quick=True),
+                               {"m": protocol.Method((1e-3, 0.5, float("inf")), build, split)},
+                               cfg, "test")["m"]
+    assert torch.get_num_threads() == threads
+    assert out.scores[float("inf")] == math.inf               # a diverged run never wins
+    assert out.lr == min(out.scores, key=out.scores.get) and out.lr != float("inf")
+    assert built == [(1e-3, 0), (0.5, 0), (float("inf"), 0), (out.lr, 0), (out.lr, 1)]
+    assert [c["iters"] for c in out.curves] == [[0, 3, 6]] * 2
+    rows = protocol.result_rows({"m": out}, {"setting": "s"})
+    assert rows[0]["seeds"] == 2 and rows[0]["setting"] == "s" and rows[0]["lr"] == out.lr
+    chosen = [r for r in protocol.selection_rows({"m": out}) if r["chosen"]]
+    assert [r["lr"] for r in chosen] == [out.lr]
+
+
 # --- time to target ----------------------------------------------------------------------
 
 def _curve(losses, cpu_per_eval, wall_per_eval=1.0):
