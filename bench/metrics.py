@@ -15,14 +15,6 @@ def first_reach(xs, ys, threshold):
     return None
 
 
-def first_above(xs, ys, threshold):
-    """The first x at which y ≥ threshold (None if never)."""
-    for x, y in zip(xs, ys):
-        if y is not None and math.isfinite(y) and y >= threshold:
-            return x
-    return None
-
-
 def straightness(points) -> float:
     """|end − start| / path length, in [0, 1]; 1 is a straight line (a still path gives 1)."""
     p = np.asarray(points, dtype=np.float64)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from .metrics import mean_std
+from .metrics import first_reach, mean_std
 
 FACTORS = (2.0, 1.1)
 CLAIM = ("Paper 1: C-SGD lowers the training loss faster than SGD from the start, and stays "
@@ -22,10 +22,9 @@ CLAIM = ("Paper 1: C-SGD lowers the training loss faster than SGD from the start
 
 def _reach(curve, target):
     """(iterations, CPU s, wall s) at the first evaluation with train loss ≤ target."""
-    for i, loss in enumerate(curve["train_loss"]):
-        if loss is not None and math.isfinite(loss) and loss <= target:
-            return curve["iters"][i], curve["cpu_seconds"][i], curve["wall_seconds"][i]
-    return None
+    i = first_reach(range(len(curve["iters"])), curve["train_loss"], target)
+    return None if i is None else (curve["iters"][i], curve["cpu_seconds"][i],
+                                   curve["wall_seconds"][i])
 
 
 def _final_mean(curves):

@@ -86,7 +86,6 @@ def test_interleaved_runs_every_candidate_in_rotated_order():
 def test_curve_metrics():
     assert metrics.first_reach([0, 10, 20], [3.0, 1.0, 0.5], 1.0) == 10
     assert metrics.first_reach([0, 10], [3.0, float("nan")], 1.0) is None
-    assert metrics.first_above([0, 10, 20], [0.5, 0.96, 0.99], 0.95) == 10
     assert metrics.straightness([[0, 0], [1, 1], [2, 2]]) == pytest.approx(1.0)
     # there and back: displacement 0
     assert metrics.straightness([[0, 0], [1, 0], [0, 0]]) == pytest.approx(0.0)
