@@ -14,7 +14,7 @@ medians with 20/80 % quantiles):
 
 plus ResNet-20's two stride-2 shapes (the tiled path; no goal). Writes ``gram_cpu.json``
 and ``gram_cpu.md`` (``gram_cpu_Nthread.*`` with ``--threads N``) to DIR (default
-``bench/results_cpu``). ``run(...)`` returns the rows;
+``results/gram_cpu``). ``run(...)`` returns the rows;
 importing this module runs nothing.
 """
 from __future__ import annotations
@@ -229,7 +229,7 @@ def _cpu_name():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batch, few reps (smoke run)")
-    parser.add_argument("--out", default=os.path.join(REPO, "bench", "results_cpu"))
+    parser.add_argument("--out", default=os.path.join(REPO, "results", "gram_cpu"))
     parser.add_argument("--reps", type=int, default=None, help="timed reps per provider")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
     parser.add_argument("--no-conv", action="store_true", help="skip CConv2d vs nn.Conv2d")

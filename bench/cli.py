@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from . import report
+from . import report, targets
 from .context import Context
 
 # Report order; each name is a module of this package with run(ctx) -> section dict.
-SECTIONS = ("kernels", "layer_step", "toys", "mlp", "resnet", "lenet", "real_models")
+SECTIONS = ("kernels", "layer_step", "toys", "mlp", "mnist1d_conv", "resnet", "lenet",
+            "real_models")
 
 
 def _sections(text: str):
@@ -78,8 +79,10 @@ def _meta(args, argv) -> dict:
             "date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
             "git commit": _git_commit(), "device": device, "torch": torch.__version__,
             "python": platform.python_version(), "rules": ", ".join(cx.RULES),
-            "library": f"{Path(cx.__file__).parent} (rules: {', '.join(cx.RULES)}; "
-                       f"optim: {'yes' if hasattr(cx, 'optim') else 'no'})"}
+            "library": f"consequential_ext of this checkout (rules: {', '.join(cx.RULES)}; "
+                       f"optim: {'yes' if hasattr(cx, 'optim') else 'no'}; "
+                       f"amortize: {'yes' if hasattr(cx, 'amortize') else 'no'})",
+            "training threads": "1 (see bench/protocol.py)"}
     if args.append:
         meta["note"] = ("this header is the last run's; the report may merge sections of "
                         "several runs (--append), each of which names its command and library")
@@ -107,15 +110,17 @@ def main(argv=None) -> int:
     ctx = Context(out=args.out, quick=args.quick, seeds=args.seeds, device=args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = _meta(args, argv)
-    results, t_start, failed = [], time.perf_counter(), 0
+    results, t_start, cpu_start, failed = [], time.perf_counter(), time.process_time(), 0
 
     def write():
         old = previous_sections(args.out) if args.append else []
-        return report.write_all(args.out, meta, merge_sections(old, results))
+        sections = merge_sections(old, results)
+        summary = targets.summary(sections)
+        return report.write_all(args.out, meta, sections + ([summary] if summary else []))
 
     for name in args.only:
         print(f"[bench] section {name} ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             result = importlib.import_module(f"bench.{name}").run(ctx)
         except Exception as exc:      # one broken section must not lose the others' results
@@ -123,11 +128,13 @@ def main(argv=None) -> int:
             failed += 1
             result = {"name": name, "title": name, "error": f"{type(exc).__name__}: {exc}"}
         result["seconds"] = time.perf_counter() - t0
+        result["cpu seconds"] = time.process_time() - c0
         result["command"] = meta["command"]
         result["library"] = meta["library"]
         results.append(result)
         write()                                       # partial report after each section
-    meta["total time"] = f"{time.perf_counter() - t_start:.0f} s"
+    meta["total time"] = (f"{time.perf_counter() - t_start:.0f} s wall, "
+                          f"{time.process_time() - cpu_start:.0f} s CPU process time")
     path = write()
     print(f"[bench] wrote {path}", file=sys.stderr)
     return 1 if failed else 0

@@ -93,3 +93,10 @@ def as_images(split: Split, side: int | None = None, low: float = 0.0, high: flo
     if split.x_train.shape[1] != 64:
         raise ValueError("as_images expects digits (64 features)")
     return Split(conv(split.x_train), split.y_train, conv(split.x_test), split.y_test)
+
+
+def as_signals(split: Split) -> Split:
+    """Flat features as (N, 1, 1, L) one-row images, for (1×k) Conv2d layers."""
+    def conv(x):
+        return x.reshape(len(x), 1, 1, -1).contiguous()
+    return Split(conv(split.x_train), split.y_train, conv(split.x_test), split.y_test)

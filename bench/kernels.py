@@ -29,16 +29,17 @@ def run(ctx):
         names = kernel_cases.backends(op, ctx.device)
         call, flops, d = kernel_cases.setup(op, cfg["batch"], channels, side, ctx.device)
         reference = call("reference")
-        times = interleaved({b: (lambda b=b: call(b)) for b in names}, cfg["repeats"],
-                            sync=ctx.sync if ctx.device.startswith("cuda") else None)
-        ref_median = summarize(times["reference"]).median
+        cpu, wall = interleaved({b: (lambda b=b: call(b)) for b in names}, cfg["repeats"],
+                                sync=ctx.sync if ctx.device.startswith("cuda") else None)
+        ref_median = summarize(cpu["reference"]).median
         for b in names:
-            st = summarize(times[b])
+            st, wt = summarize(cpu[b]), summarize(wall[b])
             mem = _peak_extra_mb(call, b, ctx.device)
             rows.append({"op": op, "input B×C×H×W": f"{cfg['batch']}×{channels}×{side}×{side}",
-                         "D": d, "backend": b, "median ms": st.median * 1e3,
-                         "IQR ms": st.iqr * 1e3, "GFLOP/s": gflops(flops, st.median),
-                         "speed-up vs reference": ref_median / st.median,
+                         "D": d, "backend": b, "median CPU ms": st.median * 1e3,
+                         "IQR CPU ms": st.iqr * 1e3, "median wall ms": wt.median * 1e3,
+                         "GFLOP/s (wall)": gflops(flops, wt.median),
+                         "speed-up vs reference (CPU time)": ref_median / st.median,
                          "max rel. error vs reference": _rel_error(call(b), reference),
                          "peak extra MiB": mem})
     present = sorted({r["backend"] for r in rows} - {"reference"})
@@ -51,13 +52,17 @@ def run(ctx):
         best = {}
         for r in rows:
             if r["op"] == op and r["backend"] != "reference":
-                best[r["backend"]] = best.get(r["backend"], []) + [r["speed-up vs reference"]]
+                best[r["backend"]] = (best.get(r["backend"], [])
+                                      + [r["speed-up vs reference (CPU time)"]])
         for b, ups in best.items():
             verdicts.append(f"{op}: backend `{b}` is {min(ups):.2f}–{max(ups):.2f}× the "
-                            f"reference's speed over the {len(ups)} ResNet-20 layer shapes.")
+                            f"reference's speed (CPU process time) over the {len(ups)} "
+                            f"ResNet-20 layer shapes.")
         if not best:
             verdicts.append(f"{op}: only the reference ran (no other backend available).")
-    notes.append("GFLOP/s from analytic counts: gram 2·P·D² (the full product, symmetry not "
+    notes.append("Times: CPU process time (all threads) and wall time of the same interleaved "
+                 "calls; speed-ups from CPU time (least disturbed by other load), GFLOP/s from "
+                 "wall time (throughput). GFLOP/s from analytic counts: gram 2·P·D² (the full product, symmetry not "
                  "credited), solve D³/3 + 2·M·D² (Cholesky + two triangular solves), "
                  "matched_grad = gram + G (2·P·D·M) + solve. Peak extra memory of one call "
                  "(bench/peak_memory.py): on CPU the peak resident set (VmHWM, reset before "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -10,14 +11,6 @@ def first_reach(xs, ys, threshold):
     """The first x at which y ≤ threshold (None if never)."""
     for x, y in zip(xs, ys):
         if y is not None and math.isfinite(y) and y <= threshold:
-            return x
-    return None
-
-
-def first_above(xs, ys, threshold):
-    """The first x at which y ≥ threshold (None if never)."""
-    for x, y in zip(xs, ys):
-        if y is not None and math.isfinite(y) and y >= threshold:
             return x
     return None
 
@@ -34,7 +27,8 @@ def straightness(points) -> float:
 def seed_band(curves):
     """Mean, min and max over seeds of equally long curves (NaN where a run diverged)."""
     a = np.asarray(curves, dtype=np.float64)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():     # a column of NaN (every seed diverged) stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(a, 0), np.nanmin(a, 0), np.nanmax(a, 0)
 
 

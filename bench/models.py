@@ -92,3 +92,24 @@ def relu_mlp(n_in: int, n_out: int, width: int, depth: int, seed: int) -> nn.Seq
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class SignalConvNet(nn.Module):
+    """MNIST-1D's convnet (its paper's baseline: three convolutions of 25 channels, kernel 5,
+    stride 2, padding 1, ReLU, then a linear layer), each 1-D convolution written as a (1×k)
+    Conv2d so that ``consequentialize`` converts it (Conv1d is not a C-layer yet).
+    Input (B, 1, 1, L)."""
+
+    def __init__(self, length=40, num_classes=10, channels=25, kernel=5):
+        super().__init__()
+        convs, cin, n = [], 1, length
+        for _ in range(3):
+            convs.append(nn.Conv2d(cin, channels, (1, kernel), (1, 2), (0, 1)))
+            cin, n = channels, (n + 2 - kernel) // 2 + 1
+        self.convs = nn.ModuleList(convs)
+        self.fc = nn.Linear(channels * n, num_classes)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.fc(x.flatten(1))

@@ -7,6 +7,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .metrics import seed_band  # noqa: E402
+
 DPI = 90
 
 
@@ -51,3 +53,26 @@ def panels(path, specs, ncols=2, size=(5.0, 3.6)):
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def _style(label):
+    """C-methods solid, BN variants dashed, the other plain methods dotted."""
+    if label.startswith("C-"):
+        return "-"
+    return "--" if label.endswith("-BN") else ":"
+
+
+def loss_specs(outcomes, where, ylabel, key="train_loss", logy=True):
+    """Two panels of a metric over seeds (mean, min–max band) per method: against iterations
+    and against the training loop's CPU seconds (mean over seeds)."""
+    specs = []
+    for xkey, xlabel in (("iters", "iteration"), ("cpu_seconds", "training CPU seconds")):
+        series = []
+        for label, o in outcomes.items():
+            mean, lo, hi = seed_band([c[key] for c in o.curves])
+            x = seed_band([c[xkey] for c in o.curves])[0]
+            series.append({"label": f"{label} (lr {o.lr:g})", "x": x, "y": mean, "lo": lo,
+                           "hi": hi, "style": _style(label)})
+        specs.append({"title": f"{where}: {key.replace('_', ' ')} vs {xlabel}", "xlabel": xlabel,
+                      "ylabel": ylabel, "logy": logy, "series": series})
+    return specs

@@ -70,7 +70,8 @@ def render(meta: dict, sections: list) -> str:
             out += ["<details><summary>configuration</summary>", "", "```json",
                     json.dumps(s["config"], indent=1, default=str), "```", "</details>", ""]
         if "seconds" in s:
-            out += [f"_Section time: {s['seconds']:.0f} s"
+            out += [f"_Section time: {s['seconds']:.0f} s wall"
+                    + (f", {s['cpu seconds']:.0f} s CPU" if "cpu seconds" in s else "")
                     + (f"; command: `{s['command']}`" if s.get("command") else "")
                     + (f"; library: {s['library']}" if s.get("library") else "") + "._", ""]
     return "\n".join(out)

@@ -39,13 +39,14 @@ def _quantile(sorted_xs, q):
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
-def interleaved(candidates: dict, repeats: int, warmup: int = 1, sync=None,
-                clock=time.perf_counter) -> dict:
-    """Seconds per call of each candidate (name → list), timed round-robin.
+def interleaved(candidates: dict, repeats: int, warmup: int = 1, sync=None):
+    """Seconds per call of each candidate, timed round-robin: (CPU process time, wall time),
+    each a dict name → list. Process time (all threads of this process) is what other load
+    on a shared machine disturbs least; wall time is what a user waits.
 
     ``sync`` (e.g. ``torch.cuda.synchronize``) runs inside the timed region so that
-    asynchronous devices are measured to completion. ``clock``: wall time by default;
-    ``time.process_time`` counts this process's CPU time only (steadier on a shared machine).
+    asynchronous devices are measured to completion (on CUDA only the wall time counts the
+    device's work).
     """
     names = list(candidates)
     for _ in range(warmup):
@@ -53,16 +54,17 @@ def interleaved(candidates: dict, repeats: int, warmup: int = 1, sync=None,
             candidates[name]()
     if sync:
         sync()
-    times = {name: [] for name in names}
+    cpu, wall = {name: [] for name in names}, {name: [] for name in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            t0 = clock()
+            c0, w0 = time.process_time(), time.perf_counter()
             candidates[name]()
             if sync:
                 sync()
-            times[name].append(clock() - t0)
-    return times
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    return cpu, wall
 
 
 def conv_out(size: int, k: int, stride: int, pad: int, dilation: int = 1) -> int:

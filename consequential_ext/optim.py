@@ -1,16 +1,18 @@
 """The layer-wise adaptive-rate baselines of paper 2 (§1.1, §4.1), for any model.
 
-* ``LARS`` (You et al., 2017): layer l steps with rate η · ‖W_l‖ / ‖δW_l‖.
-* ``LSALR`` (Singh et al., 2015): layer l steps with rate η · (1 + log(1 + 1/‖δW_l‖)).
+* ``LARS`` (You et al., 2017, Algorithm 1): layer l steps with rate
+  γ · η · ‖W_l‖ / (‖∇L(W_l)‖ + β‖W_l‖), γ the global learning rate, η the trust coefficient
+  (0.001 in their paper), β the weight decay. Without η a global rate of 2 (paper 2's
+  choice) moves every layer by twice its own norm per step and diverges.
+* ``LSALR`` (Singh et al., 2015): layer l steps with rate γ · (1 + log(1 + 1/‖δW_l‖)).
 
 A "layer" is one parameter tensor (a weight, a bias), as in common LARS implementations.
-δW is the gradient after weight decay (paper 2 applies the decay first), the rate
-multiplies it and momentum accumulates the scaled step (You et al.'s Algorithm 1):
-``v ← µ v + rate·δW``, ``W ← W − v`` (Nesterov: ``W ← W − (rate·δW + µ v)``).
+δW = ∇L + β·W is the gradient after weight decay; the rate multiplies it and momentum
+accumulates the scaled step (You et al.'s Algorithm 1): ``v ← µ v + rate·δW``,
+``W ← W − v`` (Nesterov: ``W ← W − (rate·δW + µ v)``).
 
-No maintained package provides both faithfully: ``timm.optim.Lars`` is LARS with a trust
-coefficient and the decay in the ratio's denominator (a different rate), and nothing
-maintained implements LSALR; hence this module.
+Nothing maintained implements LSALR, and ``timm.optim.Lars`` would add a dependency for one
+class; hence this module.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _check_nonnegative(value, name):
 class _LayerwiseRateSGD(torch.optim.Optimizer):
     """SGD with (Nesterov) momentum and weight decay whose step is ``rate(W, δW) · δW``."""
 
-    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, **extra):
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
                 or lr <= 0:
             raise ValueError(f"lr must be a finite float > 0; got {lr!r}")
@@ -40,10 +42,10 @@ class _LayerwiseRateSGD(torch.optim.Optimizer):
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         super().__init__(params, dict(lr=float(lr), momentum=momentum, nesterov=bool(nesterov),
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay, **extra))
 
-    @staticmethod
-    def _rate(lr, param_norm, grad_norm):
+    def _rate(self, group, param, grad, decayed):
+        """The per-tensor scalar that multiplies δW (``decayed``); ``grad`` is ∇L alone."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -59,7 +61,7 @@ class _LayerwiseRateSGD(torch.optim.Optimizer):
                 d = p.grad
                 if group["weight_decay"]:
                     d = d.add(p, alpha=group["weight_decay"])
-                step = d * self._rate(group["lr"], p.norm(), d.norm())
+                step = d * self._rate(group, p, p.grad, d)
                 if group["momentum"]:
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
@@ -73,21 +75,31 @@ class _LayerwiseRateSGD(torch.optim.Optimizer):
 
 
 class LARS(_LayerwiseRateSGD):
-    """Per-tensor rate lr · ‖W‖ / ‖δW‖; lr itself where either norm is 0 (a zero-initialised
-    bias must still move, and a zero gradient moves nothing anyway)."""
+    """Per-tensor rate lr · η · ‖W‖ / (‖∇L‖ + weight_decay · ‖W‖), η = ``trust_coefficient``;
+    lr itself where ‖W‖ or ‖∇L‖ is 0 (a zero-initialised bias must still move, and a zero
+    gradient with no decay moves nothing anyway)."""
 
-    @staticmethod
-    def _rate(lr, param_norm, grad_norm):
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
+                 trust_coefficient=0.001):
+        trust = _check_nonnegative(trust_coefficient, "trust_coefficient")
+        if trust == 0:
+            raise ValueError("trust_coefficient must be > 0; got 0")
+        super().__init__(params, lr, momentum, nesterov, weight_decay, trust_coefficient=trust)
+
+    def _rate(self, group, param, grad, decayed):
+        param_norm, grad_norm = param.norm(), grad.norm()
         usable = (param_norm > 0) & (grad_norm > 0)
-        ratio = param_norm / torch.where(usable, grad_norm, torch.ones_like(grad_norm))
-        return lr * torch.where(usable, ratio, torch.ones_like(ratio))
+        denom = grad_norm + group["weight_decay"] * param_norm
+        ratio = group["trust_coefficient"] * param_norm / torch.where(usable, denom,
+                                                                      torch.ones_like(denom))
+        return group["lr"] * torch.where(usable, ratio, torch.ones_like(ratio))
 
 
 class LSALR(_LayerwiseRateSGD):
     """Per-tensor rate lr · (1 + log(1 + 1/‖δW‖)); lr where δW = 0 (nothing moves)."""
 
-    @staticmethod
-    def _rate(lr, param_norm, grad_norm):
+    def _rate(self, group, param, grad, decayed):
+        grad_norm = decayed.norm()
         safe = torch.where(grad_norm > 0, grad_norm, torch.ones_like(grad_norm))
         boost = torch.log1p(1.0 / safe)
-        return lr * (1.0 + torch.where(grad_norm > 0, boost, torch.zeros_like(boost)))
+        return group["lr"] * (1.0 + torch.where(grad_norm > 0, boost, torch.zeros_like(boost)))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import cli, data, metrics, report, timing, train
+from bench import cli, data, metrics, protocol, report, targets, timing, train
 
 
 # --- CLI -------------------------------------------------------------------------------
@@ -75,16 +75,17 @@ def test_solve_flops_and_gflops():
 
 def test_interleaved_runs_every_candidate_in_rotated_order():
     calls = []
-    times = timing.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                               repeats=3, warmup=1)
+    cpu, wall = timing.interleaved({"a": lambda: calls.append("a"),
+                                    "b": lambda: calls.append("b")}, repeats=3, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
-    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    for times in (cpu, wall):
+        assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+        assert all(t >= 0 for ts in times.values() for t in ts)
 
 
 def test_curve_metrics():
     assert metrics.first_reach([0, 10, 20], [3.0, 1.0, 0.5], 1.0) == 10
     assert metrics.first_reach([0, 10], [3.0, float("nan")], 1.0) is None
-    assert metrics.first_above([0, 10, 20], [0.5, 0.96, 0.99], 0.95) == 10
     assert metrics.straightness([[0, 0], [1, 1], [2, 2]]) == pytest.approx(1.0)
     # there and back: displacement 0
     assert metrics.straightness([[0, 0], [1, 0], [0, 0]]) == pytest.approx(0.0)
@@ -186,7 +187,83 @@ def test_train_records_curve_and_pads_a_diverged_run():
     curve = train.train(model, torch.optim.SGD(model.parameters(), lr=float("inf")), split,
                         iters=10, batch=8, eval_every=4, seed=0)
     assert curve["diverged"] and curve["iters"] == [0, 4, 8, 10]
-    assert math.isnan(curve["train_loss"][-1]) and len(curve["seconds"]) == 4
+    assert math.isnan(curve["train_loss"][-1]) and len(curve["cpu_seconds"]) == 4
+    assert math.isnan(curve["wall_seconds"][-1]) and curve["cpu_seconds"][0] == 0.0
+
+
+def test_protocol_picks_the_best_held_out_rate_and_runs_every_seed(tmp_path):
+    from bench.context import Context
+    torch.manual_seed(0)
+    split = data.Split(torch.randn(60, 4), torch.randint(0, 3, (60,)), torch.randn(9, 4),
+                       torch.randint(0, 3, (9,)))
+    built = []
+
+    def build(lr, seed):
+        built.append((lr, seed))
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 3)
+        return model, torch.optim.SGD(model.parameters(), lr=lr)
+
+    cfg = {"iters": 6, "select_iters": 4, "batch": 8, "eval_every": 3, "holdout": 0.25,
+           "seeds": 2}
+    threads = torch.get_num_threads()
+    out = protocol.run_methods(Context(out=tmp_path, quick=True),
+                               {"m": protocol.Method((1e-3, 0.5, float("inf")), build, split)},
+                               cfg, "test")["m"]
+    assert torch.get_num_threads() == threads
+    assert out.scores[float("inf")] == math.inf               # a diverged run never wins
+    assert out.lr == min(out.scores, key=out.scores.get) and out.lr != float("inf")
+    assert built == [(1e-3, 0), (0.5, 0), (float("inf"), 0), (out.lr, 0), (out.lr, 1)]
+    assert [c["iters"] for c in out.curves] == [[0, 3, 6]] * 2
+    rows = protocol.result_rows({"m": out}, {"setting": "s"})
+    assert rows[0]["seeds"] == 2 and rows[0]["setting"] == "s" and rows[0]["lr"] == out.lr
+    chosen = [r for r in protocol.selection_rows({"m": out}) if r["chosen"]]
+    assert [r["lr"] for r in chosen] == [out.lr]
+
+
+# --- time to target ----------------------------------------------------------------------
+
+def _curve(losses, cpu_per_eval, wall_per_eval=1.0):
+    n = len(losses)
+    return {"iters": [10 * i for i in range(n)], "train_loss": losses,
+            "cpu_seconds": [cpu_per_eval * i for i in range(n)],
+            "wall_seconds": [wall_per_eval * i for i in range(n)]}
+
+
+def test_time_to_target_rows_by_hand():
+    outcomes = {
+        "SGD": protocol.Outcome(0.1, {}, [_curve([2.0, 1.0, 0.5], 1.0),
+                                          _curve([2.0, 0.9, 0.5], 3.0)]),
+        "C-SGD": protocol.Outcome(0.1, {}, [_curve([2.0, 0.4, 0.3], 2.0),
+                                            _curve([2.0, 0.5, 0.3], 4.0)])}
+    rows = targets.rows(outcomes, {"C-SGD": "SGD"}, {"dataset": "d"})
+    by = {(r["target"], r["method"]): r for r in rows}
+    # best final loss 0.3 (C-SGD); 2× = 0.6: SGD at iteration 20 (CPU 2 and 6 s), C-SGD at 10
+    sgd, csgd = by["2× best = 0.6", "SGD"], by["2× best = 0.6", "C-SGD"]
+    assert (sgd["iterations"], sgd["CPU s"], sgd["wall s"]) == (20, 4.0, 2.0)
+    assert (csgd["iterations"], csgd["CPU s"], csgd["dataset"]) == (10, 3.0, "d")
+    assert csgd["iterations ratio"] == pytest.approx(0.5)
+    assert csgd["CPU-time ratio"] == pytest.approx(0.75) and csgd["per CPU second"] == "faster"
+    assert "baseline" not in sgd
+    # 1.1× = 0.33: only C-SGD gets there
+    assert by["1.1× best = 0.33", "SGD"]["iterations"] == "not reached (0/2 seeds)"
+    late = by["1.1× best = 0.33", "C-SGD"]
+    assert late["iterations"] == 20 and late["per CPU second"] == "baseline did not reach it"
+    assert "CPU-time ratio" not in late
+
+
+def test_time_to_target_summary_collects_every_comparison():
+    outcomes = {"SGD": protocol.Outcome(0.1, {}, [_curve([3.0, 1.0], 1.0)]),
+                "C-SGD": protocol.Outcome(0.1, {}, [_curve([3.0, float("nan")], 9.0)])}
+    rows = targets.rows(outcomes, {"C-SGD": "SGD"})     # C-SGD diverged: best is SGD's 1.0
+    section = {"name": "demo", "tables": [targets.table(rows)]}
+    summary = targets.summary([section, {"name": "toys", "tables": []}])
+    assert [r["per CPU second"] for r in summary["tables"][0]["rows"]] == \
+        ["method did not reach it"] * 2
+    assert summary["verdicts"] == ["C-SGD vs SGD: reached the target in fewer iterations in 0 "
+                                   "of 2 comparisons, in less CPU time in 0 of 2; never "
+                                   "reached it in 2."]
+    assert targets.summary([{"name": "toys", "tables": []}]) is None
 
 
 # --- one section end to end ------------------------------------------------------------
