@@ -64,6 +64,17 @@ def explicit_padding(padding, kernel_size, dilation):
     return tuple(pads)
 
 
+def _split_padding(padding, kernel_size, dilation):
+    """(symmetric padding per spatial dim, the excess in F.pad's order): an uneven 'same' is
+    padded explicitly, so that kernels only ever see symmetric zero padding."""
+    pads = explicit_padding(padding, kernel_size, dilation)
+    symmetric = tuple(map(min, pads[0::2], pads[1::2]))
+    extra = []
+    for before, after, sym in reversed(list(zip(pads[0::2], pads[1::2], symmetric))):
+        extra += [before - sym, after - sym]
+    return symmetric, tuple(extra)
+
+
 class Conv2dGradients:
     """Backward of ``F.conv2d``: X is every im2col patch of every sample, per group.
 
@@ -73,19 +84,20 @@ class Conv2dGradients:
 
     def __init__(self, input, weight, grad_output, stride, padding, dilation, groups, *,
                  has_bias, needs_weight, needs_bias, ridge, amortizer):
-        top, bottom, left, right = explicit_padding(padding, weight.shape[2:], dilation)
-        ph, pw = min(top, bottom), min(left, right)
-        self.extra = (left - pw, right - pw, top - ph, bottom - ph)     # F.pad order
+        self.padding, self.extra = _split_padding(padding, weight.shape[2:], dilation)
         self.x = torch.nn.functional.pad(input, self.extra) if any(self.extra) else input
         self.input, self.weight, self.grad_output = input, weight, grad_output
-        self.stride, self.padding, self.dilation, self.groups = stride, (ph, pw), dilation, groups
+        self.stride, self.dilation, self.groups = stride, dilation, groups
         self.has_bias, self.ridge, self.amortizer = has_bias, ridge, amortizer
         self.needs_weight, self.needs_bias = needs_weight, needs_bias
 
     def _crop(self, grad_x):
-        left, right, top, bottom = self.extra
         if any(self.extra):
-            grad_x = grad_x[..., top: grad_x.shape[-2] - bottom, left: grad_x.shape[-1] - right]
+            dims = len(self.padding)
+            keep = [slice(self.extra[2 * (dims - 1 - i)],
+                          grad_x.shape[2 + i] - self.extra[2 * (dims - 1 - i) + 1])
+                    for i in range(dims)]
+            grad_x = grad_x[(slice(None), slice(None), *keep)]
         return grad_x.to(self.input.dtype)
 
     def _padded_input_grad(self):
@@ -94,8 +106,8 @@ class Conv2dGradients:
         dtype = self.grad_output.dtype
         grad_x, _, _ = torch.ops.aten.convolution_backward(
             self.grad_output, self.x.to(dtype), self.weight.to(dtype), None,
-            list(self.stride), list(self.padding), list(self.dilation), False, [0, 0],
-            self.groups, [True, False, False])
+            list(self.stride), list(self.padding), list(self.dilation), False,
+            [0] * len(self.stride), self.groups, [True, False, False])
         return grad_x
 
     def input_grad(self):
@@ -281,18 +293,7 @@ class Conv1dGradients(_UnitHeight):
             padding, (1, dilation[0]), groups, **needs))
 
 
-def _split_padding(padding, kernel_size, dilation):
-    """(symmetric padding per spatial dim, the excess in F.pad's order): an uneven 'same' is
-    padded explicitly, so that kernels only ever see symmetric zero padding."""
-    pads = explicit_padding(padding, kernel_size, dilation)
-    symmetric = tuple(map(min, pads[0::2], pads[1::2]))
-    extra = []
-    for before, after, sym in reversed(list(zip(pads[0::2], pads[1::2], symmetric))):
-        extra += [before - sym, after - sym]
-    return symmetric, tuple(extra)
-
-
-class Conv3dGradients:
+class Conv3dGradients(Conv2dGradients):
     """Backward of ``F.conv3d``: X is every 3-D patch of every sample, per group; N = B.
 
     Input side: the native 3-D conv backward. Weight side: the Conv2d kind's, on the input
@@ -303,39 +304,6 @@ class Conv3dGradients:
     with ridge λ/D_out — ``G (A/D_out + λ/D_out·I)⁻¹ = D_out · G (A + λI)⁻¹`` — and the
     result divided by D_out. An amortizer hence averages ``A/D_out`` (constant D_out assumed).
     """
-
-    def __init__(self, input, weight, grad_output, stride, padding, dilation, groups, *,
-                 has_bias, needs_weight, needs_bias, ridge, amortizer):
-        self.padding, self.extra = _split_padding(padding, weight.shape[2:], dilation)
-        self.x = torch.nn.functional.pad(input, self.extra) if any(self.extra) else input
-        self.input, self.weight, self.grad_output = input, weight, grad_output
-        self.stride, self.dilation, self.groups = stride, dilation, groups
-        self.has_bias, self.ridge, self.amortizer = has_bias, ridge, amortizer
-        self.needs_weight, self.needs_bias = needs_weight, needs_bias
-
-    def _crop(self, grad_x):
-        if any(self.extra):
-            dims = len(self.padding)
-            keep = [slice(self.extra[2 * (dims - 1 - i)],
-                          grad_x.shape[2 + i] - self.extra[2 * (dims - 1 - i) + 1])
-                    for i in range(dims)]
-            grad_x = grad_x[(slice(None), slice(None), *keep)]
-        return grad_x.to(self.input.dtype)
-
-    def _padded_input_grad(self):
-        grad_x, _, _ = torch.ops.aten.convolution_backward(
-            self.grad_output, self.x, self.weight.to(self.grad_output.dtype), None,
-            list(self.stride), list(self.padding), list(self.dilation), False, [0, 0, 0],
-            self.groups, [True, False, False])
-        return grad_x
-
-    def input_grad(self):
-        return self._crop(self._padded_input_grad())
-
-    def matched_input_signal(self):
-        return self._crop(backmatch.match_conv2d_input(
-            self._padded_input_grad(), self.weight, self.stride, self.padding, self.dilation,
-            self.groups, self.grad_output.shape[2:]))
 
     def layerwise_input_signal(self):
         # Eq. 35 in three dims: ‖W_col‖²_{2,µ} / c with c = D_in·H_in·W_in / s.

@@ -46,7 +46,32 @@ class CLinear(CLayerMixin, nn.Linear):
         return f"{super().extra_repr()}, {self._cx_repr()}"
 
 
-class CConv2d(CLayerMixin, nn.Conv2d):
+class _CConvNd(CLayerMixin):
+    """What CConv1d / CConv2d / CConv3d share: nn's ``_conv_forward`` steps (non-zero
+    ``padding_mode`` padded first) around the functional C-entry ``_cx_conv``, and one Gram
+    per group."""
+
+    _cx_conv = None
+
+    def cx_gram_shape(self):
+        d = self.weight[0].numel() + (self.bias is not None)
+        return (self.groups, d, d)
+
+    def forward(self, input):
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        else:
+            padding = self.padding
+        return self._cx_conv(input, self.weight, self.bias, self.stride, padding,
+                             self.dilation, self.groups, rule=self.rule, ridge=self.ridge,
+                             amortizer=amortizer_of(self))
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._cx_repr()}"
+
+
+class CConv2d(_CConvNd, nn.Conv2d):
     """``nn.Conv2d`` whose weight and bias get the gradient of ``rule`` (default: the matched
     gradient ``G (A + λI)⁻¹`` with X the im2col patches per group, N the batch size;
     docs/design.md §2); forward is bit-identical to nn.Conv2d.
@@ -56,30 +81,15 @@ class CConv2d(CLayerMixin, nn.Conv2d):
     ``CLinear``.
     """
 
+    # nn.Conv2d._conv_forward's two steps around cconv2d, so outputs are bit-identical.
+    _cx_conv = staticmethod(CF.cconv2d)
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
                  rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device, dtype)
         self.rule, self.ridge = rule, ridge
-
-    def cx_gram_shape(self):
-        d = self.weight[0].numel() + (self.bias is not None)
-        return (self.groups, d, d)
-
-    def forward(self, input):
-        # The same two steps as nn.Conv2d._conv_forward, so outputs are bit-identical.
-        if self.padding_mode != "zeros":
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        else:
-            padding = self.padding
-        return CF.cconv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
-                          self.groups, rule=self.rule, ridge=self.ridge,
-                          amortizer=amortizer_of(self))
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, {self._cx_repr()}"
 
 
 class CLinearLike(CLayerMixin):
@@ -134,28 +144,6 @@ class CEmbedding(CLayerMixin, nn.Embedding):
         return CF.cembedding(input, self.weight, self.padding_idx, self.max_norm,
                              self.norm_type, self.scale_grad_by_freq, self.sparse,
                              rule=self.rule, ridge=self.ridge)
-class _CConvNd(CLayerMixin):
-    """What CConv1d / CConv3d share: nn's ``_conv_forward`` steps (non-zero ``padding_mode``
-    padded first) around the functional C-entry ``_cx_conv``, and one Gram per group."""
-
-    _cx_conv = None
-
-    def cx_gram_shape(self):
-        d = self.weight[0].numel() + (self.bias is not None)
-        return (self.groups, d, d)
-
-    def forward(self, input):
-        if self.padding_mode != "zeros":
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        else:
-            padding = self.padding
-        return self._cx_conv(input, self.weight, self.bias, self.stride, padding,
-                             self.dilation, self.groups, rule=self.rule, ridge=self.ridge,
-                             amortizer=amortizer_of(self))
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, {self._cx_repr()}"
 
 
 class CMultiheadAttention(CLayerMixin, nn.MultiheadAttention):

@@ -73,14 +73,14 @@ MUTANTS = [
 
     # ---- gradients.py: per-kind backward primitives --------------------------------------
     _m("gradients.same-extra-pad-axes-swapped", PY + "gradients.py",
-       "self.extra = (left - pw, right - pw, top - ph, bottom - ph)",
-       "self.extra = (top - ph, bottom - ph, left - pw, right - pw)",
+       "for before, after, sym in reversed(list(zip(pads[0::2], pads[1::2], symmetric))):",
+       "for before, after, sym in list(zip(pads[0::2], pads[1::2], symmetric)):",
        GEOMETRY, FUNCTIONAL, why="issue survivor 1: H and W swapped in the F.pad order"),
     _m("gradients.same-extra-on-the-left", PY + "gradients.py",
        "pads += [total // 2, total - total // 2]", "pads += [total - total // 2, total // 2]",
        GEOMETRY, FUNCTIONAL, why="'same' padding splits"),
     _m("gradients.crop-axes-swapped", PY + "gradients.py",
-       "left, right, top, bottom = self.extra", "top, bottom, left, right = self.extra",
+       "grad_x.shape[2 + i] - self.extra[2 * (dims - 1 - i) + 1])", "grad_x.shape[2 + i] - self.extra[2 * i + 1])",
        GEOMETRY, "tests/test_backmatch.py"),
     _m("gradients.layerwise-c-of-padded-input", PY + "gradients.py",
        "conv2d_input_factor(self.weight, self.groups, self.input.shape[2:],",
