@@ -125,3 +125,20 @@ def valid_taps(size_in, size_out, kernel, stride, padding, dilation):
     how often a transposed conv's weight entry is used per sample on a dense signal."""
     return sum(0 <= h * stride - padding + i * dilation < size_out
                for h in range(size_in) for i in range(kernel))
+
+
+def close(actual, expected, rtol=1e-9):
+    """Norm-wise relative error of ``actual`` against the float64 ``expected`` below ``rtol``."""
+    err = (actual.double() - expected).norm() / expected.norm().clamp_min(1e-300)
+    assert err < rtol, f"relative error {err:.3e} >= {rtol:.1e}"
+
+
+def run_pair(layer, plain, x):
+    """A C-layer and its nn twin on x with the same random output signal:
+    (x grad of each, the signal, the outputs)."""
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [layer(xs[0]), plain(xs[1])]
+    gy = torch.randn_like(outs[0])
+    for out in outs:
+        out.backward(gy)
+    return xs[0].grad, xs[1].grad, gy, outs

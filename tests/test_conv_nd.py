@@ -42,11 +42,6 @@ CASES = {
 ALL = [(dims, i) for dims in CASES for i in range(len(CASES[dims]))]
 
 
-def _close(actual, expected, rtol=1e-9):
-    err = (actual.double() - expected).norm() / expected.norm().clamp_min(1e-300)
-    assert err < rtol, f"relative error {err:.3e} >= {rtol:.1e}"
-
-
 def _pair_of_layers(dims, case, rule):
     b, cin, cout, size, k, s, p, d, g, bias, mode = case
     layer = C_LAYER[dims](cin, cout, k, s, p, d, g, bias, mode, dtype=torch.float64,
@@ -56,27 +51,17 @@ def _pair_of_layers(dims, case, rule):
     return layer, plain, torch.randn((b, cin) + size, dtype=torch.float64)
 
 
-def _run(layer, plain, x):
-    """Both layers on x with the same random output signal: (x grads, gy, outputs)."""
-    xs = [x.clone().requires_grad_() for _ in range(2)]
-    outs = [layer(xs[0]), plain(xs[1])]
-    gy = torch.randn_like(outs[0])
-    for out in outs:
-        out.backward(gy)
-    return xs[0].grad, xs[1].grad, gy, outs
-
-
 @pytest.mark.parametrize("dims,index", ALL)
 def test_consequential_matches_reference(dims, index):
     case = CASES[dims][index]
     layer, plain, x = _pair_of_layers(dims, case, "consequential")
-    grad_x, plain_grad_x, gy, (out, plain_out) = _run(layer, plain, x)
+    grad_x, plain_grad_x, gy, (out, plain_out) = ref.run_pair(layer, plain, x)
     assert torch.equal(out, plain_out)                       # forward: nn's, bit for bit
     _, _, _, _, _, s, p, d, g, bias, mode = case
     gw, gb = ref.matched_conv(x, layer.weight, layer.bias, gy, s, p, d, g, RIDGE, mode)
-    _close(layer.weight.grad, gw)
+    ref.close(layer.weight.grad, gw)
     if bias:
-        _close(layer.bias.grad, gb)
+        ref.close(layer.bias.grad, gb)
     torch.testing.assert_close(grad_x, plain_grad_x, rtol=1e-12, atol=1e-12)
 
 
@@ -84,33 +69,33 @@ def test_consequential_matches_reference(dims, index):
 def test_backmatch_signal_is_eq22_and_weights_are_matched(dims, index):
     case = CASES[dims][index]
     layer, plain, x = _pair_of_layers(dims, case, "backmatch")
-    grad_x, _, gy, _ = _run(layer, plain, x)
+    grad_x, _, gy, _ = ref.run_pair(layer, plain, x)
     _, _, _, _, _, s, p, d, g, bias, mode = case
     expected = ref.matched_input_by_jacobian(plain, x.shape, gy)
-    _close(grad_x, expected, 1e-9)
+    ref.close(grad_x, expected, 1e-9)
     gw, gb = ref.matched_conv(x, layer.weight, layer.bias, gy, s, p, d, g, RIDGE, mode)
-    _close(layer.weight.grad, gw)
+    ref.close(layer.weight.grad, gw)
 
 
 @pytest.mark.parametrize("dims,index", ALL)
 def test_layerwise_divides_by_sharing_and_column_norm(dims, index):
     case = CASES[dims][index]
     layer, plain, x = _pair_of_layers(dims, case, "backmatch-layerwise")
-    grad_x, plain_grad_x, gy, (out, _) = _run(layer, plain, x)
+    grad_x, plain_grad_x, gy, (out, _) = ref.run_pair(layer, plain, x)
     gw, gb, gx = ref.layerwise_conv(plain.weight.grad, plain.bias.grad if case[9] else None,
                                     plain_grad_x, plain.weight, case[8],
                                     math.prod(out.shape[2:]), math.prod(x.shape[2:]))
-    _close(layer.weight.grad, gw, 1e-12)
+    ref.close(layer.weight.grad, gw, 1e-12)
     if case[9]:
-        _close(layer.bias.grad, gb, 1e-12)
+        ref.close(layer.bias.grad, gb, 1e-12)
     if case[10] == "zeros":   # else F.pad's backward folds the padded border back in
-        _close(grad_x, gx, 1e-12)
+        ref.close(grad_x, gx, 1e-12)
 
 
 @pytest.mark.parametrize("dims,index", [(1, 1), (1, 8), (3, 1), (3, 6)])
 def test_sgd_rule_is_bit_identical_to_nn(dims, index):
     layer, plain, x = _pair_of_layers(dims, CASES[dims][index], "sgd")
-    grad_x, plain_grad_x, _, _ = _run(layer, plain, x)
+    grad_x, plain_grad_x, _, _ = ref.run_pair(layer, plain, x)
     assert torch.equal(grad_x, plain_grad_x)
     for a, b in zip(layer.parameters(), plain.parameters(), strict=True):
         assert torch.equal(a.grad, b.grad)
@@ -125,8 +110,8 @@ def test_unbatched_float32_input(dims):
     y.backward(gy)
     gw, gb = ref.matched_conv(x, layer.weight, layer.bias, gy, 1, 1, 1, 1, 0.1)
     assert layer.weight.grad.dtype == torch.float32
-    _close(layer.weight.grad, gw, 2e-4)
-    _close(layer.bias.grad, gb, 2e-4)
+    ref.close(layer.weight.grad, gw, 2e-4)
+    ref.close(layer.bias.grad, gb, 2e-4)
 
 
 @pytest.mark.parametrize("dims", [1, 3])
@@ -161,8 +146,8 @@ def test_amortizer_without_averaging_equals_the_exact_solve(dims):
         y.backward(gy)
     gw, gb = ref.matched_conv(x, model[0].weight, model[0].bias, gy,
                               model[0].stride, 1, 1, 1, RIDGE)
-    _close(model[0].weight.grad, gw, 1e-9)
-    _close(model[0].bias.grad, gb, 1e-9)
+    ref.close(model[0].weight.grad, gw, 1e-9)
+    ref.close(model[0].bias.grad, gb, 1e-9)
 
 
 def test_consequentialize_converts_conv1d_and_conv3d_silently():

@@ -33,11 +33,6 @@ CASES = {
 ALL = [(dims, i) for dims in CASES for i in range(len(CASES[dims]))]
 
 
-def _close(actual, expected, rtol=1e-9):
-    err = (actual.double() - expected).norm() / expected.norm().clamp_min(1e-300)
-    assert err < rtol, f"relative error {err:.3e} >= {rtol:.1e}"
-
-
 def _pair_of_layers(dims, case, rule):
     b, cin, cout, size, k, s, p, op, g, d, bias = case
     layer = C_LAYER[dims](cin, cout, k, s, p, op, g, bias, d, dtype=torch.float64, rule=rule,
@@ -47,34 +42,25 @@ def _pair_of_layers(dims, case, rule):
     return layer, plain, torch.randn((b, cin) + size, dtype=torch.float64)
 
 
-def _run(layer, plain, x):
-    xs = [x.clone().requires_grad_() for _ in range(2)]
-    outs = [layer(xs[0]), plain(xs[1])]
-    gy = torch.randn_like(outs[0])
-    for out in outs:
-        out.backward(gy)
-    return xs[0].grad, xs[1].grad, gy, outs
-
-
 @pytest.mark.parametrize("dims,index", ALL)
 def test_consequential_matches_pre_overlap_reference(dims, index):
     case = CASES[dims][index]
     layer, plain, x = _pair_of_layers(dims, case, "consequential")
-    grad_x, plain_grad_x, gy, (out, plain_out) = _run(layer, plain, x)
+    grad_x, plain_grad_x, gy, (out, plain_out) = ref.run_pair(layer, plain, x)
     assert torch.equal(out, plain_out)
     _, _, _, _, _, s, p, op, g, d, bias = case
     gw, gb = ref.matched_conv_transpose(x, layer.weight, layer.bias, gy, s, p, op, g, d, RIDGE)
-    _close(layer.weight.grad, gw)
+    ref.close(layer.weight.grad, gw)
     if bias:
-        _close(layer.bias.grad, gb)
+        ref.close(layer.bias.grad, gb)
     torch.testing.assert_close(grad_x, plain_grad_x, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dims,index", [(2, 1), (2, 3), (1, 1)])
 def test_backmatch_signal_is_eq22(dims, index):
     layer, plain, x = _pair_of_layers(dims, CASES[dims][index], "backmatch")
-    grad_x, _, gy, _ = _run(layer, plain, x)
-    _close(grad_x, ref.matched_input_by_jacobian(plain, x.shape, gy))
+    grad_x, _, gy, _ = ref.run_pair(layer, plain, x)
+    ref.close(grad_x, ref.matched_input_by_jacobian(plain, x.shape, gy))
 
 
 def _taps_per_weight(case, out_size):
@@ -90,19 +76,19 @@ def _taps_per_weight(case, out_size):
 def test_layerwise_shares_weights_over_input_pixels_and_bias_over_outputs(dims, index):
     case = CASES[dims][index]
     layer, plain, x = _pair_of_layers(dims, case, "backmatch-layerwise")
-    grad_x, plain_grad_x, gy, (out, _) = _run(layer, plain, x)
+    grad_x, plain_grad_x, gy, (out, _) = ref.run_pair(layer, plain, x)
     s_weight = _taps_per_weight(case, out.shape[2:])
-    _close(layer.weight.grad, plain.weight.grad / s_weight, 1e-12)
+    ref.close(layer.weight.grad, plain.weight.grad / s_weight, 1e-12)
     if case[-1]:
-        _close(layer.bias.grad, plain.bias.grad / math.prod(out.shape[2:]), 1e-12)
+        ref.close(layer.bias.grad, plain.bias.grad / math.prod(out.shape[2:]), 1e-12)
     col = plain.weight.detach().square().sum() / case[1]            # ‖W_col‖²_{2,µ}, per C_in
-    _close(grad_x, plain_grad_x / (col * s_weight / math.prod(x.shape[2:])), 1e-12)
+    ref.close(grad_x, plain_grad_x / (col * s_weight / math.prod(x.shape[2:])), 1e-12)
 
 
 @pytest.mark.parametrize("dims,index", [(2, 1), (1, 0)])
 def test_sgd_rule_is_bit_identical_to_nn(dims, index):
     layer, plain, x = _pair_of_layers(dims, CASES[dims][index], "sgd")
-    grad_x, plain_grad_x, _, _ = _run(layer, plain, x)
+    grad_x, plain_grad_x, _, _ = ref.run_pair(layer, plain, x)
     assert torch.equal(grad_x, plain_grad_x)
     for a, b in zip(layer.parameters(), plain.parameters(), strict=True):
         assert torch.equal(a.grad, b.grad)
@@ -120,8 +106,8 @@ def test_output_size_and_unbatched_input():
     y.backward(gy)
     gw, gb = ref.matched_conv_transpose(x, layer.weight, layer.bias, gy, 2, 1, (1, 1), 1, 1,
                                         RIDGE)
-    _close(layer.weight.grad, gw)
-    _close(layer.bias.grad, gb)
+    ref.close(layer.weight.grad, gw)
+    ref.close(layer.bias.grad, gb)
 
 
 def test_float32_functional_forms_match_reference():
@@ -137,8 +123,8 @@ def test_float32_functional_forms_match_reference():
         y.backward(gy)
         gw, gb = ref.matched_conv_transpose(xi, wi, bi, gy, 2, 1, 1, 2, 1, 0.1)
         assert wi.grad.dtype == torch.float32
-        _close(wi.grad, gw, 2e-4)
-        _close(bi.grad, gb, 2e-4)
+        ref.close(wi.grad, gw, 2e-4)
+        ref.close(bi.grad, gb, 2e-4)
 
 
 def test_amortizer_without_averaging_equals_the_exact_solve():
@@ -156,8 +142,8 @@ def test_amortizer_without_averaging_equals_the_exact_solve():
         y.backward(gy)
     gw, gb = ref.matched_conv_transpose(x, model[0].weight, model[0].bias, gy, 2, 0, 0, 2, 1,
                                         RIDGE)
-    _close(model[0].weight.grad, gw)
-    _close(model[0].bias.grad, gb)
+    ref.close(model[0].weight.grad, gw)
+    ref.close(model[0].bias.grad, gb)
 
 
 def test_consequentialize_converts_transposed_convs_silently():
