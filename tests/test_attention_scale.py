@@ -6,11 +6,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import consequential_ext as cx
-from test_distributed import _free_port
+from ddp_harness import spawn_ranks
 
 E, H, L = 8, 2, 5
 WORLD, PER_RANK = 2, 3
@@ -72,10 +71,8 @@ def _worker(rank, port, out_path):
         dist.destroy_process_group()
 
 
-def test_ddp_attention_equals_one_process_on_concatenated_batch(tmp_path):
-    out_path = tmp_path / "grads.pt"
-    mp.spawn(_worker, args=(_free_port(), str(out_path)), nprocs=WORLD, join=True)
-    grads = torch.load(out_path)
+def test_ddp_attention_equals_one_process_on_concatenated_batch(tmp_path_factory):
+    grads = spawn_ranks(_worker, WORLD, tmp_path_factory)
     expected = _grads(_model(), *_batch())
     for i, (g, e) in enumerate(zip(grads, expected, strict=True)):
         assert _rel_err(g, e) < 1e-4, (i, _rel_err(g, e))

@@ -2,7 +2,6 @@
 torch.compile(fullgraph=True) and AMP, as tests/test_distributed.py, test_compile.py and
 test_amp.py check the Conv2d / Linear ones."""
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import consequential_ext as cx
+from ddp_harness import spawn_ranks
 import conv_nd_reference as ref
 
 WORLD, PER_RANK, RIDGE, LR = 2, 3, 1e-2, 0.5
@@ -69,17 +69,9 @@ def _worker(rank, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
-    out_path = tmp_path_factory.mktemp("dist") / "results.pt"
-    mp.spawn(_worker, args=(_free_port(), str(out_path)), nprocs=WORLD, join=True)
-    return torch.load(out_path, weights_only=False)
+    return spawn_ranks(_worker, WORLD, tmp_path_factory)
 
 
 def _rel_err(actual, expected):

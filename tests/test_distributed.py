@@ -4,15 +4,14 @@ One spawn runs every scenario (starting processes is the slow part); rank 0 save
 produced and the test compares it with references computed here, in one process.
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import consequential_ext as cx
+from ddp_harness import spawn_ranks
 
 WORLD = 2
 PER_RANK = 5  # samples per rank; < D of the conv layer, so one process would pick columns
@@ -92,17 +91,9 @@ def _worker(rank, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
-    out_path = tmp_path_factory.mktemp("dist") / "results.pt"
-    mp.spawn(_worker, args=(_free_port(), str(out_path)), nprocs=WORLD, join=True)
-    return torch.load(out_path, weights_only=False)
+    return spawn_ranks(_worker, WORLD, tmp_path_factory)
 
 
 def _rel_err(actual, expected):
