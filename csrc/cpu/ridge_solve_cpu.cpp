@@ -1,7 +1,6 @@
-// CPU ridge_solve: grad · (gram + ridge·I)⁻¹ for a batch of systems by one batched
-// Cholesky (LAPACK potrf through ATen) and the two triangular solves (potrs), or, for many
-// small systems, by the lane-parallel solver of ridge_solve_lanes.cpp; then the rescale
-// (cast) into the requested dtype.
+// CPU ridge_solve: grad · (gram + ridge·I)⁻¹ for a batch of systems by Cholesky (LAPACK
+// potrf + potrs, lapack_solve.cpp), or, for many small systems, by the lane-parallel solver
+// of ridge_solve_lanes.cpp; then the rescale (cast) into the requested dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -14,6 +13,7 @@
 #endif
 
 #include "escalation.h"
+#include "lapack_solve.h"
 #include "ridge_solve_lanes.h"
 
 // MKL's per-thread thread count (exported by torch's MKL builds; null elsewhere).
@@ -82,46 +82,43 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
   const double d = static_cast<double>(gram.size(-1));
   std::optional<SingleThreaded> single;
   if (static_cast<double>(gram.numel()) * d <= kSerialWork) single.emplace();
-  // Own copy of gram: the ridge goes onto its diagonal in place.
-  auto a = gram.to(work, /*non_blocking=*/false, /*copy=*/true);
-  auto g = grad.to(work);
-  if (!all_finite(a) || !all_finite(g)) {
+  if (!all_finite(gram) || !all_finite(grad)) {
     // Non-finite in, non-finite out: GradScaler must see it; never throw inside backward.
     return at::full(grad.sizes(), NAN, grad.options().dtype(out_type));
   }
-  auto diag = a.diagonal(0, -2, -1);
-  diag.add_(ridge);
-  double lam = ridge;
-  // Many small systems (grouped / depthwise layers): one per SIMD lane, not one LAPACK call each.
+  // Own contiguous copies: the ridge goes onto a's diagonal and the solvers work in place.
+  auto with_ridge = [&](double lam) {
+    auto a = at::empty(gram.sizes(), gram.options().dtype(work)).copy_(gram);
+    a.diagonal(0, -2, -1).add_(lam);
+    return a;
+  };
+  auto fresh_grad = [&] { return at::empty(grad.sizes(), grad.options().dtype(work)).copy_(grad); };
+  const auto g = fresh_grad();
+  // Many small systems (grouped / depthwise layers): one per SIMD lane, not one LAPACK call
+  // each; otherwise LAPACK directly where torch exports it, else ATen's Cholesky.
   const int64_t systems = gram.size(-1) == 0 ? 0 : gram.numel() / (gram.size(-1) * gram.size(-1));
   const bool in_lanes = gram.size(-1) <= kLaneMaxD && systems >= kLaneMinBatch;
-  if (in_lanes) {
-    a = a.contiguous();
-    g = g.contiguous();
-    diag = a.diagonal(0, -2, -1);
-  }
-  for (int attempt = 0; attempt < kMaxEscalations; ++attempt) {
+  const bool direct = !in_lanes && lapack_available();
+  double lam = ridge;
+  for (int attempt = 0; attempt < kMaxEscalations; ++attempt, lam *= 10.0) {
+    // Not positive definite on finite input: escalate the ridge ×10 for the whole batch, as
+    // the reference does.
+    auto a = with_ridge(lam);
+    std::optional<at::Tensor> x;
     if (in_lanes) {
-      auto x = at::empty_like(g);
-      if (lane_ridge_solve(a, g, x)) {
-        if (attempt > 0) note_ridge_escalation(ridge, lam);
-        return x.to(out_type);
-      }
-      diag.add_(9.0 * lam);  // escalate for the whole batch, as below
-      lam *= 10.0;
-      continue;
+      auto out = at::empty_like(g);
+      if (lane_ridge_solve(a, g, out)) x = out;
+    } else if (direct) {
+      auto out = attempt == 0 ? g : fresh_grad();  // a failed attempt may have written g
+      if (lapack_ridge_solve(a, out)) x = out;
+    } else {
+      auto [chol, info] = at::linalg_cholesky_ex(a, /*upper=*/false, /*check_errors=*/false);
+      // x (L Lᵀ) = g  ⇔  (L Lᵀ) xᵀ = gᵀ (A symmetric).
+      if (!info.ne(0).any().item<bool>()) x = at::cholesky_solve(g.mT(), chol, false).mT();
     }
-    auto [chol, info] = at::linalg_cholesky_ex(a, /*upper=*/false, /*check_errors=*/false);
-    if (info.ne(0).any().item<bool>()) {
-      // Not positive definite on finite input: escalate the ridge for the whole batch (as
-      // the reference does), i.e. add the difference 9·lam to the diagonal.
-      diag.add_(9.0 * lam);
-      lam *= 10.0;
-      continue;
-    }
+    if (!x) continue;
     if (attempt > 0) note_ridge_escalation(ridge, lam);  // ops.ridge_solve warns (once)
-    // x (L Lᵀ) = g  ⇔  (L Lᵀ) xᵀ = gᵀ (A symmetric).
-    return at::cholesky_solve(g.mT(), chol, /*upper=*/false).mT().to(out_type);
+    return x->to(out_type);
   }
   // Still indefinite (finite but absurd input, e.g. a diverging run): NaN, never an exception
   // inside backward; the infinite "escalation" tells ops.ridge_solve to say so.

@@ -1,0 +1,84 @@
+// potrf/potrs called directly: ATen's linalg_cholesky_ex + cholesky_solve pay for
+// column-major copies, a tril of the factor and transposed right-hand sides, which cost more
+// than the factorisation itself at D of a few hundred (docs/design.md §3, the solve).
+#include "lapack_solve.h"
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+
+// Weak: resolved from libtorch_cpu where torch exports its LAPACK, null otherwise.
+extern "C" {
+void spotrf_(const char* uplo, const int* n, float* a, const int* lda, int* info)
+    __attribute__((weak));
+void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info)
+    __attribute__((weak));
+void spotrs_(const char* uplo, const int* n, const int* nrhs, const float* a, const int* lda,
+             float* b, const int* ldb, int* info) __attribute__((weak));
+void dpotrs_(const char* uplo, const int* n, const int* nrhs, const double* a, const int* lda,
+             double* b, const int* ldb, int* info) __attribute__((weak));
+}
+
+namespace consequential_ext::cpu {
+namespace {
+
+void potrf(float* a, int n, int* info) {
+  const char lo = 'L';
+  spotrf_(&lo, &n, a, &n, info);
+}
+void potrf(double* a, int n, int* info) {
+  const char lo = 'L';
+  dpotrf_(&lo, &n, a, &n, info);
+}
+void potrs(const float* a, int n, float* b, int nrhs, int* info) {
+  const char lo = 'L';
+  spotrs_(&lo, &n, &nrhs, a, &n, b, &n, info);
+}
+void potrs(const double* a, int n, double* b, int nrhs, int* info) {
+  const char lo = 'L';
+  dpotrs_(&lo, &n, &nrhs, a, &n, b, &n, info);
+}
+
+template <typename T>
+bool solve_all(T* a, T* x, int64_t systems, int n, int nrhs) {
+  // Column-major lower factor of a row-major symmetric matrix = its upper triangle: either
+  // triangle holds the same numbers. x's rows are the columns of the (D × M) right-hand side.
+  std::atomic<bool> ok{true};
+  auto one = [&](int64_t s) {
+    int info = 0;
+    potrf(a + s * n * n, n, &info);
+    if (info != 0) {
+      ok = false;
+      return;
+    }
+    if (nrhs > 0) potrs(a + s * n * n, n, x + s * n * nrhs, nrhs, &info);
+  };
+  if (systems == 1) {
+    one(0);  // one system: LAPACK's own threads
+  } else {
+    // several: one system per thread (LAPACK runs single-threaded inside a parallel region)
+    at::parallel_for(0, systems, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t s = lo; s < hi && ok; ++s) one(s);
+    });
+  }
+  return ok;
+}
+
+}  // namespace
+
+bool lapack_available() { return spotrf_ && dpotrf_ && spotrs_ && dpotrs_; }
+
+bool lapack_ridge_solve(at::Tensor& a, at::Tensor& x) {
+  TORCH_INTERNAL_ASSERT(a.is_contiguous() && x.is_contiguous() && a.scalar_type() == x.scalar_type());
+  const int64_t n = a.size(-1);
+  if (n == 0) return true;
+  const int64_t systems = a.numel() / (n * n);
+  const int64_t nrhs = x.size(-2);
+  TORCH_CHECK(n <= INT32_MAX && nrhs <= INT32_MAX && n * nrhs <= INT32_MAX,
+              "ridge_solve: system too large for LAPACK's 32-bit sizes (D=", n, ", M=", nrhs, ")");
+  if (a.scalar_type() == at::kDouble)
+    return solve_all(a.data_ptr<double>(), x.data_ptr<double>(), systems, int(n), int(nrhs));
+  return solve_all(a.data_ptr<float>(), x.data_ptr<float>(), systems, int(n), int(nrhs));
+}
+
+}  // namespace consequential_ext::cpu
