@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace consequential_ext::cpu {
 
 // One convolution's patch geometry (per spatial axis: kernel, stride, padding, dilation).
@@ -25,5 +27,15 @@ void gram_grouped_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& g
 
 // Rows (or columns) padded to whole 64-byte vectors for the correlation micro-kernel.
 inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+// This thread's scratch buffer number Slot, at least n elements, contents unspecified. It
+// keeps its memory between calls: a Gram per layer per step would otherwise map and fault
+// in megabytes of fresh pages each time (measured: ~12% of a 128-channel 8×8 Gram).
+template <typename T, int Slot>
+T* scratch(size_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
 
 }  // namespace consequential_ext::cpu

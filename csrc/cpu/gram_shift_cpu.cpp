@@ -33,7 +33,7 @@
 namespace consequential_ext::cpu {
 namespace {
 
-constexpr int64_t kChunkElems = int64_t{1} << 16;  // bound on one thread's chunk copy
+constexpr int64_t kChunkElems = int64_t{1} << 18;  // bound on one thread's chunk copy
 constexpr int64_t kBlockElems = int64_t{1} << 14;  // K-block: L2-resident with its shifts
 
 struct Range {
@@ -136,7 +136,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   const src_t* src = x.const_data_ptr<src_t>();
   const int64_t sb = x.stride(0), sc = x.stride(1), sy = x.stride(2), sx = x.stride(3);
 
-  std::vector<std::vector<acc_t>> thread_gram(threads);
+  std::vector<acc_t*> thread_gram(threads, nullptr);
   std::vector<std::vector<double>> thread_q(threads);
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     acc_t* G = gram.data_ptr<acc_t>() + grp * D * D;
@@ -144,15 +144,20 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
     std::fill(Q.begin(), Q.end(), 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_lo, int64_t chunk_hi) {
       const int64_t tid = at::get_thread_num();
-      if (tid > 0) thread_gram[tid].assign(d0 * d0, acc_t(0));
-      acc_t* mine = tid > 0 ? thread_gram[tid].data() : G;
+      if (tid > 0) {
+        thread_gram[tid] = scratch<acc_t, 0>(d0 * d0);
+        std::fill(thread_gram[tid], thread_gram[tid] + d0 * d0, acc_t(0));
+      }
+      acc_t* mine = tid > 0 ? thread_gram[tid] : G;
       std::vector<double>& q_local = thread_q[tid];
       q_local.assign(q_size, 0.0);
-      std::vector<acc_t> zbuf(Bc * per_image), local(nsh * cell), piece(cell);
+      acc_t* const zbuf = scratch<acc_t, 1>(Bc * per_image);
+      acc_t* const local = scratch<acc_t, 2>(nsh * cell);
+      acc_t* const piece = scratch<acc_t, 3>(cell);
       for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
         const int64_t b0 = chunk * Bc, bc = std::min(Bc, B - b0);
-        std::fill(zbuf.begin(), zbuf.end(), acc_t(0));
-        acc_t* Z = zbuf.data() + gap * bc * Cp;
+        std::fill(zbuf, zbuf + Bc * per_image, acc_t(0));
+        acc_t* Z = zbuf + gap * bc * Cp;
         for (int64_t b = 0; b < bc; ++b)
           for (int64_t y = 0; y < H; ++y) {
             const src_t* s0 = src + (b0 + b) * sb + grp * Cg * sc + y * sy;
@@ -168,7 +173,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
         const int64_t run = W * bc, kb = std::max(kBlockElems / Cp, bc);
         const int64_t rows_per_block = run >= kb ? 1 : kb / run;
         for (int64_t rc = 0; rc < nrc; ++rc) {
-          std::fill(local.begin(), local.end(), acc_t(0));
+          std::fill(local, local + nsh * cell, acc_t(0));
           for (int64_t y0 = rows.classes[rc].begin; y0 < rows.classes[rc].end; y0 += rows_per_block)
             for (int64_t q0 = 0; q0 < run; q0 += kb) {
               const int64_t q1 = std::min(q0 + kb, run);
@@ -181,11 +186,11 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
                 if (y0 >= y1 || qa >= qb) continue;
                 const acc_t* L = Z + (y0 * Wz * bc + qa) * Cp;
                 const int64_t delta = (g.dh * s * Wz + g.dw * t) * bc;
-                corr_accumulate(local.data() + sh * cell, Cp, L, L + delta * Cp, Cp, Cp, y1 - y0,
+                corr_accumulate(local + sh * cell, Cp, L, L + delta * Cp, Cp, Cp, y1 - y0,
                                 Wz * bc * Cp, qb - qa, Cp);
               }
             }
-          for (int64_t sh = 0; sh < nsh; ++sh) scatter(mine, local.data() + sh * cell, sh, rc, 0);
+          for (int64_t sh = 0; sh < nsh; ++sh) scatter(mine, local + sh * cell, sh, rc, 0);
         }
 
         // Border columns: per row y a run of bc pixels, rows Wz·bc pixels apart.
@@ -197,11 +202,11 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
               const int64_t y0 = rows.classes[rc].begin;
               const int64_t y1 = std::min(rows.classes[rc].end, H - g.dh * s);
               if (y0 >= y1) continue;
-              std::fill(piece.begin(), piece.end(), acc_t(0));
+              std::fill(piece, piece + cell, acc_t(0));
               const acc_t* L = Z + (y0 * Wz + cols.border[xi]) * bc * Cp;
-              corr_accumulate(piece.data(), Cp, L, L + delta * Cp, Cp, Cp, y1 - y0, Wz * bc * Cp,
+              corr_accumulate(piece, Cp, L, L + delta * Cp, Cp, Cp, y1 - y0, Wz * bc * Cp,
                               bc, Cp);
-              scatter(mine, piece.data(), sh, rc, 1 + xi);
+              scatter(mine, piece, sh, rc, 1 + xi);
             }
           }
 
@@ -226,22 +231,45 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
     });
     for (int64_t t = 0; t < threads; ++t) {
       for (size_t e = 0; e < thread_q[t].size(); ++e) Q[e] += thread_q[t][e];
-      for (size_t e = 0; e < thread_gram[t].size(); ++e) G[e] += thread_gram[t][e];
-      std::vector<acc_t>().swap(thread_gram[t]);
       thread_q[t].clear();
     }
-
-    // To (channel, i, j) order. Blocks of shifts (s < 0) or (s = 0, t < 0) are transposes of
-    // accumulated ones; within s = t = 0 blocks the c ≤ c2 entry is kept on both sides so
+    // The threads' offset-major Grams summed in thread order (bit-identical run to run), then
+    // permuted to (channel, i, j) order one output row at a time (sequential writes, no
+    // division per entry). Blocks of shifts (s < 0) or (s = 0, t < 0) are transposes of
+    // accumulated ones; within s = t = 0 blocks the c ≤ c2 entry is used on both sides, so
     // the result is exactly symmetric.
-    const std::vector<acc_t> blocked(G, G + d0 * d0);
-    for (int64_t p = 0; p < d0; ++p)
-      for (int64_t q = 0; q < d0; ++q) {
-        const int64_t c = p / kk, o = p % kk, c2 = q / kk, o2 = q % kk;
-        const int64_t s = o2 / g.kw - o / g.kw, t = o2 % g.kw - o % g.kw;
-        if (s > 0 || (s == 0 && t > 0) || (s == 0 && t == 0 && c <= c2))
-          G[p * D + q] = G[q * D + p] = blocked[(o * kk + o2) * Cg * Cg + c * Cg + c2];
+    acc_t* const blocked = scratch<acc_t, 4>(d0 * d0);
+    at::parallel_for(0, d0 * d0, kChunkElems, [&](int64_t lo, int64_t hi) {
+      for (int64_t e = lo; e < hi; ++e) {
+        acc_t sum = G[e];
+        for (int64_t t = 1; t < threads; ++t)
+          if (thread_gram[t]) sum += thread_gram[t][e];
+        blocked[e] = sum;
       }
+    });
+    std::fill(thread_gram.begin(), thread_gram.end(), nullptr);
+    const int64_t cell_g = Cg * Cg;
+    at::parallel_for(0, Cg, 1, [&](int64_t c_lo, int64_t c_hi) {
+      for (int64_t c = c_lo; c < c_hi; ++c)
+        for (int64_t o = 0; o < kk; ++o) {
+          acc_t* row = G + (c * kk + o) * D;
+          for (int64_t o2 = 0; o2 < kk; ++o2) {
+            const int64_t s = o2 / g.kw - o / g.kw, t = o2 % g.kw - o % g.kw;
+            acc_t* dst = row + o2;
+            if (s > 0 || (s == 0 && t > 0)) {
+              const acc_t* b = blocked + (o * kk + o2) * cell_g + c * Cg;
+              for (int64_t c2 = 0; c2 < Cg; ++c2) dst[c2 * kk] = b[c2];
+            } else if (s < 0 || t < 0) {
+              const acc_t* b = blocked + (o2 * kk + o) * cell_g + c;
+              for (int64_t c2 = 0; c2 < Cg; ++c2) dst[c2 * kk] = b[c2 * Cg];
+            } else {
+              const acc_t* b = blocked + (o * kk + o) * cell_g;
+              for (int64_t c2 = 0; c2 < Cg; ++c2)
+                dst[c2 * kk] = c <= c2 ? b[c * Cg + c2] : b[c2 * Cg + c];
+            }
+          }
+        }
+    });
 
     if (g.bias) {
       for (int64_t c = 0; c < Cg; ++c)
