@@ -16,13 +16,17 @@ LINEAR_LAYERS = ((256, 256), (64, 10))      # the MLP's hidden and an output lay
 
 
 def _layers(cfg):
-    """(label, make nn layer, input shape) for the ResNet-20 convs and two linears."""
+    """(label, make nn layer, input shape, input gradient?) for the ResNet-20 convs, with
+    and without the input's gradient (a first layer has none), and two linears."""
     for c, side in RESNET20_LAYERS:
-        yield (f"conv 3×3 {c}→{c}, {cfg['conv_batch']}×{c}×{side}×{side}",
-               lambda c=c: nn.Conv2d(c, c, 3, padding=1), (cfg["conv_batch"], c, side, side))
+        for input_grad in (True, False):
+            yield (f"conv 3×3 {c}→{c}, {cfg['conv_batch']}×{c}×{side}×{side}"
+                   + ("" if input_grad else ", no input grad"),
+                   lambda c=c: nn.Conv2d(c, c, 3, padding=1), (cfg["conv_batch"], c, side, side),
+                   input_grad)
     for i, o in LINEAR_LAYERS:
         yield (f"linear {i}→{o}, batch {cfg['linear_batch']}", lambda i=i, o=o: nn.Linear(i, o),
-               (cfg["linear_batch"], i))
+               (cfg["linear_batch"], i), True)
 
 
 def _step(layer, x, gy):
@@ -37,10 +41,10 @@ def run(ctx):
     cfg = ctx.pick(QUICK, FULL)
     rows, notes = [], []
     native = "cuDNN" if ctx.device.startswith("cuda") else "oneDNN/ATen"
-    for label, make, shape in ctx.progress(list(_layers(cfg)), desc="layer step"):
+    for label, make, shape, input_grad in ctx.progress(list(_layers(cfg)), desc="layer step"):
         torch.manual_seed(0)
         base = make().to(ctx.device)
-        x = torch.randn(shape, device=ctx.device, requires_grad=True)
+        x = torch.randn(shape, device=ctx.device, requires_grad=input_grad)
         gy = torch.randn_like(base(x))
         candidates = {"nn": _step(base, x, gy)}
         for rule in cx.RULES:

@@ -25,17 +25,25 @@ import torch.nn as nn
 import consequential_ext as cx
 
 from . import plots
+from .models import ResNet20
 
-# name, timm kwargs, input side
+# The CIFAR-style ResNet-20 of bench/models.py without batch norm (no timm needed).
+RESNET20 = "resnet20 (no BN)"
+# name, timm kwargs (None: not a timm model), input side
 MODELS = (
     ("resnet18", {}, 64),
     ("mobilenetv3_small_100", {}, 64),
     ("efficientnet_b0", {}, 64),
     ("convnext_atto", {}, 64),
     ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4}, 32),
+    (RESNET20, None, 32),
 )
-QUICK = {"models": ("resnet18", "convnext_atto"), "batch": 8, "steps": 5, "profile_steps": 1}
-FULL = {"models": tuple(m[0] for m in MODELS), "batch": 32, "steps": 7, "profile_steps": 2}
+# batch: per model where it differs from "batch" (ResNet-20 at its usual 128 in full mode).
+QUICK = {"models": ("resnet18", "convnext_atto", RESNET20), "batch": 8,
+         "batches": {RESNET20: 32}, "steps": 5, "profile_steps": 1}
+FULL = {"models": tuple(m[0] for m in MODELS), "batch": 32, "batches": {RESNET20: 128},
+        "steps": 15, "profile_steps": 2}
+AMORTIZE_EVERY = 10     # the amortised column: cx.amortize(model, every=10), other defaults
 
 # Profiler names per bucket of the breakdown (everything else is "rest"): the ops, and the
 # ranges consequential_ext.matching marks while a profiler runs.
@@ -64,13 +72,17 @@ def import_timm():
     return timm
 
 
-def make_pair(name, kwargs, seed=0):
-    """(plain model, C model) with identical random weights, in train mode."""
-    timm = import_timm()
+def make_models(name, kwargs, seed=0):
+    """(plain model, C model, amortised C model) with identical random weights, in train
+    mode: timm's ``name`` (``kwargs`` None: ResNet-20 without batch norm)."""
     torch.manual_seed(seed)
-    plain = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    if kwargs is None:
+        plain = ResNet20(in_channels=3, bn=False)
+    else:
+        plain = import_timm().create_model(name, pretrained=False, num_classes=10, **kwargs)
     matched = cx.consequentialize(copy.deepcopy(plain))
-    return plain.train(), matched.train()
+    amortised = cx.amortize(cx.consequentialize(copy.deepcopy(plain)), every=AMORTIZE_EVERY)
+    return plain.train(), matched.train(), amortised.train()
 
 
 def _stepper(model, x, y):
@@ -84,9 +96,11 @@ def _stepper(model, x, y):
     return step
 
 
-def time_pair(plain, matched, x, y, steps):
+def time_pair(plain, matched, x, y, steps, amortised=None):
     """Per-step CPU process time and wall time (seconds) of each model, interleaved."""
     fns = {"plain": _stepper(plain, x, y), "C-SGD": _stepper(matched, x, y)}
+    if amortised is not None:
+        fns["C-SGD amortised"] = _stepper(amortised, x, y)
     for fn in fns.values():
         fn()                                                    # warm-up
     cpu = {k: [] for k in fns}
@@ -146,31 +160,38 @@ def _plot(path, rows, breakdown_rows):
 def run(ctx):
     cfg = ctx.pick(QUICK, FULL)
     title = "Real models (timm, random init): C-SGD vs SGD step"
+    notes = []
+    models = [m for m in MODELS if m[0] in cfg["models"]]
     try:
         import_timm()
     except ImportError as exc:
-        return {"name": "real_models", "title": title, "verdicts": [],
-                "notes": [f"skipped: timm is not installed ({exc}); it comes with the "
-                          f"[bench] extra"], "tables": [], "plots": [], "config": cfg}
+        models = [m for m in models if m[1] is None]
+        notes.append(f"timm models skipped: timm is not installed ({exc}); it comes with "
+                     f"`make bench`'s venv")
     rows, breakdown_rows = [], []
-    for name, kwargs, side in ctx.progress([m for m in MODELS if m[0] in cfg["models"]],
-                                           desc="real models"):
-        plain, matched = make_pair(name, kwargs)
+    for name, kwargs, side in ctx.progress(models, desc="real models"):
+        plain, matched, amortised = make_models(name, kwargs)
+        batch = cfg["batches"].get(name, cfg["batch"])
         torch.manual_seed(1)
-        x = torch.randn(cfg["batch"], 3, side, side)
-        y = torch.randint(0, 10, (cfg["batch"],))
-        cpu, wall = time_pair(plain, matched, x, y, cfg["steps"])
+        x = torch.randn(batch, 3, side, side)
+        y = torch.randint(0, 10, (batch,))
+        cpu, wall = time_pair(plain, matched, x, y, cfg["steps"], amortised)
         med = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
         wmed = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
         layers = sum(isinstance(m, (cx.CLinear, cx.CConv2d)) for m in matched.modules())
-        rows.append({"model": name, "input": f"{cfg['batch']}×3×{side}×{side}",
+        rows.append({"model": name, "input": f"{batch}×3×{side}×{side}",
                      "C layers": layers, "plain ms": med["plain"], "C-SGD ms": med["C-SGD"],
                      "ratio": med["C-SGD"] / med["plain"], "plain wall ms": wmed["plain"],
                      "C-SGD wall ms": wmed["C-SGD"],
-                     "wall ratio": wmed["C-SGD"] / wmed["plain"]})
+                     "wall ratio": wmed["C-SGD"] / wmed["plain"],
+                     "amortised ms": med["C-SGD amortised"],
+                     "amortised ratio": med["C-SGD amortised"] / med["plain"]})
         parts, total = breakdown(matched, x, y, cfg["profile_steps"])
         breakdown_rows.append({"model": name, "profiled C step ms": total,
                                **{f"{b} ms": v for b, v in parts.items()}})
+    if not rows:
+        return {"name": "real_models", "title": title, "verdicts": [], "notes": notes,
+                "tables": [], "plots": [], "config": cfg}
     plot = _plot(ctx.plot_path("real_models.png"), rows, breakdown_rows)
     worst = max(rows, key=lambda r: r["ratio"])
     return {"name": "real_models", "title": title,
@@ -178,10 +199,15 @@ def run(ctx):
                      "on real architectures (target: within 2×).",
             "verdicts": [f"C-SGD step / plain step (CPU process time, median of "
                          f"{cfg['steps']} interleaved steps): {min(r['ratio'] for r in rows):.2f}–"
-                         f"{worst['ratio']:.2f}×, worst {worst['model']}."],
-            "notes": [f"{torch.get_num_threads()} threads, batch {cfg['batch']}; breakdown from "
-                      f"torch.profiler over {cfg['profile_steps']} C step(s) (profiling adds "
-                      f"overhead, so its total exceeds the timed step)."],
+                         f"{worst['ratio']:.2f}×, worst {worst['model']}; amortised "
+                         f"(`cx.amortize(model, every={AMORTIZE_EVERY})`): "
+                         f"{min(r['amortised ratio'] for r in rows):.2f}–"
+                         f"{max(r['amortised ratio'] for r in rows):.2f}×."],
+            "notes": notes + [
+                f"{torch.get_num_threads()} threads, batch {cfg['batch']} (ResNet-20: "
+                f"{cfg['batches'][RESNET20]}); breakdown from torch.profiler over "
+                f"{cfg['profile_steps']} C step(s) (profiling adds overhead, so its total "
+                f"exceeds the timed step)."],
             "tables": [{"title": "Training step, plain vs consequentialize(model)",
                         "columns": list(rows[0]), "rows": rows},
                        {"title": "Where a C step's time goes (profiler)",

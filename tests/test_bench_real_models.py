@@ -26,6 +26,9 @@ def test_time_pair_interleaves_and_trains_both_models():
     x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
     cpu, wall = real_models.time_pair(plain, matched, x, y, steps=3)
     assert set(cpu) == set(wall) == {"plain", "C-SGD"}
+    amortised = cx.amortize(_pair()[1], every=2)
+    cpu, wall = real_models.time_pair(plain, matched, x, y, steps=3, amortised=amortised)
+    assert set(cpu) == set(wall) == {"plain", "C-SGD", "C-SGD amortised"}
     assert all(len(v) == 3 and min(v) >= 0 for v in (*cpu.values(), *wall.values()))
     assert any(not torch.equal(a, b) for a, b in zip(before, matched.parameters()))
 
@@ -39,7 +42,7 @@ def test_breakdown_finds_the_matched_ops():
     assert total > 0 and parts["rest"] >= 0
 
 
-def test_section_without_timm_is_skipped_with_a_note(monkeypatch, tmp_path):
+def test_section_without_timm_runs_resnet20_and_notes_the_skip(monkeypatch, tmp_path):
     real_import = builtins.__import__
 
     def no_timm(name, *args, **kwargs):
@@ -47,6 +50,12 @@ def test_section_without_timm_is_skipped_with_a_note(monkeypatch, tmp_path):
             raise ImportError("No module named 'timm'")
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_timm)
+    monkeypatch.setitem(real_models.QUICK, "steps", 1)
+    monkeypatch.setitem(real_models.QUICK, "batches", {real_models.RESNET20: 4})
     result = real_models.run(Context(out=Path(tmp_path), quick=True))
-    assert result["name"] == "real_models" and not result["tables"]
+    assert result["name"] == "real_models"
     assert "timm is not installed" in result["notes"][0]
+    (rows,) = [t["rows"] for t in result["tables"] if t["title"].startswith("Training step")]
+    assert [r["model"] for r in rows] == [real_models.RESNET20]
+    assert rows[0]["input"] == "4×3×32×32" and rows[0]["ratio"] > 0 \
+        and rows[0]["amortised ratio"] > 0
