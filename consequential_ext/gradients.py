@@ -90,6 +90,7 @@ class Conv2dGradients:
         self.stride, self.dilation, self.groups = stride, dilation, groups
         self.has_bias, self.ridge, self.amortizer = has_bias, ridge, amortizer
         self.needs_weight, self.needs_bias = needs_weight, needs_bias
+        self._g = None  # G, when the input gradient's conv backward computed it too
 
     def _crop(self, grad_x):
         if any(self.extra):
@@ -100,23 +101,37 @@ class Conv2dGradients:
             grad_x = grad_x[(slice(None), slice(None), *keep)]
         return grad_x.to(self.input.dtype)
 
-    def _padded_input_grad(self):
+    def _padded_input_grad(self, with_matched_g=False):
         # Under autocast the saved input stays float32 while the signal is bf16/fp16; some
         # conv backends reject the mix, and only the input's shape matters here.
         dtype = self.grad_output.dtype
-        grad_x, _, _ = torch.ops.aten.convolution_backward(
-            self.grad_output, self.x.to(dtype), self.weight.to(dtype), None,
-            list(self.stride), list(self.padding), list(self.dilation), False,
-            [0] * len(self.stride), self.groups, [True, False, False])
+        fuse = with_matched_g and self._fusable()
+        bias = fuse and self.has_bias
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            self.grad_output, self.x.to(dtype), self.weight.to(dtype),
+            [self.weight.shape[0]] if bias else None, list(self.stride), list(self.padding),
+            list(self.dilation), False, [0] * len(self.stride), self.groups, [True, fuse, bias])
+        if fuse:  # G for matched_weight_grads, from the same pass over the signal
+            self._g = matching.conv_grad(grad_w, grad_b, self.groups)
         return grad_x
 
+    def _fusable(self):
+        """Whether the input gradient's conv backward can also give the matched solve's G:
+        the row side will use it, and no autocast makes the signal's dtype differ from the
+        float32-or-better one G is computed in."""
+        work = accumulate_dtype(self.x.dtype)
+        return (self.needs_weight or self.needs_bias) and self.grad_output.dtype == work \
+            and self.x.dtype == work and matching.conv_side(
+                self.x, self.grad_output, self.weight.shape, self.groups, self.has_bias,
+                self.amortizer) == "row"
+
     def input_grad(self):
-        return self._crop(self._padded_input_grad())
+        return self._crop(self._padded_input_grad(with_matched_g=True))
 
     def matched_input_signal(self):
         return self._crop(backmatch.match_conv2d_input(
-            self._padded_input_grad(), self.weight, self.stride, self.padding, self.dilation,
-            self.groups, self.grad_output.shape[2:]))
+            self._padded_input_grad(with_matched_g=True), self.weight, self.stride,
+            self.padding, self.dilation, self.groups, self.grad_output.shape[2:]))
 
     @property
     def sharing(self):
@@ -133,7 +148,8 @@ class Conv2dGradients:
             return None, None
         gw, gb = matching.matched_conv2d(self.x, self.grad_output, self.weight.shape,
                                          self.stride, self.padding, self.dilation, self.groups,
-                                         self.has_bias, self.ridge, amortizer=self.amortizer)
+                                         self.has_bias, self.ridge, amortizer=self.amortizer,
+                                         grad=self._g)
         return gw.to(self.weight.dtype), None if gb is None else gb.to(self.weight.dtype)
 
     def _weight_grads_over(self, sharing):
@@ -304,6 +320,9 @@ class Conv3dGradients(Conv2dGradients):
     with ridge λ/D_out — ``G (A/D_out + λ/D_out·I)⁻¹ = D_out · G (A + λI)⁻¹`` — and the
     result divided by D_out. An amortizer hence averages ``A/D_out`` (constant D_out assumed).
     """
+
+    def _fusable(self):
+        return False  # the weight side runs on the folded 2-D input (below), not this conv
 
     def layerwise_input_signal(self):
         # Eq. 35 in three dims: ‖W_col‖²_{2,µ} / c with c = D_in·H_in·W_in / s.

@@ -139,14 +139,24 @@ def _linear_gram(x, has_bias):
     return gram
 
 
+def conv_side(x, gy, weight_shape, groups, has_bias, amortizer=None):
+    """The side ``matched_conv2d`` solves on (see ``cheaper_side``), for these arguments."""
+    out, cg, kh, kw = weight_shape
+    d = cg * kh * kw + int(has_bias)
+    p = x.shape[0] * gy.shape[2] * gy.shape[3]
+    return _shared_gram_side(None, distributed.gram_group(), amortizer) \
+        or cheaper_side(p, d, out // groups)
+
+
 @_autocast_off
 def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_bias, ridge,
-                   side=None, amortizer=None):
+                   side=None, amortizer=None, grad=None):
     """Matched (grad_weight, grad_bias) of a Conv2d layer, float32-or-better.
 
     x: (B, C, H, W) input already padded so that ``padding`` (a pair) is symmetric;
     gy: (B, out, Ho, Wo). N = B, the number of samples a mean-reduced loss averages over.
-    amortizer and torch.distributed: as in ``matched_linear``.
+    amortizer and torch.distributed: as in ``matched_linear``. grad: G as ``conv_grad``
+    gives it, when the caller has it already (the row side uses it).
     """
     work = accumulate_dtype(x.dtype)
     out, cg, kh, kw = weight_shape
@@ -160,9 +170,10 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
         build = lambda s: ops.im2col_gram(s, (kh, kw), stride, padding, dilation,  # noqa: E731
                                           groups=groups, bias=has_bias).reshape(groups, d, d)
         pending = _pending_gram(build, x, gy.shape[2] * gy.shape[3], group, amortizer)
-        with _span("cx::weight_grad"):
-            grad = _conv_weight_grad(x, gy, weight_shape, stride, padding, dilation, groups,
-                                     has_bias, work)
+        if grad is None:
+            with _span("cx::weight_grad"):
+                grad = _conv_weight_grad(x, gy, weight_shape, stride, padding, dilation, groups,
+                                         has_bias, work)
         energy = functools.partial(_conv_energy, x, gy.shape[2] * gy.shape[3], weight_shape,
                                    stride, padding, dilation, groups, has_bias)
         matched = _solve(pending, grad, ridge, amortizer, energy)
@@ -177,18 +188,22 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
     return grad_weight, grad_bias
 
 
+def conv_grad(grad_weight, grad_bias, groups):
+    """G per group, (groups, out/groups, D), from a native conv backward's weight (and, with
+    a bias, bias) gradient: the bias is the last column, multiplying the constant-1 row."""
+    grad = grad_weight.reshape(groups, grad_weight.shape[0] // groups, -1)
+    if grad_bias is not None:
+        grad = torch.cat([grad, grad_bias.reshape(groups, -1, 1)], dim=-1)
+    return grad
+
+
 def _conv_weight_grad(x, gy, weight_shape, stride, padding, dilation, groups, has_bias, work):
     """Ordinary G = dZ Xᵀ per group, (groups, out/groups, D), via the native conv backward."""
-    out = weight_shape[0]
     weight = torch.empty(weight_shape, dtype=work, device=x.device)
-    _, grad_weight, _ = torch.ops.aten.convolution_backward(
-        gy.to(work), x.to(work), weight, None, list(stride), list(padding), list(dilation),
-        False, [0, 0], groups, [False, True, False])
-    grad = grad_weight.reshape(groups, out // groups, -1)
-    if has_bias:
-        bias_grad = gy.to(work).sum((0, 2, 3)).reshape(groups, out // groups, 1)
-        grad = torch.cat([grad, bias_grad], dim=-1)
-    return grad
+    _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        gy.to(work), x.to(work), weight, [weight_shape[0]] if has_bias else None, list(stride),
+        list(padding), list(dilation), False, [0, 0], groups, [False, True, has_bias])
+    return conv_grad(grad_weight, grad_bias, groups)
 
 
 def _linear_energy(x, direction, columns):
