@@ -133,7 +133,9 @@ def apply_mutant(scratch, mutant, python, timeout):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="", help="run the mutants whose name contains this")
+    parser.add_argument("--only", default="",
+                        help="run the mutants whose name contains this (or, comma-separated, "
+                             "any of these)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--scratch", type=pathlib.Path, default=ROOT / "build" / "mutate",
                         help="scratch copy of the tree (kept between runs)")
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip checking that the unmutated tree passes the selected tests")
     args = parser.parse_args(argv)
-    mutants = [m for m in MUTANTS if args.only in m.name]
+    wanted = args.only.split(",")
+    mutants = [m for m in MUTANTS if any(w in m.name for w in wanted)]
     if args.list:
         for m in mutants:
             print(f"{m.name:48} {m.path:36} {m.why}")
