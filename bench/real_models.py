@@ -46,7 +46,9 @@ FULL = {"models": tuple(m[0] for m in MODELS), "batch": 32, "batches": {RESNET20
 AMORTIZE_EVERY = 10     # the amortised column: cx.amortize(model, every=10), other defaults
 
 # Profiler names per bucket of the breakdown (everything else is "rest"): the ops, and the
-# ranges consequential_ext.matching marks while a profiler runs.
+# ranges consequential_ext.matching marks while a profiler runs. "G" is the ordinary weight
+# gradient where it is computed on its own (Linear layers; convs without an input gradient);
+# a conv whose input gradient's native backward also returns G has it inside that op (rest).
 BUCKETS = {
     "Gram": ("consequential_ext::im2col_gram", "cx::linear_gram"),
     "solve": ("consequential_ext::ridge_solve",),
@@ -207,7 +209,9 @@ def run(ctx):
                 f"{torch.get_num_threads()} threads, batch {cfg['batch']} (ResNet-20: "
                 f"{cfg['batches'][RESNET20]}); breakdown from torch.profiler over "
                 f"{cfg['profile_steps']} C step(s) (profiling adds overhead, so its total "
-                f"exceeds the timed step)."],
+                f"exceeds the timed step); G there is the ordinary weight gradient where it is "
+                f"computed on its own — a conv that needs its input gradient gets G from the "
+                f"same native conv backward, counted in rest, as in the plain step."],
             "tables": [{"title": "Training step, plain vs consequentialize(model)",
                         "columns": list(rows[0]), "rows": rows},
                        {"title": "Where a C step's time goes (profiler)",
