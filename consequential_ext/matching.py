@@ -139,12 +139,13 @@ def _linear_gram(x, has_bias):
     return gram
 
 
-def conv_side(x, gy, weight_shape, groups, has_bias, amortizer=None):
-    """The side ``matched_conv2d`` solves on (see ``cheaper_side``), for these arguments."""
+def conv_side(x, gy, weight_shape, groups, has_bias, amortizer=None, side=None):
+    """The side ``matched_conv2d`` solves on for these arguments: ``side`` if given (and
+    the Gram is not shared), else the cheaper one (``cheaper_side``)."""
     out, cg, kh, kw = weight_shape
     d = cg * kh * kw + int(has_bias)
     p = x.shape[0] * gy.shape[2] * gy.shape[3]
-    return _shared_gram_side(None, distributed.gram_group(), amortizer) \
+    return _shared_gram_side(side, distributed.gram_group(), amortizer) \
         or cheaper_side(p, d, out // groups)
 
 
@@ -165,7 +166,7 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
     d = cg * kh * kw + int(has_bias)
     p = b * gy.shape[2] * gy.shape[3]
     group = distributed.gram_group()
-    side = _shared_gram_side(side, group, amortizer) or cheaper_side(p, d, og)
+    side = conv_side(x, gy, weight_shape, groups, has_bias, amortizer, side)
     if side == "row":
         build = lambda s: ops.im2col_gram(s, (kh, kw), stride, padding, dilation,  # noqa: E731
                                           groups=groups, bias=has_bias).reshape(groups, d, d)
