@@ -1,5 +1,6 @@
 """CPU kernels (csrc/cpu) against the float64 reference: im2col_gram (shift-correlation
-form for stride 1, tiled form otherwise) and ridge_solve (batched Cholesky)."""
+form for stride 1, tiled form otherwise, im2col + GEMM for few patches) and ridge_solve
+(batched Cholesky)."""
 import warnings
 
 import pytest
@@ -82,6 +83,46 @@ def test_gram_any_memory_layout(layout, stride):
     assert not x.is_contiguous()
     out = gram_op(x, (3, 3), (stride, stride), (1, 1), (1, 1), 2, True)
     _assert_gram_close(out, _ref_gram(x, (3, 3), (stride, stride), (1, 1), (1, 1), 2, True), 2e-5)
+
+
+# Few patches per Gram entry — P = B·Ho·Wo with 4·P <= D (kBlasRatio in csrc/cpu/gram_cpu.h) —
+# take im2col + one GEMM per group: 2×2 and 4×4 maps with many channels, stride, dilation,
+# groups of >= 16 channels, a 1×1 map.
+BLAS_GEOMETRIES = [
+    ((1, 40, 2, 2), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((2, 36, 3, 2), (3, 3), (1, 1), (1, 1), (1, 1), 2),
+    ((2, 24, 5, 4), (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    ((1, 20, 4, 5), (3, 2), (1, 1), (2, 0), (2, 1), 1),
+    ((3, 17, 1, 1), (1, 1), (1, 1), (0, 0), (1, 1), 1),
+]
+
+
+def _patches(shape, k, s, p, d):
+    return shape[0] * ((shape[2] + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1) \
+        * ((shape[3] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1)
+
+
+@pytest.mark.parametrize("geometry", BLAS_GEOMETRIES, ids=lambda g: f"{g[0]}k{g[1]}s{g[2]}g{g[5]}")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5),
+                                       (torch.bfloat16, 2e-5)])
+def test_gram_few_patches_matches_reference(geometry, bias, layout, dtype, tol):
+    shape, k, s, p, d, groups = geometry
+    assert 4 * _patches(shape, k, s, p, d) <= shape[1] // groups * k[0] * k[1]
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        wide = torch.randn(shape[0], 2 * shape[1], shape[2], shape[3] + 1, dtype=torch.float64)
+        x = wide.to(dtype)[:, ::2, :, 1:]
+    out = gram_op(x, k, s, p, d, groups, bias)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    ref = _ref_gram(x, k, s, p, d, groups, bias)
+    _assert_gram_close(out, ref, tol)
+    assert torch.equal(out, out.transpose(1, 2))
+    if bias:
+        assert out[:, -1, -1].eq(ref[0, -1, -1]).all()
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])

@@ -39,17 +39,19 @@ at::Tensor im2col_gram_cpu(const at::Tensor& x, c10::IntArrayRef kernel_size,
   // float32 accumulation for every narrower dtype: a Gram of bf16/fp16 patches loses
   // everything past 8 (11) mantissa bits and overflows fp16's range.
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  // Both algorithms initialise every entry themselves, on one thread (a parallel fill is a
+  // Every algorithm initialises every entry itself, on one thread (a parallel fill is a
   // thread hand-off that costs more than the fill on a busy machine).
   auto gram = at::empty({groups, d, d}, x.options().dtype(acc));
+  const int64_t patches = x.size(0) * g.out_h(x.size(2)) * g.out_w(x.size(3));
   if (x.numel() == 0) {  // every patch is zero; only the bias count survives
     gram.zero_();
-    const int64_t patches = x.size(0) * g.out_h(x.size(2)) * g.out_w(x.size(3));
     if (bias) gram.select(1, d - 1).select(1, d - 1).fill_(patches);
     return gram;
   }
   if (groups > 1 && x.size(1) / groups < kCorrAlign)
     gram_grouped_cpu(x, g, gram);
+  else if (gram_prefers_blas(patches, d))
+    gram_blas_cpu(x, g, gram);
   else if (g.sh == 1 && g.sw == 1)
     gram_shift_cpu(x, g, gram);
   else
