@@ -12,7 +12,8 @@ medians with 20/80 % quantiles):
   RSS after a warm-up and after the input is allocated — output Gram included;
 * ``CConv2d`` forward+backward / ``nn.Conv2d`` forward+backward (oneDNN) (goal ≤ 2.0);
 
-plus ResNet-20's two stride-2 shapes (the tiled path; no goal). Writes ``gram_cpu.json``
+plus ResNet-20's two stride-2 shapes (the tiled path) and resnet18's 4×4 and 2×2 stages (few
+patches per Gram entry: im2col + GEMM), no goal for either. Writes ``gram_cpu.json``
 and ``gram_cpu.md`` (``gram_cpu_Nthread.*`` with ``--threads N``) to DIR (default
 ``results/gram_cpu``). ``run(...)`` returns the rows;
 importing this module runs nothing.
@@ -48,6 +49,13 @@ def shapes(quick: bool) -> list[dict]:
         {"name": "resnet20-down-16x16x32-s2", "shape": (batch, 32, 16, 16), "stride": 2,
          "goal": False},
     ]
+    # resnet18's last two stages on 64 px inputs: few patches per Gram entry (4·P <= D), the
+    # im2col + GEMM path.
+    small = 16 if quick else 32
+    cases += [{"name": f"resnet18-4x4x256-b{small}", "shape": (small, 256, 4, 4), "stride": 1,
+               "goal": False},
+              {"name": f"resnet18-2x2x512-b{small}", "shape": (small, 512, 2, 2), "stride": 1,
+               "goal": False}]
     # unfold of 8 × 16 × 344 × 344 (3×3): 8·144·344² floats = 545 MB (520 MiB).
     large = (2, 16, 96, 96) if quick else (8, 16, 344, 344)
     cases.append({"name": f"large-{large[2]}x{large[3]}x{large[1]}", "shape": large, "stride": 1,
