@@ -29,12 +29,18 @@ def _im2col_gram_samples():
              False)]
 
 
+def _im2col_gram_algorithm_samples():
+    return [(torch.randn(3, 16, 8, 7), [3, 3], [1, 1], [1, 1], [1, 1], 1, True, "hartley"),
+            (torch.randn(2, 4, 7, 6), [3, 3], [2, 2], [1, 1], [1, 1], 2, False, "tiled")]
+
+
 # Sample arguments per op with Tensor arguments. A new op fails test_every_op_has_samples
 # until it gets an entry here, so opcheck covers it from the start.
 SAMPLES = {
     "ridge_solve": _ridge_solve_samples,
     "ridge_solve_reporting": _ridge_solve_samples,
     "im2col_gram": _im2col_gram_samples,
+    "_im2col_gram_algorithm": _im2col_gram_algorithm_samples,
 }
 
 

@@ -1,6 +1,6 @@
 """CPU kernels (csrc/cpu) against the float64 reference: im2col_gram (shift-correlation
-form for stride 1, tiled form otherwise, im2col + GEMM for few patches) and ridge_solve
-(batched Cholesky)."""
+form for stride 1, Hartley transform where it is cheaper, tiled form otherwise, im2col + GEMM
+for few patches; each also by name) and ridge_solve (batched Cholesky)."""
 import warnings
 
 import pytest
@@ -123,6 +123,91 @@ def test_gram_few_patches_matches_reference(geometry, bias, layout, dtype, tol):
     assert torch.equal(out, out.transpose(1, 2))
     if bias:
         assert out[:, -1, -1].eq(ref[0, -1, -1]).all()
+
+
+algorithm_op = torch.ops.consequential_ext._im2col_gram_algorithm
+# Every CPU algorithm by name (the automatic choice picks one per shape): shift and hartley
+# take stride 1, hartley one group; grouped is run where it is chosen, under 16 channels per
+# group (its strided prefix sums cancel: ~1e-12 in float64 on 40 channels); the others take
+# any geometry. Shift, hartley and grouped subtract border corrections from whole-image sums,
+# so an entry's rounding error scales with the image's energy: on the few-patch geometries
+# (a 2×2 map of one image, windows of one pixel) that is not small against the entry's own
+# Cauchy–Schwarz scale, and those geometries go to the GEMM (exact per entry) anyway.
+ALGORITHMS = ("shift", "tiled", "grouped", "blas", "hartley")
+
+
+def _algorithm_cases():
+    for geometry in GEOMETRIES + BLAS_GEOMETRIES:
+        shape, _, s, _, _, groups = geometry
+        for algorithm in ALGORITHMS:
+            if geometry in BLAS_GEOMETRIES and algorithm not in ("tiled", "blas"):
+                continue
+            if algorithm == "grouped" and shape[1] // groups >= 16:
+                continue
+            if algorithm in ("shift", "hartley") and s != (1, 1):
+                continue
+            if algorithm == "hartley" and groups != 1:
+                continue
+            yield geometry, algorithm
+
+
+@pytest.mark.parametrize("geometry,algorithm", list(_algorithm_cases()),
+                         ids=lambda v: v if isinstance(v, str) else f"{v[0]}k{v[1]}s{v[2]}p{v[3]}d{v[4]}g{v[5]}")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5),
+                                       (torch.bfloat16, 2e-5)])
+def test_every_algorithm_matches_reference(geometry, algorithm, bias, dtype, tol):
+    shape, k, s, p, d, groups = geometry
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    out = algorithm_op(x, k, s, p, d, groups, bias, algorithm)
+    ref = _ref_gram(x, k, s, p, d, groups, bias)
+    _assert_gram_close(out, ref, tol)
+    assert torch.equal(out, out.transpose(1, 2))
+    if bias:
+        assert out[:, -1, -1].eq(ref[0, -1, -1]).all()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed_hw"])
+def test_hartley_any_memory_layout(layout):
+    if layout == "channels_last":
+        x = torch.randn(5, 20, 9, 8).to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(5, 40, 10, 17)[:, ::2, 1:, ::2]
+    else:
+        x = torch.randn(5, 20, 8, 9).transpose(2, 3)
+    out = algorithm_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "hartley")
+    _assert_gram_close(out, _ref_gram(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True), 2e-5)
+
+
+def test_hartley_across_batch_chunks_and_calls():
+    # 45 × 45 maps, 3×3: a 47 × 47 transform of 16 channels per image, so the 2^21-element
+    # spectrum holds 59 images and 64 take two chunks, the second of 5; bit-identical reruns.
+    x = torch.randn(64, 16, 45, 45)
+    out = algorithm_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "hartley")
+    _assert_gram_close(out, _ref_gram(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True), 2e-5)
+    assert torch.equal(out, algorithm_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "hartley"))
+
+
+def test_automatic_choice_is_one_of_the_algorithms():
+    # 128 × 64 × 8 × 8 takes the Hartley form, 16 × 16 × 32 × 32 the shift form, 4 × 256 × 2 × 2
+    # the GEMM (counts in gram_hartley_cpu.cpp / gram_cpu.h)
+    for shape, algorithm in (((128, 64, 8, 8), "hartley"), ((16, 16, 32, 32), "shift"),
+                             ((4, 256, 2, 2), "blas")):
+        x = torch.randn(shape)
+        assert torch.equal(gram_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True),
+                           algorithm_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, algorithm))
+
+
+@pytest.mark.parametrize("algorithm,stride,groups,match", [
+    ("hartley", 2, 1, "hartley algorithm needs stride 1 and groups 1"),
+    ("hartley", 1, 2, "hartley algorithm needs stride 1 and groups 1"),
+    ("shift", 2, 1, "shift algorithm needs stride 1"),
+    ("fft", 1, 1, "algorithm must be one of"),
+])
+def test_algorithm_refuses_what_it_cannot_do(algorithm, stride, groups, match):
+    with pytest.raises(RuntimeError, match=match):
+        algorithm_op(torch.randn(2, 4, 6, 6), (3, 3), (stride, stride), (1, 1), (1, 1), groups,
+                     False, algorithm)
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])

@@ -22,10 +22,14 @@ def register_fakes():
     _registered = True
 
     @torch.library.register_fake("consequential_ext::im2col_gram")
-    def _(x, kernel_size, stride, padding, dilation, groups, bias):
+    def _gram(x, kernel_size, stride, padding, dilation, groups, bias):
         d = x.shape[1] // groups * kernel_size[0] * kernel_size[1] + int(bias)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return x.new_empty((groups, d, d), dtype=acc)
+
+    @torch.library.register_fake("consequential_ext::_im2col_gram_algorithm")
+    def _(x, kernel_size, stride, padding, dilation, groups, bias, algorithm):
+        return _gram(x, kernel_size, stride, padding, dilation, groups, bias)
 
     @torch.library.register_fake("consequential_ext::ridge_solve")
     def _(gram, grad, ridge, out_dtype=None):

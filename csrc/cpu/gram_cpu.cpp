@@ -14,9 +14,19 @@ void check_pair(c10::IntArrayRef v, const char* name, int64_t min_value) {
               min_value, ", got ", v);
 }
 
-at::Tensor im2col_gram_cpu(const at::Tensor& x, c10::IntArrayRef kernel_size,
-                           c10::IntArrayRef stride, c10::IntArrayRef padding,
-                           c10::IntArrayRef dilation, int64_t groups, bool bias) {
+enum class Algorithm { kAuto, kGrouped, kBlas, kHartley, kShift, kTiled };
+
+// The automatic choice, cheapest first where it applies (measured: README, "Real models").
+Algorithm choose(const at::Tensor& x, const PatchGeometry& g, int64_t patches, int64_t d) {
+  if (g.groups > 1 && x.size(1) / g.groups < kCorrAlign) return Algorithm::kGrouped;
+  if (gram_prefers_blas(patches, d)) return Algorithm::kBlas;
+  if (gram_prefers_hartley(x.size(0), x.size(1), x.size(2), x.size(3), g)) return Algorithm::kHartley;
+  return g.sh == 1 && g.sw == 1 ? Algorithm::kShift : Algorithm::kTiled;
+}
+
+at::Tensor gram_with(const at::Tensor& x, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                     bool bias, Algorithm algorithm) {
   TORCH_CHECK(x.dim() == 4, "im2col_gram: x must be a 4-D (B, C, H, W) tensor, got ", x.sizes());
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
@@ -48,19 +58,51 @@ at::Tensor im2col_gram_cpu(const at::Tensor& x, c10::IntArrayRef kernel_size,
     if (bias) gram.select(1, d - 1).select(1, d - 1).fill_(patches);
     return gram;
   }
-  if (groups > 1 && x.size(1) / groups < kCorrAlign)
-    gram_grouped_cpu(x, g, gram);
-  else if (gram_prefers_blas(patches, d))
-    gram_blas_cpu(x, g, gram);
-  else if (g.sh == 1 && g.sw == 1)
-    gram_shift_cpu(x, g, gram);
-  else
-    gram_tiled_cpu(x, g, gram);
+  if (algorithm == Algorithm::kAuto) algorithm = choose(x, g, patches, d);
+  const bool unit_stride = g.sh == 1 && g.sw == 1;
+  TORCH_CHECK(algorithm != Algorithm::kShift || unit_stride,
+              "im2col_gram: the shift algorithm needs stride 1, got ", stride);
+  TORCH_CHECK(algorithm != Algorithm::kHartley || (unit_stride && groups == 1),
+              "im2col_gram: the hartley algorithm needs stride 1 and groups 1, got stride ",
+              stride, ", groups ", groups);
+  switch (algorithm) {
+    case Algorithm::kGrouped: gram_grouped_cpu(x, g, gram); break;
+    case Algorithm::kBlas: gram_blas_cpu(x, g, gram); break;
+    case Algorithm::kHartley: gram_hartley_cpu(x, g, gram); break;
+    case Algorithm::kShift: gram_shift_cpu(x, g, gram); break;
+    default: gram_tiled_cpu(x, g, gram); break;
+  }
   return gram;
+}
+
+at::Tensor im2col_gram_cpu(const at::Tensor& x, c10::IntArrayRef kernel_size,
+                           c10::IntArrayRef stride, c10::IntArrayRef padding,
+                           c10::IntArrayRef dilation, int64_t groups, bool bias) {
+  return gram_with(x, kernel_size, stride, padding, dilation, groups, bias, Algorithm::kAuto);
+}
+
+// One named algorithm instead of the automatic choice: for tests (every algorithm on every
+// geometry it accepts) and for the benchmark (algorithms side by side).
+at::Tensor im2col_gram_algorithm_cpu(const at::Tensor& x, c10::IntArrayRef kernel_size,
+                                     c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                     c10::IntArrayRef dilation, int64_t groups, bool bias,
+                                     c10::string_view algorithm) {
+  static const std::pair<const char*, Algorithm> names[] = {
+      {"auto", Algorithm::kAuto},       {"grouped", Algorithm::kGrouped},
+      {"blas", Algorithm::kBlas},       {"hartley", Algorithm::kHartley},
+      {"shift", Algorithm::kShift},     {"tiled", Algorithm::kTiled}};
+  for (const auto& [name, value] : names)
+    if (algorithm == name)
+      return gram_with(x, kernel_size, stride, padding, dilation, groups, bias, value);
+  TORCH_CHECK(false, "im2col_gram: algorithm must be one of auto, grouped, blas, hartley, "
+              "shift, tiled; got '", algorithm, "'");
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(consequential_ext, CPU, m) { m.impl("im2col_gram", &im2col_gram_cpu); }
+TORCH_LIBRARY_IMPL(consequential_ext, CPU, m) {
+  m.impl("im2col_gram", &im2col_gram_cpu);
+  m.impl("_im2col_gram_algorithm", &im2col_gram_algorithm_cpu);
+}
 
 }  // namespace consequential_ext::cpu
