@@ -13,7 +13,7 @@ medians with 20/80 % quantiles):
 * ``CConv2d`` forward+backward / ``nn.Conv2d`` forward+backward (oneDNN) (goal ≤ 2.0);
 
 plus ResNet-20's two stride-2 shapes (the tiled path) and resnet18's 8×8, 4×4 and 2×2 stages,
-no goal for either. Stride-1 rows also time the shift and Hartley algorithms by name. Writes ``gram_cpu.json``
+no goal for either. Writes ``gram_cpu.json``
 and ``gram_cpu.md`` (``gram_cpu_Nthread.*`` with ``--threads N``) to DIR (default
 ``results/gram_cpu``). ``run(...)`` returns the rows;
 importing this module runs nothing.
@@ -35,9 +35,7 @@ import torch.nn as nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOALS = {"time_ratio": 0.35, "memory_ratio": 0.10, "conv_ratio": 2.0}
-# Stride-1 rows also time the two stride-1 algorithms by name, side by side with the
-# automatic choice ("cpu"), which picks between them (csrc/cpu/gram_cpu.cpp).
-ALGORITHMS = ("cpu:shift", "cpu:hartley")
+
 
 
 def shapes(quick: bool) -> list[dict]:
@@ -52,7 +50,7 @@ def shapes(quick: bool) -> list[dict]:
         {"name": "resnet20-down-16x16x32-s2", "shape": (batch, 32, 16, 16), "stride": 2,
          "goal": False},
     ]
-    # resnet18's last three stages on 64 px inputs: 8×8 (the Hartley path), then few patches
+    # resnet18's last three stages on 64 px inputs: 8×8 (the shift form), then few patches
     # per Gram entry (4·P <= D: im2col + GEMM).
     small = 16 if quick else 32
     cases += [{"name": f"resnet18-8x8x128-b{small}", "shape": (small, 128, 8, 8), "stride": 1,
@@ -77,8 +75,6 @@ def _gram_fn(provider, x, stride):
     if provider == "cpu":
         assert "cpu" in cx.ops.available_backends("im2col_gram", "cpu"), "CPU kernel not built"
         return lambda: torch.ops.consequential_ext.im2col_gram(x, *args)
-    if provider.startswith("cpu:"):     # one named algorithm instead of the automatic choice
-        return lambda: torch.ops.consequential_ext._im2col_gram_algorithm(x, *args, provider[4:])
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -163,8 +159,7 @@ def run(quick: bool = False, cases: list[dict] | None = None, reps: int | None =
                "padding": 1, "goal": case["goal"],
                "unfold_mib": shape[0] * shape[1] * 9 * _out(shape[2], stride) * _out(shape[3], stride)
                * 4 / 2**20}
-        providers = ("reference", "cpu") + (ALGORITHMS if stride == 1 else ())
-        t = interleaved_medians({p: _gram_fn(p, x, stride) for p in providers}, n)
+        t = interleaved_medians({p: _gram_fn(p, x, stride) for p in ("reference", "cpu")}, n)
         row["gram_time"] = t
         row["time_ratio"] = t["cpu"]["median_s"] / t["reference"]["median_s"]
         row["time_cpu_ratio"] = t["cpu"]["cpu_median_s"] / t["reference"]["cpu_median_s"]
@@ -214,20 +209,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"≤ {GOALS['conv_ratio']}× nn.Conv2d; stride-2 rows have no goal).\n",
              "Wall-clock medians; the CPU-time ratios (process time) are the fairer measure with "
              "`--threads 1` on a machine shared with other jobs.\n",
-             "Stride-1 rows also time the shift and Hartley algorithms by name (CPU ms); "
-             "\"gram cpu\" is the automatic choice.\n",
              "| case | input (B,C,H,W) | stride | unfold MiB | gram ref ms | gram cpu ms | time ratio "
-             "| (CPU time) | shift CPU ms | hartley CPU ms | extra MiB ref | extra MiB cpu "
-             "| memory ratio | nn.Conv2d ms | CConv2d ms | conv ratio | (CPU time) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| (CPU time) | extra MiB ref | extra MiB cpu | memory ratio | nn.Conv2d ms "
+             "| CConv2d ms | conv ratio | (CPU time) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g, m, c = r["gram_time"], r.get("gram_memory"), r.get("conv_fwd_bwd_time")
         lines.append(
             f"| {r['name']} | {tuple(r['shape'])} | {r['stride']} | {r['unfold_mib']:.0f} "
             f"| {g['reference']['median_s'] * 1e3:.1f} | {g['cpu']['median_s'] * 1e3:.1f} "
             f"| {r['time_ratio']:.3f} | {r['time_cpu_ratio']:.3f} "
-            + "".join(f"| {g[a]['cpu_median_s'] * 1e3:.1f} " if a in g else "| – "
-                      for a in ALGORITHMS)
             + (f"| {m['reference']['extra_peak_mib']:.1f} | {m['cpu']['extra_peak_mib']:.1f} "
                f"| {_fmt(r['memory_ratio'])} " if m else "| – | – | – ")
             + (f"| {c['nn.Conv2d']['median_s'] * 1e3:.1f} | {c['CConv2d']['median_s'] * 1e3:.1f} "

@@ -24,7 +24,7 @@ TORCH_LIBRARY(consequential_ext, m) {
   // bias). Accumulated in float32 (float64 for float64 input).
   m.def("im2col_gram(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, bool bias) -> Tensor");
-  // im2col_gram with one named CPU algorithm (auto, grouped, blas, hartley, shift, tiled)
+  // im2col_gram with one named CPU algorithm (auto, grouped, blas, shift, tiled)
   // instead of the automatic choice: tests and benchmarks only.
   m.def("_im2col_gram_algorithm(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, bool bias, str algorithm) -> Tensor");

@@ -1,6 +1,6 @@
 """CPU kernels (csrc/cpu) against the float64 reference: im2col_gram (shift-correlation
-form for stride 1, Hartley transform where it is cheaper, tiled form otherwise, im2col + GEMM
-for few patches; each also by name) and ridge_solve (batched Cholesky)."""
+form for stride 1, tiled form otherwise, im2col + GEMM for few patches, groups in lanes;
+each also by name) and ridge_solve (batched Cholesky)."""
 import warnings
 
 import pytest
@@ -126,14 +126,14 @@ def test_gram_few_patches_matches_reference(geometry, bias, layout, dtype, tol):
 
 
 algorithm_op = torch.ops.consequential_ext._im2col_gram_algorithm
-# Every CPU algorithm by name (the automatic choice picks one per shape): shift and hartley
-# take stride 1, hartley one group; grouped is run where it is chosen, under 16 channels per
-# group (its strided prefix sums cancel: ~1e-12 in float64 on 40 channels); the others take
-# any geometry. Shift, hartley and grouped subtract border corrections from whole-image sums,
+# Every CPU algorithm by name (the automatic choice picks one per shape): shift takes stride
+# 1; grouped is run where it is chosen, under 16 channels per group (its strided prefix sums
+# cancel: ~1e-12 in float64 on 40 channels); the others take any geometry. Shift and grouped
+# subtract border corrections from whole-image sums,
 # so an entry's rounding error scales with the image's energy: on the few-patch geometries
 # (a 2×2 map of one image, windows of one pixel) that is not small against the entry's own
 # Cauchy–Schwarz scale, and those geometries go to the GEMM (exact per entry) anyway.
-ALGORITHMS = ("shift", "tiled", "grouped", "blas", "hartley")
+ALGORITHMS = ("shift", "tiled", "grouped", "blas")
 
 
 def _algorithm_cases():
@@ -144,9 +144,7 @@ def _algorithm_cases():
                 continue
             if algorithm == "grouped" and shape[1] // groups >= 16:
                 continue
-            if algorithm in ("shift", "hartley") and s != (1, 1):
-                continue
-            if algorithm == "hartley" and groups != 1:
+            if algorithm == "shift" and s != (1, 1):
                 continue
             yield geometry, algorithm
 
@@ -167,40 +165,20 @@ def test_every_algorithm_matches_reference(geometry, algorithm, bias, dtype, tol
         assert out[:, -1, -1].eq(ref[0, -1, -1]).all()
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed_hw"])
-def test_hartley_any_memory_layout(layout):
-    if layout == "channels_last":
-        x = torch.randn(5, 20, 9, 8).to(memory_format=torch.channels_last)
-    elif layout == "sliced":
-        x = torch.randn(5, 40, 10, 17)[:, ::2, 1:, ::2]
-    else:
-        x = torch.randn(5, 20, 8, 9).transpose(2, 3)
-    out = algorithm_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "hartley")
-    _assert_gram_close(out, _ref_gram(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True), 2e-5)
-
-
-def test_hartley_across_batch_chunks_and_calls():
-    # 45 × 45 maps, 3×3: a 47 × 47 transform of 16 channels per image, so the 2^21-element
-    # spectrum holds 59 images and 64 take two chunks, the second of 5; bit-identical reruns.
-    x = torch.randn(64, 16, 45, 45)
-    out = algorithm_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "hartley")
-    _assert_gram_close(out, _ref_gram(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True), 2e-5)
-    assert torch.equal(out, algorithm_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "hartley"))
-
-
 def test_automatic_choice_is_one_of_the_algorithms():
-    # 128 × 64 × 8 × 8 takes the Hartley form, 16 × 16 × 32 × 32 the shift form, 4 × 256 × 2 × 2
-    # the GEMM (counts in gram_hartley_cpu.cpp / gram_cpu.h)
-    for shape, algorithm in (((128, 64, 8, 8), "hartley"), ((16, 16, 32, 32), "shift"),
-                             ((4, 256, 2, 2), "blas")):
+    # 16 × 16 × 32 × 32 takes the shift form, stride 2 the tiled one, 4 × 256 × 2 × 2 the GEMM
+    # (kBlasRatio in gram_cpu.h), 8 groups of 4 channels the grouped one
+    for shape, stride, groups, algorithm in (((16, 16, 32, 32), 1, 1, "shift"),
+                                             ((16, 16, 32, 32), 2, 1, "tiled"),
+                                             ((4, 256, 2, 2), 1, 1, "blas"),
+                                             ((8, 32, 9, 9), 1, 8, "grouped")):
         x = torch.randn(shape)
-        assert torch.equal(gram_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True),
-                           algorithm_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, algorithm))
+        st = (stride, stride)
+        assert torch.equal(gram_op(x, (3, 3), st, (1, 1), (1, 1), groups, True),
+                           algorithm_op(x, (3, 3), st, (1, 1), (1, 1), groups, True, algorithm))
 
 
 @pytest.mark.parametrize("algorithm,stride,groups,match", [
-    ("hartley", 2, 1, "hartley algorithm needs stride 1 and groups 1"),
-    ("hartley", 1, 2, "hartley algorithm needs stride 1 and groups 1"),
     ("shift", 2, 1, "shift algorithm needs stride 1"),
     ("fft", 1, 1, "algorithm must be one of"),
 ])

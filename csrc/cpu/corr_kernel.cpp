@@ -114,51 +114,11 @@ __attribute__((always_inline)) inline void lane_any(T* out, const T* L, const T*
   for (; l < lanes; l += V) lane_tile<T, 1>(out + l, L + l, R + l, n, ls, rs);
 }
 
-// out = A·B for a small A (M × K, row-major, lda) and a wide B (K × N, ldb): 64 columns at a
-// time, so B's block stays in L1 while every row of A is applied to it.
-template <typename T>
-__attribute__((always_inline)) inline void panel_any(T* out, int64_t ldo, const T* A, int64_t lda,
-                                                     const T* B, int64_t ldb, int64_t M, int64_t K,
-                                                     int64_t N) {
-  using vec = typename Vec<T>::type;
-  constexpr int V = 64 / sizeof(T), NV = 4;
-  int64_t n0 = 0;
-  for (; n0 + NV * V <= N; n0 += NV * V)
-    for (int64_t m = 0; m < M; ++m) {
-      vec acc[NV];
-      for (int v = 0; v < NV; ++v) acc[v] = vec{};
-      for (int64_t k = 0; k < K; ++k) {
-        const T a = A[m * lda + k];
-        for (int v = 0; v < NV; ++v) {
-          vec b;
-          std::memcpy(&b, B + k * ldb + n0 + v * V, sizeof(vec));
-          acc[v] += a * b;
-        }
-      }
-      for (int v = 0; v < NV; ++v) std::memcpy(out + m * ldo + n0 + v * V, &acc[v], sizeof(vec));
-    }
-  for (; n0 < N; n0 += V)
-    for (int64_t m = 0; m < M; ++m) {
-      vec acc = vec{};
-      for (int64_t k = 0; k < K; ++k) {
-        vec b;
-        std::memcpy(&b, B + k * ldb + n0, sizeof(vec));
-        acc += A[m * lda + k] * b;
-      }
-      std::memcpy(out + m * ldo + n0, &acc, sizeof(vec));
-    }
-}
-
 #define CX_CORR_VARIANT(NAME, ATTR)                                                             \
   template <typename T>                                                                          \
   ATTR void NAME(T* out, int64_t ldo, const T* L, const T* R, int64_t M, int64_t N,              \
                  int64_t n_outer, int64_t os, int64_t n_inner, int64_t ld) {                     \
     corr_any<T>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);                                 \
-  }                                                                                              \
-  template <typename T>                                                                          \
-  ATTR void NAME##_panel(T* out, int64_t ldo, const T* A, int64_t lda, const T* B, int64_t ldb,  \
-                         int64_t M, int64_t K, int64_t N) {                                      \
-    panel_any<T>(out, ldo, A, lda, B, ldb, M, K, N);                                             \
   }                                                                                              \
   template <typename T>                                                                          \
   ATTR void NAME##_lanes(T* out, const T* L, const T* R, int64_t n, int64_t ls, int64_t rs,      \
@@ -193,17 +153,6 @@ void corr_dispatch(T* out, int64_t ldo, const T* L, const T* R, int64_t M, int64
 }
 
 template <typename T>
-void panel_dispatch(T* out, int64_t ldo, const T* A, int64_t lda, const T* B, int64_t ldb,
-                    int64_t M, int64_t K, int64_t N) {
-  static const Isa isa = detect_isa();
-  switch (isa) {
-    case Isa::kAvx512: return corr_avx512_panel<T>(out, ldo, A, lda, B, ldb, M, K, N);
-    case Isa::kAvx2: return corr_avx2_panel<T>(out, ldo, A, lda, B, ldb, M, K, N);
-    default: return corr_portable_panel<T>(out, ldo, A, lda, B, ldb, M, K, N);
-  }
-}
-
-template <typename T>
 void lane_dispatch(T* out, const T* L, const T* R, int64_t n, int64_t ls, int64_t rs,
                    int64_t lanes) {
   static const Isa isa = detect_isa();
@@ -232,15 +181,6 @@ void corr_accumulate(float* out, int64_t ldo, const float* L, const float* R, in
 void corr_accumulate(double* out, int64_t ldo, const double* L, const double* R, int64_t M,
                      int64_t N, int64_t n_outer, int64_t os, int64_t n_inner, int64_t ld) {
   corr_dispatch<double>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
-}
-
-void panel_product(float* out, int64_t ldo, const float* A, int64_t lda, const float* B,
-                   int64_t ldb, int64_t M, int64_t K, int64_t N) {
-  panel_dispatch<float>(out, ldo, A, lda, B, ldb, M, K, N);
-}
-void panel_product(double* out, int64_t ldo, const double* A, int64_t lda, const double* B,
-                   int64_t ldb, int64_t M, int64_t K, int64_t N) {
-  panel_dispatch<double>(out, ldo, A, lda, B, ldb, M, K, N);
 }
 
 }  // namespace consequential_ext::cpu

@@ -25,12 +25,4 @@ void lane_dot(float* out, const float* L, const float* R, int64_t n, int64_t ls,
 void lane_dot(double* out, const double* L, const double* R, int64_t n, int64_t ls, int64_t rs,
               int64_t lanes);
 
-// out[m][n] = Σ_{k < K} A[m·lda + k] · B[k·ldb + n] for m < M, n < N (a multiple of
-// kCorrAlign): a small matrix applied to a wide panel (the Hartley Gram's transform).
-// Overwrites out.
-void panel_product(float* out, int64_t ldo, const float* A, int64_t lda, const float* B,
-                   int64_t ldb, int64_t M, int64_t K, int64_t N);
-void panel_product(double* out, int64_t ldo, const double* A, int64_t lda, const double* B,
-                   int64_t ldb, int64_t M, int64_t K, int64_t N);
-
 }  // namespace consequential_ext::cpu

@@ -14,13 +14,12 @@ void check_pair(c10::IntArrayRef v, const char* name, int64_t min_value) {
               min_value, ", got ", v);
 }
 
-enum class Algorithm { kAuto, kGrouped, kBlas, kHartley, kShift, kTiled };
+enum class Algorithm { kAuto, kGrouped, kBlas, kShift, kTiled };
 
 // The automatic choice, cheapest first where it applies (measured: README, "Real models").
 Algorithm choose(const at::Tensor& x, const PatchGeometry& g, int64_t patches, int64_t d) {
   if (g.groups > 1 && x.size(1) / g.groups < kCorrAlign) return Algorithm::kGrouped;
   if (gram_prefers_blas(patches, d)) return Algorithm::kBlas;
-  if (gram_prefers_hartley(x.size(0), x.size(1), x.size(2), x.size(3), g)) return Algorithm::kHartley;
   return g.sh == 1 && g.sw == 1 ? Algorithm::kShift : Algorithm::kTiled;
 }
 
@@ -62,13 +61,9 @@ at::Tensor gram_with(const at::Tensor& x, c10::IntArrayRef kernel_size, c10::Int
   const bool unit_stride = g.sh == 1 && g.sw == 1;
   TORCH_CHECK(algorithm != Algorithm::kShift || unit_stride,
               "im2col_gram: the shift algorithm needs stride 1, got ", stride);
-  TORCH_CHECK(algorithm != Algorithm::kHartley || (unit_stride && groups == 1),
-              "im2col_gram: the hartley algorithm needs stride 1 and groups 1, got stride ",
-              stride, ", groups ", groups);
   switch (algorithm) {
     case Algorithm::kGrouped: gram_grouped_cpu(x, g, gram); break;
     case Algorithm::kBlas: gram_blas_cpu(x, g, gram); break;
-    case Algorithm::kHartley: gram_hartley_cpu(x, g, gram); break;
     case Algorithm::kShift: gram_shift_cpu(x, g, gram); break;
     default: gram_tiled_cpu(x, g, gram); break;
   }
@@ -89,13 +84,13 @@ at::Tensor im2col_gram_algorithm_cpu(const at::Tensor& x, c10::IntArrayRef kerne
                                      c10::string_view algorithm) {
   static const std::pair<const char*, Algorithm> names[] = {
       {"auto", Algorithm::kAuto},       {"grouped", Algorithm::kGrouped},
-      {"blas", Algorithm::kBlas},       {"hartley", Algorithm::kHartley},
-      {"shift", Algorithm::kShift},     {"tiled", Algorithm::kTiled}};
+      {"blas", Algorithm::kBlas},       {"shift", Algorithm::kShift},
+      {"tiled", Algorithm::kTiled}};
   for (const auto& [name, value] : names)
     if (algorithm == name)
       return gram_with(x, kernel_size, stride, padding, dilation, groups, bias, value);
-  TORCH_CHECK(false, "im2col_gram: algorithm must be one of auto, grouped, blas, hartley, "
-              "shift, tiled; got '", algorithm, "'");
+  TORCH_CHECK(false, "im2col_gram: algorithm must be one of auto, grouped, blas, shift, "
+              "tiled; got '", algorithm, "'");
 }
 
 }  // namespace

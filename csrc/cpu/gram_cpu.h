@@ -24,12 +24,6 @@ void gram_tiled_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gra
 // Few channels per group (depthwise, small groups), any stride: groups in SIMD lanes,
 // per tap difference one pass of batch products and strided prefix sums.
 void gram_grouped_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
-// Stride 1, one group: a 2-D Hartley transform and per-frequency channel products, plus the
-// border rows / columns windows miss (gram_hartley_cpu.cpp).
-void gram_hartley_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
-// Whether gram_hartley_cpu is expected to beat the shift form on B images of C channels of
-// H × W (multiply-add counts of both, calibrated: gram_hartley_cpu.cpp).
-bool gram_prefers_hartley(int64_t B, int64_t C, int64_t H, int64_t W, const PatchGeometry& g);
 // Few patches per Gram entry, any geometry: im2col and one GEMM per group (gram_blas_cpu.cpp).
 void gram_blas_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
 // Whether gram_blas_cpu is the faster choice for this many patches (B·Ho·Wo) and this D.
