@@ -238,7 +238,12 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
     // division per entry). Blocks of shifts (s < 0) or (s = 0, t < 0) are transposes of
     // accumulated ones; within s = t = 0 blocks the c ≤ c2 entry is used on both sides, so
     // the result is exactly symmetric.
-    acc_t* const blocked = scratch<acc_t, 4>(d0 * d0);
+    // The sum goes into the first helper thread's Gram (read before it is overwritten,
+    // entry by entry): a third d0² buffer would take the Gram's extra peak memory past a
+    // tenth of unfold's at 64 channels on 8×8 (bench/bench_gram.py).
+    acc_t* blocked = nullptr;
+    for (int64_t t = 1; t < threads && !blocked; ++t) blocked = thread_gram[t];
+    if (!blocked) blocked = scratch<acc_t, 4>(d0 * d0);
     at::parallel_for(0, d0 * d0, kChunkElems, [&](int64_t lo, int64_t hi) {
       for (int64_t e = lo; e < hi; ++e) {
         acc_t sum = G[e];
