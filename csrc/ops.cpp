@@ -25,7 +25,7 @@ TORCH_LIBRARY(consequential_ext, m) {
   m.def("im2col_gram(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, bool bias) -> Tensor");
   // im2col_gram with one named CPU algorithm (auto, grouped, blas, shift, tiled)
-  // instead of the automatic choice: tests and benchmarks only.
+  // instead of the automatic choice: for tests.
   m.def("_im2col_gram_algorithm(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, bool bias, str algorithm) -> Tensor");
   // grad @ (gram + ridge·I)⁻¹ for a batch of systems: gram (..., D, D) symmetric PSD,

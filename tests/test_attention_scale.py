@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import consequential_ext as cx
-from ddp_harness import spawn_ranks
+from ddp_harness import save_results, spawn_ranks
 
 E, H, L = 8, 2, 5
 WORLD, PER_RANK = 2, 3
@@ -65,7 +65,7 @@ def _worker(rank, port, out_path):
         ddp = nn.parallel.DistributedDataParallel(_model())
         grads = _grads(ddp, ids[mine], memory[mine], target[mine])
         if rank == 0:
-            torch.save(grads, out_path)
+            save_results(grads, out_path)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import consequential_ext as cx
-from ddp_harness import spawn_ranks
+from ddp_harness import save_results, spawn_ranks
 import conv_nd_reference as ref
 
 WORLD, PER_RANK, RIDGE, LR = 2, 3, 1e-2, 0.5
@@ -63,7 +63,7 @@ def _worker(rank, port, out_path):
                                x[mine], t[mine])
                    for name, (x, t) in _batches().items()}
         if rank == 0:
-            torch.save(results, out_path)
+            save_results(results, out_path)
         dist.barrier()   # tear down only once every rank is done (see test_distributed.py)
     finally:
         dist.destroy_process_group()

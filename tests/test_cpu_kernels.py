@@ -129,10 +129,10 @@ algorithm_op = torch.ops.consequential_ext._im2col_gram_algorithm
 # Every CPU algorithm by name (the automatic choice picks one per shape): shift takes stride
 # 1; grouped is run where it is chosen, under 16 channels per group (its strided prefix sums
 # cancel: ~1e-12 in float64 on 40 channels); the others take any geometry. Shift and grouped
-# subtract border corrections from whole-image sums,
-# so an entry's rounding error scales with the image's energy: on the few-patch geometries
-# (a 2×2 map of one image, windows of one pixel) that is not small against the entry's own
-# Cauchy–Schwarz scale, and those geometries go to the GEMM (exact per entry) anyway.
+# subtract border corrections from whole-image sums, so an entry's rounding error scales with
+# the image's energy: on the few-patch geometries (a 2×2 map of one image, windows of one
+# pixel) that is not small against the entry's own Cauchy–Schwarz scale, and those geometries
+# go to the GEMM (exact per entry) anyway.
 ALGORITHMS = ("shift", "tiled", "grouped", "blas")
 
 

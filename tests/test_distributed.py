@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import consequential_ext as cx
-from ddp_harness import spawn_ranks
+from ddp_harness import save_results, spawn_ranks
 
 WORLD = 2
 PER_RANK = 5  # samples per rank; < D of the conv layer, so one process would pick columns
@@ -83,7 +83,7 @@ def _worker(rank, port, out_path):
         except Exception as error:  # noqa: BLE001  (reported to the parent, which skips)
             results["fsdp"] = f"{type(error).__name__}: {error}"
         if rank == 0:
-            torch.save(results, out_path)
+            save_results(results, out_path)
         # Tear down only once every rank is done: a rank that leaves while its peer's gloo
         # threads still talk to it makes the peer abort (std::terminate).
         dist.barrier()

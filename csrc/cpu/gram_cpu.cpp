@@ -76,8 +76,8 @@ at::Tensor im2col_gram_cpu(const at::Tensor& x, c10::IntArrayRef kernel_size,
   return gram_with(x, kernel_size, stride, padding, dilation, groups, bias, Algorithm::kAuto);
 }
 
-// One named algorithm instead of the automatic choice: for tests (every algorithm on every
-// geometry it accepts) and for the benchmark (algorithms side by side).
+// One named algorithm instead of the automatic choice, for tests: every algorithm on every
+// geometry it accepts, and the choice itself.
 at::Tensor im2col_gram_algorithm_cpu(const at::Tensor& x, c10::IntArrayRef kernel_size,
                                      c10::IntArrayRef stride, c10::IntArrayRef padding,
                                      c10::IntArrayRef dilation, int64_t groups, bool bias,
