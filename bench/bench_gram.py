@@ -37,7 +37,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOALS = {"time_ratio": 0.35, "memory_ratio": 0.10, "conv_ratio": 2.0}
 
 
-
 def shapes(quick: bool) -> list[dict]:
     """Benchmark cases: (B, C, H, W) input of a 3×3 convolution, padding 1."""
     batch = 16 if quick else 128

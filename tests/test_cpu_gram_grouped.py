@@ -6,7 +6,7 @@ import torch
 
 import consequential_ext as cx
 
-from test_cpu_kernels import _assert_gram_close, _ref_gram, gram_op
+from test_cpu_kernels import _assert_gram_close, _ref_gram, check_gram, gram_op
 
 pytestmark = pytest.mark.skipif("cpu" not in cx.ops.available_backends("im2col_gram", "cpu"),
                                 reason="consequential_ext._C was built without CPU kernels")
@@ -37,13 +37,7 @@ def test_grouped_gram_matches_reference(geometry, bias, dtype, tol):
     torch.manual_seed(hash((geometry, bias)) % 2 ** 31)
     shape, k, s, p, d, groups = geometry
     x = torch.randn(shape, dtype=torch.float64).to(dtype)
-    out = gram_op(x, k, s, p, d, groups, bias)
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    ref = _ref_gram(x, k, s, p, d, groups, bias)
-    _assert_gram_close(out, ref, tol)
-    assert torch.equal(out, out.transpose(1, 2))
-    if bias:
-        assert out[:, -1, -1].eq(ref[0, -1, -1]).all()
+    check_gram(gram_op(x, k, s, p, d, groups, bias), x, geometry, bias, tol)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed_hw"])
