@@ -198,10 +198,14 @@ MUTANTS = [
        DISPATCH, CPU_KERNELS),
 
     # ---- csrc/cpu: compiled CPU kernels (rebuilt per mutant) ------------------------------
-    _m("cpu.shift-border-correction-added", "csrc/cpu/gram_shift_cpu.cpp",
-       "const acc_t sign = cc == 0 ? acc_t(1) : acc_t(-1);",
-       "const acc_t sign = cc == 0 ? acc_t(1) : acc_t(1);",
-       CPU_KERNELS + "::test_gram_matches_reference", why="shift-form border corrections"),
+    _m("cpu.shift-border-strip-window-inverted", "csrc/cpu/gram_shift_cpu.cpp",
+       "if (cc > 0 && !cols.inside(cols.border[cc - 1], j)) continue;",
+       "if (cc > 0 && cols.inside(cols.border[cc - 1], j)) continue;",
+       CPU_KERNELS + "::test_gram_matches_reference", why="shift-form border columns"),
+    _m("cpu.shift-core-columns-all", "csrc/cpu/gram_shift_cpu.cpp",
+       "std::min(cols.core1, W - g.dw * t) * bc", "std::min(W, W - g.dw * t) * bc",
+       CPU_KERNELS + "::test_gram_matches_reference",
+       why="the core run must leave the border columns to their strips"),
     _m("cpu.shift-group-offset-dropped", "csrc/cpu/gram_shift_cpu.cpp",
        "src + (b0 + b) * sb + grp * Cg * sc + y * sy", "src + (b0 + b) * sb + y * sy",
        CPU_KERNELS + "::test_every_algorithm_matches_reference",

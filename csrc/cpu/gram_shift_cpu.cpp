@@ -6,11 +6,13 @@
 // positions y ∈ Y_i = [dh·i − ph, dh·i − ph + Ho), x ∈ X_j (clipped to the image). All
 // windows Y_i contain one core range of rows; the ≤ 2·dh·(kh−1) rows outside it are "border
 // rows", each a row class of its own, the core is one more (likewise for columns). With
-//   S[rc][all] = Σ_{y ∈ rc, every x} π     one contiguous correlation per row class,
-//   S[rc][x]   = Σ_{y ∈ rc} π(y, x)        a thin strip per border column x,
-// every block is  Σ_{rc ⊆ Y_i} ( S[rc][all] − Σ_{border x ∉ X_j} S[rc][x] ); each piece is
-// added into (or subtracted from) the blocks it belongs to as soon as it is computed, so
-// the only memory beyond the output is the chunk copy below and a few pieces per thread.
+//   S[rc][core] = Σ_{y ∈ rc, core x} π     one contiguous correlation per row class,
+//   S[rc][x]    = Σ_{y ∈ rc} π(y, x)       a thin strip per border column x,
+// every block is  Σ_{rc ⊆ Y_i} ( S[rc][core] + Σ_{border x ∈ X_j} S[rc][x] ). A strip whose
+// partner column x + dw·t lies outside the image is zero and never computed (for 3×3 'same'
+// only the t = 0 shifts have strips), so no pixel product is computed twice. Each piece is
+// added into the blocks it belongs to as soon as it is computed, so the only memory beyond
+// the output is the chunk copy below and a few pieces per thread.
 // Blocks with s < 0 (or s = 0, t < 0) are transposes of blocks with the opposite shift, so
 // only kh·(2kw−1) − (kw−1) shifts are correlated (13 for 3×3, instead of 81 blocks).
 //
@@ -46,7 +48,8 @@ struct AxisClasses {
   std::vector<Range> classes;   // in order, covering [0, n)
   std::vector<char> is_core;    // per class: inside every window
   std::vector<int64_t> border;  // border positions (each one class)
-  int64_t d, p, out;            // dilation, padding, output size
+  int64_t core0 = 0, core1 = 0;  // the core class [core0, core1), empty when there is none
+  int64_t d, p, out;             // dilation, padding, output size
 
   bool inside(int64_t pos, int64_t i) const { return pos >= d * i - p && pos < d * i - p + out; }
   bool class_inside(size_t cls, int64_t i) const {
@@ -68,6 +71,8 @@ AxisClasses axis_classes(int64_t n, int64_t k, int64_t d, int64_t p, int64_t out
   };
   if (core0 < core1) {
     for (int64_t pos = 0; pos < core0; ++pos) add_border(pos);
+    a.core0 = core0;
+    a.core1 = core1;
     a.classes.push_back({core0, core1});
     a.is_core.push_back(1);
     for (int64_t pos = core1; pos < n; ++pos) add_border(pos);
@@ -100,20 +105,19 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   // While accumulating, the group's output memory holds the Gram in offset-major order,
   // block (i·kw + j, i2·kw + j2) of Cg × Cg entries, so adding a piece is a contiguous
   // sweep; it is permuted to (channel, i, j) order at the end.
-  // scatter adds ±piece — the correlation of shift sh over row class rc and every column
-  // (cc = 0, added) or over border column cols.border[cc − 1] (cc > 0, subtracted where
-  // outside the window) — to every block (i, j) × (i + s, j + t) it belongs to. Only
-  // shifts with s > 0 or s = 0, t ≥ 0 are accumulated; the rest are mirrored at the end.
+  // scatter adds piece — the correlation of shift sh over row class rc and the core columns
+  // (cc = 0) or border column cols.border[cc − 1] (cc > 0) — to every block
+  // (i, j) × (i + s, j + t) whose window holds it. Only shifts with s > 0 or s = 0, t ≥ 0
+  // are accumulated; the rest are mirrored at the end.
   auto scatter = [&](acc_t* G, const acc_t* piece, int64_t sh, int64_t rc, int64_t cc) {
     const auto [s, t] = shifts[sh];
-    const acc_t sign = cc == 0 ? acc_t(1) : acc_t(-1);
     for (int64_t i = 0; i + s < g.kh; ++i) {
       if (!rows.class_inside(rc, i)) continue;
       for (int64_t j = std::max<int64_t>(0, -t); j < g.kw && j + t < g.kw; ++j) {
-        if (cc > 0 && cols.inside(cols.border[cc - 1], j)) continue;
+        if (cc > 0 && !cols.inside(cols.border[cc - 1], j)) continue;
         acc_t* dst = G + ((i * g.kw + j) * kk + (i + s) * g.kw + (j + t)) * Cg * Cg;
         for (int64_t c = 0; c < Cg; ++c)
-          for (int64_t c2 = 0; c2 < Cg; ++c2) dst[c * Cg + c2] += sign * piece[c * Cp + c2];
+          for (int64_t c2 = 0; c2 < Cg; ++c2) dst[c * Cg + c2] += piece[c * Cp + c2];
       }
     }
   };
@@ -167,9 +171,9 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
                 z0[xx * bc * Cp + c] = static_cast<acc_t>(s0[c * sc + xx * sx]);
           }
 
-        // Every column: per row, the run of W·bc real pixels (the gap columns are zero on
-        // the left), in K-blocks of whole rows or of row pieces, all shifts per block while
-        // it is cached; a row class's sums are then added into the Gram.
+        // Core columns: per row, the run of real pixels (x-major, so the core columns are
+        // one contiguous stretch of it), in K-blocks of whole rows or of row pieces, all
+        // shifts per block while it is cached; a row class's sums are then added into the Gram.
         const int64_t run = W * bc, kb = std::max(kBlockElems / Cp, bc);
         const int64_t rows_per_block = run >= kb ? 1 : kb / run;
         for (int64_t rc = 0; rc < nrc; ++rc) {
@@ -179,10 +183,10 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
               const int64_t q1 = std::min(q0 + kb, run);
               for (int64_t sh = 0; sh < nsh; ++sh) {
                 const auto [s, t] = shifts[sh];
-                // only rows and columns whose partner y + dh·s, x + dw·t is inside the image
+                // core columns and rows whose partner y + dh·s, x + dw·t is inside the image
                 const int64_t y1 = std::min({y0 + rows_per_block, rows.classes[rc].end, H - g.dh * s});
-                const int64_t qa = std::max(q0, std::max<int64_t>(0, -g.dw * t) * bc);
-                const int64_t qb = std::min(q1, std::min(W, W - g.dw * t) * bc);
+                const int64_t qa = std::max(q0, std::max(cols.core0, -g.dw * t) * bc);
+                const int64_t qb = std::min(q1, std::min(cols.core1, W - g.dw * t) * bc);
                 if (y0 >= y1 || qa >= qb) continue;
                 const acc_t* L = Z + (y0 * Wz * bc + qa) * Cp;
                 const int64_t delta = (g.dh * s * Wz + g.dw * t) * bc;
@@ -193,10 +197,13 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
           for (int64_t sh = 0; sh < nsh; ++sh) scatter(mine, local + sh * cell, sh, rc, 0);
         }
 
-        // Border columns: per row y a run of bc pixels, rows Wz·bc pixels apart.
+        // Border columns: per row y a run of bc pixels, rows Wz·bc pixels apart; none where
+        // the partner column is outside the image (a zero strip).
         for (int64_t sh = 0; sh < nsh; ++sh)
           for (int64_t xi = 0; xi < nxb; ++xi) {
             const auto [s, t] = shifts[sh];
+            const int64_t partner = cols.border[xi] + g.dw * t;
+            if (partner < 0 || partner >= W) continue;
             const int64_t delta = (g.dh * s * Wz + g.dw * t) * bc;
             for (int64_t rc = 0; rc < nrc; ++rc) {
               const int64_t y0 = rows.classes[rc].begin;

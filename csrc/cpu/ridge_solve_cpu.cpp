@@ -23,13 +23,15 @@ namespace consequential_ext::cpu {
 namespace {
 
 constexpr int kMaxEscalations = 12;  // ridge × 10 each: 1e-3 becomes 1e8 before giving up
-constexpr double kSerialWork = 1e9;  // batch · D³ below which one thread is fastest
+constexpr double kSerialWork = 3e7;  // batch · D³ up to which one thread is as fast
 
 // Runs a small solve on the calling thread only: ATen's loops (the OpenMP thread count is
 // a per-thread setting) and MKL's LAPACK (its thread-local count). Threads do not speed up
-// a Gram of a few hundred rows, and on a busy machine every parallel region waits for a
+// a Gram of up to ~300 rows, and on a busy machine every parallel region waits for a
 // descheduled thread (measured with other jobs running: 144 × 144 potrf 0.05 ms on one
-// thread, 124 ms on two).
+// thread, 124 ms on two). Above that they do (wall ms, 2 threads vs 1: D = 577 1.26 vs
+// 1.57, 769 2.63 vs 3.93), and one thread is not cheaper in CPU time either: the idle
+// OpenMP threads of the backward's previous parallel region spin meanwhile.
 class SingleThreaded {
  public:
   SingleThreaded() {
