@@ -114,6 +114,16 @@ __attribute__((always_inline)) inline void lane_any(T* out, const T* L, const T*
   for (; l < lanes; l += V) lane_tile<T, 1>(out + l, L + l, R + l, n, ls, rs);
 }
 
+template <typename T>
+__attribute__((always_inline)) inline void add_any(T* out, int64_t ldo, const T* in, int64_t ldi,
+                                                   int64_t M, int64_t N) {
+  for (int64_t m = 0; m < M; ++m) {
+    T* __restrict o = out + m * ldo;
+    const T* __restrict i = in + m * ldi;
+    for (int64_t n = 0; n < N; ++n) o[n] += i[n];
+  }
+}
+
 #define CX_CORR_VARIANT(NAME, ATTR)                                                             \
   template <typename T>                                                                          \
   ATTR void NAME(T* out, int64_t ldo, const T* L, const T* R, int64_t M, int64_t N,              \
@@ -124,6 +134,10 @@ __attribute__((always_inline)) inline void lane_any(T* out, const T* L, const T*
   ATTR void NAME##_lanes(T* out, const T* L, const T* R, int64_t n, int64_t ls, int64_t rs,      \
                          int64_t lanes) {                                                        \
     lane_any<T>(out, L, R, n, ls, rs, lanes);                                                    \
+  }                                                                                              \
+  template <typename T>                                                                          \
+  ATTR void NAME##_add(T* out, int64_t ldo, const T* in, int64_t ldi, int64_t M, int64_t N) {    \
+    add_any<T>(out, ldo, in, ldi, M, N);                                                         \
   }
 CX_CORR_VARIANT(corr_avx512, __attribute__((target("avx512f"))))
 CX_CORR_VARIANT(corr_avx2, __attribute__((target("avx2,fma"))))
@@ -163,7 +177,24 @@ void lane_dispatch(T* out, const T* L, const T* R, int64_t n, int64_t ls, int64_
   }
 }
 
+template <typename T>
+void add_dispatch(T* out, int64_t ldo, const T* in, int64_t ldi, int64_t M, int64_t N) {
+  static const Isa isa = detect_isa();
+  switch (isa) {
+    case Isa::kAvx512: return corr_avx512_add<T>(out, ldo, in, ldi, M, N);
+    case Isa::kAvx2: return corr_avx2_add<T>(out, ldo, in, ldi, M, N);
+    default: return corr_portable_add<T>(out, ldo, in, ldi, M, N);
+  }
+}
+
 }  // namespace
+
+void add_block(float* out, int64_t ldo, const float* in, int64_t ldi, int64_t M, int64_t N) {
+  add_dispatch<float>(out, ldo, in, ldi, M, N);
+}
+void add_block(double* out, int64_t ldo, const double* in, int64_t ldi, int64_t M, int64_t N) {
+  add_dispatch<double>(out, ldo, in, ldi, M, N);
+}
 
 void lane_dot(float* out, const float* L, const float* R, int64_t n, int64_t ls, int64_t rs,
               int64_t lanes) {

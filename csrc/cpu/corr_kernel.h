@@ -18,6 +18,10 @@ void corr_accumulate(float* out, int64_t ldo, const float* L, const float* R, in
 void corr_accumulate(double* out, int64_t ldo, const double* L, const double* R, int64_t M,
                      int64_t N, int64_t n_outer, int64_t outer_stride, int64_t n_inner, int64_t ld);
 
+// out[m·ldo + n] += in[m·ldi + n] for m < M, n < N: a correlation piece added into a block.
+void add_block(float* out, int64_t ldo, const float* in, int64_t ldi, int64_t M, int64_t N);
+void add_block(double* out, int64_t ldo, const double* in, int64_t ldi, int64_t M, int64_t N);
+
 // out[l] = Σ_{k < n} L[k·ls + l] · R[k·rs + l] for l < lanes (a multiple of kCorrAlign):
 // one dot product over k (the batch) per SIMD lane. Overwrites out.
 void lane_dot(float* out, const float* L, const float* R, int64_t n, int64_t ls, int64_t rs,
