@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import kernel_cases, peak_memory
 from .kernel_cases import OPS, RESNET20_LAYERS
-from .timing import gflops, interleaved, summarize
+from .timing import MIN_SAMPLE_S, gflops, interleaved, summarize
 
 QUICK = {"batch": 16, "repeats": 5}
 FULL = {"batch": 128, "repeats": 15}
@@ -30,7 +30,8 @@ def run(ctx):
         call, flops, d = kernel_cases.setup(op, cfg["batch"], channels, side, ctx.device)
         reference = call("reference")
         cpu, wall = interleaved({b: (lambda b=b: call(b)) for b in names}, cfg["repeats"],
-                                sync=ctx.sync if ctx.device.startswith("cuda") else None)
+                                sync=ctx.sync if ctx.device.startswith("cuda") else None,
+                                min_sample_s=MIN_SAMPLE_S)
         ref_median = summarize(cpu["reference"]).median
         for b in names:
             st, wt = summarize(cpu[b]), summarize(wall[b])

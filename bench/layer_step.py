@@ -1,5 +1,6 @@
 """Section 2: one forward+backward of CConv2d / CLinear per rule vs nn.Conv2d / nn.Linear
-(oneDNN on CPU, cuDNN on GPU), timed side by side in one interleaved run."""
+(oneDNN on CPU, cuDNN on GPU), timed side by side in one interleaved run (each sample at
+least ``timing.MIN_SAMPLE_S`` of repeated calls)."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,7 @@ import torch.nn as nn
 import consequential_ext as cx
 
 from .kernel_cases import RESNET20_LAYERS
-from .timing import interleaved, summarize
+from .timing import MIN_SAMPLE_S, interleaved, summarize
 
 QUICK = {"conv_batch": 16, "linear_batch": 32, "repeats": 15}
 FULL = {"conv_batch": 128, "linear_batch": 32, "repeats": 15}
@@ -58,7 +59,8 @@ def run(ctx):
                 continue
             candidates[rule] = _step(layer, x, gy)
         cpu, wall = interleaved(candidates, cfg["repeats"],
-                                sync=ctx.sync if ctx.device.startswith("cuda") else None)
+                                sync=ctx.sync if ctx.device.startswith("cuda") else None,
+                                min_sample_s=MIN_SAMPLE_S)
         ref, ref_wall = summarize(cpu["nn"]), summarize(wall["nn"])
         for name, ts in cpu.items():
             st, wt = summarize(ts), summarize(wall[name])

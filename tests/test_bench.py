@@ -83,6 +83,25 @@ def test_interleaved_runs_every_candidate_in_rotated_order():
         assert all(t >= 0 for ts in times.values() for t in ts)
 
 
+def test_calls_per_sample():
+    assert timing.calls_per_sample(0.01, 0.0) == 1
+    assert timing.calls_per_sample(0.01, 0.05) == 5
+    assert timing.calls_per_sample(0.011, 0.05) == 5
+    assert timing.calls_per_sample(0.2, 0.05) == 1
+    assert timing.calls_per_sample(0.0, 0.05) == timing.MAX_CALLS_PER_SAMPLE
+
+
+def test_interleaved_samples_several_calls_each(monkeypatch):
+    calls = []
+    monkeypatch.setattr(timing, "calls_per_sample",
+                        lambda wall_s, min_s: 3 if min_s > 0 else 1)
+    cpu, wall = timing.interleaved({"a": lambda: calls.append("a"),
+                                    "b": lambda: calls.append("b")}, repeats=2, warmup=1,
+                                   min_sample_s=0.05)
+    assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
+    assert {k: len(v) for k, v in cpu.items()} == {"a": 2, "b": 2}
+
+
 def test_curve_metrics():
     assert metrics.first_reach([0, 10, 20], [3.0, 1.0, 0.5], 1.0) == 10
     assert metrics.first_reach([0, 10], [3.0, float("nan")], 1.0) is None
