@@ -29,9 +29,10 @@ constexpr double kSerialWork = 3e7;  // batch · D³ up to which one thread is a
 // a per-thread setting) and MKL's LAPACK (its thread-local count). Threads do not speed up
 // a Gram of up to ~300 rows, and on a busy machine every parallel region waits for a
 // descheduled thread (measured with other jobs running: 144 × 144 potrf 0.05 ms on one
-// thread, 124 ms on two). Above that they do (wall ms, 2 threads vs 1: D = 577 1.26 vs
-// 1.57, 769 2.63 vs 3.93), and one thread is not cheaper in CPU time either: the idle
-// OpenMP threads of the backward's previous parallel region spin meanwhile.
+// thread, 124 ms on two). Above that they do (wall ms, 2 threads vs 1, after a parallel
+// region: D = 577 0.93 vs 1.25, 769 2.23 vs 3.52), and one thread is not cheaper in CPU
+// time either: the idle OpenMP threads of the backward's previous parallel region spin
+// meanwhile.
 class SingleThreaded {
  public:
   SingleThreaded() {
