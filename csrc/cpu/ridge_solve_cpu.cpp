@@ -89,32 +89,36 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
     // Non-finite in, non-finite out: GradScaler must see it; never throw inside backward.
     return at::full(grad.sizes(), NAN, grad.options().dtype(out_type));
   }
-  // Own contiguous copies: the ridge goes onto a's diagonal and the solvers work in place.
+  // Many small systems (grouped / depthwise layers): one per SIMD lane, not one LAPACK call
+  // each; otherwise LAPACK directly where torch exports it, else ATen's Cholesky.
+  const int64_t systems = gram.size(-1) == 0 ? 0 : gram.numel() / (gram.size(-1) * gram.size(-1));
+  const bool in_lanes = gram.size(-1) <= kLaneMaxD && systems >= kLaneMinBatch;
+  const bool direct = !in_lanes && lapack_available();
+  // LAPACK and ATen work in place on own contiguous copies, the ridge on a's diagonal; the
+  // lane solver reads gram and grad as they are (converted only where dtype or layout
+  // differ) and adds the ridge as it loads them.
   auto with_ridge = [&](double lam) {
     auto a = at::empty(gram.sizes(), gram.options().dtype(work)).copy_(gram);
     a.diagonal(0, -2, -1).add_(lam);
     return a;
   };
   auto fresh_grad = [&] { return at::empty(grad.sizes(), grad.options().dtype(work)).copy_(grad); };
-  const auto g = fresh_grad();
-  // Many small systems (grouped / depthwise layers): one per SIMD lane, not one LAPACK call
-  // each; otherwise LAPACK directly where torch exports it, else ATen's Cholesky.
-  const int64_t systems = gram.size(-1) == 0 ? 0 : gram.numel() / (gram.size(-1) * gram.size(-1));
-  const bool in_lanes = gram.size(-1) <= kLaneMaxD && systems >= kLaneMinBatch;
-  const bool direct = !in_lanes && lapack_available();
+  const auto g = in_lanes ? grad.to(work).contiguous() : fresh_grad();
+  const auto gram_work = in_lanes ? gram.to(work).contiguous() : at::Tensor();
   double lam = ridge;
   for (int attempt = 0; attempt < kMaxEscalations; ++attempt, lam *= 10.0) {
     // Not positive definite on finite input: escalate the ridge ×10 for the whole batch, as
     // the reference does.
-    auto a = with_ridge(lam);
     std::optional<at::Tensor> x;
     if (in_lanes) {
       auto out = at::empty_like(g);
-      if (lane_ridge_solve(a, g, out)) x = out;
+      if (lane_ridge_solve(gram_work, lam, g, out)) x = out;
     } else if (direct) {
+      auto a = with_ridge(lam);
       auto out = attempt == 0 ? g : fresh_grad();  // a failed attempt may have written g
       if (lapack_ridge_solve(a, out)) x = out;
     } else {
+      auto a = with_ridge(lam);
       auto [chol, info] = at::linalg_cholesky_ex(a, /*upper=*/false, /*check_errors=*/false);
       // x (L Lᵀ) = g  ⇔  (L Lᵀ) xᵀ = gᵀ (A symmetric).
       if (!info.ne(0).any().item<bool>()) x = at::cholesky_solve(g.mT(), chol, false).mT();

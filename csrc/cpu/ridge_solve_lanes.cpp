@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace consequential_ext::cpu {
@@ -20,20 +21,62 @@ constexpr int64_t kLanes = 16;
 #define CX_MULTIVERSION
 #endif
 
-// Systems [s0, s0 + 16) of a (n, d, d) / g (n, m, d) into x (n, m, d); lanes past n are
-// identity systems. Returns false when some system is not positive definite.
+// The 16 lanes of one system entry as a single vector value (one 512-bit register of
+// floats, two of doubles; split by the compiler on narrower targets).
 template <typename T>
-CX_MULTIVERSION bool solve_block(const T* a, const T* g, T* x, int64_t n, int64_t d, int64_t m,
-                                 int64_t s0) {
+struct LaneVec;
+template <>
+struct LaneVec<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
+};
+template <>
+struct LaneVec<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
+};
+
+// s −= Σ_{k < count} a[k·as] · b[k·bs], lane by lane, in four independent chains: a single
+// chain waits out the FMA latency at every step.
+template <typename T>
+__attribute__((always_inline)) inline void subtract_lane_dots(T* s, const T* a, int64_t as,
+                                                              const T* b, int64_t bs,
+                                                              int64_t count) {
+  using V = typename LaneVec<T>::type;
+  auto load = [](const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  };
+  V c0 = {}, c1 = {}, c2 = {}, c3 = {};
+  int64_t k = 0;
+  for (; k + 3 < count; k += 4) {
+    c0 += load(a + k * as) * load(b + k * bs);
+    c1 += load(a + (k + 1) * as) * load(b + (k + 1) * bs);
+    c2 += load(a + (k + 2) * as) * load(b + (k + 2) * bs);
+    c3 += load(a + (k + 3) * as) * load(b + (k + 3) * bs);
+  }
+  for (; k < count; ++k) c0 += load(a + k * as) * load(b + k * bs);
+  V out = load(s) - ((c0 + c1) + (c2 + c3));
+  std::memcpy(s, &out, sizeof(V));
+}
+
+// Systems [s0, s0 + 16) of a (n, d, d) + lam·I / g (n, m, d) into x (n, m, d); lanes past n
+// are identity systems. Returns false when some system is not positive definite.
+template <typename T>
+CX_MULTIVERSION bool solve_block(const T* a, T lam, const T* g, T* x, int64_t n, int64_t d,
+                                 int64_t m, int64_t s0) {
   const int64_t lanes = std::min(kLanes, n - s0);
   std::vector<T> A(d * d * kLanes, T(0)), inv(d * kLanes), y(d * kLanes);
-  // Lower triangle, lane-innermost: A[(i·d + j)·16 + l].
-  for (int64_t l = 0; l < kLanes; ++l) {
-    const T* src = a + (s0 + std::min(l, lanes - 1)) * d * d;
-    for (int64_t i = 0; i < d; ++i)
-      for (int64_t j = 0; j <= i; ++j)
-        A[(i * d + j) * kLanes + l] = l < lanes ? src[i * d + j] : T(i == j);
-  }
+  // Lower triangle, lane-innermost: A[(i·d + j)·16 + l], written one entry (16 lanes, one
+  // cache line) at a time: lane by lane, every write would land on a line of its own (this
+  // copy then took half of the block's time).
+  const T* src[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) src[l] = a + (s0 + std::min(l, lanes - 1)) * d * d;
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j <= i; ++j) {
+      T* dst = &A[(i * d + j) * kLanes];
+      const T diag = i == j ? lam : T(0);
+      for (int64_t l = 0; l < kLanes; ++l) dst[l] = l < lanes ? src[l][i * d + j] + diag : T(i == j);
+    }
   // Left-looking Cholesky, row by row: L[i][j] = (A[i][j] − Σ_{k<j} L[i][k]·L[j][k]) / L[j][j].
   bool ok = true;
   for (int64_t i = 0; i < d; ++i) {
@@ -41,11 +84,7 @@ CX_MULTIVERSION bool solve_block(const T* a, const T* g, T* x, int64_t n, int64_
       T s[kLanes];
       T* aij = &A[(i * d + j) * kLanes];
       for (int64_t l = 0; l < kLanes; ++l) s[l] = aij[l];
-      for (int64_t k = 0; k < j; ++k) {
-        const T* lik = &A[(i * d + k) * kLanes];
-        const T* ljk = &A[(j * d + k) * kLanes];
-        for (int64_t l = 0; l < kLanes; ++l) s[l] -= lik[l] * ljk[l];
-      }
+      subtract_lane_dots(s, &A[i * d * kLanes], kLanes, &A[j * d * kLanes], kLanes, j);
       if (i == j) {
         for (int64_t l = 0; l < kLanes; ++l) {
           ok &= s[l] > T(0);  // false for NaN too
@@ -64,19 +103,14 @@ CX_MULTIVERSION bool solve_block(const T* a, const T* g, T* x, int64_t n, int64_
       T s[kLanes];
       for (int64_t l = 0; l < kLanes; ++l)
         s[l] = l < lanes ? g[((s0 + l) * m + r) * d + i] : T(0);
-      for (int64_t k = 0; k < i; ++k) {
-        const T* lik = &A[(i * d + k) * kLanes];
-        for (int64_t l = 0; l < kLanes; ++l) s[l] -= lik[l] * y[k * kLanes + l];
-      }
+      subtract_lane_dots(s, &A[i * d * kLanes], kLanes, y.data(), kLanes, i);
       for (int64_t l = 0; l < kLanes; ++l) y[i * kLanes + l] = s[l] * inv[i * kLanes + l];
     }
     for (int64_t i = d - 1; i >= 0; --i) {
       T s[kLanes];
       for (int64_t l = 0; l < kLanes; ++l) s[l] = y[i * kLanes + l];
-      for (int64_t k = i + 1; k < d; ++k) {
-        const T* lki = &A[(k * d + i) * kLanes];
-        for (int64_t l = 0; l < kLanes; ++l) s[l] -= lki[l] * y[k * kLanes + l];
-      }
+      subtract_lane_dots(s, &A[((i + 1) * d + i) * kLanes], d * kLanes, &y[(i + 1) * kLanes],
+                         kLanes, d - 1 - i);
       for (int64_t l = 0; l < kLanes; ++l) y[i * kLanes + l] = s[l] * inv[i * kLanes + l];
     }
     for (int64_t l = 0; l < lanes; ++l)
@@ -86,7 +120,7 @@ CX_MULTIVERSION bool solve_block(const T* a, const T* g, T* x, int64_t n, int64_
 }
 
 template <typename T>
-bool solve_all(const at::Tensor& a, const at::Tensor& g, at::Tensor& x) {
+bool solve_all(const at::Tensor& a, double lam, const at::Tensor& g, at::Tensor& x) {
   const int64_t d = a.size(-1), m = g.size(-2), n = a.numel() / (d * d);
   const T* pa = a.const_data_ptr<T>();
   const T* pg = g.const_data_ptr<T>();
@@ -96,7 +130,7 @@ bool solve_all(const at::Tensor& a, const at::Tensor& g, at::Tensor& x) {
   // One block is d³/3 · 16 flops; a thread hand-off costs more below a few blocks.
   const int64_t grain = std::max<int64_t>(1, 4096 / (d * d));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) ok[b] = solve_block<T>(pa, pg, px, n, d, m, b * kLanes);
+    for (int64_t b = b0; b < b1; ++b) ok[b] = solve_block<T>(pa, T(lam), pg, px, n, d, m, b * kLanes);
   });
   for (char o : ok)
     if (!o) return false;
@@ -105,9 +139,9 @@ bool solve_all(const at::Tensor& a, const at::Tensor& g, at::Tensor& x) {
 
 }  // namespace
 
-bool lane_ridge_solve(const at::Tensor& a, const at::Tensor& g, at::Tensor& x) {
-  if (a.scalar_type() == at::kDouble) return solve_all<double>(a, g, x);
-  return solve_all<float>(a, g, x);
+bool lane_ridge_solve(const at::Tensor& a, double ridge, const at::Tensor& g, at::Tensor& x) {
+  if (a.scalar_type() == at::kDouble) return solve_all<double>(a, ridge, g, x);
+  return solve_all<float>(a, ridge, g, x);
 }
 
 }  // namespace consequential_ext::cpu

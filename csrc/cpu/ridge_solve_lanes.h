@@ -8,9 +8,9 @@ namespace consequential_ext::cpu {
 constexpr int64_t kLaneMaxD = 96;
 constexpr int64_t kLaneMinBatch = 8;
 
-// x = g · a⁻¹ per system: a (..., D, D) symmetric positive definite (the ridge already on
-// its diagonal), g and x (..., M, D); all contiguous, float or double, of one dtype. Returns
+// x = g · (a + ridge·I)⁻¹ per system: a (..., D, D) symmetric, read only (its lower
+// triangle), g and x (..., M, D); all contiguous, float or double, of one dtype. Returns
 // false, with x unspecified, when some system is not positive definite.
-bool lane_ridge_solve(const at::Tensor& a, const at::Tensor& g, at::Tensor& x);
+bool lane_ridge_solve(const at::Tensor& a, double ridge, const at::Tensor& g, at::Tensor& x);
 
 }  // namespace consequential_ext::cpu
