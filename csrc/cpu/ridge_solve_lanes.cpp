@@ -41,21 +41,25 @@ __attribute__((always_inline)) inline void subtract_lane_dots(T* s, const T* a, 
                                                               const T* b, int64_t bs,
                                                               int64_t count) {
   using V = typename LaneVec<T>::type;
-  auto load = [](const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
+  // c += a[k·as] · b[k·bs] for one k (loads through memcpy: no alignment assumed).
+  auto fma_at = [&](V& c, int64_t k) {
+    V x, y;
+    std::memcpy(&x, a + k * as, sizeof(V));
+    std::memcpy(&y, b + k * bs, sizeof(V));
+    c += x * y;
   };
   V c0 = {}, c1 = {}, c2 = {}, c3 = {};
   int64_t k = 0;
   for (; k + 3 < count; k += 4) {
-    c0 += load(a + k * as) * load(b + k * bs);
-    c1 += load(a + (k + 1) * as) * load(b + (k + 1) * bs);
-    c2 += load(a + (k + 2) * as) * load(b + (k + 2) * bs);
-    c3 += load(a + (k + 3) * as) * load(b + (k + 3) * bs);
+    fma_at(c0, k);
+    fma_at(c1, k + 1);
+    fma_at(c2, k + 2);
+    fma_at(c3, k + 3);
   }
-  for (; k < count; ++k) c0 += load(a + k * as) * load(b + k * bs);
-  V out = load(s) - ((c0 + c1) + (c2 + c3));
+  for (; k < count; ++k) fma_at(c0, k);
+  V out;
+  std::memcpy(&out, s, sizeof(V));
+  out -= (c0 + c1) + (c2 + c3);
   std::memcpy(s, &out, sizeof(V));
 }
 
