@@ -157,14 +157,13 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       acc_t* mine = tid > 0 ? thread_gram[tid] : G;
       std::vector<double>& q_local = thread_q[tid];
       q_local.assign(q_size, 0.0);
-      acc_t* const zbuf = scratch<acc_t, 1>(Bc * per_image);
+      acc_t* const Z = scratch<acc_t, 1>(Bc * per_image);
       acc_t* const local = scratch<acc_t, 2>(nsh * cell);
       acc_t* const piece = scratch<acc_t, 3>(cell);
       for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
         const int64_t b0 = chunk * Bc, bc = std::min(Bc, B - b0);
         // Only the channel padding needs zeros; every real entry is written below.
-        if (Cp > Cg) std::fill(zbuf, zbuf + bc * per_image, acc_t(0));
-        acc_t* const Z = zbuf;
+        if (Cp > Cg) std::fill(Z, Z + bc * per_image, acc_t(0));
         for (int64_t b = 0; b < bc; ++b)
           for (int64_t y = 0; y < H; ++y) {
             const src_t* s0 = src + (b0 + b) * sb + grp * Cg * sc + y * sy;

@@ -110,15 +110,14 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
     // Not positive definite on finite input: escalate the ridge ×10 for the whole batch, as
     // the reference does.
     std::optional<at::Tensor> x;
+    auto a = in_lanes ? at::Tensor() : with_ridge(lam);
     if (in_lanes) {
       auto out = at::empty_like(g);
       if (lane_ridge_solve(gram_work, lam, g, out)) x = out;
     } else if (direct) {
-      auto a = with_ridge(lam);
       auto out = attempt == 0 ? g : fresh_grad();  // a failed attempt may have written g
       if (lapack_ridge_solve(a, out)) x = out;
     } else {
-      auto a = with_ridge(lam);
       auto [chol, info] = at::linalg_cholesky_ex(a, /*upper=*/false, /*check_errors=*/false);
       // x (L Lᵀ) = g  ⇔  (L Lᵀ) xᵀ = gᵀ (A symmetric).
       if (!info.ne(0).any().item<bool>()) x = at::cholesky_solve(g.mT(), chol, false).mT();
