@@ -1,15 +1,14 @@
 """The attention path at scale: two DDP ranks equal one process on the concatenated batch,
 torch.compile(fullgraph=True) gives eager's gradients, and autocast keeps float32 matching."""
 import copy
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 import consequential_ext as cx
-from ddp_harness import save_results, spawn_ranks
+from relative_error import rel_err
+from ddp_harness import spawn_ranks
 
 E, H, L = 8, 2, 5
 WORLD, PER_RANK = 2, 3
@@ -51,31 +50,18 @@ def _grads(model, ids, memory, target):
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def _rel_err(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
-
-
-def _worker(rank, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        ids, memory, target = _batch()
-        mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        ddp = nn.parallel.DistributedDataParallel(_model())
-        grads = _grads(ddp, ids[mine], memory[mine], target[mine])
-        if rank == 0:
-            save_results(grads, out_path)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _worker(rank):
+    ids, memory, target = _batch()
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    return _grads(nn.parallel.DistributedDataParallel(_model()), ids[mine], memory[mine],
+                  target[mine])
 
 
 def test_ddp_attention_equals_one_process_on_concatenated_batch(tmp_path_factory):
     grads = spawn_ranks(_worker, WORLD, tmp_path_factory)
     expected = _grads(_model(), *_batch())
     for i, (g, e) in enumerate(zip(grads, expected, strict=True)):
-        assert _rel_err(g, e) < 1e-4, (i, _rel_err(g, e))
+        assert rel_err(g, e) < 1e-4, (i, rel_err(g, e))
 
 
 def test_compiled_attention_matches_eager():
@@ -110,5 +96,5 @@ def test_autocast_bf16_attention(backward_in_autocast):
     for name, p, e, o in zip(names, model.parameters(), exact, ordinary, strict=True):
         assert p.grad.dtype == torch.float32, name
         if "proj" in name:
-            assert _rel_err(p.grad, e) < 0.05 < _rel_err(o, e), (name, _rel_err(p.grad, e),
-                                                                 _rel_err(o, e))
+            assert rel_err(p.grad, e) < 0.05 < rel_err(o, e), (name, rel_err(p.grad, e),
+                                                                 rel_err(o, e))

@@ -1,16 +1,13 @@
 """The Conv1d path (and the transposed 1-D and 3-D kinds beside it) under DDP,
 torch.compile(fullgraph=True) and AMP, as tests/test_distributed.py, test_compile.py and
 test_amp.py check the Conv2d / Linear ones."""
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import consequential_ext as cx
-from ddp_harness import save_results, spawn_ranks
+from relative_error import rel_err
+from ddp_harness import spawn_ranks
 import conv_nd_reference as ref
 
 WORLD, PER_RANK, RIDGE, LR = 2, 3, 1e-2, 0.5
@@ -53,29 +50,15 @@ def _step(model, x, t):
     return grads, [p.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        results = {name: _step(nn.parallel.DistributedDataParallel(MODELS[name]()),
-                               x[mine], t[mine])
-                   for name, (x, t) in _batches().items()}
-        if rank == 0:
-            save_results(results, out_path)
-        dist.barrier()   # tear down only once every rank is done (see test_distributed.py)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank):
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    return {name: _step(nn.parallel.DistributedDataParallel(MODELS[name]()), x[mine], t[mine])
+            for name, (x, t) in _batches().items()}
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     return spawn_ranks(_worker, WORLD, tmp_path_factory)
-
-
-def _rel_err(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -85,7 +68,7 @@ def test_ddp_equals_one_process_on_concatenated_batch(two_rank_results, name):
     expected = _step(MODELS[name](), x, t)
     for got, want in zip(two_rank_results[name], expected, strict=True):
         for i, (a, e) in enumerate(zip(got, want, strict=True)):
-            assert _rel_err(a, e) < 1e-4, f"{name} tensor {i}: {_rel_err(a, e):.2e}"
+            assert rel_err(a, e) < 1e-4, f"{name} tensor {i}: {rel_err(a, e):.2e}"
 
 
 def _grads(model, x, t):
@@ -145,8 +128,8 @@ def test_autocast_bf16_gives_fp32_matched_gradients(case):
     assert captured["gy"].dtype == torch.bfloat16
     assert layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32
     gw, gb = _reference(layer, x, captured["gy"])
-    assert _rel_err(layer.weight.grad, gw) < FP32_BOUND
-    assert _rel_err(layer.bias.grad, gb) < FP32_BOUND
+    assert rel_err(layer.weight.grad, gw) < FP32_BOUND
+    assert rel_err(layer.bias.grad, gb) < FP32_BOUND
 
 
 @pytest.mark.parametrize("case", range(2))
@@ -159,5 +142,5 @@ def test_bf16_parameters_get_bf16_gradients_from_fp32_solves(case):
     y.backward(gy)
     assert layer.weight.grad.dtype == layer.bias.grad.dtype == torch.bfloat16
     gw, gb = _reference(layer, x, gy)
-    assert _rel_err(layer.weight.grad, gw) < BF16_BOUND
-    assert _rel_err(layer.bias.grad, gb) < BF16_BOUND
+    assert rel_err(layer.weight.grad, gw) < BF16_BOUND
+    assert rel_err(layer.bias.grad, gb) < BF16_BOUND

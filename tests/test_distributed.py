@@ -3,7 +3,6 @@
 One spawn runs every scenario (starting processes is the slow part); rank 0 saves what each
 produced and the test compares it with references computed here, in one process.
 """
-import os
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import consequential_ext as cx
-from ddp_harness import save_results, spawn_ranks
+from relative_error import rel_err
+from ddp_harness import spawn_ranks
 
 WORLD = 2
 PER_RANK = 5  # samples per rank; < D of the conv layer, so one process would pick columns
@@ -55,49 +55,35 @@ def _full(module):
     return [t.full_tensor() if hasattr(t, "full_tensor") else t for t in module]
 
 
-def _worker(rank, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank):
+    x, t = _batch()
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    results = {}
+    ddp = nn.parallel.DistributedDataParallel(_model())
+    results["ddp"] = _step(ddp, x[mine], t[mine])
+    ddp = nn.parallel.DistributedDataParallel(_model())
+    with cx.distributed.gram_sync(False):
+        results["ddp_local_gram"] = _step(ddp, x[mine], t[mine])
+    ddp = nn.parallel.DistributedDataParallel(cx.amortize(_model(), **AMORTIZE))
+    for scale in (1.0, 3.0):  # a second step folds a different Gram into the EMA
+        results["ddp_amortized"] = _step(ddp, scale * x[mine], t[mine])
     try:
-        x, t = _batch()
-        mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        results = {}
-        ddp = nn.parallel.DistributedDataParallel(_model())
-        results["ddp"] = _step(ddp, x[mine], t[mine])
-        ddp = nn.parallel.DistributedDataParallel(_model())
-        with cx.distributed.gram_sync(False):
-            results["ddp_local_gram"] = _step(ddp, x[mine], t[mine])
-        ddp = nn.parallel.DistributedDataParallel(cx.amortize(_model(), **AMORTIZE))
-        for scale in (1.0, 3.0):  # a second step folds a different Gram into the EMA
-            results["ddp_amortized"] = _step(ddp, scale * x[mine], t[mine])
-        try:
-            from torch.distributed.fsdp import fully_shard
-            model = _model()
-            for layer in model:
-                if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                    fully_shard(layer)
-            fully_shard(model)
-            grads, params = _step(model, x[mine], t[mine])
-            results["fsdp"] = (_full(grads), _full(params))
-        except Exception as error:  # noqa: BLE001  (reported to the parent, which skips)
-            results["fsdp"] = f"{type(error).__name__}: {error}"
-        if rank == 0:
-            save_results(results, out_path)
-        # Tear down only once every rank is done: a rank that leaves while its peer's gloo
-        # threads still talk to it makes the peer abort (std::terminate).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        from torch.distributed.fsdp import fully_shard
+        model = _model()
+        for layer in model:
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                fully_shard(layer)
+        fully_shard(model)
+        grads, params = _step(model, x[mine], t[mine])
+        results["fsdp"] = (_full(grads), _full(params))
+    except Exception as error:  # noqa: BLE001  (reported to the parent, which skips)
+        results["fsdp"] = f"{type(error).__name__}: {error}"
+    return results
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     return spawn_ranks(_worker, WORLD, tmp_path_factory)
-
-
-def _rel_err(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 def _assert_close_lists(actual, expected):
@@ -106,7 +92,7 @@ def _assert_close_lists(actual, expected):
     trip on entries near zero."""
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert a.shape == e.shape, (i, a.shape, e.shape)
-        assert _rel_err(a, e) < 1e-4, f"tensor {i}: relative error {_rel_err(a, e):.2e}"
+        assert rel_err(a, e) < 1e-4, f"tensor {i}: relative error {rel_err(a, e):.2e}"
 
 
 def test_ddp_equals_one_process_on_concatenated_batch(two_rank_results):
@@ -126,7 +112,7 @@ def test_ddp_without_gram_sync_averages_per_rank_solves(two_rank_results):
     _assert_close_lists(grads, expected)
     # and it is a different update: the synchronised one uses the global Gram
     synced, _ = two_rank_results["ddp"]
-    assert _rel_err(grads[0], synced[0]) > 1e-2
+    assert rel_err(grads[0], synced[0]) > 1e-2
 
 
 def test_ddp_amortized_uses_the_global_running_gram(two_rank_results):
