@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import consequential_ext as cx
+from relative_error import rel_err
 import matched_reference as ref
 
 RIDGE = 0.05
@@ -13,10 +14,6 @@ RIDGE = 0.05
 FP32_BOUND = 1e-4
 # bf16 parameters: the result is rounded to bf16 (relative spacing 2⁻⁸) once, at the end.
 BF16_BOUND = 2.0 ** -8
-
-
-def _rel_err(actual, expected):
-    return ((actual.double() - expected).norm() / expected.norm()).item()
 
 
 def _layers():
@@ -55,8 +52,8 @@ def test_autocast_bf16_gives_fp32_matched_gradients(case, backward_in_autocast):
     assert captured["gy"].dtype == torch.bfloat16
     assert layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32
     gw, gb = _reference(layer, x, captured["gy"])
-    assert _rel_err(layer.weight.grad, gw) < FP32_BOUND
-    assert _rel_err(layer.bias.grad, gb) < FP32_BOUND
+    assert rel_err(layer.weight.grad, gw) < FP32_BOUND
+    assert rel_err(layer.bias.grad, gb) < FP32_BOUND
 
 
 @pytest.mark.parametrize("case", range(3))
@@ -70,8 +67,8 @@ def test_bf16_parameters_get_bf16_gradients_from_fp32_solves(case):
     y.backward(gy)
     assert layer.weight.grad.dtype == layer.bias.grad.dtype == torch.bfloat16
     gw, gb = _reference(layer, x, gy)
-    assert _rel_err(layer.weight.grad, gw) < BF16_BOUND
-    assert _rel_err(layer.bias.grad, gb) < BF16_BOUND
+    assert rel_err(layer.weight.grad, gw) < BF16_BOUND
+    assert rel_err(layer.bias.grad, gb) < BF16_BOUND
 
 
 def test_grad_scaler_skips_the_step_of_a_non_finite_batch():

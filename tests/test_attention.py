@@ -9,15 +9,12 @@ import torch
 import torch.nn as nn
 
 import consequential_ext as cx
+from relative_error import rel_err
 from attention_reference import expected_grads, match
 from matched_reference import matched_linear
 
 RIDGE = 1e-3
 BOUND = 1e-8          # relative (norm-wise) error against the float64 reference
-
-
-def _rel_err(actual, expected):
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def _convert_silently(model, **kwargs):
@@ -54,12 +51,12 @@ def _check_against_reference(model, seen):
             expected = expected_grads(module, q, k, v, io["gy"], RIDGE, **io["kwargs"])
             for name, grad in expected.items():
                 actual = module.get_parameter(name).grad
-                assert _rel_err(actual, grad) < BOUND, (name, _rel_err(actual, grad))
+                assert rel_err(actual, grad) < BOUND, (name, rel_err(actual, grad))
                 checked += 1
         else:
             gw, gb = matched_linear(io["args"][0], module.weight, module.bias, io["gy"], RIDGE)
-            assert _rel_err(module.weight.grad, gw) < BOUND
-            assert _rel_err(module.bias.grad, gb) < BOUND
+            assert rel_err(module.weight.grad, gw) < BOUND
+            assert rel_err(module.bias.grad, gb) < BOUND
             checked += 2
     return checked
 
@@ -112,7 +109,7 @@ def test_multihead_attention_matches_the_reference(case):
     expected = expected_grads(plain, query, key, value, grad_out, RIDGE, **call)
     assert set(expected) == {n for n, p in model.named_parameters()}
     for name, grad in expected.items():
-        err = _rel_err(model.get_parameter(name).grad, grad)
+        err = rel_err(model.get_parameter(name).grad, grad)
         assert err < BOUND, (name, err)
 
 
@@ -138,8 +135,8 @@ def test_encoder_layer_in_proj_is_the_packed_matched_gradient(batch_first, norm_
     g = torch.cat([plain.self_attn.in_proj_weight.grad,
                    plain.self_attn.in_proj_bias.grad[:, None]], 1)
     expected_w, expected_b = match(g[:, :-1], g[:, -1], attn_in, RIDGE)
-    assert _rel_err(model.self_attn.in_proj_weight.grad, expected_w) < BOUND
-    assert _rel_err(model.self_attn.in_proj_bias.grad, expected_b) < BOUND
+    assert rel_err(model.self_attn.in_proj_weight.grad, expected_w) < BOUND
+    assert rel_err(model.self_attn.in_proj_bias.grad, expected_b) < BOUND
     assert _check_against_reference(model, seen) == 4 + 2 + 2     # attention, linear1, linear2
 
 
@@ -186,7 +183,7 @@ def test_backmatch_changes_only_what_lies_below_out_proj():
         grads[rule] = {n: p.grad for n, p in layer.named_parameters()}
     for name in ("out_proj.weight", "out_proj.bias"):
         assert torch.equal(grads["backmatch"][name], grads["consequential"][name])
-    assert _rel_err(grads["backmatch"]["in_proj_weight"],
+    assert rel_err(grads["backmatch"]["in_proj_weight"],
                     grads["consequential"]["in_proj_weight"]) > 1e-3
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import consequential_ext as cx
+from relative_error import rel_err
 
 NAMESPACE = "consequential_ext::"
 
@@ -99,8 +100,9 @@ def test_compiled_model_matches_eager(batch, backend):
     model = _model()
     eager = _grads(model, x, t)
     compiled = _grads(torch.compile(model, backend=backend, fullgraph=True), x, t)
-    for i, (c, e) in enumerate(zip(compiled, eager, strict=True)):
-        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6, msg=lambda m: f"param {i}: {m}")
+    # float32 both, fused differently by inductor: equal to rounding, norm-wise.
+    errors = [rel_err(c, e) for c, e in zip(compiled, eager, strict=True)]
+    assert max(errors) < 1e-5, errors
 
 
 def test_compiled_escalation_warns_when_the_graph_runs():

@@ -5,6 +5,7 @@
 // matrix (P × D) is smaller than the Gram it produces, so materialising it costs less than
 // the output itself.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include "gram_cpu.h"
 
@@ -21,6 +22,13 @@ void gram_blas_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram
     if (g.bias) rows = at::cat({rows, at::ones({rows.size(0), 1}, rows.options())}, 1);
     auto out = gram.select(0, grp);
     at::mm_out(out, rows.t(), rows);
+    // GEMM does not promise a bit-symmetric product (MKL on an AVX2-only CPU rounds the two
+    // triangles differently), and the solve reads one triangle: copy the lower one up.
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gram_blas_mirror", [&] {
+      auto a = out.accessor<scalar_t, 2>();
+      for (int64_t p = 1; p < a.size(0); ++p)
+        for (int64_t q = 0; q < p; ++q) a[q][p] = a[p][q];
+    });
   }
 }
 
