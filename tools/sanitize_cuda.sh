@@ -27,7 +27,7 @@ run_under() {  # name, runtime library, compile flags, sanitizer options variabl
 
 status=0
 run_under ThreadSanitizer libtsan.so.2 "-fsanitize=thread -g" \
-  TSAN_OPTIONS="exitcode=66 halt_on_error=0 second_deadlock_stack=1" || status=$?
+  TSAN_OPTIONS="exitcode=66 halt_on_error=0 second_deadlock_stack=1 suppressions=$PWD/tools/tsan.supp" || status=$?
 run_under AddressSanitizer libasan.so.8 "-fsanitize=address -fno-omit-frame-pointer -g" \
   ASAN_OPTIONS="detect_leaks=0 halt_on_error=1 abort_on_error=0" || status=$((status ? status : $?))
 if [ "$status" -ne 0 ]; then echo "sanitize-cuda: FAILED (exit $status)"; fi
