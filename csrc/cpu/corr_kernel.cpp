@@ -9,25 +9,21 @@
 namespace consequential_ext::cpu {
 namespace {
 
-template <typename T>
-struct Vec;  // one 64-byte vector: 16 floats or 8 doubles (split into halves/quarters by
-             // the compiler on targets without 512-bit registers)
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
+// One W-byte vector of T, W the target's register width: generic vectors wider than the
+// registers are split by the compiler, but GCC then keeps the accumulators on the stack
+// (64-byte vectors under AVX2 ran the 128×64×8×8 Gram 60× slower than AVX-512 code).
+template <typename T, int W>
+struct Vec {
+  typedef T type __attribute__((vector_size(W)));
 };
 
-template <typename T, int MR, int NV>
+template <typename T, int W, int MR, int NV>
 __attribute__((always_inline)) inline void corr_tiles(T* out, int64_t ldo, const T* L, const T* R,
                                                       int64_t M, int64_t N, int64_t n_outer,
                                                       int64_t outer_stride, int64_t n_inner,
                                                       int64_t ld) {
-  using vec = typename Vec<T>::type;
-  constexpr int V = 64 / sizeof(T);
+  using vec = typename Vec<T, W>::type;
+  constexpr int V = W / sizeof(T);
   for (int64_t m0 = 0; m0 < M; m0 += MR) {
     for (int64_t n0 = 0; n0 < N; n0 += NV * V) {
       vec acc[MR][NV];
@@ -58,26 +54,30 @@ __attribute__((always_inline)) inline void corr_tiles(T* out, int64_t ldo, const
   }
 }
 
-// Two vectors wide when N allows (more FMAs per broadcast), else one vector and taller
-// tiles; M is a multiple of 16, so MR ∈ {8, 16} always divides it.
-template <typename T>
+// 64-byte registers (32 of them): two vectors wide when N allows (more FMAs per broadcast),
+// else one vector and taller tiles. 32 or 16 bytes (16 registers): 4 × 2 vectors, 8
+// accumulators beside the loads. M is a multiple of 16, so MR always divides it; N is a
+// multiple of 16 elements, so two 32- or 16-byte vectors always divide it.
+template <typename T, int W>
 __attribute__((always_inline)) inline void corr_any(T* out, int64_t ldo, const T* L, const T* R,
                                                     int64_t M, int64_t N, int64_t n_outer,
                                                     int64_t os, int64_t n_inner, int64_t ld) {
-  constexpr int V = 64 / sizeof(T);
-  if (N % (2 * V) == 0)
-    corr_tiles<T, 8, 2>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
+  constexpr int V = W / sizeof(T);
+  if constexpr (W < 64)
+    corr_tiles<T, W, 4, 2>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
+  else if (N % (2 * V) == 0)
+    corr_tiles<T, W, 8, 2>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
   else
-    corr_tiles<T, 16, 1>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
+    corr_tiles<T, W, 16, 1>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
 }
 
 // Up to NV lane vectors at once, two accumulators each (the FMA latency, not the loads,
 // bounds a single chain over a short batch).
-template <typename T, int NV>
+template <typename T, int W, int NV>
 __attribute__((always_inline)) inline void lane_tile(T* out, const T* L, const T* R, int64_t n,
                                                      int64_t ls, int64_t rs) {
-  using vec = typename Vec<T>::type;
-  constexpr int V = 64 / sizeof(T);
+  using vec = typename Vec<T, W>::type;
+  constexpr int V = W / sizeof(T);
   vec acc0[NV], acc1[NV];
   for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = vec{};
   int64_t k = 0;
@@ -105,13 +105,13 @@ __attribute__((always_inline)) inline void lane_tile(T* out, const T* L, const T
   }
 }
 
-template <typename T>
+template <typename T, int W>
 __attribute__((always_inline)) inline void lane_any(T* out, const T* L, const T* R, int64_t n,
                                                     int64_t ls, int64_t rs, int64_t lanes) {
-  constexpr int V = 64 / sizeof(T);
+  constexpr int V = W / sizeof(T);
   int64_t l = 0;
-  for (; l + 4 * V <= lanes; l += 4 * V) lane_tile<T, 4>(out + l, L + l, R + l, n, ls, rs);
-  for (; l < lanes; l += V) lane_tile<T, 1>(out + l, L + l, R + l, n, ls, rs);
+  for (; l + 4 * V <= lanes; l += 4 * V) lane_tile<T, W, 4>(out + l, L + l, R + l, n, ls, rs);
+  for (; l < lanes; l += V) lane_tile<T, W, 1>(out + l, L + l, R + l, n, ls, rs);
 }
 
 template <typename T>
@@ -124,24 +124,24 @@ __attribute__((always_inline)) inline void add_any(T* out, int64_t ldo, const T*
   }
 }
 
-#define CX_CORR_VARIANT(NAME, ATTR)                                                             \
+#define CX_CORR_VARIANT(NAME, W, ATTR)                                                             \
   template <typename T>                                                                          \
   ATTR void NAME(T* out, int64_t ldo, const T* L, const T* R, int64_t M, int64_t N,              \
                  int64_t n_outer, int64_t os, int64_t n_inner, int64_t ld) {                     \
-    corr_any<T>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);                                 \
+    corr_any<T, W>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);                                 \
   }                                                                                              \
   template <typename T>                                                                          \
   ATTR void NAME##_lanes(T* out, const T* L, const T* R, int64_t n, int64_t ls, int64_t rs,      \
                          int64_t lanes) {                                                        \
-    lane_any<T>(out, L, R, n, ls, rs, lanes);                                                    \
+    lane_any<T, W>(out, L, R, n, ls, rs, lanes);                                                    \
   }                                                                                              \
   template <typename T>                                                                          \
   ATTR void NAME##_add(T* out, int64_t ldo, const T* in, int64_t ldi, int64_t M, int64_t N) {    \
     add_any<T>(out, ldo, in, ldi, M, N);                                                         \
   }
-CX_CORR_VARIANT(corr_avx512, __attribute__((target("avx512f"))))
-CX_CORR_VARIANT(corr_avx2, __attribute__((target("avx2,fma"))))
-CX_CORR_VARIANT(corr_portable, )
+CX_CORR_VARIANT(corr_avx512, 64, __attribute__((target("avx512f"))))
+CX_CORR_VARIANT(corr_avx2, 32, __attribute__((target("avx2,fma"))))
+CX_CORR_VARIANT(corr_portable, 16, )
 #undef CX_CORR_VARIANT
 
 enum class Isa { kAvx512, kAvx2, kPortable };
