@@ -215,6 +215,12 @@ MUTANTS = [
        "G[d0 * D + d0] = static_cast<acc_t>(B * Ho * Wo);",
        "G[d0 * D + d0] = static_cast<acc_t>(B * H * W);",
        CPU_KERNELS + "::test_gram_matches_reference"),
+    _m("cpu.narrow-variant-drops-last-columns", "csrc/cpu/corr_kernel.cpp",
+       "corr_tiles<T, W, 4, 2>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);",
+       "corr_tiles<T, W, 4, 2>(out, ldo, L, R, M, N - 2 * V, n_outer, os, n_inner, ld);",
+       "tests/test_cpu_isa.py",
+       why="the AVX2 and portable variants, which the rest of the suite reaches only on "
+           "machines without AVX-512"),
     _m("cpu.tiled-no-mirror", "csrc/cpu/gram_tiled_cpu.cpp",
        "out[grp][p][q] = out[grp][q][p] = acc[p * Dp + q];", "out[grp][p][q] = acc[p * Dp + q];",
        CPU_KERNELS + "::test_gram_matches_reference", why="tile mirroring"),

@@ -4,7 +4,10 @@
 // K = pixels·batch) poorly, which is the shape every shifted channel correlation has.
 #include "corr_kernel.h"
 
+#include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 namespace consequential_ext::cpu {
 namespace {
@@ -146,13 +149,29 @@ CX_CORR_VARIANT(corr_portable, 16, )
 
 enum class Isa { kAvx512, kAvx2, kPortable };
 
+// The widest variant this CPU runs, or a narrower one named by CX_CPU_ISA (portable, avx2,
+// avx512): the tests run every variant a machine can (tests/test_cpu_isa.py).
 Isa detect_isa() {
+  Isa best = Isa::kPortable;
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  if (__builtin_cpu_supports("avx512f"))
+    best = Isa::kAvx512;
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    best = Isa::kAvx2;
 #endif
-  return Isa::kPortable;
+  const char* asked = std::getenv("CX_CPU_ISA");
+  if (!asked || !*asked) return best;
+  const std::string name(asked);
+  const Isa want = name == "portable" ? Isa::kPortable
+                   : name == "avx2"   ? Isa::kAvx2
+                   : name == "avx512" ? Isa::kAvx512
+                                      : throw std::invalid_argument(
+                                            "CX_CPU_ISA must be portable, avx2 or avx512, not '" +
+                                            name + "'");
+  if (static_cast<int>(want) < static_cast<int>(best))
+    throw std::invalid_argument("CX_CPU_ISA=" + name + ": this CPU does not run it");
+  return want;
 }
 
 template <typename T>
