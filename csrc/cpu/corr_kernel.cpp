@@ -14,7 +14,7 @@ namespace {
 
 // One W-byte vector of T, W the target's register width: generic vectors wider than the
 // registers are split by the compiler, but GCC then keeps the accumulators on the stack
-// (64-byte vectors under AVX2 ran the 128×64×8×8 Gram 60× slower than AVX-512 code).
+// (64-byte vectors under AVX2: the 128×64×8×8 Gram 26× slower than 32-byte ones there).
 template <typename T, int W>
 struct Vec {
   typedef T type __attribute__((vector_size(W)));
@@ -127,16 +127,16 @@ __attribute__((always_inline)) inline void add_any(T* out, int64_t ldo, const T*
   }
 }
 
-#define CX_CORR_VARIANT(NAME, W, ATTR)                                                             \
+#define CX_CORR_VARIANT(NAME, W, ATTR)                                                           \
   template <typename T>                                                                          \
   ATTR void NAME(T* out, int64_t ldo, const T* L, const T* R, int64_t M, int64_t N,              \
                  int64_t n_outer, int64_t os, int64_t n_inner, int64_t ld) {                     \
-    corr_any<T, W>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);                                 \
+    corr_any<T, W>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);                              \
   }                                                                                              \
   template <typename T>                                                                          \
   ATTR void NAME##_lanes(T* out, const T* L, const T* R, int64_t n, int64_t ls, int64_t rs,      \
                          int64_t lanes) {                                                        \
-    lane_any<T, W>(out, L, R, n, ls, rs, lanes);                                                    \
+    lane_any<T, W>(out, L, R, n, ls, rs, lanes);                                                 \
   }                                                                                              \
   template <typename T>                                                                          \
   ATTR void NAME##_add(T* out, int64_t ldo, const T* in, int64_t ldi, int64_t M, int64_t N) {    \
