@@ -18,13 +18,13 @@
 // only kh·(2kw−1) − (kw−1) shifts are correlated (13 for 3×3, instead of 81 blocks).
 //
 // Layout. A chunk of Bc images of one group is copied (converted to acc_t) into
-// Z[y][x][b][c]: pixel-major, then batch, then channels padded to Cp (zeros). Each row is
-// followed by dw·(kw−1) unused columns, so that rows are not a power of two of bytes apart
-// (measured: a 128×32×16×16 Gram took 1.3–1.5× as long without them, the shifted panels
-// evicting each other from cache). A shift is one constant flat offset δ = (dh·s·Wz + dw·t)·Bc pixels, and
-// every run correlated has its partners inside the image (rows and columns are clipped to
-// that), so no padding is read: each correlation is a (K × Cp)ᵀ·(K × Cp) product over evenly
-// spaced runs.
+// Z[y][x][b][c]: pixel-major, then batch, then channels padded to Cp (zeros), pixels Cs ≥ Cp
+// apart. Each row is followed by dw·(kw−1) unused columns, so that rows are not a power of two
+// of bytes apart (measured: a 128×32×16×16 Gram took 1.3–1.5× as long without them, the
+// shifted panels evicting each other from cache). A shift is one constant flat offset
+// δ = (dh·s·Wz + dw·t)·Bc pixels, and every run correlated has its partners inside the image
+// (rows and columns are clipped to that), so no padding is read: each correlation is a
+// (K × Cp)ᵀ·(K × Cp) product over evenly spaced runs.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -89,6 +89,9 @@ template <typename src_t, typename acc_t>
 void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram) {
   const int64_t B = x.size(0), Cg = x.size(1) / g.groups, H = x.size(2), W = x.size(3);
   const int64_t Cp = round_up(Cg, kCorrAlign), cell = Cp * Cp;
+  // Pixels Cs floats apart in Z: a multiple of 512 bytes would put a K-block's column strip
+  // in a few L1 sets (corr_kernel.cpp; 128 × 128 × 128: 2–6× the L1 misses).
+  const int64_t Cs = Cp % 128 == 0 ? Cp + kCorrAlign : Cp;
   const int64_t Ho = g.out_h(H), Wo = g.out_w(W), kk = g.kh * g.kw, d0 = Cg * kk;
   const AxisClasses rows = axis_classes(H, g.kh, g.dh, g.ph, Ho);
   const AxisClasses cols = axis_classes(W, g.kw, g.dw, g.pw, Wo);
@@ -134,7 +137,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   // Thread 0 adds into the output, the others into their own offset-major Gram, summed in
   // thread order afterwards: the result is bit-identical from run to run.
   const int64_t Wz = W + g.dw * (g.kw - 1);
-  const int64_t threads = at::get_num_threads(), per_image = H * Wz * Cp;
+  const int64_t threads = at::get_num_threads(), per_image = H * Wz * Cs;
   int64_t chunks = std::max(threads, (B * per_image + kChunkElems - 1) / kChunkElems);
   chunks = std::min(B, round_up(chunks, threads));
   const int64_t Bc = (B + chunks - 1) / chunks;
@@ -167,16 +170,16 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
         for (int64_t b = 0; b < bc; ++b)
           for (int64_t y = 0; y < H; ++y) {
             const src_t* s0 = src + (b0 + b) * sb + grp * Cg * sc + y * sy;
-            acc_t* z0 = Z + (y * Wz * bc + b) * Cp;
+            acc_t* z0 = Z + (y * Wz * bc + b) * Cs;
             for (int64_t c = 0; c < Cg; ++c)
               for (int64_t xx = 0; xx < W; ++xx)
-                z0[xx * bc * Cp + c] = static_cast<acc_t>(s0[c * sc + xx * sx]);
+                z0[xx * bc * Cs + c] = static_cast<acc_t>(s0[c * sc + xx * sx]);
           }
 
         // Core columns: per row, the run of real pixels (x-major, so the core columns are
         // one contiguous stretch of it), in K-blocks of whole rows or of row pieces, all
         // shifts per block while it is cached; a row class's sums are then added into the Gram.
-        const int64_t run = W * bc, kb = std::max(kBlockElems / Cp, bc);
+        const int64_t run = W * bc, kb = std::max(kBlockElems / Cs, bc);
         const int64_t rows_per_block = run >= kb ? 1 : kb / run;
         for (int64_t rc = 0; rc < nrc; ++rc) {
           std::fill(local, local + nsh * cell, acc_t(0));
@@ -190,10 +193,10 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
                 const int64_t qa = std::max(q0, std::max(cols.core0, -g.dw * t) * bc);
                 const int64_t qb = std::min(q1, std::min(cols.core1, W - g.dw * t) * bc);
                 if (y0 >= y1 || qa >= qb) continue;
-                const acc_t* L = Z + (y0 * Wz * bc + qa) * Cp;
+                const acc_t* L = Z + (y0 * Wz * bc + qa) * Cs;
                 const int64_t delta = (g.dh * s * Wz + g.dw * t) * bc;
-                corr_accumulate(local + sh * cell, Cp, L, L + delta * Cp, Cp, Cp, y1 - y0,
-                                Wz * bc * Cp, qb - qa, Cp);
+                corr_accumulate(local + sh * cell, Cp, L, L + delta * Cs, Cp, Cp, y1 - y0,
+                                Wz * bc * Cs, qb - qa, Cs);
               }
             }
           for (int64_t sh = 0; sh < nsh; ++sh) scatter(mine, local + sh * cell, sh, rc, 0);
@@ -212,9 +215,9 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
               const int64_t y1 = std::min(rows.classes[rc].end, H - g.dh * s);
               if (y0 >= y1) continue;
               std::fill(piece, piece + cell, acc_t(0));
-              const acc_t* L = Z + (y0 * Wz + cols.border[xi]) * bc * Cp;
-              corr_accumulate(piece, Cp, L, L + delta * Cp, Cp, Cp, y1 - y0, Wz * bc * Cp,
-                              bc, Cp);
+              const acc_t* L = Z + (y0 * Wz + cols.border[xi]) * bc * Cs;
+              corr_accumulate(piece, Cp, L, L + delta * Cs, Cp, Cp, y1 - y0, Wz * bc * Cs,
+                              bc, Cs);
               scatter(mine, piece, sh, rc, 1 + xi);
             }
           }
@@ -227,11 +230,11 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
               const bool border = next_border < cols.border.size() && cols.border[next_border] == xx;
               double* qb = border ? q + (1 + next_border) * Cg : nullptr;
               next_border += border;
-              const acc_t* z = Z + (y * Wz + xx) * bc * Cp;
+              const acc_t* z = Z + (y * Wz + xx) * bc * Cs;
               for (int64_t b = 0; b < bc; ++b)
                 for (int64_t c = 0; c < Cg; ++c) {
-                  q[c] += z[b * Cp + c];
-                  if (qb) qb[c] += z[b * Cp + c];
+                  q[c] += z[b * Cs + c];
+                  if (qb) qb[c] += z[b * Cs + c];
                 }
             }
           }
