@@ -63,12 +63,31 @@ def test_ridge_solve_matches_linalg_solve(backend, dtype):
     assert ((out - expected).norm() / expected.norm()) < tol
 
 
+# The CPU solve takes the explicit inverse (potri + GEMM) from M = 2·D right-hand sides on
+# (csrc/cpu/lapack_solve.cpp): fewer, exactly as many and more, one system (LAPACK's threads)
+# and a batch (a system per thread), D odd and past a vector width.
 @pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
-def test_ridge_solve_escalates_once_with_warning_on_singular_input(backend, monkeypatch):
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("batch,d,m", [((), 37, 73), ((), 37, 74), ((), 37, 113), ((3,), 21, 64),
+                                       ((2,), 21, 40), ((), 131, 300)])
+def test_ridge_solve_many_right_hand_sides(backend, dtype, tol, batch, d, m):
+    gram = _spd(batch, d)
+    grad = torch.randn(*batch, m, d, dtype=torch.float64)
+    expected = torch.linalg.solve(gram + 0.1 * torch.eye(d, dtype=gram.dtype),
+                                  grad.transpose(-1, -2)).transpose(-1, -2)
+    with cx.ops.use_backend(backend):
+        out = cx.ops.ridge_solve(gram.to(dtype), grad.to(dtype), 0.1, out_dtype=torch.float64)
+    assert out.shape == expected.shape
+    assert ((out - expected).norm() / expected.norm()) < tol
+
+
+@pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
+@pytest.mark.parametrize("m", [3, 13])
+def test_ridge_solve_escalates_once_with_warning_on_singular_input(backend, m, monkeypatch):
     monkeypatch.setattr(reference, "_escalation_warned", False)
     v = torch.randn(6, 2)
     gram = v @ v.T - 1e-3 * torch.eye(6)            # indefinite: Cholesky fails at tiny ridge
-    grad = torch.randn(3, 6)
+    grad = torch.randn(m, 6)
     with cx.ops.use_backend(backend), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = cx.ops.ridge_solve(gram, grad, 1e-8)

@@ -1,4 +1,5 @@
-// Batched Cholesky solve straight through LAPACK (potrf + potrs), in place.
+// Batched Cholesky solve straight through LAPACK (potrf + potrs, or potri + GEMM for many
+// right-hand sides), in place.
 #pragma once
 #include <ATen/ATen.h>
 
