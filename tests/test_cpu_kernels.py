@@ -66,11 +66,12 @@ GEOMETRIES = [
     ((2, 6, 11, 8), (3, 2), (2, 3), (0, 1), (1, 1), 2),
     ((3, 4, 13, 12), (3, 3), (3, 1), (2, 2), (2, 1), 4),
     # The correlation kernel's K-blocks (64 rows, csrc/cpu/corr_kernel.cpp): runs longer than
-    # a block with a partial last one, in the shift form (17 columns of several images) and
-    # in the tiled form (tiles of over 64 patches); 120 channels padded to 128, whose pixels
-    # the shift form lays out a vector further apart than the padded width; 141 channels,
-    # whose K-block panels in float64 are too wide to block (whole runs per tile).
-    ((9, 6, 5, 17), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    # a block with a partial last one, in the shift form (17 columns of several images, 20
+    # channels: two column strips) and in the tiled form (tiles of over 64 patches); 120
+    # channels padded to 128, whose pixels the shift form lays out a vector further apart
+    # than the padded width; 141 channels, whose K-block panels in float64 are too wide to
+    # block (whole runs per tile).
+    ((9, 20, 5, 17), (3, 3), (1, 1), (1, 1), (1, 1), 1),
     ((6, 5, 30, 22), (3, 3), (2, 2), (1, 1), (1, 1), 1),
     ((4, 120, 9, 10), (3, 3), (1, 1), (1, 1), (1, 1), 1),
     ((8, 141, 6, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1),
