@@ -79,6 +79,9 @@ void gemm(const double* a, const double* b, double* c, int m, int n, int k) {
 // 7.0 ms; D = 193, M = 192 about even).
 constexpr int64_t kInverseRhs = 2;
 
+// Whether potri and GEMM are exported too (torch's MKL builds do; otherwise potrs alone).
+bool inverse_available() { return spotri_ && dpotri_ && sgemm_ && dgemm_; }
+
 // x ← x · a⁻¹ from a's Cholesky factor (column-major lower), through the explicit inverse.
 template <typename T>
 bool solve_by_inverse(T* a, T* x, int n, int nrhs) {
@@ -107,7 +110,7 @@ bool solve_all(T* a, T* x, int64_t systems, int n, int nrhs) {
       return;
     }
     if (nrhs == 0) return;
-    if (nrhs >= kInverseRhs * n) {
+    if (nrhs >= kInverseRhs * n && inverse_available()) {
       if (!solve_by_inverse(a + s * n * n, x + s * n * nrhs, n, nrhs)) ok = false;
       return;
     }
@@ -126,9 +129,7 @@ bool solve_all(T* a, T* x, int64_t systems, int n, int nrhs) {
 
 }  // namespace
 
-bool lapack_available() {
-  return spotrf_ && dpotrf_ && spotrs_ && dpotrs_ && spotri_ && dpotri_ && sgemm_ && dgemm_;
-}
+bool lapack_available() { return spotrf_ && dpotrf_ && spotrs_ && dpotrs_; }
 
 bool lapack_ridge_solve(at::Tensor& a, at::Tensor& x) {
   TORCH_INTERNAL_ASSERT(a.is_contiguous() && x.is_contiguous() && a.scalar_type() == x.scalar_type());
