@@ -9,11 +9,11 @@ namespace consequential_ext::cpu {
 // them from libtorch_cpu; a torch without LAPACK leaves them null).
 bool lapack_available();
 
-// x ← x · a⁻¹ per system, overwriting a with its Cholesky factor (or its inverse): a (S, D, D) symmetric
-// positive definite (the ridge already on its diagonal), x (S, M, D); both contiguous,
-// float or double, of one dtype. Row-major x is column-major xᵀ, so potrs solves it where
-// it lies, with no transpose copies. Returns false (x unspecified) when some system is not
-// positive definite.
+// x ← x · a⁻¹ per system, overwriting a with its Cholesky factor (or its inverse): a
+// (S, D, D) symmetric positive definite (the ridge already on its diagonal), x (S, M, D);
+// both contiguous, float or double, of one dtype. Row-major x is column-major xᵀ, so potrs
+// solves it where it lies, with no transpose copies. Returns false (x unspecified) when some
+// system is not positive definite.
 bool lapack_ridge_solve(at::Tensor& a, at::Tensor& x);
 
 }  // namespace consequential_ext::cpu
