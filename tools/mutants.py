@@ -221,6 +221,17 @@ MUTANTS = [
        "tests/test_cpu_isa.py",
        why="the AVX2 and portable variants, which the rest of the suite reaches only on "
            "machines without AVX-512"),
+    _m("cpu.tiled-row-stride-unpadded", "csrc/cpu/gram_tiled_cpu.cpp",
+       "acc_t* row = tile.data() + r * Ds;", "acc_t* row = tile.data() + r * Dp;",
+       CPU_KERNELS + "::test_every_algorithm_matches_reference",
+       why="the gather and the kernel disagreeing on the padded tile row stride"),
+    _m("cpu.tiled-block-row-skips-diagonal", "csrc/cpu/gram_tiled_cpu.cpp",
+       "corr_accumulate(mine + r0 * Dp + r0, Dp, tile.data() + r0, tile.data() + r0,\n"
+       "                          kCorrAlign, Dp - r0, 1, 0, n, Ds);",
+       "corr_accumulate(mine + r0 * Dp + r0 + kCorrAlign, Dp, tile.data() + r0,\n"
+       "                          tile.data() + r0 + kCorrAlign, kCorrAlign, Dp - r0 - kCorrAlign,"
+       " 1, 0, n, Ds);",
+       CPU_KERNELS + "::test_gram_matches_reference", why="the diagonal blocks of the tiled Gram"),
     _m("cpu.tiled-no-mirror", "csrc/cpu/gram_tiled_cpu.cpp",
        "out[grp][p][q] = out[grp][q][p] = acc[p * Dp + q];", "out[grp][p][q] = acc[p * Dp + q];",
        CPU_KERNELS + "::test_gram_matches_reference", why="tile mirroring"),
