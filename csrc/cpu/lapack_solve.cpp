@@ -88,8 +88,8 @@ bool solve_by_inverse(T* a, T* x, int n, int nrhs) {
   int info = 0;
   potri(a, n, &info);
   if (info != 0) return false;
-  for (int j = 0; j < n; ++j)  // potri leaves the upper triangle (column-major) as it was
-    for (int i = j + 1; i < n; ++i) a[i * n + j] = a[j * n + i];
+  for (int64_t j = 0; j < n; ++j)  // potri leaves the upper triangle (column-major) as it was
+    for (int64_t i = j + 1; i < n; ++i) a[i * n + j] = a[j * n + i];
   // Row-major x (M × D) is column-major xᵀ (D × M): xᵀ ← A⁻¹ xᵀ, A⁻¹ symmetric.
   std::vector<T> product(static_cast<size_t>(n) * nrhs);
   gemm(a, x, product.data(), n, nrhs, n);
