@@ -3,6 +3,7 @@ is optional): interleaved timing, the profiler breakdown, and the section withou
 import builtins
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -24,13 +25,55 @@ def test_time_pair_interleaves_and_trains_both_models():
     plain, matched = _pair()
     before = [p.detach().clone() for p in matched.parameters()]
     x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
-    cpu, wall = real_models.time_pair(plain, matched, x, y, steps=3)
-    assert set(cpu) == set(wall) == {"plain", "C-SGD"}
+    cpu, wall, refreshes = real_models.time_pair(plain, matched, x, y, steps=3)
+    assert set(cpu) == set(wall) == {"plain", "C-SGD"} and refreshes is None
     amortised = cx.amortize(_pair()[1], every=2)
-    cpu, wall = real_models.time_pair(plain, matched, x, y, steps=3, amortised=amortised)
-    assert set(cpu) == set(wall) == {"plain", "C-SGD", "C-SGD amortised"}
+    replayed = []
+    cpu, wall, refreshes = real_models.time_pair(plain, matched, x, y, steps=3,
+                                                 amortised=amortised,
+                                                 replay=lambda: replayed.append(1))
+    assert set(cpu) == set(wall) == {"plain", "C-SGD", "C-SGD amortised", "Gram + solve"}
     assert all(len(v) == 3 and min(v) >= 0 for v in (*cpu.values(), *wall.values()))
     assert any(not torch.equal(a, b) for a, b in zip(before, matched.parameters()))
+    # warm-up was step 0 (a refresh); timed steps 1, 2, 3 of every=2; replay: warm-up + 3
+    assert refreshes == [False, True, False] and len(replayed) == 4
+
+
+def test_per_step_over_period_weights_refreshes_by_the_schedule():
+    times = [1.0, 1.2, 9.0, 1.1, 11.0, 0.9]
+    refreshes = [False, False, True, False, True, False]
+    # (median(9, 11) + 3 · median(1.0, 1.2, 1.1, 0.9)) / 4 = (10 + 3 · 1.05) / 4
+    assert abs(real_models.per_step_over_period(times, refreshes, 4) - 3.2875) < 1e-12
+    with pytest.raises(ValueError, match="every=4"):
+        real_models.per_step_over_period([1.0, 2.0], [False, False], 4)
+
+
+def test_recorded_gram_and_solve_calls_are_the_step_s_own():
+    _, matched = _pair()
+    x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().clone()))
+             for m in matched.modules() if isinstance(m, cx.CConv2d)]
+    calls = real_models.record_gram_and_solve(matched, x, y)
+    for h in hooks:
+        h.remove()
+    # two convs (one depthwise) on the row side; the Linear (N = 4 < D) on the column side,
+    # whose small Gram is a plain matmul: only its solve is recorded
+    assert sorted(fn.__name__ for fn, _, _ in calls) == ["im2col_gram"] * 2 + ["ridge_solve"] * 3
+    grams = [args for fn, args, _ in calls if fn.__name__ == "im2col_gram"]
+    for args, seen in zip(sorted(grams, key=lambda a: a[0].shape[1]),
+                          sorted(inputs, key=lambda t: t.shape[1])):
+        torch.testing.assert_close(args[0], seen, rtol=0, atol=0)
+    counted = []
+    with real_models._patched(real_models.GRAM_AND_SOLVE,
+                              lambda fn: lambda *a, **k: counted.append(fn.__name__)):
+        real_models.replay_calls(calls)()
+    assert counted == []          # the replay calls the recorded originals, not the patched names
+    first = [fn(*args, **kwargs) for fn, args, kwargs in calls]
+    real_models.replay_calls(calls)()
+    second = [fn(*args, **kwargs) for fn, args, kwargs in calls]
+    for p, q in zip(first, second):               # recorded arguments are copies: unchanged
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_breakdown_finds_the_matched_ops():
@@ -50,7 +93,7 @@ def test_section_without_timm_runs_resnet20_and_notes_the_skip(monkeypatch, tmp_
             raise ImportError("No module named 'timm'")
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_timm)
-    monkeypatch.setitem(real_models.QUICK, "steps", 1)
+    monkeypatch.setitem(real_models.QUICK, "steps", real_models.AMORTIZE_EVERY)
     monkeypatch.setitem(real_models.QUICK, "batches", {real_models.RESNET20: 4})
     result = real_models.run(Context(out=Path(tmp_path), quick=True))
     assert result["name"] == "real_models"
@@ -58,4 +101,4 @@ def test_section_without_timm_runs_resnet20_and_notes_the_skip(monkeypatch, tmp_
     (rows,) = [t["rows"] for t in result["tables"] if t["title"].startswith("Training step")]
     assert [r["model"] for r in rows] == [real_models.RESNET20]
     assert rows[0]["input"] == "4×3×32×32" and rows[0]["ratio"] > 0 \
-        and rows[0]["amortised ratio"] > 0
+        and rows[0]["amortised ratio"] > 0 and rows[0]["floor ratio"] > 1
