@@ -52,13 +52,9 @@ class CLinearFunction(torch.autograd.Function):
     cx_saved_weight_index = 1
 
     @staticmethod
-    def forward(input, weight, bias, rule, ridge, amortizer=None):
-        return F.linear(input, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, rule, ridge, amortizer = inputs
+    def forward(ctx, input, weight, bias, rule, ridge, amortizer=None):
         _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        return F.linear(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -73,13 +69,9 @@ class CLinearLikeFunction(torch.autograd.Function):
     cx_saved_weight_index = 1
 
     @staticmethod
-    def forward(input, weight_view, bias, module_forward, rule, ridge, amortizer=None):
-        return module_forward(input)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight_view, bias, _, rule, ridge, amortizer = inputs
+    def forward(ctx, input, weight_view, bias, module_forward, rule, ridge, amortizer=None):
         _save_common(ctx, input, weight_view, bias, rule, ridge, amortizer)
+        return module_forward(input)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -93,16 +85,11 @@ class CConv2dFunction(torch.autograd.Function):
     cx_saved_weight_index = 1
 
     @staticmethod
-    def forward(input, weight, bias, stride, padding, dilation, groups, rule, ridge,
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups, rule, ridge,
                 amortizer=None):
-        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, stride, padding, dilation, groups, rule, ridge, amortizer = inputs
         _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
-        padding = padding if isinstance(padding, str) else _pair(padding)
-        ctx.conf = (_pair(stride), padding, _pair(dilation), groups)
+        ctx.conf = _conv_conf(stride, padding, dilation, groups, _pair)
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -176,17 +163,15 @@ class CEmbeddingFunction(torch.autograd.Function):
     cx_saved_weight_index = 1
 
     @staticmethod
-    def forward(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse,
-                rule, ridge):
-        return F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
-                           sparse)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, padding_idx, _, _, scale_grad_by_freq, sparse, rule, ridge = inputs
+    def forward(ctx, input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                sparse, rule, ridge):
+        # max_norm renormalises rows of weight in place: the saved weight is the one looked up.
+        out = F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                          sparse)
         _save_common(ctx, input, weight, None, rule, ridge, None)
         ctx.conf = dict(padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq,
                         sparse=sparse)
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -378,15 +363,11 @@ class CConv1dFunction(torch.autograd.Function):
     cx_saved_weight_index = 1
 
     @staticmethod
-    def forward(input, weight, bias, stride, padding, dilation, groups, rule, ridge,
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups, rule, ridge,
                 amortizer=None):
-        return F.conv1d(input, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, stride, padding, dilation, groups, rule, ridge, amortizer = inputs
         _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
         ctx.conf = _conv_conf(stride, padding, dilation, groups, _single)
+        return F.conv1d(input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -400,15 +381,11 @@ class CConv3dFunction(torch.autograd.Function):
     cx_saved_weight_index = 1
 
     @staticmethod
-    def forward(input, weight, bias, stride, padding, dilation, groups, rule, ridge,
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups, rule, ridge,
                 amortizer=None):
-        return F.conv3d(input, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, stride, padding, dilation, groups, rule, ridge, amortizer = inputs
         _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
         ctx.conf = _conv_conf(stride, padding, dilation, groups, _triple)
+        return F.conv3d(input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -423,16 +400,12 @@ class CConvTranspose1dFunction(torch.autograd.Function):
     cx_saved_weight_index = 1
 
     @staticmethod
-    def forward(input, weight, bias, stride, padding, output_padding, groups, dilation, rule,
-                ridge, amortizer=None):
+    def forward(ctx, input, weight, bias, stride, padding, output_padding, groups, dilation,
+                rule, ridge, amortizer=None):
+        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        ctx.conf = _transpose_conf(stride, padding, output_padding, groups, dilation, _single)
         return F.conv_transpose1d(input, weight, bias, stride, padding, output_padding, groups,
                                   dilation)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, *geometry, rule, ridge, amortizer = inputs
-        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
-        ctx.conf = _transpose_conf(*geometry, _single)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -447,16 +420,12 @@ class CConvTranspose2dFunction(torch.autograd.Function):
     cx_saved_weight_index = 1
 
     @staticmethod
-    def forward(input, weight, bias, stride, padding, output_padding, groups, dilation, rule,
-                ridge, amortizer=None):
+    def forward(ctx, input, weight, bias, stride, padding, output_padding, groups, dilation,
+                rule, ridge, amortizer=None):
+        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        ctx.conf = _transpose_conf(stride, padding, output_padding, groups, dilation, _pair)
         return F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
                                   dilation)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, *geometry, rule, ridge, amortizer = inputs
-        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
-        ctx.conf = _transpose_conf(*geometry, _pair)
 
     @staticmethod
     def backward(ctx, grad_output):

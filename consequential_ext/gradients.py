@@ -6,6 +6,7 @@ primitive is the kind's own math; which ones run is the rule's business. ``needs
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -64,6 +65,7 @@ def explicit_padding(padding, kernel_size, dilation):
     return tuple(pads)
 
 
+@functools.lru_cache(maxsize=256)  # per layer geometry; ~5 µs a backward otherwise
 def _split_padding(padding, kernel_size, dilation):
     """(symmetric padding per spatial dim, the excess in F.pad's order): an uneven 'same' is
     padded explicitly, so that kernels only ever see symmetric zero padding."""

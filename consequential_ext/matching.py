@@ -74,9 +74,12 @@ def _strided(t, columns, per_sample=1):
 
 def _autocast_off(fn):
     """Run ``fn`` with autocast disabled: backward may run inside an autocast region, whose
-    bf16/fp16 matmuls would undo the float32 accumulation of Gram, G and solve."""
+    bf16/fp16 matmuls would undo the float32 accumulation of Gram, G and solve. (Entering
+    the disabled region costs ~20 µs per layer, so only where autocast is on.)"""
     @functools.wraps(fn)
     def wrapper(x, *args, **kwargs):
+        if not torch.is_autocast_enabled(x.device.type):
+            return fn(x, *args, **kwargs)
         with torch.autocast(x.device.type, enabled=False):
             return fn(x, *args, **kwargs)
     return wrapper

@@ -30,16 +30,13 @@ class BackMatchBatchNormFunction(torch.autograd.Function):
     """y = bn_forward(input); the input signal of ``rule`` in backward, ordinary γ/β grads."""
 
     @staticmethod
-    def forward(input, weight, bias, bn_forward, batch_stats, running, eps, rule, producer_sq):
-        # bn_forward is nn's own forward: same output bits, same running-statistics update.
-        return bn_forward(input)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, _, batch_stats, running, eps, rule, producer_sq = inputs
+    def forward(ctx, input, weight, bias, bn_forward, batch_stats, running, eps, rule,
+                producer_sq):
         ctx.save_for_backward(input, weight)
         ctx.batch_stats, ctx.running, ctx.eps = batch_stats, running, eps
         ctx.rule, ctx.producer_sq, ctx.has_bias = rule_named(rule), producer_sq, bias is not None
+        # bn_forward is nn's own forward: same output bits, same running-statistics update.
+        return bn_forward(input)
 
     @staticmethod
     def backward(ctx, grad_output):
