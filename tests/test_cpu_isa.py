@@ -1,7 +1,8 @@
-"""Every variant of the CPU correlation micro-kernel that this machine runs — AVX-512, AVX2,
-portable — passes the CPU kernel tests: the suite itself only reaches the widest one, and a
-narrower variant once shipped correct but 25× slower without any test noticing its code.
-Each variant runs tests/test_cpu_kernels.py in a subprocess with CX_CPU_ISA set."""
+"""Every variant of the CPU kernels that this machine runs — AVX-512, AVX2, portable — passes
+the CPU kernel tests: the suite itself only reaches the widest one, and a narrower variant
+once shipped correct but 25× slower without any test noticing its code. Each variant runs
+tests/test_cpu_kernels.py (the Gram's correlation micro-kernel) and
+tests/test_cpu_solve_lanes.py (the lane solver) in a subprocess with CX_CPU_ISA set."""
 import os
 import pathlib
 import subprocess
@@ -34,7 +35,7 @@ def test_cpu_kernels_pass_on_each_variant(isa):
         pytest.skip(f"this CPU does not run the {isa} variant")
     env = dict(os.environ, CX_CPU_ISA=isa)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(TESTS / "test_cpu_kernels.py")],
+                          str(TESTS / "test_cpu_kernels.py"), str(TESTS / "test_cpu_solve_lanes.py")],
                          env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]

@@ -10,16 +10,10 @@
 #include <stdexcept>
 #include <string>
 
+#include "simd.h"
+
 namespace consequential_ext::cpu {
 namespace {
-
-// One W-byte vector of T, W the target's register width: generic vectors wider than the
-// registers are split by the compiler, but GCC then keeps the accumulators on the stack
-// (64-byte vectors under AVX2: the 128×64×8×8 Gram 26× slower than 32-byte ones there).
-template <typename T, int W>
-struct Vec {
-  typedef T type __attribute__((vector_size(W)));
-};
 
 // One MR × (NV vectors) tile of out, over runs [o0, o1) of rows [k0, k1) each: the partial
 // sums stay in registers for the whole range and are added into out once.
@@ -182,10 +176,6 @@ CX_CORR_VARIANT(corr_avx2, 32, __attribute__((target("avx2,fma"))))
 CX_CORR_VARIANT(corr_portable, 16, )
 #undef CX_CORR_VARIANT
 
-enum class Isa { kAvx512, kAvx2, kPortable };
-
-// The widest variant this CPU runs, or a narrower one named by CX_CPU_ISA (portable, avx2,
-// avx512): the tests run every variant a machine can (tests/test_cpu_isa.py).
 Isa detect_isa() {
   Isa best = Isa::kPortable;
 #if defined(__x86_64__) || defined(__i386__)
@@ -212,8 +202,7 @@ Isa detect_isa() {
 template <typename T>
 void corr_dispatch(T* out, int64_t ldo, const T* L, const T* R, int64_t M, int64_t N,
                    int64_t n_outer, int64_t os, int64_t n_inner, int64_t ld) {
-  static const Isa isa = detect_isa();
-  switch (isa) {
+  switch (cpu_isa()) {
     case Isa::kAvx512: return corr_avx512<T>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
     case Isa::kAvx2: return corr_avx2<T>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
     default: return corr_portable<T>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
@@ -223,8 +212,7 @@ void corr_dispatch(T* out, int64_t ldo, const T* L, const T* R, int64_t M, int64
 template <typename T>
 void lane_dispatch(T* out, const T* L, const T* R, int64_t n, int64_t ls, int64_t rs,
                    int64_t lanes) {
-  static const Isa isa = detect_isa();
-  switch (isa) {
+  switch (cpu_isa()) {
     case Isa::kAvx512: return corr_avx512_lanes<T>(out, L, R, n, ls, rs, lanes);
     case Isa::kAvx2: return corr_avx2_lanes<T>(out, L, R, n, ls, rs, lanes);
     default: return corr_portable_lanes<T>(out, L, R, n, ls, rs, lanes);
@@ -233,8 +221,7 @@ void lane_dispatch(T* out, const T* L, const T* R, int64_t n, int64_t ls, int64_
 
 template <typename T>
 void add_dispatch(T* out, int64_t ldo, const T* in, int64_t ldi, int64_t M, int64_t N) {
-  static const Isa isa = detect_isa();
-  switch (isa) {
+  switch (cpu_isa()) {
     case Isa::kAvx512: return corr_avx512_add<T>(out, ldo, in, ldi, M, N);
     case Isa::kAvx2: return corr_avx2_add<T>(out, ldo, in, ldi, M, N);
     default: return corr_portable_add<T>(out, ldo, in, ldi, M, N);
@@ -242,6 +229,11 @@ void add_dispatch(T* out, int64_t ldo, const T* in, int64_t ldi, int64_t M, int6
 }
 
 }  // namespace
+
+Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
 
 void add_block(float* out, int64_t ldo, const float* in, int64_t ldi, int64_t M, int64_t N) {
   add_dispatch<float>(out, ldo, in, ldi, M, N);

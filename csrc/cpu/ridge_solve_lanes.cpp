@@ -10,64 +10,56 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace consequential_ext::cpu {
 namespace {
 
 constexpr int64_t kLanes = 16;
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__)
-#define CX_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CX_MULTIVERSION
-#endif
-
-// The 16 lanes of one system entry as a single vector value (one 512-bit register of
-// floats, two of doubles; split by the compiler on narrower targets).
-template <typename T>
-struct LaneVec;
-template <>
-struct LaneVec<float> {
-  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
-};
-template <>
-struct LaneVec<double> {
-  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
-};
-
-// s −= Σ_{k < count} a[k·as] · b[k·bs], lane by lane, in four independent chains: a single
-// chain waits out the FMA latency at every step.
-template <typename T>
+// s −= Σ_{k < count} a[k·as] · b[k·bs] for the 16 lanes at s, a[·] and b[·], in W-byte
+// vectors (16·sizeof(T)/W per lane group) and C independent chains: a single chain waits
+// out the FMA latency at every step. C · vectors ≤ 8 keeps the accumulators and the loads
+// in 16 registers. The chains are summed pairwise, (c0 + c1) + (c2 + c3), on every target.
+template <typename T, int W>
 __attribute__((always_inline)) inline void subtract_lane_dots(T* s, const T* a, int64_t as,
                                                               const T* b, int64_t bs,
                                                               int64_t count) {
-  using V = typename LaneVec<T>::type;
-  // c += a[k·as] · b[k·bs] for one k (loads through memcpy: no alignment assumed).
-  auto fma_at = [&](V& c, int64_t k) {
-    V x, y;
-    std::memcpy(&x, a + k * as, sizeof(V));
-    std::memcpy(&y, b + k * bs, sizeof(V));
-    c += x * y;
+  using V = typename Vec<T, W>::type;
+  constexpr int L = W / sizeof(T), NV = kLanes / L, C = NV >= 8 ? 1 : NV >= 4 ? 2 : 4;
+  V acc[C][NV];
+  for (int c = 0; c < C; ++c)
+    for (int v = 0; v < NV; ++v) acc[c][v] = V{};
+  // acc[c] += a[k·as] · b[k·bs] (loads through memcpy: no alignment assumed).
+  auto fma_at = [&](int c, int64_t k) {
+    for (int v = 0; v < NV; ++v) {
+      V x, y;
+      std::memcpy(&x, a + k * as + v * L, sizeof(V));
+      std::memcpy(&y, b + k * bs + v * L, sizeof(V));
+      acc[c][v] += x * y;
+    }
   };
-  V c0 = {}, c1 = {}, c2 = {}, c3 = {};
   int64_t k = 0;
-  for (; k + 3 < count; k += 4) {
-    fma_at(c0, k);
-    fma_at(c1, k + 1);
-    fma_at(c2, k + 2);
-    fma_at(c3, k + 3);
+  for (; k + C <= count; k += C)
+    for (int c = 0; c < C; ++c) fma_at(c, k + c);
+  for (; k < count; ++k) fma_at(0, k);
+  for (int v = 0; v < NV; ++v) {
+    V sum = acc[0][v];
+    if constexpr (C == 2) sum = acc[0][v] + acc[1][v];
+    if constexpr (C == 4) sum = (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]);
+    V out;
+    std::memcpy(&out, s + v * L, sizeof(V));
+    out -= sum;
+    std::memcpy(s + v * L, &out, sizeof(V));
   }
-  for (; k < count; ++k) fma_at(c0, k);
-  V out;
-  std::memcpy(&out, s, sizeof(V));
-  out -= (c0 + c1) + (c2 + c3);
-  std::memcpy(s, &out, sizeof(V));
 }
 
 // Systems [s0, s0 + 16) of a (n, d, d) + lam·I / g (n, m, d) into x (n, m, d); lanes past n
 // are identity systems. Returns false when some system is not positive definite.
-template <typename T>
-CX_MULTIVERSION bool solve_block(const T* a, T lam, const T* g, T* x, int64_t n, int64_t d,
-                                 int64_t m, int64_t s0) {
+template <typename T, int W>
+__attribute__((always_inline)) inline bool solve_block(const T* a, T lam, const T* g, T* x,
+                                                       int64_t n, int64_t d, int64_t m,
+                                                       int64_t s0) {
   const int64_t lanes = std::min(kLanes, n - s0);
   std::vector<T> A(d * d * kLanes, T(0)), inv(d * kLanes), y(d * kLanes);
   // Lower triangle, lane-innermost: A[(i·d + j)·16 + l], written one entry (16 lanes, one
@@ -88,7 +80,7 @@ CX_MULTIVERSION bool solve_block(const T* a, T lam, const T* g, T* x, int64_t n,
       T s[kLanes];
       T* aij = &A[(i * d + j) * kLanes];
       for (int64_t l = 0; l < kLanes; ++l) s[l] = aij[l];
-      subtract_lane_dots(s, &A[i * d * kLanes], kLanes, &A[j * d * kLanes], kLanes, j);
+      subtract_lane_dots<T, W>(s, &A[i * d * kLanes], kLanes, &A[j * d * kLanes], kLanes, j);
       if (i == j) {
         for (int64_t l = 0; l < kLanes; ++l) {
           ok &= s[l] > T(0);  // false for NaN too
@@ -107,13 +99,13 @@ CX_MULTIVERSION bool solve_block(const T* a, T lam, const T* g, T* x, int64_t n,
       T s[kLanes];
       for (int64_t l = 0; l < kLanes; ++l)
         s[l] = l < lanes ? g[((s0 + l) * m + r) * d + i] : T(0);
-      subtract_lane_dots(s, &A[i * d * kLanes], kLanes, y.data(), kLanes, i);
+      subtract_lane_dots<T, W>(s, &A[i * d * kLanes], kLanes, y.data(), kLanes, i);
       for (int64_t l = 0; l < kLanes; ++l) y[i * kLanes + l] = s[l] * inv[i * kLanes + l];
     }
     for (int64_t i = d - 1; i >= 0; --i) {
       T s[kLanes];
       for (int64_t l = 0; l < kLanes; ++l) s[l] = y[i * kLanes + l];
-      subtract_lane_dots(s, &A[((i + 1) * d + i) * kLanes], d * kLanes, &y[(i + 1) * kLanes],
+      subtract_lane_dots<T, W>(s, &A[((i + 1) * d + i) * kLanes], d * kLanes, &y[(i + 1) * kLanes],
                          kLanes, d - 1 - i);
       for (int64_t l = 0; l < kLanes; ++l) y[i * kLanes + l] = s[l] * inv[i * kLanes + l];
     }
@@ -122,6 +114,17 @@ CX_MULTIVERSION bool solve_block(const T* a, T lam, const T* g, T* x, int64_t n,
   }
   return true;
 }
+
+#define CX_LANE_VARIANT(NAME, W, ATTR)                                                        \
+  template <typename T>                                                                     \
+  ATTR bool NAME(const T* a, T lam, const T* g, T* x, int64_t n, int64_t d, int64_t m,       \
+                 int64_t s0) {                                                              \
+    return solve_block<T, W>(a, lam, g, x, n, d, m, s0);                                    \
+  }
+CX_LANE_VARIANT(solve_block_avx512, 64, __attribute__((target("avx512f"))))
+CX_LANE_VARIANT(solve_block_avx2, 32, __attribute__((target("avx2,fma"))))
+CX_LANE_VARIANT(solve_block_portable, 16, )
+#undef CX_LANE_VARIANT
 
 template <typename T>
 bool solve_all(const at::Tensor& a, double lam, const at::Tensor& g, at::Tensor& x) {
@@ -133,8 +136,11 @@ bool solve_all(const at::Tensor& a, double lam, const at::Tensor& g, at::Tensor&
   std::vector<char> ok(blocks, 1);
   // One block is d³/3 · 16 flops; a thread hand-off costs more below a few blocks.
   const int64_t grain = std::max<int64_t>(1, 4096 / (d * d));
+  const auto solve = cpu_isa() == Isa::kAvx512 ? solve_block_avx512<T>
+                     : cpu_isa() == Isa::kAvx2  ? solve_block_avx2<T>
+                                                : solve_block_portable<T>;
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) ok[b] = solve_block<T>(pa, T(lam), pg, px, n, d, m, b * kLanes);
+    for (int64_t b = b0; b < b1; ++b) ok[b] = solve(pa, T(lam), pg, px, n, d, m, b * kLanes);
   });
   for (char o : ok)
     if (!o) return false;

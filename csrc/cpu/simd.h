@@ -1,0 +1,24 @@
+// What the CPU kernels share about SIMD: the instruction sets their variants are built for,
+// the one this CPU runs, and a vector type of one target's register width.
+#pragma once
+#include <cstdint>
+
+namespace consequential_ext::cpu {
+
+enum class Isa { kAvx512, kAvx2, kPortable };
+
+// The widest variant this CPU runs, or a narrower one named by CX_CPU_ISA (portable, avx2,
+// avx512; std::invalid_argument for another name or one the CPU cannot run), decided once
+// per process: the tests run every variant a machine can (tests/test_cpu_isa.py).
+Isa cpu_isa();
+
+// One W-byte vector of T, W the target's register width: generic vectors wider than the
+// registers are split by the compiler, but GCC then keeps the accumulators on the stack
+// (64-byte vectors under AVX2: the 128×64×8×8 Gram 26× slower than 32-byte ones there, the
+// lane solver's systems 3–4× slower).
+template <typename T, int W>
+struct Vec {
+  typedef T type __attribute__((vector_size(W)));
+};
+
+}  // namespace consequential_ext::cpu
