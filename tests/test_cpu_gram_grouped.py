@@ -25,6 +25,7 @@ GEOMETRIES = [
     ((2, 12, 9, 10), (3, 2), (1, 2), (2, 0), (2, 1), 4),     # 3 per group, dilation
     ((2, 30, 7, 7), (3, 3), (1, 1), (1, 1), (1, 1), 2),      # 15 per group: just under 16
     ((1, 6, 3, 5), (5, 3), (3, 1), (4, 2), (1, 1), 3),       # padding past the kernel
+    ((2, 20, 33, 31), (3, 3), (1, 1), (1, 1), (1, 1), 20),   # large map: tasks in several passes
 ]
 
 
@@ -62,6 +63,23 @@ def test_grouped_gram_is_bit_identical_across_calls():
     first = gram_op(x, (5, 5), (1, 1), (2, 2), (1, 1), 48, True)
     for _ in range(2):
         assert torch.equal(first, gram_op(x, (5, 5), (1, 1), (2, 2), (1, 1), 48, True))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_grouped_gram_is_bit_identical_across_thread_counts(threads):
+    # The tasks are split into passes by thread count; each entry is still summed by one
+    # work item in one order.
+    x = torch.randn(4, 16, 9, 11)  # one lane block: the passes are what the threads share
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = gram_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 16, True)
+        torch.set_num_threads(threads)
+        other = gram_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 16, True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(two, other)
+    _assert_gram_close(other, _ref_gram(x, (3, 3), (1, 1), (1, 1), (1, 1), 16, True), 2e-5)
 
 
 def test_depthwise_cconv2d_matched_gradient_matches_reference_backend():
