@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 
 #include "gram_cpu.h"
+#include "mirror.h"
 
 namespace consequential_ext::cpu {
 
@@ -25,9 +26,7 @@ void gram_blas_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram
     // GEMM does not promise a bit-symmetric product (MKL on an AVX2-only CPU rounds the two
     // triangles differently), and the solve reads one triangle: copy the lower one up.
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gram_blas_mirror", [&] {
-      auto a = out.accessor<scalar_t, 2>();
-      for (int64_t p = 1; p < a.size(0); ++p)
-        for (int64_t q = 0; q < p; ++q) a[q][p] = a[p][q];
+      mirror_triangle(out.data_ptr<scalar_t>(), out.size(0), out.stride(0), Mirror::kLowerToUpper);
     });
   }
 }

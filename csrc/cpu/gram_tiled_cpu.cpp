@@ -10,6 +10,7 @@
 
 #include "corr_kernel.h"
 #include "gram_cpu.h"
+#include "mirror.h"
 
 namespace consequential_ext::cpu {
 namespace {
@@ -81,7 +82,8 @@ void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       std::vector<acc_t>().swap(other);
     }
     for (int64_t p = 0; p < D; ++p)
-      for (int64_t q = p; q < D; ++q) out[grp][p][q] = out[grp][q][p] = acc[p * Dp + q];
+      for (int64_t q = p; q < D; ++q) out[grp][p][q] = acc[p * Dp + q];
+    mirror_triangle(&out[grp][0][0], D, D, Mirror::kUpperToLower);
   }
 }
 

@@ -3,6 +3,7 @@
 // transposed right-hand sides, which cost more than the factorisation itself at D of a few
 // hundred (docs/design.md §3, the solve).
 #include "lapack_solve.h"
+#include "mirror.h"
 
 #include <ATen/Parallel.h>
 
@@ -88,8 +89,8 @@ bool solve_by_inverse(T* a, T* x, int n, int nrhs) {
   int info = 0;
   potri(a, n, &info);
   if (info != 0) return false;
-  for (int64_t j = 0; j < n; ++j)  // potri leaves the upper triangle (column-major) as it was
-    for (int64_t i = j + 1; i < n; ++i) a[i * n + j] = a[j * n + i];
+  // potri leaves the upper triangle (column-major; row-major: the lower) as it was.
+  mirror_triangle(a, n, n, Mirror::kUpperToLower);
   // Row-major x (M × D) is column-major xᵀ (D × M): xᵀ ← A⁻¹ xᵀ, A⁻¹ symmetric.
   std::vector<T> product(static_cast<size_t>(n) * nrhs);
   gemm(a, x, product.data(), n, nrhs, n);
