@@ -253,7 +253,7 @@ MUTANTS = [
        CPU_KERNELS + "::test_automatic_choice_is_one_of_the_algorithms",
        why="the automatic choice of algorithm"),
     _m("cpu.shift-form-for-row-stride-only", "csrc/cpu/gram_cpu.cpp",
-       "return g.sh == 1 && g.sw == 1 ? Algorithm::kShift", "return g.sh == 1 ? Algorithm::kShift",
+       "return g.sh == 1 && g.sw == 1 && g.kh", "return g.sh == 1 && g.kh",
        GEOMETRY, CPU_KERNELS),
     _m("cpu.out-w-from-padding-h", "csrc/cpu/gram_cpu.h",
        "int64_t out_w(int64_t w) const { return (w + 2 * pw",

@@ -20,7 +20,9 @@ enum class Algorithm { kAuto, kGrouped, kBlas, kShift, kTiled };
 Algorithm choose(const at::Tensor& x, const PatchGeometry& g, int64_t patches, int64_t d) {
   if (g.groups > 1 && x.size(1) / g.groups < kCorrAlign) return Algorithm::kGrouped;
   if (gram_prefers_blas(patches, d)) return Algorithm::kBlas;
-  return g.sh == 1 && g.sw == 1 ? Algorithm::kShift : Algorithm::kTiled;
+  // 1×1 has no shifts to share, and the tiled kernel's upper-triangle blocks are faster
+  // (32×160×16×16, one thread: 4.9 against 9.5 ms; two: 7.6 against 9.3 ms CPU).
+  return g.sh == 1 && g.sw == 1 && g.kh * g.kw > 1 ? Algorithm::kShift : Algorithm::kTiled;
 }
 
 at::Tensor gram_with(const at::Tensor& x, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,

@@ -19,7 +19,7 @@ struct PatchGeometry {
 // every input dtype but double). x: (B, C, H, W) of any dtype and strides.
 // Stride-1 convolutions: shifted channel correlations + border corrections (exact).
 void gram_shift_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
-// Any stride / dilation: im2col in cache-sized tiles of patches, upper triangle only.
+// Any stride / dilation (and 1×1): im2col in cache-sized tiles of patches, upper triangle only.
 void gram_tiled_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
 // Few channels per group (depthwise, small groups), any stride: groups in SIMD lanes,
 // per tap difference one pass of batch products and strided prefix sums.
