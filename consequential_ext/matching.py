@@ -110,7 +110,7 @@ def matched_linear(x2d, gy2d, has_bias, ridge, side=None, amortizer=None):
                          functools.partial(_linear_energy, x))
     else:
         rows = _with_ones(x) if has_bias else x                 # (N, D): Xᵀ
-        gram = rows @ rows.T / n                                # XᵀX / N, (N, N)
+        gram = _linear_gram(rows.T, has_bias=False) / n         # XᵀX / N, (N, N)
         matched = ops.ridge_solve(gram, gy.T.contiguous(), ridge) @ rows
     if has_bias:
         return matched[:, :-1], matched[:, -1]
@@ -124,7 +124,8 @@ _GRAM_BLOCK = 256
 
 def _linear_gram(x, has_bias):
     """[X; 1][X; 1]ᵀ of rows ``x`` (N, D) without concatenating the ones: XXᵀ from the
-    blocks on and above the diagonal (mirrored), the bias row from column sums."""
+    blocks on and above the diagonal (mirrored), the bias row from column sums. Also the
+    column side's P × P Gram, with ``x`` the (D, P) columns."""
     d = x.shape[1]
     gram = x.new_empty(d + int(has_bias), d + int(has_bias))
     edges = list(range(0, d, _GRAM_BLOCK)) + [d]
@@ -185,8 +186,11 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
         # dZ per group with columns in im2col order (sample, then output location).
         dz = gy.to(work).reshape(b, groups, og, -1).permute(1, 2, 0, 3).reshape(groups, og, p)
         cols = im2col(x.to(work), (kh, kw), stride, padding, dilation, groups, has_bias)
-        gram = cols.transpose(1, 2) @ cols / b                  # (groups, P, P)
-        matched = ops.ridge_solve(gram, dz, ridge) @ cols.transpose(1, 2)
+        if groups == 1:
+            gram = _linear_gram(cols[0], has_bias=False)[None]  # (1, P, P)
+        else:
+            gram = cols.transpose(1, 2) @ cols                  # (groups, P, P)
+        matched = ops.ridge_solve(gram / b, dz, ridge) @ cols.transpose(1, 2)
     grad_weight = matched[..., : d - int(has_bias)].reshape(weight_shape)
     grad_bias = matched[..., -1].reshape(out) if has_bias else None
     return grad_weight, grad_bias

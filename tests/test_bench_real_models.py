@@ -58,8 +58,11 @@ def test_recorded_gram_and_solve_calls_are_the_step_s_own():
     for h in hooks:
         h.remove()
     # two convs (one depthwise) on the row side; the Linear (N = 4 < D) on the column side,
-    # whose small Gram is a plain matmul: only its solve is recorded
-    assert sorted(fn.__name__ for fn, _, _ in calls) == ["im2col_gram"] * 2 + ["ridge_solve"] * 3
+    # its N × N Gram from _linear_gram of the columns
+    assert sorted(fn.__name__ for fn, _, _ in calls) == \
+        ["_linear_gram"] + ["im2col_gram"] * 2 + ["ridge_solve"] * 3
+    column_gram = next(args for fn, args, _ in calls if fn.__name__ == "_linear_gram")
+    assert column_gram[0].shape[1] == 4
     grams = [args for fn, args, _ in calls if fn.__name__ == "im2col_gram"]
     for args, seen in zip(sorted(grams, key=lambda a: a[0].shape[1]),
                           sorted(inputs, key=lambda t: t.shape[1])):
