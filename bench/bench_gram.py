@@ -12,8 +12,9 @@ medians with 20/80 % quantiles):
   RSS after a warm-up and after the input is allocated — output Gram included;
 * ``CConv2d`` forward+backward / ``nn.Conv2d`` forward+backward (oneDNN) (goal ≤ 2.0);
 
-plus ResNet-20's two stride-2 shapes (the tiled path) and resnet18's 8×8, 4×4 and 2×2 stages,
-no goal for either. Writes ``gram_cpu.json``
+plus ResNet-20's two stride-2 shapes (the tiled path), resnet18's 8×8, 4×4 and 2×2 stages,
+and the depthwise (grouped path) and 1×1 (tiled path) layers of EfficientNet and ConvNeXt at
+64 px, no goal for those. ``--only a,b`` runs the cases whose names contain a or b. Writes ``gram_cpu.json``
 and ``gram_cpu.md`` (``gram_cpu_Nthread.*`` with ``--threads N``) to DIR (default
 ``results/gram_cpu``). ``run(...)`` returns the rows;
 importing this module runs nothing.
@@ -38,7 +39,8 @@ GOALS = {"time_ratio": 0.35, "memory_ratio": 0.10, "conv_ratio": 2.0}
 
 
 def shapes(quick: bool) -> list[dict]:
-    """Benchmark cases: (B, C, H, W) input of a 3×3 convolution, padding 1."""
+    """Benchmark cases: (B, C, H, W) input of a convolution with ``kernel`` (default 3),
+    ``stride``, ``padding`` (default kernel // 2) and ``groups`` (default 1)."""
     batch = 16 if quick else 128
     cases = [
         {"name": "resnet20-32x32x16", "shape": (batch, 16, 32, 32), "stride": 1, "goal": True},
@@ -62,13 +64,29 @@ def shapes(quick: bool) -> list[dict]:
     large = (2, 16, 96, 96) if quick else (8, 16, 344, 344)
     cases.append({"name": f"large-{large[2]}x{large[3]}x{large[1]}", "shape": large, "stride": 1,
                   "goal": True})
+    # Depthwise layers (efficientnet_b0, convnext_atto at 64 px) and ConvNeXt's 1×1 MLP convs.
+    for c, h, k, s in ((96, 32, 3, 2), (240, 8, 5, 1), (40, 16, 7, 1), (160, 4, 7, 1),
+                       (320, 2, 7, 1)):
+        cases.append({"name": f"depthwise-{h}x{h}x{c}-k{k}" + (f"s{s}" if s > 1 else ""),
+                      "shape": (small, c, h, h), "kernel": k, "stride": s, "groups": c,
+                      "goal": False})
+    for c, h in ((160, 16), (640, 4)):
+        cases.append({"name": f"1x1-{h}x{h}x{c}", "shape": (small, c, h, h), "kernel": 1,
+                      "stride": 1, "goal": False})
     return cases
 
 
-def _gram_fn(provider, x, stride):
+def geometry(case: dict) -> tuple:
+    """(kernel, stride, padding, groups) of a case, defaults filled in."""
+    kernel = case.get("kernel", 3)
+    return kernel, case["stride"], case.get("padding", kernel // 2), case.get("groups", 1)
+
+
+def _gram_fn(provider, x, geom):
     import consequential_ext as cx
     from consequential_ext.ops import reference
-    args = ((3, 3), (stride, stride), (1, 1), (1, 1), 1, False)
+    k, s, p, g = geom
+    args = ((k, k), (s, s), (p, p), (1, 1), g, False)
     if provider == "reference":
         return lambda: reference.im2col_gram(x, *args)
     if provider == "cpu":
@@ -77,11 +95,12 @@ def _gram_fn(provider, x, stride):
     raise ValueError(f"unknown provider {provider!r}")
 
 
-def _conv_fn(provider, x, stride):
+def _conv_fn(provider, x, geom):
     import consequential_ext as cx
+    k, s, p, g = geom
     c = x.shape[1]
     cls = nn.Conv2d if provider == "nn.Conv2d" else cx.CConv2d
-    conv = cls(c, c * stride, 3, stride=stride, padding=1, bias=False)
+    conv = cls(c, c * s if g == 1 else c, k, stride=s, padding=p, groups=g, bias=False)
     x = x.detach().requires_grad_(True)
     grad_out = torch.randn_like(conv(x))
 
@@ -122,24 +141,24 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _memory_probe(provider: str, shape, stride: int) -> dict:
+def _memory_probe(provider: str, shape, geom) -> dict:
     """Runs in a fresh process: peak RSS of one Gram build over the RSS just before it."""
     warm = torch.randn(2, shape[1], 8, 8)
-    _gram_fn(provider, warm, stride)()  # load kernels and thread pools before the baseline
+    _gram_fn(provider, warm, geom)()  # load kernels and thread pools before the baseline
     x = torch.randn(shape)
     base_kb = _rss_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark VmHWM to the current RSS (Linux >= 4.0)
-    gram = _gram_fn(provider, x, stride)()
+    gram = _gram_fn(provider, x, geom)()
     peak_kb = _rss_kb("VmHWM")
     return {"extra_peak_mib": (peak_kb - base_kb) / 1024, "input_mib": x.numel() * 4 / 2**20,
             "gram_mib": gram.numel() * gram.element_size() / 2**20}
 
 
-def extra_peak_memory(provider: str, shape, stride: int) -> dict:
+def extra_peak_memory(provider: str, shape, geom) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe",
-           json.dumps({"provider": provider, "shape": list(shape), "stride": stride})]
+           json.dumps({"provider": provider, "shape": list(shape), "geometry": list(geom)})]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -149,26 +168,27 @@ def run(quick: bool = False, cases: list[dict] | None = None, reps: int | None =
     """One row per case with time, memory and conv ratios (kernel / baseline)."""
     rows = []
     for case in cases or shapes(quick):
-        shape, stride = tuple(case["shape"]), case["stride"]
+        shape, geom = tuple(case["shape"]), geometry(case)
+        k, stride, pad, groups = geom
         large = shape[2] * shape[3] >= 100_000
         n = reps or (3 if quick else (7 if large else 25))
         torch.manual_seed(0)
         x = torch.randn(shape)
-        row = {"name": case["name"], "shape": list(shape), "kernel": [3, 3], "stride": stride,
-               "padding": 1, "goal": case["goal"],
-               "unfold_mib": shape[0] * shape[1] * 9 * _out(shape[2], stride) * _out(shape[3], stride)
-               * 4 / 2**20}
-        t = interleaved_medians({p: _gram_fn(p, x, stride) for p in ("reference", "cpu")}, n)
+        row = {"name": case["name"], "shape": list(shape), "kernel": [k, k], "stride": stride,
+               "padding": pad, "groups": groups, "goal": case["goal"],
+               "unfold_mib": shape[0] * shape[1] * k * k * _out(shape[2], k, stride, pad)
+               * _out(shape[3], k, stride, pad) * 4 / 2**20}
+        t = interleaved_medians({p: _gram_fn(p, x, geom) for p in ("reference", "cpu")}, n)
         row["gram_time"] = t
         row["time_ratio"] = t["cpu"]["median_s"] / t["reference"]["median_s"]
         row["time_cpu_ratio"] = t["cpu"]["cpu_median_s"] / t["reference"]["cpu_median_s"]
         if memory:
-            mem = {p: extra_peak_memory(p, shape, stride) for p in ("reference", "cpu")}
+            mem = {p: extra_peak_memory(p, shape, geom) for p in ("reference", "cpu")}
             row["gram_memory"] = mem
             ref_mb = mem["reference"]["extra_peak_mib"]
             row["memory_ratio"] = mem["cpu"]["extra_peak_mib"] / ref_mb if ref_mb > 0 else None
         if conv:
-            t = interleaved_medians({p: _conv_fn(p, x, stride) for p in ("nn.Conv2d", "CConv2d")}, n)
+            t = interleaved_medians({p: _conv_fn(p, x, geom) for p in ("nn.Conv2d", "CConv2d")}, n)
             row["conv_fwd_bwd_time"] = t
             row["conv_ratio"] = t["CConv2d"]["median_s"] / t["nn.Conv2d"]["median_s"]
             row["conv_cpu_ratio"] = t["CConv2d"]["cpu_median_s"] / t["nn.Conv2d"]["cpu_median_s"]
@@ -181,8 +201,8 @@ def _fmt(ratio):
     return "–" if ratio is None else f"{ratio:.3f}"
 
 
-def _out(size, stride):
-    return (size + 2 - 3) // stride + 1
+def _out(size, kernel, stride, padding):
+    return (size + 2 * padding - kernel) // stride + 1
 
 
 def _summary(row):
@@ -208,14 +228,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"≤ {GOALS['conv_ratio']}× nn.Conv2d; stride-2 rows have no goal).\n",
              "Wall-clock medians; the CPU-time ratios (process time) are the fairer measure with "
              "`--threads 1` on a machine shared with other jobs.\n",
-             "| case | input (B,C,H,W) | stride | unfold MiB | gram ref ms | gram cpu ms | time ratio "
+             "| case | input (B,C,H,W) | kernel, stride, groups | unfold MiB | gram ref ms | gram cpu ms | time ratio "
              "| (CPU time) | extra MiB ref | extra MiB cpu | memory ratio | nn.Conv2d ms "
              "| CConv2d ms | conv ratio | (CPU time) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g, m, c = r["gram_time"], r.get("gram_memory"), r.get("conv_fwd_bwd_time")
         lines.append(
-            f"| {r['name']} | {tuple(r['shape'])} | {r['stride']} | {r['unfold_mib']:.0f} "
+            f"| {r['name']} | {tuple(r['shape'])} | {r['kernel'][0]}, {r['stride']}, "
+            f"{r.get('groups', 1)} | {r['unfold_mib']:.0f} "
             f"| {g['reference']['median_s'] * 1e3:.1f} | {g['cpu']['median_s'] * 1e3:.1f} "
             f"| {r['time_ratio']:.3f} | {r['time_cpu_ratio']:.3f} "
             + (f"| {m['reference']['extra_peak_mib']:.1f} | {m['cpu']['extra_peak_mib']:.1f} "
@@ -246,20 +267,28 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 is the fairest on a "
                              "machine shared with other jobs")
+    parser.add_argument("--only", default="",
+                        help="comma-separated substrings: run the cases whose names contain one")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
         probe = json.loads(args.memory_probe)
-        print(json.dumps(_memory_probe(probe["provider"], tuple(probe["shape"]), probe["stride"])))
+        print(json.dumps(_memory_probe(probe["provider"], tuple(probe["shape"]),
+                                       tuple(probe["geometry"]))))
         return None
 
     meta = {"command": "python bench/bench_gram.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "loadavg_before": [round(v, 2) for v in os.getloadavg()], "goals": GOALS}
-    rows = run(quick=args.quick, reps=args.reps, memory=not args.no_memory, conv=not args.no_conv)
+    wanted = [w for w in args.only.split(",") if w]
+    cases = [c for c in shapes(args.quick) if not wanted or any(w in c["name"] for w in wanted)]
+    if not cases:
+        parser.error(f"--only {args.only!r} matches no case")
+    rows = run(quick=args.quick, cases=cases, reps=args.reps, memory=not args.no_memory,
+               conv=not args.no_conv)
     meta["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     os.makedirs(args.out, exist_ok=True)
     stem = f"gram_cpu_{args.threads}thread" if args.threads else "gram_cpu"
