@@ -80,18 +80,21 @@ void gram_grouped_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& 
         acc_t* z = Z + y * W * pix + (b * Cg + c) * Lp;
         for (int64_t l0 = 0; l0 < Lp; l0 += kCorrAlign) {
           const int64_t nl = std::clamp<int64_t>(g.groups - l0, 0, kCorrAlign);
+          acc_t* const t = tile.data();
           if (channels_fastest) {
             for (int64_t xx = 0; xx < W; ++xx)
-              for (int64_t l = 0; l < nl; ++l) tile[xx * kCorrAlign + l] = static_cast<acc_t>(s[xx * sx + (l0 + l) * Cg * sc]);
+              for (int64_t l = 0; l < nl; ++l)
+                t[xx * kCorrAlign + l] = static_cast<acc_t>(s[xx * sx + (l0 + l) * Cg * sc]);
           } else {
             for (int64_t l = 0; l < nl; ++l) {
               const src_t* sl = s + (l0 + l) * Cg * sc;
-              for (int64_t xx = 0; xx < W; ++xx) tile[xx * kCorrAlign + l] = static_cast<acc_t>(sl[xx * sx]);
+              for (int64_t xx = 0; xx < W; ++xx)
+                t[xx * kCorrAlign + l] = static_cast<acc_t>(sl[xx * sx]);
             }
           }
           for (int64_t xx = 0; xx < W; ++xx) {
-            std::fill(tile.begin() + xx * kCorrAlign + nl, tile.begin() + (xx + 1) * kCorrAlign, acc_t(0));
-            std::copy_n(tile.begin() + xx * kCorrAlign, kCorrAlign, z + xx * pix + l0);
+            std::fill(t + xx * kCorrAlign + nl, t + (xx + 1) * kCorrAlign, acc_t(0));
+            std::copy_n(t + xx * kCorrAlign, kCorrAlign, z + xx * pix + l0);
           }
         }
       }
@@ -136,10 +139,12 @@ void gram_grouped_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& 
   // the tasks where there are few lane blocks per thread.
   constexpr int64_t LB = kCorrAlign;
   const int64_t lane_blocks = Lp / LB, plane = H * W * LB;
-  int64_t per_pass = std::clamp<int64_t>(kPassBytes / (plane * int64_t{sizeof(double)}), 1, ntasks);
+  int64_t per_pass =
+      std::clamp<int64_t>(kPassBytes / (plane * int64_t{sizeof(double)}), 1, ntasks);
   const int64_t threads = at::get_num_threads();
   const int64_t want = (kItemsPerThread * threads + lane_blocks - 1) / lane_blocks;
-  const int64_t passes_wanted = std::min(ntasks, std::max((ntasks + per_pass - 1) / per_pass, want));
+  const int64_t passes_wanted =
+      std::min(ntasks, std::max((ntasks + per_pass - 1) / per_pass, want));
   per_pass = (ntasks + passes_wanted - 1) / passes_wanted;
   const int64_t passes = (ntasks + per_pass - 1) / per_pass;
 
