@@ -35,7 +35,8 @@ def test_cpu_kernels_pass_on_each_variant(isa):
         pytest.skip(f"this CPU does not run the {isa} variant")
     env = dict(os.environ, CX_CPU_ISA=isa)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(TESTS / "test_cpu_kernels.py"), str(TESTS / "test_cpu_solve_lanes.py")],
+                          str(TESTS / "test_cpu_kernels.py"),
+                          str(TESTS / "test_cpu_solve_lanes.py")],
                          env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]

@@ -105,8 +105,8 @@ __attribute__((always_inline)) inline bool solve_block(const T* a, T lam, const 
     for (int64_t i = d - 1; i >= 0; --i) {
       T s[kLanes];
       for (int64_t l = 0; l < kLanes; ++l) s[l] = y[i * kLanes + l];
-      subtract_lane_dots<T, W>(s, &A[((i + 1) * d + i) * kLanes], d * kLanes, &y[(i + 1) * kLanes],
-                         kLanes, d - 1 - i);
+      subtract_lane_dots<T, W>(s, &A[((i + 1) * d + i) * kLanes], d * kLanes,
+                               &y[(i + 1) * kLanes], kLanes, d - 1 - i);
       for (int64_t l = 0; l < kLanes; ++l) y[i * kLanes + l] = s[l] * inv[i * kLanes + l];
     }
     for (int64_t l = 0; l < lanes; ++l)
@@ -136,9 +136,10 @@ bool solve_all(const at::Tensor& a, double lam, const at::Tensor& g, at::Tensor&
   std::vector<char> ok(blocks, 1);
   // One block is d³/3 · 16 flops; a thread hand-off costs more below a few blocks.
   const int64_t grain = std::max<int64_t>(1, 4096 / (d * d));
-  const auto solve = cpu_isa() == Isa::kAvx512 ? solve_block_avx512<T>
-                     : cpu_isa() == Isa::kAvx2  ? solve_block_avx2<T>
-                                                : solve_block_portable<T>;
+  const Isa isa = cpu_isa();
+  const auto solve = isa == Isa::kAvx512 ? solve_block_avx512<T>
+                     : isa == Isa::kAvx2 ? solve_block_avx2<T>
+                                         : solve_block_portable<T>;
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) ok[b] = solve(pa, T(lam), pg, px, n, d, m, b * kLanes);
   });
