@@ -81,6 +81,52 @@ def test_ridge_solve_many_right_hand_sides(backend, dtype, tol, batch, d, m):
     assert ((out - expected).norm() / expected.norm()) < tol
 
 
+# One system of D = 256…2048 on several threads takes the blocked Cholesky
+# (csrc/cpu/blocked_cholesky.cpp): D past a 64-row block with a short last block (331 = 5·64
+# + 11, 449 = 7·64 + 1), no, one, a few and more right-hand sides than one 256-column chunk,
+# on 2 and 3 threads (shares that split a block column between threads) and one (LAPACK).
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("d,m", [(331, 0), (331, 1), (331, 300), (449, 17), (449, 530)])
+def test_ridge_solve_one_large_system(threads, dtype, tol, d, m):
+    gram = _spd((), d)
+    grad = torch.randn(m, d, dtype=torch.float64)
+    expected = torch.linalg.solve(gram + 0.1 * torch.eye(d, dtype=gram.dtype), grad.T).T
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cx.ops.ridge_solve(gram.to(dtype), grad.to(dtype), 0.1, out_dtype=torch.float64)
+    finally:
+        torch.set_num_threads(saved)
+    assert out.shape == (m, d)
+    if m:
+        assert ((out - expected).norm() / expected.norm()) < tol
+
+
+# Not positive definite only in a late diagonal block: the blocked factorisation fails
+# inside a parallel region and the ridge escalates as everywhere else.
+@pytest.mark.parametrize("threads", [2, 3])
+def test_ridge_solve_one_large_system_escalates_like_the_reference(threads, monkeypatch):
+    d = 331
+    gram = torch.eye(d, dtype=torch.float64)
+    gram[300, 300] = -0.5
+    grad = torch.randn(5, d, dtype=torch.float64)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        monkeypatch.setattr(reference, "_escalation_warned", False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = cx.ops.ridge_solve(gram, grad, 1e-3)
+    finally:
+        torch.set_num_threads(saved)
+    with cx.ops.use_backend("reference"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = cx.ops.ridge_solve(gram, grad, 1e-3)
+    assert any("escalated" in str(w.message) for w in caught)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
 @pytest.mark.parametrize("m", [3, 13])
 def test_ridge_solve_escalates_once_with_warning_on_singular_input(backend, m, monkeypatch):
