@@ -6,8 +6,9 @@ For the systems C-layers solve — one D×D Gram with M right-hand sides (D = C�
 conv, M its outputs) and batches of tiny ones (depthwise layers: one system per channel) —
 times side by side in one run (round-robin, CPU process time of all threads, medians):
 
-* ``cx``: ``cx.ops.ridge_solve`` (csrc/cpu: blocked Cholesky on all threads for one large
-  system, LAPACK per system for a batch, SIMD lanes for many tiny ones);
+* ``cx``: ``cx.ops.ridge_solve`` (csrc/cpu: LAPACK's potrf/potrs on the row-major buffers,
+  MKL's threads for one large system, a system per thread for a batch, SIMD lanes for many
+  tiny ones);
 * ``aten``: ``torch.linalg.cholesky_ex`` + ``torch.cholesky_solve`` at torch's thread count
   (MKL's own threading);
 * ``aten 1 thread``: the same with ``torch.set_num_threads(1)``;
@@ -24,6 +25,7 @@ import argparse
 import datetime
 import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -105,8 +107,8 @@ def run(quick: bool = False, selected: list[dict] | None = None, repeats: int | 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = ["# CPU ridge-solve benchmark\n",
-             f"`{meta['command']}` — {meta['timestamp']}, {meta['cpu']}, {meta['threads']} "
-             f"threads, torch {meta['torch']}.\n",
+             f"`{meta['command']}` — commit {meta.get('commit', 'unknown')}, {meta['timestamp']}, "
+             f"{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}.\n",
              "CPU process time (all threads), medians of round-robin samples; rates in GFLOP "
              "per CPU-second (D³/3 + 2·M·D² per system; GEMM 2·D³ per system).\n",
              "| case | systems × D, M | cx ms | aten ms | aten 1 thread ms | cx / aten "
@@ -120,6 +122,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"| {r['cx_vs_aten_1_thread']:.2f} | {g['cx']:.1f} | {g['aten']:.1f} "
                      f"| {g['aten 1 thread']:.1f} | {g['gemm']:.1f} | {r['cx_rate_vs_gemm']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main(argv=None):
@@ -139,7 +149,8 @@ def main(argv=None):
     meta = {"command": "python bench/bench_solve.py "
                        + " ".join(argv if argv is not None else sys.argv[1:]),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "commit": _commit()}
     rows = run(args.quick, selected, args.repeats)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "solve_cpu.json"), "w") as f:

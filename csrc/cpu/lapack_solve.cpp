@@ -1,12 +1,8 @@
 // potrf/potrs (potri + GEMM for many right-hand sides) called directly: ATen's
 // linalg_cholesky_ex + cholesky_solve pay for column-major copies, a tril of the factor and
 // transposed right-hand sides, which cost more than the factorisation itself at D of a few
-// hundred (docs/design.md §4, the kernels). One large system on several threads goes to the
-// blocked Cholesky of blocked_cholesky.cpp instead.
+// hundred (docs/design.md §3, the solve).
 #include "lapack_solve.h"
-
-#include "blocked_cholesky.h"
-#include "lapack_calls.h"
 #include "mirror.h"
 
 #include <ATen/Parallel.h>
@@ -15,13 +11,67 @@
 #include <atomic>
 #include <vector>
 
+// Weak: resolved from libtorch_cpu where torch exports its LAPACK, null otherwise.
+extern "C" {
+void spotrf_(const char* uplo, const int* n, float* a, const int* lda, int* info)
+    __attribute__((weak));
+void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info)
+    __attribute__((weak));
+void spotrs_(const char* uplo, const int* n, const int* nrhs, const float* a, const int* lda,
+             float* b, const int* ldb, int* info) __attribute__((weak));
+void dpotrs_(const char* uplo, const int* n, const int* nrhs, const double* a, const int* lda,
+             double* b, const int* ldb, int* info) __attribute__((weak));
+void spotri_(const char* uplo, const int* n, float* a, const int* lda, int* info)
+    __attribute__((weak));
+void dpotri_(const char* uplo, const int* n, double* a, const int* lda, int* info)
+    __attribute__((weak));
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
 namespace consequential_ext::cpu {
 namespace {
 
-using lapack::gemm;
-using lapack::potrf;
-using lapack::potri;
-using lapack::potrs;
+void potrf(float* a, int n, int* info) {
+  const char lo = 'L';
+  spotrf_(&lo, &n, a, &n, info);
+}
+void potrf(double* a, int n, int* info) {
+  const char lo = 'L';
+  dpotrf_(&lo, &n, a, &n, info);
+}
+void potrs(const float* a, int n, float* b, int nrhs, int* info) {
+  const char lo = 'L';
+  spotrs_(&lo, &n, &nrhs, a, &n, b, &n, info);
+}
+void potrs(const double* a, int n, double* b, int nrhs, int* info) {
+  const char lo = 'L';
+  dpotrs_(&lo, &n, &nrhs, a, &n, b, &n, info);
+}
+
+void potri(float* a, int n, int* info) {
+  const char lo = 'L';
+  spotri_(&lo, &n, a, &n, info);
+}
+void potri(double* a, int n, int* info) {
+  const char lo = 'L';
+  dpotri_(&lo, &n, a, &n, info);
+}
+// c = a · b, column-major: a (m × k), b (k × n), c (m × n).
+void gemm(const float* a, const float* b, float* c, int m, int n, int k) {
+  const char no = 'N';
+  const float one = 1, zero = 0;
+  sgemm_(&no, &no, &m, &n, &k, &one, a, &m, b, &k, &zero, c, &m);
+}
+void gemm(const double* a, const double* b, double* c, int m, int n, int k) {
+  const char no = 'N';
+  const double one = 1, zero = 0;
+  dgemm_(&no, &no, &m, &n, &k, &one, a, &m, b, &k, &zero, c, &m);
+}
 
 // Many right-hand sides (M ≥ kInverseRhs·D): A⁻¹ from the factor (potri, mirrored) and one
 // GEMM instead of potrs, whose triangular solves ran at a fifth of GEMM's rate (MKL on an AMD
@@ -43,15 +93,10 @@ bool solve_by_inverse(T* a, T* x, int n, int nrhs) {
   mirror_triangle(a, n, n, Mirror::kUpperToLower);
   // Row-major x (M × D) is column-major xᵀ (D × M): xᵀ ← A⁻¹ xᵀ, A⁻¹ symmetric.
   std::vector<T> product(static_cast<size_t>(n) * nrhs);
-  gemm('N', 'N', n, nrhs, n, T(1), a, n, x, n, T(0), product.data(), n);
+  gemm(a, x, product.data(), n, nrhs, n);
   std::copy(product.begin(), product.end(), x);
   return true;
 }
-
-// One system of D in this range on several threads goes to blocked_cholesky.cpp (CPU time
-// vs ATen's MKL Cholesky on 2 threads, bench/bench_solve.py: D = 769, 1153 0.84, 0.81; 577
-// and 2305 about even; below, ridge_solve_cpu runs one thread anyway).
-constexpr int kBlockedMinN = 256, kBlockedMaxN = 2048;
 
 template <typename T>
 bool solve_all(T* a, T* x, int64_t systems, int n, int nrhs) {
@@ -60,7 +105,7 @@ bool solve_all(T* a, T* x, int64_t systems, int n, int nrhs) {
   std::atomic<bool> ok{true};
   auto one = [&](int64_t s) {
     int info = 0;
-    potrf(a + s * n * n, n, n, &info);
+    potrf(a + s * n * n, n, &info);
     if (info != 0) {
       ok = false;
       return;
@@ -72,10 +117,6 @@ bool solve_all(T* a, T* x, int64_t systems, int n, int nrhs) {
     }
     potrs(a + s * n * n, n, x + s * n * nrhs, nrhs, &info);
   };
-  if (systems == 1 && n >= kBlockedMinN && n <= kBlockedMaxN &&
-      at::get_num_threads() > 1 && blocked_cholesky_available()) {
-    return blocked_cholesky_solve(a, x, n, nrhs);
-  }
   if (systems == 1) {
     one(0);  // one system: LAPACK's own threads
   } else {
