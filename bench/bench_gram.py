@@ -290,15 +290,19 @@ def main(argv=None):
     rows = run(quick=args.quick, cases=cases, reps=args.reps, memory=not args.no_memory,
                conv=not args.no_conv)
     meta["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
-    os.makedirs(args.out, exist_ok=True)
     stem = f"gram_cpu_{args.threads}thread" if args.threads else "gram_cpu"
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+    write_record(args.out, stem, meta, rows, markdown(rows, meta))
+    return rows
+
+
+def write_record(out_dir: str, stem: str, meta: dict, rows: list, table: str) -> None:
+    """``stem``.json (meta and rows) and ``stem``.md (the table) in ``out_dir``; prints it."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    table = markdown(rows, meta)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
         f.write(table)
     print(table)
-    return rows
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -133,7 +132,7 @@ def _commit() -> str:
 
 
 def main(argv=None):
-    from bench.bench_gram import _cpu_name
+    from bench.bench_gram import _cpu_name, write_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats")
@@ -152,13 +151,7 @@ def main(argv=None):
             "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "commit": _commit()}
     rows = run(args.quick, selected, args.repeats)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "solve_cpu.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    table = markdown(rows, meta)
-    with open(os.path.join(args.out, "solve_cpu.md"), "w") as f:
-        f.write(table)
-    print(table)
+    write_record(args.out, "solve_cpu", meta, rows, markdown(rows, meta))
     return rows
 
 
