@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 import subprocess
 import sys
 
@@ -90,7 +91,7 @@ def run(quick: bool = False, selected: list[dict] | None = None, repeats: int | 
         gram, grad = problem(case)
         calls = providers(gram, grad)
         cpu, _ = interleaved(calls, repeats or (5 if quick else 15), min_sample_s=MIN_SAMPLE_S)
-        med = {k: sorted(v)[len(v) // 2] for k, v in cpu.items()}
+        med = {k: statistics.median(v) for k, v in cpu.items()}
         flops = solve_flops(case["d"], case["m"], case["batch"])
         rate = {k: flops / med[k] / 1e9 for k in ("cx", "aten", "aten 1 thread")}
         rate["gemm"] = 2 * case["batch"] * case["d"] ** 3 / med["gemm"] / 1e9
