@@ -283,16 +283,23 @@ def main(argv=None):
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "loadavg_before": [round(v, 2) for v in os.getloadavg()], "goals": GOALS}
-    wanted = [w for w in args.only.split(",") if w]
-    cases = [c for c in shapes(args.quick) if not wanted or any(w in c["name"] for w in wanted)]
-    if not cases:
-        parser.error(f"--only {args.only!r} matches no case")
+    cases = select_cases(shapes(args.quick), args.only, parser)
     rows = run(quick=args.quick, cases=cases, reps=args.reps, memory=not args.no_memory,
                conv=not args.no_conv)
     meta["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     stem = f"gram_cpu_{args.threads}thread" if args.threads else "gram_cpu"
     write_record(args.out, stem, meta, rows, markdown(rows, meta))
     return rows
+
+
+def select_cases(cases: list[dict], only: str, parser) -> list[dict]:
+    """The cases whose names contain one of the comma-separated substrings ``only`` (all when
+    empty); a parser error when none does."""
+    wanted = [w for w in only.split(",") if w]
+    chosen = [c for c in cases if not wanted or any(w in c["name"] for w in wanted)]
+    if not chosen:
+        parser.error(f"--only {only!r} matches no case")
+    return chosen
 
 
 def write_record(out_dir: str, stem: str, meta: dict, rows: list, table: str) -> None:

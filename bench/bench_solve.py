@@ -133,7 +133,7 @@ def _commit() -> str:
 
 
 def main(argv=None):
-    from bench.bench_gram import _cpu_name, write_record
+    from bench.bench_gram import _cpu_name, select_cases, write_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats")
@@ -142,10 +142,7 @@ def main(argv=None):
     parser.add_argument("--only", default="",
                         help="comma-separated substrings: run the cases whose names contain one")
     args = parser.parse_args(argv)
-    wanted = [w for w in args.only.split(",") if w]
-    selected = [c for c in cases(args.quick) if not wanted or any(w in c["name"] for w in wanted)]
-    if not selected:
-        parser.error(f"--only {args.only!r} matches no case")
+    selected = select_cases(cases(args.quick), args.only, parser)
     meta = {"command": "python bench/bench_solve.py "
                        + " ".join(argv if argv is not None else sys.argv[1:]),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

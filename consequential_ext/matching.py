@@ -110,7 +110,7 @@ def matched_linear(x2d, gy2d, has_bias, ridge, side=None, amortizer=None):
                          functools.partial(_linear_energy, x))
     else:
         rows = _with_ones(x) if has_bias else x                 # (N, D): Xᵀ
-        gram = _linear_gram(rows.T, has_bias=False) / n         # XᵀX / N, (N, N)
+        gram = _linear_gram(rows.T, has_bias=False).div_(n)     # XᵀX / N, (N, N)
         matched = ops.ridge_solve(gram, gy.T.contiguous(), ridge) @ rows
     if has_bias:
         return matched[:, :-1], matched[:, -1]
@@ -190,7 +190,7 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
             gram = _linear_gram(cols[0], has_bias=False)[None]  # (1, P, P)
         else:
             gram = cols.transpose(1, 2) @ cols                  # (groups, P, P)
-        matched = ops.ridge_solve(gram / b, dz, ridge) @ cols.transpose(1, 2)
+        matched = ops.ridge_solve(gram.div_(b), dz, ridge) @ cols.transpose(1, 2)
     grad_weight = matched[..., : d - int(has_bias)].reshape(weight_shape)
     grad_bias = matched[..., -1].reshape(out) if has_bias else None
     return grad_weight, grad_bias

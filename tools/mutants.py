@@ -38,14 +38,14 @@ EMULATION = "tests/test_cuda_emulation.py"
 MUTANTS = [
     # ---- matching.py: G (A + λI)⁻¹ -------------------------------------------------------
     _m("matching.linear-column-gram-unnormalised", PY + "matching.py",
-       "gram = _linear_gram(rows.T, has_bias=False) / n", "gram = _linear_gram(rows.T, has_bias=False)",
+       "gram = _linear_gram(rows.T, has_bias=False).div_(n)", "gram = _linear_gram(rows.T, has_bias=False)",
        "tests/test_properties.py", FUNCTIONAL),
     _m("matching.conv-N-counts-patches", PY + "matching.py",
        "PendingGram(build(batch), batch.shape[0], group)",
        "PendingGram(build(batch), batch.shape[0] * per_sample, group)",
        FUNCTIONAL, why="N for convolutions"),
     _m("matching.conv-column-N-counts-patches", PY + "matching.py",
-       "ops.ridge_solve(gram / b, dz, ridge)", "ops.ridge_solve(gram / p, dz, ridge)",
+       "ops.ridge_solve(gram.div_(b), dz, ridge)", "ops.ridge_solve(gram.div_(p), dz, ridge)",
        "tests/test_properties.py", GEOMETRY),
     _m("matching.bias-row-zero", PY + "matching.py",
        "rows.new_ones(rows.shape[:-1] + (1,))", "rows.new_zeros(rows.shape[:-1] + (1,))",
