@@ -51,7 +51,9 @@ def gram_group():
 class PendingGram:
     """A layer's Gram on its way to ``Σ_r gram_r / Σ_r N_r``: ``wait()`` gives that mean.
 
-    gram: unnormalised Σ x xᵀ of this rank, any shape; count: this rank's N.
+    gram: unnormalised Σ x xᵀ of this rank, any shape, handed over: ``wait()`` divides it
+    in place (a backward's Gram is fresh, and a second D × D tensor per layer and step costs
+    an allocation and its page faults); count: this rank's N.
     """
 
     def __init__(self, gram: torch.Tensor, count: int, group=None):
@@ -66,6 +68,6 @@ class PendingGram:
 
     def wait(self) -> torch.Tensor:
         if self._work is None:
-            return self._gram / self._count
+            return self._gram.div_(self._count)
         self._work.wait()
         return self._packed[:-1].reshape(self._shape) / self._packed[-1]

@@ -165,7 +165,7 @@ MUTANTS = [
        "gram.new_full((1,), float(count))", "gram.new_full((1,), 1.0)",
        "tests/test_distributed.py", why="the DDP count"),
     _m("distributed.local-gram-unnormalised", PY + "distributed.py",
-       "return self._gram / self._count", "return self._gram",
+       "return self._gram.div_(self._count)", "return self._gram",
        FUNCTIONAL),
     _m("distributed.gram-sync-flag-ignored", PY + "distributed.py",
        "if not _enabled or not dist.is_available()", "if not dist.is_available()",

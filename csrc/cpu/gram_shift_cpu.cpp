@@ -165,14 +165,17 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       acc_t* const piece = scratch<acc_t, 3>(cell);
       for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
         const int64_t b0 = chunk * Bc, bc = std::min(Bc, B - b0);
-        // Only the channel padding needs zeros; every real entry is written below.
+        // Only the channel padding needs zeros; every real entry is written below. Channels
+        // innermost: Z's pixels are written whole and in order (channels_last reads are
+        // contiguous too). Channel-outer order wrote each channel across W pixels bc·Cs apart:
+        // the Gram took 8–17 % longer on ResNet-20's shapes (one thread, interleaved).
         if (Cp > Cg) std::fill(Z, Z + bc * per_image, acc_t(0));
         for (int64_t b = 0; b < bc; ++b)
           for (int64_t y = 0; y < H; ++y) {
             const src_t* s0 = src + (b0 + b) * sb + grp * Cg * sc + y * sy;
             acc_t* z0 = Z + (y * Wz * bc + b) * Cs;
-            for (int64_t c = 0; c < Cg; ++c)
-              for (int64_t xx = 0; xx < W; ++xx)
+            for (int64_t xx = 0; xx < W; ++xx)
+              for (int64_t c = 0; c < Cg; ++c)
                 z0[xx * bc * Cs + c] = static_cast<acc_t>(s0[c * sc + xx * sx]);
           }
 
