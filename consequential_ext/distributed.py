@@ -52,8 +52,9 @@ class PendingGram:
     """A layer's Gram on its way to ``Σ_r gram_r / Σ_r N_r``: ``wait()`` gives that mean.
 
     gram: unnormalised Σ x xᵀ of this rank, any shape, handed over: ``wait()`` divides it
-    in place (a backward's Gram is fresh, and a second D × D tensor per layer and step costs
-    an allocation and its page faults); count: this rank's N.
+    (or, across ranks, the summed copy) in place — a backward's Gram is fresh, and a second
+    D × D tensor per layer and step costs an allocation and its page faults; count: this
+    rank's N.
     """
 
     def __init__(self, gram: torch.Tensor, count: int, group=None):
@@ -70,4 +71,4 @@ class PendingGram:
         if self._work is None:
             return self._gram.div_(self._count)
         self._work.wait()
-        return self._packed[:-1].reshape(self._shape) / self._packed[-1]
+        return self._packed[:-1].div_(self._packed[-1]).reshape(self._shape)
