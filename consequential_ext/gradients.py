@@ -93,6 +93,7 @@ class Conv2dGradients:
         self.has_bias, self.ridge, self.amortizer = has_bias, ridge, amortizer
         self.needs_weight, self.needs_bias = needs_weight, needs_bias
         self._g = None  # G, when the input gradient's conv backward computed it too
+        self._gram = None  # the Gram, when the Gram kernel computed G (and it) before that
 
     def _crop(self, grad_x):
         if any(self.extra):
@@ -108,6 +109,13 @@ class Conv2dGradients:
         # conv backends reject the mix, and only the input's shape matters here.
         dtype = self.grad_output.dtype
         fuse = with_matched_g and self._fusable()
+        if fuse and self.amortizer is None:  # exact row side: the Gram kernel may give G too
+            both = matching.conv_gram_and_grad(
+                self.x, self.grad_output, self.weight.shape, self.stride, self.padding,
+                self.dilation, self.groups, self.has_bias)
+            if both is not None:
+                self._gram, self._g = both
+                fuse = False
         bias = fuse and self.has_bias
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             self.grad_output, self.x.to(dtype), self.weight.to(dtype),
@@ -151,7 +159,7 @@ class Conv2dGradients:
         gw, gb = matching.matched_conv2d(self.x, self.grad_output, self.weight.shape,
                                          self.stride, self.padding, self.dilation, self.groups,
                                          self.has_bias, self.ridge, amortizer=self.amortizer,
-                                         grad=self._g)
+                                         grad=self._g, gram=self._gram)
         return gw.to(self.weight.dtype), None if gb is None else gb.to(self.weight.dtype)
 
     def _weight_grads_over(self, sharing):

@@ -155,13 +155,14 @@ def conv_side(x, gy, weight_shape, groups, has_bias, amortizer=None, side=None):
 
 @_autocast_off
 def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_bias, ridge,
-                   side=None, amortizer=None, grad=None):
+                   side=None, amortizer=None, grad=None, gram=None):
     """Matched (grad_weight, grad_bias) of a Conv2d layer, float32-or-better.
 
     x: (B, C, H, W) input already padded so that ``padding`` (a pair) is symmetric;
     gy: (B, out, Ho, Wo). N = B, the number of samples a mean-reduced loss averages over.
     amortizer and torch.distributed: as in ``matched_linear``. grad: G as ``conv_grad``
-    gives it, when the caller has it already (the row side uses it).
+    gives it, and gram: the unnormalised (groups, D, D) Gram of all of ``x``, when the caller
+    has them already (the row side uses them; ``conv_gram_and_grad``).
     """
     work = accumulate_dtype(x.dtype)
     out, cg, kh, kw = weight_shape
@@ -172,9 +173,17 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
     group = distributed.gram_group()
     side = conv_side(x, gy, weight_shape, groups, has_bias, amortizer, side)
     if side == "row":
-        build = lambda s: ops.im2col_gram(s, (kh, kw), stride, padding, dilation,  # noqa: E731
-                                          groups=groups, bias=has_bias).reshape(groups, d, d)
-        pending = _pending_gram(build, x, gy.shape[2] * gy.shape[3], group, amortizer)
+        if gram is None and grad is None and amortizer is None \
+                and ops.conv_gram_grad_is_native(x, gy):
+            gram, grad = ops.conv_gram_grad(x, gy, (kh, kw), stride, padding, dilation,
+                                            groups=groups, bias=has_bias)
+        if gram is not None:
+            pending = distributed.PendingGram(gram, b, group)
+        else:
+            build = lambda s: ops.im2col_gram(s, (kh, kw), stride, padding,  # noqa: E731
+                                              dilation, groups=groups,
+                                              bias=has_bias).reshape(groups, d, d)
+            pending = _pending_gram(build, x, gy.shape[2] * gy.shape[3], group, amortizer)
         if grad is None:
             with _span("cx::weight_grad"):
                 grad = _conv_weight_grad(x, gy, weight_shape, stride, padding, dilation, groups,
@@ -194,6 +203,17 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
     grad_weight = matched[..., : d - int(has_bias)].reshape(weight_shape)
     grad_bias = matched[..., -1].reshape(out) if has_bias else None
     return grad_weight, grad_bias
+
+
+def conv_gram_and_grad(x, gy, weight_shape, stride, padding, dilation, groups, has_bias):
+    """(unnormalised Gram, G) per group from the Gram kernel's one pass over ``x`` where it
+    computes G there (``ops.conv_gram_brings_grad``: cheaper than the weight-gradient half of
+    a native conv backward), else None: then the input gradient's conv backward gives G."""
+    kernel = tuple(weight_shape[2:])
+    if not ops.conv_gram_brings_grad(x, gy, kernel, stride, padding, dilation, groups, has_bias):
+        return None
+    return ops.conv_gram_grad(x, gy, kernel, stride, padding, dilation, groups=groups,
+                              bias=has_bias)
 
 
 def conv_grad(grad_weight, grad_bias, groups):

@@ -28,6 +28,11 @@ TORCH_LIBRARY(consequential_ext, m) {
   // instead of the automatic choice: for tests.
   m.def("_im2col_gram_algorithm(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, bool bias, str algorithm) -> Tensor");
+  // im2col_gram and, where the CPU's shift algorithm builds it, the weight gradient
+  // G = dZ Xᵀ per group (groups, out/groups, D; bias column Σ dZ) from the same pass over x;
+  // elsewhere an empty grad (the caller computes G). grad_output has x's dtype.
+  m.def("_conv_gram_grad(Tensor x, Tensor grad_output, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, bool bias) -> (Tensor, Tensor)");
   // grad @ (gram + ridge·I)⁻¹ for a batch of systems: gram (..., D, D) symmetric PSD,
   // grad (..., M, D). Cholesky; on a failed factorisation of finite input the ridge is
   // escalated (×10) with one warning; non-finite input gives non-finite output. Output

@@ -80,8 +80,13 @@ def test_recorded_gram_and_solve_calls_are_the_step_s_own():
 
 
 def test_breakdown_finds_the_matched_ops():
-    _, matched = _pair()
-    x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
+    """A conv whose Gram kernel brings G (16 channels a side: counted in Gram), the depthwise
+    conv's Gram, and a Linear on the row side (72 rows of 7: its G on its own)."""
+    torch.manual_seed(0)
+    matched = cx.consequentialize(nn.Sequential(
+        nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        nn.Linear(6, 4), nn.Flatten(), nn.Linear(16 * 6 * 4, 10)))
+    x, y = torch.randn(4, 16, 6, 6), torch.randint(0, 10, (4,))
     parts, total = real_models.breakdown(matched, x, y, steps=1)
     assert set(parts) == {"Gram", "solve", "G", "rest"}
     assert parts["Gram"] > 0 and parts["solve"] > 0 and parts["G"] > 0

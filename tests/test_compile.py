@@ -35,6 +35,15 @@ def _im2col_gram_algorithm_samples():
             (torch.randn(2, 4, 7, 6), [3, 3], [2, 2], [1, 1], [1, 1], 2, False, "tiled")]
 
 
+def _conv_gram_grad_samples():
+    # the shift kernel's G (16 channels a side), and ATen's (3 channels, stride 2, float64)
+    return [(torch.randn(4, 16, 6, 5), torch.randn(4, 16, 6, 5), [3, 3], [1, 1], [1, 1],
+             [1, 1], 1, True),
+            (torch.randn(2, 6, 7, 6, dtype=torch.float64),
+             torch.randn(2, 4, 3, 3, dtype=torch.float64), [3, 2], [2, 2], [0, 0], [1, 1], 2,
+             False)]
+
+
 # Sample arguments per op with Tensor arguments. A new op fails test_every_op_has_samples
 # until it gets an entry here, so opcheck covers it from the start.
 SAMPLES = {
@@ -42,6 +51,7 @@ SAMPLES = {
     "ridge_solve_reporting": _ridge_solve_samples,
     "im2col_gram": _im2col_gram_samples,
     "_im2col_gram_algorithm": _im2col_gram_algorithm_samples,
+    "_conv_gram_grad": _conv_gram_grad_samples,
 }
 
 

@@ -36,7 +36,7 @@ LAYOUTS = ["contiguous", "channels_last", "sliced_channels", "strided_spatial", 
 def reference_calls(monkeypatch):
     """Names of the reference ops called while the test runs."""
     calls = []
-    for name in ("im2col_gram", "ridge_solve"):
+    for name in ("im2col_gram", "conv_gram_grad", "ridge_solve"):
         original = getattr(reference, name)
 
         def record(*args, _name=name, _original=original, **kwargs):
@@ -86,13 +86,14 @@ def test_ridge_solve_runs_the_cpu_kernel_for_every_layout(layout, reference_call
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cconv2d_backward_runs_the_cpu_kernels_for_every_layout(layout, reference_calls):
-    """P = 2·7·6 patches ≫ D = 28: the row side, i.e. im2col_gram then ridge_solve."""
+    """P = 2·7·6 patches ≫ D = 28: the row side, i.e. the Gram (with G: no input gradient
+    here) then ridge_solve."""
     torch.manual_seed(2)
     conv = cx.CConv2d(3, 4, 3, padding=1, ridge=0.05)
     x = _layout(torch.randn(2, 3, 7, 6), layout)
     go = torch.randn(2, 4, 7, 6)
     _, ran = _compiled_ops_run(lambda: conv(x).backward(go))
-    assert {"im2col_gram", "ridge_solve"} <= ran and reference_calls == []
+    assert {"_conv_gram_grad", "ridge_solve"} <= ran and reference_calls == []
     by_kernel = conv.weight.grad.clone()
     conv.weight.grad = None
     with cx.ops.use_backend("reference"):

@@ -33,6 +33,7 @@ DEGENERATE = "tests/test_degenerate_signals.py"
 AMP_SIDES = "tests/test_amp_sides.py"
 DISPATCH = "tests/test_dispatch.py"
 CPU_KERNELS = "tests/test_cpu_kernels.py"
+CONV_GRAM_GRAD = "tests/test_conv_gram_grad.py"
 EMULATION = "tests/test_cuda_emulation.py"
 
 MUTANTS = [
@@ -329,6 +330,26 @@ MUTANTS = [
        "q[c] += z[b * Cs + c];", "q[c] += z[b * Cp + c];",
        CPU_KERNELS + "::test_gram_matches_reference",
        why="one index left at the padded width when the pixel stride is wider"),
+    _m("cpu.grad-right-edge-unclipped", "csrc/cpu/gram_shift_cpu.cpp",
+       "const int64_t qb = std::min(q1, std::min(Wo, W - dx) * bc);",
+       "const int64_t qb = std::min(q1, Wo * bc);",
+       CONV_GRAM_GRAD + "::test_gram_and_grad_match_float64",
+       why="G's runs must stop where the input partner leaves the image (zero padding)"),
+    _m("cpu.grad-bias-column-unsummed", "csrc/cpu/gram_shift_cpu.cpp",
+       "if (g.bias) bias_sum[c] += v;", "",
+       CONV_GRAM_GRAD + "::test_gram_and_grad_match_float64"),
+    _m("cpu.grad-offset-major-columns", "csrc/cpu/gram_shift_cpu.cpp",
+       "row[c * kk + off] = sum;", "row[off * Cg + c] = sum;",
+       CONV_GRAM_GRAD + "::test_gram_and_grad_match_float64",
+       why="G's columns in the weight's (channel, kernel row, kernel column) order"),
+    _m("cpu.grad-group-offset-dropped", "csrc/cpu/gram_shift_cpu.cpp",
+       "gsrc + (b0 + b) * gsb + grp * Og * gsc + y * gsy",
+       "gsrc + (b0 + b) * gsb + y * gsy",
+       CONV_GRAM_GRAD + "::test_gram_and_grad_match_float64"),
+    _m("ops.brings-grad-for-1x1", PY + "ops/__init__.py",
+       "and sh == sw == 1 and kh * kw > 1)", "and sh == sw == 1)",
+       CONV_GRAM_GRAD + "::test_predicate_says_what_the_compiled_op_does",
+       why="the Python mirror of the C++ choice drifting from it"),
 
     # ---- layer kinds beyond Linear/Conv2d, the registry and the coverage report -----------
     _m("embedding.no-ridge", PY + "gradients.py",

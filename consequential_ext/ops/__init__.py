@@ -18,7 +18,8 @@ from ._backends import available_backends, backend_for
 from ._conv_args import check_conv_args
 from ._fake import register_fakes
 
-__all__ = ["im2col_gram", "ridge_solve", "use_backend", "available_backends", "reference"]
+__all__ = ["im2col_gram", "conv_gram_grad", "ridge_solve", "use_backend", "available_backends",
+           "reference"]
 
 register_fakes()
 _forced = threading.local()
@@ -55,6 +56,60 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, *, groups=1, bi
     else:
         gram = torch.ops.consequential_ext.im2col_gram(x, ks, st, pd, dl, groups, bias)
     return gram[0] if groups == 1 else gram
+
+
+def conv_gram_grad(x, grad_output, kernel_size, stride=1, padding=0, dilation=1, *, groups=1,
+                   bias=False):
+    """``im2col_gram`` of a conv's input ``x`` and the conv's weight gradient G = dZ Xᵀ, per
+    group: ((groups, D, D), (groups, out/groups, D)), G's last column Σ dZ with ``bias``.
+
+    grad_output: dZ, (B, out, Ho, Wo), in x's dtype. Accumulated like the Gram (float32,
+    float64 for float64 input). On CPU one compiled call, G from the shift kernel's own pass
+    over ``x`` where ``conv_gram_brings_grad``, else from ATen's conv backward; other devices
+    have only the reference (explicit im2col): there the Gram op and the native conv backward
+    are the faster pair.
+    """
+    ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
+    if not isinstance(grad_output, torch.Tensor) or grad_output.dim() != 4 \
+            or grad_output.shape[0] != x.shape[0] or grad_output.shape[1] % groups \
+            or grad_output.dtype != x.dtype:
+        raise ValueError(f"conv_gram_grad: grad_output must be (B, out, Ho, Wo) in x's dtype "
+                         f"{x.dtype}, B = {x.shape[0]}, out a multiple of groups={groups}; got "
+                         f"{getattr(grad_output, 'shape', type(grad_output).__name__)} "
+                         f"{getattr(grad_output, 'dtype', '')}")
+    backend = backend_for("_conv_gram_grad", x, getattr(_forced, "name", None))
+    if backend == "cpu":
+        return torch.ops.consequential_ext._conv_gram_grad(x, grad_output, ks, st, pd, dl,
+                                                           groups, bias)
+    return reference.conv_gram_grad(x, grad_output, ks, st, pd, dl, groups, bias)
+
+
+def conv_gram_grad_is_native(x, grad_output):
+    """Whether ``conv_gram_grad`` runs compiled here (CPU backend, the signal in x's dtype):
+    only then is it cheaper than the Gram op beside a native conv backward."""
+    return (grad_output.dtype == x.dtype
+            and backend_for("_conv_gram_grad", x, getattr(_forced, "name", None)) == "cpu")
+
+
+_CORR_ALIGN = 16  # csrc/cpu/corr_kernel.h: kCorrAlign
+_BLAS_RATIO = 4   # csrc/cpu/gram_cpu.h: kBlasRatio
+
+
+def conv_gram_brings_grad(x, grad_output, kernel_size, stride, padding, dilation, groups, bias):
+    """Whether ``conv_gram_grad`` computes G in the Gram kernel's own pass (cheaper than a
+    native conv backward's weight-gradient pass there); mirrors ``shift_brings_grad`` in
+    csrc/cpu/gram_cpu.cpp (a test holds the two together)."""
+    if not conv_gram_grad_is_native(x, grad_output) or x.numel() == 0:
+        return False
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    cg, og = x.shape[1] // groups, grad_output.shape[1] // groups
+    ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    d = cg * kh * kw + int(bias)
+    shift = ((groups == 1 or cg >= _CORR_ALIGN) and x.shape[0] * ho * wo * _BLAS_RATIO > d
+             and sh == sw == 1 and kh * kw > 1)
+    cp, op = (-(-c // _CORR_ALIGN) * _CORR_ALIGN for c in (cg, og))
+    return shift and min(cg, og) >= _CORR_ALIGN and 4 * cp * op <= 5 * cg * og
 
 
 def ridge_solve(gram, grad, ridge, *, out_dtype=None):

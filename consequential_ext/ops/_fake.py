@@ -31,6 +31,12 @@ def register_fakes():
     def _(x, kernel_size, stride, padding, dilation, groups, bias, algorithm):
         return _gram(x, kernel_size, stride, padding, dilation, groups, bias)
 
+    @torch.library.register_fake("consequential_ext::_conv_gram_grad")
+    def _(x, grad_output, kernel_size, stride, padding, dilation, groups, bias):
+        gram = _gram(x, kernel_size, stride, padding, dilation, groups, bias)
+        out = grad_output.shape[1]
+        return gram, gram.new_empty((groups, out // groups, gram.shape[-1]))
+
     @torch.library.register_fake("consequential_ext::ridge_solve")
     def _(gram, grad, ridge, out_dtype=None):
         return grad.new_empty(grad.shape, dtype=out_dtype or grad.dtype)

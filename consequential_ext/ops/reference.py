@@ -11,7 +11,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["accumulate_dtype", "im2col", "im2col_gram", "ridge_solve"]
+__all__ = ["accumulate_dtype", "conv_gram_grad", "im2col", "im2col_gram", "ridge_solve"]
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,6 +43,17 @@ def im2col_gram(x, kernel_size, stride, padding, dilation, groups=1, bias=False)
     cols = im2col(x.to(accumulate_dtype(x.dtype)), kernel_size, stride, padding, dilation,
                   groups, bias)
     return cols @ cols.transpose(1, 2)
+
+
+def conv_gram_grad(x, grad_output, kernel_size, stride, padding, dilation, groups=1,
+                   bias=False):
+    """(im2col_gram, G = dZ Xᵀ per group (groups, out/groups, D)) from one explicit im2col;
+    G's bias column (with ``bias``) is Σ dZ, the constant-1 row's product."""
+    work = accumulate_dtype(x.dtype)
+    cols = im2col(x.to(work), kernel_size, stride, padding, dilation, groups, bias)
+    b, out = grad_output.shape[:2]
+    dz = grad_output.to(work).reshape(b, groups, out // groups, -1).permute(1, 2, 0, 3)
+    return cols @ cols.transpose(1, 2), dz.reshape(groups, out // groups, -1) @ cols.transpose(1, 2)
 
 
 _escalation_warned = False

@@ -1,7 +1,11 @@
 // CPU im2col_gram: argument checks, choice of algorithm, registration.
 #include "gram_cpu.h"
 
+#include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <optional>
+#include <vector>
 
 #include "corr_kernel.h"
 
@@ -17,17 +21,17 @@ void check_pair(c10::IntArrayRef v, const char* name, int64_t min_value) {
 enum class Algorithm { kAuto, kGrouped, kBlas, kShift, kTiled };
 
 // The automatic choice, cheapest first where it applies (measured: README, "Real models").
-Algorithm choose(const at::Tensor& x, const PatchGeometry& g, int64_t patches, int64_t d) {
-  if (g.groups > 1 && x.size(1) / g.groups < kCorrAlign) return Algorithm::kGrouped;
+Algorithm choose(int64_t channels, const PatchGeometry& g, int64_t patches, int64_t d) {
+  if (g.groups > 1 && channels / g.groups < kCorrAlign) return Algorithm::kGrouped;
   if (gram_prefers_blas(patches, d)) return Algorithm::kBlas;
   // 1×1 has no shifts to share, and the tiled kernel's upper-triangle blocks are faster
   // (32×160×16×16, one thread: 4.9 against 9.5 ms; two: 7.6 against 9.3 ms CPU).
   return g.sh == 1 && g.sw == 1 && g.kh * g.kw > 1 ? Algorithm::kShift : Algorithm::kTiled;
 }
 
-at::Tensor gram_with(const at::Tensor& x, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
-                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                     bool bias, Algorithm algorithm) {
+PatchGeometry checked_geometry(const at::Tensor& x, c10::IntArrayRef kernel_size,
+                               c10::IntArrayRef stride, c10::IntArrayRef padding,
+                               c10::IntArrayRef dilation, int64_t groups, bool bias) {
   TORCH_CHECK(x.dim() == 4, "im2col_gram: x must be a 4-D (B, C, H, W) tensor, got ", x.sizes());
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
@@ -45,21 +49,38 @@ at::Tensor gram_with(const at::Tensor& x, c10::IntArrayRef kernel_size, c10::Int
                   x.size(3) + 2 * g.pw >= g.dw * (g.kw - 1) + 1,
               "im2col_gram: kernel_size ", kernel_size, " (dilation ", dilation,
               ") does not fit the padded input ", x.sizes().slice(2), " + 2*", padding);
+  return g;
+}
 
-  const int64_t d = x.size(1) / groups * g.kh * g.kw + (bias ? 1 : 0);
-  // float32 accumulation for every narrower dtype: a Gram of bf16/fp16 patches loses
-  // everything past 8 (11) mantissa bits and overflows fp16's range.
-  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+int64_t gram_size(const at::Tensor& x, const PatchGeometry& g) {
+  return x.size(1) / g.groups * g.kh * g.kw + (g.bias ? 1 : 0);
+}
+
+int64_t patch_count(const at::Tensor& x, const PatchGeometry& g) {
+  return x.size(0) * g.out_h(x.size(2)) * g.out_w(x.size(3));
+}
+
+// float32 accumulation for every narrower dtype: a Gram of bf16/fp16 patches loses
+// everything past 8 (11) mantissa bits and overflows fp16's range.
+at::ScalarType accumulate_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor gram_with(const at::Tensor& x, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                     bool bias, Algorithm algorithm) {
+  const PatchGeometry g = checked_geometry(x, kernel_size, stride, padding, dilation, groups, bias);
+  const int64_t d = gram_size(x, g);
   // Every algorithm initialises every entry itself, on one thread (a parallel fill is a
   // thread hand-off that costs more than the fill on a busy machine).
-  auto gram = at::empty({groups, d, d}, x.options().dtype(acc));
-  const int64_t patches = x.size(0) * g.out_h(x.size(2)) * g.out_w(x.size(3));
+  auto gram = at::empty({groups, d, d}, x.options().dtype(accumulate_type(x)));
+  const int64_t patches = patch_count(x, g);
   if (x.numel() == 0) {  // every patch is zero; only the bias count survives
     gram.zero_();
     if (bias) gram.select(1, d - 1).select(1, d - 1).fill_(patches);
     return gram;
   }
-  if (algorithm == Algorithm::kAuto) algorithm = choose(x, g, patches, d);
+  if (algorithm == Algorithm::kAuto) algorithm = choose(x.size(1), g, patches, d);
   const bool unit_stride = g.sh == 1 && g.sw == 1;
   TORCH_CHECK(algorithm != Algorithm::kShift || unit_stride,
               "im2col_gram: the shift algorithm needs stride 1, got ", stride);
@@ -70,6 +91,59 @@ at::Tensor gram_with(const at::Tensor& x, c10::IntArrayRef kernel_size, c10::Int
     default: gram_tiled_cpu(x, g, gram); break;
   }
   return gram;
+}
+
+// Whether the shift algorithm builds this Gram and G comes from the same pass: enough real
+// channels on both sides that the 16-wide padding wastes little (measured, 2 threads, CPU
+// time, G against oneDNN's weight-gradient pass: 64→64 on 8×8 ×128 0.76, 16→16 on 32×32
+// 0.45–0.55, 16→32 on 16×16 1.03; 3→16 on 32×32 4.0 and 8→8 1.6, so not there).
+// ops.conv_gram_brings_grad mirrors this.
+bool shift_brings_grad(int64_t channels, int64_t out_channels, const PatchGeometry& g,
+                       int64_t patches, int64_t d) {
+  const int64_t cg = channels / g.groups, og = out_channels / g.groups;
+  const int64_t cp = round_up(cg, kCorrAlign), op = round_up(og, kCorrAlign);
+  return choose(channels, g, patches, d) == Algorithm::kShift && cg >= kCorrAlign &&
+         og >= kCorrAlign && 4 * cp * op <= 5 * cg * og;
+}
+
+// The Gram and the weight gradient G = dZ Xᵀ of a conv's input x and output gradient
+// grad_output: (gram (groups, D, D), grad (groups, out/groups, D), the bias column Σ dZ),
+// both in x's accumulation type. G from the shift kernel's own pass over x where
+// shift_brings_grad, else from ATen's conv backward (oneDNN).
+std::tuple<at::Tensor, at::Tensor> conv_gram_grad_cpu(
+    const at::Tensor& x, const at::Tensor& grad_output, c10::IntArrayRef kernel_size,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    bool bias) {
+  const PatchGeometry g = checked_geometry(x, kernel_size, stride, padding, dilation, groups, bias);
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == x.size(0) &&
+                  grad_output.size(1) >= 1 && grad_output.size(1) % groups == 0 &&
+                  grad_output.size(2) == g.out_h(x.size(2)) &&
+                  grad_output.size(3) == g.out_w(x.size(3)),
+              "conv_gram_grad: grad_output must be (B, out, Ho, Wo) = (", x.size(0),
+              ", a multiple of groups=", groups, ", ", g.out_h(x.size(2)), ", ",
+              g.out_w(x.size(3)), "), got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == x.scalar_type(),
+              "conv_gram_grad: grad_output must have x's dtype ", x.scalar_type(), ", got ",
+              grad_output.scalar_type());
+  const int64_t d = gram_size(x, g), out = grad_output.size(1);
+  const auto acc = accumulate_type(x);
+  if (x.numel() == 0 || !shift_brings_grad(x.size(1), out, g, patch_count(x, g), d)) {
+    auto gram = gram_with(x, kernel_size, stride, padding, dilation, groups, bias, Algorithm::kAuto);
+    auto weight = at::empty({out, x.size(1) / groups, g.kh, g.kw}, x.options().dtype(acc));
+    std::optional<at::IntArrayRef> bias_sizes;
+    const std::vector<int64_t> bias_shape{out};
+    if (bias) bias_sizes = bias_shape;
+    auto [unused, grad_w, grad_b] = at::convolution_backward(
+        grad_output.to(acc), x.to(acc), weight, bias_sizes, stride, padding, dilation, false,
+        {0, 0}, groups, {false, true, bias});
+    auto grad = grad_w.reshape({groups, out / groups, -1});
+    if (bias) grad = at::cat({grad, grad_b.reshape({groups, out / groups, 1})}, -1);
+    return {gram, grad};
+  }
+  auto gram = at::empty({groups, d, d}, x.options().dtype(acc));
+  auto grad = at::empty({groups, out / groups, d}, x.options().dtype(acc));
+  gram_shift_cpu(x, g, gram, &grad_output, &grad);
+  return {gram, grad};
 }
 
 at::Tensor im2col_gram_cpu(const at::Tensor& x, c10::IntArrayRef kernel_size,
@@ -100,6 +174,7 @@ at::Tensor im2col_gram_algorithm_cpu(const at::Tensor& x, c10::IntArrayRef kerne
 TORCH_LIBRARY_IMPL(consequential_ext, CPU, m) {
   m.impl("im2col_gram", &im2col_gram_cpu);
   m.impl("_im2col_gram_algorithm", &im2col_gram_algorithm_cpu);
+  m.impl("_conv_gram_grad", &conv_gram_grad_cpu);
 }
 
 }  // namespace consequential_ext::cpu

@@ -86,12 +86,16 @@ AxisClasses axis_classes(int64_t n, int64_t k, int64_t d, int64_t p, int64_t out
 }
 
 template <typename src_t, typename acc_t>
-void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram) {
+void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram,
+                     const at::Tensor* gy, at::Tensor* grad) {
   const int64_t B = x.size(0), Cg = x.size(1) / g.groups, H = x.size(2), W = x.size(3);
-  const int64_t Cp = round_up(Cg, kCorrAlign), cell = Cp * Cp;
-  // Pixels Cs floats apart in Z: a multiple of 512 bytes would put a K-block's column strip
-  // in a few L1 sets (corr_kernel.cpp; 128 × 128 × 128: 2–6× the L1 misses).
-  const int64_t Cs = Cp % 128 == 0 ? Cp + kCorrAlign : Cp;
+  const int64_t Og = gy ? gy->size(1) / g.groups : 0;
+  const int64_t Cp = round_up(Cg, kCorrAlign), Op = round_up(Og, kCorrAlign), cell = Cp * Cp;
+  // Pixels Cs floats apart in Z (and in Zy, the output gradient's copy, which the G
+  // correlations read with the same strides): a multiple of 512 bytes would put a K-block's
+  // column strip in a few L1 sets (corr_kernel.cpp; 128 × 128 × 128: 2–6× the L1 misses).
+  const int64_t Cmax = std::max(Cp, Op);
+  const int64_t Cs = Cmax % 128 == 0 ? Cmax + kCorrAlign : Cmax;
   const int64_t Ho = g.out_h(H), Wo = g.out_w(W), kk = g.kh * g.kw, d0 = Cg * kk;
   const AxisClasses rows = axis_classes(H, g.kh, g.dh, g.ph, Ho);
   const AxisClasses cols = axis_classes(W, g.kw, g.dw, g.pw, Wo);
@@ -136,18 +140,91 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   // multiple of the thread count where the batch allows, so the threads stay balanced.
   // Thread 0 adds into the output, the others into their own offset-major Gram, summed in
   // thread order afterwards: the result is bit-identical from run to run.
-  const int64_t Wz = W + g.dw * (g.kw - 1);
+  const int64_t Wz = std::max(W + g.dw * (g.kw - 1), gy ? Wo : int64_t{0});
   const int64_t threads = at::get_num_threads(), per_image = H * Wz * Cs;
+  const int64_t per_grad_image = gy ? Ho * Wz * Cs : 0;
   int64_t chunks = std::max(threads, (B * per_image + kChunkElems - 1) / kChunkElems);
   chunks = std::min(B, round_up(chunks, threads));
   const int64_t Bc = (B + chunks - 1) / chunks;
   chunks = (B + Bc - 1) / Bc;
   const src_t* src = x.const_data_ptr<src_t>();
   const int64_t sb = x.stride(0), sc = x.stride(1), sy = x.stride(2), sx = x.stride(3);
+  const src_t* gsrc = gy ? gy->const_data_ptr<src_t>() : nullptr;
+  const int64_t gsb = gy ? gy->stride(0) : 0, gsc = gy ? gy->stride(1) : 0;
+  const int64_t gsy = gy ? gy->stride(2) : 0, gsx = gy ? gy->stride(3) : 0;
+  const int64_t gcell = Op * Cp;  // one kernel offset's block of G: (out channel, in channel)
 
-  std::vector<acc_t*> thread_gram(threads, nullptr);
-  std::vector<std::vector<double>> thread_q(threads);
-  for (int64_t grp = 0; grp < g.groups; ++grp) {
+  std::vector<acc_t*> thread_gram(threads, nullptr), thread_g(threads, nullptr);
+  int64_t grp = 0;  // the group being accumulated (the loop below)
+
+  // G = dZ Xᵀ of one chunk, into g_acc (kernel offset, out channel, in channel): the chunk's
+  // output gradient copied like x (Zy: output pixel, image, channel; Z's strides), then per
+  // kernel offset (i, j) one correlation of each output row's run with the input run it
+  // multiplies, clipped to the pixels whose partner is inside the image (the zero padding
+  // adds nothing), in K-blocks of rows like the Gram's. Σ dZ (the bias column) in double.
+  auto grad_chunk = [&](int64_t b0, int64_t bc, const acc_t* Z, acc_t* Zy, acc_t* g_acc,
+                        std::vector<double>& bias_sum) {
+    if (Op > Og) std::fill(Zy, Zy + bc * per_grad_image, acc_t(0));
+    for (int64_t b = 0; b < bc; ++b)
+      for (int64_t y = 0; y < Ho; ++y) {
+        const src_t* s0 = gsrc + (b0 + b) * gsb + grp * Og * gsc + y * gsy;
+        acc_t* z0 = Zy + (y * Wz * bc + b) * Cs;
+        for (int64_t xx = 0; xx < Wo; ++xx)
+          for (int64_t c = 0; c < Og; ++c) {
+            const acc_t v = static_cast<acc_t>(s0[c * gsc + xx * gsx]);
+            z0[xx * bc * Cs + c] = v;
+            if (g.bias) bias_sum[c] += v;
+          }
+      }
+    const int64_t run = Wo * bc, kb = std::max(kBlockElems / Cs, bc);
+    const int64_t rows_per_block = run >= kb ? 1 : kb / run;
+    for (int64_t y0 = 0; y0 < Ho; y0 += rows_per_block)
+      for (int64_t q0 = 0; q0 < run; q0 += kb) {
+        const int64_t q1 = std::min(q0 + kb, run);
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t dy = g.dh * i - g.ph;  // input row = output row + dy
+          const int64_t ya = std::max(y0, -dy);
+          const int64_t yb = std::min({y0 + rows_per_block, Ho, H - dy});
+          if (ya >= yb) continue;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t dx = g.dw * j - g.pw;
+            const int64_t qa = std::max(q0, std::max<int64_t>(0, -dx) * bc);
+            const int64_t qb = std::min(q1, std::min(Wo, W - dx) * bc);
+            if (qa >= qb) continue;
+            const acc_t* L = Zy + (ya * Wz * bc + qa) * Cs;
+            const acc_t* R = Z + ((ya + dy) * Wz * bc + qa + dx * bc) * Cs;
+            corr_accumulate(g_acc + (i * g.kw + j) * gcell, Cp, L, R, Op, Cp, yb - ya,
+                            Wz * bc * Cs, qb - qa, Cs);
+          }
+        }
+      }
+  };
+  std::vector<std::vector<double>> thread_q(threads), thread_gb(threads);
+  // The threads' G blocks summed in thread order (bit-identical run to run) into grad's
+  // (out channel, in channel · kk + offset) layout, the bias column from the sums of dZ.
+  auto write_grad = [&](int64_t group) {
+    acc_t* out = grad->data_ptr<acc_t>() + group * Og * D;
+    for (int64_t o = 0; o < Og; ++o) {
+      acc_t* row = out + o * D;
+      for (int64_t off = 0; off < kk; ++off)
+        for (int64_t c = 0; c < Cg; ++c) {
+          acc_t sum = 0;
+          for (int64_t t = 0; t < threads; ++t)
+            if (thread_g[t]) sum += thread_g[t][off * gcell + o * Cp + c];
+          row[c * kk + off] = sum;
+        }
+      if (g.bias) {
+        double sum = 0;
+        for (int64_t t = 0; t < threads; ++t)
+          if (!thread_gb[t].empty()) sum += thread_gb[t][o];
+        row[d0] = static_cast<acc_t>(sum);
+      }
+    }
+    std::fill(thread_g.begin(), thread_g.end(), nullptr);
+    for (auto& v : thread_gb) v.clear();
+  };
+
+  for (grp = 0; grp < g.groups; ++grp) {
     acc_t* G = gram.data_ptr<acc_t>() + grp * D * D;
     std::fill(G, G + D * D, acc_t(0));
     std::fill(Q.begin(), Q.end(), 0.0);
@@ -163,6 +240,13 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       acc_t* const Z = scratch<acc_t, 1>(Bc * per_image);
       acc_t* const local = scratch<acc_t, 2>(nsh * cell);
       acc_t* const piece = scratch<acc_t, 3>(cell);
+      acc_t* const Zy = gy ? scratch<acc_t, 5>(Bc * per_grad_image) : nullptr;
+      acc_t* const g_mine = gy ? scratch<acc_t, 6>(kk * gcell) : nullptr;
+      if (gy) {
+        std::fill(g_mine, g_mine + kk * gcell, acc_t(0));
+        thread_g[tid] = g_mine;
+        thread_gb[tid].assign(g.bias ? Og : 0, 0.0);
+      }
       for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
         const int64_t b0 = chunk * Bc, bc = std::min(Bc, B - b0);
         // Only the channel padding needs zeros; every real entry is written below. Channels
@@ -242,12 +326,14 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
             }
           }
         }
+        if (gy) grad_chunk(b0, bc, Z, Zy, g_mine, thread_gb[tid]);
       }
     });
     for (int64_t t = 0; t < threads; ++t) {
       for (size_t e = 0; e < thread_q[t].size(); ++e) Q[e] += thread_q[t][e];
       thread_q[t].clear();
     }
+    if (gy) write_grad(grp);
     // The threads' offset-major Grams summed in thread order (bit-identical run to run), then
     // permuted to (channel, i, j) order one output row at a time (sequential writes, no
     // division per entry). Blocks of shifts (s < 0) or (s = 0, t < 0) are transposes of
@@ -313,9 +399,10 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
 
 }  // namespace
 
-void gram_shift_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram) {
+void gram_shift_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram,
+                    const at::Tensor* grad_output, at::Tensor* grad) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "im2col_gram_cpu", [&] {
-    gram_shift_impl<scalar_t, at::opmath_type<scalar_t>>(x, g, gram);
+    gram_shift_impl<scalar_t, at::opmath_type<scalar_t>>(x, g, gram, grad_output, grad);
   });
 }
 

@@ -1,0 +1,179 @@
+"""ops.conv_gram_grad — a conv's Gram and its weight gradient G = dZ Xᵀ in one call — against
+float64 references (explicit ``unfold`` for the Gram, autograd of ``F.conv2d`` for G), where
+the CPU shift kernel computes G in its own pass over x and where ATen's conv backward gives
+it; the predicate that picks between them for a layer that also needs its input gradient
+(ops.conv_gram_brings_grad) against what the compiled op does; and C-layers on both paths."""
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import consequential_ext as cx
+from consequential_ext import ops
+from rule_reference import close, unfold_gram
+
+pytestmark = pytest.mark.skipif("cpu" not in ops.available_backends("_conv_gram_grad", "cpu"),
+                                reason="consequential_ext._C was built without CPU kernels")
+
+
+def _reference_grad(x, gy, weight_shape, stride, padding, dilation, groups, bias):
+    """(groups, out/groups, D) float64 G of F.conv2d by autograd; the bias column Σ dZ."""
+    w = torch.zeros(weight_shape, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(weight_shape[0], dtype=torch.float64, requires_grad=True) if bias else None
+    F.conv2d(x.double(), w, b, stride, padding, dilation, groups).backward(gy.double())
+    out = weight_shape[0]
+    grad = w.grad.reshape(groups, out // groups, -1)
+    return torch.cat([grad, b.grad.reshape(groups, -1, 1)], -1) if bias else grad
+
+
+def _noncontiguous(t):
+    """Same values, channels every other slot of a wider tensor."""
+    wide = torch.zeros(t.shape[0], 2 * t.shape[1], *t.shape[2:], dtype=t.dtype)
+    wide[:, ::2] = t
+    return wide[:, ::2]
+
+
+# (B, C, H, W), out, kernel, padding, dilation, groups, bias — stride 1 throughout. Where the
+# shift kernel brings G: ≥ 16 channels per group a side with little padding to 16 lanes, odd
+# maps, non-square kernels, uneven and oversize padding (Wo > W + kw − 1), 'valid', dilation,
+# groups, channels not a multiple of 16 (48 of 48). The rest: ATen's conv backward gives G.
+FUSED = [
+    ((3, 16, 7, 9), 16, (3, 3), (1, 1), (1, 1), 1, True),
+    ((2, 32, 5, 6), 48, (3, 2), (2, 0), (1, 1), 1, False),
+    ((12, 48, 6, 5), 32, (5, 5), (3, 4), (1, 1), 1, True),
+    ((4, 32, 9, 8), 32, (3, 3), (0, 0), (2, 1), 1, True),
+    ((3, 64, 5, 5), 64, (3, 3), (1, 1), (1, 1), 2, True),
+    ((2, 16, 4, 11), 16, (1, 3), (0, 1), (1, 3), 1, False),
+]
+NOT_FUSED = [
+    ((2, 3, 7, 6), 16, (3, 3), (1, 1), (1, 1), 1, True),     # few input channels
+    ((2, 20, 6, 5), 24, (3, 3), (1, 1), (1, 1), 1, True),    # mostly padding lanes
+    ((2, 16, 6, 6), 16, (1, 1), (0, 0), (1, 1), 1, True),    # 1×1: the tiled Gram
+    ((2, 8, 7, 7), 8, (3, 3), (1, 1), (1, 1), 8, False),     # depthwise: lanes
+    ((1, 32, 2, 2), 32, (3, 3), (1, 1), (1, 1), 1, True),    # few patches: GEMM
+]
+
+
+def _case(shape, out, k, p, d, groups, dtype=torch.float32):
+    x = torch.randn(shape, dtype=dtype)
+    ho = shape[2] + 2 * p[0] - d[0] * (k[0] - 1)
+    wo = shape[3] + 2 * p[1] - d[1] * (k[1] - 1)
+    gy = torch.randn(shape[0], out, ho, wo, dtype=dtype)
+    return x, gy, (out, shape[1] // groups, *k)
+
+
+def _check(x, gy, weight_shape, p, d, groups, bias, tol):
+    k = weight_shape[2:]
+    gram, grad = ops.conv_gram_grad(x, gy, k, 1, p, d, groups=groups, bias=bias)
+    assert gram.dtype == grad.dtype == (torch.float64 if x.dtype == torch.float64
+                                        else torch.float32)
+    close(gram, unfold_gram(x, k, 1, p, d, groups, bias), tol, "Gram")
+    close(grad, _reference_grad(x, gy, weight_shape, 1, p, d, groups, bias), tol, "G")
+    return gram, grad
+
+
+@pytest.mark.parametrize("case", FUSED + NOT_FUSED)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+def test_gram_and_grad_match_float64(case, layout):
+    torch.manual_seed(zlib.crc32(repr((case, layout)).encode()))
+    shape, out, k, p, d, groups, bias = case
+    x, gy, weight_shape = _case(shape, out, k, p, d, groups)
+    if layout == "channels_last":
+        x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
+    elif layout == "noncontiguous":
+        x, gy = _noncontiguous(x), gy.transpose(2, 3).contiguous().transpose(2, 3)
+    _check(x, gy, weight_shape, p, d, groups, bias, 1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.bfloat16, 1e-5),
+                                        (torch.float16, 1e-5)])
+def test_narrow_and_wide_dtypes(dtype, tol):
+    """float64 stays float64; bf16/fp16 values are accumulated in float32 (the reference is
+    computed on the same rounded values)."""
+    torch.manual_seed(3)
+    shape, out, k, p, d, groups, bias = FUSED[0]
+    x, gy, weight_shape = _case(shape, out, k, p, d, groups, dtype)
+    _check(x, gy, weight_shape, p, d, groups, bias, tol)
+
+
+def test_empty_batch_gives_zero_grad_and_the_bias_count():
+    shape, out, k, p, d, groups, _ = FUSED[0]
+    x, gy, _ = _case((0,) + shape[1:], out, k, p, d, groups)
+    gram, grad = ops.conv_gram_grad(x, gy, k, 1, p, d, groups=groups, bias=True)
+    assert not grad.any() and grad.shape == (1, out, gram.shape[-1])
+    assert not gram[0, :-1].any() and gram[0, -1, -1] == 0
+
+
+def _aten_backward_ran(fn):
+    with torch.profiler.profile() as prof:
+        fn()
+    return any(e.name == "aten::convolution_backward" for e in prof.events())
+
+
+@pytest.mark.parametrize("case", FUSED + NOT_FUSED)
+def test_predicate_says_what_the_compiled_op_does(case):
+    """conv_gram_brings_grad mirrors csrc/cpu/gram_cpu.cpp's shift_brings_grad: the op runs
+    ATen's conv backward exactly where the predicate says the kernel does not bring G."""
+    shape, out, k, p, d, groups, bias = case
+    x, gy, _ = _case(shape, out, k, p, d, groups)
+    brings = ops.conv_gram_brings_grad(x, gy, k, (1, 1), p, d, groups, bias)
+    assert brings == (case in FUSED)
+    assert _aten_backward_ran(
+        lambda: ops.conv_gram_grad(x, gy, k, 1, p, d, groups=groups, bias=bias)) != brings
+    strided = ops.conv_gram_brings_grad(x, gy, k, (2, 1), p, d, groups, bias)
+    assert not strided  # the shift kernel is stride 1 only
+
+
+def test_reference_backend_gives_the_same():
+    torch.manual_seed(5)
+    shape, out, k, p, d, groups, bias = FUSED[4]
+    x, gy, weight_shape = _case(shape, out, k, p, d, groups)
+    compiled = ops.conv_gram_grad(x, gy, k, 1, p, d, groups=groups, bias=bias)
+    with ops.use_backend("reference"):
+        assert not ops.conv_gram_grad_is_native(x, gy)
+        spec = ops.conv_gram_grad(x, gy, k, 1, p, d, groups=groups, bias=bias)
+    for a, b in zip(compiled, spec, strict=True):
+        close(a, b.double(), 1e-5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda gy: gy[:, :, :-1], "grad_output must be"),
+    (lambda gy: gy[:1], "grad_output must be"),
+    (lambda gy: gy.double(), "grad_output must be"),
+    (lambda gy: gy[0], "grad_output must be"),
+])
+def test_bad_grad_output_is_named(bad, match):
+    shape, out, k, p, d, groups, bias = FUSED[0]
+    x, gy, _ = _case(shape, out, k, p, d, groups)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        ops.conv_gram_grad(x, bad(gy), k, 1, p, d, groups=groups, bias=bias)
+    with pytest.raises(RuntimeError, match="grad_output must"):
+        torch.ops.consequential_ext._conv_gram_grad(x, bad(gy), list(k), [1, 1], list(p),
+                                                    list(d), groups, bias)
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_c_layer_on_the_fused_path_matches_the_reference_backend(input_grad):
+    """A CConv2d whose Gram kernel brings G, with and without an input gradient: the fused
+    op ran, no native weight-gradient pass did, and the gradients are the reference's."""
+    torch.manual_seed(7)
+    conv = cx.CConv2d(16, 16, 3, padding=1, ridge=0.05)
+    x = torch.randn(8, 16, 7, 6, requires_grad=input_grad)   # P = 336 > D = 145: row side
+    go = torch.randn(8, 16, 7, 6)
+    with torch.profiler.profile() as prof:
+        conv(x).backward(go)
+    names = [e.name for e in prof.events()]
+    assert "consequential_ext::_conv_gram_grad" in names
+    masks = [e for e in prof.events() if e.name == "aten::convolution_backward"]
+    assert len(masks) == int(input_grad)   # only the input gradient's pass, where needed
+    got = [conv.weight.grad.clone(), conv.bias.grad.clone()]
+    got_x = x.grad.clone() if input_grad else None
+    conv.zero_grad(set_to_none=True)
+    x.grad = None
+    with ops.use_backend("reference"):
+        conv(x).backward(go)
+    close(got[0], conv.weight.grad.double(), 1e-5, "weight")
+    close(got[1], conv.bias.grad.double(), 1e-5, "bias")
+    if input_grad:
+        close(got_x, x.grad.double(), 1e-6, "input")
