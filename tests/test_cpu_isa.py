@@ -1,8 +1,9 @@
 """Every variant of the CPU kernels that this machine runs — AVX-512, AVX2, portable — passes
 the CPU kernel tests: the suite itself only reaches the widest one, and a narrower variant
 once shipped correct but 25× slower without any test noticing its code. Each variant runs
-tests/test_cpu_kernels.py (the Gram's correlation micro-kernel) and
-tests/test_cpu_solve_lanes.py (the lane solver) in a subprocess with CX_CPU_ISA set."""
+tests/test_cpu_kernels.py (the Gram's correlation micro-kernel), tests/test_conv_gram_grad.py
+(the same kernel's G) and tests/test_cpu_solve_lanes.py (the lane solver) in a subprocess with
+CX_CPU_ISA set."""
 import os
 import pathlib
 import subprocess
@@ -36,6 +37,7 @@ def test_cpu_kernels_pass_on_each_variant(isa):
     env = dict(os.environ, CX_CPU_ISA=isa)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           str(TESTS / "test_cpu_kernels.py"),
+                          str(TESTS / "test_conv_gram_grad.py"),
                           str(TESTS / "test_cpu_solve_lanes.py")],
                          env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
