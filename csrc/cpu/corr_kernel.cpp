@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <immintrin.h>
 #include <stdexcept>
 #include <string>
 
@@ -176,6 +177,39 @@ CX_CORR_VARIANT(corr_avx2, 32, __attribute__((target("avx2,fma"))))
 CX_CORR_VARIANT(corr_portable, 16, )
 #undef CX_CORR_VARIANT
 
+// Three rounds of shuffles, each interleaving pairs of rows at twice the previous width:
+// after the first two each 128-bit lane holds 4 rows of one column, the last two move lanes.
+// (GCC 12 warns inside its own headers that these intrinsics' undefined pass-through vector
+// is uninitialised; it is never read.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f"))) void transpose16_avx512(const float* src, int64_t ld,
+                                                           float* const* dst) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);      // per lane: a0 b0 a1 b1
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);  //           a2 b2 a3 b3
+  }
+  for (int i = 0; i < 16; i += 4) {                 // per lane k: column 4k + m of rows i..i+3
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int h = 0; h < 16; h += 8)                   // rows h..h+7: columns m, m + 8 / m + 4, m + 12
+    for (int m = 0; m < 4; ++m) {
+      t[h + m] = _mm512_shuffle_f32x4(r[h + m], r[h + 4 + m], 0x88);
+      t[h + 4 + m] = _mm512_shuffle_f32x4(r[h + m], r[h + 4 + m], 0xDD);
+    }
+  for (int m = 0; m < 8; ++m) {
+    _mm512_storeu_ps(dst[m], _mm512_shuffle_f32x4(t[m], t[8 + m], 0x88));
+    _mm512_storeu_ps(dst[m + 8], _mm512_shuffle_f32x4(t[m], t[8 + m], 0xDD));
+  }
+}
+#pragma GCC diagnostic pop
+
 Isa detect_isa() {
   Isa best = Isa::kPortable;
 #if defined(__x86_64__) || defined(__i386__)
@@ -240,6 +274,12 @@ void add_block(float* out, int64_t ldo, const float* in, int64_t ldi, int64_t M,
 }
 void add_block(double* out, int64_t ldo, const double* in, int64_t ldi, int64_t M, int64_t N) {
   add_dispatch<double>(out, ldo, in, ldi, M, N);
+}
+
+bool transpose16(const float* src, int64_t ld, float* const* dst) {
+  if (cpu_isa() != Isa::kAvx512) return false;
+  transpose16_avx512(src, ld, dst);
+  return true;
 }
 
 void lane_dot(float* out, const float* L, const float* R, int64_t n, int64_t ls, int64_t rs,

@@ -30,6 +30,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "corr_kernel.h"
@@ -83,6 +84,41 @@ AxisClasses axis_classes(int64_t n, int64_t k, int64_t d, int64_t p, int64_t out
     for (int64_t pos = 0; pos < n; ++pos) add_border(pos);
   }
   return a;
+}
+
+// One image into a chunk copy: channel c of pixel (y, x) (src + c·sc + y·sy + x·sx) to
+// dst[((y·Wz + x)·bc)·Cs + c], converted to acc_t. Contiguous float planes go 16 channels ×
+// 16 pixels at a time through a register transpose (reading each plane in order); the rest,
+// and other layouts and dtypes, element by element, channels innermost (channels_last reads
+// are contiguous then; channel-outer order wrote each channel across a row's pixels bc·Cs
+// apart and took the Gram 9–20 % longer on ResNet-20's shapes, one thread, interleaved).
+template <typename src_t, typename acc_t>
+void copy_image(acc_t* dst, int64_t Wz, int64_t bc, int64_t Cs, const src_t* src, int64_t C,
+                int64_t H, int64_t W, int64_t sc, int64_t sy, int64_t sx) {
+  auto pixel = [&](int64_t y, int64_t x) { return dst + (y * Wz + x) * bc * Cs; };
+  int64_t c_fast = 0, p_fast = 0;  // channels [0, c_fast) of pixels [0, p_fast) done
+  if constexpr (std::is_same_v<src_t, float> && std::is_same_v<acc_t, float>) {
+    if (sx == 1 && sy == W && C >= 16 && H * W >= 16) {
+      const int64_t p16 = H * W / 16 * 16, c16 = C / 16 * 16;
+      float* rows[16];
+      bool done = true;
+      for (int64_t p0 = 0; p0 < p16 && done; p0 += 16) {
+        for (int i = 0; i < 16; ++i) rows[i] = pixel((p0 + i) / W, (p0 + i) % W);
+        for (int64_t c0 = 0; c0 < c16 && done; c0 += 16) {
+          done = transpose16(src + c0 * sc + p0, sc, rows);
+          for (auto& r : rows) r += 16;
+        }
+      }
+      if (done) c_fast = c16, p_fast = p16;
+    }
+  }
+  for (int64_t y = 0; y < H; ++y)
+    for (int64_t x = 0; x < W; ++x) {
+      const src_t* s0 = src + y * sy + x * sx;
+      acc_t* z = pixel(y, x);
+      for (int64_t c = y * W + x < p_fast ? c_fast : 0; c < C; ++c)
+        z[c] = static_cast<acc_t>(s0[c * sc]);
+    }
 }
 
 template <typename src_t, typename acc_t>
@@ -165,17 +201,20 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   auto grad_chunk = [&](int64_t b0, int64_t bc, const acc_t* Z, acc_t* Zy, acc_t* g_acc,
                         std::vector<double>& bias_sum) {
     if (Op > Og) std::fill(Zy, Zy + bc * per_grad_image, acc_t(0));
-    for (int64_t b = 0; b < bc; ++b)
-      for (int64_t y = 0; y < Ho; ++y) {
-        const src_t* s0 = gsrc + (b0 + b) * gsb + grp * Og * gsc + y * gsy;
-        acc_t* z0 = Zy + (y * Wz * bc + b) * Cs;
-        for (int64_t xx = 0; xx < Wo; ++xx)
-          for (int64_t c = 0; c < Og; ++c) {
-            const acc_t v = static_cast<acc_t>(s0[c * gsc + xx * gsx]);
-            z0[xx * bc * Cs + c] = v;
-            if (g.bias) bias_sum[c] += v;
-          }
-      }
+    std::vector<acc_t> image_sum(g.bias ? Og : 0);
+    for (int64_t b = 0; b < bc; ++b) {
+      copy_image(Zy + b * Cs, Wz, bc, Cs, gsrc + (b0 + b) * gsb + grp * Og * gsc, Og, Ho, Wo,
+                 gsc, gsy, gsx);
+      if (!g.bias) continue;
+      // per image in acc_t (at most Ho·Wo terms), across images in double
+      std::fill(image_sum.begin(), image_sum.end(), acc_t(0));
+      for (int64_t y = 0; y < Ho; ++y)
+        for (int64_t xx = 0; xx < Wo; ++xx) {
+          const acc_t* z = Zy + ((y * Wz + xx) * bc + b) * Cs;
+          for (int64_t c = 0; c < Og; ++c) image_sum[c] += z[c];
+        }
+      for (int64_t c = 0; c < Og; ++c) bias_sum[c] += image_sum[c];
+    }
     const int64_t run = Wo * bc, kb = std::max(kBlockElems / Cs, bc);
     const int64_t rows_per_block = run >= kb ? 1 : kb / run;
     for (int64_t y0 = 0; y0 < Ho; y0 += rows_per_block)
@@ -249,19 +288,11 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       }
       for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
         const int64_t b0 = chunk * Bc, bc = std::min(Bc, B - b0);
-        // Only the channel padding needs zeros; every real entry is written below. Channels
-        // innermost: Z's pixels are written whole and in order (channels_last reads are
-        // contiguous too). Channel-outer order wrote each channel across W pixels bc·Cs apart:
-        // the Gram took 9–20 % longer on ResNet-20's shapes (one thread, interleaved).
+        // Only the channel padding needs zeros; every real entry is written below.
         if (Cp > Cg) std::fill(Z, Z + bc * per_image, acc_t(0));
         for (int64_t b = 0; b < bc; ++b)
-          for (int64_t y = 0; y < H; ++y) {
-            const src_t* s0 = src + (b0 + b) * sb + grp * Cg * sc + y * sy;
-            acc_t* z0 = Z + (y * Wz * bc + b) * Cs;
-            for (int64_t xx = 0; xx < W; ++xx)
-              for (int64_t c = 0; c < Cg; ++c)
-                z0[xx * bc * Cs + c] = static_cast<acc_t>(s0[c * sc + xx * sx]);
-          }
+          copy_image(Z + b * Cs, Wz, bc, Cs, src + (b0 + b) * sb + grp * Cg * sc, Cg, H, W, sc,
+                     sy, sx);
 
         // Core columns: per row, the run of real pixels (x-major, so the core columns are
         // one contiguous stretch of it), in K-blocks of whole rows or of row pieces, all
