@@ -25,6 +25,12 @@
 // δ = (dh·s·Wz + dw·t)·Bc pixels, and every run correlated has its partners inside the image
 // (rows and columns are clipped to that), so no padding is read: each correlation is a
 // (K × Cp)ᵀ·(K × Cp) product over evenly spaced runs.
+//
+// Weight gradient. Given the output gradient dZ, G = dZ Xᵀ comes from the same chunks: dZ is
+// copied like x (Zy, the same strides; rows at least Wo wide), and G's block of kernel offset
+// (i, j) is Σ over output pixels p of dZ(p) · x(p + (dh·i − ph, dw·j − pw))ᵀ — per output row
+// one correlation of its run with the input run it multiplies, clipped to pixels whose partner
+// is in the image (3×3 'same' on 8×8: 484 products per image and channel pair).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -197,7 +203,8 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   // output gradient copied like x (Zy: output pixel, image, channel; Z's strides), then per
   // kernel offset (i, j) one correlation of each output row's run with the input run it
   // multiplies, clipped to the pixels whose partner is inside the image (the zero padding
-  // adds nothing), in K-blocks of rows like the Gram's. Σ dZ (the bias column) in double.
+  // adds nothing), in K-blocks of rows like the Gram's. Σ dZ (the bias column) per image in
+  // acc_t, across images in double.
   auto grad_chunk = [&](int64_t b0, int64_t bc, const acc_t* Z, acc_t* Zy, acc_t* g_acc,
                         std::vector<double>& bias_sum) {
     if (Op > Og) std::fill(Zy, Zy + bc * per_grad_image, acc_t(0));
