@@ -70,13 +70,16 @@ def conv_gram_grad(x, grad_output, kernel_size, stride=1, padding=0, dilation=1,
     are the faster pair.
     """
     ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
+    out_hw = tuple((x.shape[2 + i] + 2 * pd[i] - dl[i] * (ks[i] - 1) - 1) // st[i] + 1
+                   for i in range(2))
     if not isinstance(grad_output, torch.Tensor) or grad_output.dim() != 4 \
             or grad_output.shape[0] != x.shape[0] or grad_output.shape[1] % groups \
-            or grad_output.dtype != x.dtype:
-        raise ValueError(f"conv_gram_grad: grad_output must be (B, out, Ho, Wo) in x's dtype "
-                         f"{x.dtype}, B = {x.shape[0]}, out a multiple of groups={groups}; got "
-                         f"{getattr(grad_output, 'shape', type(grad_output).__name__)} "
-                         f"{getattr(grad_output, 'dtype', '')}")
+            or tuple(grad_output.shape[2:]) != out_hw or grad_output.dtype != x.dtype:
+        raise ValueError(f"conv_gram_grad: grad_output must be (B, out, Ho, Wo) = "
+                         f"({x.shape[0]}, a multiple of groups={groups}, {out_hw[0]}, "
+                         f"{out_hw[1]}) in x's dtype {x.dtype}; got "
+                         f"{tuple(getattr(grad_output, 'shape', ()))} "
+                         f"{getattr(grad_output, 'dtype', type(grad_output).__name__)}")
     backend = backend_for("_conv_gram_grad", x, getattr(_forced, "name", None))
     if backend == "cpu":
         return torch.ops.consequential_ext._conv_gram_grad(x, grad_output, ks, st, pd, dl,
