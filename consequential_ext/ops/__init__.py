@@ -15,7 +15,7 @@ import torch
 
 from . import reference
 from ._backends import available_backends, backend_for
-from ._conv_args import check_conv_args
+from ._conv_args import check_conv_args, output_size
 from ._fake import register_fakes
 
 __all__ = ["im2col_gram", "conv_gram_grad", "ridge_solve", "use_backend", "available_backends",
@@ -70,8 +70,7 @@ def conv_gram_grad(x, grad_output, kernel_size, stride=1, padding=0, dilation=1,
     are the faster pair.
     """
     ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
-    out_hw = tuple((x.shape[2 + i] + 2 * pd[i] - dl[i] * (ks[i] - 1) - 1) // st[i] + 1
-                   for i in range(2))
+    out_hw = output_size(x, ks, st, pd, dl)
     if not isinstance(grad_output, torch.Tensor) or grad_output.dim() != 4 \
             or grad_output.shape[0] != x.shape[0] or grad_output.shape[1] % groups \
             or tuple(grad_output.shape[2:]) != out_hw or grad_output.dtype != x.dtype:
@@ -104,10 +103,9 @@ def conv_gram_brings_grad(x, grad_output, kernel_size, stride, padding, dilation
     csrc/cpu/gram_cpu.cpp (a test holds the two together)."""
     if not conv_gram_grad_is_native(x, grad_output) or x.numel() == 0:
         return False
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    (kh, kw), (sh, sw) = kernel_size, stride
     cg, og = x.shape[1] // groups, grad_output.shape[1] // groups
-    ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = output_size(x, kernel_size, stride, padding, dilation)
     d = cg * kh * kw + int(bias)
     shift = ((groups == 1 or cg >= _CORR_ALIGN) and x.shape[0] * ho * wo * _BLAS_RATIO > d
              and sh == sw == 1 and kh * kw > 1)

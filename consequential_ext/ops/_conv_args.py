@@ -35,3 +35,9 @@ def check_conv_args(x, kernel_size, stride, padding, dilation, groups):
             raise ValueError(f"im2col_gram: kernel_size {ks} (dilation {dl}) does not fit the "
                              f"padded input {tuple(x.shape[2:])} + 2·{pd}")
     return ks, st, pd, dl
+
+
+def output_size(x, kernel_size, stride, padding, dilation):
+    """(Ho, Wo) of a conv of ``x`` (B, C, H, W) with this geometry (four pairs)."""
+    return tuple((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1)
+                 // stride[i] + 1 for i in range(2))
