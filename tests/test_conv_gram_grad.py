@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import consequential_ext as cx
 from consequential_ext import ops
+from matched_reference import ordinary_grads
 from rule_reference import close, unfold_gram
 
 pytestmark = pytest.mark.skipif("cpu" not in ops.available_backends("_conv_gram_grad", "cpu"),
@@ -19,12 +20,13 @@ pytestmark = pytest.mark.skipif("cpu" not in ops.available_backends("_conv_gram_
 
 def _reference_grad(x, gy, weight_shape, stride, padding, dilation, groups, bias):
     """(groups, out/groups, D) float64 G of F.conv2d by autograd; the bias column Σ dZ."""
-    w = torch.zeros(weight_shape, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(weight_shape[0], dtype=torch.float64, requires_grad=True) if bias else None
-    F.conv2d(x.double(), w, b, stride, padding, dilation, groups).backward(gy.double())
+    gw, gb = ordinary_grads(lambda inp, w, b: F.conv2d(inp, w, b, stride, padding, dilation,
+                                                       groups),
+                            x, torch.zeros(weight_shape),
+                            torch.zeros(weight_shape[0]) if bias else None, gy)
     out = weight_shape[0]
-    grad = w.grad.reshape(groups, out // groups, -1)
-    return torch.cat([grad, b.grad.reshape(groups, -1, 1)], -1) if bias else grad
+    grad = gw.reshape(groups, out // groups, -1)
+    return torch.cat([grad, gb.reshape(groups, -1, 1)], -1) if bias else grad
 
 
 def _noncontiguous(t):

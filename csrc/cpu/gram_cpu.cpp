@@ -66,24 +66,22 @@ at::ScalarType accumulate_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::Tensor gram_with(const at::Tensor& x, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
-                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                     bool bias, Algorithm algorithm) {
-  const PatchGeometry g = checked_geometry(x, kernel_size, stride, padding, dilation, groups, bias);
+// The Gram of x for a geometry checked_geometry gave.
+at::Tensor gram_with(const at::Tensor& x, const PatchGeometry& g, Algorithm algorithm) {
   const int64_t d = gram_size(x, g);
   // Every algorithm initialises every entry itself, on one thread (a parallel fill is a
   // thread hand-off that costs more than the fill on a busy machine).
-  auto gram = at::empty({groups, d, d}, x.options().dtype(accumulate_type(x)));
+  auto gram = at::empty({g.groups, d, d}, x.options().dtype(accumulate_type(x)));
   const int64_t patches = patch_count(x, g);
   if (x.numel() == 0) {  // every patch is zero; only the bias count survives
     gram.zero_();
-    if (bias) gram.select(1, d - 1).select(1, d - 1).fill_(patches);
+    if (g.bias) gram.select(1, d - 1).select(1, d - 1).fill_(patches);
     return gram;
   }
   if (algorithm == Algorithm::kAuto) algorithm = choose(x.size(1), g, patches, d);
   const bool unit_stride = g.sh == 1 && g.sw == 1;
   TORCH_CHECK(algorithm != Algorithm::kShift || unit_stride,
-              "im2col_gram: the shift algorithm needs stride 1, got ", stride);
+              "im2col_gram: the shift algorithm needs stride 1, got [", g.sh, ", ", g.sw, "]");
   switch (algorithm) {
     case Algorithm::kGrouped: gram_grouped_cpu(x, g, gram); break;
     case Algorithm::kBlas: gram_blas_cpu(x, g, gram); break;
@@ -128,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> conv_gram_grad_cpu(
   const int64_t d = gram_size(x, g), out = grad_output.size(1);
   const auto acc = accumulate_type(x);
   if (x.numel() == 0 || !shift_brings_grad(x.size(1), out, g, patch_count(x, g), d)) {
-    auto gram = gram_with(x, kernel_size, stride, padding, dilation, groups, bias, Algorithm::kAuto);
+    auto gram = gram_with(x, g, Algorithm::kAuto);
     auto weight = at::empty({out, x.size(1) / groups, g.kh, g.kw}, x.options().dtype(acc));
     std::optional<at::IntArrayRef> bias_sizes;
     const std::vector<int64_t> bias_shape{out};
@@ -149,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor> conv_gram_grad_cpu(
 at::Tensor im2col_gram_cpu(const at::Tensor& x, c10::IntArrayRef kernel_size,
                            c10::IntArrayRef stride, c10::IntArrayRef padding,
                            c10::IntArrayRef dilation, int64_t groups, bool bias) {
-  return gram_with(x, kernel_size, stride, padding, dilation, groups, bias, Algorithm::kAuto);
+  return gram_with(x, checked_geometry(x, kernel_size, stride, padding, dilation, groups, bias),
+                   Algorithm::kAuto);
 }
 
 // One named algorithm instead of the automatic choice, for tests: every algorithm on every
@@ -164,7 +163,8 @@ at::Tensor im2col_gram_algorithm_cpu(const at::Tensor& x, c10::IntArrayRef kerne
       {"tiled", Algorithm::kTiled}};
   for (const auto& [name, value] : names)
     if (algorithm == name)
-      return gram_with(x, kernel_size, stride, padding, dilation, groups, bias, value);
+      return gram_with(
+          x, checked_geometry(x, kernel_size, stride, padding, dilation, groups, bias), value);
   TORCH_CHECK(false, "im2col_gram: algorithm must be one of auto, grouped, blas, shift, "
               "tiled; got '", algorithm, "'");
 }
