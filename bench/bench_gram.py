@@ -51,8 +51,8 @@ def shapes(quick: bool) -> list[dict]:
         {"name": "resnet20-down-16x16x32-s2", "shape": (batch, 32, 16, 16), "stride": 2,
          "goal": False},
     ]
-    # resnet18's last three stages on 64 px inputs: 8×8 (the shift form), then few patches
-    # per Gram entry (4·P <= D: im2col + GEMM).
+    # resnet18's last three stages on 64 px inputs: 8×8 and 4×4 (the shift form), then very
+    # few patches per Gram entry (2×2: 32·P <= D, im2col + GEMM).
     small = 16 if quick else 32
     cases += [{"name": f"resnet18-8x8x128-b{small}", "shape": (small, 128, 8, 8), "stride": 1,
                "goal": False},

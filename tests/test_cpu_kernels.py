@@ -103,16 +103,19 @@ def test_gram_any_memory_layout(layout, stride):
     _assert_gram_close(out, _ref_gram(x, (3, 3), (stride, stride), (1, 1), (1, 1), 2, True), 2e-5)
 
 
-# Few patches per Gram entry — P = B·Ho·Wo with 4·P <= D (kBlasRatio in csrc/cpu/gram_cpu.h) —
-# take im2col + one GEMM per group: 2×2 and 4×4 maps with many channels, stride, dilation,
-# groups of >= 16 channels, a 1×1 map.
+# Very few patches per Gram entry — P = B·Ho·Wo with 32·P <= D (kBlasRatio in
+# csrc/cpu/gram_cpu.h) — take im2col + one GEMM per group: stride 1 and 2 on tiny maps with
+# many channels, a row-only stride with dilation, groups of >= 16 channels, a 1×1 kernel on a
+# 1×1 map.
 BLAS_GEOMETRIES = [
     ((1, 40, 2, 2), (3, 3), (1, 1), (1, 1), (1, 1), 1),
-    ((2, 36, 3, 2), (3, 3), (1, 1), (1, 1), (1, 1), 2),
-    ((2, 24, 5, 4), (3, 3), (2, 2), (1, 1), (1, 1), 1),
-    ((1, 20, 4, 5), (3, 2), (1, 1), (2, 0), (2, 1), 1),
-    ((3, 17, 1, 1), (1, 1), (1, 1), (0, 0), (1, 1), 1),
+    ((1, 40, 3, 3), (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    ((1, 36, 2, 2), (3, 3), (1, 1), (1, 1), (1, 1), 2),
+    ((1, 24, 3, 4), (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    ((1, 40, 4, 3), (3, 2), (2, 1), (2, 0), (2, 1), 1),
+    ((1, 40, 1, 1), (1, 1), (1, 1), (0, 0), (1, 1), 1),
 ]
+BLAS_RATIO = 32  # csrc/cpu/gram_cpu.h: kBlasRatio
 
 
 def _patches(shape, k, s, p, d):
@@ -127,7 +130,7 @@ def _patches(shape, k, s, p, d):
                                        (torch.bfloat16, 2e-5)])
 def test_gram_few_patches_matches_reference(geometry, bias, layout, dtype, tol):
     shape, k, s, p, d, groups = geometry
-    assert 4 * _patches(shape, k, s, p, d) <= shape[1] // groups * k[0] * k[1]
+    assert BLAS_RATIO * _patches(shape, k, s, p, d) <= shape[1] // groups * k[0] * k[1]
     x = torch.randn(shape, dtype=torch.float64).to(dtype)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
@@ -174,10 +177,12 @@ def test_every_algorithm_matches_reference(geometry, algorithm, bias, dtype, tol
 
 def test_automatic_choice_is_one_of_the_algorithms():
     # 16 × 16 × 32 × 32 takes the shift form, stride 2 the tiled one, 4 × 256 × 2 × 2 the GEMM
-    # (kBlasRatio in gram_cpu.h), 8 groups of 4 channels the grouped one
+    # (32·P <= D: kBlasRatio in gram_cpu.h) but 32 × 256 × 4 × 4 (4·P <= D) the shift form,
+    # 8 groups of 4 channels the grouped one
     for shape, stride, groups, algorithm in (((16, 16, 32, 32), 1, 1, "shift"),
                                              ((16, 16, 32, 32), 2, 1, "tiled"),
                                              ((4, 256, 2, 2), 1, 1, "blas"),
+                                             ((32, 256, 4, 4), 1, 1, "shift"),
                                              ((8, 32, 9, 9), 1, 8, "grouped")):
         x = torch.randn(shape)
         st = (stride, stride)

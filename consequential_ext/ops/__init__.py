@@ -94,7 +94,7 @@ def conv_gram_grad_is_native(x, grad_output):
 
 
 _CORR_ALIGN = 16  # csrc/cpu/corr_kernel.h: kCorrAlign
-_BLAS_RATIO = 4   # csrc/cpu/gram_cpu.h: kBlasRatio
+_BLAS_RATIO = 32  # csrc/cpu/gram_cpu.h: kBlasRatio
 
 
 def conv_gram_brings_grad(x, grad_output, kernel_size, stride, padding, dilation, groups, bias):

@@ -27,12 +27,17 @@ void gram_tiled_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gra
 // Few channels per group (depthwise, small groups), any stride: groups in SIMD lanes,
 // per tap difference one pass of batch products and strided prefix sums.
 void gram_grouped_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
-// Few patches per Gram entry, any geometry: im2col and one GEMM per group (gram_blas_cpu.cpp).
+// Very few patches per Gram entry, any geometry: im2col and one GEMM per group
+// (gram_blas_cpu.cpp).
 void gram_blas_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
 // Whether gram_blas_cpu is the faster choice for this many patches (B·Ho·Wo) and this D.
-// Measured (2 threads, CPU time, results in README): 32×320×2×2 (P = 128, D = 2880) GEMM
-// 4–6× faster; 32×256×4×4 (P/D = 0.22) 1.5×; 32×160×4×4 (P/D = 0.36) the shift kernel 1.7×.
-constexpr int64_t kBlasRatio = 4;
+// Measured on the AVX-512 machine (2 threads, CPU time; README, "Since 590d7c9"): at
+// 32·P ≤ D the GEMM and the other kernels are within ±40 % of each other either way (the
+// D × D output dominates: 32×512×2×2, 8×256×2×2, 32×512×4×4 stride 2); above it the shift
+// form is 1.5–6× faster (32×256×4×4: 2.9×, 8×128×4×4: 1.2×) and the tiled one 1.1–2.5×
+// (8×256×8×8 stride 2, 32×1280×2×2 1×1). The earlier 4·P ≤ D, set on another machine before
+// the shift kernel's copy changes, sent 32×256×4×4 to the GEMM.
+constexpr int64_t kBlasRatio = 32;
 inline bool gram_prefers_blas(int64_t patches, int64_t d) { return patches * kBlasRatio <= d; }
 
 // Rows (or columns) padded to whole 64-byte vectors for the correlation micro-kernel.
