@@ -32,10 +32,10 @@ void gram_grouped_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& g
 void gram_blas_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
 // Whether gram_blas_cpu is the faster choice for this many patches (B·Ho·Wo) and this D.
 // Measured on the AVX-512 machine (2 threads, CPU time; README, "Since 590d7c9"): at
-// 32·P ≤ D the GEMM and the other kernels are within ±40 % of each other either way (the
-// D × D output dominates: 32×512×2×2, 8×256×2×2, 32×512×4×4 stride 2); above it the shift
-// form is 1.5–6× faster (32×256×4×4: 2.9×, 8×128×4×4: 1.2×) and the tiled one 1.1–2.5×
-// (8×256×8×8 stride 2, 32×1280×2×2 1×1). The earlier 4·P ≤ D, set on another machine before
+// 32·P ≤ D the GEMM takes 0.6–1.5× the other kernel's time (the D × D output dominates:
+// 32×512×2×2, 8×256×2×2, 32×512×4×4 stride 2); above it 1.1–9× (the shift form on
+// 32×256×4×4: 2.9× faster, on 8×128×4×4 1.2×; the tiled one on 8×256×8×8 stride 2 and
+// 32×1280×2×2 1×1: 1.1–2.5×). The earlier 4·P ≤ D, set on another machine before
 // the shift kernel's copy changes, sent 32×256×4×4 to the GEMM.
 constexpr int64_t kBlasRatio = 32;
 inline bool gram_prefers_blas(int64_t patches, int64_t d) { return patches * kBlasRatio <= d; }
