@@ -195,19 +195,36 @@ def replay_calls(calls):
     return replay
 
 
+def bucket_times(events):
+    """µs per bucket of profiler ``events`` (``prof.events()``): each bucket op's CPU time,
+    children included, except where a bucket op runs inside another (a Linear's Gram range
+    holding the Gram kernel's op): only the outermost counts."""
+    def bucket(event):
+        return next((b for b, names in BUCKETS.items() if event.name in names), None)
+    parts = dict.fromkeys(BUCKETS, 0.0)
+    for event in events:
+        b = bucket(event)
+        parent = event.cpu_parent
+        while b is not None and parent is not None:
+            if bucket(parent) is not None:
+                b = None
+            parent = parent.cpu_parent
+        if b is not None:
+            parts[b] += event.cpu_time_total
+    return parts
+
+
 def breakdown(model, x, y, steps):
-    """ms per step of each bucket (self CPU time of its ops, children included for the
-    named op) in a profiled C step; 'rest' is the step total minus the buckets."""
+    """ms per step of each bucket (``bucket_times``) in a profiled C step; 'rest' is the
+    step total (the ops' self CPU time) minus the buckets."""
     from torch.profiler import ProfilerActivity, profile
     step = _stepper(model, x, y)
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
-    parts = {b: sum(e.cpu_time_total for e in events if e.key in ops) / 1e3 / steps
-             for b, ops in BUCKETS.items()}
+    total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3 / steps
+    parts = {b: t / 1e3 / steps for b, t in bucket_times(prof.events()).items()}
     parts["rest"] = max(total - sum(parts.values()), 0.0)
     return parts, total
 

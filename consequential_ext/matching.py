@@ -122,11 +122,22 @@ def matched_linear(x2d, gy2d, has_bias, ridge, side=None, amortizer=None):
 _GRAM_BLOCK = 256
 
 
+# Where the compiled Gram kernel, fed the rows as N one-pixel images (a 1×1 conv's Gram,
+# its upper-triangle tiles), beats the blocked GEMMs: ≥ 128 columns and at least twice as
+# many rows (2 threads, CPU time, interleaved: 0.59–0.92 of the GEMMs' time there, e.g.
+# 2080 × 769 16.1 against 22.9 ms; 1.1–3.5× it on 128–1536 rows of 769, where its per-thread
+# D × D accumulators dominate; about even below 128 columns). README, "Since 590d7c9".
+_KERNEL_MIN_D, _KERNEL_ROWS_PER_D = 128, 2
+
+
 def _linear_gram(x, has_bias):
-    """[X; 1][X; 1]ᵀ of rows ``x`` (N, D) without concatenating the ones: XXᵀ from the
-    blocks on and above the diagonal (mirrored), the bias row from column sums. Also the
-    column side's P × P Gram, with ``x`` the (D, P) columns."""
-    d = x.shape[1]
+    """[X; 1][X; 1]ᵀ of rows ``x`` (N, D) without concatenating the ones: the compiled
+    kernel's where it pays, else XXᵀ from the blocks on and above the diagonal (mirrored),
+    the bias row from column sums. Also the column side's P × P Gram, with ``x`` the (D, P)
+    columns."""
+    n, d = x.shape
+    if d >= _KERNEL_MIN_D and n >= _KERNEL_ROWS_PER_D * d and ops.gram_is_native(x):
+        return ops.im2col_gram(x[:, :, None, None], 1, bias=has_bias)
     gram = x.new_empty(d + int(has_bias), d + int(has_bias))
     edges = list(range(0, d, _GRAM_BLOCK)) + [d]
     for a, (i0, i1) in enumerate(zip(edges, edges[1:])):

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import consequential_ext as cx
 from bench import real_models
+from consequential_ext import matching
 from bench.context import Context
 
 
@@ -91,6 +92,28 @@ def test_breakdown_finds_the_matched_ops():
     assert set(parts) == {"Gram", "solve", "G", "rest"}
     assert parts["Gram"] > 0 and parts["solve"] > 0 and parts["G"] > 0
     assert total > 0 and parts["rest"] >= 0
+
+
+def test_bucket_times_count_a_nested_bucket_op_once():
+    """A Linear's Gram range holding the compiled Gram op (300 rows of 130: the kernel's
+    side) counts as the range alone; a lone Gram op and a solve count on their own."""
+    x, lone = torch.randn(300, 130), torch.randn(2, 8, 5, 5)
+    with torch.profiler.profile() as prof:
+        with torch.profiler.record_function("cx::linear_gram"):
+            matching._linear_gram(x, True)
+        cx.ops.im2col_gram(lone, 3)
+        cx.ops.ridge_solve(torch.eye(4) * 2, torch.ones(3, 4), 0.1)
+    events = prof.events()
+    span = sum(e.cpu_time_total for e in events if e.name == "cx::linear_gram")
+    ops_ = [e for e in events if e.name == "consequential_ext::im2col_gram"]
+    assert len(ops_) == 2 and any(e.cpu_parent and e.cpu_parent.name == "cx::linear_gram"
+                                  for e in ops_)
+    lone_op = sum(e.cpu_time_total for e in ops_ if e.cpu_parent is None
+                  or e.cpu_parent.name != "cx::linear_gram")
+    solve = sum(e.cpu_time_total for e in events if e.name == "consequential_ext::ridge_solve")
+    parts = real_models.bucket_times(events)
+    assert parts["Gram"] == pytest.approx(span + lone_op)
+    assert parts["solve"] == pytest.approx(solve) and parts["G"] == 0
 
 
 def test_section_without_timm_runs_resnet20_and_notes_the_skip(monkeypatch, tmp_path):

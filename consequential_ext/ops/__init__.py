@@ -86,6 +86,12 @@ def conv_gram_grad(x, grad_output, kernel_size, stride=1, padding=0, dilation=1,
     return reference.conv_gram_grad(x, grad_output, ks, st, pd, dl, groups, bias)
 
 
+def gram_is_native(x):
+    """Whether ``im2col_gram`` of ``x`` runs the compiled CPU kernel here (not forced onto
+    another backend)."""
+    return backend_for("im2col_gram", x, getattr(_forced, "name", None)) == "cpu"
+
+
 def conv_gram_grad_is_native(x, grad_output):
     """Whether ``conv_gram_grad`` runs compiled here (CPU backend, the signal in x's dtype):
     only then is it cheaper than the Gram op beside a native conv backward."""
