@@ -168,19 +168,27 @@ def _patched(targets, wrap):
 
 def record_gram_and_solve(model, x, y):
     """The Gram and ridge-solve calls (function, arguments) one training step of ``model``
-    makes, its arguments cloned; the step itself is taken."""
+    makes, its arguments cloned; the step itself is taken. A call made inside another
+    recorded one (a Linear's Gram through ``ops.im2col_gram``) is part of it, not a call
+    of its own."""
     calls = []
     gram_alone, fused = ops.im2col_gram, ops.conv_gram_grad
+    depth = [0]
 
     def recorder(fn):
         def record(*args, **kwargs):
-            clone = lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a  # noqa: E731
-            kept = {k: clone(v) for k, v in kwargs.items()}
-            if fn is fused:                   # (x, grad_output, geometry...): the Gram's part
-                calls.append((gram_alone, [clone(args[0]), *args[2:]], kept))
-            else:
-                calls.append((fn, [clone(a) for a in args], kept))
-            return fn(*args, **kwargs)
+            if depth[0] == 0:
+                clone = lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a  # noqa: E731
+                kept = {k: clone(v) for k, v in kwargs.items()}
+                if fn is fused:               # (x, grad_output, geometry...): the Gram's part
+                    calls.append((gram_alone, [clone(args[0]), *args[2:]], kept))
+                else:
+                    calls.append((fn, [clone(a) for a in args], kept))
+            depth[0] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
         return record
     with _patched(GRAM_AND_SOLVE, recorder):
         _stepper(model, x, y)()

@@ -94,6 +94,17 @@ def test_breakdown_finds_the_matched_ops():
     assert total > 0 and parts["rest"] >= 0
 
 
+def test_a_linear_gram_from_the_kernel_is_recorded_once():
+    """A Linear with 300 rows of 130 builds its Gram through ops.im2col_gram inside
+    _linear_gram: one recorded call, replayed once."""
+    torch.manual_seed(0)
+    matched = cx.consequentialize(nn.Sequential(nn.Flatten(0, 1), nn.Linear(130, 5)))
+    x, y = torch.randn(3, 100, 130), torch.randint(0, 5, (300,))
+    calls = real_models.record_gram_and_solve(matched, x, y)
+    assert [fn.__name__ for fn, _, _ in calls] == ["_linear_gram", "ridge_solve"]
+    assert calls[0][1][0].shape == (300, 130)
+
+
 def test_bucket_times_count_a_nested_bucket_op_once():
     """A Linear's Gram range holding the compiled Gram op (300 rows of 130: the kernel's
     side) counts as the range alone; a lone Gram op and a solve count on their own."""
