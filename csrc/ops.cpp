@@ -28,9 +28,9 @@ TORCH_LIBRARY(consequential_ext, m) {
   // instead of the automatic choice: for tests.
   m.def("_im2col_gram_algorithm(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, bool bias, str algorithm) -> Tensor");
-  // im2col_gram and, where the CPU's shift algorithm builds it, the weight gradient
-  // G = dZ Xᵀ per group (groups, out/groups, D; bias column Σ dZ) from the same pass over x;
-  // elsewhere an empty grad (the caller computes G). grad_output has x's dtype.
+  // im2col_gram and the weight gradient G = dZ Xᵀ per group (groups, out/groups, D; bias
+  // column Σ dZ): from the same pass over x where the CPU's shift algorithm builds the Gram
+  // and brings G, elsewhere from ATen's conv backward. grad_output has x's dtype.
   m.def("_conv_gram_grad(Tensor x, Tensor grad_output, int[2] kernel_size, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups, bool bias) -> (Tensor, Tensor)");
   // grad @ (gram + ridge·I)⁻¹ for a batch of systems: gram (..., D, D) symmetric PSD,
