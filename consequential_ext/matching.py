@@ -227,6 +227,17 @@ def conv_gram_and_grad(x, gy, weight_shape, stride, padding, dilation, groups, h
                               bias=has_bias)
 
 
+def conv_grad_alone(x, gy, weight_shape, stride, padding, dilation, groups, has_bias):
+    """G per group from the shift kernel's pass without the Gram where it computes G there
+    (``ops.conv_gram_brings_grad``; an amortised step that builds no Gram), else None: then
+    the input gradient's conv backward gives G."""
+    kernel = tuple(weight_shape[2:])
+    if not ops.conv_gram_brings_grad(x, gy, kernel, stride, padding, dilation, groups, has_bias):
+        return None
+    return ops.conv_weight_grad(x, gy, kernel, stride, padding, dilation, groups=groups,
+                                bias=has_bias)
+
+
 def conv_grad(grad_weight, grad_bias, groups):
     """G per group, (groups, out/groups, D), from a native conv backward's weight (and, with
     a bias, bias) gradient: the bias is the last column, multiplying the constant-1 row."""
@@ -237,7 +248,11 @@ def conv_grad(grad_weight, grad_bias, groups):
 
 
 def _conv_weight_grad(x, gy, weight_shape, stride, padding, dilation, groups, has_bias, work):
-    """Ordinary G = dZ Xᵀ per group, (groups, out/groups, D), via the native conv backward."""
+    """Ordinary G = dZ Xᵀ per group, (groups, out/groups, D): the compiled op's (the shift
+    kernel's where it brings G, else ATen's), or the native conv backward's."""
+    if ops.conv_gram_grad_is_native(x, gy):
+        return ops.conv_weight_grad(x, gy, tuple(weight_shape[2:]), stride, padding, dilation,
+                                    groups=groups, bias=has_bias)
     weight = torch.empty(weight_shape, dtype=work, device=x.device)
     _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         gy.to(work), x.to(work), weight, [weight_shape[0]] if has_bias else None, list(stride),

@@ -33,6 +33,10 @@ TORCH_LIBRARY(consequential_ext, m) {
   // and brings G, elsewhere from ATen's conv backward. grad_output has x's dtype.
   m.def("_conv_gram_grad(Tensor x, Tensor grad_output, int[2] kernel_size, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups, bool bias) -> (Tensor, Tensor)");
+  // _conv_gram_grad's G alone (the shift algorithm's pass without the Gram where it brings G,
+  // elsewhere ATen's conv backward).
+  m.def("_conv_weight_grad(Tensor x, Tensor grad_output, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, bool bias) -> Tensor");
   // grad @ (gram + ridge·I)⁻¹ for a batch of systems: gram (..., D, D) symmetric PSD,
   // grad (..., M, D). Cholesky; on a failed factorisation of finite input the ridge is
   // escalated (×10) with one warning; non-finite input gives non-finite output. Output

@@ -52,6 +52,7 @@ SAMPLES = {
     "im2col_gram": _im2col_gram_samples,
     "_im2col_gram_algorithm": _im2col_gram_algorithm_samples,
     "_conv_gram_grad": _conv_gram_grad_samples,
+    "_conv_weight_grad": _conv_gram_grad_samples,
 }
 
 

@@ -1,8 +1,10 @@
-"""ops.conv_gram_grad — a conv's Gram and its weight gradient G = dZ Xᵀ in one call — against
-float64 references (explicit ``unfold`` for the Gram, autograd of ``F.conv2d`` for G), where
-the CPU shift kernel computes G in its own pass over x and where ATen's conv backward gives
-it; the predicate that picks between them for a layer that also needs its input gradient
-(ops.conv_gram_brings_grad) against what the compiled op does; and C-layers on both paths."""
+"""ops.conv_gram_grad — a conv's Gram and its weight gradient G = dZ Xᵀ in one call — and
+ops.conv_weight_grad — that G alone — against float64 references (explicit ``unfold`` for the
+Gram, autograd of ``F.conv2d`` for G), where the CPU shift kernel computes G in its own pass
+over x and where ATen's conv backward gives it; the predicate that picks between them for a
+layer that also needs its input gradient (ops.conv_gram_brings_grad) against what the
+compiled ops do; and C-layers, exact and amortised, on both paths."""
+import copy
 import zlib
 
 import pytest
@@ -73,6 +75,8 @@ def _check(x, gy, weight_shape, p, d, groups, bias, tol):
                                         else torch.float32)
     close(gram, unfold_gram(x, k, 1, p, d, groups, bias), tol, "Gram")
     close(grad, _reference_grad(x, gy, weight_shape, 1, p, d, groups, bias), tol, "G")
+    # G alone: the same passes without the Gram's, so the same sums in the same order
+    assert torch.equal(ops.conv_weight_grad(x, gy, k, 1, p, d, groups=groups, bias=bias), grad)
     return gram, grad
 
 
@@ -106,6 +110,8 @@ def test_empty_batch_gives_zero_grad_and_the_bias_count():
     gram, grad = ops.conv_gram_grad(x, gy, k, 1, p, d, groups=groups, bias=True)
     assert not grad.any() and grad.shape == (1, out, gram.shape[-1])
     assert not gram[0, :-1].any() and gram[0, -1, -1] == 0
+    alone = ops.conv_weight_grad(x, gy, k, 1, p, d, groups=groups, bias=True)
+    assert not alone.any() and alone.shape == grad.shape
 
 
 def _aten_backward_ran(fn):
@@ -124,6 +130,8 @@ def test_predicate_says_what_the_compiled_op_does(case):
     assert brings == (case in FUSED)
     assert _aten_backward_ran(
         lambda: ops.conv_gram_grad(x, gy, k, 1, p, d, groups=groups, bias=bias)) != brings
+    assert _aten_backward_ran(
+        lambda: ops.conv_weight_grad(x, gy, k, 1, p, d, groups=groups, bias=bias)) != brings
     strided = ops.conv_gram_brings_grad(x, gy, k, (2, 1), p, d, groups, bias)
     assert not strided  # the shift kernel is stride 1 only
 
@@ -133,11 +141,14 @@ def test_reference_backend_gives_the_same():
     shape, out, k, p, d, groups, bias = FUSED[4]
     x, gy, weight_shape = _case(shape, out, k, p, d, groups)
     compiled = ops.conv_gram_grad(x, gy, k, 1, p, d, groups=groups, bias=bias)
+    alone = ops.conv_weight_grad(x, gy, k, 1, p, d, groups=groups, bias=bias)
     with ops.use_backend("reference"):
         assert not ops.conv_gram_grad_is_native(x, gy)
         spec = ops.conv_gram_grad(x, gy, k, 1, p, d, groups=groups, bias=bias)
+        spec_alone = ops.conv_weight_grad(x, gy, k, 1, p, d, groups=groups, bias=bias)
     for a, b in zip(compiled, spec, strict=True):
         close(a, b.double(), 1e-5)
+    close(alone, spec_alone.double(), 1e-5)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -147,17 +158,18 @@ def test_reference_backend_gives_the_same():
     (lambda gy: gy[0], "grad_output must be"),
     (lambda gy: gy.numpy(), "grad_output must be"),
 ])
-def test_bad_grad_output_is_named(bad, match):
+@pytest.mark.parametrize("name", ["conv_gram_grad", "conv_weight_grad"])
+def test_bad_grad_output_is_named(bad, match, name):
     shape, out, k, p, d, groups, bias = FUSED[0]
     x, gy, _ = _case(shape, out, k, p, d, groups)
-    with pytest.raises(ValueError, match=match):
-        ops.conv_gram_grad(x, bad(gy), k, 1, p, d, groups=groups, bias=bias)
-    with ops.use_backend("reference"), pytest.raises(ValueError, match=match):
-        ops.conv_gram_grad(x, bad(gy), k, 1, p, d, groups=groups, bias=bias)
+    with pytest.raises(ValueError, match=f"{name}: {match}"):
+        getattr(ops, name)(x, bad(gy), k, 1, p, d, groups=groups, bias=bias)
+    with ops.use_backend("reference"), pytest.raises(ValueError, match=f"{name}: {match}"):
+        getattr(ops, name)(x, bad(gy), k, 1, p, d, groups=groups, bias=bias)
     if isinstance(bad(gy), torch.Tensor):   # the compiled op's own checks
-        with pytest.raises(RuntimeError, match="grad_output must"):
-            torch.ops.consequential_ext._conv_gram_grad(x, bad(gy), list(k), [1, 1], list(p),
-                                                        list(d), groups, bias)
+        with pytest.raises(RuntimeError, match=f"{name}: grad_output must"):
+            getattr(torch.ops.consequential_ext, "_" + name)(x, bad(gy), list(k), [1, 1],
+                                                             list(p), list(d), groups, bias)
 
 
 @pytest.mark.parametrize("input_grad", [False, True])
@@ -184,3 +196,33 @@ def test_c_layer_on_the_fused_path_matches_the_reference_backend(input_grad):
     close(got[1], conv.bias.grad.double(), 1e-5, "bias")
     if input_grad:
         close(got_x, x.grad.double(), 1e-6, "input")
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_amortised_c_layer_takes_g_alone_from_the_shift_kernel(input_grad):
+    """An amortised CConv2d builds a Gram only on refresh steps; where the shift kernel brings
+    G it gives it alone (no native weight-gradient pass), and over refresh and other steps
+    the gradients are those of the same amortised layer on the reference backend (G from
+    explicit im2col, or from the input gradient's conv backward)."""
+    torch.manual_seed(11)
+    conv = cx.amortize(cx.CConv2d(16, 16, 3, padding=1, ridge=0.05), every=2)
+    twin = copy.deepcopy(conv)
+    for step in range(3):                    # refresh, other, refresh
+        x = torch.randn(8, 16, 7, 6, requires_grad=input_grad)
+        go = torch.randn(8, 16, 7, 6)
+        with torch.profiler.profile() as prof:
+            conv(x).backward(go)
+        names = [e.name for e in prof.events()]
+        assert "consequential_ext::_conv_weight_grad" in names
+        assert ("consequential_ext::im2col_gram" in names) == (step % 2 == 0)
+        assert names.count("aten::convolution_backward") == int(input_grad)
+        got_x = x.grad.clone() if input_grad else None
+        x.grad = None
+        with ops.use_backend("reference"):
+            twin(x).backward(go)
+        close(conv.weight.grad, twin.weight.grad.double(), 1e-5, "weight")
+        close(conv.bias.grad, twin.bias.grad.double(), 1e-5, "bias")
+        if input_grad:
+            close(got_x, x.grad.double(), 1e-6, "input")
+        for layer in (conv, twin):
+            layer.zero_grad(set_to_none=True)

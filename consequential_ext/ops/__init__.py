@@ -18,7 +18,7 @@ from ._backends import available_backends, backend_for
 from ._conv_args import check_conv_args, output_size
 from ._fake import register_fakes
 
-__all__ = ["im2col_gram", "conv_gram_grad", "ridge_solve", "use_backend", "available_backends",
+__all__ = ["im2col_gram", "conv_gram_grad", "conv_weight_grad", "ridge_solve", "use_backend", "available_backends",
            "reference"]
 
 register_fakes()
@@ -69,21 +69,43 @@ def conv_gram_grad(x, grad_output, kernel_size, stride=1, padding=0, dilation=1,
     have only the reference (explicit im2col): there the Gram op and the native conv backward
     are the faster pair.
     """
-    ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
-    out_hw = output_size(x, ks, st, pd, dl)
-    if not isinstance(grad_output, torch.Tensor) or grad_output.dim() != 4 \
-            or grad_output.shape[0] != x.shape[0] or grad_output.shape[1] % groups \
-            or tuple(grad_output.shape[2:]) != out_hw or grad_output.dtype != x.dtype:
-        raise ValueError(f"conv_gram_grad: grad_output must be (B, out, Ho, Wo) = "
-                         f"({x.shape[0]}, a multiple of groups={groups}, {out_hw[0]}, "
-                         f"{out_hw[1]}) in x's dtype {x.dtype}; got "
-                         f"{tuple(getattr(grad_output, 'shape', ()))} "
-                         f"{getattr(grad_output, 'dtype', type(grad_output).__name__)}")
+    ks, st, pd, dl = _check_grad_args("conv_gram_grad", x, grad_output, kernel_size, stride,
+                                      padding, dilation, groups)
     backend = backend_for("_conv_gram_grad", x, getattr(_forced, "name", None))
     if backend == "cpu":
         return torch.ops.consequential_ext._conv_gram_grad(x, grad_output, ks, st, pd, dl,
                                                            groups, bias)
     return reference.conv_gram_grad(x, grad_output, ks, st, pd, dl, groups, bias)
+
+
+def conv_weight_grad(x, grad_output, kernel_size, stride=1, padding=0, dilation=1, *, groups=1,
+                     bias=False):
+    """``conv_gram_grad``'s G alone, (groups, out/groups, D): on CPU from the shift kernel's
+    pass without the Gram where ``conv_gram_brings_grad`` (there cheaper than ATen's
+    weight-gradient pass, README "Since 017cced"), else from ATen's conv backward."""
+    ks, st, pd, dl = _check_grad_args("conv_weight_grad", x, grad_output, kernel_size, stride,
+                                      padding, dilation, groups)
+    backend = backend_for("_conv_weight_grad", x, getattr(_forced, "name", None))
+    if backend == "cpu":
+        return torch.ops.consequential_ext._conv_weight_grad(x, grad_output, ks, st, pd, dl,
+                                                             groups, bias)
+    return reference.conv_weight_grad(x, grad_output, ks, st, pd, dl, groups, bias)
+
+
+def _check_grad_args(name, x, grad_output, kernel_size, stride, padding, dilation, groups):
+    """The conv arguments as pairs, after checking them and that ``grad_output`` is the
+    conv's output gradient in x's dtype."""
+    ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
+    out_hw = output_size(x, ks, st, pd, dl)
+    if not isinstance(grad_output, torch.Tensor) or grad_output.dim() != 4 \
+            or grad_output.shape[0] != x.shape[0] or grad_output.shape[1] % groups \
+            or tuple(grad_output.shape[2:]) != out_hw or grad_output.dtype != x.dtype:
+        raise ValueError(f"{name}: grad_output must be (B, out, Ho, Wo) = "
+                         f"({x.shape[0]}, a multiple of groups={groups}, {out_hw[0]}, "
+                         f"{out_hw[1]}) in x's dtype {x.dtype}; got "
+                         f"{tuple(getattr(grad_output, 'shape', ()))} "
+                         f"{getattr(grad_output, 'dtype', type(grad_output).__name__)}")
+    return ks, st, pd, dl
 
 
 def gram_is_native(x):

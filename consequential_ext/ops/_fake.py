@@ -37,6 +37,11 @@ def register_fakes():
         out = grad_output.shape[1]
         return gram, gram.new_empty((groups, out // groups, gram.shape[-1]))
 
+    @torch.library.register_fake("consequential_ext::_conv_weight_grad")
+    def _(x, grad_output, kernel_size, stride, padding, dilation, groups, bias):
+        gram = _gram(x, kernel_size, stride, padding, dilation, groups, bias)
+        return gram.new_empty((groups, grad_output.shape[1] // groups, gram.shape[-1]))
+
     @torch.library.register_fake("consequential_ext::ridge_solve")
     def _(gram, grad, ridge, out_dtype=None):
         return grad.new_empty(grad.shape, dtype=out_dtype or grad.dtype)

@@ -11,7 +11,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["accumulate_dtype", "conv_gram_grad", "im2col", "im2col_gram", "ridge_solve"]
+__all__ = ["accumulate_dtype", "conv_gram_grad", "conv_weight_grad", "im2col", "im2col_gram",
+           "ridge_solve"]
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,6 +55,13 @@ def conv_gram_grad(x, grad_output, kernel_size, stride, padding, dilation, group
     b, out = grad_output.shape[:2]
     dz = grad_output.to(work).reshape(b, groups, out // groups, -1).permute(1, 2, 0, 3)
     return cols @ cols.transpose(1, 2), dz.reshape(groups, out // groups, -1) @ cols.transpose(1, 2)
+
+
+def conv_weight_grad(x, grad_output, kernel_size, stride, padding, dilation, groups=1,
+                     bias=False):
+    """``conv_gram_grad``'s G alone."""
+    return conv_gram_grad(x, grad_output, kernel_size, stride, padding, dilation, groups,
+                          bias)[1]
 
 
 _escalation_warned = False

@@ -104,6 +104,43 @@ bool shift_brings_grad(int64_t channels, int64_t out_channels, const PatchGeomet
          og >= kCorrAlign && 4 * cp * op <= 5 * cg * og;
 }
 
+// grad_output (B, out, Ho, Wo) of x's dtype for a conv of geometry g.
+void check_grad_output(const at::Tensor& x, const at::Tensor& grad_output,
+                       const PatchGeometry& g, const char* op) {
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == x.size(0) &&
+                  grad_output.size(1) >= 1 && grad_output.size(1) % g.groups == 0 &&
+                  grad_output.size(2) == g.out_h(x.size(2)) &&
+                  grad_output.size(3) == g.out_w(x.size(3)),
+              op, ": grad_output must be (B, out, Ho, Wo) = (", x.size(0),
+              ", a multiple of groups=", g.groups, ", ", g.out_h(x.size(2)), ", ",
+              g.out_w(x.size(3)), "), got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == x.scalar_type(), op,
+              ": grad_output must have x's dtype ", x.scalar_type(), ", got ",
+              grad_output.scalar_type());
+}
+
+bool brings_grad(const at::Tensor& x, const at::Tensor& grad_output, const PatchGeometry& g) {
+  return x.numel() > 0 &&
+         shift_brings_grad(x.size(1), grad_output.size(1), g, patch_count(x, g), gram_size(x, g));
+}
+
+// G (groups, out/groups, D) from ATen's conv backward (oneDNN), in x's accumulation type.
+at::Tensor aten_weight_grad(const at::Tensor& x, const at::Tensor& grad_output,
+                            const PatchGeometry& g) {
+  const int64_t out = grad_output.size(1), groups = g.groups;
+  const auto acc = accumulate_type(x);
+  auto weight = at::empty({out, x.size(1) / groups, g.kh, g.kw}, x.options().dtype(acc));
+  std::optional<at::IntArrayRef> bias_sizes;
+  const std::vector<int64_t> bias_shape{out};
+  if (g.bias) bias_sizes = bias_shape;
+  auto [unused, grad_w, grad_b] = at::convolution_backward(
+      grad_output.to(acc), x.to(acc), weight, bias_sizes, {g.sh, g.sw}, {g.ph, g.pw},
+      {g.dh, g.dw}, false, {0, 0}, groups, {false, true, g.bias});
+  auto grad = grad_w.reshape({groups, out / groups, -1});
+  if (g.bias) grad = at::cat({grad, grad_b.reshape({groups, out / groups, 1})}, -1);
+  return grad;
+}
+
 // The Gram and the weight gradient G = dZ Xᵀ of a conv's input x and output gradient
 // grad_output: (gram (groups, D, D), grad (groups, out/groups, D), the bias column Σ dZ),
 // both in x's accumulation type. G from the shift kernel's own pass over x where
@@ -113,35 +150,30 @@ std::tuple<at::Tensor, at::Tensor> conv_gram_grad_cpu(
     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     bool bias) {
   const PatchGeometry g = checked_geometry(x, kernel_size, stride, padding, dilation, groups, bias);
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == x.size(0) &&
-                  grad_output.size(1) >= 1 && grad_output.size(1) % groups == 0 &&
-                  grad_output.size(2) == g.out_h(x.size(2)) &&
-                  grad_output.size(3) == g.out_w(x.size(3)),
-              "conv_gram_grad: grad_output must be (B, out, Ho, Wo) = (", x.size(0),
-              ", a multiple of groups=", groups, ", ", g.out_h(x.size(2)), ", ",
-              g.out_w(x.size(3)), "), got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == x.scalar_type(),
-              "conv_gram_grad: grad_output must have x's dtype ", x.scalar_type(), ", got ",
-              grad_output.scalar_type());
+  check_grad_output(x, grad_output, g, "conv_gram_grad");
+  if (!brings_grad(x, grad_output, g))
+    return {gram_with(x, g, Algorithm::kAuto), aten_weight_grad(x, grad_output, g)};
   const int64_t d = gram_size(x, g), out = grad_output.size(1);
-  const auto acc = accumulate_type(x);
-  if (x.numel() == 0 || !shift_brings_grad(x.size(1), out, g, patch_count(x, g), d)) {
-    auto gram = gram_with(x, g, Algorithm::kAuto);
-    auto weight = at::empty({out, x.size(1) / groups, g.kh, g.kw}, x.options().dtype(acc));
-    std::optional<at::IntArrayRef> bias_sizes;
-    const std::vector<int64_t> bias_shape{out};
-    if (bias) bias_sizes = bias_shape;
-    auto [unused, grad_w, grad_b] = at::convolution_backward(
-        grad_output.to(acc), x.to(acc), weight, bias_sizes, stride, padding, dilation, false,
-        {0, 0}, groups, {false, true, bias});
-    auto grad = grad_w.reshape({groups, out / groups, -1});
-    if (bias) grad = at::cat({grad, grad_b.reshape({groups, out / groups, 1})}, -1);
-    return {gram, grad};
-  }
-  auto gram = at::empty({groups, d, d}, x.options().dtype(acc));
-  auto grad = at::empty({groups, out / groups, d}, x.options().dtype(acc));
+  auto gram = at::empty({groups, d, d}, x.options().dtype(accumulate_type(x)));
+  auto grad = at::empty({groups, out / groups, d}, x.options().dtype(accumulate_type(x)));
   gram_shift_cpu(x, g, gram, &grad_output, &grad);
   return {gram, grad};
+}
+
+// G alone, as conv_gram_grad_cpu gives it: the shift kernel's pass without the Gram's
+// correlations where shift_brings_grad, else ATen's conv backward.
+at::Tensor conv_weight_grad_cpu(const at::Tensor& x, const at::Tensor& grad_output,
+                                c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                                c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                int64_t groups, bool bias) {
+  const PatchGeometry g = checked_geometry(x, kernel_size, stride, padding, dilation, groups, bias);
+  check_grad_output(x, grad_output, g, "conv_weight_grad");
+  if (!brings_grad(x, grad_output, g)) return aten_weight_grad(x, grad_output, g);
+  auto grad = at::empty({groups, grad_output.size(1) / groups, gram_size(x, g)},
+                        x.options().dtype(accumulate_type(x)));
+  at::Tensor no_gram;
+  gram_shift_cpu(x, g, no_gram, &grad_output, &grad);
+  return grad;
 }
 
 at::Tensor im2col_gram_cpu(const at::Tensor& x, c10::IntArrayRef kernel_size,
@@ -175,6 +207,7 @@ TORCH_LIBRARY_IMPL(consequential_ext, CPU, m) {
   m.impl("im2col_gram", &im2col_gram_cpu);
   m.impl("_im2col_gram_algorithm", &im2col_gram_algorithm_cpu);
   m.impl("_conv_gram_grad", &conv_gram_grad_cpu);
+  m.impl("_conv_weight_grad", &conv_weight_grad_cpu);
 }
 
 }  // namespace consequential_ext::cpu

@@ -19,7 +19,8 @@ struct PatchGeometry {
 // every input dtype but double). x: (B, C, H, W) of any dtype and strides.
 // Stride-1 convolutions: shifted channel correlations + border corrections (exact). With
 // grad_output (B, out, Ho, Wo) of x's dtype, also the weight gradient G = dZ Xᵀ into grad
-// (groups, out/groups, D) from the same copy of x (bias column: Σ dZ).
+// (groups, out/groups, D) from the same copy of x (bias column: Σ dZ); with gram undefined,
+// G alone.
 void gram_shift_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram,
                     const at::Tensor* grad_output = nullptr, at::Tensor* grad = nullptr);
 // Any stride / dilation (and 1×1): im2col in cache-sized tiles of patches, upper triangle only.

@@ -30,7 +30,8 @@
 // copied like x (Zy, the same strides; rows at least Wo wide), and G's block of kernel offset
 // (i, j) is Σ over output pixels p of dZ(p) · x(p + (dh·i − ph, dw·j − pw))ᵀ — per output row
 // one correlation of its run with the input run it multiplies, clipped to pixels whose partner
-// is in the image (3×3 'same' on 8×8: 484 products per image and channel pair).
+// is in the image (3×3 'same' on 8×8: 484 products per image and channel pair). Without a
+// Gram (gram undefined) only G is computed: the chunk copies and these correlations.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -151,7 +152,8 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       if (s > 0 || t >= 0) shifts.push_back({s, t});
   const int64_t nsh = shifts.size(), nrc = rows.classes.size();
   const int64_t nxb = cols.border.size();
-  const int64_t D = gram.size(-1);
+  const bool with_gram = gram.defined();
+  const int64_t D = with_gram ? gram.size(-1) : grad->size(-1);
 
   // While accumulating, the group's output memory holds the Gram in offset-major order,
   // block (i·kw + j, i2·kw + j2) of Cg × Cg entries, so adding a piece is a contiguous
@@ -174,7 +176,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
 
   // Bias row: Σ_b x over each row y and column slot (every column, then each border
   // column), per channel; double because it is a plain sum over up to B·W terms.
-  const int64_t q_size = g.bias ? H * (1 + nxb) * Cg : 0;
+  const int64_t q_size = g.bias && with_gram ? H * (1 + nxb) * Cg : 0;
   std::vector<double> Q(q_size);
 
   // Threads take whole chunks of images (a private copy each, no barrier inside a chunk:
@@ -271,12 +273,12 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   };
 
   for (grp = 0; grp < g.groups; ++grp) {
-    acc_t* G = gram.data_ptr<acc_t>() + grp * D * D;
-    std::fill(G, G + D * D, acc_t(0));
+    acc_t* G = with_gram ? gram.data_ptr<acc_t>() + grp * D * D : nullptr;
+    if (with_gram) std::fill(G, G + D * D, acc_t(0));
     std::fill(Q.begin(), Q.end(), 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_lo, int64_t chunk_hi) {
       const int64_t tid = at::get_thread_num();
-      if (tid > 0) {
+      if (tid > 0 && with_gram) {
         thread_gram[tid] = scratch<acc_t, 0>(d0 * d0);
         std::fill(thread_gram[tid], thread_gram[tid] + d0 * d0, acc_t(0));
       }
@@ -284,8 +286,8 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       std::vector<double>& q_local = thread_q[tid];
       q_local.assign(q_size, 0.0);
       acc_t* const Z = scratch<acc_t, 1>(Bc * per_image);
-      acc_t* const local = scratch<acc_t, 2>(nsh * cell);
-      acc_t* const piece = scratch<acc_t, 3>(cell);
+      acc_t* const local = with_gram ? scratch<acc_t, 2>(nsh * cell) : nullptr;
+      acc_t* const piece = with_gram ? scratch<acc_t, 3>(cell) : nullptr;
       acc_t* const Zy = gy ? scratch<acc_t, 5>(Bc * per_grad_image) : nullptr;
       acc_t* const g_mine = gy ? scratch<acc_t, 6>(kk * gcell) : nullptr;
       if (gy) {
@@ -300,6 +302,10 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
         for (int64_t b = 0; b < bc; ++b)
           copy_image(Z + b * Cs, Wz, bc, Cs, src + (b0 + b) * sb + grp * Cg * sc, Cg, H, W, sc,
                      sy, sx);
+        if (!with_gram) {
+          grad_chunk(b0, bc, Z, Zy, g_mine, thread_gb[tid]);
+          continue;
+        }
 
         // Core columns: per row, the run of real pixels (x-major, so the core columns are
         // one contiguous stretch of it), in K-blocks of whole rows or of row pieces, all
@@ -372,6 +378,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       thread_q[t].clear();
     }
     if (gy) write_grad(grp);
+    if (!with_gram) continue;
     // The threads' offset-major Grams summed in thread order (bit-identical run to run), then
     // permuted to (channel, i, j) order one output row at a time (sequential writes, no
     // division per entry). Blocks of shifts (s < 0) or (s = 0, t < 0) are transposes of
