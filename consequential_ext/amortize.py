@@ -119,7 +119,7 @@ class GramAmortizer(nn.Module):
             else:
                 current = energy(direction, self.safeguard_columns)
             direction = self._shorten(direction, grad, current, ridge)
-        if not bool(torch.isfinite(direction).all()):
+        if not _all_finite(direction):
             _warn_non_finite()
             return torch.full_like(grad, float("nan"))
         return direction
@@ -144,12 +144,13 @@ class GramAmortizer(nn.Module):
     def _shorten(self, direction, grad, current, ridge):
         """``direction·s``, s = min(1, ⟨G, Δ⟩ / (|ΔX|²/N + λ|Δ|²)) per system: the step
         length that minimises the current batch's quadratic model along Δ."""
-        gain = (grad * direction).sum((-2, -1))
-        model = current + ridge * direction.square().sum((-2, -1))
-        if not (bool(torch.isfinite(gain).all()) and bool(torch.isfinite(model).all())):
+        flat = direction.flatten(-2)           # one pass per product, no (…, M, D) temporary
+        gain = torch.linalg.vecdot(grad.flatten(-2), flat)
+        model = current + ridge * torch.linalg.vecdot(flat, flat)
+        if not _all_finite(torch.stack([gain, model])):
             return torch.full_like(direction, float("nan"))
-        scale = torch.where(model > 0, gain / model, torch.ones_like(model)).clamp(max=1.0)
-        return direction * scale[..., None, None]
+        scale = torch.where(model > 0, gain / model, 1.0).clamp(max=1.0)
+        return direction.mul_(scale[..., None, None])
 
     def extra_repr(self):
         return (f"shape={tuple(self.gram.shape)}, every={self.every}, "
@@ -157,6 +158,12 @@ class GramAmortizer(nn.Module):
                 f"decay={self.decay:g}, damping={self.damping:g}, "
                 f"safeguard_columns={self.safeguard_columns}, "
                 f"exact_when_cheaper={self.exact_when_cheaper}")
+
+
+def _all_finite(t):
+    """Whether every entry of ``t`` is finite: a finite sum proves it in one pass; only an
+    inf/NaN sum (non-finite entries, or finite ones that overflowed) needs the exact test."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _check_count(name, value):

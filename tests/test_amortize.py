@@ -383,3 +383,19 @@ def test_functional_checks_the_amortizer_in_forward():
     with pytest.raises(ValueError, match="amortizer"):
         cx.functional.cconv2d(torch.randn(1, 4, 5, 5), torch.randn(2, 2, 3, 3), groups=2,
                               amortizer=GramAmortizer((1, 18, 18), every=1, decay=0.5))
+
+
+@pytest.mark.parametrize("values, finite", [
+    ([1.0, -2.0, 3.0], True),
+    ([3e38, 3e38, -1.0], True),          # finite entries whose float32 sum overflows
+    ([1.0, math.inf, 2.0], False),
+    ([-math.inf, 1.0, 2.0], False),
+    ([1.0, math.nan, 2.0], False),
+    ([3e38, 3e38, math.nan], False),
+    ([], True),
+])
+def test_finite_check_is_exact_whatever_the_sum(values, finite):
+    """The one-pass check (a finite sum proves every entry finite) falls back to the exact
+    test where the sum is not finite, so a finite step whose sum overflows is kept."""
+    t = torch.tensor(values, dtype=torch.float32).reshape(-1, 1)
+    assert amortize_module._all_finite(t) is finite

@@ -176,6 +176,10 @@ MUTANTS = [
     _m("amortize.ema-weight-swapped", PY + "amortize.py",
        "torch.lerp(gram, self.gram,", "torch.lerp(self.gram, gram,",
        "tests/test_amortize.py", why="the EMA weight"),
+    _m("amortize.finite-check-trusts-the-sum", PY + "amortize.py",
+       "return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())",
+       "return math.isfinite(float(t.sum()))",
+       "tests/test_amortize.py", why="an overflowing sum of finite entries is no NaN"),
 
     # ---- ops: the reference spec and the dispatcher ---------------------------------------
     _m("reference.accumulates-in-input-dtype", PY + "ops/reference.py",
