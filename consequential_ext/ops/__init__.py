@@ -18,8 +18,8 @@ from ._backends import available_backends, backend_for
 from ._conv_args import check_conv_args, output_size
 from ._fake import register_fakes
 
-__all__ = ["im2col_gram", "conv_gram_grad", "conv_weight_grad", "ridge_solve", "use_backend", "available_backends",
-           "reference"]
+__all__ = ["im2col_gram", "conv_gram_grad", "conv_weight_grad", "ridge_solve", "use_backend",
+           "available_backends", "reference"]
 
 register_fakes()
 _forced = threading.local()
