@@ -69,13 +69,8 @@ def conv_gram_grad(x, grad_output, kernel_size, stride=1, padding=0, dilation=1,
     have only the reference (explicit im2col): there the Gram op and the native conv backward
     are the faster pair.
     """
-    ks, st, pd, dl = _check_grad_args("conv_gram_grad", x, grad_output, kernel_size, stride,
-                                      padding, dilation, groups)
-    backend = backend_for("_conv_gram_grad", x, getattr(_forced, "name", None))
-    if backend == "cpu":
-        return torch.ops.consequential_ext._conv_gram_grad(x, grad_output, ks, st, pd, dl,
-                                                           groups, bias)
-    return reference.conv_gram_grad(x, grad_output, ks, st, pd, dl, groups, bias)
+    return _grad_op("conv_gram_grad", x, grad_output, kernel_size, stride, padding, dilation,
+                    groups, bias)
 
 
 def conv_weight_grad(x, grad_output, kernel_size, stride=1, padding=0, dilation=1, *, groups=1,
@@ -83,18 +78,13 @@ def conv_weight_grad(x, grad_output, kernel_size, stride=1, padding=0, dilation=
     """``conv_gram_grad``'s G alone, (groups, out/groups, D): on CPU from the shift kernel's
     pass without the Gram where ``conv_gram_brings_grad`` (there cheaper than ATen's
     weight-gradient pass, README "Since 017cced"), else from ATen's conv backward."""
-    ks, st, pd, dl = _check_grad_args("conv_weight_grad", x, grad_output, kernel_size, stride,
-                                      padding, dilation, groups)
-    backend = backend_for("_conv_weight_grad", x, getattr(_forced, "name", None))
-    if backend == "cpu":
-        return torch.ops.consequential_ext._conv_weight_grad(x, grad_output, ks, st, pd, dl,
-                                                             groups, bias)
-    return reference.conv_weight_grad(x, grad_output, ks, st, pd, dl, groups, bias)
+    return _grad_op("conv_weight_grad", x, grad_output, kernel_size, stride, padding, dilation,
+                    groups, bias)
 
 
-def _check_grad_args(name, x, grad_output, kernel_size, stride, padding, dilation, groups):
-    """The conv arguments as pairs, after checking them and that ``grad_output`` is the
-    conv's output gradient in x's dtype."""
+def _grad_op(name, x, grad_output, kernel_size, stride, padding, dilation, groups, bias):
+    """Op ``name`` (compiled ``_name`` on CPU, else ``reference.name``) after checking the conv
+    arguments and that ``grad_output`` is the conv's output gradient in x's dtype."""
     ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
     out_hw = output_size(x, ks, st, pd, dl)
     if not isinstance(grad_output, torch.Tensor) or grad_output.dim() != 4 \
@@ -105,7 +95,10 @@ def _check_grad_args(name, x, grad_output, kernel_size, stride, padding, dilatio
                          f"{out_hw[1]}) in x's dtype {x.dtype}; got "
                          f"{tuple(getattr(grad_output, 'shape', ()))} "
                          f"{getattr(grad_output, 'dtype', type(grad_output).__name__)}")
-    return ks, st, pd, dl
+    if backend_for("_" + name, x, getattr(_forced, "name", None)) == "cpu":
+        return getattr(torch.ops.consequential_ext, "_" + name)(x, grad_output, ks, st, pd, dl,
+                                                                groups, bias)
+    return getattr(reference, name)(x, grad_output, ks, st, pd, dl, groups, bias)
 
 
 def gram_is_native(x):
