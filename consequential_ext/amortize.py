@@ -8,7 +8,8 @@ those run on refresh steps only, the Gram from a strided part of the batch holdi
 inverse and the safeguard's energy on a few columns (``O(M·D·safeguard_columns)``), so a
 step costs little more than plain SGD's ``G``. Where the column (P×P) system is cheaper
 (``matching.cheaper_side``, e.g. N < D) the exact column solve is used instead: it is exact
-and cheaper than the amortised one there (``exact_when_cheaper``).
+where the row Gram is rank-deficient, and for N ≪ D cheaper than the amortised one
+(``exact_when_cheaper``; docs/amortize.md).
 
 Stale statistics are damped two ways (docs/amortize.md derives both):
 
