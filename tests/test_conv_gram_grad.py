@@ -202,8 +202,8 @@ def test_c_layer_on_the_fused_path_matches_the_reference_backend(input_grad):
 def test_amortised_c_layer_takes_g_alone_from_the_shift_kernel(input_grad):
     """An amortised CConv2d builds a Gram only on refresh steps; where the shift kernel brings
     G it gives it alone (no native weight-gradient pass), and over refresh and other steps
-    the gradients are those of the same amortised layer on the reference backend (G from
-    explicit im2col, or from the input gradient's conv backward)."""
+    the gradients are those of the same amortised layer on the reference backend (there G
+    comes from the native conv backward, with the input gradient's where there is one)."""
     torch.manual_seed(11)
     conv = cx.amortize(cx.CConv2d(16, 16, 3, padding=1, ridge=0.05), every=2)
     twin = copy.deepcopy(conv)
