@@ -110,15 +110,12 @@ class Conv2dGradients:
         dtype = self.grad_output.dtype
         fuse = with_matched_g and self._fusable()
         if fuse:  # the row side: the shift kernel may give G (exact: and the Gram) cheaper
-            geometry = (self.x, self.grad_output, self.weight.shape, self.stride, self.padding,
-                        self.dilation, self.groups, self.has_bias)
-            if self.amortizer is None:
-                both = matching.conv_gram_and_grad(*geometry)
-                if both is not None:
-                    self._gram, self._g = both
-            else:
-                self._g = matching.conv_grad_alone(*geometry)
-            fuse = self._g is None
+            both = matching.conv_gram_and_grad(
+                self.x, self.grad_output, self.weight.shape, self.stride, self.padding,
+                self.dilation, self.groups, self.has_bias, with_gram=self.amortizer is None)
+            if both is not None:
+                self._gram, self._g = both
+                fuse = False
         bias = fuse and self.has_bias
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             self.grad_output, self.x.to(dtype), self.weight.to(dtype),

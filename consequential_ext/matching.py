@@ -216,26 +216,19 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
     return grad_weight, grad_bias
 
 
-def conv_gram_and_grad(x, gy, weight_shape, stride, padding, dilation, groups, has_bias):
+def conv_gram_and_grad(x, gy, weight_shape, stride, padding, dilation, groups, has_bias, *,
+                       with_gram=True):
     """(unnormalised Gram, G) per group from the Gram kernel's one pass over ``x`` where it
     computes G there (``ops.conv_gram_brings_grad``: cheaper than the weight-gradient half of
-    a native conv backward), else None: then the input gradient's conv backward gives G."""
+    a native conv backward), else None: then the input gradient's conv backward gives G.
+    Without ``with_gram`` (an amortised step, which builds its Gram, if at all, from part of
+    the batch): (None, G) from that pass without the Gram's correlations."""
     kernel = tuple(weight_shape[2:])
     if not ops.conv_gram_brings_grad(x, gy, kernel, stride, padding, dilation, groups, has_bias):
         return None
-    return ops.conv_gram_grad(x, gy, kernel, stride, padding, dilation, groups=groups,
-                              bias=has_bias)
-
-
-def conv_grad_alone(x, gy, weight_shape, stride, padding, dilation, groups, has_bias):
-    """G per group from the shift kernel's pass without the Gram where it computes G there
-    (``ops.conv_gram_brings_grad``; an amortised step that builds no Gram), else None: then
-    the input gradient's conv backward gives G."""
-    kernel = tuple(weight_shape[2:])
-    if not ops.conv_gram_brings_grad(x, gy, kernel, stride, padding, dilation, groups, has_bias):
-        return None
-    return ops.conv_weight_grad(x, gy, kernel, stride, padding, dilation, groups=groups,
-                                bias=has_bias)
+    fn = ops.conv_gram_grad if with_gram else ops.conv_weight_grad
+    out = fn(x, gy, kernel, stride, padding, dilation, groups=groups, bias=has_bias)
+    return out if with_gram else (None, out)
 
 
 def conv_grad(grad_weight, grad_bias, groups):
