@@ -50,6 +50,13 @@ FUSED = [
     ((3, 64, 5, 5), 64, (3, 3), (1, 1), (1, 1), 2, True),
     ((2, 16, 4, 11), 16, (1, 3), (0, 1), (1, 3), 1, False),
     ((2, 32, 4, 4), 32, (3, 3), (1, 1), (1, 1), 1, True),    # few patches (P = 32, D = 289)
+    # 3×3 dilation 1: G (and the Gram's core) in 2 × 2 Winograd tiles — even output maps,
+    # 'valid', padding 2 with more output than input channels, fewer output than input
+    # channels, uneven padding with an odd output row
+    ((2, 16, 10, 8), 16, (3, 3), (0, 0), (1, 1), 1, True),
+    ((2, 16, 6, 7), 32, (3, 3), (2, 2), (1, 1), 1, False),
+    ((3, 32, 8, 8), 16, (3, 3), (1, 1), (1, 1), 1, True),
+    ((2, 16, 8, 6), 16, (3, 3), (2, 1), (1, 1), 1, True),
 ]
 NOT_FUSED = [
     ((2, 3, 7, 6), 16, (3, 3), (1, 1), (1, 1), 1, True),     # few input channels

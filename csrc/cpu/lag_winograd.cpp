@@ -1,0 +1,325 @@
+// Lag correlations of a 3×3 Gram's core in Winograd form: the tile transforms and the
+// shifts' recovery (the maths: lag_winograd.h).
+#include "lag_winograd.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "corr_kernel.h"
+#include "gram_cpu.h"
+#include "simd.h"
+
+namespace consequential_ext::cpu {
+namespace {
+
+// All 50 transformed panels of a K-block together stay within half of this CPU's L2 (1 MiB),
+// so the 25 correlations read them from cache.
+constexpr int64_t kPanelBytes = int64_t{1} << 19;
+
+// The transformed panels of tiles [t0, t0 + nt) (row-major over the region's tiles, each
+// with its bc images) into A (a-side) and R (b-side): point pt's panel at pt·ps, row
+// (tile − t0)·bc + image at that times Cs; W-byte vectors of channels.
+template <typename T, int W>
+__attribute__((always_inline)) inline void transform_any(T* A, T* R, int64_t ps, const T* Z,
+                                                         const T* zero, int64_t H, int64_t Wd,
+                                                         int64_t Wz, int64_t bc, int64_t Cs,
+                                                         int64_t Cp, int64_t y0, int64_t x0,
+                                                         int64_t ntx, int64_t t0, int64_t nt) {
+  using vec = typename Vec<T, W>::type;
+  constexpr int V = W / sizeof(T);
+  const T half = T(0.5);
+  for (int64_t tile = t0; tile < t0 + nt; ++tile) {
+    const int64_t y = y0 + 2 * (tile / ntx), x = x0 + 2 * (tile % ntx);
+    // the b window: rows y … y + 3, columns x − 2 … x + 3 (the a tile is its [0, 2) × [2, 4));
+    // a pixel outside the image reads the zero vector for every image
+    const T* base[4][6];
+    int64_t step[4][6];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 6; ++j) {
+        const int64_t yy = y + i, xx = x - 2 + j;
+        const bool inside = yy < H && xx >= 0 && xx < Wd;
+        base[i][j] = inside ? Z + (yy * Wz + xx) * bc * Cs : zero;
+        step[i][j] = inside ? Cs : 0;
+      }
+    // Without channel padding past Cp the tile's bc images are one run of bc·Cs elements in
+    // Z and in every panel, transformed as one; else image by image, the Cp channels each.
+    const bool one_run = Cs == Cp;
+    for (int64_t b = 0; b < (one_run ? 1 : bc); ++b) {
+    const int64_t kk = (tile - t0) * bc + b, len = one_run ? bc * Cs : Cp;
+    const T* p[4][6];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 6; ++j) p[i][j] = base[i][j] + b * step[i][j];
+    T* a = A + kk * Cs;
+    T* r = R + kk * Cs;
+    auto put = [&](T* base, int pt, int64_t c, const vec& v) {
+      std::memcpy(base + pt * ps + c, &v, sizeof(vec));
+    };
+    for (int64_t c = 0; c < len; c += V) {
+      vec v[4][6];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 6; ++j) std::memcpy(&v[i][j], p[i][j] + c, sizeof(vec));
+      // F(2, 3) ⊗ F(2, 3): points 0 … 15 (row point · 4 + column point)
+      vec ac[2][4], bcol[4][4];
+      for (int i = 0; i < 2; ++i) {
+        const vec a0 = v[i][2], a1 = v[i][3];
+        ac[i][0] = a0, ac[i][1] = (a0 + a1) * half, ac[i][2] = (a0 - a1) * half, ac[i][3] = -a1;
+      }
+      for (int i = 0; i < 4; ++i) {
+        const vec b0 = v[i][2], b1 = v[i][3], b2 = v[i][4], b3 = v[i][5];
+        bcol[i][0] = b0 - b2, bcol[i][1] = b1 + b2, bcol[i][2] = b2 - b1, bcol[i][3] = b1 - b3;
+      }
+      for (int j = 0; j < 4; ++j) {
+        const vec a0 = ac[0][j], a1 = ac[1][j];
+        put(a, 0 + j, c, a0);
+        put(a, 4 + j, c, (a0 + a1) * half);
+        put(a, 8 + j, c, (a0 - a1) * half);
+        put(a, 12 + j, c, -a1);
+        const vec b0 = bcol[0][j], b1 = bcol[1][j], b2 = bcol[2][j], b3 = bcol[3][j];
+        put(r, 0 + j, c, b0 - b2);
+        put(r, 4 + j, c, b1 + b2);
+        put(r, 8 + j, c, b2 - b1);
+        put(r, 12 + j, c, b1 - b3);
+      }
+      // F(2, 2) ⊗ F(2, 2) on the b window's rows 1 … 3, columns 0 … 2: points 16 … 24
+      vec ag[2][3], bg[3][3];
+      for (int i = 0; i < 2; ++i) {
+        const vec a0 = v[i][2], a1 = v[i][3];
+        ag[i][0] = a0, ag[i][1] = a0 + a1, ag[i][2] = a1;
+      }
+      for (int i = 0; i < 3; ++i) {
+        const vec b0 = v[i + 1][0], b1 = v[i + 1][1], b2 = v[i + 1][2];
+        bg[i][0] = b0 - b1, bg[i][1] = b1, bg[i][2] = b2 - b1;
+      }
+      for (int j = 0; j < 3; ++j) {
+        const vec a0 = ag[0][j], a1 = ag[1][j];
+        put(a, 16 + j, c, a0);
+        put(a, 19 + j, c, a0 + a1);
+        put(a, 22 + j, c, a1);
+        const vec b0 = bg[0][j], b1 = bg[1][j], b2 = bg[2][j];
+        put(r, 16 + j, c, b0 - b1);
+        put(r, 19 + j, c, b1);
+        put(r, 22 + j, c, b2 - b1);
+      }
+    }
+    }
+  }
+}
+
+#define CX_LAG_VARIANT(NAME, W, ATTR)                                                           \
+  template <typename T>                                                                         \
+  ATTR void NAME(T* A, T* R, int64_t ps, const T* Z, const T* zero, int64_t H, int64_t Wd,      \
+                 int64_t Wz, int64_t bc, int64_t Cs, int64_t Cp, int64_t y0, int64_t x0,        \
+                 int64_t ntx, int64_t t0, int64_t nt) {                                         \
+    transform_any<T, W>(A, R, ps, Z, zero, H, Wd, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);          \
+  }
+CX_LAG_VARIANT(transform_avx512, 64, __attribute__((target("avx512f"))))
+CX_LAG_VARIANT(transform_avx2, 32, __attribute__((target("avx2,fma"))))
+CX_LAG_VARIANT(transform_portable, 16, )
+#undef CX_LAG_VARIANT
+
+template <typename T>
+void points_impl(T* M, const T* Z, int64_t H, int64_t W, int64_t Wz, int64_t bc, int64_t Cs,
+                 int64_t Cp, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+  const int64_t ntx = (x1 - x0) / 2, tiles = (y1 - y0) / 2 * ntx;
+  // K-blocks of whole tiles (each bc panel rows)
+  const int64_t kb = std::max<int64_t>(16, kPanelBytes / (2 * kLagPoints * Cs * sizeof(T)));
+  const int64_t tb = std::max<int64_t>(1, kb / bc), ps = tb * bc * Cs;  // ps: one point's panel
+  T* const A = scratch<T, 7>(2 * kLagPoints * ps + bc * Cs);
+  T* const R = A + kLagPoints * ps;
+  T* const zero = R + kLagPoints * ps;  // the partners of a pixel outside the image
+  std::fill(zero, zero + bc * Cs, T(0));
+  const Isa isa = cpu_isa();
+  for (int64_t t0 = 0; t0 < tiles; t0 += tb) {
+    const int64_t nt = std::min(tb, tiles - t0);
+    if (isa == Isa::kAvx512)
+      transform_avx512<T>(A, R, ps, Z, zero, H, W, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);
+    else if (isa == Isa::kAvx2)
+      transform_avx2<T>(A, R, ps, Z, zero, H, W, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);
+    else
+      transform_portable<T>(A, R, ps, Z, zero, H, W, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);
+    for (int pt = 0; pt < kLagPoints; ++pt)
+      corr_accumulate(M + pt * Cp * Cp, Cp, A + pt * ps, R + pt * ps, Cp, Cp, 1, 0, nt * bc, Cs);
+  }
+}
+
+// G's panels of output tiles [t0, t0 + nt): a-side from the output gradient's copy Zy (the
+// tile's 2 × 2 pixels, Oc channels), b-side from x's copy Z (rows y − ph … y − ph + 3,
+// columns x − pw … x − pw + 3, Cc channels; zero outside the image); 16 points each.
+template <typename T, int W>
+__attribute__((always_inline)) inline void grad_transform_any(
+    T* A, T* R, int64_t ps, const T* Zy, const T* Z, const T* zero, int64_t H, int64_t Wd,
+    int64_t Wz, int64_t bc, int64_t Cs, int64_t Oc, int64_t Cc, int64_t ph, int64_t pw,
+    int64_t ntx, int64_t t0, int64_t nt) {
+  using vec = typename Vec<T, W>::type;
+  constexpr int V = W / sizeof(T);
+  const T half = T(0.5);
+  auto put = [&](T* base, int pt, int64_t c, const vec& v) {
+    std::memcpy(base + pt * ps + c, &v, sizeof(vec));
+  };
+  for (int64_t tile = t0; tile < t0 + nt; ++tile) {
+    const int64_t y = 2 * (tile / ntx), x = 2 * (tile % ntx);
+    const T* base[4][4];
+    int64_t step[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int64_t yy = y - ph + i, xx = x - pw + j;
+        const bool inside = yy >= 0 && yy < H && xx >= 0 && xx < Wd;
+        base[i][j] = inside ? Z + (yy * Wz + xx) * bc * Cs : zero;
+        step[i][j] = inside ? Cs : 0;
+      }
+    const T* ay = Zy + (y * Wz + x) * bc * Cs;
+    for (int64_t b = 0; b < bc; ++b) {
+      const int64_t kk = (tile - t0) * bc + b;
+      T* a = A + kk * Cs;
+      T* r = R + kk * Cs;
+      const T* q = ay + b * Cs;
+      for (int64_t c = 0; c < Oc; c += V) {
+        vec v[2][2];
+        std::memcpy(&v[0][0], q + c, sizeof(vec));
+        std::memcpy(&v[0][1], q + bc * Cs + c, sizeof(vec));
+        std::memcpy(&v[1][0], q + Wz * bc * Cs + c, sizeof(vec));
+        std::memcpy(&v[1][1], q + (Wz + 1) * bc * Cs + c, sizeof(vec));
+        vec ac[2][4];
+        for (int i = 0; i < 2; ++i) {
+          const vec a0 = v[i][0], a1 = v[i][1];
+          ac[i][0] = a0, ac[i][1] = (a0 + a1) * half, ac[i][2] = (a0 - a1) * half, ac[i][3] = -a1;
+        }
+        for (int j = 0; j < 4; ++j) {
+          const vec a0 = ac[0][j], a1 = ac[1][j];
+          put(a, 0 + j, c, a0);
+          put(a, 4 + j, c, (a0 + a1) * half);
+          put(a, 8 + j, c, (a0 - a1) * half);
+          put(a, 12 + j, c, -a1);
+        }
+      }
+      for (int64_t c = 0; c < Cc; c += V) {
+        vec bcol[4][4];
+        for (int i = 0; i < 4; ++i) {
+          vec w[4];
+          for (int j = 0; j < 4; ++j) std::memcpy(&w[j], base[i][j] + b * step[i][j] + c, sizeof(vec));
+          bcol[i][0] = w[0] - w[2], bcol[i][1] = w[1] + w[2], bcol[i][2] = w[2] - w[1], bcol[i][3] = w[1] - w[3];
+        }
+        for (int j = 0; j < 4; ++j) {
+          const vec b0 = bcol[0][j], b1 = bcol[1][j], b2 = bcol[2][j], b3 = bcol[3][j];
+          put(r, 0 + j, c, b0 - b2);
+          put(r, 4 + j, c, b1 + b2);
+          put(r, 8 + j, c, b2 - b1);
+          put(r, 12 + j, c, b1 - b3);
+        }
+      }
+    }
+  }
+}
+
+#define CX_GRAD_VARIANT(NAME, W, ATTR)                                                          \
+  template <typename T>                                                                         \
+  ATTR void NAME(T* A, T* R, int64_t ps, const T* Zy, const T* Z, const T* zero, int64_t H,     \
+                 int64_t Wd, int64_t Wz, int64_t bc, int64_t Cs, int64_t Oc, int64_t Cc,        \
+                 int64_t ph, int64_t pw, int64_t ntx, int64_t t0, int64_t nt) {                 \
+    grad_transform_any<T, W>(A, R, ps, Zy, Z, zero, H, Wd, Wz, bc, Cs, Oc, Cc, ph, pw, ntx, t0, \
+                             nt);                                                               \
+  }
+CX_GRAD_VARIANT(grad_transform_avx512, 64, __attribute__((target("avx512f"))))
+CX_GRAD_VARIANT(grad_transform_avx2, 32, __attribute__((target("avx2,fma"))))
+CX_GRAD_VARIANT(grad_transform_portable, 16, )
+#undef CX_GRAD_VARIANT
+
+template <typename T>
+void grad_points_impl(T* M, const T* Zy, const T* Z, int64_t H, int64_t W, int64_t Wz,
+                      int64_t bc, int64_t Cs, int64_t Op, int64_t Cp, int64_t ph, int64_t pw,
+                      int64_t y1, int64_t x1) {
+  const int64_t ntx = x1 / 2, tiles = y1 / 2 * ntx;
+  const int64_t kb = std::max<int64_t>(16, kPanelBytes / (2 * kGradPoints * Cs * sizeof(T)));
+  const int64_t tb = std::max<int64_t>(1, kb / bc), ps = tb * bc * Cs;
+  T* const A = scratch<T, 7>(2 * kGradPoints * ps + Cs);
+  T* const R = A + kGradPoints * ps;
+  T* const zero = R + kGradPoints * ps;
+  std::fill(zero, zero + Cs, T(0));
+  const Isa isa = cpu_isa();
+  for (int64_t t0 = 0; t0 < tiles; t0 += tb) {
+    const int64_t nt = std::min(tb, tiles - t0);
+    if (isa == Isa::kAvx512)
+      grad_transform_avx512<T>(A, R, ps, Zy, Z, zero, H, W, Wz, bc, Cs, Op, Cp, ph, pw, ntx, t0, nt);
+    else if (isa == Isa::kAvx2)
+      grad_transform_avx2<T>(A, R, ps, Zy, Z, zero, H, W, Wz, bc, Cs, Op, Cp, ph, pw, ntx, t0, nt);
+    else
+      grad_transform_portable<T>(A, R, ps, Zy, Z, zero, H, W, Wz, bc, Cs, Op, Cp, ph, pw, ntx, t0,
+                                 nt);
+    for (int pt = 0; pt < kGradPoints; ++pt)
+      corr_accumulate(M + pt * Op * Cp, Cp, A + pt * ps, R + pt * ps, Op, Cp, 1, 0, nt * bc, Cs);
+  }
+}
+
+// Which points, with which coefficient, make up each lag: per axis, F(2, 3)'s lags 0, 1, 2
+// and F(2, 2)'s lags 0, 1.
+constexpr int kLag3[3][4] = {{1, 1, 1, 0}, {0, 1, -1, 0}, {0, 1, 1, 1}};
+constexpr int kLag2[2][3] = {{1, 1, 0}, {0, 1, 1}};
+
+template <typename T>
+void from_points_impl(T* out, const T* M, int64_t Cp, int64_t s, int64_t t) {
+  const int64_t cell = Cp * Cp;
+  std::fill(out, out + cell, T(0));
+  auto add = [&](int pt, int coefficient) {
+    if (coefficient == 0) return;
+    const T* m = M + pt * cell;
+    const T w = static_cast<T>(coefficient);
+    for (int64_t e = 0; e < cell; ++e) out[e] += w * m[e];
+  };
+  if (t >= 0) {  // F(2, 3) ⊗ F(2, 3)
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) add(i * 4 + j, kLag3[s][i] * kLag3[t][j]);
+  } else {  // F(2, 2) ⊗ F(2, 2) on the window moved by (+1, −2): s ∈ {1, 2}, t ∈ {−2, −1}
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j) add(16 + i * 3 + j, kLag2[s - 1][i] * kLag2[t + 2][j]);
+  }
+}
+
+template <typename T>
+void grad_from_points_impl(T* g, const T* M, int64_t cell) {
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) {
+      T* out = g + (i * 3 + j) * cell;
+      for (int pr = 0; pr < 4; ++pr)
+        for (int pc = 0; pc < 4; ++pc) {
+          const int coefficient = kLag3[i][pr] * kLag3[j][pc];
+          if (coefficient == 0) continue;
+          const T w = static_cast<T>(coefficient);
+          const T* m = M + (pr * 4 + pc) * cell;
+          for (int64_t e = 0; e < cell; ++e) out[e] += w * m[e];
+        }
+    }
+}
+
+}  // namespace
+
+void grad_points_accumulate(float* M, const float* Zy, const float* Z, int64_t H, int64_t W,
+                            int64_t Wz, int64_t bc, int64_t Cs, int64_t Op, int64_t Cp,
+                            int64_t ph, int64_t pw, int64_t y1, int64_t x1) {
+  grad_points_impl(M, Zy, Z, H, W, Wz, bc, Cs, Op, Cp, ph, pw, y1, x1);
+}
+void grad_points_accumulate(double* M, const double* Zy, const double* Z, int64_t H, int64_t W,
+                            int64_t Wz, int64_t bc, int64_t Cs, int64_t Op, int64_t Cp,
+                            int64_t ph, int64_t pw, int64_t y1, int64_t x1) {
+  grad_points_impl(M, Zy, Z, H, W, Wz, bc, Cs, Op, Cp, ph, pw, y1, x1);
+}
+void grad_from_points(float* g, const float* M, int64_t cell) { grad_from_points_impl(g, M, cell); }
+void grad_from_points(double* g, const double* M, int64_t cell) { grad_from_points_impl(g, M, cell); }
+
+void lag_points_accumulate(float* M, const float* Z, int64_t H, int64_t W, int64_t Wz,
+                           int64_t bc, int64_t Cs, int64_t Cp, int64_t y0, int64_t y1,
+                           int64_t x0, int64_t x1) {
+  points_impl(M, Z, H, W, Wz, bc, Cs, Cp, y0, y1, x0, x1);
+}
+void lag_points_accumulate(double* M, const double* Z, int64_t H, int64_t W, int64_t Wz,
+                           int64_t bc, int64_t Cs, int64_t Cp, int64_t y0, int64_t y1,
+                           int64_t x0, int64_t x1) {
+  points_impl(M, Z, H, W, Wz, bc, Cs, Cp, y0, y1, x0, x1);
+}
+void lag_from_points(float* out, const float* M, int64_t Cp, int64_t s, int64_t t) {
+  from_points_impl(out, M, Cp, s, t);
+}
+void lag_from_points(double* out, const double* M, int64_t Cp, int64_t s, int64_t t) {
+  from_points_impl(out, M, Cp, s, t);
+}
+
+}  // namespace consequential_ext::cpu
