@@ -6,10 +6,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "corr_kernel.h"
 #include "gram_cpu.h"
+#include "image_copy.h"
 #include "mirror.h"
 
 namespace consequential_ext::cpu {
@@ -33,6 +35,12 @@ void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   const int64_t sb = x.stride(0), sc = x.stride(1), sy = x.stride(2), sx = x.stride(3);
   auto out = gram.accessor<acc_t, 3>();
   std::vector<acc_t> acc(Dp * Dp);
+  // Tile columns are offset-major, (i·kw + j)·Cg + c: a patch row is kk runs of Cg channels,
+  // each one copy from a pixel-major copy of its image (reading x's channels a plane apart,
+  // element by element, took as long as the products: a 128×16×32×32 stride-2 Gram on one
+  // thread). column[p] is Gram row p's — channel c, offset o: p = c·kk + o — tile column.
+  std::vector<int64_t> column(D);
+  for (int64_t p = 0; p < D; ++p) column[p] = p < d0 ? p % kk * Cg + p / kk : p;
   std::vector<std::vector<acc_t>> thread_acc(at::get_num_threads());
 
   for (int64_t grp = 0; grp < g.groups; ++grp) {
@@ -45,23 +53,26 @@ void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       if (tid > 0) thread_acc[tid].assign(Dp * Dp, acc_t(0));
       acc_t* mine = tid > 0 ? thread_acc[tid].data() : acc.data();
       std::vector<acc_t> tile(T * Ds);  // pad columns [D, Dp) stay zero
+      acc_t* const image = scratch<acc_t, 10>(H * W * Cg);
+      int64_t image_b = -1;  // the image copied into it
       for (int64_t tile_index = tile_lo; tile_index < tile_hi; ++tile_index) {
         const int64_t p0 = tile_index * T, n = std::min(T, P - p0);
         for (int64_t r = 0; r < n; ++r) {
           const int64_t pos = p0 + r, b = pos / (Ho * Wo), oy = pos / Wo % Ho, ox = pos % Wo;
-          const src_t* s0 = src + b * sb + grp * Cg * sc;
+          if (b != image_b) {
+            copy_image(image, W, 1, Cg, src + b * sb + grp * Cg * sc, Cg, H, W, sc, sy, sx);
+            image_b = b;
+          }
           acc_t* row = tile.data() + r * Ds;
           for (int64_t i = 0; i < g.kh; ++i) {
             const int64_t y = oy * g.sh + g.dh * i - g.ph;
             for (int64_t j = 0; j < g.kw; ++j) {
               const int64_t xx = ox * g.sw + g.dw * j - g.pw;
-              acc_t* dst = row + i * g.kw + j;
-              if (y < 0 || y >= H || xx < 0 || xx >= W) {  // zero padding
-                for (int64_t c = 0; c < Cg; ++c) dst[c * kk] = acc_t(0);
-                continue;
-              }
-              const src_t* sp = s0 + y * sy + xx * sx;
-              for (int64_t c = 0; c < Cg; ++c) dst[c * kk] = static_cast<acc_t>(sp[c * sc]);
+              acc_t* dst = row + (i * g.kw + j) * Cg;
+              if (y < 0 || y >= H || xx < 0 || xx >= W)  // zero padding
+                std::fill(dst, dst + Cg, acc_t(0));
+              else
+                std::memcpy(dst, image + (y * W + xx) * Cg, Cg * sizeof(acc_t));
             }
           }
           if (g.bias) row[d0] = acc_t(1);
@@ -81,8 +92,13 @@ void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       for (size_t e = 0; e < other.size(); ++e) acc[e] += other[e];
       std::vector<acc_t>().swap(other);
     }
+    // (channel, i, j) order from the tile's offset-major columns; either side of acc's upper
+    // triangle (computed in whole 16 × 16 blocks) by symmetry.
     for (int64_t p = 0; p < D; ++p)
-      for (int64_t q = p; q < D; ++q) out[grp][p][q] = acc[p * Dp + q];
+      for (int64_t q = p; q < D; ++q) {
+        const int64_t a = column[p], b = column[q];
+        out[grp][p][q] = a <= b ? acc[a * Dp + b] : acc[b * Dp + a];
+      }
     mirror_triangle(&out[grp][0][0], D, D, Mirror::kUpperToLower);
   }
 }
