@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "corr_kernel.h"
@@ -61,23 +62,36 @@ void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       if (tid > 0) thread_acc[tid].assign(Dp * Dp, acc_t(0));
       acc_t* mine = tid > 0 ? thread_acc[tid].data() : acc.data();
       std::vector<acc_t> tile(T * Ds);  // pad columns [D, Dp) stay zero
-      acc_t* const image = scratch<acc_t, 10>(H * W * Cg);
-      int64_t image_b = -1;  // the image copied into it
+      // Channels already contiguous in acc_t (channels_last float, say): read in place.
+      // Else each image's pixel-major copy.
+      bool in_place = false;
+      if constexpr (std::is_same_v<src_t, acc_t>) in_place = sc == 1;
+      acc_t* const image = in_place ? nullptr : scratch<acc_t, 10>(H * W * Cg);
+      const acc_t* pixels = nullptr;  // pixel (y, x) of the current image at y·py + x·px
+      const int64_t py = in_place ? sy : W * Cg, px = in_place ? sx : Cg;
+      int64_t image_b = -1;  // the current image
       for (int64_t tile_index = tile_lo; tile_index < tile_hi; ++tile_index) {
         const int64_t p0 = tile_index * T, n = std::min(T, P - p0);
         for (int64_t r = 0; r < n; ++r) {
           const int64_t pos = p0 + r, b = pos / (Ho * Wo), oy = pos / Wo % Ho, ox = pos % Wo;
           if (b != image_b) {
-            copy_image(image, W, 1, Cg, src + b * sb + grp * Cg * sc, Cg, H, W, sc, sy, sx);
+            const src_t* s0 = src + b * sb + grp * Cg * sc;
+            if constexpr (std::is_same_v<src_t, acc_t>)
+              if (in_place) pixels = s0;
+            if (!in_place) {
+              copy_image(image, W, 1, Cg, s0, Cg, H, W, sc, sy, sx);
+              pixels = image;
+            }
             image_b = b;
           }
           acc_t* row = tile.data() + r * Ds;
           const int64_t x0 = ox * g.sw - g.pw;  // the first kernel column's input column
           for (int64_t i = 0; i < g.kh; ++i) {
             const int64_t y = oy * g.sh + g.dh * i - g.ph;
-            // A kernel row inside the image, undilated, is one run of kw·Cg in both.
-            if (g.dw == 1 && y >= 0 && y < H && x0 >= 0 && x0 + g.kw <= W) {
-              copy_run(row + i * g.kw * Cg, image + (y * W + x0) * Cg, g.kw * Cg);
+            // A kernel row inside the image, undilated, over pixels Cg apart, is one run of
+            // kw·Cg in both.
+            if (g.dw == 1 && px == Cg && y >= 0 && y < H && x0 >= 0 && x0 + g.kw <= W) {
+              copy_run(row + i * g.kw * Cg, pixels + y * py + x0 * px, g.kw * Cg);
               continue;
             }
             for (int64_t j = 0; j < g.kw; ++j) {
@@ -86,7 +100,7 @@ void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
               if (y < 0 || y >= H || xx < 0 || xx >= W)  // zero padding
                 std::fill(dst, dst + Cg, acc_t(0));
               else
-                copy_run(dst, image + (y * W + xx) * Cg, Cg);
+                copy_run(dst, pixels + y * py + xx * px, Cg);
             }
           }
           if (g.bias) row[d0] = acc_t(1);
