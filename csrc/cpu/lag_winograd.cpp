@@ -3,6 +3,7 @@
 #include "lag_winograd.h"
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 
 #include "corr_kernel.h"
@@ -15,6 +16,35 @@ namespace {
 // All 50 transformed panels of a K-block together stay within half of this CPU's L2 (1 MiB),
 // so the 25 correlations read them from cache.
 constexpr int64_t kPanelBytes = int64_t{1} << 19;
+
+// F(2, 3) ⊗ F(2, 3)'s 16 points of a 2 × 2 a-side tile (per axis [a0, (a0 + a1)/2,
+// (a0 − a1)/2, −a1]) and of a 4 × 4 b-side window (per axis [b0 − b2, b1 + b2, b2 − b1,
+// b1 − b3]), read from v's columns C0 on, each handed to put(point, value) as soon as it is
+// made (point = row point · 4 + column point; fewer live registers than arrays of points).
+template <int C0, typename vec, typename T, size_t R, size_t C, typename Put>
+__attribute__((always_inline)) inline void a_points_3x3(const vec (&v)[R][C], T half, Put put) {
+  vec rows[2][4];
+  for (int i = 0; i < 2; ++i) {
+    const vec a0 = v[i][C0], a1 = v[i][C0 + 1];
+    rows[i][0] = a0, rows[i][1] = (a0 + a1) * half, rows[i][2] = (a0 - a1) * half, rows[i][3] = -a1;
+  }
+  for (int j = 0; j < 4; ++j) {
+    const vec a0 = rows[0][j], a1 = rows[1][j];
+    put(j, a0), put(4 + j, (a0 + a1) * half), put(8 + j, (a0 - a1) * half), put(12 + j, -a1);
+  }
+}
+template <int C0, typename vec, size_t R, size_t C, typename Put>
+__attribute__((always_inline)) inline void b_points_3x3(const vec (&v)[R][C], Put put) {
+  vec rows[4][4];
+  for (int i = 0; i < 4; ++i) {
+    const vec b0 = v[i][C0], b1 = v[i][C0 + 1], b2 = v[i][C0 + 2], b3 = v[i][C0 + 3];
+    rows[i][0] = b0 - b2, rows[i][1] = b1 + b2, rows[i][2] = b2 - b1, rows[i][3] = b1 - b3;
+  }
+  for (int j = 0; j < 4; ++j) {
+    const vec b0 = rows[0][j], b1 = rows[1][j], b2 = rows[2][j], b3 = rows[3][j];
+    put(j, b0 - b2), put(4 + j, b1 + b2), put(8 + j, b2 - b1), put(12 + j, b1 - b3);
+  }
+}
 
 // The transformed panels of tiles [t0, t0 + nt) (row-major over the region's tiles, each
 // with its bc images) into A (a-side) and R (b-side): point pt's panel at pt·ps, row
@@ -58,28 +88,9 @@ __attribute__((always_inline)) inline void transform_any(T* A, T* R, int64_t ps,
       vec v[4][6];
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 6; ++j) std::memcpy(&v[i][j], p[i][j] + c, sizeof(vec));
-      // F(2, 3) ⊗ F(2, 3): points 0 … 15 (row point · 4 + column point)
-      vec ac[2][4], bcol[4][4];
-      for (int i = 0; i < 2; ++i) {
-        const vec a0 = v[i][2], a1 = v[i][3];
-        ac[i][0] = a0, ac[i][1] = (a0 + a1) * half, ac[i][2] = (a0 - a1) * half, ac[i][3] = -a1;
-      }
-      for (int i = 0; i < 4; ++i) {
-        const vec b0 = v[i][2], b1 = v[i][3], b2 = v[i][4], b3 = v[i][5];
-        bcol[i][0] = b0 - b2, bcol[i][1] = b1 + b2, bcol[i][2] = b2 - b1, bcol[i][3] = b1 - b3;
-      }
-      for (int j = 0; j < 4; ++j) {
-        const vec a0 = ac[0][j], a1 = ac[1][j];
-        put(a, 0 + j, c, a0);
-        put(a, 4 + j, c, (a0 + a1) * half);
-        put(a, 8 + j, c, (a0 - a1) * half);
-        put(a, 12 + j, c, -a1);
-        const vec b0 = bcol[0][j], b1 = bcol[1][j], b2 = bcol[2][j], b3 = bcol[3][j];
-        put(r, 0 + j, c, b0 - b2);
-        put(r, 4 + j, c, b1 + b2);
-        put(r, 8 + j, c, b2 - b1);
-        put(r, 12 + j, c, b1 - b3);
-      }
+      // F(2, 3) ⊗ F(2, 3): points 0 … 15 (the a tile is the window's columns 2, 3)
+      a_points_3x3<2>(v, half, [&](int pt, const vec& x) { put(a, pt, c, x); });
+      b_points_3x3<2>(v, [&](int pt, const vec& x) { put(r, pt, c, x); });
       // F(2, 2) ⊗ F(2, 2) on the b window's rows 1 … 3, columns 0 … 2: points 16 … 24
       vec ag[2][3], bg[3][3];
       for (int i = 0; i < 2; ++i) {
@@ -179,33 +190,13 @@ __attribute__((always_inline)) inline void grad_transform_any(
         std::memcpy(&v[0][1], q + bc * Cs + c, sizeof(vec));
         std::memcpy(&v[1][0], q + Wz * bc * Cs + c, sizeof(vec));
         std::memcpy(&v[1][1], q + (Wz + 1) * bc * Cs + c, sizeof(vec));
-        vec ac[2][4];
-        for (int i = 0; i < 2; ++i) {
-          const vec a0 = v[i][0], a1 = v[i][1];
-          ac[i][0] = a0, ac[i][1] = (a0 + a1) * half, ac[i][2] = (a0 - a1) * half, ac[i][3] = -a1;
-        }
-        for (int j = 0; j < 4; ++j) {
-          const vec a0 = ac[0][j], a1 = ac[1][j];
-          put(a, 0 + j, c, a0);
-          put(a, 4 + j, c, (a0 + a1) * half);
-          put(a, 8 + j, c, (a0 - a1) * half);
-          put(a, 12 + j, c, -a1);
-        }
+        a_points_3x3<0>(v, half, [&](int pt, const vec& x) { put(a, pt, c, x); });
       }
       for (int64_t c = 0; c < Cc; c += V) {
-        vec bcol[4][4];
-        for (int i = 0; i < 4; ++i) {
-          vec w[4];
-          for (int j = 0; j < 4; ++j) std::memcpy(&w[j], base[i][j] + b * step[i][j] + c, sizeof(vec));
-          bcol[i][0] = w[0] - w[2], bcol[i][1] = w[1] + w[2], bcol[i][2] = w[2] - w[1], bcol[i][3] = w[1] - w[3];
-        }
-        for (int j = 0; j < 4; ++j) {
-          const vec b0 = bcol[0][j], b1 = bcol[1][j], b2 = bcol[2][j], b3 = bcol[3][j];
-          put(r, 0 + j, c, b0 - b2);
-          put(r, 4 + j, c, b1 + b2);
-          put(r, 8 + j, c, b2 - b1);
-          put(r, 12 + j, c, b1 - b3);
-        }
+        vec w[4][4];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) std::memcpy(&w[i][j], base[i][j] + b * step[i][j] + c, sizeof(vec));
+        b_points_3x3<0>(w, [&](int pt, const vec& x) { put(r, pt, c, x); });
       }
     }
   }
