@@ -376,7 +376,7 @@ MUTANTS = [
        CPU_KERNELS + "::test_gram_matches_reference",
        why="the Winograd tiles' lag 1 is m1 - m2 (lag_winograd.h)"),
     _m("cpu.lag-remainder-from-first-core-column", "csrc/cpu/gram_shift_cpu.cpp",
-       "segments = {{rows.core0, wy1, wx1}", "segments = {{rows.core0, wy1, cols.core0}",
+       "tiled ? Segment{rows.core0, wy1, wx1}", "tiled ? Segment{rows.core0, wy1, cols.core0}",
        CPU_KERNELS + "::test_gram_matches_reference",
        why="the tiles' rows are direct only past the tiles: else the core counts twice"),
     _m("cpu.grad-tiles-window-unpadded", "csrc/cpu/lag_winograd.cpp",

@@ -37,7 +37,7 @@
 // pixels come from 2 × 2 tiles in Winograd form (lag_winograd.h: 25 products per 4 pixels
 // for the 13 shifts instead of 52, 16 for G's 9 offsets instead of 36); an odd last core (or
 // output) row or column, and the border classes, stay direct. Measured in one process, the
-// two forms interleaved (2 threads, CPU time, ×128): the Gram and G 0.96× on 16 channels
+// two forms interleaved (1 thread, CPU time, ×128): the Gram and G 0.96× on 16 channels
 // 32×32, 0.86× on 32 on 16×16, 0.81× on 64 on 8×8 — on 16 channels the transforms cost
 // nearly what the products save.
 #include <ATen/Dispatch.h>
@@ -129,7 +129,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   const int64_t nxb = cols.border.size();
   const bool with_gram = gram.defined();
   // A 3×3 kernel's core rows × core columns in Winograd form (lag_winograd.h): the even part
-  // [core0, wy1) × [core0, wx1); an odd last core row or column stays direct.
+  // [rows.core0, wy1) × [cols.core0, wx1); an odd last core row or column stays direct.
   const bool lag_tiles = with_gram && g.kh == 3 && g.kw == 3 && g.dh == 1 && g.dw == 1 &&
                          rows.core1 - rows.core0 >= 2 && cols.core1 - cols.core0 >= 2;
   const int64_t wy1 = lag_tiles ? rows.core0 + (rows.core1 - rows.core0) / 2 * 2 : rows.core0;
@@ -319,9 +319,11 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
           struct Segment {
             int64_t y_begin, y_end, x_begin;
           };
-          std::vector<Segment> segments{{rows.classes[rc].begin, rows.classes[rc].end, cols.core0}};
-          if (lag_tiles && rc == core_rc)
-            segments = {{rows.core0, wy1, wx1}, {wy1, rows.core1, cols.core0}};
+          const bool tiled = lag_tiles && rc == core_rc;
+          const Segment segments[2] = {
+              tiled ? Segment{rows.core0, wy1, wx1}
+                    : Segment{rows.classes[rc].begin, rows.classes[rc].end, cols.core0},
+              tiled ? Segment{wy1, rows.core1, cols.core0} : Segment{0, 0, 0}};
           for (const auto [y_begin, y_end, x_begin] : segments)
           for (int64_t y0 = y_begin; y0 < y_end && x_begin < cols.core1; y0 += rows_per_block)
             for (int64_t q0 = 0; q0 < run; q0 += kb) {

@@ -27,7 +27,7 @@ constexpr int kLagPoints = 25;  // 4 × 4 (F(2, 3) ⊗ F(2, 3)) + 3 × 3 (F(2, 2
 // point products of the 2 × 2 tiles of pixels [y0, y1) × [x0, x1) (both even lengths, inside
 // the image) of a chunk copy Z: pixel (y, x) of image b at Z + ((y·Wz + x)·bc + b)·Cs, Cp
 // channels (the padding zero) of an H × W image; partners outside the image count as zero.
-// Uses this thread's scratch slots 7 and 8.
+// Uses this thread's scratch slot 7.
 void lag_points_accumulate(float* M, const float* Z, int64_t H, int64_t W, int64_t Wz,
                            int64_t bc, int64_t Cs, int64_t Cp, int64_t y0, int64_t y1,
                            int64_t x0, int64_t x1);
