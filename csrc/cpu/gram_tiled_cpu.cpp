@@ -76,12 +76,10 @@ void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
           const int64_t pos = p0 + r, b = pos / (Ho * Wo), oy = pos / Wo % Ho, ox = pos % Wo;
           if (b != image_b) {
             const src_t* s0 = src + b * sb + grp * Cg * sc;
+            pixels = image;
             if constexpr (std::is_same_v<src_t, acc_t>)
               if (in_place) pixels = s0;
-            if (!in_place) {
-              copy_image(image, W, 1, Cg, s0, Cg, H, W, sc, sy, sx);
-              pixels = image;
-            }
+            if (!in_place) copy_image(image, W, 1, Cg, s0, Cg, H, W, sc, sy, sx);
             image_b = b;
           }
           acc_t* row = tile.data() + r * Ds;
@@ -95,7 +93,7 @@ void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
               continue;
             }
             for (int64_t j = 0; j < g.kw; ++j) {
-              const int64_t xx = ox * g.sw + g.dw * j - g.pw;
+              const int64_t xx = x0 + g.dw * j;
               acc_t* dst = row + (i * g.kw + j) * Cg;
               if (y < 0 || y >= H || xx < 0 || xx >= W)  // zero padding
                 std::fill(dst, dst + Cg, acc_t(0));

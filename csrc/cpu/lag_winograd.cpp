@@ -128,29 +128,41 @@ CX_LAG_VARIANT(transform_avx2, 32, __attribute__((target("avx2,fma"))))
 CX_LAG_VARIANT(transform_portable, 16, )
 #undef CX_LAG_VARIANT
 
+// Point products over a region's tiles, in K-blocks of whole tiles (bc panel rows each):
+// transform(A, R, ps, zero, t0, nt) writes the block's a-side and b-side panels (point pt's at
+// pt·ps; zero: bc·Cs zeros, the partners outside the image), then one correlation per point
+// adds into M (points blocks of m × Cp, leading dimension Cp).
+template <typename T, typename Transform>
+void points_over_tiles(T* M, int points, int64_t m, int64_t Cp, int64_t tiles, int64_t bc,
+                       int64_t Cs, Transform transform) {
+  const int64_t kb = std::max<int64_t>(16, kPanelBytes / (2 * points * Cs * sizeof(T)));
+  const int64_t tb = std::max<int64_t>(1, kb / bc), ps = tb * bc * Cs;
+  T* const A = scratch<T, 7>(2 * points * ps + bc * Cs);
+  T* const R = A + points * ps;
+  T* const zero = R + points * ps;
+  std::fill(zero, zero + bc * Cs, T(0));
+  for (int64_t t0 = 0; t0 < tiles; t0 += tb) {
+    const int64_t nt = std::min(tb, tiles - t0);
+    transform(A, R, ps, zero, t0, nt);
+    for (int pt = 0; pt < points; ++pt)
+      corr_accumulate(M + pt * m * Cp, Cp, A + pt * ps, R + pt * ps, m, Cp, 1, 0, nt * bc, Cs);
+  }
+}
+
 template <typename T>
 void points_impl(T* M, const T* Z, int64_t H, int64_t W, int64_t Wz, int64_t bc, int64_t Cs,
                  int64_t Cp, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
   const int64_t ntx = (x1 - x0) / 2, tiles = (y1 - y0) / 2 * ntx;
-  // K-blocks of whole tiles (each bc panel rows)
-  const int64_t kb = std::max<int64_t>(16, kPanelBytes / (2 * kLagPoints * Cs * sizeof(T)));
-  const int64_t tb = std::max<int64_t>(1, kb / bc), ps = tb * bc * Cs;  // ps: one point's panel
-  T* const A = scratch<T, 7>(2 * kLagPoints * ps + bc * Cs);
-  T* const R = A + kLagPoints * ps;
-  T* const zero = R + kLagPoints * ps;  // the partners of a pixel outside the image
-  std::fill(zero, zero + bc * Cs, T(0));
   const Isa isa = cpu_isa();
-  for (int64_t t0 = 0; t0 < tiles; t0 += tb) {
-    const int64_t nt = std::min(tb, tiles - t0);
+  points_over_tiles(M, kLagPoints, Cp, Cp, tiles, bc, Cs,
+                    [&](T* A, T* R, int64_t ps, const T* zero, int64_t t0, int64_t nt) {
     if (isa == Isa::kAvx512)
       transform_avx512<T>(A, R, ps, Z, zero, H, W, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);
     else if (isa == Isa::kAvx2)
       transform_avx2<T>(A, R, ps, Z, zero, H, W, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);
     else
       transform_portable<T>(A, R, ps, Z, zero, H, W, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);
-    for (int pt = 0; pt < kLagPoints; ++pt)
-      corr_accumulate(M + pt * Cp * Cp, Cp, A + pt * ps, R + pt * ps, Cp, Cp, 1, 0, nt * bc, Cs);
-  }
+  });
 }
 
 // G's panels of output tiles [t0, t0 + nt): a-side from the output gradient's copy Zy (the
@@ -220,15 +232,9 @@ void grad_points_impl(T* M, const T* Zy, const T* Z, int64_t H, int64_t W, int64
                       int64_t bc, int64_t Cs, int64_t Op, int64_t Cp, int64_t ph, int64_t pw,
                       int64_t y1, int64_t x1) {
   const int64_t ntx = x1 / 2, tiles = y1 / 2 * ntx;
-  const int64_t kb = std::max<int64_t>(16, kPanelBytes / (2 * kGradPoints * Cs * sizeof(T)));
-  const int64_t tb = std::max<int64_t>(1, kb / bc), ps = tb * bc * Cs;
-  T* const A = scratch<T, 7>(2 * kGradPoints * ps + Cs);
-  T* const R = A + kGradPoints * ps;
-  T* const zero = R + kGradPoints * ps;
-  std::fill(zero, zero + Cs, T(0));
   const Isa isa = cpu_isa();
-  for (int64_t t0 = 0; t0 < tiles; t0 += tb) {
-    const int64_t nt = std::min(tb, tiles - t0);
+  points_over_tiles(M, kGradPoints, Op, Cp, tiles, bc, Cs,
+                    [&](T* A, T* R, int64_t ps, const T* zero, int64_t t0, int64_t nt) {
     if (isa == Isa::kAvx512)
       grad_transform_avx512<T>(A, R, ps, Zy, Z, zero, H, W, Wz, bc, Cs, Op, Cp, ph, pw, ntx, t0, nt);
     else if (isa == Isa::kAvx2)
@@ -236,9 +242,7 @@ void grad_points_impl(T* M, const T* Zy, const T* Z, int64_t H, int64_t W, int64
     else
       grad_transform_portable<T>(A, R, ps, Zy, Z, zero, H, W, Wz, bc, Cs, Op, Cp, ph, pw, ntx, t0,
                                  nt);
-    for (int pt = 0; pt < kGradPoints; ++pt)
-      corr_accumulate(M + pt * Op * Cp, Cp, A + pt * ps, R + pt * ps, Op, Cp, 1, 0, nt * bc, Cs);
-  }
+  });
 }
 
 // Which points, with which coefficient, make up each lag: per axis, F(2, 3)'s lags 0, 1, 2
@@ -246,16 +250,19 @@ void grad_points_impl(T* M, const T* Zy, const T* Z, int64_t H, int64_t W, int64
 constexpr int kLag3[3][4] = {{1, 1, 1, 0}, {0, 1, -1, 0}, {0, 1, 1, 1}};
 constexpr int kLag2[2][3] = {{1, 1, 0}, {0, 1, 1}};
 
+// out += coefficient · point's block (cell entries); nothing for a zero coefficient.
+template <typename T>
+void add_point(T* out, const T* point, int coefficient, int64_t cell) {
+  if (coefficient == 0) return;
+  const T w = static_cast<T>(coefficient);
+  for (int64_t e = 0; e < cell; ++e) out[e] += w * point[e];
+}
+
 template <typename T>
 void from_points_impl(T* out, const T* M, int64_t Cp, int64_t s, int64_t t) {
   const int64_t cell = Cp * Cp;
   std::fill(out, out + cell, T(0));
-  auto add = [&](int pt, int coefficient) {
-    if (coefficient == 0) return;
-    const T* m = M + pt * cell;
-    const T w = static_cast<T>(coefficient);
-    for (int64_t e = 0; e < cell; ++e) out[e] += w * m[e];
-  };
+  auto add = [&](int pt, int coefficient) { add_point(out, M + pt * cell, coefficient, cell); };
   if (t >= 0) {  // F(2, 3) ⊗ F(2, 3)
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) add(i * 4 + j, kLag3[s][i] * kLag3[t][j]);
@@ -271,13 +278,8 @@ void grad_from_points_impl(T* g, const T* M, int64_t cell) {
     for (int j = 0; j < 3; ++j) {
       T* out = g + (i * 3 + j) * cell;
       for (int pr = 0; pr < 4; ++pr)
-        for (int pc = 0; pc < 4; ++pc) {
-          const int coefficient = kLag3[i][pr] * kLag3[j][pc];
-          if (coefficient == 0) continue;
-          const T w = static_cast<T>(coefficient);
-          const T* m = M + (pr * 4 + pc) * cell;
-          for (int64_t e = 0; e < cell; ++e) out[e] += w * m[e];
-        }
+        for (int pc = 0; pc < 4; ++pc)
+          add_point(out, M + (pr * 4 + pc) * cell, kLag3[i][pr] * kLag3[j][pc], cell);
     }
 }
 
