@@ -75,13 +75,15 @@ GEOMETRIES = [
     ((6, 5, 30, 22), (3, 3), (2, 2), (1, 1), (1, 1), 1),
     ((4, 120, 9, 10), (3, 3), (1, 1), (1, 1), (1, 1), 1),
     ((8, 141, 6, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1),
-    # 3×3 stride-1 dilation-1 Grams take their core in 2 × 2 Winograd tiles
-    # (csrc/cpu/lag_winograd.h): an even core (no direct remainder), 'valid' (core from row 2),
-    # padding 2 (every row core), an odd core on one axis only, 33 channels (48 lanes).
+    # 3×3 stride-1 dilation-1 Grams take their core in 4 × 4 Winograd tiles, the strips left
+    # in 2 × 2 ones (csrc/cpu/lag_winograd.h): an even core (no direct remainder), 'valid' (core
+    # from row 2), padding 2 (every row core), an odd core on one axis only, 33 channels (48
+    # lanes), a 7 × 6 core (4 × 4 tiles, 2-wide strips right and below, a direct last row).
     ((2, 7, 8, 10), (3, 3), (1, 1), (1, 1), (1, 1), 1),
     ((2, 6, 10, 9), (3, 3), (1, 1), (0, 0), (1, 1), 1),
     ((2, 5, 7, 8), (3, 3), (1, 1), (2, 2), (1, 1), 1),
     ((3, 33, 6, 9), (3, 3), (1, 1), (1, 2), (1, 1), 1),
+    ((2, 9, 9, 8), (3, 3), (1, 1), (1, 1), (1, 1), 1),
 ]
 
 

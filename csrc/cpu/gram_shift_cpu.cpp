@@ -384,11 +384,12 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
         if (gy) grad_chunk(b0, bc, Z, Zy, g_mine, g_points, thread_gb[tid]);
       }
       if (grad_tiles) grad_from_points(g_mine, g_points, gcell);
-      if (lag_tiles)
-        for (int64_t sh = 0; sh < nsh; ++sh) {
-          lag_from_points(piece, points, Cp, shifts[sh].s, shifts[sh].t);
-          scatter(mine, piece, sh, core_rc, 0);
-        }
+      if (lag_tiles) {  // every shift's lags at once (local is free by now)
+        acc_t* by_shift[3][5] = {};
+        for (int64_t sh = 0; sh < nsh; ++sh) by_shift[shifts[sh].s][shifts[sh].t + 2] = local + sh * cell;
+        lags_from_points(by_shift, points, Cp);
+        for (int64_t sh = 0; sh < nsh; ++sh) scatter(mine, local + sh * cell, sh, core_rc, 0);
+      }
     });
     for (int64_t t = 0; t < threads; ++t) {
       for (size_t e = 0; e < thread_q[t].size(); ++e) Q[e] += thread_q[t][e];

@@ -3,8 +3,10 @@
 #include "lag_winograd.h"
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstring>
+#include <vector>
 
 #include "corr_kernel.h"
 #include "gram_cpu.h"
@@ -13,8 +15,8 @@
 namespace consequential_ext::cpu {
 namespace {
 
-// All 50 transformed panels of a K-block together stay within half of this CPU's L2 (1 MiB),
-// so the 25 correlations read them from cache.
+// The transformed panels of a K-block (up to 36 a-side and 61 b-side) together stay within
+// half of this CPU's L2 (1 MiB), so the correlations read them from cache.
 constexpr int64_t kPanelBytes = int64_t{1} << 19;
 
 // F(2, 3) ⊗ F(2, 3)'s 16 points of a 2 × 2 a-side tile (per axis [a0, (a0 + a1)/2,
@@ -46,10 +48,93 @@ __attribute__((always_inline)) inline void b_points_3x3(const vec (&v)[R][C], Pu
   }
 }
 
+// F(4, 3) in its weight-gradient form (the maths: lag_winograd.h): per axis, a 4-value a-side
+// at the points 0, 1, −1, 2, −2, ∞ and a 6-value b-side times Lavin & Gray's Bᵀ; integer
+// coefficients, the lags' 1/24 multiples left to the recovery, once per call.
+template <typename vec>
+__attribute__((always_inline)) inline void a_axis_6(const vec& a0, const vec& a1, const vec& a2,
+                                                    const vec& a3, vec (&out)[6]) {
+  const vec e = a0 + a2, o = a1 + a3, e4 = a0 + a2 * 4, o4 = a1 * 2 + a3 * 8;
+  out[0] = a0, out[1] = e + o, out[2] = e - o, out[3] = e4 + o4, out[4] = e4 - o4, out[5] = a3;
+}
+template <typename vec>
+__attribute__((always_inline)) inline void b_axis_6(const vec& b0, const vec& b1, const vec& b2,
+                                                    const vec& b3, const vec& b4, const vec& b5,
+                                                    vec (&out)[6]) {
+  const vec t1 = b4 - b2 * 4, t2 = b3 - b1 * 4, t3 = b4 - b2, t4 = (b3 - b1) * 2;
+  out[0] = b0 * 4 - b2 * 5 + b4, out[1] = t1 + t2, out[2] = t1 - t2;
+  out[3] = t3 + t4, out[4] = t3 - t4, out[5] = b1 * 4 - b3 * 5 + b5;
+}
+// F(4, 2)'s b-side (5 values) at the points 0, 1, −1, 2, ∞ (rows of V⁻ᵀ scaled to integers;
+// the a-side is F(4, 3)'s without the point −2, the lags' 1/6 multiples left to the recovery).
+template <typename vec>
+__attribute__((always_inline)) inline void b_axis_5(const vec& b0, const vec& b1, const vec& b2,
+                                                    const vec& b3, const vec& b4, vec (&out)[5]) {
+  const vec d = b3 - b1;
+  out[0] = b0 * 2 - b2 * 2 + d, out[1] = b1 * 2 + b2 - b3, out[2] = b2 * 3 - b1 * 2 - b3;
+  out[3] = d, out[4] = b4 - b2 - d * 2;
+}
+
+// The 4 × 4 tiles' panels, as transform_any's: the b window rows y … y + 5, columns
+// x − 2 … x + 5, the a tile its rows 0 … 3, columns 2 … 5. F(4, 3) ⊗ F(4, 3) on the window's
+// columns 2 … 7 (a points 0 … 35, b points 0 … 35: the 9 shifts t ≥ 0); F(4, 2) ⊗ F(4, 2) on
+// rows 1 … 5, columns 0 … 4 (b points 36 … 60: the 4 shifts t < 0), whose a-side points are
+// F(4, 3)'s without the point −2 (kLagAOf4).
+template <typename T, int W>
+__attribute__((always_inline)) inline void transform4(T* A, T* R, int64_t ps, const T* Z,
+                                                      const T* zero, int64_t H, int64_t Wd,
+                                                      int64_t Wz, int64_t bc, int64_t Cs,
+                                                      int64_t Cp, int64_t y0, int64_t x0,
+                                                      int64_t ntx, int64_t t0, int64_t nt) {
+  using vec = typename Vec<T, W>::type;
+  constexpr int V = W / sizeof(T);
+  for (int64_t tile = t0; tile < t0 + nt; ++tile) {
+    const int64_t y = y0 + 4 * (tile / ntx), x = x0 + 4 * (tile % ntx);
+    const T* base[6][8];
+    int64_t step[6][8];
+    for (int i = 0; i < 6; ++i)
+      for (int j = 0; j < 8; ++j) {
+        const int64_t yy = y + i, xx = x - 2 + j;
+        const bool inside = yy < H && xx >= 0 && xx < Wd;
+        base[i][j] = inside ? Z + (yy * Wz + xx) * bc * Cs : zero;
+        step[i][j] = inside ? Cs : 0;
+      }
+    const bool one_run = Cs == Cp;  // as in transform_any
+    for (int64_t b = 0; b < (one_run ? 1 : bc); ++b) {
+      const int64_t kk = (tile - t0) * bc + b, len = one_run ? bc * Cs : Cp;
+      T* a = A + kk * Cs;
+      T* r = R + kk * Cs;
+      auto put = [&](T* to, int pt, int64_t c, const vec& v) {
+        std::memcpy(to + pt * ps + c, &v, sizeof(vec));
+      };
+      for (int64_t c = 0; c < len; c += V) {
+        vec ra[4][6], rb[6][6], r5[5][5], col6[6], col5[5];
+        for (int i = 0; i < 6; ++i) {
+          vec w[8];
+          for (int j = 0; j < 8; ++j) std::memcpy(&w[j], base[i][j] + b * step[i][j] + c, sizeof(vec));
+          if (i < 4) a_axis_6(w[2], w[3], w[4], w[5], ra[i]);
+          b_axis_6(w[2], w[3], w[4], w[5], w[6], w[7], rb[i]);
+          if (i > 0) b_axis_5(w[0], w[1], w[2], w[3], w[4], r5[i - 1]);
+        }
+        for (int j = 0; j < 6; ++j) {
+          a_axis_6(ra[0][j], ra[1][j], ra[2][j], ra[3][j], col6);
+          for (int i = 0; i < 6; ++i) put(a, i * 6 + j, c, col6[i]);
+          b_axis_6(rb[0][j], rb[1][j], rb[2][j], rb[3][j], rb[4][j], rb[5][j], col6);
+          for (int i = 0; i < 6; ++i) put(r, i * 6 + j, c, col6[i]);
+        }
+        for (int j = 0; j < 5; ++j) {
+          b_axis_5(r5[0][j], r5[1][j], r5[2][j], r5[3][j], r5[4][j], col5);
+          for (int i = 0; i < 5; ++i) put(r, 36 + i * 5 + j, c, col5[i]);
+        }
+      }
+    }
+  }
+}
+
 // The transformed panels of tiles [t0, t0 + nt) (row-major over the region's tiles, each
 // with its bc images) into A (a-side) and R (b-side): point pt's panel at pt·ps, row
 // (tile − t0)·bc + image at that times Cs; W-byte vectors of channels.
-template <typename T, int W>
+template <typename T, int W, int S>
 __attribute__((always_inline)) inline void transform_any(T* A, T* R, int64_t ps, const T* Z,
                                                          const T* zero, int64_t H, int64_t Wd,
                                                          int64_t Wz, int64_t bc, int64_t Cs,
@@ -58,6 +143,10 @@ __attribute__((always_inline)) inline void transform_any(T* A, T* R, int64_t ps,
   using vec = typename Vec<T, W>::type;
   constexpr int V = W / sizeof(T);
   const T half = T(0.5);
+  if constexpr (S == 4) {
+    transform4<T, W>(A, R, ps, Z, zero, H, Wd, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);
+    return;
+  }
   for (int64_t tile = t0; tile < t0 + nt; ++tile) {
     const int64_t y = y0 + 2 * (tile / ntx), x = x0 + 2 * (tile % ntx);
     // the b window: rows y … y + 3, columns x − 2 … x + 3 (the a tile is its [0, 2) × [2, 4));
@@ -117,11 +206,11 @@ __attribute__((always_inline)) inline void transform_any(T* A, T* R, int64_t ps,
 }
 
 #define CX_LAG_VARIANT(NAME, W, ATTR)                                                           \
-  template <typename T>                                                                         \
+  template <typename T, int S>                                                                  \
   ATTR void NAME(T* A, T* R, int64_t ps, const T* Z, const T* zero, int64_t H, int64_t Wd,      \
                  int64_t Wz, int64_t bc, int64_t Cs, int64_t Cp, int64_t y0, int64_t x0,        \
                  int64_t ntx, int64_t t0, int64_t nt) {                                         \
-    transform_any<T, W>(A, R, ps, Z, zero, H, Wd, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);          \
+    transform_any<T, W, S>(A, R, ps, Z, zero, H, Wd, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);       \
   }
 CX_LAG_VARIANT(transform_avx512, 64, __attribute__((target("avx512f"))))
 CX_LAG_VARIANT(transform_avx2, 32, __attribute__((target("avx2,fma"))))
@@ -129,62 +218,94 @@ CX_LAG_VARIANT(transform_portable, 16, )
 #undef CX_LAG_VARIANT
 
 // Point products over a region's tiles, in K-blocks of whole tiles (bc panel rows each):
-// transform(A, R, ps, zero, t0, nt) writes the block's a-side and b-side panels (point pt's at
-// pt·ps; zero: bc·Cs zeros, the partners outside the image), then one correlation per point
-// adds into M (points blocks of m × Cp, leading dimension Cp).
+// transform(A, R, ps, zero, t0, nt) writes the block's a-side panels (a_points of them) and
+// b-side panels (points; point pt's at pt·ps; zero: bc·Cs zeros, the partners outside the
+// image), then one correlation per point, of a-side panel a_of[pt] (pt where a_of is null)
+// with b-side panel pt, adds into M (points blocks of m × Cp, leading dimension Cp).
 template <typename T, typename Transform>
-void points_over_tiles(T* M, int points, int64_t m, int64_t Cp, int64_t tiles, int64_t bc,
-                       int64_t Cs, Transform transform) {
-  const int64_t kb = std::max<int64_t>(16, kPanelBytes / (2 * points * Cs * sizeof(T)));
+void points_over_tiles(T* M, int points, int a_points, const int* a_of, int64_t m, int64_t Cp,
+                       int64_t tiles, int64_t bc, int64_t Cs, Transform transform) {
+  if (tiles == 0) return;
+  const int64_t panels = points + a_points;
+  const int64_t kb = std::max<int64_t>(16, kPanelBytes / (panels * Cs * sizeof(T)));
   const int64_t tb = std::max<int64_t>(1, kb / bc), ps = tb * bc * Cs;
-  T* const A = scratch<T, 7>(2 * points * ps + bc * Cs);
-  T* const R = A + points * ps;
+  T* const A = scratch<T, 7>(panels * ps + bc * Cs);
+  T* const R = A + a_points * ps;
   T* const zero = R + points * ps;
   std::fill(zero, zero + bc * Cs, T(0));
   for (int64_t t0 = 0; t0 < tiles; t0 += tb) {
     const int64_t nt = std::min(tb, tiles - t0);
     transform(A, R, ps, zero, t0, nt);
     for (int pt = 0; pt < points; ++pt)
-      corr_accumulate(M + pt * m * Cp, Cp, A + pt * ps, R + pt * ps, m, Cp, 1, 0, nt * bc, Cs);
+      corr_accumulate(M + pt * m * Cp, Cp, A + (a_of ? a_of[pt] : pt) * ps, R + pt * ps, m, Cp,
+                      1, 0, nt * bc, Cs);
   }
 }
 
-template <typename T>
-void points_impl(T* M, const T* Z, int64_t H, int64_t W, int64_t Wz, int64_t bc, int64_t Cs,
-                 int64_t Cp, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
-  const int64_t ntx = (x1 - x0) / 2, tiles = (y1 - y0) / 2 * ntx;
+// F(4, 2) ⊗ F(4, 2)'s a-side points among F(4, 3) ⊗ F(4, 3)'s: per axis 0, 1, −1, 2, ∞ are
+// F(4, 3)'s points 0, 1, 2, 3, 5.
+constexpr int kAxis42[5] = {0, 1, 2, 3, 5};
+constexpr auto kLagAOf4 = [] {
+  std::array<int, kLagPoints4> of{};
+  for (int pt = 0; pt < 36; ++pt) of[pt] = pt;
+  for (int i = 0; i < 5; ++i)
+    for (int j = 0; j < 5; ++j) of[36 + i * 5 + j] = kAxis42[i] * 6 + kAxis42[j];
+  return of;
+}();
+
+// The lag points of the 2 × 2 or 4 × 4 (S) tiles of [ry0, ry1) × [rx0, rx1) into M.
+template <int S, typename T>
+void lag_points_region(T* M, const T* Z, int64_t H, int64_t W, int64_t Wz, int64_t bc,
+                       int64_t Cs, int64_t Cp, int64_t ry0, int64_t ry1, int64_t rx0,
+                       int64_t rx1) {
+  const int64_t ntx = (rx1 - rx0) / S, tiles = (ry1 - ry0) / S * ntx;
   const Isa isa = cpu_isa();
-  points_over_tiles(M, kLagPoints, Cp, Cp, tiles, bc, Cs,
+  const int points = S == 2 ? kLagPoints2 : kLagPoints4;
+  points_over_tiles(M, points, S == 2 ? points : 36, S == 2 ? nullptr : kLagAOf4.data(), Cp, Cp,
+                    tiles, bc, Cs,
                     [&](T* A, T* R, int64_t ps, const T* zero, int64_t t0, int64_t nt) {
     if (isa == Isa::kAvx512)
-      transform_avx512<T>(A, R, ps, Z, zero, H, W, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);
+      transform_avx512<T, S>(A, R, ps, Z, zero, H, W, Wz, bc, Cs, Cp, ry0, rx0, ntx, t0, nt);
     else if (isa == Isa::kAvx2)
-      transform_avx2<T>(A, R, ps, Z, zero, H, W, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);
+      transform_avx2<T, S>(A, R, ps, Z, zero, H, W, Wz, bc, Cs, Cp, ry0, rx0, ntx, t0, nt);
     else
-      transform_portable<T>(A, R, ps, Z, zero, H, W, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);
+      transform_portable<T, S>(A, R, ps, Z, zero, H, W, Wz, bc, Cs, Cp, ry0, rx0, ntx, t0, nt);
   });
 }
 
-// G's panels of output tiles [t0, t0 + nt): a-side from the output gradient's copy Zy (the
-// tile's 2 × 2 pixels, Oc channels), b-side from x's copy Z (rows y − ph … y − ph + 3,
-// columns x − pw … x − pw + 3, Cc channels; zero outside the image); 16 points each.
-template <typename T, int W>
+// [y0, y1) × [x0, x1): 4 × 4 tiles from (y0, x0) as far as they fit (points 0 … 60), 2 × 2
+// tiles over the strips left (points 61 … 85).
+template <typename T>
+void points_impl(T* M, const T* Z, int64_t H, int64_t W, int64_t Wz, int64_t bc, int64_t Cs,
+                 int64_t Cp, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+  const int64_t y4 = y0 + (y1 - y0) / 4 * 4, x4 = x0 + (x1 - x0) / 4 * 4;
+  T* const M2 = M + kLagPoints4 * Cp * Cp;
+  lag_points_region<4>(M, Z, H, W, Wz, bc, Cs, Cp, y0, y4, x0, x4);
+  lag_points_region<2>(M2, Z, H, W, Wz, bc, Cs, Cp, y0, y4, x4, x1);
+  lag_points_region<2>(M2, Z, H, W, Wz, bc, Cs, Cp, y4, y1, x0, x1);
+}
+
+// G's panels of output tiles [t0, t0 + nt) of a region from (y0, x0), ntx tiles a row, in
+// S × S tiles (S = 2: F(2, 3) ⊗ F(2, 3), 16 points; S = 4: F(4, 3) ⊗ F(4, 3), 36 points):
+// a-side from the output gradient's copy Zy (the tile's pixels, Oc channels), b-side from x's
+// copy Z (rows y − ph … y − ph + S + 1, columns likewise, Cc channels; zero outside the image).
+template <typename T, int W, int S>
 __attribute__((always_inline)) inline void grad_transform_any(
     T* A, T* R, int64_t ps, const T* Zy, const T* Z, const T* zero, int64_t H, int64_t Wd,
     int64_t Wz, int64_t bc, int64_t Cs, int64_t Oc, int64_t Cc, int64_t ph, int64_t pw,
-    int64_t ntx, int64_t t0, int64_t nt) {
+    int64_t y0, int64_t x0, int64_t ntx, int64_t t0, int64_t nt) {
   using vec = typename Vec<T, W>::type;
-  constexpr int V = W / sizeof(T);
+  constexpr int V = W / sizeof(T), N = S + 2, P = S == 2 ? 4 : 6;  // window, points per axis
   const T half = T(0.5);
   auto put = [&](T* base, int pt, int64_t c, const vec& v) {
     std::memcpy(base + pt * ps + c, &v, sizeof(vec));
   };
   for (int64_t tile = t0; tile < t0 + nt; ++tile) {
-    const int64_t y = 2 * (tile / ntx), x = 2 * (tile % ntx);
-    const T* base[4][4];
-    int64_t step[4][4];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) {
+    const int64_t y = y0 + S * (tile / ntx), x = x0 + S * (tile % ntx);
+    const T* base[N][N];
+    int64_t step[N][N];
+    for (int i = 0; i < N; ++i)
+      for (int j = 0; j < N; ++j) {
         const int64_t yy = y - ph + i, xx = x - pw + j;
         const bool inside = yy >= 0 && yy < H && xx >= 0 && xx < Wd;
         base[i][j] = inside ? Z + (yy * Wz + xx) * bc * Cs : zero;
@@ -197,52 +318,87 @@ __attribute__((always_inline)) inline void grad_transform_any(
       T* r = R + kk * Cs;
       const T* q = ay + b * Cs;
       for (int64_t c = 0; c < Oc; c += V) {
-        vec v[2][2];
-        std::memcpy(&v[0][0], q + c, sizeof(vec));
-        std::memcpy(&v[0][1], q + bc * Cs + c, sizeof(vec));
-        std::memcpy(&v[1][0], q + Wz * bc * Cs + c, sizeof(vec));
-        std::memcpy(&v[1][1], q + (Wz + 1) * bc * Cs + c, sizeof(vec));
-        a_points_3x3<0>(v, half, [&](int pt, const vec& x) { put(a, pt, c, x); });
+        vec v[S][S];
+        for (int i = 0; i < S; ++i)
+          for (int j = 0; j < S; ++j) std::memcpy(&v[i][j], q + (i * Wz + j) * bc * Cs + c, sizeof(vec));
+        if constexpr (S == 2) {
+          a_points_3x3<0>(v, half, [&](int pt, const vec& x) { put(a, pt, c, x); });
+        } else {
+          vec rows[S][P], col[P];
+          for (int i = 0; i < S; ++i) a_axis_6(v[i][0], v[i][1], v[i][2], v[i][3], rows[i]);
+          for (int j = 0; j < P; ++j) {
+            a_axis_6(rows[0][j], rows[1][j], rows[2][j], rows[3][j], col);
+            for (int i = 0; i < P; ++i) put(a, i * P + j, c, col[i]);
+          }
+        }
       }
       for (int64_t c = 0; c < Cc; c += V) {
-        vec w[4][4];
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) std::memcpy(&w[i][j], base[i][j] + b * step[i][j] + c, sizeof(vec));
-        b_points_3x3<0>(w, [&](int pt, const vec& x) { put(r, pt, c, x); });
+        vec w[N][N];
+        for (int i = 0; i < N; ++i)
+          for (int j = 0; j < N; ++j) std::memcpy(&w[i][j], base[i][j] + b * step[i][j] + c, sizeof(vec));
+        if constexpr (S == 2) {
+          b_points_3x3<0>(w, [&](int pt, const vec& x) { put(r, pt, c, x); });
+        } else {
+          vec rows[N][P], col[P];
+          for (int i = 0; i < N; ++i) b_axis_6(w[i][0], w[i][1], w[i][2], w[i][3], w[i][4], w[i][5], rows[i]);
+          for (int j = 0; j < P; ++j) {
+            b_axis_6(rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j], rows[5][j], col);
+            for (int i = 0; i < P; ++i) put(r, i * P + j, c, col[i]);
+          }
+        }
       }
     }
   }
 }
 
 #define CX_GRAD_VARIANT(NAME, W, ATTR)                                                          \
-  template <typename T>                                                                         \
+  template <typename T, int S>                                                                  \
   ATTR void NAME(T* A, T* R, int64_t ps, const T* Zy, const T* Z, const T* zero, int64_t H,     \
                  int64_t Wd, int64_t Wz, int64_t bc, int64_t Cs, int64_t Oc, int64_t Cc,        \
-                 int64_t ph, int64_t pw, int64_t ntx, int64_t t0, int64_t nt) {                 \
-    grad_transform_any<T, W>(A, R, ps, Zy, Z, zero, H, Wd, Wz, bc, Cs, Oc, Cc, ph, pw, ntx, t0, \
-                             nt);                                                               \
+                 int64_t ph, int64_t pw, int64_t y0, int64_t x0, int64_t ntx, int64_t t0,       \
+                 int64_t nt) {                                                                  \
+    grad_transform_any<T, W, S>(A, R, ps, Zy, Z, zero, H, Wd, Wz, bc, Cs, Oc, Cc, ph, pw, y0,   \
+                                x0, ntx, t0, nt);                                               \
   }
 CX_GRAD_VARIANT(grad_transform_avx512, 64, __attribute__((target("avx512f"))))
 CX_GRAD_VARIANT(grad_transform_avx2, 32, __attribute__((target("avx2,fma"))))
 CX_GRAD_VARIANT(grad_transform_portable, 16, )
 #undef CX_GRAD_VARIANT
 
+// G's points over the output region [ry0, ry1) × [rx0, rx1) (sides multiples of S) in S × S
+// tiles, into M's blocks (16 or 36 of Op × Cp).
+template <int S, typename T>
+void grad_points_region(T* M, const T* Zy, const T* Z, int64_t H, int64_t W, int64_t Wz,
+                        int64_t bc, int64_t Cs, int64_t Op, int64_t Cp, int64_t ph, int64_t pw,
+                        int64_t ry0, int64_t ry1, int64_t rx0, int64_t rx1) {
+  const int64_t ntx = (rx1 - rx0) / S, tiles = (ry1 - ry0) / S * ntx;
+  const Isa isa = cpu_isa();
+  const int points = S == 2 ? kGradPoints2 : kGradPoints4;
+  points_over_tiles(M, points, points, nullptr, Op, Cp, tiles, bc, Cs,
+                    [&](T* A, T* R, int64_t ps, const T* zero, int64_t t0, int64_t nt) {
+    if (isa == Isa::kAvx512)
+      grad_transform_avx512<T, S>(A, R, ps, Zy, Z, zero, H, W, Wz, bc, Cs, Op, Cp, ph, pw, ry0,
+                                  rx0, ntx, t0, nt);
+    else if (isa == Isa::kAvx2)
+      grad_transform_avx2<T, S>(A, R, ps, Zy, Z, zero, H, W, Wz, bc, Cs, Op, Cp, ph, pw, ry0,
+                                rx0, ntx, t0, nt);
+    else
+      grad_transform_portable<T, S>(A, R, ps, Zy, Z, zero, H, W, Wz, bc, Cs, Op, Cp, ph, pw,
+                                    ry0, rx0, ntx, t0, nt);
+  });
+}
+
+// [0, y1) × [0, x1): 4 × 4 tiles over [0, y4) × [0, x4) (points 0 … 35), 2 × 2 tiles over the
+// strips left (points 36 … 51).
 template <typename T>
 void grad_points_impl(T* M, const T* Zy, const T* Z, int64_t H, int64_t W, int64_t Wz,
                       int64_t bc, int64_t Cs, int64_t Op, int64_t Cp, int64_t ph, int64_t pw,
                       int64_t y1, int64_t x1) {
-  const int64_t ntx = x1 / 2, tiles = y1 / 2 * ntx;
-  const Isa isa = cpu_isa();
-  points_over_tiles(M, kGradPoints, Op, Cp, tiles, bc, Cs,
-                    [&](T* A, T* R, int64_t ps, const T* zero, int64_t t0, int64_t nt) {
-    if (isa == Isa::kAvx512)
-      grad_transform_avx512<T>(A, R, ps, Zy, Z, zero, H, W, Wz, bc, Cs, Op, Cp, ph, pw, ntx, t0, nt);
-    else if (isa == Isa::kAvx2)
-      grad_transform_avx2<T>(A, R, ps, Zy, Z, zero, H, W, Wz, bc, Cs, Op, Cp, ph, pw, ntx, t0, nt);
-    else
-      grad_transform_portable<T>(A, R, ps, Zy, Z, zero, H, W, Wz, bc, Cs, Op, Cp, ph, pw, ntx, t0,
-                                 nt);
-  });
+  const int64_t y4 = y1 / 4 * 4, x4 = x1 / 4 * 4;
+  T* const M2 = M + kGradPoints4 * Op * Cp;
+  grad_points_region<4>(M, Zy, Z, H, W, Wz, bc, Cs, Op, Cp, ph, pw, 0, y4, 0, x4);
+  grad_points_region<2>(M2, Zy, Z, H, W, Wz, bc, Cs, Op, Cp, ph, pw, 0, y4, x4, x1);
+  grad_points_region<2>(M2, Zy, Z, H, W, Wz, bc, Cs, Op, Cp, ph, pw, y4, y1, 0, x1);
 }
 
 // Which points, with which coefficient, make up each lag: per axis, F(2, 3)'s lags 0, 1, 2
@@ -250,37 +406,64 @@ void grad_points_impl(T* M, const T* Zy, const T* Z, int64_t H, int64_t W, int64
 constexpr int kLag3[3][4] = {{1, 1, 1, 0}, {0, 1, -1, 0}, {0, 1, 1, 1}};
 constexpr int kLag2[2][3] = {{1, 1, 0}, {0, 1, 1}};
 
+// F(4, 3)'s lags 0, 1, 2 from its 6 points, in 24ths.
+constexpr int kLag4x24[3][6] = {{6, -4, -4, 1, 1, 0}, {0, -4, 4, 2, -2, 0}, {0, -4, -4, 4, 4, 24}};
+// F(4, 2)'s lags 0, 1 from its 5 points, in 6ths.
+constexpr int kLag42x6[2][5] = {{3, 3, 1, 1, 0}, {0, 3, -1, 2, 6}};
+
 // out += coefficient · point's block (cell entries); nothing for a zero coefficient.
 template <typename T>
-void add_point(T* out, const T* point, int coefficient, int64_t cell) {
+void add_point(T* out, const T* point, T coefficient, int64_t cell) {
   if (coefficient == 0) return;
-  const T w = static_cast<T>(coefficient);
-  for (int64_t e = 0; e < cell; ++e) out[e] += w * point[e];
+  for (int64_t e = 0; e < cell; ++e) out[e] += coefficient * point[e];
 }
 
+// out[s][t] += scale · Σ_{i,j} coef[s][i]·coef[t][j]·(point (i, j)'s block) for the lags s, t
+// < L whose out is not null, from a P × P grid of points (block (i, j) at M + (i·P + j)·cell):
+// separably, the columns' lags first (P·L blocks into tmp), then the rows'.
+template <typename T, int L, int P>
+void lags_from_grid(T* const (&out)[L][L], const T* M, const int (&coef)[L][P], T scale,
+                    int64_t cell, std::vector<T>& tmp) {
+  tmp.assign(static_cast<size_t>(P * L) * cell, T(0));
+  for (int i = 0; i < P; ++i)
+    for (int t = 0; t < L; ++t)
+      for (int j = 0; j < P; ++j)
+        add_point(tmp.data() + (i * L + t) * cell, M + (i * P + j) * cell, T(coef[t][j]), cell);
+  for (int s = 0; s < L; ++s)
+    for (int t = 0; t < L; ++t)
+      if (out[s][t])
+        for (int i = 0; i < P; ++i)
+          add_point(out[s][t], tmp.data() + (i * L + t) * cell, scale * T(coef[s][i]), cell);
+}
+
+// The lags from all four grids: F(4, 3) (in 24ths) and F(2, 3) for t ≥ 0, F(4, 2) (in 6ths)
+// and F(2, 2) for t < 0 (their lags s − 1, t + 2).
 template <typename T>
-void from_points_impl(T* out, const T* M, int64_t Cp, int64_t s, int64_t t) {
+void from_points_impl(T* const (&out)[3][5], const T* M, int64_t Cp) {
   const int64_t cell = Cp * Cp;
-  std::fill(out, out + cell, T(0));
-  auto add = [&](int pt, int coefficient) { add_point(out, M + pt * cell, coefficient, cell); };
-  if (t >= 0) {  // F(2, 3) ⊗ F(2, 3)
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) add(i * 4 + j, kLag3[s][i] * kLag3[t][j]);
-  } else {  // F(2, 2) ⊗ F(2, 2) on the window moved by (+1, −2): s ∈ {1, 2}, t ∈ {−2, −1}
-    for (int i = 0; i < 3; ++i)
-      for (int j = 0; j < 3; ++j) add(16 + i * 3 + j, kLag2[s - 1][i] * kLag2[t + 2][j]);
-  }
+  const T* const M2 = M + kLagPoints4 * cell;
+  for (int s = 0; s < 3; ++s)
+    for (int t = 0; t < 5; ++t)
+      if (out[s][t]) std::fill(out[s][t], out[s][t] + cell, T(0));
+  T* const ahead[3][3] = {{out[0][2], out[0][3], out[0][4]},
+                          {out[1][2], out[1][3], out[1][4]},
+                          {out[2][2], out[2][3], out[2][4]}};
+  T* const behind[2][2] = {{out[1][0], out[1][1]}, {out[2][0], out[2][1]}};
+  std::vector<T> tmp;
+  lags_from_grid(ahead, M, kLag4x24, T(1) / T(576), cell, tmp);
+  lags_from_grid(behind, M + 36 * cell, kLag42x6, T(1) / T(36), cell, tmp);
+  lags_from_grid(ahead, M2, kLag3, T(1), cell, tmp);
+  lags_from_grid(behind, M2 + 16 * cell, kLag2, T(1), cell, tmp);
 }
 
 template <typename T>
 void grad_from_points_impl(T* g, const T* M, int64_t cell) {
-  for (int i = 0; i < 3; ++i)
-    for (int j = 0; j < 3; ++j) {
-      T* out = g + (i * 3 + j) * cell;
-      for (int pr = 0; pr < 4; ++pr)
-        for (int pc = 0; pc < 4; ++pc)
-          add_point(out, M + (pr * 4 + pc) * cell, kLag3[i][pr] * kLag3[j][pc], cell);
-    }
+  T* const out[3][3] = {{g, g + cell, g + 2 * cell},
+                        {g + 3 * cell, g + 4 * cell, g + 5 * cell},
+                        {g + 6 * cell, g + 7 * cell, g + 8 * cell}};
+  std::vector<T> tmp;
+  lags_from_grid(out, M, kLag4x24, T(1) / T(576), cell, tmp);
+  lags_from_grid(out, M + kGradPoints4 * cell, kLag3, T(1), cell, tmp);
 }
 
 }  // namespace
@@ -308,11 +491,11 @@ void lag_points_accumulate(double* M, const double* Z, int64_t H, int64_t W, int
                            int64_t x0, int64_t x1) {
   points_impl(M, Z, H, W, Wz, bc, Cs, Cp, y0, y1, x0, x1);
 }
-void lag_from_points(float* out, const float* M, int64_t Cp, int64_t s, int64_t t) {
-  from_points_impl(out, M, Cp, s, t);
+void lags_from_points(float* const (&out)[3][5], const float* M, int64_t Cp) {
+  from_points_impl(out, M, Cp);
 }
-void lag_from_points(double* out, const double* M, int64_t Cp, int64_t s, int64_t t) {
-  from_points_impl(out, M, Cp, s, t);
+void lags_from_points(double* const (&out)[3][5], const double* M, int64_t Cp) {
+  from_points_impl(out, M, Cp);
 }
 
 }  // namespace consequential_ext::cpu

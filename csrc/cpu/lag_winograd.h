@@ -11,21 +11,32 @@
 // applied along rows and columns, 16 tile-point products give the 9 shifts s, t ∈ {0, 1, 2};
 // F(2, 2) (a-side [a0, a0 + a1, a1], b-side [b0 − b1, b1, b2 − b1], r0 = m0 + m1,
 // r1 = m1 + m2) on the b window moved by (+1, −2) gives the 4 shifts s ∈ {1, 2}, t ∈ {−2, −1}
-// from 9 more: 25 products per 4 pixels instead of 52. Every coefficient is 0, ±1 or ±1/2, so
-// the rounding stays within a few units of the direct sums' (tests/test_cpu_kernels.py).
+// from 9 more: 25 products per 4 pixels instead of 52. Over 4 × 4 tiles the same with F(4, 3)
+// in its weight-gradient form (Lavin & Gray's points 0, ±1, ±2, ∞; per axis a-side [a0,
+// a0 + a1 + a2 + a3, a0 − a1 + a2 − a3, a0 + 2a1 + 4a2 + 8a3, a0 − 2a1 + 4a2 − 8a3, a3], b-side
+// Bᵀ b, lags (1/24)·[6, −4, −4, 1, 1, 0], [0, −4, 4, 2, −2, 0], [0, −4, −4, 4, 4, 24]) for the 9
+// and F(4, 2) (points 0, ±1, 2, ∞; the a-side F(4, 3)'s without −2; b-side rows [2, −1, −2, 1, 0],
+// [0, 2, 1, −1, 0], [0, −2, 3, −1, 0], [0, −1, 0, 1, 0], [0, 2, −1, −2, 1]; lags (1/6)·[3, 3, 1, 1,
+// 0], [0, 3, −1, 2, 6]) for the 4: 61 products per 16 pixels. The region is tiled 4 × 4 as far as
+// it goes, the strips left 2 × 2. The 2 × 2 tiles' coefficients are 0, ±1, ±1/2; the 4 × 4 tiles'
+// reach 8 and 1/24, so their rounding is a few times larger — about that of ATen's own float32
+// weight gradient (tests/test_cpu_kernels.py, tests/test_conv_gram_grad.py).
 // Each point's product over the tiles of a K-block is one correlation of two transformed
-// panels (corr_kernel.h); the shifts come from the 25 accumulated C × C point products once,
-// at the end.
+// panels (corr_kernel.h); the shifts come from the accumulated C × C point products once, at
+// the end, separably (rows' lags of the columns' lags).
 #pragma once
 #include <cstdint>
 
 namespace consequential_ext::cpu {
 
-constexpr int kLagPoints = 25;  // 4 × 4 (F(2, 3) ⊗ F(2, 3)) + 3 × 3 (F(2, 2) ⊗ F(2, 2))
+// 4 × 4 tiles: 6 × 6 (F(4, 3) ⊗ F(4, 3)) + 5 × 5 (F(4, 2) ⊗ F(4, 2)); 2 × 2 tiles: 4 × 4
+// (F(2, 3) ⊗ F(2, 3)) + 3 × 3 (F(2, 2) ⊗ F(2, 2)).
+constexpr int kLagPoints4 = 61, kLagPoints2 = 25;
+constexpr int kLagPoints = kLagPoints4 + kLagPoints2;
 
-// Adds into M (kLagPoints blocks of Cp × Cp, each row-major with leading dimension Cp) the
-// point products of the 2 × 2 tiles of pixels [y0, y1) × [x0, x1) (both even lengths, inside
-// the image) of a chunk copy Z: pixel (y, x) of image b at Z + ((y·Wz + x)·bc + b)·Cs, Cp
+// Adds into M (kLagPoints blocks of Cp × Cp, each row-major with leading dimension Cp: the 4 × 4
+// tiles' 61 points, then the 2 × 2 tiles' 25) the point products of the tiles of pixels
+// [y0, y1) × [x0, x1) (both even lengths, inside the image) of a chunk copy Z: pixel (y, x) of image b at Z + ((y·Wz + x)·bc + b)·Cs, Cp
 // channels (the padding zero) of an H × W image; partners outside the image count as zero.
 // Uses this thread's scratch slot 7.
 void lag_points_accumulate(float* M, const float* Z, int64_t H, int64_t W, int64_t Wz,
@@ -35,20 +46,22 @@ void lag_points_accumulate(double* M, const double* Z, int64_t H, int64_t W, int
                            int64_t bc, int64_t Cs, int64_t Cp, int64_t y0, int64_t y1,
                            int64_t x0, int64_t x1);
 
-// out (Cp × Cp, leading dimension Cp) = L(s, t) over the tiles M accumulated, for one of the
-// 13 shifts. Overwrites out.
-void lag_from_points(float* out, const float* M, int64_t Cp, int64_t s, int64_t t);
-void lag_from_points(double* out, const double* M, int64_t Cp, int64_t s, int64_t t);
+// out[s][t + 2] (Cp × Cp, leading dimension Cp) = L(s, t) over the tiles M accumulated, for
+// each of the 13 shifts whose out is not null. Overwrites those.
+void lags_from_points(float* const (&out)[3][5], const float* M, int64_t Cp);
+void lags_from_points(double* const (&out)[3][5], const double* M, int64_t Cp);
 
 // The weight gradient's part over output tiles: G(i, j) = Σ_p dZ(p)·x(p + (i − ph, j − pw))ᵀ is
-// the same bilinear form, F(2, 3) ⊗ F(2, 3) on the b window moved by (−ph, −pw): 16 products
-// per 4 output pixels instead of 36.
-constexpr int kGradPoints = 16;
+// the same bilinear form, on the b window moved by (−ph, −pw): over 4 × 4 output tiles
+// F(4, 3) ⊗ F(4, 3), 36 products per 16 output pixels instead of 144; the strips a 4 × 4 tiling
+// leaves in F(2, 3) ⊗ F(2, 3)'s 2 × 2 tiles (16 per 4).
+constexpr int kGradPoints4 = 36, kGradPoints2 = 16;
+constexpr int kGradPoints = kGradPoints4 + kGradPoints2;
 
-// Adds into M (kGradPoints blocks of Op × Cp, leading dimension Cp) the point products of the
-// 2 × 2 tiles of output pixels [0, y1) × [0, x1) (even): dZ from Zy, x from Z (both laid out
-// as for lag_points_accumulate, Op and Cp channels); x outside the H × W image counts as zero.
-// Uses this thread's scratch slot 7.
+// Adds into M (kGradPoints blocks of Op × Cp, leading dimension Cp: the 4 × 4 tiles' 36
+// points, then the 2 × 2 tiles' 16) the point products of the output pixels [0, y1) × [0, x1)
+// (even): dZ from Zy, x from Z (both laid out as for lag_points_accumulate, Op and Cp
+// channels); x outside the H × W image counts as zero. Uses this thread's scratch slot 7.
 void grad_points_accumulate(float* M, const float* Zy, const float* Z, int64_t H, int64_t W,
                             int64_t Wz, int64_t bc, int64_t Cs, int64_t Op, int64_t Cp,
                             int64_t ph, int64_t pw, int64_t y1, int64_t x1);
