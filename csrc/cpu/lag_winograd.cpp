@@ -75,78 +75,18 @@ __attribute__((always_inline)) inline void b_axis_5(const vec& b0, const vec& b1
   out[3] = d, out[4] = b4 - b2 - d * 2;
 }
 
-// The 4 × 4 tiles' panels, as transform_any's: the b window rows y … y + 5, columns
-// x − 2 … x + 5, the a tile its rows 0 … 3, columns 2 … 5. F(4, 3) ⊗ F(4, 3) on the window's
-// columns 2 … 7 (a points 0 … 35, b points 0 … 35: the 9 shifts t ≥ 0); F(4, 2) ⊗ F(4, 2) on
-// rows 1 … 5, columns 0 … 4 (b points 36 … 60: the 4 shifts t < 0), whose a-side points are
-// F(4, 3)'s without the point −2 (kLagAOf4).
+// The transformed panels of the 2 × 2 tiles [t0, t0 + nt) of a region from (y0, x0), ntx
+// tiles a row (row-major, each with its bc images), into A (a-side) and R (b-side): point pt's
+// panel at pt·ps, row (tile − t0)·bc + image at that times Cs; W-byte vectors of channels.
 template <typename T, int W>
-__attribute__((always_inline)) inline void transform4(T* A, T* R, int64_t ps, const T* Z,
+__attribute__((always_inline)) inline void transform2(T* A, T* R, int64_t ps, const T* Z,
                                                       const T* zero, int64_t H, int64_t Wd,
                                                       int64_t Wz, int64_t bc, int64_t Cs,
                                                       int64_t Cp, int64_t y0, int64_t x0,
                                                       int64_t ntx, int64_t t0, int64_t nt) {
   using vec = typename Vec<T, W>::type;
   constexpr int V = W / sizeof(T);
-  for (int64_t tile = t0; tile < t0 + nt; ++tile) {
-    const int64_t y = y0 + 4 * (tile / ntx), x = x0 + 4 * (tile % ntx);
-    const T* base[6][8];
-    int64_t step[6][8];
-    for (int i = 0; i < 6; ++i)
-      for (int j = 0; j < 8; ++j) {
-        const int64_t yy = y + i, xx = x - 2 + j;
-        const bool inside = yy < H && xx >= 0 && xx < Wd;
-        base[i][j] = inside ? Z + (yy * Wz + xx) * bc * Cs : zero;
-        step[i][j] = inside ? Cs : 0;
-      }
-    const bool one_run = Cs == Cp;  // as in transform_any
-    for (int64_t b = 0; b < (one_run ? 1 : bc); ++b) {
-      const int64_t kk = (tile - t0) * bc + b, len = one_run ? bc * Cs : Cp;
-      T* a = A + kk * Cs;
-      T* r = R + kk * Cs;
-      auto put = [&](T* to, int pt, int64_t c, const vec& v) {
-        std::memcpy(to + pt * ps + c, &v, sizeof(vec));
-      };
-      for (int64_t c = 0; c < len; c += V) {
-        vec ra[4][6], rb[6][6], r5[5][5], col6[6], col5[5];
-        for (int i = 0; i < 6; ++i) {
-          vec w[8];
-          for (int j = 0; j < 8; ++j) std::memcpy(&w[j], base[i][j] + b * step[i][j] + c, sizeof(vec));
-          if (i < 4) a_axis_6(w[2], w[3], w[4], w[5], ra[i]);
-          b_axis_6(w[2], w[3], w[4], w[5], w[6], w[7], rb[i]);
-          if (i > 0) b_axis_5(w[0], w[1], w[2], w[3], w[4], r5[i - 1]);
-        }
-        for (int j = 0; j < 6; ++j) {
-          a_axis_6(ra[0][j], ra[1][j], ra[2][j], ra[3][j], col6);
-          for (int i = 0; i < 6; ++i) put(a, i * 6 + j, c, col6[i]);
-          b_axis_6(rb[0][j], rb[1][j], rb[2][j], rb[3][j], rb[4][j], rb[5][j], col6);
-          for (int i = 0; i < 6; ++i) put(r, i * 6 + j, c, col6[i]);
-        }
-        for (int j = 0; j < 5; ++j) {
-          b_axis_5(r5[0][j], r5[1][j], r5[2][j], r5[3][j], r5[4][j], col5);
-          for (int i = 0; i < 5; ++i) put(r, 36 + i * 5 + j, c, col5[i]);
-        }
-      }
-    }
-  }
-}
-
-// The transformed panels of tiles [t0, t0 + nt) (row-major over the region's tiles, each
-// with its bc images) into A (a-side) and R (b-side): point pt's panel at pt·ps, row
-// (tile − t0)·bc + image at that times Cs; W-byte vectors of channels.
-template <typename T, int W, int S>
-__attribute__((always_inline)) inline void transform_any(T* A, T* R, int64_t ps, const T* Z,
-                                                         const T* zero, int64_t H, int64_t Wd,
-                                                         int64_t Wz, int64_t bc, int64_t Cs,
-                                                         int64_t Cp, int64_t y0, int64_t x0,
-                                                         int64_t ntx, int64_t t0, int64_t nt) {
-  using vec = typename Vec<T, W>::type;
-  constexpr int V = W / sizeof(T);
   const T half = T(0.5);
-  if constexpr (S == 4) {
-    transform4<T, W>(A, R, ps, Z, zero, H, Wd, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);
-    return;
-  }
   for (int64_t tile = t0; tile < t0 + nt; ++tile) {
     const int64_t y = y0 + 2 * (tile / ntx), x = x0 + 2 * (tile % ntx);
     // the b window: rows y … y + 3, columns x − 2 … x + 3 (the a tile is its [0, 2) × [2, 4));
@@ -205,12 +145,71 @@ __attribute__((always_inline)) inline void transform_any(T* A, T* R, int64_t ps,
   }
 }
 
+// The 4 × 4 tiles' panels, as transform2's: the b window rows y … y + 5, columns
+// x − 2 … x + 5, the a tile its rows 0 … 3, columns 2 … 5. F(4, 3) ⊗ F(4, 3) on the window's
+// columns 2 … 7 (a points 0 … 35, b points 0 … 35: the 9 shifts t ≥ 0); F(4, 2) ⊗ F(4, 2) on
+// rows 1 … 5, columns 0 … 4 (b points 36 … 60: the 4 shifts t < 0), whose a-side points are
+// F(4, 3)'s without the point −2 (kLagAOf4).
+template <typename T, int W>
+__attribute__((always_inline)) inline void transform4(T* A, T* R, int64_t ps, const T* Z,
+                                                      const T* zero, int64_t H, int64_t Wd,
+                                                      int64_t Wz, int64_t bc, int64_t Cs,
+                                                      int64_t Cp, int64_t y0, int64_t x0,
+                                                      int64_t ntx, int64_t t0, int64_t nt) {
+  using vec = typename Vec<T, W>::type;
+  constexpr int V = W / sizeof(T);
+  for (int64_t tile = t0; tile < t0 + nt; ++tile) {
+    const int64_t y = y0 + 4 * (tile / ntx), x = x0 + 4 * (tile % ntx);
+    const T* base[6][8];
+    int64_t step[6][8];
+    for (int i = 0; i < 6; ++i)
+      for (int j = 0; j < 8; ++j) {
+        const int64_t yy = y + i, xx = x - 2 + j;
+        const bool inside = yy < H && xx >= 0 && xx < Wd;
+        base[i][j] = inside ? Z + (yy * Wz + xx) * bc * Cs : zero;
+        step[i][j] = inside ? Cs : 0;
+      }
+    const bool one_run = Cs == Cp;  // as in transform2
+    for (int64_t b = 0; b < (one_run ? 1 : bc); ++b) {
+      const int64_t kk = (tile - t0) * bc + b, len = one_run ? bc * Cs : Cp;
+      T* a = A + kk * Cs;
+      T* r = R + kk * Cs;
+      auto put = [&](T* to, int pt, int64_t c, const vec& v) {
+        std::memcpy(to + pt * ps + c, &v, sizeof(vec));
+      };
+      for (int64_t c = 0; c < len; c += V) {
+        vec ra[4][6], rb[6][6], r5[5][5], col6[6], col5[5];
+        for (int i = 0; i < 6; ++i) {
+          vec w[8];
+          for (int j = 0; j < 8; ++j) std::memcpy(&w[j], base[i][j] + b * step[i][j] + c, sizeof(vec));
+          if (i < 4) a_axis_6(w[2], w[3], w[4], w[5], ra[i]);
+          b_axis_6(w[2], w[3], w[4], w[5], w[6], w[7], rb[i]);
+          if (i > 0) b_axis_5(w[0], w[1], w[2], w[3], w[4], r5[i - 1]);
+        }
+        for (int j = 0; j < 6; ++j) {
+          a_axis_6(ra[0][j], ra[1][j], ra[2][j], ra[3][j], col6);
+          for (int i = 0; i < 6; ++i) put(a, i * 6 + j, c, col6[i]);
+          b_axis_6(rb[0][j], rb[1][j], rb[2][j], rb[3][j], rb[4][j], rb[5][j], col6);
+          for (int i = 0; i < 6; ++i) put(r, i * 6 + j, c, col6[i]);
+        }
+        for (int j = 0; j < 5; ++j) {
+          b_axis_5(r5[0][j], r5[1][j], r5[2][j], r5[3][j], r5[4][j], col5);
+          for (int i = 0; i < 5; ++i) put(r, 36 + i * 5 + j, c, col5[i]);
+        }
+      }
+    }
+  }
+}
+
 #define CX_LAG_VARIANT(NAME, W, ATTR)                                                           \
   template <typename T, int S>                                                                  \
   ATTR void NAME(T* A, T* R, int64_t ps, const T* Z, const T* zero, int64_t H, int64_t Wd,      \
                  int64_t Wz, int64_t bc, int64_t Cs, int64_t Cp, int64_t y0, int64_t x0,        \
                  int64_t ntx, int64_t t0, int64_t nt) {                                         \
-    transform_any<T, W, S>(A, R, ps, Z, zero, H, Wd, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);       \
+    if constexpr (S == 2)                                                                       \
+      transform2<T, W>(A, R, ps, Z, zero, H, Wd, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);          \
+    else                                                                                        \
+      transform4<T, W>(A, R, ps, Z, zero, H, Wd, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);          \
   }
 CX_LAG_VARIANT(transform_avx512, 64, __attribute__((target("avx512f"))))
 CX_LAG_VARIANT(transform_avx2, 32, __attribute__((target("avx2,fma"))))
