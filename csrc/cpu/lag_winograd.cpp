@@ -75,6 +75,24 @@ __attribute__((always_inline)) inline void b_axis_5(const vec& b0, const vec& b1
   out[3] = d, out[4] = b4 - b2 - d * 2;
 }
 
+// A window of N × M pixels from (y, x) in a chunk copy Z (pixel (y, x) of image b at
+// Z + ((y·Wz + x)·bc + b)·Cs): each pixel's first image and the step to the next; a pixel
+// outside the H × Wd image reads the zero vector for every image (step 0).
+template <typename T, int N, int M>
+__attribute__((always_inline)) inline void window_pixels(const T* (&base)[N][M],
+                                                         int64_t (&step)[N][M], const T* Z,
+                                                         const T* zero, int64_t y, int64_t x,
+                                                         int64_t H, int64_t Wd, int64_t Wz,
+                                                         int64_t bc, int64_t Cs) {
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < M; ++j) {
+      const int64_t yy = y + i, xx = x + j;
+      const bool inside = yy >= 0 && yy < H && xx >= 0 && xx < Wd;
+      base[i][j] = inside ? Z + (yy * Wz + xx) * bc * Cs : zero;
+      step[i][j] = inside ? Cs : 0;
+    }
+}
+
 // The transformed panels of the 2 × 2 tiles [t0, t0 + nt) of a region from (y0, x0), ntx
 // tiles a row (row-major, each with its bc images), into A (a-side) and R (b-side): point pt's
 // panel at pt·ps, row (tile − t0)·bc + image at that times Cs; W-byte vectors of channels.
@@ -89,17 +107,10 @@ __attribute__((always_inline)) inline void transform2(T* A, T* R, int64_t ps, co
   const T half = T(0.5);
   for (int64_t tile = t0; tile < t0 + nt; ++tile) {
     const int64_t y = y0 + 2 * (tile / ntx), x = x0 + 2 * (tile % ntx);
-    // the b window: rows y … y + 3, columns x − 2 … x + 3 (the a tile is its [0, 2) × [2, 4));
-    // a pixel outside the image reads the zero vector for every image
+    // the b window: rows y … y + 3, columns x − 2 … x + 3 (the a tile is its [0, 2) × [2, 4))
     const T* base[4][6];
     int64_t step[4][6];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 6; ++j) {
-        const int64_t yy = y + i, xx = x - 2 + j;
-        const bool inside = yy < H && xx >= 0 && xx < Wd;
-        base[i][j] = inside ? Z + (yy * Wz + xx) * bc * Cs : zero;
-        step[i][j] = inside ? Cs : 0;
-      }
+    window_pixels(base, step, Z, zero, y, x - 2, H, Wd, Wz, bc, Cs);
     // Without channel padding past Cp the tile's bc images are one run of bc·Cs elements in
     // Z and in every panel, transformed as one; else image by image, the Cp channels each.
     const bool one_run = Cs == Cp;
@@ -162,13 +173,7 @@ __attribute__((always_inline)) inline void transform4(T* A, T* R, int64_t ps, co
     const int64_t y = y0 + 4 * (tile / ntx), x = x0 + 4 * (tile % ntx);
     const T* base[6][8];
     int64_t step[6][8];
-    for (int i = 0; i < 6; ++i)
-      for (int j = 0; j < 8; ++j) {
-        const int64_t yy = y + i, xx = x - 2 + j;
-        const bool inside = yy < H && xx >= 0 && xx < Wd;
-        base[i][j] = inside ? Z + (yy * Wz + xx) * bc * Cs : zero;
-        step[i][j] = inside ? Cs : 0;
-      }
+    window_pixels(base, step, Z, zero, y, x - 2, H, Wd, Wz, bc, Cs);
     const bool one_run = Cs == Cp;  // as in transform2
     for (int64_t b = 0; b < (one_run ? 1 : bc); ++b) {
       const int64_t kk = (tile - t0) * bc + b, len = one_run ? bc * Cs : Cp;
@@ -303,13 +308,7 @@ __attribute__((always_inline)) inline void grad_transform_any(
     const int64_t y = y0 + S * (tile / ntx), x = x0 + S * (tile % ntx);
     const T* base[N][N];
     int64_t step[N][N];
-    for (int i = 0; i < N; ++i)
-      for (int j = 0; j < N; ++j) {
-        const int64_t yy = y - ph + i, xx = x - pw + j;
-        const bool inside = yy >= 0 && yy < H && xx >= 0 && xx < Wd;
-        base[i][j] = inside ? Z + (yy * Wz + xx) * bc * Cs : zero;
-        step[i][j] = inside ? Cs : 0;
-      }
+    window_pixels(base, step, Z, zero, y - ph, x - pw, H, Wd, Wz, bc, Cs);
     const T* ay = Zy + (y * Wz + x) * bc * Cs;
     for (int64_t b = 0; b < bc; ++b) {
       const int64_t kk = (tile - t0) * bc + b;
