@@ -138,6 +138,10 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   const bool grad_tiles = gy && g.kh == 3 && g.kw == 3 && g.dh == 1 &&
                           g.dw == 1 && Ho >= 2 && Wo >= 2;
   const int64_t gy1 = grad_tiles ? Ho / 2 * 2 : 0, gx1 = grad_tiles ? Wo / 2 * 2 : 0;
+  // The point blocks the tiles use (zeroed and read back only those: wide layers on small maps
+  // would otherwise clear and sum tens of MiB of unused blocks per call).
+  const PointBlocks lag_used = lag_point_blocks(wy1 - rows.core0, wx1 - cols.core0);
+  const PointBlocks g_used = grad_point_blocks(gy1, gx1);
   const int64_t core_rc = std::find(rows.is_core.begin(), rows.is_core.end(), 1) - rows.is_core.begin();
   const int64_t D = with_gram ? gram.size(-1) : grad->size(-1);
 
@@ -285,9 +289,10 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       acc_t* const Zy = gy ? scratch<acc_t, 5>(Bc * per_grad_image) : nullptr;
       acc_t* const g_mine = gy ? scratch<acc_t, 6>(kk * gcell) : nullptr;
       acc_t* const g_points = grad_tiles ? scratch<acc_t, 9>(kGradPoints * gcell) : nullptr;
-      if (grad_tiles) std::fill(g_points, g_points + kGradPoints * gcell, acc_t(0));
+      if (grad_tiles)
+        std::fill(g_points + g_used.begin * gcell, g_points + g_used.end * gcell, acc_t(0));
       acc_t* const points = lag_tiles ? scratch<acc_t, 8>(kLagPoints * cell) : nullptr;
-      if (lag_tiles) std::fill(points, points + kLagPoints * cell, acc_t(0));
+      if (lag_tiles) std::fill(points + lag_used.begin * cell, points + lag_used.end * cell, acc_t(0));
       if (gy) {
         std::fill(g_mine, g_mine + kk * gcell, acc_t(0));
         thread_g[tid] = g_mine;
@@ -383,11 +388,12 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
         }
         if (gy) grad_chunk(b0, bc, Z, Zy, g_mine, g_points, thread_gb[tid]);
       }
-      if (grad_tiles) grad_from_points(g_mine, g_points, gcell);
+      if (grad_tiles) grad_from_points(g_mine, g_points, gcell, g_used);
       if (lag_tiles) {  // every shift's lags at once (local is free by now)
         acc_t* by_shift[3][5] = {};
-        for (int64_t sh = 0; sh < nsh; ++sh) by_shift[shifts[sh].s][shifts[sh].t + 2] = local + sh * cell;
-        lags_from_points(by_shift, points, Cp);
+        for (int64_t sh = 0; sh < nsh; ++sh)
+          by_shift[shifts[sh].s][shifts[sh].t + 2] = local + sh * cell;
+        lags_from_points(by_shift, points, Cp, lag_used);
         for (int64_t sh = 0; sh < nsh; ++sh) scatter(mine, local + sh * cell, sh, core_rc, 0);
       }
     });

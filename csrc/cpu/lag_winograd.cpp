@@ -434,10 +434,17 @@ void lags_from_grid(T* const (&out)[L][L], const T* M, const int (&coef)[L][P], 
           add_point(out[s][t], tmp.data() + (i * L + t) * cell, scale * T(coef[s][i]), cell);
 }
 
+// Which of a region's two tilings have tiles: 4 × 4 ones, and 2 × 2 ones in the strips left.
+PointBlocks point_blocks(int64_t rows, int64_t cols, int64_t points4, int64_t points2) {
+  const int64_t y4 = rows / 4 * 4, x4 = cols / 4 * 4;
+  const bool four = y4 > 0 && x4 > 0, two = rows > 0 && cols > 0 && (y4 < rows || x4 < cols);
+  return {four ? 0 : points4, two ? points4 + points2 : points4};
+}
+
 // The lags from all four grids: F(4, 3) (in 24ths) and F(2, 3) for t ≥ 0, F(4, 2) (in 6ths)
-// and F(2, 2) for t < 0 (their lags s − 1, t + 2).
+// and F(2, 2) for t < 0 (their lags s − 1, t + 2); a grid outside `used` adds nothing.
 template <typename T>
-void from_points_impl(T* const (&out)[3][5], const T* M, int64_t Cp) {
+void from_points_impl(T* const (&out)[3][5], const T* M, int64_t Cp, PointBlocks used) {
   const int64_t cell = Cp * Cp;
   const T* const M2 = M + kLagPoints4 * cell;
   for (int s = 0; s < 3; ++s)
@@ -448,20 +455,25 @@ void from_points_impl(T* const (&out)[3][5], const T* M, int64_t Cp) {
                           {out[2][2], out[2][3], out[2][4]}};
   T* const behind[2][2] = {{out[1][0], out[1][1]}, {out[2][0], out[2][1]}};
   std::vector<T> tmp;
-  lags_from_grid(ahead, M, kLag4x24, T(1) / T(576), cell, tmp);
-  lags_from_grid(behind, M + 36 * cell, kLag42x6, T(1) / T(36), cell, tmp);
-  lags_from_grid(ahead, M2, kLag3, T(1), cell, tmp);
-  lags_from_grid(behind, M2 + 16 * cell, kLag2, T(1), cell, tmp);
+  if (used.begin == 0) {
+    lags_from_grid(ahead, M, kLag4x24, T(1) / T(576), cell, tmp);
+    lags_from_grid(behind, M + 36 * cell, kLag42x6, T(1) / T(36), cell, tmp);
+  }
+  if (used.end == kLagPoints) {
+    lags_from_grid(ahead, M2, kLag3, T(1), cell, tmp);
+    lags_from_grid(behind, M2 + 16 * cell, kLag2, T(1), cell, tmp);
+  }
 }
 
 template <typename T>
-void grad_from_points_impl(T* g, const T* M, int64_t cell) {
+void grad_from_points_impl(T* g, const T* M, int64_t cell, PointBlocks used) {
   T* const out[3][3] = {{g, g + cell, g + 2 * cell},
                         {g + 3 * cell, g + 4 * cell, g + 5 * cell},
                         {g + 6 * cell, g + 7 * cell, g + 8 * cell}};
   std::vector<T> tmp;
-  lags_from_grid(out, M, kLag4x24, T(1) / T(576), cell, tmp);
-  lags_from_grid(out, M + kGradPoints4 * cell, kLag3, T(1), cell, tmp);
+  if (used.begin == 0) lags_from_grid(out, M, kLag4x24, T(1) / T(576), cell, tmp);
+  if (used.end == kGradPoints)
+    lags_from_grid(out, M + kGradPoints4 * cell, kLag3, T(1), cell, tmp);
 }
 
 }  // namespace
@@ -476,8 +488,18 @@ void grad_points_accumulate(double* M, const double* Zy, const double* Z, int64_
                             int64_t ph, int64_t pw, int64_t y1, int64_t x1) {
   grad_points_impl(M, Zy, Z, H, W, Wz, bc, Cs, Op, Cp, ph, pw, y1, x1);
 }
-void grad_from_points(float* g, const float* M, int64_t cell) { grad_from_points_impl(g, M, cell); }
-void grad_from_points(double* g, const double* M, int64_t cell) { grad_from_points_impl(g, M, cell); }
+void grad_from_points(float* g, const float* M, int64_t cell, PointBlocks used) {
+  grad_from_points_impl(g, M, cell, used);
+}
+void grad_from_points(double* g, const double* M, int64_t cell, PointBlocks used) {
+  grad_from_points_impl(g, M, cell, used);
+}
+PointBlocks lag_point_blocks(int64_t rows, int64_t cols) {
+  return point_blocks(rows, cols, kLagPoints4, kLagPoints2);
+}
+PointBlocks grad_point_blocks(int64_t rows, int64_t cols) {
+  return point_blocks(rows, cols, kGradPoints4, kGradPoints2);
+}
 
 void lag_points_accumulate(float* M, const float* Z, int64_t H, int64_t W, int64_t Wz,
                            int64_t bc, int64_t Cs, int64_t Cp, int64_t y0, int64_t y1,
@@ -489,11 +511,12 @@ void lag_points_accumulate(double* M, const double* Z, int64_t H, int64_t W, int
                            int64_t x0, int64_t x1) {
   points_impl(M, Z, H, W, Wz, bc, Cs, Cp, y0, y1, x0, x1);
 }
-void lags_from_points(float* const (&out)[3][5], const float* M, int64_t Cp) {
-  from_points_impl(out, M, Cp);
+void lags_from_points(float* const (&out)[3][5], const float* M, int64_t Cp, PointBlocks used) {
+  from_points_impl(out, M, Cp, used);
 }
-void lags_from_points(double* const (&out)[3][5], const double* M, int64_t Cp) {
-  from_points_impl(out, M, Cp);
+void lags_from_points(double* const (&out)[3][5], const double* M, int64_t Cp,
+                      PointBlocks used) {
+  from_points_impl(out, M, Cp, used);
 }
 
 }  // namespace consequential_ext::cpu

@@ -46,10 +46,20 @@ void lag_points_accumulate(double* M, const double* Z, int64_t H, int64_t W, int
                            int64_t bc, int64_t Cs, int64_t Cp, int64_t y0, int64_t y1,
                            int64_t x0, int64_t x1);
 
-// out[s][t + 2] (Cp × Cp, leading dimension Cp) = L(s, t) over the tiles M accumulated, for
-// each of the 13 shifts whose out is not null. Overwrites those.
-void lags_from_points(float* const (&out)[3][5], const float* M, int64_t Cp);
-void lags_from_points(double* const (&out)[3][5], const double* M, int64_t Cp);
+// The point blocks [begin, end) that the tiles of a rows × cols region (even sides) add into:
+// the 4 × 4 tiles' (from 0) where the region holds one, the 2 × 2 tiles' (up to the end)
+// where a strip is left. The rest of M is neither read nor written: callers zero this range.
+struct PointBlocks {
+  int64_t begin, end;
+};
+PointBlocks lag_point_blocks(int64_t rows, int64_t cols);
+PointBlocks grad_point_blocks(int64_t rows, int64_t cols);
+
+// out[s][t + 2] (Cp × Cp, leading dimension Cp) = L(s, t) over the tiles M accumulated (its
+// blocks lag_point_blocks of the region), for each of the 13 shifts whose out is not null.
+// Overwrites those.
+void lags_from_points(float* const (&out)[3][5], const float* M, int64_t Cp, PointBlocks used);
+void lags_from_points(double* const (&out)[3][5], const double* M, int64_t Cp, PointBlocks used);
 
 // The weight gradient's part over output tiles: G(i, j) = Σ_p dZ(p)·x(p + (i − ph, j − pw))ᵀ is
 // the same bilinear form, on the b window moved by (−ph, −pw): over 4 × 4 output tiles
@@ -69,8 +79,9 @@ void grad_points_accumulate(double* M, const double* Zy, const double* Z, int64_
                             int64_t Wz, int64_t bc, int64_t Cs, int64_t Op, int64_t Cp,
                             int64_t ph, int64_t pw, int64_t y1, int64_t x1);
 
-// Adds the 9 kernel offsets' blocks (offset i·3 + j at (i·3 + j)·cell) recovered from M.
-void grad_from_points(float* g, const float* M, int64_t cell);
-void grad_from_points(double* g, const double* M, int64_t cell);
+// Adds the 9 kernel offsets' blocks (offset i·3 + j at (i·3 + j)·cell) recovered from M's
+// blocks `used` (grad_point_blocks of the output region).
+void grad_from_points(float* g, const float* M, int64_t cell, PointBlocks used);
+void grad_from_points(double* g, const double* M, int64_t cell, PointBlocks used);
 
 }  // namespace consequential_ext::cpu
