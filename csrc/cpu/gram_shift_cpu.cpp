@@ -292,7 +292,8 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       if (grad_tiles)
         std::fill(g_points + g_used.begin * gcell, g_points + g_used.end * gcell, acc_t(0));
       acc_t* const points = lag_tiles ? scratch<acc_t, 8>(kLagPoints * cell) : nullptr;
-      if (lag_tiles) std::fill(points + lag_used.begin * cell, points + lag_used.end * cell, acc_t(0));
+      if (lag_tiles)
+        std::fill(points + lag_used.begin * cell, points + lag_used.end * cell, acc_t(0));
       if (gy) {
         std::fill(g_mine, g_mine + kk * gcell, acc_t(0));
         thread_g[tid] = g_mine;

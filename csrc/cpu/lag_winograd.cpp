@@ -186,7 +186,8 @@ __attribute__((always_inline)) inline void transform4(T* A, T* R, int64_t ps, co
         vec ra[4][6], rb[6][6], r5[5][5], col6[6], col5[5];
         for (int i = 0; i < 6; ++i) {
           vec w[8];
-          for (int j = 0; j < 8; ++j) std::memcpy(&w[j], base[i][j] + b * step[i][j] + c, sizeof(vec));
+          for (int j = 0; j < 8; ++j)
+            std::memcpy(&w[j], base[i][j] + b * step[i][j] + c, sizeof(vec));
           if (i < 4) a_axis_6(w[2], w[3], w[4], w[5], ra[i]);
           b_axis_6(w[2], w[3], w[4], w[5], w[6], w[7], rb[i]);
           if (i > 0) b_axis_5(w[0], w[1], w[2], w[3], w[4], r5[i - 1]);
@@ -318,7 +319,8 @@ __attribute__((always_inline)) inline void grad_transform_any(
       for (int64_t c = 0; c < Oc; c += V) {
         vec v[S][S];
         for (int i = 0; i < S; ++i)
-          for (int j = 0; j < S; ++j) std::memcpy(&v[i][j], q + (i * Wz + j) * bc * Cs + c, sizeof(vec));
+          for (int j = 0; j < S; ++j)
+            std::memcpy(&v[i][j], q + (i * Wz + j) * bc * Cs + c, sizeof(vec));
         if constexpr (S == 2) {
           a_points_3x3<0>(v, half, [&](int pt, const vec& x) { put(a, pt, c, x); });
         } else {
@@ -333,12 +335,14 @@ __attribute__((always_inline)) inline void grad_transform_any(
       for (int64_t c = 0; c < Cc; c += V) {
         vec w[N][N];
         for (int i = 0; i < N; ++i)
-          for (int j = 0; j < N; ++j) std::memcpy(&w[i][j], base[i][j] + b * step[i][j] + c, sizeof(vec));
+          for (int j = 0; j < N; ++j)
+            std::memcpy(&w[i][j], base[i][j] + b * step[i][j] + c, sizeof(vec));
         if constexpr (S == 2) {
           b_points_3x3<0>(w, [&](int pt, const vec& x) { put(r, pt, c, x); });
         } else {
           vec rows[N][P], col[P];
-          for (int i = 0; i < N; ++i) b_axis_6(w[i][0], w[i][1], w[i][2], w[i][3], w[i][4], w[i][5], rows[i]);
+          for (int i = 0; i < N; ++i)
+            b_axis_6(w[i][0], w[i][1], w[i][2], w[i][3], w[i][4], w[i][5], rows[i]);
           for (int j = 0; j < P; ++j) {
             b_axis_6(rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j], rows[5][j], col);
             for (int i = 0; i < P; ++i) put(r, i * P + j, c, col[i]);

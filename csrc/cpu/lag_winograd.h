@@ -36,9 +36,9 @@ constexpr int kLagPoints = kLagPoints4 + kLagPoints2;
 
 // Adds into M (kLagPoints blocks of Cp × Cp, each row-major with leading dimension Cp: the 4 × 4
 // tiles' 61 points, then the 2 × 2 tiles' 25) the point products of the tiles of pixels
-// [y0, y1) × [x0, x1) (both even lengths, inside the image) of a chunk copy Z: pixel (y, x) of image b at Z + ((y·Wz + x)·bc + b)·Cs, Cp
-// channels (the padding zero) of an H × W image; partners outside the image count as zero.
-// Uses this thread's scratch slot 7.
+// [y0, y1) × [x0, x1) (both even lengths, inside the image) of a chunk copy Z: pixel (y, x) of
+// image b at Z + ((y·Wz + x)·bc + b)·Cs, Cp channels (the padding zero) of an H × W image;
+// partners outside the image count as zero. Uses this thread's scratch slot 7.
 void lag_points_accumulate(float* M, const float* Z, int64_t H, int64_t W, int64_t Wz,
                            int64_t bc, int64_t Cs, int64_t Cp, int64_t y0, int64_t y1,
                            int64_t x0, int64_t x1);
