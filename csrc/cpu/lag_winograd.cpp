@@ -93,115 +93,92 @@ __attribute__((always_inline)) inline void window_pixels(const T* (&base)[N][M],
     }
 }
 
-// The transformed panels of the 2 × 2 tiles [t0, t0 + nt) of a region from (y0, x0), ntx
-// tiles a row (row-major, each with its bc images), into A (a-side) and R (b-side): point pt's
-// panel at pt·ps, row (tile − t0)·bc + image at that times Cs; W-byte vectors of channels.
-template <typename T, int W>
-__attribute__((always_inline)) inline void transform2(T* A, T* R, int64_t ps, const T* Z,
-                                                      const T* zero, int64_t H, int64_t Wd,
-                                                      int64_t Wz, int64_t bc, int64_t Cs,
-                                                      int64_t Cp, int64_t y0, int64_t x0,
-                                                      int64_t ntx, int64_t t0, int64_t nt) {
+// One channel vector of a 2 × 2 tile's points from its b window w (rows y … y + 3, columns
+// x − 2 … x + 3; the a tile is its rows 0, 1, columns 2, 3): F(2, 3) ⊗ F(2, 3), points 0 … 15,
+// and F(2, 2) ⊗ F(2, 2) on the window's rows 1 … 3, columns 0 … 2, points 16 … 24; put_a /
+// put_r(point, vector) store the a-side and b-side points.
+template <typename vec, typename T, typename PutA, typename PutR>
+__attribute__((always_inline)) inline void tile2_points(const vec (&w)[4][6], T half,
+                                                        PutA put_a, PutR put_r) {
+  a_points_3x3<2>(w, half, put_a);
+  b_points_3x3<2>(w, put_r);
+  vec ag[2][3], bg[3][3];
+  for (int i = 0; i < 2; ++i) {
+    const vec a0 = w[i][2], a1 = w[i][3];
+    ag[i][0] = a0, ag[i][1] = a0 + a1, ag[i][2] = a1;
+  }
+  for (int i = 0; i < 3; ++i) {
+    const vec b0 = w[i + 1][0], b1 = w[i + 1][1], b2 = w[i + 1][2];
+    bg[i][0] = b0 - b1, bg[i][1] = b1, bg[i][2] = b2 - b1;
+  }
+  for (int j = 0; j < 3; ++j) {
+    const vec a0 = ag[0][j], a1 = ag[1][j];
+    put_a(16 + j, a0), put_a(19 + j, a0 + a1), put_a(22 + j, a1);
+    const vec b0 = bg[0][j], b1 = bg[1][j], b2 = bg[2][j];
+    put_r(16 + j, b0 - b1), put_r(19 + j, b1), put_r(22 + j, b2 - b1);
+  }
+}
+
+// The same for a 4 × 4 tile (window rows y … y + 5, columns x − 2 … x + 5; the a tile its rows
+// 0 … 3, columns 2 … 5): F(4, 3) ⊗ F(4, 3) on the window's columns 2 … 7 (a and b points
+// 0 … 35: the 9 shifts t ≥ 0); F(4, 2) ⊗ F(4, 2) on rows 1 … 5, columns 0 … 4 (b points
+// 36 … 60: the 4 shifts t < 0), whose a-side points are F(4, 3)'s without the point −2
+// (kLagAOf4).
+template <typename vec, typename PutA, typename PutR>
+__attribute__((always_inline)) inline void tile4_points(const vec (&w)[6][8], PutA put_a,
+                                                        PutR put_r) {
+  vec ra[4][6], rb[6][6], r5[5][5], col6[6], col5[5];
+  for (int i = 0; i < 6; ++i) {
+    if (i < 4) a_axis_6(w[i][2], w[i][3], w[i][4], w[i][5], ra[i]);
+    b_axis_6(w[i][2], w[i][3], w[i][4], w[i][5], w[i][6], w[i][7], rb[i]);
+    if (i > 0) b_axis_5(w[i][0], w[i][1], w[i][2], w[i][3], w[i][4], r5[i - 1]);
+  }
+  for (int j = 0; j < 6; ++j) {
+    a_axis_6(ra[0][j], ra[1][j], ra[2][j], ra[3][j], col6);
+    for (int i = 0; i < 6; ++i) put_a(i * 6 + j, col6[i]);
+    b_axis_6(rb[0][j], rb[1][j], rb[2][j], rb[3][j], rb[4][j], rb[5][j], col6);
+    for (int i = 0; i < 6; ++i) put_r(i * 6 + j, col6[i]);
+  }
+  for (int j = 0; j < 5; ++j) {
+    b_axis_5(r5[0][j], r5[1][j], r5[2][j], r5[3][j], r5[4][j], col5);
+    for (int i = 0; i < 5; ++i) put_r(36 + i * 5 + j, col5[i]);
+  }
+}
+
+// The transformed panels of the S × S tiles [t0, t0 + nt) of a region from (y0, x0), ntx tiles
+// a row (row-major, each with its bc images), into A (a-side) and R (b-side): point pt's panel
+// at pt·ps, row (tile − t0)·bc + image at that times Cs; W-byte vectors of channels.
+template <typename T, int W, int S>
+__attribute__((always_inline)) inline void lag_transform(T* A, T* R, int64_t ps, const T* Z,
+                                                         const T* zero, int64_t H, int64_t Wd,
+                                                         int64_t Wz, int64_t bc, int64_t Cs,
+                                                         int64_t Cp, int64_t y0, int64_t x0,
+                                                         int64_t ntx, int64_t t0, int64_t nt) {
   using vec = typename Vec<T, W>::type;
-  constexpr int V = W / sizeof(T);
-  const T half = T(0.5);
+  constexpr int V = W / sizeof(T), N = S + 2, M = S + 4;  // the b window's rows and columns
   for (int64_t tile = t0; tile < t0 + nt; ++tile) {
-    const int64_t y = y0 + 2 * (tile / ntx), x = x0 + 2 * (tile % ntx);
-    // the b window: rows y … y + 3, columns x − 2 … x + 3 (the a tile is its [0, 2) × [2, 4))
-    const T* base[4][6];
-    int64_t step[4][6];
+    const int64_t y = y0 + S * (tile / ntx), x = x0 + S * (tile % ntx);
+    const T* base[N][M];
+    int64_t step[N][M];
     window_pixels(base, step, Z, zero, y, x - 2, H, Wd, Wz, bc, Cs);
     // Without channel padding past Cp the tile's bc images are one run of bc·Cs elements in
     // Z and in every panel, transformed as one; else image by image, the Cp channels each.
     const bool one_run = Cs == Cp;
     for (int64_t b = 0; b < (one_run ? 1 : bc); ++b) {
-    const int64_t kk = (tile - t0) * bc + b, len = one_run ? bc * Cs : Cp;
-    const T* p[4][6];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 6; ++j) p[i][j] = base[i][j] + b * step[i][j];
-    T* a = A + kk * Cs;
-    T* r = R + kk * Cs;
-    auto put = [&](T* base, int pt, int64_t c, const vec& v) {
-      std::memcpy(base + pt * ps + c, &v, sizeof(vec));
-    };
-    for (int64_t c = 0; c < len; c += V) {
-      vec v[4][6];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 6; ++j) std::memcpy(&v[i][j], p[i][j] + c, sizeof(vec));
-      // F(2, 3) ⊗ F(2, 3): points 0 … 15 (the a tile is the window's columns 2, 3)
-      a_points_3x3<2>(v, half, [&](int pt, const vec& x) { put(a, pt, c, x); });
-      b_points_3x3<2>(v, [&](int pt, const vec& x) { put(r, pt, c, x); });
-      // F(2, 2) ⊗ F(2, 2) on the b window's rows 1 … 3, columns 0 … 2: points 16 … 24
-      vec ag[2][3], bg[3][3];
-      for (int i = 0; i < 2; ++i) {
-        const vec a0 = v[i][2], a1 = v[i][3];
-        ag[i][0] = a0, ag[i][1] = a0 + a1, ag[i][2] = a1;
-      }
-      for (int i = 0; i < 3; ++i) {
-        const vec b0 = v[i + 1][0], b1 = v[i + 1][1], b2 = v[i + 1][2];
-        bg[i][0] = b0 - b1, bg[i][1] = b1, bg[i][2] = b2 - b1;
-      }
-      for (int j = 0; j < 3; ++j) {
-        const vec a0 = ag[0][j], a1 = ag[1][j];
-        put(a, 16 + j, c, a0);
-        put(a, 19 + j, c, a0 + a1);
-        put(a, 22 + j, c, a1);
-        const vec b0 = bg[0][j], b1 = bg[1][j], b2 = bg[2][j];
-        put(r, 16 + j, c, b0 - b1);
-        put(r, 19 + j, c, b1);
-        put(r, 22 + j, c, b2 - b1);
-      }
-    }
-    }
-  }
-}
-
-// The 4 × 4 tiles' panels, as transform2's: the b window rows y … y + 5, columns
-// x − 2 … x + 5, the a tile its rows 0 … 3, columns 2 … 5. F(4, 3) ⊗ F(4, 3) on the window's
-// columns 2 … 7 (a points 0 … 35, b points 0 … 35: the 9 shifts t ≥ 0); F(4, 2) ⊗ F(4, 2) on
-// rows 1 … 5, columns 0 … 4 (b points 36 … 60: the 4 shifts t < 0), whose a-side points are
-// F(4, 3)'s without the point −2 (kLagAOf4).
-template <typename T, int W>
-__attribute__((always_inline)) inline void transform4(T* A, T* R, int64_t ps, const T* Z,
-                                                      const T* zero, int64_t H, int64_t Wd,
-                                                      int64_t Wz, int64_t bc, int64_t Cs,
-                                                      int64_t Cp, int64_t y0, int64_t x0,
-                                                      int64_t ntx, int64_t t0, int64_t nt) {
-  using vec = typename Vec<T, W>::type;
-  constexpr int V = W / sizeof(T);
-  for (int64_t tile = t0; tile < t0 + nt; ++tile) {
-    const int64_t y = y0 + 4 * (tile / ntx), x = x0 + 4 * (tile % ntx);
-    const T* base[6][8];
-    int64_t step[6][8];
-    window_pixels(base, step, Z, zero, y, x - 2, H, Wd, Wz, bc, Cs);
-    const bool one_run = Cs == Cp;  // as in transform2
-    for (int64_t b = 0; b < (one_run ? 1 : bc); ++b) {
       const int64_t kk = (tile - t0) * bc + b, len = one_run ? bc * Cs : Cp;
-      T* a = A + kk * Cs;
-      T* r = R + kk * Cs;
-      auto put = [&](T* to, int pt, int64_t c, const vec& v) {
-        std::memcpy(to + pt * ps + c, &v, sizeof(vec));
-      };
+      T* const a = A + kk * Cs;
+      T* const r = R + kk * Cs;
       for (int64_t c = 0; c < len; c += V) {
-        vec ra[4][6], rb[6][6], r5[5][5], col6[6], col5[5];
-        for (int i = 0; i < 6; ++i) {
-          vec w[8];
-          for (int j = 0; j < 8; ++j)
-            std::memcpy(&w[j], base[i][j] + b * step[i][j] + c, sizeof(vec));
-          if (i < 4) a_axis_6(w[2], w[3], w[4], w[5], ra[i]);
-          b_axis_6(w[2], w[3], w[4], w[5], w[6], w[7], rb[i]);
-          if (i > 0) b_axis_5(w[0], w[1], w[2], w[3], w[4], r5[i - 1]);
-        }
-        for (int j = 0; j < 6; ++j) {
-          a_axis_6(ra[0][j], ra[1][j], ra[2][j], ra[3][j], col6);
-          for (int i = 0; i < 6; ++i) put(a, i * 6 + j, c, col6[i]);
-          b_axis_6(rb[0][j], rb[1][j], rb[2][j], rb[3][j], rb[4][j], rb[5][j], col6);
-          for (int i = 0; i < 6; ++i) put(r, i * 6 + j, c, col6[i]);
-        }
-        for (int j = 0; j < 5; ++j) {
-          b_axis_5(r5[0][j], r5[1][j], r5[2][j], r5[3][j], r5[4][j], col5);
-          for (int i = 0; i < 5; ++i) put(r, 36 + i * 5 + j, c, col5[i]);
-        }
+        vec w[N][M];
+        for (int i = 0; i < N; ++i)
+          for (int j = 0; j < M; ++j)
+            std::memcpy(&w[i][j], base[i][j] + b * step[i][j] + c, sizeof(vec));
+        auto put_a = [&](int pt, const vec& v) { std::memcpy(a + pt * ps + c, &v, sizeof(vec)); };
+        auto put_r = [&](int pt, const vec& v) { std::memcpy(r + pt * ps + c, &v, sizeof(vec)); };
+        if constexpr (S == 2)
+          tile2_points(w, T(0.5), put_a, put_r);
+        else
+          tile4_points(w, put_a, put_r);
       }
     }
   }
@@ -212,10 +189,7 @@ __attribute__((always_inline)) inline void transform4(T* A, T* R, int64_t ps, co
   ATTR void NAME(T* A, T* R, int64_t ps, const T* Z, const T* zero, int64_t H, int64_t Wd,      \
                  int64_t Wz, int64_t bc, int64_t Cs, int64_t Cp, int64_t y0, int64_t x0,        \
                  int64_t ntx, int64_t t0, int64_t nt) {                                         \
-    if constexpr (S == 2)                                                                       \
-      transform2<T, W>(A, R, ps, Z, zero, H, Wd, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);          \
-    else                                                                                        \
-      transform4<T, W>(A, R, ps, Z, zero, H, Wd, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);          \
+    lag_transform<T, W, S>(A, R, ps, Z, zero, H, Wd, Wz, bc, Cs, Cp, y0, x0, ntx, t0, nt);       \
   }
 CX_LAG_VARIANT(transform_avx512, 64, __attribute__((target("avx512f"))))
 CX_LAG_VARIANT(transform_avx2, 32, __attribute__((target("avx2,fma"))))
