@@ -103,6 +103,17 @@ AxisClasses axis_classes(int64_t n, int64_t k, int64_t d, int64_t p, int64_t out
   return a;
 }
 
+// out[c] = Σ_{b < n} z[b·Cs + c] for c < C: one pixel's channel sums over a chunk's n images,
+// in acc_t (the bias sums add these into double: one conversion per pixel and channel, not
+// per image too).
+template <typename acc_t>
+void sum_over_images(acc_t* __restrict out, const acc_t* __restrict z, int64_t n, int64_t Cs,
+                     int64_t C) {
+  std::copy(z, z + C, out);
+  for (int64_t b = 1; b < n; ++b)
+    for (int64_t c = 0; c < C; ++c) out[c] += z[b * Cs + c];
+}
+
 template <typename src_t, typename acc_t>
 void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram,
                      const at::Tensor* gy, at::Tensor* grad) {
@@ -195,25 +206,20 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   // output gradient copied like x (Zy: output pixel, image, channel; Z's strides), then per
   // kernel offset (i, j) one correlation of each output row's run with the input run it
   // multiplies, clipped to the pixels whose partner is inside the image (the zero padding
-  // adds nothing), in K-blocks of rows like the Gram's. Σ dZ (the bias column) per image in
-  // acc_t, across images in double.
+  // adds nothing), in K-blocks of rows like the Gram's. Σ dZ (the bias column) per pixel over
+  // the chunk's images in acc_t, across pixels and chunks in double.
   auto grad_chunk = [&](int64_t b0, int64_t bc, const acc_t* Z, acc_t* Zy, acc_t* g_acc,
-                        acc_t* g_points, std::vector<double>& bias_sum) {
+                        acc_t* g_points, std::vector<double>& bias_sum, acc_t* pixel_sum) {
     if (Op > Og) std::fill(Zy, Zy + bc * per_grad_image, acc_t(0));
-    std::vector<acc_t> image_sum(g.bias ? Og : 0);
-    for (int64_t b = 0; b < bc; ++b) {
+    for (int64_t b = 0; b < bc; ++b)
       copy_image(Zy + b * Cs, Wz, bc, Cs, gsrc + (b0 + b) * gsb + grp * Og * gsc, Og, Ho, Wo,
                  gsc, gsy, gsx);
-      if (!g.bias) continue;
-      // per image in acc_t (at most Ho·Wo terms), across images in double
-      std::fill(image_sum.begin(), image_sum.end(), acc_t(0));
+    if (g.bias)
       for (int64_t y = 0; y < Ho; ++y)
         for (int64_t xx = 0; xx < Wo; ++xx) {
-          const acc_t* z = Zy + ((y * Wz + xx) * bc + b) * Cs;
-          for (int64_t c = 0; c < Og; ++c) image_sum[c] += z[c];
+          sum_over_images(pixel_sum, Zy + (y * Wz + xx) * bc * Cs, bc, Cs, Og);
+          for (int64_t c = 0; c < Og; ++c) bias_sum[c] += pixel_sum[c];
         }
-      for (int64_t c = 0; c < Og; ++c) bias_sum[c] += image_sum[c];
-    }
     if (grad_tiles)
       grad_points_accumulate(g_points, Zy, Z, H, W, Wz, bc, Cs, Op, Cp, g.ph, g.pw, gy1, gx1);
     const int64_t run = Wo * bc, kb = std::max(kBlockElems / Cs, bc);
@@ -284,6 +290,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       std::vector<double>& q_local = thread_q[tid];
       q_local.assign(q_size, 0.0);
       acc_t* const Z = scratch<acc_t, 1>(Bc * per_image);
+      acc_t* const pixel_sum = g.bias ? scratch<acc_t, 11>(std::max(Cg, Og)) : nullptr;
       acc_t* const local = with_gram ? scratch<acc_t, 2>(nsh * cell) : nullptr;
       acc_t* const piece = with_gram ? scratch<acc_t, 3>(cell) : nullptr;
       acc_t* const Zy = gy ? scratch<acc_t, 5>(Bc * per_grad_image) : nullptr;
@@ -307,7 +314,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
           copy_image(Z + b * Cs, Wz, bc, Cs, src + (b0 + b) * sb + grp * Cg * sc, Cg, H, W, sc,
                      sy, sx);
         if (!with_gram) {
-          grad_chunk(b0, bc, Z, Zy, g_mine, g_points, thread_gb[tid]);
+          grad_chunk(b0, bc, Z, Zy, g_mine, g_points, thread_gb[tid], pixel_sum);
           continue;
         }
 
@@ -378,16 +385,14 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
               const bool border = next_border < cols.border.size() && cols.border[next_border] == xx;
               double* qb = border ? q + (1 + next_border) * Cg : nullptr;
               next_border += border;
-              const acc_t* z = Z + (y * Wz + xx) * bc * Cs;
-              for (int64_t b = 0; b < bc; ++b)
-                for (int64_t c = 0; c < Cg; ++c) {
-                  q[c] += z[b * Cs + c];
-                  if (qb) qb[c] += z[b * Cs + c];
-                }
+              sum_over_images(pixel_sum, Z + (y * Wz + xx) * bc * Cs, bc, Cs, Cg);
+              for (int64_t c = 0; c < Cg; ++c) q[c] += pixel_sum[c];
+              if (qb)
+                for (int64_t c = 0; c < Cg; ++c) qb[c] += pixel_sum[c];
             }
           }
         }
-        if (gy) grad_chunk(b0, bc, Z, Zy, g_mine, g_points, thread_gb[tid]);
+        if (gy) grad_chunk(b0, bc, Z, Zy, g_mine, g_points, thread_gb[tid], pixel_sum);
       }
       if (grad_tiles) grad_from_points(g_mine, g_points, gcell, g_used);
       if (lag_tiles) {  // every shift's lags at once (local is free by now)
