@@ -285,12 +285,15 @@ __attribute__((always_inline)) inline void grad_transform_any(
     int64_t step[N][N];
     window_pixels(base, step, Z, zero, y - ph, x - pw, H, Wd, Wz, bc, Cs);
     const T* ay = Zy + (y * Wz + x) * bc * Cs;
-    for (int64_t b = 0; b < bc; ++b) {
+    // As in lag_transform: without channel padding past Oc and Cc, one run of bc·Cs elements.
+    const bool one_run = Oc == Cs && Cc == Cs;
+    const int64_t a_len = one_run ? bc * Cs : Oc, b_len = one_run ? bc * Cs : Cc;
+    for (int64_t b = 0; b < (one_run ? 1 : bc); ++b) {
       const int64_t kk = (tile - t0) * bc + b;
       T* a = A + kk * Cs;
       T* r = R + kk * Cs;
       const T* q = ay + b * Cs;
-      for (int64_t c = 0; c < Oc; c += V) {
+      for (int64_t c = 0; c < a_len; c += V) {
         vec v[S][S];
         for (int i = 0; i < S; ++i)
           for (int j = 0; j < S; ++j)
@@ -306,7 +309,7 @@ __attribute__((always_inline)) inline void grad_transform_any(
           }
         }
       }
-      for (int64_t c = 0; c < Cc; c += V) {
+      for (int64_t c = 0; c < b_len; c += V) {
         vec w[N][N];
         for (int i = 0; i < N; ++i)
           for (int j = 0; j < N; ++j)
