@@ -34,6 +34,7 @@ inline void copy_image(acc_t* dst, int64_t Wz, int64_t bc, int64_t Cs, const src
       if (done) c_fast = c16, p_fast = p16;
     }
   }
+  if (c_fast == C && p_fast == H * W) return;
   for (int64_t y = 0; y < H; ++y)
     for (int64_t x = 0; x < W; ++x) {
       const src_t* s0 = src + y * sy + x * sx;
