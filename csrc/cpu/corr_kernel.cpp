@@ -157,6 +157,49 @@ __attribute__((always_inline)) inline void add_any(T* out, int64_t ldo, const T*
   }
 }
 
+// NV vectors of columns summed over the rows in registers, two accumulators each (the add
+// latency, not the loads, bounds one chain: a row's sum runs over hundreds of rows).
+template <typename T, int W, int NV>
+__attribute__((always_inline)) inline void sum_block(T* out, const T* in, int64_t n, int64_t ld) {
+  using vec = typename Vec<T, W>::type;
+  constexpr int V = W / sizeof(T);
+  vec acc0[NV], acc1[NV];
+  for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = vec{};
+  int64_t r = 0;
+  for (; r + 1 < n; r += 2)
+    for (int v = 0; v < NV; ++v) {
+      vec a, b;
+      std::memcpy(&a, in + r * ld + v * V, sizeof(vec));
+      std::memcpy(&b, in + (r + 1) * ld + v * V, sizeof(vec));
+      acc0[v] += a;
+      acc1[v] += b;
+    }
+  for (; r < n; ++r)
+    for (int v = 0; v < NV; ++v) {
+      vec a;
+      std::memcpy(&a, in + r * ld + v * V, sizeof(vec));
+      acc0[v] += a;
+    }
+  for (int v = 0; v < NV; ++v) {
+    const vec sum = acc0[v] + acc1[v];
+    std::memcpy(out + v * V, &sum, sizeof(vec));
+  }
+}
+
+template <typename T, int W>
+__attribute__((always_inline)) inline void sum_rows_any(T* out, const T* in, int64_t n, int64_t ld,
+                                                        int64_t N) {
+  constexpr int V = W / sizeof(T);
+  int64_t c = 0;
+  for (; c + 4 * V <= N; c += 4 * V) sum_block<T, W, 4>(out + c, in + c, n, ld);
+  for (; c + V <= N; c += V) sum_block<T, W, 1>(out + c, in + c, n, ld);
+  for (; c < N; ++c) {
+    T sum = 0;
+    for (int64_t r = 0; r < n; ++r) sum += in[r * ld + c];
+    out[c] = sum;
+  }
+}
+
 #define CX_CORR_VARIANT(NAME, W, ATTR)                                                           \
   template <typename T>                                                                          \
   ATTR void NAME(T* out, int64_t ldo, const T* L, const T* R, int64_t M, int64_t N,              \
@@ -171,6 +214,10 @@ __attribute__((always_inline)) inline void add_any(T* out, int64_t ldo, const T*
   template <typename T>                                                                          \
   ATTR void NAME##_add(T* out, int64_t ldo, const T* in, int64_t ldi, int64_t M, int64_t N) {    \
     add_any<T>(out, ldo, in, ldi, M, N);                                                         \
+  }                                                                                              \
+  template <typename T>                                                                          \
+  ATTR void NAME##_sum_rows(T* out, const T* in, int64_t n, int64_t ld, int64_t N) {             \
+    sum_rows_any<T, W>(out, in, n, ld, N);                                                        \
   }
 CX_CORR_VARIANT(corr_avx512, 64, __attribute__((target("avx512f"))))
 CX_CORR_VARIANT(corr_avx2, 32, __attribute__((target("avx2,fma"))))
@@ -262,6 +309,15 @@ void add_dispatch(T* out, int64_t ldo, const T* in, int64_t ldi, int64_t M, int6
   }
 }
 
+template <typename T>
+void sum_rows_dispatch(T* out, const T* in, int64_t n, int64_t ld, int64_t N) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return corr_avx512_sum_rows<T>(out, in, n, ld, N);
+    case Isa::kAvx2: return corr_avx2_sum_rows<T>(out, in, n, ld, N);
+    default: return corr_portable_sum_rows<T>(out, in, n, ld, N);
+  }
+}
+
 }  // namespace
 
 Isa cpu_isa() {
@@ -274,6 +330,13 @@ void add_block(float* out, int64_t ldo, const float* in, int64_t ldi, int64_t M,
 }
 void add_block(double* out, int64_t ldo, const double* in, int64_t ldi, int64_t M, int64_t N) {
   add_dispatch<double>(out, ldo, in, ldi, M, N);
+}
+
+void sum_rows(float* out, const float* in, int64_t n, int64_t ld, int64_t N) {
+  sum_rows_dispatch<float>(out, in, n, ld, N);
+}
+void sum_rows(double* out, const double* in, int64_t n, int64_t ld, int64_t N) {
+  sum_rows_dispatch<double>(out, in, n, ld, N);
 }
 
 bool transpose16(const float* src, int64_t ld, float* const* dst) {

@@ -22,6 +22,10 @@ void corr_accumulate(double* out, int64_t ldo, const double* L, const double* R,
 void add_block(float* out, int64_t ldo, const float* in, int64_t ldi, int64_t M, int64_t N);
 void add_block(double* out, int64_t ldo, const double* in, int64_t ldi, int64_t M, int64_t N);
 
+// out[c] = Σ_{r < n} in[r·ld + c] for c < N: the sum of n rows. Overwrites out.
+void sum_rows(float* out, const float* in, int64_t n, int64_t ld, int64_t N);
+void sum_rows(double* out, const double* in, int64_t n, int64_t ld, int64_t N);
+
 // out[l] = Σ_{k < n} L[k·ls + l] · R[k·rs + l] for l < lanes (a multiple of kCorrAlign):
 // one dot product over k (the batch) per SIMD lane. Overwrites out.
 void lane_dot(float* out, const float* L, const float* R, int64_t n, int64_t ls, int64_t rs,

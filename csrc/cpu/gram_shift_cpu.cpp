@@ -103,17 +103,6 @@ AxisClasses axis_classes(int64_t n, int64_t k, int64_t d, int64_t p, int64_t out
   return a;
 }
 
-// out[c] = Σ_{b < n} z[b·Cs + c] for c < C: one pixel's channel sums over a chunk's n images,
-// in acc_t (the bias sums add these into double: one conversion per pixel and channel, not
-// per image too).
-template <typename acc_t>
-void sum_over_images(acc_t* __restrict out, const acc_t* __restrict z, int64_t n, int64_t Cs,
-                     int64_t C) {
-  std::copy(z, z + C, out);
-  for (int64_t b = 1; b < n; ++b)
-    for (int64_t c = 0; c < C; ++c) out[c] += z[b * Cs + c];
-}
-
 template <typename src_t, typename acc_t>
 void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram,
                      const at::Tensor* gy, at::Tensor* grad) {
@@ -176,7 +165,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   };
 
   // Bias row: Σ_b x over each row y and column slot (every column, then each border
-  // column), per channel; double because it is a plain sum over up to B·W terms.
+  // column), per channel; a chunk's sums in acc_t, across chunks in double.
   const int64_t q_size = g.bias && with_gram ? H * (1 + nxb) * Cg : 0;
   std::vector<double> Q(q_size);
 
@@ -206,8 +195,8 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   // output gradient copied like x (Zy: output pixel, image, channel; Z's strides), then per
   // kernel offset (i, j) one correlation of each output row's run with the input run it
   // multiplies, clipped to the pixels whose partner is inside the image (the zero padding
-  // adds nothing), in K-blocks of rows like the Gram's. Σ dZ (the bias column) per pixel over
-  // the chunk's images in acc_t, across pixels and chunks in double.
+  // adds nothing), in K-blocks of rows like the Gram's. Σ dZ (the bias column) per output row
+  // over the chunk's images in acc_t, across rows and chunks in double.
   auto grad_chunk = [&](int64_t b0, int64_t bc, const acc_t* Z, acc_t* Zy, acc_t* g_acc,
                         acc_t* g_points, std::vector<double>& bias_sum, acc_t* pixel_sum) {
     if (Op > Og) std::fill(Zy, Zy + bc * per_grad_image, acc_t(0));
@@ -215,11 +204,10 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       copy_image(Zy + b * Cs, Wz, bc, Cs, gsrc + (b0 + b) * gsb + grp * Og * gsc, Og, Ho, Wo,
                  gsc, gsy, gsx);
     if (g.bias)
-      for (int64_t y = 0; y < Ho; ++y)
-        for (int64_t xx = 0; xx < Wo; ++xx) {
-          sum_over_images(pixel_sum, Zy + (y * Wz + xx) * bc * Cs, bc, Cs, Og);
-          for (int64_t c = 0; c < Og; ++c) bias_sum[c] += pixel_sum[c];
-        }
+      for (int64_t y = 0; y < Ho; ++y) {  // an output row's pixels: one run of Wo·bc
+        sum_rows(pixel_sum, Zy + y * Wz * bc * Cs, Wo * bc, Cs, Og);
+        for (int64_t c = 0; c < Og; ++c) bias_sum[c] += pixel_sum[c];
+      }
     if (grad_tiles)
       grad_points_accumulate(g_points, Zy, Z, H, W, Wz, bc, Cs, Op, Cp, g.ph, g.pw, gy1, gx1);
     const int64_t run = Wo * bc, kb = std::max(kBlockElems / Cs, bc);
@@ -377,18 +365,14 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
             }
           }
 
-        if (g.bias) {
+        if (g.bias) {  // per row: its pixels (one run of W·bc), then each border column's bc
           for (int64_t y = 0; y < H; ++y) {
             double* q = q_local.data() + y * (1 + nxb) * Cg;
-            size_t next_border = 0;
-            for (int64_t xx = 0; xx < W; ++xx) {
-              const bool border = next_border < cols.border.size() && cols.border[next_border] == xx;
-              double* qb = border ? q + (1 + next_border) * Cg : nullptr;
-              next_border += border;
-              sum_over_images(pixel_sum, Z + (y * Wz + xx) * bc * Cs, bc, Cs, Cg);
-              for (int64_t c = 0; c < Cg; ++c) q[c] += pixel_sum[c];
-              if (qb)
-                for (int64_t c = 0; c < Cg; ++c) qb[c] += pixel_sum[c];
+            sum_rows(pixel_sum, Z + y * Wz * bc * Cs, W * bc, Cs, Cg);
+            for (int64_t c = 0; c < Cg; ++c) q[c] += pixel_sum[c];
+            for (int64_t xi = 0; xi < nxb; ++xi) {
+              sum_rows(pixel_sum, Z + (y * Wz + cols.border[xi]) * bc * Cs, bc, Cs, Cg);
+              for (int64_t c = 0; c < Cg; ++c) q[(1 + xi) * Cg + c] += pixel_sum[c];
             }
           }
         }
