@@ -198,15 +198,15 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   // adds nothing), in K-blocks of rows like the Gram's. Σ dZ (the bias column) per output row
   // over the chunk's images in acc_t, across rows and chunks in double.
   auto grad_chunk = [&](int64_t b0, int64_t bc, const acc_t* Z, acc_t* Zy, acc_t* g_acc,
-                        acc_t* g_points, std::vector<double>& bias_sum, acc_t* pixel_sum) {
+                        acc_t* g_points, std::vector<double>& bias_sum, acc_t* row_sum) {
     if (Op > Og) std::fill(Zy, Zy + bc * per_grad_image, acc_t(0));
     for (int64_t b = 0; b < bc; ++b)
       copy_image(Zy + b * Cs, Wz, bc, Cs, gsrc + (b0 + b) * gsb + grp * Og * gsc, Og, Ho, Wo,
                  gsc, gsy, gsx);
     if (g.bias)
       for (int64_t y = 0; y < Ho; ++y) {  // an output row's pixels: one run of Wo·bc
-        sum_rows(pixel_sum, Zy + y * Wz * bc * Cs, Wo * bc, Cs, Og);
-        for (int64_t c = 0; c < Og; ++c) bias_sum[c] += pixel_sum[c];
+        sum_rows(row_sum, Zy + y * Wz * bc * Cs, Wo * bc, Cs, Og);
+        for (int64_t c = 0; c < Og; ++c) bias_sum[c] += row_sum[c];
       }
     if (grad_tiles)
       grad_points_accumulate(g_points, Zy, Z, H, W, Wz, bc, Cs, Op, Cp, g.ph, g.pw, gy1, gx1);
@@ -278,7 +278,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       std::vector<double>& q_local = thread_q[tid];
       q_local.assign(q_size, 0.0);
       acc_t* const Z = scratch<acc_t, 1>(Bc * per_image);
-      acc_t* const pixel_sum = g.bias ? scratch<acc_t, 11>(std::max(Cg, Og)) : nullptr;
+      acc_t* const row_sum = g.bias ? scratch<acc_t, 11>(std::max(Cg, Og)) : nullptr;
       acc_t* const local = with_gram ? scratch<acc_t, 2>(nsh * cell) : nullptr;
       acc_t* const piece = with_gram ? scratch<acc_t, 3>(cell) : nullptr;
       acc_t* const Zy = gy ? scratch<acc_t, 5>(Bc * per_grad_image) : nullptr;
@@ -302,7 +302,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
           copy_image(Z + b * Cs, Wz, bc, Cs, src + (b0 + b) * sb + grp * Cg * sc, Cg, H, W, sc,
                      sy, sx);
         if (!with_gram) {
-          grad_chunk(b0, bc, Z, Zy, g_mine, g_points, thread_gb[tid], pixel_sum);
+          grad_chunk(b0, bc, Z, Zy, g_mine, g_points, thread_gb[tid], row_sum);
           continue;
         }
 
@@ -368,15 +368,15 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
         if (g.bias) {  // per row: its pixels (one run of W·bc), then each border column's bc
           for (int64_t y = 0; y < H; ++y) {
             double* q = q_local.data() + y * (1 + nxb) * Cg;
-            sum_rows(pixel_sum, Z + y * Wz * bc * Cs, W * bc, Cs, Cg);
-            for (int64_t c = 0; c < Cg; ++c) q[c] += pixel_sum[c];
+            sum_rows(row_sum, Z + y * Wz * bc * Cs, W * bc, Cs, Cg);
+            for (int64_t c = 0; c < Cg; ++c) q[c] += row_sum[c];
             for (int64_t xi = 0; xi < nxb; ++xi) {
-              sum_rows(pixel_sum, Z + (y * Wz + cols.border[xi]) * bc * Cs, bc, Cs, Cg);
-              for (int64_t c = 0; c < Cg; ++c) q[(1 + xi) * Cg + c] += pixel_sum[c];
+              sum_rows(row_sum, Z + (y * Wz + cols.border[xi]) * bc * Cs, bc, Cs, Cg);
+              for (int64_t c = 0; c < Cg; ++c) q[(1 + xi) * Cg + c] += row_sum[c];
             }
           }
         }
-        if (gy) grad_chunk(b0, bc, Z, Zy, g_mine, g_points, thread_gb[tid], pixel_sum);
+        if (gy) grad_chunk(b0, bc, Z, Zy, g_mine, g_points, thread_gb[tid], row_sum);
       }
       if (grad_tiles) grad_from_points(g_mine, g_points, gcell, g_used);
       if (lag_tiles) {  // every shift's lags at once (local is free by now)
