@@ -65,6 +65,30 @@ __attribute__((always_inline)) inline void b_axis_6(const vec& b0, const vec& b1
   out[0] = b0 * 4 - b2 * 5 + b4, out[1] = t1 + t2, out[2] = t1 - t2;
   out[3] = t3 + t4, out[4] = t3 - t4, out[5] = b1 * 4 - b3 * 5 + b5;
 }
+// F(4, 3) ⊗ F(4, 3)'s 36 points of a 4 × 4 a-side tile and of a 6 × 6 b-side window, read from
+// v's columns C0 on and handed to put(point, value), point = row point · 6 + column point (as
+// a_points_3x3 / b_points_3x3 for 2 × 2 tiles): the Gram's 4 × 4 tiles and G's share them.
+template <int C0, typename vec, size_t R, size_t C, typename Put>
+__attribute__((always_inline)) inline void a_points_f43(const vec (&v)[R][C], Put put) {
+  vec rows[4][6], col[6];
+  for (int i = 0; i < 4; ++i) a_axis_6(v[i][C0], v[i][C0 + 1], v[i][C0 + 2], v[i][C0 + 3], rows[i]);
+  for (int j = 0; j < 6; ++j) {
+    a_axis_6(rows[0][j], rows[1][j], rows[2][j], rows[3][j], col);
+    for (int i = 0; i < 6; ++i) put(i * 6 + j, col[i]);
+  }
+}
+template <int C0, typename vec, size_t R, size_t C, typename Put>
+__attribute__((always_inline)) inline void b_points_f43(const vec (&w)[R][C], Put put) {
+  vec rows[6][6], col[6];
+  for (int i = 0; i < 6; ++i)
+    b_axis_6(w[i][C0], w[i][C0 + 1], w[i][C0 + 2], w[i][C0 + 3], w[i][C0 + 4], w[i][C0 + 5],
+             rows[i]);
+  for (int j = 0; j < 6; ++j) {
+    b_axis_6(rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j], rows[5][j], col);
+    for (int i = 0; i < 6; ++i) put(i * 6 + j, col[i]);
+  }
+}
+
 // F(4, 2)'s b-side (5 values) at the points 0, 1, −1, 2, ∞ (rows of V⁻ᵀ scaled to integers;
 // the a-side is F(4, 3)'s without the point −2, the lags' 1/6 multiples left to the recovery).
 template <typename vec>
@@ -127,18 +151,10 @@ __attribute__((always_inline)) inline void tile2_points(const vec (&w)[4][6], T 
 template <typename vec, typename PutA, typename PutR>
 __attribute__((always_inline)) inline void tile4_points(const vec (&w)[6][8], PutA put_a,
                                                         PutR put_r) {
-  vec ra[4][6], rb[6][6], r5[5][5], col6[6], col5[5];
-  for (int i = 0; i < 6; ++i) {
-    if (i < 4) a_axis_6(w[i][2], w[i][3], w[i][4], w[i][5], ra[i]);
-    b_axis_6(w[i][2], w[i][3], w[i][4], w[i][5], w[i][6], w[i][7], rb[i]);
-    if (i > 0) b_axis_5(w[i][0], w[i][1], w[i][2], w[i][3], w[i][4], r5[i - 1]);
-  }
-  for (int j = 0; j < 6; ++j) {
-    a_axis_6(ra[0][j], ra[1][j], ra[2][j], ra[3][j], col6);
-    for (int i = 0; i < 6; ++i) put_a(i * 6 + j, col6[i]);
-    b_axis_6(rb[0][j], rb[1][j], rb[2][j], rb[3][j], rb[4][j], rb[5][j], col6);
-    for (int i = 0; i < 6; ++i) put_r(i * 6 + j, col6[i]);
-  }
+  a_points_f43<2>(w, put_a);
+  b_points_f43<2>(w, put_r);
+  vec r5[5][5], col5[5];
+  for (int i = 1; i < 6; ++i) b_axis_5(w[i][0], w[i][1], w[i][2], w[i][3], w[i][4], r5[i - 1]);
   for (int j = 0; j < 5; ++j) {
     b_axis_5(r5[0][j], r5[1][j], r5[2][j], r5[3][j], r5[4][j], col5);
     for (int i = 0; i < 5; ++i) put_r(36 + i * 5 + j, col5[i]);
@@ -274,7 +290,7 @@ __attribute__((always_inline)) inline void grad_transform_any(
     int64_t Wz, int64_t bc, int64_t Cs, int64_t Oc, int64_t Cc, int64_t ph, int64_t pw,
     int64_t y0, int64_t x0, int64_t ntx, int64_t t0, int64_t nt) {
   using vec = typename Vec<T, W>::type;
-  constexpr int V = W / sizeof(T), N = S + 2, P = S == 2 ? 4 : 6;  // window, points per axis
+  constexpr int V = W / sizeof(T), N = S + 2;  // the b window's side
   const T half = T(0.5);
   auto put = [&](T* base, int pt, int64_t c, const vec& v) {
     std::memcpy(base + pt * ps + c, &v, sizeof(vec));
@@ -298,33 +314,22 @@ __attribute__((always_inline)) inline void grad_transform_any(
         for (int i = 0; i < S; ++i)
           for (int j = 0; j < S; ++j)
             std::memcpy(&v[i][j], q + (i * Wz + j) * bc * Cs + c, sizeof(vec));
-        if constexpr (S == 2) {
-          a_points_3x3<0>(v, half, [&](int pt, const vec& x) { put(a, pt, c, x); });
-        } else {
-          vec rows[S][P], col[P];
-          for (int i = 0; i < S; ++i) a_axis_6(v[i][0], v[i][1], v[i][2], v[i][3], rows[i]);
-          for (int j = 0; j < P; ++j) {
-            a_axis_6(rows[0][j], rows[1][j], rows[2][j], rows[3][j], col);
-            for (int i = 0; i < P; ++i) put(a, i * P + j, c, col[i]);
-          }
-        }
+        auto put_a = [&](int pt, const vec& x) { put(a, pt, c, x); };
+        if constexpr (S == 2)
+          a_points_3x3<0>(v, half, put_a);
+        else
+          a_points_f43<0>(v, put_a);
       }
       for (int64_t c = 0; c < b_len; c += V) {
         vec w[N][N];
         for (int i = 0; i < N; ++i)
           for (int j = 0; j < N; ++j)
             std::memcpy(&w[i][j], base[i][j] + b * step[i][j] + c, sizeof(vec));
-        if constexpr (S == 2) {
-          b_points_3x3<0>(w, [&](int pt, const vec& x) { put(r, pt, c, x); });
-        } else {
-          vec rows[N][P], col[P];
-          for (int i = 0; i < N; ++i)
-            b_axis_6(w[i][0], w[i][1], w[i][2], w[i][3], w[i][4], w[i][5], rows[i]);
-          for (int j = 0; j < P; ++j) {
-            b_axis_6(rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j], rows[5][j], col);
-            for (int i = 0; i < P; ++i) put(r, i * P + j, c, col[i]);
-          }
-        }
+        auto put_r = [&](int pt, const vec& x) { put(r, pt, c, x); };
+        if constexpr (S == 2)
+          b_points_3x3<0>(w, put_r);
+        else
+          b_points_f43<0>(w, put_r);
       }
     }
   }
