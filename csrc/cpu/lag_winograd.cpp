@@ -223,7 +223,13 @@ void points_over_tiles(T* M, int points, int a_points, const int* a_of, int64_t 
   if (tiles == 0) return;
   const int64_t panels = points + a_points;
   const int64_t kb = std::max<int64_t>(16, kPanelBytes / (panels * Cs * sizeof(T)));
-  const int64_t tb = std::max<int64_t>(1, kb / bc), ps = tb * bc * Cs;
+  // Panels an odd number of cache lines apart: where bc·Cs is a multiple of 4 KiB (64
+  // channels, 32 images a chunk: two threads on 128 images) the transform's stores, one per
+  // panel and channel vector, would share address bits 0–11 with each other and with the
+  // window's loads, and every load would wait on them (4K aliasing): 128×64×8×8 on two
+  // threads, the transforms' perf samples −32 %.
+  const int64_t tb = std::max<int64_t>(1, kb / bc), line = 64 / sizeof(T);
+  const int64_t ps = round_up(tb * bc * Cs, 2 * line) + line;
   T* const A = scratch<T, 7>(panels * ps + bc * Cs);
   T* const R = A + a_points * ps;
   T* const zero = R + points * ps;
