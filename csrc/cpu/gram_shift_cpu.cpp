@@ -394,44 +394,55 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
     if (gy) write_grad(grp);
     if (!with_gram) continue;
     // The threads' offset-major Grams summed in thread order (bit-identical run to run), then
-    // permuted to (channel, i, j) order one output row at a time (sequential writes, no
-    // division per entry). Blocks of shifts (s < 0) or (s = 0, t < 0) are transposes of
-    // accumulated ones; within s = t = 0 blocks the c ≤ c2 entry is used on both sides, so
-    // the result is exactly symmetric.
-    // The sum goes into the first helper thread's Gram (read before it is overwritten,
-    // entry by entry): a third d0² buffer would take the Gram's extra peak memory past a
-    // tenth of unfold's at 64 channels on 8×8 (bench/bench_gram.py).
-    acc_t* blocked = nullptr;
-    for (int64_t t = 1; t < threads && !blocked; ++t) blocked = thread_gram[t];
-    if (!blocked) blocked = scratch<acc_t, 4>(d0 * d0);
+    // permuted to (channel, i, j) order. Blocks of shifts (s < 0) or (s = 0, t < 0) are
+    // transposes of accumulated ones; within s = t = 0 blocks the c ≤ c2 entry is used on both
+    // sides, so the result is exactly symmetric.
+    // The sum goes into the first helper thread's Gram, one vectorised pass per helper
+    // (((G + T1) + T2) + …, the order an entry-by-entry sum had): a third d0² buffer would
+    // take the Gram's extra peak memory past a tenth of unfold's at 64 channels on 8×8
+    // (bench/bench_gram.py).
+    std::vector<const acc_t*> helpers;
+    for (int64_t t = 1; t < threads; ++t)
+      if (thread_gram[t]) helpers.push_back(thread_gram[t]);
+    acc_t* const blocked =
+        helpers.empty() ? scratch<acc_t, 4>(d0 * d0) : const_cast<acc_t*>(helpers[0]);
     at::parallel_for(0, d0 * d0, kChunkElems, [&](int64_t lo, int64_t hi) {
-      for (int64_t e = lo; e < hi; ++e) {
-        acc_t sum = G[e];
-        for (int64_t t = 1; t < threads; ++t)
-          if (thread_gram[t]) sum += thread_gram[t][e];
-        blocked[e] = sum;
+      acc_t* const out = blocked;
+      const acc_t* const own = G;
+      if (helpers.empty())
+        std::copy(own + lo, own + hi, out + lo);
+      else
+        for (int64_t e = lo; e < hi; ++e) out[e] = own[e] + out[e];
+      for (size_t h = 1; h < helpers.size(); ++h) {
+        const acc_t* const src = helpers[h];
+        for (int64_t e = lo; e < hi; ++e) out[e] += src[e];
       }
     });
     std::fill(thread_gram.begin(), thread_gram.end(), nullptr);
+    // Entry (c, c2) of block (o, o2) goes to G[(c·kk + o)·D + c2·kk + o2]: each block read
+    // along its rows, so a transposed one is written a column at a time (entries of the
+    // thread's rows, one line each, reused as c2 advances) — read along its columns, its
+    // Cg-strided loads missed L1 (half the permutation's time on 64 channels, 8×8).
     const int64_t cell_g = Cg * Cg;
     at::parallel_for(0, Cg, 1, [&](int64_t c_lo, int64_t c_hi) {
-      for (int64_t c = c_lo; c < c_hi; ++c)
-        for (int64_t o = 0; o < kk; ++o) {
-          acc_t* row = G + (c * kk + o) * D;
-          for (int64_t o2 = 0; o2 < kk; ++o2) {
-            const int64_t s = o2 / g.kw - o / g.kw, t = o2 % g.kw - o % g.kw;
-            acc_t* dst = row + o2;
-            if (s > 0 || (s == 0 && t > 0)) {
-              const acc_t* b = blocked + (o * kk + o2) * cell_g + c * Cg;
-              for (int64_t c2 = 0; c2 < Cg; ++c2) dst[c2 * kk] = b[c2];
-            } else if (s < 0 || t < 0) {
-              const acc_t* b = blocked + (o2 * kk + o) * cell_g + c;
-              for (int64_t c2 = 0; c2 < Cg; ++c2) dst[c2 * kk] = b[c2 * Cg];
-            } else {
-              const acc_t* b = blocked + (o * kk + o) * cell_g;
+      for (int64_t o = 0; o < kk; ++o)
+        for (int64_t o2 = 0; o2 < kk; ++o2) {
+          const int64_t s = o2 / g.kw - o / g.kw, t = o2 % g.kw - o % g.kw;
+          acc_t* const dst = G + o * D + o2;  // entry (c, c2) at dst[c·kk·D + c2·kk]
+          const int64_t row = kk * D;
+          if (s > 0 || (s == 0 && t > 0)) {
+            const acc_t* b = blocked + (o * kk + o2) * cell_g;
+            for (int64_t c = c_lo; c < c_hi; ++c)
+              for (int64_t c2 = 0; c2 < Cg; ++c2) dst[c * row + c2 * kk] = b[c * Cg + c2];
+          } else if (s < 0 || t < 0) {
+            const acc_t* b = blocked + (o2 * kk + o) * cell_g;
+            for (int64_t c2 = 0; c2 < Cg; ++c2)
+              for (int64_t c = c_lo; c < c_hi; ++c) dst[c * row + c2 * kk] = b[c2 * Cg + c];
+          } else {
+            const acc_t* b = blocked + (o * kk + o) * cell_g;
+            for (int64_t c = c_lo; c < c_hi; ++c)
               for (int64_t c2 = 0; c2 < Cg; ++c2)
-                dst[c2 * kk] = c <= c2 ? b[c * Cg + c2] : b[c2 * Cg + c];
-            }
+                dst[c * row + c2 * kk] = c <= c2 ? b[c * Cg + c2] : b[c2 * Cg + c];
           }
         }
     });
