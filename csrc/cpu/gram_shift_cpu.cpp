@@ -401,11 +401,10 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
     // (((G + T1) + T2) + …, the order an entry-by-entry sum had): a third d0² buffer would
     // take the Gram's extra peak memory past a tenth of unfold's at 64 channels on 8×8
     // (bench/bench_gram.py).
-    std::vector<const acc_t*> helpers;
+    std::vector<acc_t*> helpers;
     for (int64_t t = 1; t < threads; ++t)
       if (thread_gram[t]) helpers.push_back(thread_gram[t]);
-    acc_t* const blocked =
-        helpers.empty() ? scratch<acc_t, 4>(d0 * d0) : const_cast<acc_t*>(helpers[0]);
+    acc_t* const blocked = helpers.empty() ? scratch<acc_t, 4>(d0 * d0) : helpers[0];
     at::parallel_for(0, d0 * d0, kChunkElems, [&](int64_t lo, int64_t hi) {
       acc_t* const out = blocked;
       const acc_t* const own = G;
