@@ -264,6 +264,62 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
     for (auto& v : thread_gb) v.clear();
   };
 
+  // The tiles' point products of every thread summed in thread order into the first's, then
+  // turned into the shifts' lags (scattered into that thread's Gram) and G's kernel offsets
+  // once, each thread a slice of every block's rows: once per thread, the conversion grew
+  // with the thread count (128×64×8×8 on two threads: its perf samples 830, 763 → 422, 436).
+  std::vector<acc_t*> thread_points(threads, nullptr), thread_gpoints(threads, nullptr);
+  std::vector<acc_t*> thread_lags(threads, nullptr), thread_mine(threads, nullptr);
+  auto finish_tiles = [&] {
+    auto holders = [&](const std::vector<acc_t*>& of) {
+      std::vector<int64_t> ts;
+      for (int64_t t = 0; t < threads; ++t)
+        if (of[t]) ts.push_back(t);
+      return ts;
+    };
+    const std::vector<int64_t> lag_ts = holders(thread_points), g_ts = holders(thread_gpoints);
+    if (lag_ts.empty() && g_ts.empty()) return;
+    // Rows [r0, r1) of every block (blocks `stride` apart, rows Cp wide) of the holders'
+    // points `of`, summed into the first holder's.
+    auto sum_rows_of = [&](const std::vector<acc_t*>& of, const std::vector<int64_t>& ts,
+                           PointBlocks used, int64_t stride, int64_t r0, int64_t r1) {
+      acc_t* const into = of[ts[0]];
+      for (size_t k = 1; k < ts.size(); ++k)
+        for (int64_t b = used.begin; b < used.end; ++b) {
+          acc_t* const dst = into + b * stride;
+          const acc_t* const src = of[ts[k]] + b * stride;
+          for (int64_t e = r0 * Cp; e < r1 * Cp; ++e) dst[e] += src[e];
+        }
+    };
+    at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        if (!lag_ts.empty()) {
+          const int64_t r0 = Cp * k / threads, r1 = Cp * (k + 1) / threads;
+          sum_rows_of(thread_points, lag_ts, lag_used, cell, r0, r1);
+          acc_t* by_shift[3][5] = {};
+          for (int64_t sh = 0; sh < nsh; ++sh)
+            by_shift[shifts[sh].s][shifts[sh].t + 2] =
+                thread_lags[lag_ts[0]] + sh * cell + r0 * Cp;
+          lags_from_points(by_shift, thread_points[lag_ts[0]] + r0 * Cp, cell, (r1 - r0) * Cp,
+                           lag_used);
+        }
+        if (!g_ts.empty()) {
+          const int64_t r0 = Op * k / threads, r1 = Op * (k + 1) / threads;
+          sum_rows_of(thread_gpoints, g_ts, g_used, gcell, r0, r1);
+          grad_from_points(thread_g[g_ts[0]] + r0 * Cp, thread_gpoints[g_ts[0]] + r0 * Cp, gcell,
+                           (r1 - r0) * Cp, g_used);
+        }
+      }
+    });
+    if (!lag_ts.empty())  // shifts fill disjoint blocks
+      at::parallel_for(0, nsh, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t sh = lo; sh < hi; ++sh)
+          scatter(thread_mine[lag_ts[0]], thread_lags[lag_ts[0]] + sh * cell, sh, core_rc, 0);
+      });
+    for (auto* v : {&thread_points, &thread_gpoints, &thread_lags, &thread_mine})
+      std::fill(v->begin(), v->end(), nullptr);
+  };
+
   for (grp = 0; grp < g.groups; ++grp) {
     acc_t* G = with_gram ? gram.data_ptr<acc_t>() + grp * D * D : nullptr;
     if (with_gram) std::fill(G, G + D * D, acc_t(0));
@@ -378,15 +434,14 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
         }
         if (gy) grad_chunk(b0, bc, Z, Zy, g_mine, g_points, thread_gb[tid], row_sum);
       }
-      if (grad_tiles) grad_from_points(g_mine, g_points, gcell, g_used);
-      if (lag_tiles) {  // every shift's lags at once (local is free by now)
-        acc_t* by_shift[3][5] = {};
-        for (int64_t sh = 0; sh < nsh; ++sh)
-          by_shift[shifts[sh].s][shifts[sh].t + 2] = local + sh * cell;
-        lags_from_points(by_shift, points, Cp, lag_used);
-        for (int64_t sh = 0; sh < nsh; ++sh) scatter(mine, local + sh * cell, sh, core_rc, 0);
+      if (grad_tiles) thread_gpoints[tid] = g_points;
+      if (lag_tiles) {  // turned into lags by finish_tiles (local is free by now)
+        thread_points[tid] = points;
+        thread_lags[tid] = local;
+        thread_mine[tid] = mine;
       }
     });
+    finish_tiles();
     for (int64_t t = 0; t < threads; ++t) {
       for (size_t e = 0; e < thread_q[t].size(); ++e) Q[e] += thread_q[t][e];
       thread_q[t].clear();

@@ -408,22 +408,22 @@ void add_point(T* out, const T* point, T coefficient, int64_t cell) {
   for (int64_t e = 0; e < cell; ++e) out[e] += coefficient * point[e];
 }
 
-// out[s][t] += scale · Σ_{i,j} coef[s][i]·coef[t][j]·(point (i, j)'s block) for the lags s, t
-// < L whose out is not null, from a P × P grid of points (block (i, j) at M + (i·P + j)·cell):
-// separably, the columns' lags first (P·L blocks into tmp), then the rows'.
+// out[s][t] += scale · Σ_{i,j} coef[s][i]·coef[t][j]·(point (i, j)'s block) over n entries,
+// for the lags s, t < L whose out is not null, from a P × P grid of points (block (i, j) at
+// M + (i·P + j)·cell): separably, the columns' lags first (P·L blocks into tmp), then the rows'.
 template <typename T, int L, int P>
 void lags_from_grid(T* const (&out)[L][L], const T* M, const int (&coef)[L][P], T scale,
-                    int64_t cell, std::vector<T>& tmp) {
-  tmp.assign(static_cast<size_t>(P * L) * cell, T(0));
+                    int64_t cell, int64_t n, std::vector<T>& tmp) {
+  tmp.assign(static_cast<size_t>(P * L) * n, T(0));
   for (int i = 0; i < P; ++i)
     for (int t = 0; t < L; ++t)
       for (int j = 0; j < P; ++j)
-        add_point(tmp.data() + (i * L + t) * cell, M + (i * P + j) * cell, T(coef[t][j]), cell);
+        add_point(tmp.data() + (i * L + t) * n, M + (i * P + j) * cell, T(coef[t][j]), n);
   for (int s = 0; s < L; ++s)
     for (int t = 0; t < L; ++t)
       if (out[s][t])
         for (int i = 0; i < P; ++i)
-          add_point(out[s][t], tmp.data() + (i * L + t) * cell, scale * T(coef[s][i]), cell);
+          add_point(out[s][t], tmp.data() + (i * L + t) * n, scale * T(coef[s][i]), n);
 }
 
 // Which of a region's two tilings have tiles: 4 × 4 ones, and 2 × 2 ones in the strips left.
@@ -436,36 +436,36 @@ PointBlocks point_blocks(int64_t rows, int64_t cols, int64_t points4, int64_t po
 // The lags from all four grids: F(4, 3) (in 24ths) and F(2, 3) for t ≥ 0, F(4, 2) (in 6ths)
 // and F(2, 2) for t < 0 (their lags s − 1, t + 2); a grid outside `used` adds nothing.
 template <typename T>
-void from_points_impl(T* const (&out)[3][5], const T* M, int64_t Cp, PointBlocks used) {
-  const int64_t cell = Cp * Cp;
+void from_points_impl(T* const (&out)[3][5], const T* M, int64_t cell, int64_t n,
+                      PointBlocks used) {
   const T* const M2 = M + kLagPoints4 * cell;
   for (int s = 0; s < 3; ++s)
     for (int t = 0; t < 5; ++t)
-      if (out[s][t]) std::fill(out[s][t], out[s][t] + cell, T(0));
+      if (out[s][t]) std::fill(out[s][t], out[s][t] + n, T(0));
   T* const ahead[3][3] = {{out[0][2], out[0][3], out[0][4]},
                           {out[1][2], out[1][3], out[1][4]},
                           {out[2][2], out[2][3], out[2][4]}};
   T* const behind[2][2] = {{out[1][0], out[1][1]}, {out[2][0], out[2][1]}};
   std::vector<T> tmp;
   if (used.begin == 0) {
-    lags_from_grid(ahead, M, kLag4x24, T(1) / T(576), cell, tmp);
-    lags_from_grid(behind, M + 36 * cell, kLag42x6, T(1) / T(36), cell, tmp);
+    lags_from_grid(ahead, M, kLag4x24, T(1) / T(576), cell, n, tmp);
+    lags_from_grid(behind, M + 36 * cell, kLag42x6, T(1) / T(36), cell, n, tmp);
   }
   if (used.end == kLagPoints) {
-    lags_from_grid(ahead, M2, kLag3, T(1), cell, tmp);
-    lags_from_grid(behind, M2 + 16 * cell, kLag2, T(1), cell, tmp);
+    lags_from_grid(ahead, M2, kLag3, T(1), cell, n, tmp);
+    lags_from_grid(behind, M2 + 16 * cell, kLag2, T(1), cell, n, tmp);
   }
 }
 
 template <typename T>
-void grad_from_points_impl(T* g, const T* M, int64_t cell, PointBlocks used) {
+void grad_from_points_impl(T* g, const T* M, int64_t cell, int64_t n, PointBlocks used) {
   T* const out[3][3] = {{g, g + cell, g + 2 * cell},
                         {g + 3 * cell, g + 4 * cell, g + 5 * cell},
                         {g + 6 * cell, g + 7 * cell, g + 8 * cell}};
   std::vector<T> tmp;
-  if (used.begin == 0) lags_from_grid(out, M, kLag4x24, T(1) / T(576), cell, tmp);
+  if (used.begin == 0) lags_from_grid(out, M, kLag4x24, T(1) / T(576), cell, n, tmp);
   if (used.end == kGradPoints)
-    lags_from_grid(out, M + kGradPoints4 * cell, kLag3, T(1), cell, tmp);
+    lags_from_grid(out, M + kGradPoints4 * cell, kLag3, T(1), cell, n, tmp);
 }
 
 }  // namespace
@@ -480,11 +480,11 @@ void grad_points_accumulate(double* M, const double* Zy, const double* Z, int64_
                             int64_t ph, int64_t pw, int64_t y1, int64_t x1) {
   grad_points_impl(M, Zy, Z, H, W, Wz, bc, Cs, Op, Cp, ph, pw, y1, x1);
 }
-void grad_from_points(float* g, const float* M, int64_t cell, PointBlocks used) {
-  grad_from_points_impl(g, M, cell, used);
+void grad_from_points(float* g, const float* M, int64_t cell, int64_t n, PointBlocks used) {
+  grad_from_points_impl(g, M, cell, n, used);
 }
-void grad_from_points(double* g, const double* M, int64_t cell, PointBlocks used) {
-  grad_from_points_impl(g, M, cell, used);
+void grad_from_points(double* g, const double* M, int64_t cell, int64_t n, PointBlocks used) {
+  grad_from_points_impl(g, M, cell, n, used);
 }
 PointBlocks lag_point_blocks(int64_t rows, int64_t cols) {
   return point_blocks(rows, cols, kLagPoints4, kLagPoints2);
@@ -503,12 +503,13 @@ void lag_points_accumulate(double* M, const double* Z, int64_t H, int64_t W, int
                            int64_t x0, int64_t x1) {
   points_impl(M, Z, H, W, Wz, bc, Cs, Cp, y0, y1, x0, x1);
 }
-void lags_from_points(float* const (&out)[3][5], const float* M, int64_t Cp, PointBlocks used) {
-  from_points_impl(out, M, Cp, used);
-}
-void lags_from_points(double* const (&out)[3][5], const double* M, int64_t Cp,
+void lags_from_points(float* const (&out)[3][5], const float* M, int64_t cell, int64_t n,
                       PointBlocks used) {
-  from_points_impl(out, M, Cp, used);
+  from_points_impl(out, M, cell, n, used);
+}
+void lags_from_points(double* const (&out)[3][5], const double* M, int64_t cell, int64_t n,
+                      PointBlocks used) {
+  from_points_impl(out, M, cell, n, used);
 }
 
 }  // namespace consequential_ext::cpu

@@ -56,10 +56,13 @@ PointBlocks lag_point_blocks(int64_t rows, int64_t cols);
 PointBlocks grad_point_blocks(int64_t rows, int64_t cols);
 
 // out[s][t + 2] (Cp × Cp, leading dimension Cp) = L(s, t) over the tiles M accumulated (its
-// blocks lag_point_blocks of the region), for each of the 13 shifts whose out is not null.
-// Overwrites those.
-void lags_from_points(float* const (&out)[3][5], const float* M, int64_t Cp, PointBlocks used);
-void lags_from_points(double* const (&out)[3][5], const double* M, int64_t Cp, PointBlocks used);
+// blocks lag_point_blocks of the region, cell = Cp² apart), for each of the 13 shifts whose out
+// is not null: entries [0, n) of each block (offset pointers give a slice, so threads can
+// share one). Overwrites those.
+void lags_from_points(float* const (&out)[3][5], const float* M, int64_t cell, int64_t n,
+                      PointBlocks used);
+void lags_from_points(double* const (&out)[3][5], const double* M, int64_t cell, int64_t n,
+                      PointBlocks used);
 
 // The weight gradient's part over output tiles: G(i, j) = Σ_p dZ(p)·x(p + (i − ph, j − pw))ᵀ is
 // the same bilinear form, on the b window moved by (−ph, −pw): over 4 × 4 output tiles
@@ -80,8 +83,8 @@ void grad_points_accumulate(double* M, const double* Zy, const double* Z, int64_
                             int64_t ph, int64_t pw, int64_t y1, int64_t x1);
 
 // Adds the 9 kernel offsets' blocks (offset i·3 + j at (i·3 + j)·cell) recovered from M's
-// blocks `used` (grad_point_blocks of the output region).
-void grad_from_points(float* g, const float* M, int64_t cell, PointBlocks used);
-void grad_from_points(double* g, const double* M, int64_t cell, PointBlocks used);
+// blocks `used` (grad_point_blocks of the output region, cell apart): entries [0, n) of each.
+void grad_from_points(float* g, const float* M, int64_t cell, int64_t n, PointBlocks used);
+void grad_from_points(double* g, const double* M, int64_t cell, int64_t n, PointBlocks used);
 
 }  // namespace consequential_ext::cpu
