@@ -269,8 +269,8 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
   // once, each thread a slice of every block's rows: once per thread, the conversion grew
   // with the thread count (128×64×8×8 on two threads: its perf samples 830, 763 → 422, 436).
   std::vector<acc_t*> thread_points(threads, nullptr), thread_gpoints(threads, nullptr);
-  std::vector<acc_t*> thread_lags(threads, nullptr), thread_mine(threads, nullptr);
-  auto finish_tiles = [&] {
+  std::vector<acc_t*> thread_lags(threads, nullptr);
+  auto finish_tiles = [&](acc_t* G) {
     auto holders = [&](const std::vector<acc_t*>& of) {
       std::vector<int64_t> ts;
       for (int64_t t = 0; t < threads; ++t)
@@ -314,9 +314,10 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
     if (!lag_ts.empty())  // shifts fill disjoint blocks
       at::parallel_for(0, nsh, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t sh = lo; sh < hi; ++sh)
-          scatter(thread_mine[lag_ts[0]], thread_lags[lag_ts[0]] + sh * cell, sh, core_rc, 0);
+          scatter(lag_ts[0] == 0 ? G : thread_gram[lag_ts[0]], thread_lags[lag_ts[0]] + sh * cell,
+                  sh, core_rc, 0);
       });
-    for (auto* v : {&thread_points, &thread_gpoints, &thread_lags, &thread_mine})
+    for (auto* v : {&thread_points, &thread_gpoints, &thread_lags})
       std::fill(v->begin(), v->end(), nullptr);
   };
 
@@ -438,10 +439,9 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       if (lag_tiles) {  // turned into lags by finish_tiles (local is free by now)
         thread_points[tid] = points;
         thread_lags[tid] = local;
-        thread_mine[tid] = mine;
       }
     });
-    finish_tiles();
+    finish_tiles(G);
     for (int64_t t = 0; t < threads; ++t) {
       for (size_t e = 0; e < thread_q[t].size(); ++e) Q[e] += thread_q[t][e];
       thread_q[t].clear();
