@@ -4,12 +4,13 @@
     python bench/gpu_suite.py --out DIR [--quick] [--skip-build] [--skip-tests] [--budget-s S]
 
 1. builds the CUDA extension in place (FORCE_CUDA=1, nvcc for the device's architecture);
-2. runs the CUDA tests (``pytest -m cuda tests/test_cuda_ops.py``);
+2. runs the CUDA tests (``pytest -m cuda tests/test_cuda_ops.py``), then the Triton tests with
+   the kernels compiled (TRITON_INTERPRET=0);
 3. times CUDA vs Triton vs reference vs cuDNN on the ResNet-20 (CIFAR) conv shapes and a
    VGG-style one — im2col_gram and ridge_solve — checks each result against a float64
    reference, measures the matmul ceiling, and adds bench/bench_triton.py's timings if that
    file exists;
-4. runs the whole test suite with the Triton kernels compiled (TRITON_INTERPRET=0);
+4. runs the rest of the test suite the same way, with the budget left;
 and writes results.json and results.md (a short table) to --out (default: $OUT), after
 every stage, so a run cut short still leaves what it measured. Stages stop early rather
 than overrun --budget-s. Logs of the build and the test runs go beside the results.
@@ -139,14 +140,23 @@ def _pytest_summary(tail: str) -> str:
     return lines[-1].strip("= ") if lines else ""
 
 
+TRITON_TESTS = "tests/test_triton.py"
+
+
 def run_tests(out_dir: Path, budget: Budget, which: str) -> dict:
-    """`which`: "cuda" (the CUDA tests) or "all" (the whole suite, Triton compiled)."""
+    """`which`: "cuda" (the CUDA tests), "triton" (the Triton tests, compiled) or "all" (the
+    rest of the suite, Triton compiled). The Triton tests go before the rest so that a run cut
+    short by its budget has them."""
     env = _child_env(TRITON_INTERPRET=0)
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     if which == "cuda":
-        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda_ops.py"]
+        cmd = pytest + ["-m", "cuda", "tests/test_cuda_ops.py"]
         timeout = min(150.0, budget.remaining() - RESERVE_S)
+    elif which == "triton":
+        cmd = pytest + [TRITON_TESTS]
+        timeout = min(180.0, budget.remaining() - RESERVE_S)
     else:
-        cmd = [sys.executable, "-m", "pytest", "-q", "tests"]
+        cmd = pytest + ["tests", f"--ignore={TRITON_TESTS}"]
         timeout = budget.remaining() - RESERVE_S
     result = run_logged(cmd, out_dir / f"pytest_{which}.log", timeout, env)
     result["summary"] = _pytest_summary(result["tail"])
@@ -375,7 +385,7 @@ def format_table(results: dict) -> str:
     """Markdown: stage outcomes, then one line per (op, shape, dtype), providers as columns (ms)."""
     env = results.get("environment") or {}
     lines = [f"# GPU suite — {env.get('device', 'no CUDA device')} (torch {env.get('torch', '?')})", ""]
-    for stage in ("build", "tests_cuda", "timings", "tests_all"):
+    for stage in ("build", "tests_cuda", "tests_triton", "timings", "tests_all"):
         r = results.get(stage)
         if r is None or (stage == "timings" and "error" not in r):
             continue
@@ -442,18 +452,19 @@ def main(argv=None, environ=None) -> int:
         _stage(results, "build", out_dir, lambda: build_extension(out_dir, budget))
     built = results["build"].get("rc", 0) == 0
     failed = not built
-    if built and not args.skip_tests:
-        failed |= _stage(results, "tests_cuda", out_dir,
-                         lambda: run_tests(out_dir, budget, "cuda")).get("rc", 0) != 0
-    if built:
-        failed |= _stage(results, "timings", out_dir,
-                         lambda: time_everything(out_dir, budget, args.quick)).get("rc", 0) != 0
-    if built and not args.skip_tests:
-        if budget.allows(60):
-            failed |= _stage(results, "tests_all", out_dir,
-                             lambda: run_tests(out_dir, budget, "all")).get("rc", 0) != 0
+    # Correctness before speed: the CUDA and Triton tests, the timings, then the rest of the
+    # suite with whatever budget is left.
+    for stage in ("cuda", "triton", "timings", "all") if built else ():
+        if stage == "timings":
+            failed |= _stage(results, "timings", out_dir,
+                             lambda: time_everything(out_dir, budget, args.quick)).get("rc", 0) != 0
+        elif args.skip_tests:
+            continue
+        elif stage == "cuda" or budget.allows(60):
+            failed |= _stage(results, f"tests_{stage}", out_dir,
+                             lambda: run_tests(out_dir, budget, stage)).get("rc", 0) != 0
         else:
-            results["tests_all"] = {"skipped": "out of time budget"}
+            results[f"tests_{stage}"] = {"skipped": "out of time budget"}
     results["elapsed_s"] = round(budget.elapsed(), 1)
     json_path, md_path = write_results(out_dir, results)
     print(md_path.read_text())

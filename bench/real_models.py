@@ -10,6 +10,10 @@ replayed in the same rotation: plain + that replay is the floor of an exact C st
 kernels as they are, everything else free. A profiled C step splits its time into Gram,
 solve, G (the ordinary weight gradient the solve preconditions) and the rest.
 
+On a CUDA device (``--device cuda``) every timed step ends in a synchronize, the ratios
+that count are the wall-time ones (CPU time there is mostly launching and waiting), and the
+breakdown is the ops' device (kernel) time.
+
 timm is optional (`make bench` installs it and torchvision, without their dependencies, in
 its own venv). On machines whose only torchvision wheel is a
 CUDA build, torchvision's compiled ops fail to load and its import then stops at the fake
@@ -90,7 +94,7 @@ def import_timm():
     return timm
 
 
-def make_models(name, kwargs, seed=0):
+def make_models(name, kwargs, seed=0, device="cpu"):
     """(plain model, C model, amortised C model) with identical random weights, in train
     mode: timm's ``name`` (``kwargs`` None: ResNet-20 without batch norm)."""
     torch.manual_seed(seed)
@@ -100,10 +104,12 @@ def make_models(name, kwargs, seed=0):
         plain = import_timm().create_model(name, pretrained=False, num_classes=10, **kwargs)
     matched = cx.consequentialize(copy.deepcopy(plain))
     amortised = cx.amortize(cx.consequentialize(copy.deepcopy(plain)), every=AMORTIZE_EVERY)
-    return plain.train(), matched.train(), amortised.train()
+    return tuple(m.to(device).train() for m in (plain, matched, amortised))
 
 
-def _stepper(model, x, y):
+def _stepper(model, x, y, sync=None):
+    """One SGD training step; ``sync`` (e.g. ``torch.cuda.synchronize``) waits for its
+    device work before it returns."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -111,18 +117,21 @@ def _stepper(model, x, y):
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         opt.step()
+        if sync is not None:
+            sync()
     return step
 
 
-def time_pair(plain, matched, x, y, steps, amortised=None, replay=None):
+def time_pair(plain, matched, x, y, steps, amortised=None, replay=None, sync=None):
     """Per-step CPU process time and wall time (seconds) of each candidate, interleaved,
     and which of the amortised model's timed steps refreshed (None without it). The
     candidates: 'plain', 'C-SGD', 'C-SGD amortised' (given ``amortised``) and
-    'Gram + solve' (given ``replay``, e.g. ``replay_calls(record_gram_and_solve(...))``)."""
-    fns = {"plain": _stepper(plain, x, y), "C-SGD": _stepper(matched, x, y)}
+    'Gram + solve' (given ``replay``, e.g. ``replay_calls(record_gram_and_solve(...))``).
+    ``sync`` runs at the end of every timed step (asynchronous devices)."""
+    fns = {"plain": _stepper(plain, x, y, sync), "C-SGD": _stepper(matched, x, y, sync)}
     refreshes = None
     if amortised is not None:
-        fns["C-SGD amortised"] = _stepper(amortised, x, y)
+        fns["C-SGD amortised"] = _stepper(amortised, x, y, sync)
         amortizer = next(m for m in amortised.modules() if isinstance(m, GramAmortizer))
         refreshes = []
     if replay is not None:
@@ -195,18 +204,21 @@ def record_gram_and_solve(model, x, y):
     return calls
 
 
-def replay_calls(calls):
-    """A callable making ``calls`` again, in order."""
+def replay_calls(calls, sync=None):
+    """A callable making ``calls`` again, in order (then ``sync``, if given)."""
     def replay():
         for fn, args, kwargs in calls:
             fn(*args, **kwargs)
+        if sync is not None:
+            sync()
     return replay
 
 
-def bucket_times(events):
-    """µs per bucket of profiler ``events`` (``prof.events()``): each bucket op's CPU time,
-    children included, except where a bucket op runs inside another (a Linear's Gram range
-    holding the Gram kernel's op): only the outermost counts."""
+def bucket_times(events, time_attr="cpu_time_total"):
+    """µs per bucket of profiler ``events`` (``prof.events()``): each bucket op's time
+    (``time_attr``: CPU, or ``device_time_total`` for its kernels), children included,
+    except where a bucket op runs inside another (a Linear's Gram range holding the Gram
+    kernel's op): only the outermost counts."""
     def bucket(event):
         return next((b for b, names in BUCKETS.items() if event.name in names), None)
     parts = dict.fromkeys(BUCKETS, 0.0)
@@ -218,37 +230,43 @@ def bucket_times(events):
                 b = None
             parent = parent.cpu_parent
         if b is not None:
-            parts[b] += event.cpu_time_total
+            parts[b] += getattr(event, time_attr)
     return parts
 
 
-def breakdown(model, x, y, steps):
+def breakdown(model, x, y, steps, device="cpu"):
     """ms per step of each bucket (``bucket_times``) in a profiled C step; 'rest' is the
-    step total (the ops' self CPU time) minus the buckets."""
+    step total (the ops' self time) minus the buckets. CPU time on the CPU; on a CUDA
+    device, the kernels' device time."""
     from torch.profiler import ProfilerActivity, profile
-    step = _stepper(model, x, y)
+    cuda = device.startswith("cuda")
+    step = _stepper(model, x, y, torch.cuda.synchronize if cuda else None)
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-    total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3 / steps
-    parts = {b: t / 1e3 / steps for b, t in bucket_times(prof.events()).items()}
+    kind = "device" if cuda else "cpu"
+    total = sum(getattr(e, f"self_{kind}_time_total") for e in prof.key_averages()) / 1e3 / steps
+    parts = {b: t / 1e3 / steps
+             for b, t in bucket_times(prof.events(), f"{kind}_time_total").items()}
     parts["rest"] = max(total - sum(parts.values()), 0.0)
     return parts, total
 
 
-def _plot(path, rows, breakdown_rows):
-    """Left: C-SGD / plain per model with the 2× target; right: the profiled C step by bucket."""
+def _plot(path, rows, breakdown_rows, prefix=""):
+    """Left: C-SGD / plain per model with the 2× target (``prefix`` "wall ": the wall-time
+    ratios); right: the profiled C step by bucket."""
     plt = plots.plt
     names = [r["model"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    left.bar(names, [r["ratio"] for r in rows], color="tab:blue", label="C-SGD")
-    left.scatter(names, [r["floor ratio"] for r in rows], color="k", marker="_", s=300,
+    left.bar(names, [r[f"{prefix}ratio"] for r in rows], color="tab:blue", label="C-SGD")
+    left.scatter(names, [r[f"{prefix}floor ratio"] for r in rows], color="k", marker="_", s=300,
                  zorder=3, label="floor: plain + Gram + solve")
-    left.scatter(names, [r["amortised ratio"] for r in rows], color="tab:orange",
+    left.scatter(names, [r[f"{prefix}amortised ratio"] for r in rows], color="tab:orange",
                  marker="o", zorder=3, label="amortised")
     left.axhline(2.0, color="k", ls="--", lw=1, label="2× target")
-    left.set_ylabel("C-SGD step / plain step (CPU time)")
+    left.set_ylabel(f"C-SGD step / plain step ({prefix or 'CPU '}time)")
     left.legend(fontsize=8)
     bottom = [0.0] * len(rows)
     for bucket in (*BUCKETS, "rest"):
@@ -277,56 +295,69 @@ def run(ctx):
         models = [m for m in models if m[1] is None]
         notes.append(f"timm models skipped: timm is not installed ({exc}); it comes with "
                      f"`make bench`'s venv")
+    cuda = ctx.device.startswith("cuda")
+    sync = ctx.sync if cuda else None
     rows, breakdown_rows = [], []
     for name, kwargs, side in ctx.progress(models, desc="real models"):
-        plain, matched, amortised = make_models(name, kwargs)
+        plain, matched, amortised = make_models(name, kwargs, device=ctx.device)
         batch = cfg["batches"].get(name, cfg["batch"])
         torch.manual_seed(1)
-        x = torch.randn(batch, 3, side, side)
-        y = torch.randint(0, 10, (batch,))
-        replay = replay_calls(record_gram_and_solve(copy.deepcopy(matched), x, y))
-        cpu, wall, refreshes = time_pair(plain, matched, x, y, cfg["steps"], amortised, replay)
+        x = torch.randn(batch, 3, side, side, device=ctx.device)
+        y = torch.randint(0, 10, (batch,), device=ctx.device)
+        replay = replay_calls(record_gram_and_solve(copy.deepcopy(matched), x, y), sync)
+        cpu, wall, refreshes = time_pair(plain, matched, x, y, cfg["steps"], amortised, replay,
+                                         sync)
         med = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
         wmed = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
         amortised_ms = per_step_over_period(cpu["C-SGD amortised"], refreshes,
                                             AMORTIZE_EVERY) * 1e3
         layers = sum(isinstance(m, (cx.CLinear, cx.CConv2d)) for m in matched.modules())
-        rows.append({"model": name, "input": f"{batch}×3×{side}×{side}",
-                     "C layers": layers, "plain ms": med["plain"], "C-SGD ms": med["C-SGD"],
-                     "ratio": med["C-SGD"] / med["plain"], "plain wall ms": wmed["plain"],
-                     "C-SGD wall ms": wmed["C-SGD"],
-                     "wall ratio": wmed["C-SGD"] / wmed["plain"],
-                     "Gram + solve ms": med["Gram + solve"],
-                     "floor ratio": 1 + med["Gram + solve"] / med["plain"],
-                     "amortised ms": amortised_ms,
-                     "amortised ratio": amortised_ms / med["plain"]})
-        parts, total = breakdown(matched, x, y, cfg["profile_steps"])
+        row = {"model": name, "input": f"{batch}×3×{side}×{side}",
+               "C layers": layers, "plain ms": med["plain"], "C-SGD ms": med["C-SGD"],
+               "ratio": med["C-SGD"] / med["plain"], "plain wall ms": wmed["plain"],
+               "C-SGD wall ms": wmed["C-SGD"],
+               "wall ratio": wmed["C-SGD"] / wmed["plain"],
+               "Gram + solve ms": med["Gram + solve"],
+               "floor ratio": 1 + med["Gram + solve"] / med["plain"],
+               "amortised ms": amortised_ms,
+               "amortised ratio": amortised_ms / med["plain"]}
+        if cuda:     # on a GPU the wall times are what count
+            wall_amortised = per_step_over_period(wall["C-SGD amortised"], refreshes,
+                                                  AMORTIZE_EVERY) * 1e3
+            row.update({"wall floor ratio": 1 + wmed["Gram + solve"] / wmed["plain"],
+                        "wall amortised ratio": wall_amortised / wmed["plain"]})
+        rows.append(row)
+        parts, total = breakdown(matched, x, y, cfg["profile_steps"], ctx.device)
         breakdown_rows.append({"model": name, "profiled C step ms": total,
                                **{f"{b} ms": v for b, v in parts.items()}})
     if not rows:
         return {"name": "real_models", "title": title, "verdicts": [], "notes": notes,
                 "tables": [], "plots": [], "config": cfg}
-    plot = _plot(ctx.plot_path("real_models.png"), rows, breakdown_rows)
-    worst = max(rows, key=lambda r: r["ratio"])
+    prefix = "wall " if cuda else ""
+    plot = _plot(ctx.plot_path("real_models.png"), rows, breakdown_rows, prefix)
+    worst = max(rows, key=lambda r: r[f"{prefix}ratio"])
+    clock = (f"wall time on {torch.cuda.get_device_name(ctx.device)}, synchronized every step"
+             if cuda else "CPU process time")
+
+    def span(column):
+        values = [r[prefix + column] for r in rows]
+        return f"{min(values):.2f}–{max(values):.2f}"
     return {"name": "real_models", "title": title,
             "claim": "A consequential step should cost a small constant factor over plain SGD "
                      "on real architectures (target: within 2×).",
-            "verdicts": [f"C-SGD step / plain step (CPU process time, median of "
-                         f"{cfg['steps']} interleaved steps): {min(r['ratio'] for r in rows):.2f}–"
-                         f"{worst['ratio']:.2f}×, worst {worst['model']}; amortised "
+            "verdicts": [f"C-SGD step / plain step ({clock}, median of {cfg['steps']} "
+                         f"interleaved steps): {span('ratio')}×, worst {worst['model']}; amortised "
                          f"(`cx.amortize(model, every={AMORTIZE_EVERY})`, over its refresh "
-                         f"period): {min(r['amortised ratio'] for r in rows):.2f}–"
-                         f"{max(r['amortised ratio'] for r in rows):.2f}×. Floor of an exact "
-                         f"step with these kernels (plain + its Gram and solve calls "
-                         f"replayed, everything else free): "
-                         f"{min(r['floor ratio'] for r in rows):.2f}–"
-                         f"{max(r['floor ratio'] for r in rows):.2f}×."],
+                         f"period): {span('amortised ratio')}×. Floor of an exact step with "
+                         f"these kernels (plain + its Gram and solve calls replayed, everything "
+                         f"else free): {span('floor ratio')}×."],
             "notes": notes + [
-                f"{torch.get_num_threads()} threads, batch {cfg['batch']} (ResNet-20: "
+                f"{torch.get_num_threads()} CPU threads, batch {cfg['batch']} (ResNet-20: "
                 f"{cfg['batches'][RESNET20]}); breakdown from torch.profiler over "
-                f"{cfg['profile_steps']} C step(s) (profiling adds overhead, so its total "
+                f"{cfg['profile_steps']} C step(s) ({'kernel time' if cuda else 'CPU time'}; "
+                f"profiling adds overhead, so its total "
                 f"exceeds the timed step); G there is the ordinary weight gradient where it is "
-                f"computed on its own; a conv whose Gram kernel also computes G (3×3-like "
+                f"computed on its own; on the CPU a conv whose Gram kernel also computes G (3×3-like "
                 f"stride-1 convs with ≥ 16 channels a side, ops.conv_gram_grad) has it in Gram, "
                 f"and one that needs its input gradient otherwise gets G from the same native "
                 f"conv backward, counted in rest, as in the plain step.",

@@ -40,6 +40,18 @@ def test_time_pair_interleaves_and_trains_both_models():
     assert refreshes == [False, True, False] and len(replayed) == 4
 
 
+def test_every_timed_step_and_replay_ends_in_the_sync():
+    plain, matched = _pair()
+    x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
+    synced = []
+    replay = real_models.replay_calls(real_models.record_gram_and_solve(matched, x, y),
+                                      sync=lambda: synced.append("replay"))
+    real_models.time_pair(plain, matched, x, y, steps=2, replay=replay,
+                          sync=lambda: synced.append("step"))
+    # warm-up + 2 timed calls each: plain and C-SGD steps, and the replay
+    assert synced.count("step") == 6 and synced.count("replay") == 3
+
+
 def test_per_step_over_period_weights_refreshes_by_the_schedule():
     times = [1.0, 1.2, 9.0, 1.1, 11.0, 0.9]
     refreshes = [False, False, True, False, True, False]

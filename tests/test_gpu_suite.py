@@ -61,7 +61,7 @@ def stubbed(suite, monkeypatch):
 def test_full_run_writes_json_and_table(suite, stubbed, tmp_path, capsys):
     out = tmp_path / "out"
     assert suite.main(["--out", str(out), "--quick"], environ={}) == 0
-    assert stubbed == ["build", "tests_cuda", "timings(quick=True)", "tests_all"]
+    assert stubbed == ["build", "tests_cuda", "tests_triton", "timings(quick=True)", "tests_all"]
     results = json.loads((out / "results.json").read_text())
     assert results["args"]["quick"] is True and results["build"]["rc"] == 0
     assert results["timings"]["rows"][0]["provider"] == "cuda"
@@ -93,7 +93,7 @@ def test_crashing_stage_is_recorded_and_the_rest_still_runs(suite, stubbed, tmp_
         raise RuntimeError("CUDA error: an illegal memory access")
     monkeypatch.setattr(suite, "time_everything", boom)
     assert suite.main(["--out", str(tmp_path)], environ={}) == 1
-    assert stubbed == ["build", "tests_cuda", "tests_all"]
+    assert stubbed == ["build", "tests_cuda", "tests_triton", "tests_all"]
     results = json.loads((tmp_path / "results.json").read_text())
     assert "illegal memory access" in results["timings"]["error"]
     assert "illegal memory access" in (tmp_path / "results.md").read_text()
@@ -127,8 +127,9 @@ def test_budget_counts_down_on_its_clock(suite):
 def test_the_whole_tests_stage_is_skipped_when_out_of_budget(suite, stubbed, tmp_path, monkeypatch):
     monkeypatch.setattr(suite.Budget, "allows", lambda self, seconds: False)
     assert suite.main(["--out", str(tmp_path)], environ={}) == 0
-    assert "tests_all" not in stubbed
-    assert json.loads((tmp_path / "results.json").read_text())["tests_all"]["skipped"]
+    assert stubbed == ["build", "tests_cuda", "timings(quick=False)"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["tests_all"]["skipped"] and results["tests_triton"]["skipped"]
 
 
 def test_quick_shapes_are_a_subset_with_the_vgg_layer(suite):
