@@ -185,3 +185,25 @@ def test_diverged_layer_backward_gives_nan_grads_without_exception():
         warnings.simplefilter("ignore")
         layer(torch.full((3, 4), 3e18)).sum().backward()   # Gram entries overflow float32
     assert not torch.isfinite(layer.weight.grad).all()
+
+
+def test_use_backend_reaches_other_threads_and_is_restored(monkeypatch):
+    """CUDA backward runs on autograd's device threads: a backend chosen around
+    ``loss.backward()`` must hold there too, and end with its block."""
+    import threading
+    used, real = [], reference.ridge_solve
+    monkeypatch.setattr(reference, "ridge_solve", lambda *a: used.append(1) or real(*a))
+    gram, grad = 2 * torch.eye(5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    results = []
+
+    def solve_in_a_thread():
+        thread = threading.Thread(target=lambda: results.append(cx.ops.ridge_solve(gram, grad, 0.5)))
+        thread.start()
+        thread.join()
+    with cx.ops.use_backend("reference"):
+        solve_in_a_thread()
+    assert used == [1]
+    solve_in_a_thread()
+    assert used == [1] and len(results) == 2     # the compiled CPU kernel after the block
+    for out in results:
+        torch.testing.assert_close(out, grad / 2.5, rtol=1e-12, atol=0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 
 import torch
 
@@ -22,21 +21,24 @@ __all__ = ["im2col_gram", "conv_gram_grad", "conv_weight_grad", "ridge_solve", "
            "available_backends", "reference"]
 
 register_fakes()
-_forced = threading.local()
+# Process-global, not thread-local: CUDA backward runs on autograd's device threads, which
+# would not see a thread-local choice made around ``loss.backward()``.
+_forced = None
 
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Run the ops in this block on backend ``name`` (None: automatic)."""
+    """Run the ops in this block on backend ``name`` (None: automatic), in every thread of
+    the process (autograd's device threads too)."""
+    global _forced
     if name is not None and name not in ("cuda", "triton", "cpu", "reference"):
         raise ValueError(f"use_backend: backend must be one of 'cuda', 'triton', 'cpu', "
                          f"'reference' or None, got {name!r}")
-    previous = getattr(_forced, "name", None)
-    _forced.name = name
+    previous, _forced = _forced, name
     try:
         yield
     finally:
-        _forced.name = previous
+        _forced = previous
 
 
 def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, *, groups=1, bias=False):
@@ -47,7 +49,7 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, *, groups=1, bi
     a bias multiplies). float32 accumulation (float64 for float64 input).
     """
     ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
-    backend = backend_for("im2col_gram", x, getattr(_forced, "name", None))
+    backend = backend_for("im2col_gram", x, _forced)
     if backend == "reference":
         gram = reference.im2col_gram(x, ks, st, pd, dl, groups, bias)
     elif backend == "triton":
@@ -96,7 +98,7 @@ def _grad_op(name, x, grad_output, kernel_size, stride, padding, dilation, group
                          f"{out_hw[1]}) in x's dtype {x.dtype}; got "
                          f"{tuple(getattr(grad_output, 'shape', ()))} "
                          f"{getattr(grad_output, 'dtype', type(grad_output).__name__)}")
-    if backend_for("_" + name, x, getattr(_forced, "name", None)) == "cpu":
+    if backend_for("_" + name, x, _forced) == "cpu":
         return getattr(torch.ops.consequential_ext, "_" + name)(x, grad_output, ks, st, pd, dl,
                                                                 groups, bias)
     return getattr(reference, name)(x, grad_output, ks, st, pd, dl, groups, bias)
@@ -105,14 +107,14 @@ def _grad_op(name, x, grad_output, kernel_size, stride, padding, dilation, group
 def gram_is_native(x):
     """Whether ``im2col_gram`` of ``x`` runs the compiled CPU kernel here (not forced onto
     another backend)."""
-    return backend_for("im2col_gram", x, getattr(_forced, "name", None)) == "cpu"
+    return backend_for("im2col_gram", x, _forced) == "cpu"
 
 
 def conv_gram_grad_is_native(x, grad_output):
     """Whether ``conv_gram_grad`` runs compiled here (CPU backend, the signal in x's dtype):
     only then is it cheaper than the Gram op beside a native conv backward."""
     return (grad_output.dtype == x.dtype
-            and backend_for("_conv_gram_grad", x, getattr(_forced, "name", None)) == "cpu")
+            and backend_for("_conv_gram_grad", x, _forced) == "cpu")
 
 
 _CORR_ALIGN = 16  # csrc/cpu/corr_kernel.h: kCorrAlign
@@ -152,7 +154,7 @@ def ridge_solve(gram, grad, ridge, *, out_dtype=None):
                          f"gram {tuple(gram.shape)}, got {tuple(grad.shape)}")
     if gram.device != grad.device:
         raise ValueError(f"ridge_solve: gram on {gram.device} but grad on {grad.device}")
-    backend = backend_for("ridge_solve", gram, getattr(_forced, "name", None))
+    backend = backend_for("ridge_solve", gram, _forced)
     if backend == "reference":
         return reference.ridge_solve(gram, grad, float(ridge), out_dtype)
     if backend == "triton":

@@ -132,7 +132,7 @@ def _im2col_gram_kernel(
                         col_offset, iy0, ix0, col_valid, H, W, HAS_BIAS, DOT_IN_FP32)
         bt = _patch_tile(x_ptr, off_j, dy_j, dx_j, patch_j, bias_j,
                          col_offset, iy0, ix0, col_valid, H, W, HAS_BIAS, DOT_IN_FP32)
-        acc = tl.dot(a, tl.trans(bt), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, tl.trans(bt), acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
     base = out_ptr + split * out_stride_split + group * out_stride_group
     mask = (rows_i < D)[:, None] & (rows_j < D)[None, :]

@@ -83,7 +83,7 @@ def _shift_corr_kernel(
         if DOT_IN_FP32:  # exact: bfloat16 products fit float32
             a = a.to(tl.float32)
             bt = bt.to(tl.float32)
-        acc = tl.dot(a, tl.trans(bt), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, tl.trans(bt), acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
     dst = out_ptr + group * out_stride_group + job * out_stride_job
     tl.store(dst + chan_i[:, None] * C_per_group + chan_j[None, :], acc,
