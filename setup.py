@@ -195,6 +195,12 @@ def _extension():
         extra["cxx"].append("-fopenmp")
     kwargs = dict(define_macros=[("CX_TORCH_VERSION", f'"{torch.__version__}"')],
                   py_limited_api=True, include_dirs=[os.path.join(HERE, "csrc")])
+    # The libstdc++ torch loads, shared: a compiler that links its own statically (a g++
+    # wrapper passing -static-libstdc++, as on the lent GPU machine's image) puts a second
+    # copy in the process, and a check's message then crashed at its first number (locale
+    # facets from one copy, ids from the other).
+    if sys.platform.startswith("linux"):
+        kwargs["extra_link_args"] = ["-l:libstdc++.so.6"]
     sources = sorted(["csrc/ops.cpp"] + glob.glob("csrc/cpu/*.cpp"))
     if not cuda_home:
         return CppExtension("consequential_ext._C", sources, extra_compile_args=extra, **kwargs)

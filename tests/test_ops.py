@@ -207,3 +207,22 @@ def test_use_backend_reaches_other_threads_and_is_restored(monkeypatch):
     assert used == [1] and len(results) == 2     # the compiled CPU kernel after the block
     for out in results:
         torch.testing.assert_close(out, grad / 2.5, rtol=1e-12, atol=0)
+
+
+def test_compiled_ops_messages_keep_their_numbers():
+    """One libstdc++ in the process (setup.py): with a second, static copy inside _C, a
+    check's message was cut at its first number (and crashed the GPU machine's process). In
+    a subprocess, so that a crash fails this test instead of ending the run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import torch, consequential_ext\n"
+            "try:\n"
+            "    torch.ops.consequential_ext.im2col_gram(torch.randn(1, 3, 5, 5), [3, 3], [1, 1],"
+            " [0, 0], [1, 1], 2, False)\n"
+            "except RuntimeError as exc:\n"
+            "    print(str(exc).splitlines()[0])\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "groups must be a positive divisor of C=3, got 2" in run.stdout, run.stdout

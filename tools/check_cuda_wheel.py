@@ -85,6 +85,8 @@ def check_binary(so: str, toolkit: str, platform_tag: str) -> tuple[str, list[st
     needed = _output("readelf", "-d", so)
     cudart = re.findall(r"\[(libcudart\.so[.\d]*)\]", needed)
     check(cudart, f"{so} does not link the CUDA runtime (no libcudart in its NEEDED entries)")
+    check("[libstdc++.so.6]" in needed, f"{so} does not link libstdc++ dynamically (a static "
+          f"copy beside torch's crashes the ops' error messages; see setup.py)")
     symbols = _output("nm", "-C", "--defined-only", so)
     launchers = declared_launchers()
     missing = [n for n in launchers if f"consequential_ext::cuda::{n}(" not in symbols]

@@ -192,13 +192,13 @@ MUTANTS = [
        "torch.linalg.cholesky_ex(a + lam * eye)", "torch.linalg.cholesky_ex(a + ridge * eye)",
        "tests/test_ops.py"),
     _m("ops.channels-last-to-reference", PY + "ops/__init__.py",
-       'backend = backend_for("im2col_gram", x, getattr(_forced, "name", None))',
-       'backend = backend_for("im2col_gram", x, getattr(_forced, "name", None)) '
+       'backend = backend_for("im2col_gram", x, _forced)',
+       'backend = backend_for("im2col_gram", x, _forced) '
        'if x.is_contiguous() else "reference"',
        DISPATCH, why="issue survivor 3: the dispatcher's silent fall-back"),
     _m("ops.strided-solve-to-reference", PY + "ops/__init__.py",
-       'backend = backend_for("ridge_solve", gram, getattr(_forced, "name", None))',
-       'backend = backend_for("ridge_solve", gram, getattr(_forced, "name", None)) '
+       'backend = backend_for("ridge_solve", gram, _forced)',
+       'backend = backend_for("ridge_solve", gram, _forced) '
        'if grad.is_contiguous() else "reference"',
        DISPATCH),
     _m("ops.reference-first", PY + "ops/_backends.py",
