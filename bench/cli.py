@@ -62,8 +62,11 @@ def parse_args(argv=None):
 
 
 def _git_commit() -> str:
+    """HEAD's short hash, "-dirty" when tracked files differ from it (a copied working tree
+    whose .git is older, as on the lent GPU machine, says so instead of naming HEAD)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                              capture_output=True,
                               text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -152,6 +152,17 @@ def test_gram_matches_reference(emu, case, algorithm, dtype):
     assert torch.equal(got, got.transpose(1, 2)), "Gram must be exactly symmetric"
 
 
+@pytest.mark.parametrize("channels,groups,picked", [(8, 1, SHIFT), (16, 1, SHIFT), (32, 2, SHIFT),
+                                                     (17, 1, TILED), (32, 1, TILED)])
+def test_auto_takes_the_shift_form_up_to_16_channels_a_group(emu, channels, groups, picked):
+    """The H200's measurements behind kShiftMaxChannels (gram_cuda.h)."""
+    torch.manual_seed(channels)
+    x = torch.randn(3, channels, 7, 6)
+    runs = {a: emulated_gram(emu, x, 3, 1, 1, 1, groups, True, a) for a in (TILED, SHIFT, AUTO)}
+    assert not torch.equal(runs[TILED], runs[SHIFT])   # their sums' orders differ: the pick shows
+    assert torch.equal(runs[AUTO], runs[picked])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gram_half_inputs_accumulate_in_float32(emu, dtype):
     # Values whose squares' sum overflows fp16 range: only fp32 accumulation survives.

@@ -315,7 +315,8 @@ cudaError_t launch_gram(const GramParams& params, const GramGeometry& geo, cudaS
 
   const bool shift = params.algorithm == GramAlgorithm::kShift ||
                      (params.algorithm == GramAlgorithm::kAuto && shift_form_applies(params) &&
-                      params.kernel_h * params.kernel_w > 1);  // 1×1: the tiled SYRK reuses better
+                      params.kernel_h * params.kernel_w > 1 &&  // 1×1: the tiled SYRK reuses better
+                      geo.channels_per_group <= kShiftMaxChannels);
   if (shift) {
     const long long cg = geo.channels_per_group;
     const long long threads = cg * (cg + 1) / 2 * (2 * params.kernel_h - 1) * (2 * params.kernel_w - 1);

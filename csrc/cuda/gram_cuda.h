@@ -12,13 +12,18 @@ namespace consequential_ext {
 namespace cuda {
 
 enum class GramAlgorithm : int {
-  kAuto = 0,   // shift-correlation for stride 1 and kernels up to kShiftMaxKernel, else tiled
+  kAuto = 0,   // shift-correlation for stride 1, kernels up to kShiftMaxKernel (not 1×1) and
+               // up to kShiftMaxChannels channels a group; else tiled
   kTiled = 1,  // implicit-im2col SYRK on symmetric tiles: any stride, padding, dilation
   kShift = 2,  // stride-1 shift-correlation form
 };
 
 // The stride-1 shift-correlation kernel keeps a kh×kw accumulator per thread in registers.
 constexpr int kShiftMaxKernel = 3;
+// Measured on an H200 (results/gpu_h200/timings, ResNet-20's 3×3 convs at batch 128, float32):
+// shift 1.53 vs tiled 1.66 ms with 16 channels, but 1.43 vs 0.94 with 32, 1.83 vs 0.71 with
+// 64 and 37.0 vs 18.5 with 256 (its thread count grows with the channel pairs).
+constexpr int kShiftMaxChannels = 16;
 
 struct GramParams {
   const void* x;                  // (B, C, H, W) with the element strides below
