@@ -30,6 +30,7 @@ import time
 
 import torch
 import torch.nn as nn
+from torch.autograd import DeviceType
 
 import consequential_ext as cx
 
@@ -234,6 +235,15 @@ def bucket_times(events, time_attr="cpu_time_total"):
     return parts
 
 
+def profiled_total_us(events, cuda):
+    """µs of profiler ``events``: the ops' self CPU time; on a CUDA device each kernel's time
+    once, from its own event (the op that launched it counts it in its self device time too,
+    so summing every event would count each kernel twice)."""
+    if cuda:
+        return sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU)
+    return sum(e.self_cpu_time_total for e in events)
+
+
 def breakdown(model, x, y, steps, device="cpu"):
     """ms per step of each bucket (``bucket_times``) in a profiled C step; 'rest' is the
     step total (the ops' self time) minus the buckets. CPU time on the CPU; on a CUDA
@@ -246,10 +256,9 @@ def breakdown(model, x, y, steps, device="cpu"):
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-    kind = "device" if cuda else "cpu"
-    total = sum(getattr(e, f"self_{kind}_time_total") for e in prof.key_averages()) / 1e3 / steps
-    parts = {b: t / 1e3 / steps
-             for b, t in bucket_times(prof.events(), f"{kind}_time_total").items()}
+    total = profiled_total_us(prof.events(), cuda) / 1e3 / steps
+    parts = {b: t / 1e3 / steps for b, t in bucket_times(
+        prof.events(), "device_time_total" if cuda else "cpu_time_total").items()}
     parts["rest"] = max(total - sum(parts.values()), 0.0)
     return parts, total
 

@@ -52,6 +52,23 @@ def test_every_timed_step_and_replay_ends_in_the_sync():
     assert synced.count("step") == 6 and synced.count("replay") == 3
 
 
+def test_profiled_total_counts_each_kernel_once():
+    from types import SimpleNamespace as Event
+    from torch.autograd import DeviceType
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [Event(device_type=cpu, self_device_time_total=30.0, self_cpu_time_total=5.0),
+              Event(device_type=gpu, self_device_time_total=30.0, self_cpu_time_total=0.0),
+              Event(device_type=cpu, self_device_time_total=0.0, self_cpu_time_total=2.0),
+              Event(device_type=gpu, self_device_time_total=7.0, self_cpu_time_total=0.0)]
+    assert real_models.profiled_total_us(events, cuda=True) == 37.0   # kernels, each once
+    assert real_models.profiled_total_us(events, cuda=False) == 7.0   # the ops' own CPU time
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.randn(30, 30) @ torch.randn(30, 30)
+    assert real_models.profiled_total_us(prof.events(), cuda=False) == pytest.approx(
+        sum(e.self_cpu_time_total for e in prof.key_averages()))
+
+
 def test_per_step_over_period_weights_refreshes_by_the_schedule():
     times = [1.0, 1.2, 9.0, 1.1, 11.0, 0.9]
     refreshes = [False, False, True, False, True, False]
