@@ -57,9 +57,12 @@ cudaError_t triangular_solve_cuda(const RidgeSolveParams& params, bool nonfinite
 // Whether triangular_solve_cuda can run D = params.dim within params.max_shared_bytes.
 bool triangular_solve_fits(const RidgeSolveParams& params);
 
-// Whether triangular_solve_cuda should solve from a cuSOLVER factor: it fits, and the factor is
-// small enough to stay L2-resident while every row streams it twice (else cuBLAS's blocked
-// triangular solve, through ATen, wins).
+// Whether triangular_solve_cuda should solve from a cuSOLVER factor: several systems, it fits,
+// and the factor is small enough to stay L2-resident while every row streams it twice (else
+// cuBLAS's blocked triangular solve, through ATen, wins). One system went to cuBLAS after an
+// H200 timed it ahead (results/gpu_h200/timings: D = 289, 32 and 64 rows, 0.67 and 0.68 ms
+// against our kernel's 0.76 and 0.89; D = 577, 64 rows, 0.75 against 1.99), while for 8
+// systems of D = 289 ours led (0.96 against 1.42).
 bool triangular_solve_preferred(const RidgeSolveParams& params);
 
 // Whether ridge_solve_cuda (our batched Cholesky) should factor these systems: D within
