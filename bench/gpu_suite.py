@@ -111,7 +111,7 @@ def run_logged(cmd, log_path: Path, timeout: float, env=None) -> dict:
         except subprocess.TimeoutExpired:
             rc = 124
     with open(log_path) as log:
-        tail = log.read()[-2000:]
+        tail = log.read().replace(f"{ROOT}{os.sep}", "")[-2000:]   # paths relative to the checkout
     return {"cmd": " ".join(map(str, cmd)), "rc": rc, "seconds": round(time.monotonic() - start, 1),
             "log": log_path.name, "tail": tail}
 
@@ -445,7 +445,8 @@ def main(argv=None, environ=None) -> int:
     environ = os.environ if environ is None else environ
     out_dir = resolve_out_dir(args.out, environ)
     budget = Budget(args.budget_s)
-    results = {"args": vars(args), "budget_s": args.budget_s}
+    # Not --out: where results.json lies is no result (and a scratch path of the GPU machine).
+    results = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "budget_s": args.budget_s}
     write_results(out_dir, results)
     _stage(results, "environment", out_dir, environment_info)
     if args.skip_build:

@@ -152,3 +152,13 @@ def test_script_runs_from_the_repository_root():
                                capture_output=True, text=True, check=True).stdout
     for flag in ("--out", "--quick", "--skip-build", "--skip-tests", "--budget-s"):
         assert flag in help_text
+
+
+def test_results_hold_no_machine_paths(suite, stubbed, tmp_path):
+    """Committed as they are: no --out (a scratch folder of the GPU machine) and log tails
+    with paths relative to the checkout."""
+    assert suite.main(["--out", str(tmp_path), "--skip-build", "--skip-tests"], environ={}) == 0
+    assert "out" not in json.loads((tmp_path / "results.json").read_text())["args"]
+    logged = suite.run_logged([sys.executable, "-c", f"print({str(ROOT / 'csrc' / 'ops.cpp')!r})"],
+                              tmp_path / "log", timeout=60)
+    assert logged["rc"] == 0 and "csrc/ops.cpp" in logged["tail"] and str(ROOT) not in logged["tail"]
