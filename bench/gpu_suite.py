@@ -8,12 +8,18 @@
    the kernels compiled (TRITON_INTERPRET=0);
 3. times CUDA vs Triton vs reference vs cuDNN on the ResNet-20 (CIFAR) conv shapes and a
    VGG-style one — im2col_gram and ridge_solve — checks each result against a float64
-   reference, measures the matmul ceiling, and adds bench/bench_triton.py's timings if that
-   file exists;
-4. runs the rest of the test suite the same way, with the budget left;
+   reference, and measures the matmul ceiling;
+4. runs the harness's GPU sections (``python -m bench --only layer_step,real_models
+   --device cuda``: C-layer and C-SGD steps against cuDNN and plain SGD) into --out/bench;
+5. runs compute-sanitizer's memcheck over a subset of the CUDA tests (every kernel and
+   placement, small shapes), then bench/bench_triton.py's timings;
+6. runs the rest of the test suite with the Triton kernels compiled, with the budget left;
 and writes results.json and results.md (a short table) to --out (default: $OUT), after
 every stage, so a run cut short still leaves what it measured. Stages stop early rather
 than overrun --budget-s. Logs of the build and the test runs go beside the results.
+
+The lent machine returns at most 8 files from $OUT, so write elsewhere and pack:
+    python3 bench/gpu_suite.py --out /tmp/suite; tar czf $OUT/suite.tgz -C /tmp suite
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +58,14 @@ QUICK_SHAPES = ("resnet20.stage1", "resnet20.stage3.down", "vgg.conv3")
 # global workspace / cuSOLVER).
 BATCHED_SOLVES = [("many-small", 64, 16, 37), ("many-medium", 64, 32, 300),
                   ("grouped-medium", 8, 64, 289)]
+
+# The memcheck subset of tests/test_cuda_ops.py: float32 Grams on both kernels, float32
+# solves on every placement but the two largest D, non-finite input, bad input (~6 s
+# under the sanitizer on an H200).
+MEMCHECK_TESTS = ("(dtype0 and (shift or tiled)) or (work0-out_dtype0 and not batch4 and not batch5)"
+                  " or non_finite or bad_input")
+STAGES = ("build", "tests_cuda", "tests_triton", "timings", "harness", "memcheck",
+          "triton_kernels", "tests_all")
 
 GRAM_PROVIDERS = ("cuda", "cuda.tiled", "cuda.shift", "triton", "reference", "cudnn.wgrad")
 SOLVE_PROVIDERS = ("cuda", "triton", "reference")
@@ -161,6 +176,26 @@ def run_tests(out_dir: Path, budget: Budget, which: str) -> dict:
         cmd = pytest + ["tests", f"--ignore={TRITON_TESTS}"]
         timeout = budget.remaining() - RESERVE_S
     result = run_logged(cmd, out_dir / f"pytest_{which}.log", timeout, env)
+    result["summary"] = _pytest_summary(result["tail"])
+    return result
+
+
+def run_harness(out_dir: Path, budget: Budget) -> dict:
+    """The harness's GPU sections into out_dir/bench (report.md, results.json, plots)."""
+    cmd = [sys.executable, "-m", "bench", "--only", "layer_step,real_models", "--device", "cuda",
+           "--out", str(out_dir / "bench")]
+    return run_logged(cmd, out_dir / "harness.log", min(180.0, budget.remaining() - RESERVE_S))
+
+
+def run_memcheck(out_dir: Path, budget: Budget) -> dict:
+    """compute-sanitizer --tool memcheck over MEMCHECK_TESTS; rc 9 when it reports errors."""
+    tool = shutil.which("compute-sanitizer")
+    if tool is None:
+        return {"skipped": "no compute-sanitizer on PATH"}
+    cmd = [tool, "--tool", "memcheck", "--error-exitcode", "9", "--print-limit", "20",
+           sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
+           "tests/test_cuda_ops.py", "-k", MEMCHECK_TESTS]
+    result = run_logged(cmd, out_dir / "memcheck.log", min(120.0, budget.remaining() - RESERVE_S))
     result["summary"] = _pytest_summary(result["tail"])
     return result
 
@@ -377,7 +412,6 @@ def time_everything(out_dir: Path, budget: Budget, quick: bool) -> dict:
             timings["rows"] += time_solve(name, batch, m, d, quick)
         else:
             timings["skipped"].append(f"ridge_solve {name}")
-    timings["triton_kernels"] = time_triton_suite(out_dir, budget, quick)
     return timings
 
 
@@ -387,7 +421,7 @@ def format_table(results: dict) -> str:
     """Markdown: stage outcomes, then one line per (op, shape, dtype), providers as columns (ms)."""
     env = results.get("environment") or {}
     lines = [f"# GPU suite — {env.get('device', 'no CUDA device')} (torch {env.get('torch', '?')})", ""]
-    for stage in ("build", "tests_cuda", "tests_triton", "timings", "tests_all"):
+    for stage in STAGES:
         r = results.get(stage)
         if r is None or (stage == "timings" and "error" not in r):
             continue
@@ -455,19 +489,22 @@ def main(argv=None, environ=None) -> int:
         _stage(results, "build", out_dir, lambda: build_extension(out_dir, budget))
     built = results["build"].get("rc", 0) == 0
     failed = not built
-    # Correctness before speed: the CUDA and Triton tests, the timings, then the rest of the
-    # suite with whatever budget is left.
-    for stage in ("cuda", "triton", "timings", "all") if built else ():
-        if stage == "timings":
-            failed |= _stage(results, "timings", out_dir,
-                             lambda: time_everything(out_dir, budget, args.quick)).get("rc", 0) != 0
-        elif args.skip_tests:
+    # Correctness before speed, then the rest of the suite with whatever budget is left; the
+    # first test stage and the kernel timings run whatever the budget says.
+    runs = {"tests_cuda": lambda: run_tests(out_dir, budget, "cuda"),
+            "tests_triton": lambda: run_tests(out_dir, budget, "triton"),
+            "timings": lambda: time_everything(out_dir, budget, args.quick),
+            "harness": lambda: run_harness(out_dir, budget),
+            "memcheck": lambda: run_memcheck(out_dir, budget),
+            "triton_kernels": lambda: time_triton_suite(out_dir, budget, args.quick),
+            "tests_all": lambda: run_tests(out_dir, budget, "all")}
+    for stage, run in runs.items() if built else ():
+        if args.skip_tests and stage in ("tests_cuda", "tests_triton", "memcheck", "tests_all"):
             continue
-        elif stage == "cuda" or budget.allows(60):
-            failed |= _stage(results, f"tests_{stage}", out_dir,
-                             lambda: run_tests(out_dir, budget, stage)).get("rc", 0) != 0
+        if stage in ("tests_cuda", "timings") or budget.allows(60):
+            failed |= _stage(results, stage, out_dir, run).get("rc", 0) != 0
         else:
-            results[f"tests_{stage}"] = {"skipped": "out of time budget"}
+            results[stage] = {"skipped": "out of time budget"}
     results["elapsed_s"] = round(budget.elapsed(), 1)
     json_path, md_path = write_results(out_dir, results)
     print(md_path.read_text())

@@ -52,16 +52,26 @@ def stubbed(suite, monkeypatch):
         return {"rows": _timing_rows(), "skipped": ["ridge_solve many-small"],
                 "matmul_ceiling": {"bf16_tflops": 700.0}}
 
+    def stage(name):
+        def run(out_dir, budget, *quick):
+            calls.append(name)
+            return {"rc": 0, "seconds": 1.0}
+        return run
+
     monkeypatch.setattr(suite, "build_extension", build)
     monkeypatch.setattr(suite, "run_tests", tests)
     monkeypatch.setattr(suite, "time_everything", timings)
+    monkeypatch.setattr(suite, "run_harness", stage("harness"))
+    monkeypatch.setattr(suite, "run_memcheck", stage("memcheck"))
+    monkeypatch.setattr(suite, "time_triton_suite", stage("triton_kernels"))
     return calls
 
 
 def test_full_run_writes_json_and_table(suite, stubbed, tmp_path, capsys):
     out = tmp_path / "out"
     assert suite.main(["--out", str(out), "--quick"], environ={}) == 0
-    assert stubbed == ["build", "tests_cuda", "tests_triton", "timings(quick=True)", "tests_all"]
+    assert stubbed == ["build", "tests_cuda", "tests_triton", "timings(quick=True)", "harness",
+                       "memcheck", "triton_kernels", "tests_all"]
     results = json.loads((out / "results.json").read_text())
     assert results["args"]["quick"] is True and results["build"]["rc"] == 0
     assert results["timings"]["rows"][0]["provider"] == "cuda"
@@ -77,7 +87,7 @@ def test_full_run_writes_json_and_table(suite, stubbed, tmp_path, capsys):
 
 def test_skip_flags_skip_build_and_tests(suite, stubbed, tmp_path):
     assert suite.main(["--out", str(tmp_path), "--skip-build", "--skip-tests"], environ={}) == 0
-    assert stubbed == ["timings(quick=False)"]
+    assert stubbed == ["timings(quick=False)", "harness", "triton_kernels"]
     assert json.loads((tmp_path / "results.json").read_text())["build"] == {"skipped": "--skip-build"}
 
 
@@ -93,7 +103,8 @@ def test_crashing_stage_is_recorded_and_the_rest_still_runs(suite, stubbed, tmp_
         raise RuntimeError("CUDA error: an illegal memory access")
     monkeypatch.setattr(suite, "time_everything", boom)
     assert suite.main(["--out", str(tmp_path)], environ={}) == 1
-    assert stubbed == ["build", "tests_cuda", "tests_triton", "tests_all"]
+    assert stubbed == ["build", "tests_cuda", "tests_triton", "harness", "memcheck",
+                       "triton_kernels", "tests_all"]
     results = json.loads((tmp_path / "results.json").read_text())
     assert "illegal memory access" in results["timings"]["error"]
     assert "illegal memory access" in (tmp_path / "results.md").read_text()
@@ -162,3 +173,20 @@ def test_results_hold_no_machine_paths(suite, stubbed, tmp_path):
     logged = suite.run_logged([sys.executable, "-c", f"print({str(ROOT / 'csrc' / 'ops.cpp')!r})"],
                               tmp_path / "log", timeout=60)
     assert logged["rc"] == 0 and "csrc/ops.cpp" in logged["tail"] and str(ROOT) not in logged["tail"]
+
+
+def test_memcheck_and_harness_commands(suite, monkeypatch, tmp_path):
+    monkeypatch.setattr(suite.shutil, "which", lambda name: None)
+    assert "no compute-sanitizer" in suite.run_memcheck(tmp_path, suite.Budget(600))["skipped"]
+    ran = []
+    monkeypatch.setattr(suite, "run_logged",
+                        lambda cmd, log, timeout, env=None: ran.append((cmd, log.name, timeout))
+                        or {"rc": 0, "tail": "== ERROR SUMMARY: 0 errors\n"})
+    monkeypatch.setattr(suite.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert suite.run_memcheck(tmp_path, suite.Budget(600))["summary"] == "ERROR SUMMARY: 0 errors"
+    suite.run_harness(tmp_path, suite.Budget(600))
+    (memcheck, log, timeout), (harness, hlog, htimeout) = ran
+    assert memcheck[:3] == ["/usr/bin/compute-sanitizer", "--tool", "memcheck"]
+    assert memcheck[-2:] == ["-k", suite.MEMCHECK_TESTS] and log == "memcheck.log" and timeout == 120
+    assert harness[1:] == ["-m", "bench", "--only", "layer_step,real_models", "--device", "cuda",
+                           "--out", str(tmp_path / "bench")] and htimeout == 180
