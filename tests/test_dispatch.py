@@ -99,3 +99,28 @@ def test_cconv2d_backward_runs_the_cpu_kernels_for_every_layout(layout, referenc
     with cx.ops.use_backend("reference"):
         conv(x.contiguous()).backward(go)
     close(by_kernel, conv.weight.grad.double(), 1e-5, layout)
+
+
+@pytest.mark.parametrize("dtype,tf32,forced,want", [
+    (torch.bfloat16, False, None, "triton"), (torch.float16, False, None, "triton"),
+    (torch.float32, False, None, "cuda"), (torch.float32, True, None, "triton"),
+    (torch.float64, True, None, "cuda"), (torch.bfloat16, False, "cuda", "cuda")])
+def test_gpu_gram_goes_to_triton_where_its_tensor_cores_keep_the_precision(
+        monkeypatch, dtype, tf32, forced, want):
+    """What an H200 measured (ops/_backends.py): a stand-in CUDA tensor, since CI has no GPU."""
+    from types import SimpleNamespace
+    from consequential_ext.ops import _backends
+    monkeypatch.setattr(_backends, "available_backends",
+                        lambda op, device: ["cuda", "triton", "reference"])
+    x = SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
+    previous = torch.backends.cuda.matmul.allow_tf32   # a module property: no monkeypatch
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        assert _backends.gram_backend_for(x, forced) == want
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    monkeypatch.setattr(_backends, "available_backends", lambda op, device: ["cuda", "reference"])
+    assert _backends.gram_backend_for(x, forced) == "cuda"      # no Triton installed
+    cpu = SimpleNamespace(device=torch.device("cpu"), dtype=dtype)
+    monkeypatch.setattr(_backends, "available_backends", lambda op, device: ["cpu", "reference"])
+    assert _backends.gram_backend_for(cpu, None) == "cpu"

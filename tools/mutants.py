@@ -192,10 +192,12 @@ MUTANTS = [
        "torch.linalg.cholesky_ex(a + lam * eye)", "torch.linalg.cholesky_ex(a + ridge * eye)",
        "tests/test_ops.py"),
     _m("ops.channels-last-to-reference", PY + "ops/__init__.py",
-       'backend = backend_for("im2col_gram", x, _forced)',
-       'backend = backend_for("im2col_gram", x, _forced) '
-       'if x.is_contiguous() else "reference"',
+       'backend = gram_backend_for(x, _forced)',
+       'backend = gram_backend_for(x, _forced) if x.is_contiguous() else "reference"',
        DISPATCH, why="issue survivor 3: the dispatcher's silent fall-back"),
+    _m("ops.gpu-gram-16-bit-not-to-triton", PY + "ops/_backends.py",
+       "x.dtype in _TENSOR_CORE_EXACT", "x.dtype in ()",
+       "tests/test_dispatch.py::test_gpu_gram_goes_to_triton_where_its_tensor_cores_keep_the_precision"),
     _m("ops.strided-solve-to-reference", PY + "ops/__init__.py",
        'backend = backend_for("ridge_solve", gram, _forced)',
        'backend = backend_for("ridge_solve", gram, _forced) '

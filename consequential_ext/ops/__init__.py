@@ -1,4 +1,5 @@
-"""The fused ops, one entry each, with backend dispatch: cuda → triton → cpu → reference.
+"""The fused ops, one entry each, with backend dispatch: cuda → triton → cpu → reference
+(the GPU Gram of 16-bit input, or of float32 where torch allows tf32 matmuls: triton first).
 
 ``cuda`` and ``cpu`` are the compiled operators in ``consequential_ext._C`` (reached through
 ``torch.ops.consequential_ext``), ``triton`` the kernels in ``ops/triton`` (CUDA tensors
@@ -13,7 +14,7 @@ import math
 import torch
 
 from . import reference
-from ._backends import available_backends, backend_for
+from ._backends import available_backends, backend_for, gram_backend_for
 from ._conv_args import check_conv_args, output_size
 from ._fake import register_fakes
 
@@ -49,7 +50,7 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, *, groups=1, bi
     a bias multiplies). float32 accumulation (float64 for float64 input).
     """
     ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
-    backend = backend_for("im2col_gram", x, _forced)
+    backend = gram_backend_for(x, _forced)
     if backend == "reference":
         gram = reference.im2col_gram(x, ks, st, pd, dl, groups, bias)
     elif backend == "triton":

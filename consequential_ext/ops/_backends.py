@@ -1,4 +1,5 @@
-"""Which backend runs an op on a given tensor: cuda → triton → cpu → reference."""
+"""Which backend runs an op on a given tensor: cuda → triton → cpu → reference, except the
+GPU Gram of 16-bit (or tf32-allowed float32) input, which goes to Triton first."""
 from __future__ import annotations
 
 import functools
@@ -52,3 +53,22 @@ def backend_for(op: str, tensor: torch.Tensor, forced: str | None) -> str:
         raise RuntimeError(f"backend {forced!r} cannot run {op} on {tensor.device} "
                            f"(available: {names})")
     return forced
+
+
+# Triton's Gram (tensor cores) beat our CUDA kernels (no tensor cores) on 6 of the 7 conv
+# shapes an H200 timed, by up to 20× over the better of them (results/gpu_h200/timings).
+# Its 16-bit products are exact and accumulate in float32, as the CUDA kernel's do; float32
+# goes through tf32, so it is taken only where torch lets float32 matmuls use tf32 as well
+# (torch.backends.cuda.matmul.allow_tf32, set by torch.set_float32_matmul_precision("high")).
+_TENSOR_CORE_EXACT = (torch.float16, torch.bfloat16)
+
+
+def gram_backend_for(x: torch.Tensor, forced: str | None) -> str:
+    """``backend_for("im2col_gram", x, forced)``, Triton first on a GPU where its tensor-core
+    Gram keeps the precision asked for (above)."""
+    names = available_backends("im2col_gram", x.device)
+    if forced is None and x.device.type == "cuda" and "triton" in names and (
+            x.dtype in _TENSOR_CORE_EXACT
+            or (x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)):
+        return "triton"
+    return backend_for("im2col_gram", x, forced)
