@@ -61,7 +61,11 @@ QUICK_SHAPES = ("resnet20.stage1", "resnet20.stage3.down", "vgg.conv3")
 # Many-systems cases straddle the CUDA backend's factor-placement choice (shared memory /
 # global workspace / cuSOLVER).
 BATCHED_SOLVES = [("many-small", 64, 16, 37), ("many-medium", 64, 32, 300),
-                  ("grouped-medium", 8, 64, 289)]
+                  ("grouped-medium", 8, 64, 289),
+                  # where Triton led the first H200 run (results/gpu_h200): more points
+                  # before batches of medium systems are routed to it
+                  ("batch16-D400", 16, 32, 400), ("batch32-D256", 32, 32, 256),
+                  ("batch8-D500", 8, 64, 500)]
 
 # The memcheck subset of tests/test_cuda_ops.py: float32 Grams on both kernels, float32
 # solves on every placement but the two largest D, non-finite input, bad input (~6 s
@@ -71,7 +75,9 @@ MEMCHECK_TESTS = ("(dtype0 and (shift or tiled)) or (work0-out_dtype0 and not ba
 STAGES = ("build", "tests_cuda", "tests_triton", "timings", "harness", "memcheck",
           "triton_kernels", "tests_all")
 
-GRAM_PROVIDERS = ("cuda", "cuda.tiled", "cuda.shift", "triton", "reference", "cudnn.wgrad")
+# triton.ieee: Triton's Gram in exact float32 (no tf32), the candidate for float32's default.
+GRAM_PROVIDERS = ("cuda", "cuda.tiled", "cuda.shift", "triton", "triton.ieee", "reference",
+                  "cudnn.wgrad")
 SOLVE_PROVIDERS = ("cuda", "triton", "reference")
 
 
@@ -305,6 +311,10 @@ def _gram_callables(x, shape):
             calls["cuda.shift"] = (op("cuda", "shift"), True)
     if "triton" in available:
         calls["triton"] = (op("triton"), True)
+        if x.dtype == torch.float32:
+            from consequential_ext.ops import triton as triton_ops
+            calls["triton.ieee"] = (lambda: triton_ops.im2col_gram(
+                x, (k, k), (s, s), (p, p), (1, 1), 1, True, input_precision="ieee")[0], True)
     calls["reference"] = (lambda: reference.im2col_gram(x, (k, k), (s, s), (p, p), (1, 1), 1, True)[0], True)
     calls["cudnn.wgrad"] = (wgrad, False)
     return calls

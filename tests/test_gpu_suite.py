@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_suite.py"
@@ -190,3 +191,21 @@ def test_memcheck_and_harness_commands(suite, monkeypatch, tmp_path):
     assert memcheck[-2:] == ["-k", suite.MEMCHECK_TESTS] and log == "memcheck.log" and timeout == 120
     assert harness[1:] == ["-m", "bench", "--only", "layer_step,real_models", "--device", "cuda",
                            "--out", str(tmp_path / "bench")] and htimeout == 180
+
+
+def test_gram_callables_agree_with_the_reference(suite, monkeypatch):
+    """The providers the suite times, Triton's exact-float32 one included, on a CPU tensor
+    (Triton interpreted, as conftest sets): each returns the same Gram."""
+    import consequential_ext as cx
+    from consequential_ext.ops import _backends, reference
+    monkeypatch.setattr(cx.ops, "available_backends", lambda op, device: ["triton", "reference"])
+    monkeypatch.setattr(_backends, "available_backends", lambda op, device: ["triton", "reference"])
+    shape = ("odd", 2, 3, 4, 7, 6, 3, 2, 1)
+    x = torch.randn(2, 3, 7, 6)
+    calls = suite._gram_callables(x, shape)
+    assert list(calls) == ["triton", "triton.ieee", "reference", "cudnn.wgrad"]
+    want = reference.im2col_gram(x.double(), (3, 3), (2, 2), (1, 1), (1, 1), 1, True)[0]
+    for name in ("triton", "triton.ieee", "reference"):
+        fn, is_gram = calls[name]
+        assert is_gram and torch.allclose(fn().double(), want, rtol=1e-5, atol=1e-5 * want.abs().max())
+    assert calls["cudnn.wgrad"][0]().shape == (4, 3, 3, 3)
