@@ -195,10 +195,10 @@ def _extension():
         extra["cxx"].append("-fopenmp")
     kwargs = dict(define_macros=[("CX_TORCH_VERSION", f'"{torch.__version__}"')],
                   py_limited_api=True, include_dirs=[os.path.join(HERE, "csrc")])
-    # The libstdc++ torch loads, shared: a compiler that links its own statically (a g++
-    # wrapper passing -static-libstdc++, as on the lent GPU machine's image) puts a second
-    # copy in the process, and a check's message then crashed at its first number (locale
-    # facets from one copy, ids from the other).
+    # The libstdc++ torch loads, shared: a compiler that links its own statically (the lent
+    # GPU machine's g++ did: `_C` listed no libstdc++) puts a second copy in the process, and
+    # a check's message then crashed at its first number (locale facets of one copy, facet
+    # ids of the other; -static-libstdc++ here cuts the message there instead).
     if sys.platform.startswith("linux"):
         kwargs["extra_link_args"] = ["-l:libstdc++.so.6"]
     sources = sorted(["csrc/ops.cpp"] + glob.glob("csrc/cpu/*.cpp"))

@@ -239,7 +239,8 @@ bool batched_cholesky_preferred(const RidgeSolveParams& p) {
 
 bool triangular_solve_preferred(const RidgeSolveParams& p) {
   const long long element = p.work == Dtype::kFloat64 ? 8 : 4;
-  return p.batch > 1 && triangular_solve_fits(p) && element * p.dim * p.dim <= kMaxStreamedFactorBytes;
+  return p.batch > 1 && triangular_solve_fits(p) &&
+         element * p.dim * p.dim <= kMaxStreamedFactorBytes;
 }
 
 bool triangular_solve_fits(const RidgeSolveParams& p) {
