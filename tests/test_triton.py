@@ -88,6 +88,30 @@ def test_im2col_gram_float32_ieee_matches_unfold(case):
     assert_gram_close(got, x, (k, s, p, d, g, bias), GRAM_RTOL["ieee"])
 
 
+# Layers of the real models (ConvNeXt's depthwise 7×7, MobileNet's strided depthwise, a ViT
+# patch embedding with stride = kernel, a 1×1 expansion): on a GPU their 16-bit Grams go to
+# this kernel by default (ops/_backends.py), with its default blocks.
+REAL_MODEL_CASES = [
+    ((2, 6, 9, 8), 7, 1, 3, 1, 6, True, "channels_last"),
+    ((2, 8, 9, 9), 3, 2, 1, 1, 8, True, "contiguous"),
+    ((2, 3, 16, 16), 4, 4, 0, 1, 1, True, "channels_last"),
+    ((2, 16, 5, 5), 1, 1, 0, 1, 1, False, "sliced"),
+]
+
+
+@pytest.mark.parametrize("case", REAL_MODEL_CASES, ids=lambda c: f"{c[0]}k{c[1]}s{c[2]}g{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_im2col_gram_real_model_layers(case, dtype):
+    torch.manual_seed(3)
+    shape, k, s, p, d, g, bias, layout = case
+    x = make_input(shape, dtype, layout)
+    args = ((k, k), (s, s), (p, p), (d, d), g, bias)
+    precision = "ieee" if dtype == torch.float32 else None
+    got = triton_ops.im2col_gram(x, *args, input_precision=precision)
+    assert got.dtype == torch.float32
+    assert_gram_close(got, x, args, GRAM_RTOL["ieee"])
+
+
 @pytest.mark.parametrize("dtype,precision", [(torch.float32, "tf32"), (torch.float16, None),
                                              (torch.bfloat16, None), (torch.float64, None)])
 def test_im2col_gram_dtypes(dtype, precision):
