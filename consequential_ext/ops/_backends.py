@@ -63,12 +63,18 @@ def backend_for(op: str, tensor: torch.Tensor, forced: str | None) -> str:
 _TENSOR_CORE_EXACT = (torch.float16, torch.bfloat16)
 
 
+# A constant of a compiled graph, as available_backends is: read when the graph is traced.
+@torch.compiler.assume_constant_result
+def _tf32_matmuls_allowed() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def gram_backend_for(x: torch.Tensor, forced: str | None) -> str:
     """``backend_for("im2col_gram", x, forced)``, Triton first on a GPU where its tensor-core
     Gram keeps the precision asked for (above)."""
     names = available_backends("im2col_gram", x.device)
     if forced is None and x.device.type == "cuda" and "triton" in names and (
             x.dtype in _TENSOR_CORE_EXACT
-            or (x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)):
+            or (x.dtype == torch.float32 and _tf32_matmuls_allowed())):
         return "triton"
     return backend_for("im2col_gram", x, forced)
