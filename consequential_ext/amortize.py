@@ -87,10 +87,26 @@ class GramAmortizer(nn.Module):
         self.register_buffer("gram", torch.zeros(shape, device=device, dtype=dtype))
         self.register_buffer("inverse", torch.zeros(shape, device=device, dtype=dtype))
         self.register_buffer("steps", torch.zeros((), device=device, dtype=torch.int64))
+        # ``steps`` as a Python int: reading the buffer would synchronise a GPU for every layer
+        # and step. Re-read only when the buffer is another tensor or was changed in place
+        # (a loaded state, a move, a user's write), which its version counter tells.
+        self._steps_seen = (None, None, 0)      # (tensor, its version, value)
+
+    def _step_count(self) -> int:
+        tensor, version, value = self._steps_seen
+        now = _version_of(self.steps)
+        if tensor is not self.steps or now is None or now != version:
+            value = int(self.steps)
+            self._steps_seen = (self.steps, now, value)
+        return value
+
+    def _count_step(self, step: int):
+        self.steps += 1
+        self._steps_seen = (self.steps, _version_of(self.steps), step + 1)
 
     def wants_gram(self) -> bool:
         """Whether this step folds a fresh Gram in (the caller builds it only then)."""
-        return int(self.steps) % self.gram_every == 0
+        return self._step_count() % self.gram_every == 0
 
     def gram_columns(self) -> int | None:
         """Columns a refresh Gram is built from (strided samples of the batch; None: all)."""
@@ -108,12 +124,12 @@ class GramAmortizer(nn.Module):
         ``columns`` columns. Non-finite or absurd statistics give NaN and one warning, never
         an exception, and leave the running average and inverse as they were.
         """
-        step = int(self.steps)
+        step = self._step_count()
         if gram is not None:
             if not self._refresh(gram, ridge, step):
                 return torch.full_like(grad, float("nan"))
         direction = grad @ self.inverse.to(grad.dtype)
-        self.steps += 1
+        self._count_step(step)
         if self.safeguard_columns is not None:
             if gram is not None:  # the exact energy, cheap once the Gram is there
                 current = ((direction @ gram.to(grad.dtype)) * direction).sum((-2, -1))
@@ -148,9 +164,10 @@ class GramAmortizer(nn.Module):
         flat = direction.flatten(-2)           # one pass per product, no (…, M, D) temporary
         gain = torch.linalg.vecdot(grad.flatten(-2), flat)
         model = current + ridge * torch.linalg.vecdot(flat, flat)
-        if not _all_finite(torch.stack([gain, model])):
-            return torch.full_like(direction, float("nan"))
         scale = torch.where(model > 0, gain / model, 1.0).clamp(max=1.0)
+        # Non-finite statistics make the step NaN, which precondition's one host check of
+        # the direction then reports (no read of gain and model here: a GPU would wait).
+        scale = torch.where(torch.isfinite(gain) & torch.isfinite(model), scale, float("nan"))
         return direction.mul_(scale[..., None, None])
 
     def extra_repr(self):
@@ -159,6 +176,14 @@ class GramAmortizer(nn.Module):
                 f"decay={self.decay:g}, damping={self.damping:g}, "
                 f"safeguard_columns={self.safeguard_columns}, "
                 f"exact_when_cheaper={self.exact_when_cheaper}")
+
+
+def _version_of(t):
+    """``t``'s in-place version counter; None for an inference tensor, which keeps none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _all_finite(t):

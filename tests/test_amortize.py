@@ -289,6 +289,18 @@ def test_huge_input_gives_nan_and_one_warning_and_keeps_the_state(make, shape, f
     assert len(messages) == 1 and "amortize" in messages[0], messages
 
 
+def test_overflowing_safeguard_energy_gives_nan_not_a_zero_step(fresh_warnings):
+    """Between refreshes the safeguard divides by the batch's energy along the step: an
+    energy that overflowed would scale the step to 0 without a word; it is NaN and warned."""
+    amortizer = amortize_module.GramAmortizer((3, 3), every=4, decay=0.5)
+    assert torch.isfinite(amortizer.precondition(torch.eye(3), torch.ones(2, 3), 0.1,
+                                                 energy=None)).all()
+    out = amortizer.precondition(None, torch.ones(2, 3), 0.1,
+                                 energy=lambda direction, columns: torch.tensor(math.inf))
+    assert torch.isnan(out).all() and int(amortizer.steps) == 2
+    assert len(fresh_warnings) == 1 and "amortize" in str(fresh_warnings[0].message)
+
+
 def test_finite_gram_that_no_ridge_makes_definite_gives_nan_not_an_exception(fresh_warnings):
     amortizer = amortize_module.GramAmortizer((3, 3), every=1, decay=0.5)
     indefinite = -torch.eye(3)    # not a Gram; the factorisation fails at every escalation
@@ -399,3 +411,49 @@ def test_finite_check_is_exact_whatever_the_sum(values, finite):
     test where the sum is not finite, so a finite step whose sum overflows is kept."""
     t = torch.tensor(values, dtype=torch.float32).reshape(-1, 1)
     assert amortize_module._all_finite(t) is finite
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor → Python conversions (each a GPU synchronisation on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("__int__", "__float__", "__bool__", "item", "tolist"):
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_between_refreshes_reads_one_value_back_and_the_count_follows_writes():
+    """One host read per layer and step (the direction's finiteness), not one per use of the
+    step count: on a GPU each read waits for the device. The cached count still follows a
+    loaded state, a user's write and a new tensor."""
+    torch.manual_seed(0)
+    from consequential_ext.amortize import GramAmortizer
+    amortizer = GramAmortizer((5, 5), every=4, decay=0.9)
+    x = torch.randn(40, 5)
+
+    def energy(direction, columns):
+        return ((direction @ x.T) ** 2).sum((-2, -1)) / 40
+
+    def step():
+        with _HostReads() as mode:
+            gram = x.T @ x / 40 if amortizer.wants_gram() else None
+            out = amortizer.precondition(gram, torch.randn(3, 5), 0.1, energy)
+        assert torch.isfinite(out).all()
+        return gram is not None, mode.reads
+    assert step()[0]                                   # step 0 refreshes
+    for _ in range(3):
+        refreshed, reads = step()
+        assert not refreshed and reads == ["__float__"]
+    assert step()[0] and int(amortizer.steps) == 5     # step 4 refreshes again
+    amortizer.steps += 3                               # a user's write: step 8 next
+    assert amortizer.wants_gram()
+    amortizer.load_state_dict({**amortizer.state_dict(), "steps": torch.tensor(5)})
+    assert not amortizer.wants_gram()
+    amortizer.steps = torch.tensor(12)                 # another tensor
+    assert amortizer.wants_gram()
+    step()
+    assert int(amortizer.steps) == 13 and not amortizer.wants_gram()
