@@ -11,8 +11,8 @@
    reference, and measures the matmul ceiling;
 4. runs the harness's GPU sections (``python -m bench --only layer_step,real_models
    --device cuda``: C-layer and C-SGD steps against cuDNN and plain SGD) into --out/bench;
-5. runs compute-sanitizer's memcheck over a subset of the CUDA tests (every kernel and
-   placement, small shapes), then bench/bench_triton.py's timings;
+5. runs compute-sanitizer's memcheck and racecheck over subsets of the CUDA tests (every
+   kernel and placement, small shapes), then bench/bench_triton.py's timings;
 6. runs the rest of the test suite with the Triton kernels compiled, with the budget left;
 and writes results.json and results.md (a short table) to --out (default: $OUT), after
 every stage, so a run cut short still leaves what it measured. Stages stop early rather
@@ -67,12 +67,16 @@ BATCHED_SOLVES = [("many-small", 64, 16, 37), ("many-medium", 64, 32, 300),
                   ("batch16-D400", 16, 32, 400), ("batch32-D256", 32, 32, 256),
                   ("batch8-D500", 8, 64, 500)]
 
-# The memcheck subset of tests/test_cuda_ops.py: float32 Grams on both kernels, float32
-# solves on every placement but the two largest D, non-finite input, bad input (~6 s
-# under the sanitizer on an H200).
-MEMCHECK_TESTS = ("(dtype0 and (shift or tiled)) or (work0-out_dtype0 and not batch4 and not batch5)"
-                  " or non_finite or bad_input")
-STAGES = ("build", "tests_cuda", "tests_triton", "timings", "harness", "memcheck",
+# compute-sanitizer's subsets of tests/test_cuda_ops.py. memcheck: float32 Grams on both
+# kernels, float32 solves on every placement but the two largest D, non-finite input, bad
+# input (~6 s under it on an H200). racecheck (shared-memory hazards, ~2.4 s a test there):
+# the Grams, and the solves whose factor sits in shared memory or the global workspace.
+SANITIZED_TESTS = {
+    "memcheck": "(dtype0 and (shift or tiled)) or (work0-out_dtype0 and not batch4 and not batch5)"
+                " or non_finite or bad_input",
+    "racecheck": "(dtype0 and (shift or tiled)) or (work0-out_dtype0 and (batch0 or batch2))",
+}
+STAGES = ("build", "tests_cuda", "tests_triton", "timings", "harness", "memcheck", "racecheck",
           "triton_kernels", "tests_all")
 
 # triton.ieee: Triton's Gram in exact float32 (no tf32), the candidate for float32's default.
@@ -197,15 +201,16 @@ def run_harness(out_dir: Path, budget: Budget) -> dict:
     return run_logged(cmd, out_dir / "harness.log", min(180.0, budget.remaining() - RESERVE_S))
 
 
-def run_memcheck(out_dir: Path, budget: Budget) -> dict:
-    """compute-sanitizer --tool memcheck over MEMCHECK_TESTS; rc 9 when it reports errors."""
+def run_sanitizer(out_dir: Path, budget: Budget, tool_name: str) -> dict:
+    """compute-sanitizer --tool ``tool_name`` (memcheck, racecheck) over its SANITIZED_TESTS;
+    rc 9 when it reports errors."""
     tool = shutil.which("compute-sanitizer")
     if tool is None:
         return {"skipped": "no compute-sanitizer on PATH"}
-    cmd = [tool, "--tool", "memcheck", "--error-exitcode", "9", "--print-limit", "20",
+    cmd = [tool, "--tool", tool_name, "--error-exitcode", "9", "--print-limit", "20",
            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
-           "tests/test_cuda_ops.py", "-k", MEMCHECK_TESTS]
-    result = run_logged(cmd, out_dir / "memcheck.log", min(120.0, budget.remaining() - RESERVE_S))
+           "tests/test_cuda_ops.py", "-k", SANITIZED_TESTS[tool_name]]
+    result = run_logged(cmd, out_dir / f"{tool_name}.log", min(120.0, budget.remaining() - RESERVE_S))
     result["summary"] = _pytest_summary(result["tail"])
     return result
 
@@ -509,11 +514,13 @@ def main(argv=None, environ=None) -> int:
             "tests_triton": lambda: run_tests(out_dir, budget, "triton"),
             "timings": lambda: time_everything(out_dir, budget, args.quick),
             "harness": lambda: run_harness(out_dir, budget),
-            "memcheck": lambda: run_memcheck(out_dir, budget),
+            "memcheck": lambda: run_sanitizer(out_dir, budget, "memcheck"),
+            "racecheck": lambda: run_sanitizer(out_dir, budget, "racecheck"),
             "triton_kernels": lambda: time_triton_suite(out_dir, budget, args.quick),
             "tests_all": lambda: run_tests(out_dir, budget, "all")}
     for stage, run in runs.items() if built else ():
-        if args.skip_tests and stage in ("tests_cuda", "tests_triton", "memcheck", "tests_all"):
+        if args.skip_tests and stage in ("tests_cuda", "tests_triton", "memcheck", "racecheck",
+                                         "tests_all"):
             continue
         if stage in ("tests_cuda", "timings") or budget.allows(60):
             failed |= _stage(results, stage, out_dir, run).get("rc", 0) != 0

@@ -63,7 +63,8 @@ def stubbed(suite, monkeypatch):
     monkeypatch.setattr(suite, "run_tests", tests)
     monkeypatch.setattr(suite, "time_everything", timings)
     monkeypatch.setattr(suite, "run_harness", stage("harness"))
-    monkeypatch.setattr(suite, "run_memcheck", stage("memcheck"))
+    monkeypatch.setattr(suite, "run_sanitizer",
+                        lambda out_dir, budget, tool: stage(tool)(out_dir, budget))
     monkeypatch.setattr(suite, "time_triton_suite", stage("triton_kernels"))
     return calls
 
@@ -72,7 +73,7 @@ def test_full_run_writes_json_and_table(suite, stubbed, tmp_path, capsys):
     out = tmp_path / "out"
     assert suite.main(["--out", str(out), "--quick"], environ={}) == 0
     assert stubbed == ["build", "tests_cuda", "tests_triton", "timings(quick=True)", "harness",
-                       "memcheck", "triton_kernels", "tests_all"]
+                       "memcheck", "racecheck", "triton_kernels", "tests_all"]
     results = json.loads((out / "results.json").read_text())
     assert results["args"]["quick"] is True and results["build"]["rc"] == 0
     assert results["timings"]["rows"][0]["provider"] == "cuda"
@@ -105,7 +106,7 @@ def test_crashing_stage_is_recorded_and_the_rest_still_runs(suite, stubbed, tmp_
     monkeypatch.setattr(suite, "time_everything", boom)
     assert suite.main(["--out", str(tmp_path)], environ={}) == 1
     assert stubbed == ["build", "tests_cuda", "tests_triton", "harness", "memcheck",
-                       "triton_kernels", "tests_all"]
+                       "racecheck", "triton_kernels", "tests_all"]
     results = json.loads((tmp_path / "results.json").read_text())
     assert "illegal memory access" in results["timings"]["error"]
     assert "illegal memory access" in (tmp_path / "results.md").read_text()
@@ -178,17 +179,20 @@ def test_results_hold_no_machine_paths(suite, stubbed, tmp_path):
 
 def test_memcheck_and_harness_commands(suite, monkeypatch, tmp_path):
     monkeypatch.setattr(suite.shutil, "which", lambda name: None)
-    assert "no compute-sanitizer" in suite.run_memcheck(tmp_path, suite.Budget(600))["skipped"]
+    assert "no compute-sanitizer" in suite.run_sanitizer(tmp_path, suite.Budget(600),
+                                                         "memcheck")["skipped"]
     ran = []
     monkeypatch.setattr(suite, "run_logged",
                         lambda cmd, log, timeout, env=None: ran.append((cmd, log.name, timeout))
                         or {"rc": 0, "tail": "== ERROR SUMMARY: 0 errors\n"})
     monkeypatch.setattr(suite.shutil, "which", lambda name: "/usr/bin/" + name)
-    assert suite.run_memcheck(tmp_path, suite.Budget(600))["summary"] == "ERROR SUMMARY: 0 errors"
+    assert suite.run_sanitizer(tmp_path, suite.Budget(600),
+                               "memcheck")["summary"] == "ERROR SUMMARY: 0 errors"
     suite.run_harness(tmp_path, suite.Budget(600))
     (memcheck, log, timeout), (harness, hlog, htimeout) = ran
     assert memcheck[:3] == ["/usr/bin/compute-sanitizer", "--tool", "memcheck"]
-    assert memcheck[-2:] == ["-k", suite.MEMCHECK_TESTS] and log == "memcheck.log" and timeout == 120
+    assert memcheck[-2:] == ["-k", suite.SANITIZED_TESTS["memcheck"]] and log == "memcheck.log" \
+        and timeout == 120
     assert harness[1:] == ["-m", "bench", "--only", "layer_step,real_models", "--device", "cuda",
                            "--out", str(tmp_path / "bench")] and htimeout == 180
 
