@@ -172,6 +172,8 @@ def _pytest_summary(tail: str) -> str:
 
 
 TRITON_TESTS = "tests/test_triton.py"
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+CUDA_TESTS = ["-m", "cuda", "tests/test_cuda_ops.py"]
 
 
 def run_tests(out_dir: Path, budget: Budget, which: str) -> dict:
@@ -179,15 +181,14 @@ def run_tests(out_dir: Path, budget: Budget, which: str) -> dict:
     rest of the suite, Triton compiled). The Triton tests go before the rest so that a run cut
     short by its budget has them."""
     env = _child_env(TRITON_INTERPRET=0)
-    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     if which == "cuda":
-        cmd = pytest + ["-m", "cuda", "tests/test_cuda_ops.py"]
+        cmd = PYTEST + CUDA_TESTS
         timeout = min(150.0, budget.remaining() - RESERVE_S)
     elif which == "triton":
-        cmd = pytest + [TRITON_TESTS]
+        cmd = PYTEST + [TRITON_TESTS]
         timeout = min(180.0, budget.remaining() - RESERVE_S)
     else:
-        cmd = pytest + ["tests", f"--ignore={TRITON_TESTS}"]
+        cmd = PYTEST + ["tests", f"--ignore={TRITON_TESTS}"]
         timeout = budget.remaining() - RESERVE_S
     result = run_logged(cmd, out_dir / f"pytest_{which}.log", timeout, env)
     result["summary"] = _pytest_summary(result["tail"])
@@ -208,8 +209,7 @@ def run_sanitizer(out_dir: Path, budget: Budget, tool_name: str) -> dict:
     if tool is None:
         return {"skipped": "no compute-sanitizer on PATH"}
     cmd = [tool, "--tool", tool_name, "--error-exitcode", "9", "--print-limit", "20",
-           sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
-           "tests/test_cuda_ops.py", "-k", SANITIZED_TESTS[tool_name]]
+           *PYTEST, *CUDA_TESTS, "-k", SANITIZED_TESTS[tool_name]]
     result = run_logged(cmd, out_dir / f"{tool_name}.log", min(120.0, budget.remaining() - RESERVE_S))
     result["summary"] = _pytest_summary(result["tail"])
     return result

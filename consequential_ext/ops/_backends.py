@@ -72,9 +72,9 @@ def _tf32_matmuls_allowed() -> bool:
 def gram_backend_for(x: torch.Tensor, forced: str | None) -> str:
     """``backend_for("im2col_gram", x, forced)``, Triton first on a GPU where its tensor-core
     Gram keeps the precision asked for (above)."""
-    names = available_backends("im2col_gram", x.device)
-    if forced is None and x.device.type == "cuda" and "triton" in names and (
+    if forced is None and x.device.type == "cuda" and (
             x.dtype in _TENSOR_CORE_EXACT
-            or (x.dtype == torch.float32 and _tf32_matmuls_allowed())):
+            or (x.dtype == torch.float32 and _tf32_matmuls_allowed())) \
+            and "triton" in available_backends("im2col_gram", x.device):
         return "triton"
     return backend_for("im2col_gram", x, forced)

@@ -461,8 +461,8 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       if (thread_gram[t]) helpers.push_back(thread_gram[t]);
     acc_t* const blocked = helpers.empty() ? scratch<acc_t, 4>(d0 * d0) : helpers[0];
     at::parallel_for(0, d0 * d0, kChunkElems, [&](int64_t lo, int64_t hi) {
-      acc_t* const out = blocked;
-      const acc_t* const own = G;
+      acc_t* const out = blocked;  // local copies: the captured pointers would be reloaded
+      const acc_t* const own = G;   // after every store (they might alias it)
       if (helpers.empty())
         std::copy(own + lo, own + hi, out + lo);
       else
