@@ -110,12 +110,16 @@ long long max_shared_bytes(const at::Device& device) {
 // triangular solves and the rescale unless the factor is too big to stream (then cuBLAS).
 at::Tensor ridge_solve_large(const at::Tensor& a, const at::Tensor& g, double ridge, cuda::RidgeSolveParams p,
                              at::Tensor out, at::IntArrayRef grad_sizes, at::ScalarType out_type) {
-  if (!a.isfinite().all().item<bool>() || !g.isfinite().all().item<bool>()) return out.fill_(NAN);
+  // One device-to-host read per attempt (each is a stream synchronisation) decides it all: the
+  // inputs' finiteness rides along with the factorisation's status.
+  const auto finite = at::logical_and(a.isfinite().all(), g.isfinite().all());
   const auto eye = at::eye(a.size(-1), a.options());
   double lam = ridge;
   for (int attempt = 0; attempt < kMaxRidgeAttempts; ++attempt, lam *= 10.0) {
     auto [chol, info] = at::linalg_cholesky_ex(a + lam * eye, /*upper=*/false, /*check_errors=*/false);
-    if (info.ne(0).any().item<bool>()) continue;
+    const auto flags = at::stack({finite, info.eq(0).all()}).to(at::kCPU);
+    if (!flags[0].item<bool>()) return out.fill_(NAN);
+    if (!flags[1].item<bool>()) continue;
     if (attempt > 0) note_ridge_escalation(ridge, lam);
     if (!cuda::triangular_solve_preferred(p)) {
       return at::cholesky_solve(g.transpose(-1, -2), chol, /*upper=*/false)
