@@ -68,7 +68,8 @@ class PendingGram:
         self._work = dist.all_reduce(self._packed, group=group, async_op=True)
 
     def wait(self) -> torch.Tensor:
+        # No samples anywhere: the Gram is a sum over nothing, A = 0 (not 0/0), and G = 0.
         if self._work is None:
-            return self._gram.div_(self._count)
+            return self._gram.div_(max(self._count, 1))
         self._work.wait()
-        return self._packed[:-1].div_(self._packed[-1]).reshape(self._shape)
+        return self._packed[:-1].div_(self._packed[-1].clamp_min(1)).reshape(self._shape)

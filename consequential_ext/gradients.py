@@ -259,8 +259,11 @@ class EmbeddingGradients:
                                           distributed.gram_group())
         grad = self._ordinary(work)
         scale = pending.wait() + self.ridge
-        if self.sparse:  # each value row of the fresh COO gradient by its row's scale
-            grad._values().div_(scale[grad._indices()[0]][:, None])
+        if self.sparse:  # each value row by its row's scale; the values may be grad_output's own
+            rows = grad._indices()
+            grad = torch.sparse_coo_tensor(rows, grad._values() / scale[rows[0]][:, None],
+                                           grad.shape, is_coalesced=grad.is_coalesced(),
+                                           check_invariants=False)  # ATen's own indices
         else:
             grad = grad / scale[:, None]
         return grad.to(self.weight.dtype), None
@@ -416,7 +419,7 @@ class ConvTranspose2dGradients:
             windows = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
                 gy.shape[2:], self.padding, self.dilation, kernel, self.stride)]
             # Output padding ≥ stride (allowed when < dilation) leaves extra windows: cut them.
-            self._dz = dz.reshape(gy.shape[:1] + (-1,) + tuple(windows))[
+            self._dz = dz.reshape(gy.shape[:1] + (dz.shape[1],) + tuple(windows))[
                 :, :, :self.input.shape[2], :self.input.shape[3]]
         return self._dz
 

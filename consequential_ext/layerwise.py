@@ -51,7 +51,7 @@ def sharing_factor(grad_output):
     """s of a conv: output locations per (sample, channel) that the signal reaches (≥ 1)."""
     batch, channels = grad_output.shape[:2]
     reached = torch.count_nonzero(grad_output).to(accumulate_dtype(grad_output.dtype))
-    return (reached / (batch * channels)).clamp_min(1.0)
+    return (reached / max(batch * channels, 1)).clamp_min(1.0)   # an empty batch: s = 1
 
 
 def conv2d_input_factor(weight, groups, input_hw, sharing):

@@ -56,6 +56,13 @@ def _pending_gram(build, batch, per_sample, group, amortizer):
     return distributed.PendingGram(build(batch), batch.shape[0], group)
 
 
+def _empty_amortised(samples, group, amortizer):
+    """Whether this is an amortised step on an empty batch with no ranks to join: G = 0, and
+    there are no statistics to fold in (a zero Gram would drag the running average down), so
+    the amortiser skips the step: nothing is counted or folded in."""
+    return samples == 0 and amortizer is not None and group is None
+
+
 def _solve(pending, grad, ridge, amortizer, energy):
     if amortizer is not None:
         gram = None if pending is None else pending.wait()
@@ -97,6 +104,8 @@ def matched_linear(x2d, gy2d, has_bias, ridge, side=None, amortizer=None):
     x, gy = x2d.to(work), gy2d.to(work)
     n, d = x.shape[0], x.shape[1] + int(has_bias)                # X is D × N
     group = distributed.gram_group()
+    if _empty_amortised(n, group, amortizer):
+        return x.new_zeros(gy.shape[1], x.shape[1]), x.new_zeros(gy.shape[1]) if has_bias else None
     side = _shared_gram_side(side, group, amortizer) or cheaper_side(n, d, gy.shape[1])
     if side == "row":
         with _span("cx::linear_gram"):
@@ -182,6 +191,9 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
     d = cg * kh * kw + int(has_bias)
     p = b * gy.shape[2] * gy.shape[3]
     group = distributed.gram_group()
+    if _empty_amortised(b, group, amortizer):
+        return x.new_zeros(weight_shape, dtype=work), x.new_zeros(out, dtype=work) if has_bias \
+            else None
     side = conv_side(x, gy, weight_shape, groups, has_bias, amortizer, side)
     if side == "row":
         if gram is None and grad is None and amortizer is None \
@@ -204,7 +216,9 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
         matched = _solve(pending, grad, ridge, amortizer, energy)
     else:
         # dZ per group with columns in im2col order (sample, then output location).
-        dz = gy.to(work).reshape(b, groups, og, -1).permute(1, 2, 0, 3).reshape(groups, og, p)
+        locations = gy.shape[2] * gy.shape[3]  # explicit: -1 is ambiguous when b == 0
+        dz = gy.to(work).reshape(b, groups, og, locations).permute(1, 2, 0, 3) \
+            .reshape(groups, og, p)
         cols = im2col(x.to(work), (kh, kw), stride, padding, dilation, groups, has_bias)
         if groups == 1:
             gram = _linear_gram(cols[0], has_bias=False)[None]  # (1, P, P)
@@ -260,7 +274,7 @@ def _linear_energy(x, direction, columns):
     out = sub @ direction[:, :sub.shape[1]].T
     if direction.shape[1] > sub.shape[1]:
         out = out + direction[:, -1]
-    return out.square().sum() / sub.shape[0]
+    return out.square().sum() / max(sub.shape[0], 1)   # 0, not 0/0, on an empty batch
 
 
 def _conv_energy(x, locations, weight_shape, stride, padding, dilation, groups, has_bias,
@@ -272,4 +286,5 @@ def _conv_energy(x, locations, weight_shape, stride, padding, dilation, groups, 
     weight = direction[..., : direction.shape[-1] - int(has_bias)].reshape(weight_shape)
     bias = direction[..., -1].reshape(-1) if has_bias else None
     out = torch.nn.functional.conv2d(sub, weight, bias, stride, padding, dilation, groups)
-    return out.reshape(sub.shape[0], groups, -1).square().sum((0, 2)) / sub.shape[0]
+    per_group = out.reshape(sub.shape[0], groups, out.shape[1] // groups * out[0, 0].numel())
+    return per_group.square().sum((0, 2)) / max(sub.shape[0], 1)   # 0, not 0/0, if empty

@@ -150,3 +150,57 @@ def test_batchnorm_without_running_statistics_in_eval_uses_the_batch(rule):
         var = a.detach().var((0, 2, 3), unbiased=False).mean()
         expected = a2.grad * var / norm.weight.detach().square().mean()
     rr.close(a.grad, expected, 1e-9, f"{rule} input signal")
+
+
+# Empty batches: (nn factory, input shape with no samples, a non-empty shape for the twin steps)
+EMPTY = {
+    "linear": (lambda: torch.nn.Linear(5, 3), (0, 5), (7, 5)),
+    "linear-rows-of-nothing": (lambda: torch.nn.Linear(5, 3), (4, 0, 5), (4, 2, 5)),
+    "conv1d": (lambda: torch.nn.Conv1d(4, 3, 3, padding=1), (0, 4, 9), (3, 4, 9)),
+    "conv2d-stride": (lambda: torch.nn.Conv2d(16, 8, 3, stride=2, padding=1), (0, 16, 8, 8),
+                      (2, 16, 8, 8)),
+    "conv2d-1x1-groups": (lambda: torch.nn.Conv2d(6, 4, 1, groups=2), (0, 6, 5, 3), (2, 6, 5, 3)),
+    "conv3d": (lambda: torch.nn.Conv3d(3, 4, 3, padding=1), (0, 3, 4, 4, 4), (2, 3, 4, 4, 4)),
+    "convtranspose1d": (lambda: torch.nn.ConvTranspose1d(5, 3, 3, stride=2), (0, 5, 4),
+                        (3, 5, 4)),
+    "convtranspose2d": (lambda: torch.nn.ConvTranspose2d(4, 3, 3, padding=1), (0, 4, 4, 5),
+                        (2, 4, 4, 5)),
+}
+
+
+@pytest.mark.parametrize("amortised", [False, True])
+@pytest.mark.parametrize("rule", rr.RULES)
+@pytest.mark.parametrize("kind", EMPTY)
+def test_empty_batch_gives_nn_zero_gradients_and_leaves_the_amortiser_alone(kind, rule,
+                                                                             amortised):
+    """No samples: every rule gives nn's (zero) gradients — no reshape error, no 0/0 — and an
+    amortised layer neither counts the step nor folds anything in: the steps after it are
+    those of a twin that never saw it."""
+    make, empty_shape, shape = EMPTY[kind]
+    torch.manual_seed(7)
+    plain = make().double()
+    layers = [cx.consequentialize(torch.nn.Sequential(make()), rule=rule).double()
+              for _ in range(2)]
+    for layer in layers:
+        layer.load_state_dict(plain.state_dict(), strict=False)
+        if amortised:
+            cx.amortize(layer, every=2, exact_when_cheaper=False)
+    batches = [torch.randn(shape, dtype=torch.float64) for _ in range(3)]
+    empty = torch.randn(empty_shape, dtype=torch.float64, requires_grad=True)
+
+    def step(model, x):
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    step(layers[0], batches[0])
+    step(layers[1], batches[0])
+    got = step(layers[0], empty)
+    want = step(plain, empty.detach().requires_grad_())
+    assert empty.grad is not None and empty.grad.shape == empty.shape
+    for g, w in zip(got, want):
+        assert torch.equal(g, w) and not g.any()
+    for x in batches[1:]:     # the twin skipped the empty batch
+        for g, w in zip(step(layers[0], x), step(layers[1], x)):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=0)

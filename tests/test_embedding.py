@@ -75,18 +75,48 @@ def test_max_norm_renormalises_as_nn_and_matches_on_the_renormalised_rows():
     assert rel_err(layer.weight.grad, expected) < 1e-10
 
 
-def test_sparse_gradient_equals_the_dense_one():
+@pytest.mark.parametrize("padding_idx", [0, None])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_gradient_equals_the_dense_one_and_leaves_grad_output_alone(dtype, padding_idx):
+    """Without padding_idx the sparse gradient's values are grad_output's own memory: the
+    rescale must not write into it (nor fail on the expanded gradient ``.sum()`` sends)."""
     gen = torch.Generator().manual_seed(5)
-    dense = cx.CEmbedding(V, E, padding_idx=0, ridge=RIDGE, dtype=torch.float64)
-    sparse = cx.CEmbedding(V, E, padding_idx=0, sparse=True, ridge=RIDGE, dtype=torch.float64)
+    dense = cx.CEmbedding(V, E, padding_idx=padding_idx, ridge=RIDGE, dtype=dtype)
+    sparse = cx.CEmbedding(V, E, padding_idx=padding_idx, sparse=True, ridge=RIDGE, dtype=dtype)
     sparse.load_state_dict(dense.state_dict())
     idx = _indices(2, 9, generator=gen)
-    grad_out = torch.randn(2, 9, E, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(2, 9, E, generator=gen, dtype=dtype)
+    kept = grad_out.clone()
     dense(idx).backward(grad_out)
     sparse(idx).backward(grad_out)
+    assert torch.equal(grad_out, kept)
     assert sparse.weight.grad.is_sparse
-    assert rel_err(sparse.weight.grad.to_dense(), dense.weight.grad) < 1e-12
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert rel_err(sparse.weight.grad.to_dense(), dense.weight.grad) < tol
+    assert rel_err(dense.weight.grad, reference(idx, dense.weight, grad_out, RIDGE,
+                                                padding_idx=padding_idx)) < tol * 10
     torch.optim.SparseAdam(sparse.parameters()).step()     # what sparse=True is for
+    sparse.zero_grad(set_to_none=True)
+    dense.zero_grad(set_to_none=True)
+    sparse(idx).sum().backward()                           # an expanded grad_output
+    dense(idx).sum().backward()
+    assert rel_err(sparse.weight.grad.to_dense(), dense.weight.grad) < tol
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("shape", [(0,), (4, 0)])
+def test_no_indices_give_a_zero_gradient_as_nn(shape, sparse):
+    """N = 0: the one-hot Gram is a sum over nothing (A = 0, not 0/0), G = 0, so the
+    matched gradient is nn's zero, not NaN."""
+    layer = cx.CEmbedding(V, E, sparse=sparse, ridge=RIDGE)
+    plain = nn.Embedding(V, E, sparse=sparse)
+    plain.load_state_dict(layer.state_dict())
+    idx = torch.zeros(shape, dtype=torch.long)
+    layer(idx).sum().backward()
+    plain(idx).sum().backward()
+    got, want = layer.weight.grad, plain.weight.grad
+    assert got.is_sparse == sparse
+    assert torch.equal(got.to_dense(), want.to_dense()) and not got.to_dense().any()
 
 
 def test_tied_embedding_and_head_get_both_matched_gradients():

@@ -29,7 +29,7 @@ def im2col(x, kernel_size, stride, padding, dilation, groups=1, bias=False):
     b, c = x.shape[:2]
     d = c // groups * kernel_size[0] * kernel_size[1]    # explicit: -1 is ambiguous when b == 0
     if tuple(kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
-        cols = x.reshape(b, c, -1)       # a 1×1 patch is a pixel: no unfold (SE / pointwise)
+        cols = x.reshape(b, c, x.shape[2] * x.shape[3])   # a 1×1 patch is a pixel: no unfold
     else:
         cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
     cols = cols.reshape(b, groups, d, cols.shape[-1]).permute(1, 2, 0, 3)
@@ -53,8 +53,10 @@ def conv_gram_grad(x, grad_output, kernel_size, stride, padding, dilation, group
     work = accumulate_dtype(x.dtype)
     cols = im2col(x.to(work), kernel_size, stride, padding, dilation, groups, bias)
     b, out = grad_output.shape[:2]
-    dz = grad_output.to(work).reshape(b, groups, out // groups, -1).permute(1, 2, 0, 3)
-    return cols @ cols.transpose(1, 2), dz.reshape(groups, out // groups, -1) @ cols.transpose(1, 2)
+    locations = grad_output[0, 0].numel() if b else 0   # explicit, as in im2col
+    dz = grad_output.to(work).reshape(b, groups, out // groups, locations).permute(1, 2, 0, 3)
+    dz = dz.reshape(groups, out // groups, b * locations)
+    return cols @ cols.transpose(1, 2), dz @ cols.transpose(1, 2)
 
 
 def conv_weight_grad(x, grad_output, kernel_size, stride, padding, dilation, groups=1,
