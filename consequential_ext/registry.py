@@ -14,6 +14,7 @@ different layer and is left plain, named in ``consequentialize``'s warning.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -86,11 +87,35 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
     return kind
 
 
+def _made_class(mixin, module_type, doc, **attributes) -> type:
+    """``C<Name>``: ``mixin`` over ``module_type``, made at run time. Its instances pickle
+    (and deep-copy) by ``module_type``, which is importable, and remake the class on load:
+    the class itself is an attribute of no module."""
+    def __reduce_ex__(self, protocol):
+        return _remade, (module_type, mixin is CLinearLike), self.__dict__
+    return type(f"C{module_type.__name__}", (mixin, module_type),
+                {**attributes, "__module__": module_type.__module__, "__doc__": doc,
+                 "__reduce_ex__": __reduce_ex__})
+
+
+def _remade(module_type: type, registered: bool):
+    """An empty instance of ``module_type``'s made C-class (``_made_class``), for unpickling."""
+    if registered:
+        kind = kind_of(module_type)
+        if kind is None:
+            raise pickle.UnpicklingError(
+                f"a C{module_type.__name__} (a registered linear-like layer) needs "
+                f"cx.register_layer({_qualified_name(module_type)}, ...) in this process before "
+                f"it is loaded")
+        c_type = kind.c_type
+    else:
+        c_type = _functional_class(module_type)
+    return c_type.__new__(c_type)
+
+
 def _linear_like_class(module_type: type, kind: LayerKind) -> type:
-    return type(f"C{module_type.__name__}", (CLinearLike, module_type),
-                {"_cx_kind": kind, "__module__": module_type.__module__,
-                 "__doc__": f"{module_type.__name__} with CLinear's backward "
-                            f"(registered linear-like layer)."})
+    return _made_class(CLinearLike, module_type, f"{module_type.__name__} with CLinear's "
+                       f"backward (registered linear-like layer).", _cx_kind=kind)
 
 
 def kind_of(module_type: type) -> LayerKind | None:
@@ -149,14 +174,18 @@ def subclass_kind(module) -> tuple[LayerKind | None, str | None]:
     why_not = passes_own_weight(module, call, probe_shape(module))
     if why_not is not None:
         return None, why_not
+    return LayerKind(_qualified_name(module_type), _functional_class(module_type)), None
+
+
+def _functional_class(module_type: type) -> type:
+    """The C-class of a Linear / Conv2d subclass matched through its functional call."""
     c_type = _SUBCLASS_TYPES.get(module_type)
     if c_type is None:
-        c_type = type(f"C{module_type.__name__}", (CFunctionalCall, module_type),
-                      {"_cx_call": call, "__module__": module_type.__module__,
-                       "__doc__": f"{module_type.__name__} with its F.{call.__name__} call on "
-                                  f"its own weight matched."})
+        call = _FUNCTIONAL_CALLS[_functional_base(module_type)][0]
+        c_type = _made_class(CFunctionalCall, module_type, f"{module_type.__name__} with its "
+                             f"F.{call.__name__} call on its own weight matched.", _cx_call=call)
         _SUBCLASS_TYPES[module_type] = c_type
-    return LayerKind(_qualified_name(module_type), c_type), None
+    return c_type
 
 
 def kind_for(module) -> LayerKind | None:

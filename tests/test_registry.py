@@ -1,4 +1,6 @@
 """The layer-kind registry, Hugging Face's Conv1D, and the coverage report (docs/design.md §5)."""
+import io
+import pickle
 import warnings
 
 import pytest
@@ -71,6 +73,52 @@ def test_a_registered_toy_layer_is_matched_exactly(clean_registry, offset):
         if offset:
             torch.testing.assert_close(layer.offset.grad, ref_b, rtol=1e-9, atol=1e-12)
     assert cx.coverage(model).share == 1.0
+
+
+class PlainSubclassLinear(nn.Linear):
+    """A Linear subclass matched through its F.linear call (a made C-class)."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def _grads_after_a_step(model, x):
+    model.zero_grad(set_to_none=True)
+    model(x).pow(2).sum().backward()
+    return [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_made_c_classes_pickle_and_are_remade_on_load(clean_registry, monkeypatch, how):
+    """The C-classes made at run time (registered linear-like kinds, matched subclasses) are
+    attributes of no module: their instances pickle by the plain type and are remade on load,
+    in a process that has not made them yet (the caches emptied) — and still match."""
+    cx.register_layer(TransposedToy, transposed=True, weight="kernel", bias="offset")
+    torch.manual_seed(4)
+    model = cx.consequentialize(nn.Sequential(TransposedToy(5, 6), nn.Tanh(),
+                                              PlainSubclassLinear(6, 3)).double(), ridge=RIDGE)
+    made = type(model[0]), type(model[2])
+    if how == "pickle":
+        blob = pickle.dumps(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+    monkeypatch.setattr(registry, "_SUBCLASS_TYPES", {})
+    cx.register_layer(TransposedToy, transposed=True, weight="kernel", bias="offset")
+    if how == "pickle":
+        loaded = pickle.loads(blob)
+    else:
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+    for layer, old_type in zip((loaded[0], loaded[2]), made):
+        assert type(layer) is not old_type and type(layer).__name__ == old_type.__name__
+        assert isinstance(layer, old_type.__mro__[2]) and layer.ridge == RIDGE
+    x = torch.randn(7, 5, dtype=torch.float64)
+    for got, want in zip(_grads_after_a_step(loaded, x), _grads_after_a_step(model, x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    monkeypatch.setattr(registry, "_KINDS", {})            # TransposedToy unknown here
+    with pytest.raises(pickle.UnpicklingError, match="register_layer"):
+        pickle.loads(pickle.dumps(model))
 
 
 def test_register_layer_validates_its_arguments(clean_registry):
