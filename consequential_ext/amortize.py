@@ -23,7 +23,8 @@ Stale statistics are damped two ways (docs/amortize.md derives both):
   overshoots on this batch is cut back.
 
 The running state lives in buffers of an ``amortizer`` submodule, so it is saved and
-restored with the model's ``state_dict``, moves with ``.to()``, and resumes bit-identically.
+restored with the model's ``state_dict``, moves with ``.to()`` (a cast to 16 bits leaves it
+float32), and resumes bit-identically.
 """
 from __future__ import annotations
 
@@ -91,6 +92,19 @@ class GramAmortizer(nn.Module):
         # and step. Re-read only when the buffer is another tensor or was changed in place
         # (a loaded state, a move, a user's write), which its version counter tells.
         self._steps_seen = (None, None, 0)      # (tensor, its version, value)
+
+    def _apply(self, fn, recurse=True):
+        """Moves like any module, but a model's ``.half()`` / ``.to(torch.bfloat16)`` leaves
+        the statistics in float32 (as every Gram): a 16-bit average would lose what it
+        averages, and the Cholesky of a refresh has no 16-bit kernel."""
+        def keep_wide(t):
+            if not t.is_floating_point():
+                return fn(t)
+            target = fn(t.new_empty(0))           # where and in what ``fn`` puts a tensor
+            if target.dtype not in (torch.float16, torch.bfloat16):
+                return fn(t)
+            return t.to(device=target.device, dtype=reference.accumulate_dtype(target.dtype))
+        return super()._apply(keep_wide, recurse)
 
     def _step_count(self) -> int:
         tensor, version, value = self._steps_seen

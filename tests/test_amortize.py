@@ -357,6 +357,36 @@ def test_amortize_is_in_state_dict_and_removable():
     assert not any("amortizer" in k for k in model.state_dict())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_casting_an_amortised_model_keeps_its_statistics_wide(dtype):
+    """``.to(dtype)`` after ``amortize``: the running Gram and inverse stay float32 (float64
+    for a float64 model), and the steps are those of the model cast first and amortised
+    after, bit for bit."""
+    torch.manual_seed(8)
+    make = lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(4 * 25, 5))
+    first = cx.consequentialize(make())
+    second = copy.deepcopy(first)
+    cx.amortize(first, every=2, exact_when_cheaper=False)
+    first.to(dtype)
+    second.to(dtype)
+    cx.amortize(second, every=2, exact_when_cheaper=False)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    for layer in (first[0], first[3]):
+        assert layer.amortizer.gram.dtype == layer.amortizer.inverse.dtype == wide
+        assert layer.amortizer.steps.dtype == torch.int64
+    for _ in range(3):
+        x = torch.randn(6, 3, 5, 5, dtype=dtype)
+        grads = []
+        for model in (first, second):
+            model.zero_grad(set_to_none=True)
+            model(x).float().square().sum().backward()
+            grads.append([p.grad for p in model.parameters()])
+        for got, want in zip(*grads):
+            assert got.dtype == dtype and torch.isfinite(got).all()
+            assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"every": 0}, "every"), ({"every": 2.5}, "every"), ({"decay": 1.0}, "decay"),
     ({"decay": float("nan")}, "decay"), ({"gram_every": 0}, "gram_every"),
