@@ -1,10 +1,9 @@
 """Argument checks and the validated attributes shared by the functional API, the modules,
-the converter and the amortizer. Imports only the rule table, which imports nothing above it:
-everything may use this module."""
+the converter and the amortizer. Imports only the rule table and the ops' reference, which
+import nothing above them: everything may use this module."""
 from __future__ import annotations
 
-import math
-
+from .ops.reference import check_ridge  # noqa: F401  (one check, shared with the ops)
 from .rules import RULE_TABLE, rule_named
 
 # Rules a C-layer understands (docs/design.md §2); ``rules.py`` holds one entry per name.
@@ -17,13 +16,6 @@ DEFAULT_RIDGE = 1e-3
 def check_rule(rule):
     rule_named(rule)  # ValueError naming the argument and the known rules
     return rule
-
-
-def check_ridge(ridge):
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) \
-            or not math.isfinite(ridge) or ridge <= 0:
-        raise ValueError(f"ridge must be a finite float > 0; got {ridge!r}")
-    return float(ridge)
 
 
 class RuleAttribute:

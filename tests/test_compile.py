@@ -116,6 +116,19 @@ def test_compiled_model_matches_eager(batch, backend):
     assert max(errors) < 1e-5, errors
 
 
+def test_dynamic_shapes_compile_and_match_eager_on_both_sides():
+    """dynamic=True traces the layers' float attributes (ridge) as symbolic floats: the
+    argument checks must hold for them; the batch sizes take either solve side."""
+    torch._dynamo.reset()
+    model = _model()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    for batch in (3, 16, 5):
+        x, t = torch.randn(batch, 4, 7, 7), torch.randn(batch, 3)
+        errors = [rel_err(c, e) for c, e in zip(_grads(compiled, x, t), _grads(model, x, t),
+                                                strict=True)]
+        assert max(errors) < 1e-6, (batch, errors)
+
+
 def test_compiled_escalation_warns_when_the_graph_runs():
     torch._dynamo.reset()
     layer = cx.CLinear(4, 2, bias=False, ridge=1e-9)

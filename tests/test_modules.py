@@ -40,6 +40,19 @@ def test_bad_ridge_is_a_clear_error(bad):
         layer.ridge = bad
     with pytest.raises(ValueError, match="ridge"):
         cx.functional.clinear(torch.randn(2, 3), torch.randn(2, 3), ridge=bad)
+    with pytest.raises(ValueError, match="ridge_solve: ridge"):
+        cx.ops.ridge_solve(torch.eye(2), torch.ones(1, 2), bad)
+
+
+def test_numpy_float_ridges_are_floats():
+    np = pytest.importorskip("numpy")
+    for value in (np.float32(0.25), np.float64(0.25), np.int64(2)):
+        layer = cx.CLinear(3, 2, ridge=value)
+        assert type(layer.ridge) is float and layer.ridge == float(value)
+        torch.testing.assert_close(cx.ops.ridge_solve(torch.eye(2), torch.ones(1, 2), value),
+                                   torch.full((1, 2), 1 / (1 + float(value))))
+    with pytest.raises(ValueError, match="ridge"):
+        cx.CLinear(3, 2, ridge=np.float32("nan"))
 
 
 @pytest.mark.parametrize("bad", ["Consequential", "adam", None, 3])

@@ -9,7 +9,6 @@ forces one, for tests and benchmarks.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
@@ -144,9 +143,7 @@ def ridge_solve(gram, grad, ridge, *, out_dtype=None):
     gram: (..., D, D) symmetric positive semi-definite; grad: (..., M, D) with the same
     leading dims. Solved in float32 or better; returned in ``out_dtype`` (default: grad's).
     """
-    if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not math.isfinite(ridge) \
-            or ridge <= 0:
-        raise ValueError(f"ridge_solve: ridge must be a finite float > 0, got {ridge!r}")
+    ridge = reference.check_ridge(ridge, "ridge_solve: ridge")
     if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
         raise ValueError(f"ridge_solve: gram must be (..., D, D), got {tuple(gram.shape)}")
     if grad.dim() != gram.dim() or grad.shape[-1] != gram.shape[-1] \
@@ -157,14 +154,14 @@ def ridge_solve(gram, grad, ridge, *, out_dtype=None):
         raise ValueError(f"ridge_solve: gram on {gram.device} but grad on {grad.device}")
     backend = backend_for("ridge_solve", gram, _forced)
     if backend == "reference":
-        return reference.ridge_solve(gram, grad, float(ridge), out_dtype)
+        return reference.ridge_solve(gram, grad, ridge, out_dtype)
     if backend == "triton":
         from . import triton as triton_ops
-        return triton_ops.ridge_solve(gram, grad, float(ridge), out_dtype)
+        return triton_ops.ridge_solve(gram, grad, ridge, out_dtype)
     if torch.compiler.is_compiling():
-        return torch.ops.consequential_ext.ridge_solve_reporting(gram, grad, float(ridge),
+        return torch.ops.consequential_ext.ridge_solve_reporting(gram, grad, ridge,
                                                                  out_dtype)
-    return _solve_and_report(gram, grad, float(ridge), out_dtype)
+    return _solve_and_report(gram, grad, ridge, out_dtype)
 
 
 def _solve_and_report(gram, grad, ridge, out_dtype):

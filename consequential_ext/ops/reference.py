@@ -6,6 +6,7 @@ the kernels' job.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -13,6 +14,15 @@ import torch.nn.functional as F
 
 __all__ = ["accumulate_dtype", "conv_gram_grad", "conv_weight_grad", "im2col", "im2col_gram",
            "ridge_solve"]
+
+
+def check_ridge(ridge, name="ridge") -> float:
+    """``ridge`` as a float, or ValueError naming ``name``. Comparisons, not math.isfinite:
+    they also hold for torch.compile's symbolic floats, and NaN fails them; numbers.Real lets
+    NumPy's floats in."""
+    if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not 0 < ridge < math.inf:
+        raise ValueError(f"{name} must be a finite float > 0; got {ridge!r}")
+    return float(ridge)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

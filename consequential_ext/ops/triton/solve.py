@@ -226,8 +226,7 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, *, block_m=0, block_d=0):
             or grad.shape[:-2] != gram.shape[:-2] or grad.shape[-1] != gram.shape[-1]:
         raise ValueError(f"ridge_solve: need gram (..., D, D) and grad (..., M, D) with equal "
                          f"leading dims, got {tuple(gram.shape)} and {tuple(grad.shape)}")
-    if not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge <= 0:
-        raise ValueError(f"ridge_solve: ridge must be a finite float > 0, got {ridge!r}")
+    ridge = reference.check_ridge(ridge, "ridge_solve: ridge")
     if gram.device != grad.device:
         raise ValueError(f"ridge_solve: gram on {gram.device} but grad on {grad.device}")
     check_device("ridge_solve", "grad", grad, _cholesky_solve_kernel)
