@@ -14,7 +14,7 @@ import warnings
 
 import torch.nn as nn
 
-from .coverage import USER_REASON, coverage, weight_users
+from .coverage import USER_REASON, check_model, coverage, weight_users
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
 from .registry import kind_for
 from .rules import rule_named
@@ -72,7 +72,7 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
 
     Raises TypeError if ``model`` is not an nn.Module, an include/exclude entry is neither a
     module type nor a name, or ``batchnorm`` is not True/False/None; ValueError for an
-    unknown ``rule`` or a bad ``ridge``.
+    unknown ``rule``, a bad ``ridge`` or an uninitialised lazy layer (nothing is changed).
     """
     check_rule(rule)
     ridge = check_ridge(ridge)
@@ -80,8 +80,7 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
         batchnorm = rule_named(rule).changes_batchnorm
     elif not isinstance(batchnorm, bool):
         raise TypeError(f"batchnorm must be True, False or None; got {batchnorm!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    check_model(model, "consequentialize")
     include, exclude = _selectors(include, "include"), _selectors(exclude, "exclude")
     users = weight_users(model)
     skipped_norms = []

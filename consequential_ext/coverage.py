@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch.nn as nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from .registry import kind_of, subclass_kind
@@ -127,11 +128,24 @@ def weight_users(model: nn.Module) -> dict[int, nn.Module]:
             for child in parent.modules() if child is not parent}
 
 
-def coverage(model: nn.Module) -> Coverage:
-    """Which layers of ``model`` get matched gradients, which are left plain and why, and the
-    matched share of all parameters. Raises TypeError if ``model`` is not an nn.Module."""
+def check_model(model, caller: str):
+    """TypeError unless ``model`` is an nn.Module; ValueError naming its lazy layers
+    (nn.LazyLinear, ...) whose parameters have no shape yet: a layer's kind and weight are
+    only known after the first forward, so nothing is looked at, or changed, before it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    lazy = [f"{name or '(the model)'} ({type(m).__name__})" for name, m in model.named_modules()
+            if any(is_lazy(p) for p in m.parameters(recurse=False))]
+    if lazy:
+        raise ValueError(f"{caller}: uninitialised lazy layers {', '.join(lazy)}; run one "
+                         f"forward pass first (it gives them their shapes)")
+
+
+def coverage(model: nn.Module) -> Coverage:
+    """Which layers of ``model`` get matched gradients, which are left plain and why, and the
+    matched share of all parameters. Raises TypeError if ``model`` is not an nn.Module,
+    ValueError if it holds uninitialised lazy layers."""
+    check_model(model, "coverage")
     users = weight_users(model)
     matched, matched_by = [], {}                      # matched_by: id(parameter) → layer name
     for name, module in model.named_modules():

@@ -75,3 +75,21 @@ def test_converts_attention_which_matches_its_out_proj_itself():
 def test_rejects_non_module():
     with pytest.raises(TypeError, match="model"):
         cx.consequentialize("resnet")
+
+
+def test_uninitialised_lazy_layers_are_named_and_nothing_is_converted():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.LazyLinear(2),
+                          nn.Sequential(nn.LazyConv2d(2, 3)))
+    for fn in (cx.consequentialize, cx.coverage):
+        with pytest.raises(ValueError, match=r"2 \(LazyLinear\), 3\.0 \(LazyConv2d\).*forward"):
+            fn(model)
+    assert type(model[0]) is nn.Linear                   # left whole, not half-converted
+    model[3] = nn.Identity()
+    model(torch.randn(5, 3))                             # shapes known: LazyLinear → Linear
+    x = torch.randn(5, 3, dtype=torch.float64)
+    plain = [p.detach().clone() for p in model.double().parameters()]
+    cx.consequentialize(model, ridge=1e-2)
+    assert type(model[0]) is cx.CLinear and type(model[2]) is cx.CLinear
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain))
+    assert cx.coverage(model).share == 1.0
