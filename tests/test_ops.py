@@ -226,3 +226,30 @@ def test_compiled_ops_messages_keep_their_numbers():
                          cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "groups must be a positive divisor of C=3, got 2" in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("forced", [None, "cpu"])
+def test_ops_are_differentiable_where_autograd_records(forced):
+    """The compiled kernels have no derivative: where an input requires grad under grad mode
+    the ops run the reference, so gradcheck (float64, finite differences) holds on every
+    backend choice — never a silently cut or wrong gradient."""
+    if forced == "cpu" and "cpu" not in cx.ops.available_backends("ridge_solve", "cpu"):
+        pytest.skip("no compiled CPU kernels in this build")
+    torch.manual_seed(10)
+    a = torch.randn(5, 9, dtype=torch.float64)
+    gram = (a @ a.T).requires_grad_()
+    grad = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    conv = ((3, 3), (1, 2), (0, 1), (1, 1))
+    with cx.ops.use_backend(forced):
+        # Symmetrised: a Cholesky reads one triangle, autograd's derivative is symmetric.
+        assert torch.autograd.gradcheck(
+            lambda g, r: cx.ops.ridge_solve((g + g.T).expand(2, 5, 5) / 2, r, 0.3), (gram, grad))
+        assert torch.autograd.gradcheck(
+            lambda t: cx.ops.im2col_gram(t, *conv, bias=True), (x,))
+        assert torch.autograd.gradcheck(
+            lambda t, d: cx.ops.conv_gram_grad(t, d, *conv, groups=1, bias=True), (x, gy))
+        with torch.no_grad():                           # nothing recorded: the kernels run
+            out = cx.ops.ridge_solve(gram, grad[0], 0.3)
+    torch.testing.assert_close(out, reference.ridge_solve(gram.detach(), grad[0].detach(), 0.3))

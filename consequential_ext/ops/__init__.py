@@ -29,7 +29,8 @@ _forced = None
 @contextlib.contextmanager
 def use_backend(name: str | None):
     """Run the ops in this block on backend ``name`` (None: automatic), in every thread of
-    the process (autograd's device threads too)."""
+    the process (autograd's device threads too) — except where autograd records, which
+    always takes the differentiable reference (``_backend``)."""
     global _forced
     if name is not None and name not in ("cuda", "triton", "cpu", "reference"):
         raise ValueError(f"use_backend: backend must be one of 'cuda', 'triton', 'cpu', "
@@ -41,6 +42,18 @@ def use_backend(name: str | None):
         _forced = previous
 
 
+def _backend(op, *tensors, gram=False):
+    """The backend ``op`` runs on here: the pure-PyTorch reference wherever autograd records
+    (grad mode on and an input requiring grad: a double backward, a hand-made graph) — the
+    compiled and Triton kernels have no derivative, and autograd differentiates the
+    reference — else ``backend_for`` (``gram_backend_for`` for the Gram)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "reference"
+    if gram:
+        return gram_backend_for(tensors[0], _forced)
+    return backend_for(op, tensors[0], _forced)
+
+
 def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, *, groups=1, bias=False):
     """Σ over every im2col patch of ``x`` of patch·patchᵀ, unnormalised.
 
@@ -49,7 +62,7 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, *, groups=1, bi
     a bias multiplies). float32 accumulation (float64 for float64 input).
     """
     ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
-    backend = gram_backend_for(x, _forced)
+    backend = _backend("im2col_gram", x, gram=True)
     if backend == "reference":
         gram = reference.im2col_gram(x, ks, st, pd, dl, groups, bias)
     elif backend == "triton":
@@ -98,7 +111,7 @@ def _grad_op(name, x, grad_output, kernel_size, stride, padding, dilation, group
                          f"{out_hw[1]}) in x's dtype {x.dtype}; got "
                          f"{tuple(getattr(grad_output, 'shape', ()))} "
                          f"{getattr(grad_output, 'dtype', type(grad_output).__name__)}")
-    if backend_for("_" + name, x, _forced) == "cpu":
+    if _backend("_" + name, x, grad_output) == "cpu":
         return getattr(torch.ops.consequential_ext, "_" + name)(x, grad_output, ks, st, pd, dl,
                                                                 groups, bias)
     return getattr(reference, name)(x, grad_output, ks, st, pd, dl, groups, bias)
@@ -107,14 +120,14 @@ def _grad_op(name, x, grad_output, kernel_size, stride, padding, dilation, group
 def gram_is_native(x):
     """Whether ``im2col_gram`` of ``x`` runs the compiled CPU kernel here (not forced onto
     another backend)."""
-    return backend_for("im2col_gram", x, _forced) == "cpu"
+    return _backend("im2col_gram", x) == "cpu"
 
 
 def conv_gram_grad_is_native(x, grad_output):
     """Whether ``conv_gram_grad`` runs compiled here (CPU backend, the signal in x's dtype):
     only then is it cheaper than the Gram op beside a native conv backward."""
     return (grad_output.dtype == x.dtype
-            and backend_for("_conv_gram_grad", x, _forced) == "cpu")
+            and _backend("_conv_gram_grad", x, grad_output) == "cpu")
 
 
 _CORR_ALIGN = 16  # csrc/cpu/corr_kernel.h: kCorrAlign
@@ -152,7 +165,7 @@ def ridge_solve(gram, grad, ridge, *, out_dtype=None):
                          f"gram {tuple(gram.shape)}, got {tuple(grad.shape)}")
     if gram.device != grad.device:
         raise ValueError(f"ridge_solve: gram on {gram.device} but grad on {grad.device}")
-    backend = backend_for("ridge_solve", gram, _forced)
+    backend = _backend("ridge_solve", gram, grad)
     if backend == "reference":
         return reference.ridge_solve(gram, grad, ridge, out_dtype)
     if backend == "triton":
