@@ -109,6 +109,11 @@ def clinear(input, weight, bias=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE,
     ridge = check_ridge(ridge)
     if bypass:
         return F.linear(input, weight, bias)
+    if weight.dim() == 1:   # F.linear's dot product: one output unit, its dim dropped
+        return clinear(input, weight[None], None if bias is None else bias.reshape(1), rule=rule,
+                       ridge=ridge, amortizer=amortizer).squeeze(-1)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (out, in) or (in,); got shape {tuple(weight.shape)}")
     d = weight.shape[1] + (bias is not None)
     amortizer = check_amortizer(amortizer, (d, d))
     return CLinearFunction.apply(input, weight, bias, rule, ridge, amortizer)

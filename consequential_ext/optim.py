@@ -17,16 +17,18 @@ class; hence this module.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 __all__ = ["LARS", "LSALR"]
 
 
-def _check_nonnegative(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite float >= 0; got {value!r}")
+def _finite(value, name, positive):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite float {'>' if positive else '>='} 0; "
+                         f"got {value!r}")
     return float(value)
 
 
@@ -34,15 +36,29 @@ class _LayerwiseRateSGD(torch.optim.Optimizer):
     """SGD with (Nesterov) momentum and weight decay whose step is ``rate(W, δW) · δW``."""
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, **extra):
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
-                or lr <= 0:
-            raise ValueError(f"lr must be a finite float > 0; got {lr!r}")
-        momentum = _check_nonnegative(momentum, "momentum")
-        weight_decay = _check_nonnegative(weight_decay, "weight_decay")
-        if nesterov and momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0")
-        super().__init__(params, dict(lr=float(lr), momentum=momentum, nesterov=bool(nesterov),
-                                      weight_decay=weight_decay, **extra))
+        defaults = self._checked(dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                      weight_decay=weight_decay, **extra), "")
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        """torch's, then each group's own settings checked as the defaults are."""
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            self._checked(self.param_groups[index], f"param group {index}: ")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _checked(self, group, where):
+        """``group`` with its settings validated (ValueError naming them) and made floats."""
+        group["lr"] = _finite(group["lr"], f"{where}lr", positive=True)
+        for name in ("momentum", "weight_decay"):
+            group[name] = _finite(group[name], where + name, positive=False)
+        group["nesterov"] = bool(group["nesterov"])
+        if group["nesterov"] and group["momentum"] == 0:
+            raise ValueError(f"{where}nesterov=True needs momentum > 0")
+        return group
 
     def _rate(self, group, param, grad, decayed):
         """The per-tensor scalar that multiplies δW (``decayed``); ``grad`` is ∇L alone."""
@@ -81,10 +97,13 @@ class LARS(_LayerwiseRateSGD):
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
                  trust_coefficient=0.001):
-        trust = _check_nonnegative(trust_coefficient, "trust_coefficient")
-        if trust == 0:
-            raise ValueError("trust_coefficient must be > 0; got 0")
-        super().__init__(params, lr, momentum, nesterov, weight_decay, trust_coefficient=trust)
+        super().__init__(params, lr, momentum, nesterov, weight_decay,
+                         trust_coefficient=trust_coefficient)
+
+    def _checked(self, group, where):
+        group["trust_coefficient"] = _finite(group["trust_coefficient"],
+                                             f"{where}trust_coefficient", positive=True)
+        return super()._checked(group, where)
 
     def _rate(self, group, param, grad, decayed):
         param_norm, grad_norm = param.norm(), grad.norm()

@@ -78,12 +78,23 @@ def test_bad_arguments_are_named(kwargs, name):
     for cls in (LARS, LSALR):
         with pytest.raises(ValueError, match=name):
             cls([torch.zeros(2, requires_grad=True)], **kwargs)
+        # the same setting in a parameter group (torch fills the group from the defaults)
+        group = {"params": [torch.zeros(2, requires_grad=True)], **kwargs}
+        with pytest.raises(ValueError, match=f"param group 1: {name}"):
+            cls([{"params": [torch.zeros(2, requires_grad=True)]}, group], lr=0.1)
+        opt = cls([torch.zeros(2, requires_grad=True)], lr=0.1)
+        with pytest.raises(ValueError, match=f"param group 1: {name}"):
+            opt.add_param_group(group)
+        assert len(opt.param_groups) == 1                     # the bad group is not kept
 
 
 @pytest.mark.parametrize("trust", [0.0, -1e-3, float("inf"), True])
 def test_bad_trust_coefficient_is_named(trust):
     with pytest.raises(ValueError, match="trust_coefficient"):
         LARS([torch.zeros(2, requires_grad=True)], lr=0.1, trust_coefficient=trust)
+    with pytest.raises(ValueError, match="param group 0: trust_coefficient"):
+        LARS([{"params": [torch.zeros(2, requires_grad=True)], "trust_coefficient": trust}],
+             lr=0.1)
 
 
 def test_param_group_trust_coefficient_overrides_the_default():
