@@ -266,7 +266,8 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
              safeguard_columns: int | None = DEFAULT_SAFEGUARD_COLUMNS,
              exact_when_cheaper: bool = True) -> nn.Module:
     """Give every C-layer of ``model`` (or ``model`` itself) a running Gram: rebuilt every
-    ``gram_every`` backward calls (default: ``every``) from strided samples holding
+    ``gram_every`` (default: ``every``) backward calls that ask for the layer's weight
+    gradient (not ``autograd.grad(loss, x)``'s, nor an empty batch's) from strided samples holding
     ``gram_oversample·D`` columns (None: the whole batch), refactorised every ``every``;
     ``every=None`` removes it (exact solves). ``damping``: ridge added relative to the Gram's
     mean eigenvalue; ``safeguard_columns``: columns (rows, patches) per step on which the

@@ -41,9 +41,26 @@ def _save_common(ctx, input, weight, bias, rule, ridge, amortizer):
                                                         amortizer)
 
 
+def _wanted(ctx, index):
+    """Whether this backward's gradient for input ``index`` is used: it requires grad, and
+    the engine runs the edge it flows into — not so under ``torch.autograd.grad(loss, x)`` or
+    ``backward(inputs=...)`` without it (adversarial steps, gradient penalties), where a
+    matched weight gradient would cost its Gram and solve for nothing and advance an
+    amortiser's schedule. A compiled graph's backward is traced ahead: there, as required."""
+    if not ctx.needs_input_grad[index]:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    node = ctx.next_functions[index][0]
+    try:
+        return node is None or torch._C._will_engine_execute_node(node)
+    except RuntimeError:   # a leaf autograd.grad captures (asked for): the engine cannot say
+        return True
+
+
 def _needs(ctx):
-    return dict(has_bias=ctx.has_bias, needs_weight=ctx.needs_input_grad[1],
-                needs_bias=ctx.has_bias and ctx.needs_input_grad[2], ridge=ctx.ridge,
+    return dict(has_bias=ctx.has_bias, needs_weight=_wanted(ctx, 1),
+                needs_bias=ctx.has_bias and _wanted(ctx, 2), ridge=ctx.ridge,
                 amortizer=ctx.amortizer)
 
 
@@ -181,7 +198,7 @@ class CEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        layer = EmbeddingGradients(input, weight, grad_output, needs_weight=ctx.needs_input_grad[1],
+        layer = EmbeddingGradients(input, weight, grad_output, needs_weight=_wanted(ctx, 1),
                                    ridge=ctx.ridge, **ctx.conf)
         _, grad_weight, _ = _apply_rule(ctx, layer)
         return None, grad_weight, None, None, None, None, None, None, None

@@ -1,4 +1,6 @@
 """Matched weight/bias gradients of every supported configuration vs the float64 reference."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -164,3 +166,46 @@ def test_sgd_rule_is_bit_identical_to_nn():
     c(x).square().sum().backward()
     n(x).square().sum().backward()
     assert torch.equal(c.weight.grad, n.weight.grad) and torch.equal(c.bias.grad, n.bias.grad)
+
+
+def test_input_only_gradients_skip_the_matched_weight_path(monkeypatch):
+    """torch.autograd.grad(loss, x) (adversarial steps, gradient penalties) uses no weight
+    gradient: no Gram or solve runs, an amortiser's schedule does not move, and the input
+    gradient is nn's. backward(inputs=[weight]) still gives the matched gradient."""
+    torch.manual_seed(12)
+    model = cx.consequentialize(nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 5),
+        nn.Tanh(), nn.Linear(5, 2))).double()
+    twin = copy.deepcopy(model)
+    cx.amortize(model[5], every=3, exact_when_cheaper=False)
+    cx.amortize(twin[5], every=3, exact_when_cheaper=False)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 25, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    calls = []
+    for name in ("ridge_solve", "im2col_gram", "conv_gram_grad"):
+        original = getattr(cx.ops, name)
+        monkeypatch.setattr(cx.ops, name, lambda *a, _f=original, _n=name, **k:
+                            calls.append(_n) or _f(*a, **k))
+    x = torch.randn(16, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    for _ in range(2):
+        gx, = torch.autograd.grad(model(x).square().sum(), x)
+    assert calls == [] and int(model[5].amortizer.steps) == 0
+    torch.testing.assert_close(gx, torch.autograd.grad(plain(x).square().sum(), x)[0])
+    batch = torch.randn(16, 3, 5, 5, dtype=torch.float64)
+    for net in (model, twin):
+        net(batch).square().sum().backward()
+    assert calls                                       # a training step does run them
+    for got, want in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(got.grad, want.grad)
+    only = [model[3].weight]
+    model.zero_grad(set_to_none=True)
+    twin.zero_grad(set_to_none=True)
+    model(batch).square().sum().backward(inputs=only)
+    twin(batch).square().sum().backward()
+    assert model[0].weight.grad is None and model[5].weight.grad is None
+    assert int(model[5].amortizer.steps) == 1 and int(twin[5].amortizer.steps) == 2
+    # autograd.grad asking for a weight (a leaf it captures): matched as by backward()
+    got, = torch.autograd.grad(model(batch).square().sum(), model[0].weight)
+    torch.testing.assert_close(got, twin[0].weight.grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(model[3].weight.grad, twin[3].weight.grad, rtol=1e-12, atol=0)
