@@ -40,11 +40,15 @@ def _loss(model, x, t):
     return 0.5 * (model(x) - t).square().sum(-1).mean()
 
 
-def _step(model, x, t):
+def _summed_loss(model, x, t):
+    return 0.5 * (model(x) - t).square().sum()      # an empty batch adds 0, not a NaN mean
+
+
+def _step(model, x, t, loss=_loss):
     """Gradients after one backward, and the parameters after one SGD step."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     opt.zero_grad()
-    _loss(model, x, t).backward()
+    loss(model, x, t).backward()
     grads = [p.grad.detach().clone() for p in model.parameters()]
     opt.step()
     return grads, [p.detach().clone() for p in model.parameters()]
@@ -67,6 +71,12 @@ def _worker(rank):
     ddp = nn.parallel.DistributedDataParallel(cx.amortize(_model(), **AMORTIZE))
     for scale in (1.0, 3.0):  # a second step folds a different Gram into the EMA
         results["ddp_amortized"] = _step(ddp, scale * x[mine], t[mine])
+    some = slice(0, PER_RANK if rank == 0 else 0)   # rank 1's batch is empty
+    for amortize in (False, True):   # float64: one process takes the other solve side
+        model = cx.amortize(_model().double(), **AMORTIZE) if amortize else _model().double()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        results["ddp_empty_rank", amortize] = _step(ddp, x[some].double(), t[some].double(),
+                                                    _summed_loss)
     try:
         from torch.distributed.fsdp import fully_shard
         model = _model()
@@ -123,6 +133,19 @@ def test_ddp_amortized_uses_the_global_running_gram(two_rank_results):
         ref_grads, ref_params = _step(model, scale * x, t)
     _assert_close_lists(grads, ref_grads)
     _assert_close_lists(params, ref_params)
+
+
+@pytest.mark.parametrize("amortize", [False, True])
+def test_ddp_rank_with_an_empty_batch_joins_and_adds_nothing(two_rank_results, amortize):
+    """The empty rank joins every Gram all-reduce with a zero Gram and N = 0: the global
+    A is rank 0's alone, the empty rank's matched gradient is 0 (not 0/0), and DDP's average
+    is half of one process's update on rank 0's batch."""
+    grads, _ = two_rank_results["ddp_empty_rank", amortize]
+    x, t = (v[:PER_RANK].double() for v in _batch())
+    model = cx.amortize(_model().double(), **AMORTIZE) if amortize else _model().double()
+    ref_grads, _ = _step(model, x, t, _summed_loss)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert rel_err(got, want / WORLD) < 1e-9
 
 
 def test_fsdp_fully_shard_equals_one_process(two_rank_results):
