@@ -49,13 +49,18 @@ def _wanted(ctx, index):
     amortiser's schedule. A compiled graph's backward is traced ahead: there, as required."""
     if not ctx.needs_input_grad[index]:
         return False
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _will_execute is None:
         return True
     node = ctx.next_functions[index][0]
     try:
-        return node is None or torch._C._will_engine_execute_node(node)
+        return node is None or _will_execute(node)
     except RuntimeError:   # a leaf autograd.grad captures (asked for): the engine cannot say
         return True
+
+
+# The engine's answer, as torch.utils.checkpoint asks it; a private API, so a torch without
+# it computes every gradient that requires grad, as before.
+_will_execute = getattr(torch._C, "_will_engine_execute_node", None)
 
 
 def _needs(ctx):

@@ -472,7 +472,7 @@ MUTANTS = [
        "grad = torch.sparse_coo_tensor(rows, grad._values().div_(scale[rows[0]][:, None]),",
        "tests/test_embedding.py", why="the sparse values are grad_output's own memory"),
     _m("functional.weight-path-always-runs", PY + "functional.py",
-       "return node is None or torch._C._will_engine_execute_node(node)", "return True",
+       "return node is None or _will_execute(node)", "return True",
        "tests/test_functional.py::test_input_only_gradients_skip_the_matched_weight_path",
        why="autograd.grad(loss, x) advancing an amortiser"),
     _m("matching.empty-amortised-step-counted", PY + "matching.py",
