@@ -13,6 +13,7 @@ import fnmatch
 import warnings
 
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .coverage import USER_REASON, check_model, coverage, weight_users
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
@@ -92,14 +93,19 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
             module.__dict__[USER_REASON] = "excluded by the user"
             continue
         module.__dict__.pop(USER_REASON, None)
-        if batchnorm and isinstance(module, tuple(_NORM_TARGETS)):
+        if isinstance(module, (BackMatchBatchNorm1d, BackMatchBatchNorm2d)):
+            module.rule = rule                  # converted before: the new rule, as any C-layer
+            continue
+        if batchnorm and isinstance(module, _BatchNorm):
             if type(module) in _NORM_TARGETS:
                 module.__class__ = _NORM_TARGETS[type(module)]
-            if isinstance(module, (BackMatchBatchNorm1d, BackMatchBatchNorm2d)):
                 module.rule = rule
-            else:
+            elif isinstance(module, tuple(_NORM_TARGETS)):
                 skipped_norms.append(f"{name} ({type(module).__name__} is a subclass with its "
                                      f"own behaviour)")
+            else:   # BatchNorm3d, SyncBatchNorm: BP's signal, which the rule would change
+                skipped_norms.append(f"{name} ({type(module).__name__} has no back-matching "
+                                     f"version: BatchNorm1d/2d only)")
             continue
         if id(module) in users:
             continue

@@ -177,5 +177,32 @@ def test_consequentialize_batchnorm_option():
     assert model[1].rule == "backmatch" and model[0].rule == "backmatch-layerwise"
     with pytest.raises(TypeError, match="batchnorm"):
         cx.consequentialize(net(), batchnorm="yes")
+
+
+@pytest.mark.parametrize("second", ["consequential", "sgd"])
+def test_reconversion_gives_converted_norms_the_new_rule_too(second):
+    """Converted with a back-matching rule, then with one that leaves norms alone: the norm
+    takes the new rule like every C-layer, so ``sgd`` is nn's step bit for bit again."""
+    torch.manual_seed(13)
+    plain = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    model = cx.consequentialize(copy.deepcopy(plain), rule="backmatch")
+    cx.consequentialize(model, rule=second)
+    assert all(m.rule == second for m in (model[0], model[1], model[3]))
+    x = torch.randn(16, 4, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    model(x).square().sum().backward()
+    plain(x_plain).square().sum().backward()
+    assert torch.equal(x.grad, x_plain.grad)               # BP's signal into the first layer
+    if second == "sgd":
+        for p, q in zip(model.parameters(), plain.parameters()):
+            assert torch.equal(p.grad, q.grad)
+
+
+def test_norms_without_a_back_matching_version_are_named():
+    model = nn.Sequential(nn.Conv3d(2, 3, 1), nn.BatchNorm3d(3), nn.Flatten(), nn.Linear(3, 2),
+                          nn.BatchNorm1d(2))
+    with pytest.warns(UserWarning, match=r"1 \(BatchNorm3d has no back-matching version"):
+        cx.consequentialize(model, rule="backmatch")
+    assert type(model[1]) is nn.BatchNorm3d and type(model[4]) is cx.BackMatchBatchNorm1d
     with pytest.raises(ValueError, match="rule"):
         cx.BackMatchBatchNorm2d(3, rule="backmatching")
