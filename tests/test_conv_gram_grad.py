@@ -164,6 +164,7 @@ def test_reference_backend_gives_the_same():
     (lambda gy: gy.double(), "grad_output must be"),
     (lambda gy: gy[0], "grad_output must be"),
     (lambda gy: gy.numpy(), "grad_output must be"),
+    (lambda gy: gy.to("meta"), "grad_output must be on x's device"),
 ])
 @pytest.mark.parametrize("name", ["conv_gram_grad", "conv_weight_grad"])
 def test_bad_grad_output_is_named(bad, match, name):

@@ -158,6 +158,18 @@ def test_ridge_solve_argument_errors():
         cx.ops.ridge_solve(gram, torch.randn(2, 5, dtype=torch.float64), 0.1)
     with pytest.raises(ValueError, match="gram"):
         cx.ops.ridge_solve(torch.randn(3, 4), torch.randn(2, 4), 0.1)
+    with pytest.raises(ValueError, match="gram on cpu but grad on meta"):
+        cx.ops.ridge_solve(gram, torch.randn(2, 4, dtype=torch.float64, device="meta"), 0.1)
+    with pytest.raises(RuntimeError, match="ridge_solve: grad must be on gram's device"):
+        torch.ops.consequential_ext.ridge_solve(gram, torch.randn(2, 4, device="meta"), 0.1)
+    for name, args in (("out_dtype", (gram, torch.randn(2, 4), 0.1, torch.int32)),
+                       ("gram", (gram.long(), torch.randn(2, 4), 0.1, None)),
+                       ("grad", (gram, torch.ones(2, 4, dtype=torch.int64), 0.1, None))):
+        with pytest.raises(ValueError, match=f"ridge_solve: {name} must be a floating dtype"):
+            cx.ops.ridge_solve(*args[:3], out_dtype=args[3])
+    meta = cx.ops.ridge_solve(gram.to("meta"), torch.randn(3, 2, 4).to("meta")[0], 0.1,
+                              out_dtype=torch.bfloat16)
+    assert meta.device.type == "meta" and meta.shape == (2, 4) and meta.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="backend"):
         with cx.ops.use_backend("gpu"):
             pass

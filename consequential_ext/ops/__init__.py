@@ -111,6 +111,9 @@ def _grad_op(name, x, grad_output, kernel_size, stride, padding, dilation, group
                          f"{out_hw[1]}) in x's dtype {x.dtype}; got "
                          f"{tuple(getattr(grad_output, 'shape', ()))} "
                          f"{getattr(grad_output, 'dtype', type(grad_output).__name__)}")
+    if grad_output.device != x.device:
+        raise ValueError(f"{name}: grad_output must be on x's device ({x.device}); got "
+                         f"{grad_output.device}")
     if _backend("_" + name, x, grad_output) == "cpu":
         return getattr(torch.ops.consequential_ext, "_" + name)(x, grad_output, ks, st, pd, dl,
                                                                 groups, bias)
@@ -165,6 +168,9 @@ def ridge_solve(gram, grad, ridge, *, out_dtype=None):
                          f"gram {tuple(gram.shape)}, got {tuple(grad.shape)}")
     if gram.device != grad.device:
         raise ValueError(f"ridge_solve: gram on {gram.device} but grad on {grad.device}")
+    for name, dtype in (("gram", gram.dtype), ("grad", grad.dtype), ("out_dtype", out_dtype)):
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"ridge_solve: {name} must be a floating dtype; got {dtype}")
     backend = _backend("ridge_solve", gram, grad)
     if backend == "reference":
         return reference.ridge_solve(gram, grad, ridge, out_dtype)

@@ -90,6 +90,8 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
     out_dtype = grad.dtype if out_dtype is None else out_dtype
     work = torch.float64 if torch.float64 in (gram.dtype, grad.dtype) else torch.float32
     a, g = gram.to(work), grad.to(work)
+    if a.device.type == "meta":   # shapes only: nothing to factor or check
+        return g.new_empty(g.shape, dtype=out_dtype)
     if not (torch.isfinite(a).all() and torch.isfinite(g).all()):
         return torch.full_like(g, float("nan"), dtype=out_dtype)
     eye = torch.eye(a.shape[-1], dtype=work, device=a.device)
