@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from .registry import kind_of, subclass_kind
+from .registry import derived_weight, kind_of, subclass_kind
 from .rules import rule_named
 from ._validate import CLayerMixin
 
@@ -103,6 +103,11 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     if isinstance(module, parametrize.ParametrizationList):
         return ("the parametrization of a weight (weight norm, spectral norm): the layer uses "
                 "the transformed weight, not this parameter"), False
+    kind = kind_of(type(module))
+    if kind is not None and derived_weight(module, kind):
+        return (f"its {kind.weight} is no parameter but recomputed from others before each "
+                f"forward (nn.utils.weight_norm / spectral_norm): the layer uses the "
+                f"transformed weight"), False
     refused = next((r for t, r in UNSUPPORTED.items() if isinstance(module, t)), None)
     if refused is not None:
         return refused, False

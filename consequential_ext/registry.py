@@ -190,5 +190,14 @@ def _functional_class(module_type: type) -> type:
 
 def kind_for(module) -> LayerKind | None:
     """The kind ``consequentialize`` converts ``module`` with: its exact type's, else the
-    ``subclass_kind`` of a Linear / Conv2d subclass; None if it stays plain."""
-    return kind_of(type(module)) or subclass_kind(module)[0]
+    ``subclass_kind`` of a Linear / Conv2d subclass; None if it stays plain (also when its
+    weight is ``derived_weight``)."""
+    kind = kind_of(type(module)) or subclass_kind(module)[0]
+    return None if kind is None or derived_weight(module, kind) else kind
+
+
+def derived_weight(module, kind: LayerKind) -> bool:
+    """Whether the kind's weight attribute is there but no parameter: recomputed from
+    others before each forward (``nn.utils.weight_norm`` / ``spectral_norm``'s hooks). A
+    matched gradient of it would reach the parameters through that transformation."""
+    return hasattr(module, kind.weight) and kind.weight not in module._parameters

@@ -139,6 +139,32 @@ class DoubledWeightLinear(nn.Linear):
         return nn.functional.linear(x, 2 * self.weight, self.bias)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*is deprecated:FutureWarning")
+def test_hook_normalised_weights_stay_plain_and_are_named():
+    """nn.utils.weight_norm / spectral_norm (the hook-based ones) keep the layer's type but
+    recompute ``weight`` from other parameters before each forward: the layer stays plain,
+    named with its reason, and trains with nn's gradients."""
+    def net():   # no deepcopy: the hooks' derived weights are no graph leaves
+        torch.manual_seed(14)
+        return nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(2, 3, 3)), nn.Flatten(),
+                             nn.utils.weight_norm(nn.Linear(3 * 9, 4)), nn.Tanh(),
+                             nn.Linear(4, 2))
+    plain, model = net(), net()
+    with pytest.warns(UserWarning, match=r"left these layers as they are: 0 \(its weight is no "
+                                         r"parameter.*; 2 \(its weight is no parameter"):
+        cx.consequentialize(model)
+    assert type(model[0]) is nn.Conv2d and type(model[2]) is nn.Linear
+    assert type(model[4]) is cx.CLinear
+    report = cx.coverage(model)
+    assert report.matched == ("4",) and {p.name for p in report.plain} == {"0", "2"}
+    x = torch.randn(5, 2, 5, 5)
+    model(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    for (name, got), want in zip(model.named_parameters(), plain.parameters()):
+        if not name.startswith("4."):
+            torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
+
+
 def test_coverage_names_every_plain_weight_with_its_reason():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), DoubledWeightLinear(6, 6), nn.Bilinear(6, 6, 6),
