@@ -263,6 +263,37 @@ def _in_projection(query, key, value, in_proj_weight, in_proj_bias, separate, pr
     return project(query, w_q, b_q), project(key, w_k, b_k), project(value, w_v, b_v)
 
 
+def _check_attention_shapes(key, value, attn_mask, bias_k, bias_v, static_k, static_v,
+                            separate, tgt_len, heads_batch, head_dim):
+    """F.multi_head_attention_forward's argument checks, same errors and messages: the
+    masks are broadcast below, so a wrong shape would otherwise pass unnoticed."""
+    if separate and key.shape[:2] != value.shape[:2]:
+        raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match "
+                             f"value's {value.shape[:2]}")
+    if not separate and key.shape != value.shape:
+        raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+    if attn_mask is not None:
+        want = {2: (tgt_len, key.shape[0]), 3: (heads_batch, tgt_len, key.shape[0])}
+        if attn_mask.dim() not in want:
+            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+        if attn_mask.shape != want[attn_mask.dim()]:
+            raise RuntimeError(f"The shape of the {attn_mask.dim()}D attn_mask is "
+                               f"{attn_mask.shape}, but should be {want[attn_mask.dim()]}.")
+    if (bias_k is None) != (bias_v is None):
+        raise AssertionError("bias_k is set but bias_v is None" if bias_v is None
+                             else "bias_v is set but bias_k is None")
+    for name, what, static, bias in (("static_k", "key", static_k, bias_k),
+                                     ("static_v", "value", static_v, bias_v)):
+        if static is None:
+            continue
+        if bias is not None:
+            raise AssertionError(f"bias cannot be added to static {what}.")
+        for dim, size in ((0, heads_batch), (2, head_dim)):
+            if static.size(dim) != size:
+                raise AssertionError(f"expecting {name}.size({dim}) of {size}, but got "
+                                     f"{static.size(dim)}")
+
+
 def cmulti_head_attention_forward(
         query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k,
         bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True,
@@ -308,6 +339,8 @@ def cmulti_head_attention_forward(
         raise ValueError(f"embed_dim {embed_dim} must equal {embed_dim_to_check} and be "
                          f"divisible by num_heads {num_heads}")
     head_dim = embed_dim // num_heads
+    _check_attention_shapes(key, value, attn_mask, bias_k, bias_v, static_k, static_v,
+                            use_separate_proj_weight, tgt_len, bsz * num_heads, head_dim)
     separate = (q_proj_weight, k_proj_weight, v_proj_weight) if use_separate_proj_weight \
         else None
     q, k, v = _in_projection(query, key, value, in_proj_weight, in_proj_bias, separate, project)
@@ -336,6 +369,7 @@ def cmulti_head_attention_forward(
             key_padding_mask = F.pad(key_padding_mask, (0, 1))
     src_len = k.size(1)
     if key_padding_mask is not None:
+        F._check_key_padding_mask(key_padding_mask, src_len, bsz)
         key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len) \
             .expand(-1, num_heads, -1, -1).reshape(bsz * num_heads, 1, src_len)
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask

@@ -2,6 +2,7 @@
 separate (kdim/vdim) in-projections and the out-projection, against the float64 reference of
 ``attention_reference.py`` (docs/design.md §2)."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -225,3 +226,32 @@ def test_coverage_and_warnings_of_a_transformer():
     assert "excluded by the user" in plain["self_attn.out_proj"].reason
     _convert_silently(model, rule="sgd")
     assert all(p.chosen_by_user for p in cx.coverage(model).plain)
+
+
+L, S, B, HEADS, EMBED = 4, 5, 3, 2, 8
+BAD_ARGUMENTS = {
+    "2D mask (1, S)": dict(attn_mask=torch.zeros(1, S)),
+    "2D mask (L, 1)": dict(attn_mask=torch.zeros(L, 1)),
+    "3D mask (1, L, S)": dict(attn_mask=torch.zeros(1, L, S)),
+    "3D mask (B·H, 1, S)": dict(attn_mask=torch.zeros(B * HEADS, 1, S)),
+    "key padding (1, S)": dict(key_padding_mask=torch.zeros(1, S, dtype=torch.bool)),
+    "key padding (B, 1)": dict(key_padding_mask=torch.zeros(B, 1, dtype=torch.bool)),
+    "value of another length": dict(value=torch.randn(S + 1, B, EMBED)),
+}
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_bad_masks_and_shapes_raise_what_nn_raises(case, need_weights):
+    """The masks are broadcast inside: without nn's checks a wrong shape would pass in
+    training (the C path) and fail only in inference (nn's)."""
+    torch.manual_seed(15)
+    plain = nn.MultiheadAttention(EMBED, HEADS)
+    layer = _convert_silently(nn.Sequential(copy.deepcopy(plain)))[0]
+    args = dict(query=torch.randn(L, B, EMBED), key=torch.randn(S, B, EMBED),
+                value=torch.randn(S, B, EMBED), need_weights=need_weights)
+    args.update(BAD_ARGUMENTS[case])
+    with pytest.raises(Exception) as nn_error:
+        plain(**args)
+    with pytest.raises(nn_error.type, match=re.escape(str(nn_error.value))):
+        layer(**args)
