@@ -88,14 +88,29 @@ def producer_weight(tensor):
     A C-layer's autograd.Function says where it saved its weight (``cx_saved_weight_index``),
     so any layer kind is found without this module knowing the Functions.
     """
+    if not tensor.requires_grad:
+        return None                      # no graph behind it (the model's input)
+    if torch.compiler.is_compiling():
+        raise RuntimeError(_COMPILED)
     node = tensor.grad_fn
     while node is not None:
+        if type(node).__name__ == "CompiledFunctionBackward":   # a graph break upstream
+            raise RuntimeError(_COMPILED)
         index = getattr(getattr(node, "_forward_cls", None), "cx_saved_weight_index", None)
         if index is not None:
             return node.saved_tensors[index]
         inputs = [n for n, _ in node.next_functions if n is not None]
         node = inputs[0] if len(inputs) == 1 else None
     return None
+
+
+# Eq. 36 needs the producing layer's weight at forward time, and only the eager autograd graph
+# holds it: a compiled region hides it (falling back to the no-producer form would be another
+# rule, silently).
+_COMPILED = ("rule 'backmatch-layerwise' with batch norms cannot run under torch.compile: a "
+             "norm's factor (paper 2, eq. 36) needs the weight of the C-layer feeding it, "
+             "found in the eager autograd graph, which a compiled region hides; run this model "
+             "eagerly, or compile it with another rule")
 
 
 def linear_weight_grads(input, grad_output, dtype, need_weight, need_bias):

@@ -129,6 +129,27 @@ def test_dynamic_shapes_compile_and_match_eager_on_both_sides():
         assert max(errors) < 1e-6, (batch, errors)
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_layerwise_batch_norm_under_compile_is_a_clear_error(fullgraph):
+    """Eq. 36 finds the C-layer feeding a norm in the eager autograd graph; compiled, it
+    would silently take the no-producer form (0.66× eager's gradients, fullgraph=False) or
+    fail inside dynamo: it is refused, naming the rule. A norm on the model's input (no
+    producer) still compiles."""
+    torch._dynamo.reset()
+    torch.manual_seed(16)
+    model = cx.consequentialize(nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                              nn.Linear(8, 2)), rule="backmatch-layerwise")
+    with pytest.raises(RuntimeError, match="backmatch-layerwise' with batch norms cannot run "
+                                           "under torch.compile"):
+        torch.compile(model, backend="aot_eager", fullgraph=fullgraph)(torch.randn(16, 5))
+    first = cx.consequentialize(nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 2)),
+                                rule="backmatch-layerwise")
+    x, t = torch.randn(16, 5), torch.randn(16, 2)
+    compiled = torch.compile(first, backend="aot_eager", fullgraph=fullgraph)
+    errors = [rel_err(c, e) for c, e in zip(_grads(compiled, x, t), _grads(first, x, t))]
+    assert max(errors) < 1e-6, errors
+
+
 def test_compiled_escalation_warns_when_the_graph_runs():
     torch._dynamo.reset()
     layer = cx.CLinear(4, 2, bias=False, ridge=1e-9)
