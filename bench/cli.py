@@ -39,6 +39,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _device(text: str) -> str:
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"cpu or cuda[:N], got {text!r}")
+    return text
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true",
@@ -49,7 +59,7 @@ def parse_args(argv=None):
                    help=f"sections to run, from: {', '.join(SECTIONS)}")
     p.add_argument("--seeds", type=_positive, default=None,
                    help="seeds per training configuration (default: per section)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--append", action="store_true",
                    help="keep the sections of an existing report in --out that this run does "
                         "not redo (run sections separately into one report)")

@@ -24,10 +24,14 @@ def test_cli_only_keeps_report_order_and_drops_duplicates():
     assert args.only == ["toys", "lenet"] and args.seeds == 3 and str(args.out) == "x"
 
 
-@pytest.mark.parametrize("argv", [["--only", "toys,nope"], ["--only", ""], ["--seeds", "0"]])
-def test_cli_rejects_bad_values(argv, capsys):
+@pytest.mark.parametrize("argv, named", [(["--only", "toys,nope"], "nope"), (["--only", ""], "--only"),
+                                         (["--seeds", "0"], "--seeds"),
+                                         (["--device", "tpu"], "--device"),
+                                         (["--device", "meta"], "--device")])
+def test_cli_rejects_bad_values(argv, named, capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(argv)
+    assert named in capsys.readouterr().err
 
 
 def test_merge_sections_prefers_this_run_and_keeps_report_order():
