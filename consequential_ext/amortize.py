@@ -284,8 +284,10 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
     layers = [m for m in model.modules()
               if isinstance(m, CLayerMixin) and m.cx_gram_shape() is not None]
     if not layers:
-        raise ValueError("amortize: model has no C-layer with a Gram to amortize (call "
-                         "consequentialize first)")
+        exact = [type(m).__name__ for m in model.modules() if isinstance(m, CLayerMixin)]
+        raise ValueError("amortize: model has no C-layer with a Gram to amortize " + (
+            f"(its {', '.join(sorted(set(exact)))} layers solve exactly: attention and "
+            f"embeddings have no single Gram)" if exact else "(call consequentialize first)"))
     for layer in layers:
         if every is None:
             layer._modules.pop("amortizer", None)

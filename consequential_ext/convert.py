@@ -56,8 +56,9 @@ def _selectors(value, arg):
 def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, include=None,
                      exclude=None, batchnorm=None) -> nn.Module:
     """Make every layer of a registered kind (nn.Linear → CLinear, nn.Conv2d → CConv2d,
-    nn.Embedding → CEmbedding, nn.MultiheadAttention → CMultiheadAttention, Hugging Face's
-    Conv1D, ``cx.register_layer``) and every subclass of nn.Linear / nn.Conv2d whose forward
+    nn.Conv1d / Conv3d / ConvTranspose1d / ConvTranspose2d → CConv1d / …, nn.Embedding →
+    CEmbedding, nn.MultiheadAttention → CMultiheadAttention, Hugging Face's Conv1D,
+    ``cx.register_layer``) and every subclass of nn.Linear / nn.Conv2d whose forward
     passes its own weight to F.linear / F.conv2d (``registry.subclass_kind``) a C-layer with
     ``rule`` / ``ridge``, in place.
 

@@ -1,6 +1,7 @@
 """Functional C-layers: one autograd.Function per layer kind, the only place rules meet autograd.
 
-Forward is exactly ``F.linear`` / ``F.conv2d``. Backward builds the layer kind's primitives
+Forward is exactly the corresponding ``torch.nn.functional`` call (``clinear_like``: the
+module's own forward). Backward builds the layer kind's primitives
 (``gradients.py``) and asks the layer's rule (``rules.py``) for the signal to the input and
 the weight/bias gradients; no Function branches on a rule. A rule that ``bypass``es (``"sgd"``)
 skips the Function, so its gradients are bit-identical to the nn layers'.

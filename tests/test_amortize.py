@@ -406,6 +406,9 @@ def test_bad_options_name_the_argument(kwargs, match):
 def test_model_without_c_layers_is_an_error():
     with pytest.raises(ValueError, match="consequentialize"):
         cx.amortize(nn.Sequential(nn.Linear(2, 2)))
+    attention = cx.consequentialize(nn.Sequential(nn.MultiheadAttention(4, 2)))
+    with pytest.raises(ValueError, match="CMultiheadAttention layers solve exactly"):
+        cx.amortize(attention)
     with pytest.raises(TypeError, match="model"):
         cx.amortize("not a model")
 
