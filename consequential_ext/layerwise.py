@@ -35,7 +35,9 @@ __all__ = ["row_mean_sq", "column_mean_sq", "sharing_factor", "conv2d_input_fact
 
 
 def row_mean_sq(weight):
-    """‖W‖²_{2,µ}: mean over the output rows of W (Linear out×in, Conv W_row) of ‖row‖²."""
+    """‖W‖²_{2,µ}: mean over the output rows of W (Linear out×in, Conv W_row) of ‖row‖²
+    (for the kinds eq. 36 does not cover, ΣW² / weight.shape[0] all the same:
+    docs/backmatch.md, "Where the paper … differ")."""
     work = accumulate_dtype(weight.dtype)
     return weight.detach().to(work).square().sum() / weight.shape[0]
 
