@@ -47,5 +47,9 @@ class CLayerMixin(RuleAttribute):
         layer without one Gram to amortize (``amortize`` leaves it exact)."""
         raise NotImplementedError
 
+    def cx_weight(self):
+        """The weight this layer matches (its dtype and device are the Gram's)."""
+        return self.weight
+
     def _cx_repr(self):
         return f"rule={self.rule!r}, ridge={self.ridge:g}"

@@ -138,6 +138,8 @@ class GramAmortizer(nn.Module):
         ``columns`` columns. Non-finite or absurd statistics give NaN and one warning, never
         an exception, and leave the running average and inverse as they were.
         """
+        if grad.requires_grad:     # G was recorded: a backward with create_graph=True
+            _warn_no_graph()
         step = self._step_count()
         if gram is not None:
             if not self._refresh(gram, ridge, step):
@@ -245,6 +247,24 @@ def _warn_non_finite():
                       "running Gram is kept as it was.", RuntimeWarning, stacklevel=2)
 
 
+_no_graph_warned = False
+
+
+def _warn_no_graph():
+    """One UserWarning per process: a backward with create_graph=True reached an amortised
+    layer, whose step comes from kept state (an EMA, an inverse) rather than from this
+    batch's graph, so its weight gradient carries no graph of its own (the exact path's
+    does)."""
+    global _no_graph_warned
+    if not _no_graph_warned:
+        _no_graph_warned = True
+        warnings.warn("consequential_ext.amortize: an amortised layer's weight gradient has no "
+                      "autograd graph (create_graph=True): a loss built from it gets no second-"
+                      "order term from that layer; remove the amortizer (cx.amortize(model, "
+                      "every=None)) for a differentiable matched gradient.", UserWarning,
+                      stacklevel=2)
+
+
 def check_amortizer(amortizer, gram_shape):
     """``amortizer`` if it fits a layer whose Gram has ``gram_shape`` (checked in forward:
     an exception inside backward is much harder to read)."""
@@ -292,11 +312,12 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
         if every is None:
             layer._modules.pop("amortizer", None)
             continue
-        acc = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+        weight = layer.cx_weight()
         layer.amortizer = GramAmortizer(
             layer.cx_gram_shape(), every=every, decay=decay, gram_every=gram_every,
             gram_oversample=gram_oversample, damping=damping, safeguard_columns=safeguard_columns,
-            exact_when_cheaper=exact_when_cheaper, device=layer.weight.device, dtype=acc)
+            exact_when_cheaper=exact_when_cheaper, device=weight.device,
+            dtype=reference.accumulate_dtype(weight.dtype))
     return model
 
 

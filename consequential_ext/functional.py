@@ -133,8 +133,10 @@ def clinear(input, weight, bias=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE,
     if bypass:
         return F.linear(input, weight, bias)
     if weight.dim() == 1:   # F.linear's dot product: one output unit, its dim dropped
-        return clinear(input, weight[None], None if bias is None else bias.reshape(1), rule=rule,
-                       ridge=ridge, amortizer=amortizer).squeeze(-1)
+        if bias is not None:
+            raise ValueError("a 1-D weight takes no bias (F.linear refuses one too)")
+        return clinear(input, weight[None], None, rule=rule, ridge=ridge,
+                       amortizer=amortizer).squeeze(-1)
     if weight.dim() != 2:
         raise ValueError(f"weight must be (out, in) or (in,); got shape {tuple(weight.shape)}")
     d = weight.shape[1] + (bias is not None)

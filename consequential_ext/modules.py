@@ -106,6 +106,9 @@ class CLinearLike(CLayerMixin):
         kind = self._cx_kind
         return getattr(self, kind.weight), getattr(self, kind.bias, None) if kind.bias else None
 
+    def cx_weight(self):
+        return self._cx_weight_bias()[0]     # the registered name (README's Dense: "kernel")
+
     def cx_gram_shape(self):
         weight, bias = self._cx_weight_bias()
         d = weight.shape[0 if self._cx_kind.transposed else 1] + (bias is not None)

@@ -22,8 +22,9 @@ amortize_module = importlib.import_module("consequential_ext.amortize")  # cx.am
 
 @pytest.fixture
 def fresh_warnings(monkeypatch):
-    """Both once-per-process warnings armed again, and captured."""
+    """The once-per-process warnings armed again, and captured."""
     monkeypatch.setattr(amortize_module, "_non_finite_warned", False)
+    monkeypatch.setattr(amortize_module, "_no_graph_warned", False)
     monkeypatch.setattr(ops_reference, "_escalation_warned", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -308,6 +309,22 @@ def test_finite_gram_that_no_ridge_makes_definite_gives_nan_not_an_exception(fre
     assert out.shape == (2, 3) and torch.isnan(out).all()
     assert int(amortizer.steps) == 0 and not amortizer.gram.any()
     assert any("no escalation helped" in str(w.message) for w in fresh_warnings)
+
+
+def test_create_graph_through_an_amortised_layer_warns_once(fresh_warnings):
+    """The amortised step comes from kept state, not this batch's graph: under
+    create_graph=True its gradient has none, said once; an ordinary backward says nothing,
+    and the exact layer beside it keeps its graph."""
+    torch.manual_seed(18)
+    model = cx.consequentialize(nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)))
+    cx.amortize(model[2], every=2, exact_when_cheaper=False)
+    x = torch.randn(9, 4)
+    model(x).square().sum().backward()
+    assert not fresh_warnings
+    grads = torch.autograd.grad(model(x).square().sum(), list(model.parameters()),
+                                create_graph=True)
+    assert grads[0].grad_fn is not None and grads[2].grad_fn is None
+    assert [str(w.message).count("no autograd graph") for w in fresh_warnings] == [1]
 
 
 def test_checkpoint_resumes_every_piece_of_state_bit_identically():

@@ -44,23 +44,20 @@ def test_clinear_grads_match_reference(lead, fin, fout, bias):
     torch.testing.assert_close(x.grad, x2.grad)  # input gradient is the ordinary one
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_clinear_one_dimensional_weight_is_f_linear_dot_product(bias):
-    """F.linear takes a weight (in,): one output unit, its dim dropped. The matched gradient
-    is that of the (1, in) weight, against the float64 reference."""
+def test_clinear_one_dimensional_weight_is_f_linear_dot_product():
+    """F.linear takes a weight (in,) without a bias: one output unit, its dim dropped. The
+    matched gradient is that of the (1, in) weight, against the float64 reference."""
     torch.manual_seed(11)
     x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    b = torch.randn((), dtype=torch.float64, requires_grad=True) if bias else None
-    y = cx.functional.clinear(x, w, b, ridge=0.05)
-    want = torch.nn.functional.linear(x, w[None], b.reshape(1) if bias else None).squeeze(-1)
-    assert y.shape == (2, 7) and torch.equal(y, want)
+    y = cx.functional.clinear(x, w, ridge=0.05)
+    assert y.shape == (2, 7) and torch.equal(y, torch.nn.functional.linear(x, w))
     gy = torch.randn_like(y)
     y.backward(gy)
-    gw, gb = ref.matched_linear(x, w[None], b.reshape(1) if bias else None, gy[..., None], 0.05)
+    gw, _ = ref.matched_linear(x, w[None], None, gy[..., None], 0.05)
     _close(w.grad, gw[0], 1e-9)
-    if bias:
-        _close(b.grad, gb.reshape(()), 1e-9)
+    with pytest.raises(ValueError, match="1-D weight takes no bias"):
+        cx.functional.clinear(x, w, torch.zeros(()))
     with pytest.raises(ValueError, match="weight must be"):
         cx.functional.clinear(x, torch.randn(1, 5, 1))
 

@@ -121,6 +121,24 @@ def test_made_c_classes_pickle_and_are_remade_on_load(clean_registry, monkeypatc
         pickle.loads(pickle.dumps(model))
 
 
+def test_a_registered_layer_with_its_own_weight_name_amortizes(clean_registry):
+    """amortize reads the registered weight (README's Dense: "kernel"), not ``.weight``:
+    refreshed every step, undamped and without memory, it is the exact matched gradient."""
+    cx.register_layer(TransposedToy, transposed=True, weight="kernel", bias="offset")
+    torch.manual_seed(17)
+    make = lambda: cx.consequentialize(nn.Sequential(TransposedToy(6, 4)).double(), ridge=RIDGE)
+    exact, amortized = make(), make()
+    amortized.load_state_dict(exact.state_dict())
+    cx.amortize(amortized, every=1, decay=0.0, damping=0.0, safeguard_columns=None,
+                exact_when_cheaper=False)
+    assert amortized[0].amortizer.gram.dtype == torch.float64
+    x = torch.randn(20, 6, dtype=torch.float64)
+    for model in (exact, amortized):
+        model(x).square().sum().backward()
+    for got, want in zip(amortized.parameters(), exact.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_register_layer_validates_its_arguments(clean_registry):
     with pytest.raises(TypeError, match="module_type"):
         cx.register_layer(42)
