@@ -286,5 +286,5 @@ def _conv_energy(x, locations, weight_shape, stride, padding, dilation, groups, 
     weight = direction[..., : direction.shape[-1] - int(has_bias)].reshape(weight_shape)
     bias = direction[..., -1].reshape(-1) if has_bias else None
     out = torch.nn.functional.conv2d(sub, weight, bias, stride, padding, dilation, groups)
-    per_group = out.reshape(sub.shape[0], groups, out.shape[1] // groups * out[0, 0].numel())
-    return per_group.square().sum((0, 2)) / max(sub.shape[0], 1)   # 0, not 0/0, if empty
+    per_group = out.unflatten(1, (groups, -1))   # -1 within the channels: fine when empty
+    return per_group.square().sum((0, 2, 3, 4)) / max(sub.shape[0], 1)   # 0, not 0/0

@@ -204,3 +204,28 @@ def test_empty_batch_gives_nn_zero_gradients_and_leaves_the_amortiser_alone(kind
         for g, w in zip(step(layers[0], x), step(layers[1], x)):
             assert torch.isfinite(g).all()
             torch.testing.assert_close(g, w, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("batch", [0, 5])
+def test_safeguard_energy_is_the_explicit_one_and_zero_on_an_empty_batch(batch):
+    """The amortiser's safeguard measures |Δ·X|²/N on the rank's own samples: under DDP a rank
+    with an empty batch still measures it (its Gram is summed with the others'), so it must
+    be 0 there, not 0/0 or an index error; otherwise the float64 value from explicit im2col."""
+    from consequential_ext import matching
+    torch.manual_seed(19)
+    x = torch.randn(batch, 4, 5, 6, dtype=torch.float64)
+    shape, groups = (6, 2, 3, 3), 2
+    direction = torch.randn(groups, 3, 2 * 9 + 1, dtype=torch.float64)
+    got = matching._conv_energy(x, 5 * 6, shape, (1, 1), (1, 1), (1, 1), groups, True,
+                                direction, None)
+    cols = torch.nn.functional.unfold(x, 3, padding=1)              # (B, 4·9, L)
+    cols = cols.reshape(batch, groups, 2 * 9, 30).permute(1, 2, 0, 3).reshape(groups, 18, -1)
+    cols = torch.cat([cols, torch.ones(groups, 1, cols.shape[-1], dtype=x.dtype)], 1)
+    want = (direction @ cols).square().sum((1, 2)) / max(batch, 1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    rows = torch.randn(batch, 7, dtype=torch.float64)
+    linear = torch.randn(3, 8, dtype=torch.float64)
+    want = (torch.cat([rows, torch.ones(batch, 1, dtype=rows.dtype)], 1) @ linear.T).square() \
+        .sum() / max(batch, 1)
+    torch.testing.assert_close(matching._linear_energy(rows, linear, None), want, rtol=1e-12,
+                               atol=0)

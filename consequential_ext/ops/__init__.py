@@ -42,14 +42,14 @@ def use_backend(name: str | None):
         _forced = previous
 
 
-def _backend(op, *tensors, gram=False):
+def _backend(op, *tensors):
     """The backend ``op`` runs on here: the pure-PyTorch reference wherever autograd records
     (grad mode on and an input requiring grad: a double backward, a hand-made graph) — the
     compiled and Triton kernels have no derivative, and autograd differentiates the
     reference — else ``backend_for`` (``gram_backend_for`` for the Gram)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "reference"
-    if gram:
+    if op == "im2col_gram":
         return gram_backend_for(tensors[0], _forced)
     return backend_for(op, tensors[0], _forced)
 
@@ -62,7 +62,7 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, *, groups=1, bi
     a bias multiplies). float32 accumulation (float64 for float64 input).
     """
     ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
-    backend = _backend("im2col_gram", x, gram=True)
+    backend = _backend("im2col_gram", x)
     if backend == "reference":
         gram = reference.im2col_gram(x, ks, st, pd, dl, groups, bias)
     elif backend == "triton":

@@ -63,7 +63,7 @@ def conv_gram_grad(x, grad_output, kernel_size, stride, padding, dilation, group
     work = accumulate_dtype(x.dtype)
     cols = im2col(x.to(work), kernel_size, stride, padding, dilation, groups, bias)
     b, out = grad_output.shape[:2]
-    locations = grad_output[0, 0].numel() if b else 0   # explicit, as in im2col
+    locations = grad_output.shape[2] * grad_output.shape[3]   # explicit, as in im2col
     dz = grad_output.to(work).reshape(b, groups, out // groups, locations).permute(1, 2, 0, 3)
     dz = dz.reshape(groups, out // groups, b * locations)
     return cols @ cols.transpose(1, 2), dz @ cols.transpose(1, 2)
