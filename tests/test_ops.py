@@ -141,6 +141,20 @@ def test_ridge_solve_escalates_once_with_warning_on_singular_input(backend, m, m
 
 
 @pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
+def test_a_nan_solve_warns_after_an_earlier_rescued_one(backend, monkeypatch):
+    # An escalation warning earlier in the run must not silence a later NaN gradient.
+    monkeypatch.setattr(reference, "_escalation_warned", True)
+    gram = -1e12 * torch.eye(5, dtype=torch.float64)    # beyond 12 escalations of 1e-3
+    for _ in range(2):
+        with cx.ops.use_backend(backend), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = cx.ops.ridge_solve(gram, torch.randn(3, 5, dtype=torch.float64), 1e-3)
+        assert torch.isnan(out).all()
+        assert [w.category for w in caught if "gradient is NaN" in str(w.message)] == \
+            [RuntimeWarning]
+
+
+@pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
 def test_ridge_solve_non_finite_gives_nan(backend):
     gram = _spd((), 4, torch.float32)
     gram[1, 2] = float("inf")

@@ -83,8 +83,9 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
     """``grad @ inverse(gram + ridge·I)`` for a batch of systems, by Cholesky.
 
     gram: (..., D, D) symmetric PSD; grad: (..., M, D) with the same batch dims.
-    A failed factorisation of finite input escalates the ridge ×10 (one warning per
-    process); non-finite input gives non-finite output rather than an exception, so
+    A failed factorisation of finite input escalates the ridge ×10, at most
+    ``max_escalations`` times (one warning per process), then gives NaN (a warning each
+    time); non-finite input gives non-finite output rather than an exception, so
     ``GradScaler`` can skip the step.
     """
     out_dtype = grad.dtype if out_dtype is None else out_dtype
@@ -110,12 +111,17 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
 
 
 def warn_escalated(ridge, lam):
-    """One RuntimeWarning per process, whichever backend escalated; ``lam = inf`` means no
-    ridge helped and the solve returned NaN."""
+    """The RuntimeWarning of an escalated solve, whichever backend escalated: once per process
+    for a ridge that escalation rescued; every time for ``lam = inf`` — no ridge helped and
+    the solve returned NaN — since an earlier rescue says nothing about this NaN step (the
+    warnings filter still shows a repeated message once per call site by default)."""
     global _escalation_warned
-    if not _escalation_warned:
+    if math.isinf(lam):
+        outcome = "no escalation helped, so the gradient is NaN (non-finite step)"
+    elif _escalation_warned:
+        return
+    else:
         _escalation_warned = True
-        outcome = ("no escalation helped, so the gradient is NaN (non-finite step)"
-                   if math.isinf(lam) else f"ridge escalated from {ridge:g} to {lam:g}")
-        warnings.warn(f"consequential_ext.ridge_solve: Cholesky of (gram + ridge*I) failed; "
-                      f"{outcome}. Consider a larger ridge.", RuntimeWarning, stacklevel=3)
+        outcome = f"ridge escalated from {ridge:g} to {lam:g}"
+    warnings.warn(f"consequential_ext.ridge_solve: Cholesky of (gram + ridge*I) failed; "
+                  f"{outcome}. Consider a larger ridge.", RuntimeWarning, stacklevel=3)
