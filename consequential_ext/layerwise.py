@@ -25,6 +25,8 @@ count of non-zero entries of the output signal, which gives the supplement's LeN
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .ops.reference import accumulate_dtype
@@ -85,7 +87,8 @@ def batchnorm_factor(producer_sq, batch_var, gamma):
 
 def producer_weight(tensor):
     """The weight of the C-layer whose output ``tensor`` is, through single-input ops
-    (pooling, activations, reshapes); None if there is none or the path branches.
+    (pooling, activations, reshapes); None if there is none, the path branches or it meets
+    an nn layer — a matmul or conv, whose weight a frozen layer hides from the graph.
 
     A C-layer's autograd.Function says where it saved its weight (``cx_saved_weight_index``),
     so any layer kind is found without this module knowing the Functions.
@@ -96,15 +99,30 @@ def producer_weight(tensor):
         raise RuntimeError(_COMPILED)
     node = tensor.grad_fn
     while node is not None:
-        if type(node).__name__ == "CompiledFunctionBackward":   # a graph break upstream
+        name = type(node).__name__
+        if name == "CompiledFunctionBackward":   # a graph break upstream
             raise RuntimeError(_COMPILED)
+        if name == "AccumulateGrad":             # reached a leaf
+            break
         index = getattr(getattr(node, "_forward_cls", None), "cx_saved_weight_index", None)
         if index is not None:
             return node.saved_tensors[index]
+        if _WEIGHTED_OP.search(name):
+            return None
         inputs = [n for n, _ in node.next_functions if n is not None]
-        node = inputs[0] if len(inputs) == 1 else None
+        if len(inputs) != 1:
+            return None                          # a branch, or a constant
+        node = inputs[0]
+    if torch._C._current_graph_task_id() != -1:
+        # A leaf reached in a forward that runs inside backward: a reentrant checkpoint's
+        # recomputation, whose segment starts below the layer feeding the norm.
+        raise RuntimeError(_RECOMPUTED)
     return None
 
+
+# ATen's backward nodes of ops that multiply by a weight (conv, mm/addmm/bmm, mv, dot,
+# embedding): an nn layer, frozen or not, ends the walk.
+_WEIGHTED_OP = re.compile(r"Convolution|Conv\d|mm|Mm|mv|Mv|Dot|Linear|Embedding")
 
 # Eq. 36 needs the producing layer's weight at forward time, and only the eager autograd graph
 # holds it: a compiled region hides it (falling back to the no-producer form would be another
@@ -113,6 +131,10 @@ _COMPILED = ("rule 'backmatch-layerwise' with batch norms cannot run under torch
              "norm's factor (paper 2, eq. 36) needs the weight of the C-layer feeding it, "
              "found in the eager autograd graph, which a compiled region hides; run this model "
              "eagerly, or compile it with another rule")
+_RECOMPUTED = ("rule 'backmatch-layerwise': a batch norm recomputed by a reentrant activation "
+               "checkpoint whose segment starts at its input cannot find the C-layer feeding "
+               "it (paper 2, eq. 36); use torch.utils.checkpoint with use_reentrant=False, or "
+               "start the segment at that layer")
 
 
 def linear_weight_grads(input, grad_output, dtype, need_weight, need_bias):

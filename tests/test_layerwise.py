@@ -134,6 +134,45 @@ def test_producer_is_found_through_single_input_ops_only():
     assert producer_weight(lin(x) + lin(x)) is None          # a branch: no single producer
     assert producer_weight(x.requires_grad_()) is None        # a leaf
     assert producer_weight(nn.Linear(3, 4)(x)) is None        # not a C-layer
+    assert producer_weight(F.dropout(F.relu(lin(x)), 0.5, training=True)) is lin.weight
+    # A frozen nn layer hides its weight from the graph: it still ends the walk.
+    frozen_lin = nn.Linear(4, 4).requires_grad_(False)
+    frozen_conv = nn.Conv2d(3, 3, 1, bias=False).requires_grad_(False)
+    assert producer_weight(frozen_lin(F.relu(lin(x)))) is None
+    assert producer_weight(frozen_conv(conv(torch.randn(1, 2, 6, 6)))) is None
+    assert producer_weight(F.relu(lin(x)) @ torch.randn(4, 4)) is None
+
+
+def _conv_bn_relu_stack(seed):
+    torch.manual_seed(seed)
+    return cx.consequentialize(nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Conv2d(5, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 36, 3)), rule="backmatch-layerwise").double()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_layerwise_norms_under_activation_checkpointing(reentrant):
+    # The segment starts at the first norm's input: non-reentrant checkpointing keeps the
+    # graph to the conv below (eq. 36 as without checkpointing); a reentrant one recomputes
+    # the norm on a detached leaf, where the factor cannot be found: a clear error.
+    x, t = torch.randn(5, 3, 6, 6, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    grads = []
+    for checkpointed in (False, True):
+        model = _conv_bn_relu_stack(0)
+        h = model[0](x)
+        head = lambda h: model[2](model[1](h))
+        h = torch.utils.checkpoint.checkpoint(head, h, use_reentrant=reentrant) \
+            if checkpointed else head(h)
+        loss = (model[7](model[6](model[5](model[4](model[3](h))))) - t).square().mean()
+        if checkpointed and reentrant:
+            with pytest.raises(RuntimeError, match="use_reentrant=False"):
+                loss.backward()
+            return
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for checkpointed_grad, grad in zip(*grads[::-1]):
+        _close(checkpointed_grad, grad)
 
 
 @pytest.mark.parametrize("rule", ["backmatch", "backmatch-layerwise"])
