@@ -109,16 +109,18 @@ class CConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, dilation, groups, rule, ridge,
-                amortizer=None):
+                amortizer=None, map_size=None):
         _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        ctx.map_size = map_size
         ctx.conf = _conv_conf(stride, padding, dilation, groups, _pair)
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        layer = Conv2dGradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
-        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None
+        layer = Conv2dGradients(input, weight, grad_output, *ctx.conf, map_size=ctx.map_size,
+                                **_needs(ctx))
+        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
 
 
 def clinear(input, weight, bias=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, amortizer=None):
@@ -152,19 +154,10 @@ def cconv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     Raises ValueError for an unknown ``rule``, a bad ``ridge`` or a padding string other
     than 'same' / 'valid'; TypeError/ValueError for a mismatched amortizer.
     """
-    bypass = rule_named(rule).bypass
-    ridge = check_ridge(ridge)
     if isinstance(padding, str) and padding not in ("same", "valid"):
         raise ValueError(f"padding must be an int, a pair, 'same' or 'valid'; got {padding!r}")
-    if bypass:
-        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    d = weight[0].numel() + (bias is not None)
-    amortizer = check_amortizer(amortizer, (groups, d, d))
-    if input.dim() == 3:  # unbatched (C, H, W), as F.conv2d accepts: one sample
-        return CConv2dFunction.apply(input.unsqueeze(0), weight, bias, stride, padding, dilation,
-                                     groups, rule, ridge, amortizer).squeeze(0)
-    return CConv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups, rule,
-                                 ridge, amortizer)
+    return _cconv(CConv2dFunction, F.conv2d, 2, _conv_gram_shape(weight, bias, groups), input,
+                  weight, bias, (stride, padding, dilation, groups), rule, ridge, amortizer)
 
 
 def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=DEFAULT_RULE,
@@ -428,16 +421,18 @@ class CConv1dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, dilation, groups, rule, ridge,
-                amortizer=None):
+                amortizer=None, map_size=None):
         _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        ctx.map_size = map_size
         ctx.conf = _conv_conf(stride, padding, dilation, groups, _single)
         return F.conv1d(input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        layer = Conv1dGradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
-        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None
+        layer = Conv1dGradients(input, weight, grad_output, *ctx.conf, map_size=ctx.map_size,
+                                **_needs(ctx))
+        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
 
 
 class CConv3dFunction(torch.autograd.Function):
@@ -446,16 +441,18 @@ class CConv3dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, dilation, groups, rule, ridge,
-                amortizer=None):
+                amortizer=None, map_size=None):
         _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        ctx.map_size = map_size
         ctx.conf = _conv_conf(stride, padding, dilation, groups, _triple)
         return F.conv3d(input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        layer = Conv3dGradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
-        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None
+        layer = Conv3dGradients(input, weight, grad_output, *ctx.conf, map_size=ctx.map_size,
+                                **_needs(ctx))
+        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
 
 
 class CConvTranspose1dFunction(torch.autograd.Function):
@@ -499,7 +496,7 @@ class CConvTranspose2dFunction(torch.autograd.Function):
 
 
 def _cconv(function, conv, spatial, gram_shape, input, weight, bias, geometry, rule, ridge,
-           amortizer):
+           amortizer, map_size=None):
     """Validate, then ``conv`` itself for a bypassing rule, else ``function`` (an unbatched
     input — ``spatial`` + 1 dims, as the F functions accept — as one sample)."""
     bypass = rule_named(rule).bypass
@@ -507,10 +504,27 @@ def _cconv(function, conv, spatial, gram_shape, input, weight, bias, geometry, r
     if bypass:
         return conv(input, weight, bias, *geometry)
     amortizer = check_amortizer(amortizer, gram_shape)
+    rest = (rule, ridge, amortizer) + (() if map_size is None else (map_size,))
     if input.dim() == spatial + 1:
-        return function.apply(input.unsqueeze(0), weight, bias, *geometry, rule, ridge,
-                              amortizer).squeeze(0)
-    return function.apply(input, weight, bias, *geometry, rule, ridge, amortizer)
+        return function.apply(input.unsqueeze(0), weight, bias, *geometry, *rest).squeeze(0)
+    return function.apply(input, weight, bias, *geometry, *rest)
+
+
+_CONV_KINDS = {1: (CConv1dFunction, F.conv1d), 2: (CConv2dFunction, F.conv2d),
+               3: (CConv3dFunction, F.conv3d)}
+
+
+def cconv_padded(input, pad, padding_mode, weight, bias, stride, dilation, groups, *, rule,
+                 ridge, amortizer):
+    """What a C conv module with a non-zero ``padding_mode`` computes: ``F.pad`` (``pad`` in
+    F.pad's order), then the conv with no padding — the map eq. 35's ``c`` counts being the
+    unpadded one (the padded border is no input of the layer's own: ``docs/backmatch.md``)."""
+    spatial = weight.dim() - 2
+    function, conv = _CONV_KINDS[spatial]
+    return _cconv(function, conv, spatial, _conv_gram_shape(weight, bias, groups),
+                  F.pad(input, pad, mode=padding_mode), weight, bias,
+                  (stride, 0, dilation, groups), rule, ridge, amortizer,
+                  map_size=tuple(input.shape[-spatial:]))
 
 
 def _check_padding(padding):

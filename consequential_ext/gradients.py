@@ -85,8 +85,11 @@ class Conv2dGradients:
     """
 
     def __init__(self, input, weight, grad_output, stride, padding, dilation, groups, *,
-                 has_bias, needs_weight, needs_bias, ridge, amortizer):
+                 has_bias, needs_weight, needs_bias, ridge, amortizer, map_size=None):
         self.padding, self.extra = _split_padding(padding, weight.shape[2:], dilation)
+        # The input map eq. 35's c counts: the unpadded one when a non-zero padding_mode
+        # padded ``input`` before the conv (functional.cconv_padded).
+        self.map_size = tuple(input.shape[2:]) if map_size is None else tuple(map_size)
         self.x = torch.nn.functional.pad(input, self.extra) if any(self.extra) else input
         self.input, self.weight, self.grad_output = input, weight, grad_output
         self.stride, self.dilation, self.groups = stride, dilation, groups
@@ -149,7 +152,7 @@ class Conv2dGradients:
         return layerwise.sharing_factor(self.grad_output)
 
     def layerwise_input_signal(self):
-        factor = layerwise.conv2d_input_factor(self.weight, self.groups, self.input.shape[2:],
+        factor = layerwise.conv2d_input_factor(self.weight, self.groups, self.map_size,
                                                self.sharing)
         return self._crop(layerwise.divide_signal(self._padded_input_grad(), factor))
 
@@ -315,11 +318,13 @@ class Conv1dGradients(_UnitHeight):
     """Backward of ``F.conv1d`` as Conv2d's with a unit height (``stride`` etc. 1-tuples;
     ``padding`` a 1-tuple, 'same' or 'valid')."""
 
-    def __init__(self, input, weight, grad_output, stride, padding, dilation, groups, **needs):
+    def __init__(self, input, weight, grad_output, stride, padding, dilation, groups,
+                 map_size=None, **needs):
         padding = padding if isinstance(padding, str) else (0, padding[0])
         super().__init__(Conv2dGradients(
             input.unsqueeze(2), weight.unsqueeze(2), grad_output.unsqueeze(2), (1, stride[0]),
-            padding, (1, dilation[0]), groups, **needs))
+            padding, (1, dilation[0]), groups,
+            map_size=None if map_size is None else (1, *map_size), **needs))
 
 
 class Conv3dGradients(Conv2dGradients):
@@ -340,7 +345,7 @@ class Conv3dGradients(Conv2dGradients):
     def layerwise_input_signal(self):
         # Eq. 35 in three dims: ‖W_col‖²_{2,µ} / c with c = D_in·H_in·W_in / s.
         factor = layerwise.column_mean_sq(self.weight, self.groups) \
-            * layerwise.sharing_factor(self.grad_output) / math.prod(self.input.shape[2:])
+            * layerwise.sharing_factor(self.grad_output) / math.prod(self.map_size)
         return self._crop(layerwise.divide_signal(self._padded_input_grad(), factor))
 
     def _folded(self):

@@ -59,11 +59,11 @@ class _CConvNd(CLayerMixin):
 
     def forward(self, input):
         if self.padding_mode != "zeros":
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        else:
-            padding = self.padding
-        return self._cx_conv(input, self.weight, self.bias, self.stride, padding,
+            return CF.cconv_padded(input, self._reversed_padding_repeated_twice,
+                                   self.padding_mode, self.weight, self.bias, self.stride,
+                                   self.dilation, self.groups, rule=self.rule, ridge=self.ridge,
+                                   amortizer=amortizer_of(self))
+        return self._cx_conv(input, self.weight, self.bias, self.stride, self.padding,
                              self.dilation, self.groups, rule=self.rule, ridge=self.ridge,
                              amortizer=amortizer_of(self))
 

@@ -196,3 +196,29 @@ def test_all_zero_weights_send_a_zero_signal():
         layer(x).sum().backward()
         assert torch.equal(x.grad, torch.zeros_like(x))
         assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_layerwise_factor_counts_the_unpadded_map(dims, mode):
+    # Eq. 35's c = input locations / s: the border a non-zero padding_mode adds is no input
+    # location of the layer, so the signal is BP's over the same factor as with zero padding
+    # (whose factor the tests above check by hand): padding the map must not scale it.
+    size = {1: (7,), 2: (5, 6), 3: (3, 4, 5)}[dims]
+    kind = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    x = torch.randn(3, 2, *size, dtype=torch.float64)
+    ratios = []
+    for padding_mode in ("zeros", mode):
+        torch.manual_seed(1)
+        plain = kind(2, 4, 3, padding=1, padding_mode=padding_mode).double()
+        layer = cx.consequentialize(copy.deepcopy(plain), rule="backmatch-layerwise")
+        gy = torch.randn_like(plain(x))
+        signals = []
+        for module in (plain, layer):
+            xi = x.clone().requires_grad_()
+            module(xi).backward(gy)
+            signals.append(xi.grad)
+        ratio = signals[1] / signals[0]
+        _close(ratio, ratio.flatten()[0].expand_as(ratio))   # BP over one scalar factor
+        ratios.append(ratio.flatten()[0])
+    _close(ratios[1], ratios[0])
