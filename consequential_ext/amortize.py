@@ -153,7 +153,10 @@ class GramAmortizer(nn.Module):
                 current = energy(direction, self.safeguard_columns)
             direction = self._shorten(direction, grad, current, ridge)
         if not _all_finite(direction):
-            _warn_non_finite()
+            # A non-finite G alone (a GradScaler overflow) is a NaN step without a word, as
+            # on the exact path; the warning is kept for the statistics and a diverging run.
+            if _all_finite(grad):
+                _warn_non_finite()
             return torch.full_like(grad, float("nan"))
         return direction
 

@@ -302,6 +302,23 @@ def test_overflowing_safeguard_energy_gives_nan_not_a_zero_step(fresh_warnings):
     assert len(fresh_warnings) == 1 and "amortize" in str(fresh_warnings[0].message)
 
 
+def test_an_overflowing_gradient_is_a_silent_nan_step_that_keeps_the_warning(fresh_warnings):
+    """A GradScaler overflow (inf in G only) is a NaN step without a word, as on the exact
+    path; the once-per-process warning is still there for non-finite statistics after it."""
+    amortizer = amortize_module.GramAmortizer((3, 3), every=2, decay=0.5)
+    g = torch.ones(2, 3)
+    assert torch.isfinite(amortizer.precondition(torch.eye(3), g, 0.1, energy=None)).all()
+    overflow = g.clone()
+    overflow[0, 1] = math.inf
+    for gram in (None, torch.eye(3)):                 # between refreshes, and at one
+        assert torch.isnan(amortizer.precondition(gram, overflow, 0.1, energy=None)).all()
+    assert fresh_warnings == []
+    bad = torch.eye(3)
+    bad[0, 0] = math.nan
+    amortizer.precondition(bad, g, 0.1, energy=None)
+    assert len(fresh_warnings) == 1 and "amortize" in str(fresh_warnings[0].message)
+
+
 def test_finite_gram_that_no_ridge_makes_definite_gives_nan_not_an_exception(fresh_warnings):
     amortizer = amortize_module.GramAmortizer((3, 3), every=1, decay=0.5)
     indefinite = -torch.eye(3)    # not a Gram; the factorisation fails at every escalation
