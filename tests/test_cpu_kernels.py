@@ -184,6 +184,28 @@ def test_every_algorithm_matches_reference(geometry, algorithm, bias, dtype, tol
     check_gram(algorithm_op(x, k, s, p, d, groups, bias, algorithm), x, geometry, bias, tol)
 
 
+@pytest.mark.parametrize("algorithm", ["shift", "tiled", "blas"])
+def test_bias_entries_of_small_windows_beside_large_values(algorithm):
+    # A tap whose window holds small values in rows of large ones: its bias entry (Σ x over
+    # the window) must be accurate on its own scale, not the row's (the shift kernel once took
+    # the row total minus the outside columns: 25 % off here); a tap that sees only padding
+    # has exactly 0.
+    torch.manual_seed(3)
+    x = torch.randn(2, 2, 4, 8) * 1e3
+    x[..., :2] = torch.randn(2, 2, 4, 2) * 1e-3
+    geometry = ((1, 3), (1, 1), (0, 0), (1, 3))                  # tap 0: columns 0–1 only
+    out = algorithm_op(x, *geometry, 1, True, algorithm)[0]
+    ref = _ref_gram(x, *geometry, 1, True)[0]
+    bias_col, ref_col = out[:-1, -1].double(), ref[:-1, -1]
+    assert ((bias_col - ref_col).abs() <= 1e-5 * ref_col.abs()).all(), (bias_col, ref_col)
+    x = torch.randn(2, 3, 3, 3)
+    dead_geometry = ((7, 7), (1, 1), (2, 2), (1, 1))
+    ref = _ref_gram(x, *dead_geometry, 1, True)[0]
+    out = algorithm_op(x, *dead_geometry, 1, True, algorithm)[0]
+    dead = ref.diagonal()[:-1] == 0
+    assert dead.sum() == 120 and not out[:-1, -1][dead].any()
+
+
 def test_automatic_choice_is_one_of_the_algorithms():
     # 16 × 16 × 32 × 32 takes the shift form, stride 2 the tiled one, 4 × 256 × 2 × 2 the GEMM
     # (32·P <= D: kBlasRatio in gram_cpu.h) but 32 × 256 × 4 × 4 (4·P <= D) the shift form,

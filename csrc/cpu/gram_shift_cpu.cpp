@@ -164,7 +164,7 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
     }
   };
 
-  // Bias row: Σ_b x over each row y and column slot (every column, then each border
+  // Bias row: Σ_b x over each row y and column slot (the core columns, then each border
   // column), per channel; a chunk's sums in acc_t, across chunks in double.
   const int64_t q_size = g.bias && with_gram ? H * (1 + nxb) * Cg : 0;
   std::vector<double> Q(q_size);
@@ -422,11 +422,14 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
             }
           }
 
-        if (g.bias) {  // per row: its pixels (one run of W·bc), then each border column's bc
+        if (g.bias) {  // per row: its core columns (one run), then each border column's bc
           for (int64_t y = 0; y < H; ++y) {
             double* q = q_local.data() + y * (1 + nxb) * Cg;
-            sum_rows(row_sum, Z + y * Wz * bc * Cs, W * bc, Cs, Cg);
-            for (int64_t c = 0; c < Cg; ++c) q[c] += row_sum[c];
+            if (cols.core1 > cols.core0) {
+              sum_rows(row_sum, Z + (y * Wz + cols.core0) * bc * Cs,
+                       (cols.core1 - cols.core0) * bc, Cs, Cg);
+              for (int64_t c = 0; c < Cg; ++c) q[c] += row_sum[c];
+            }
             for (int64_t xi = 0; xi < nxb; ++xi) {
               sum_rows(row_sum, Z + (y * Wz + cols.border[xi]) * bc * Cs, bc, Cs, Cg);
               for (int64_t c = 0; c < Cg; ++c) q[(1 + xi) * Cg + c] += row_sum[c];
@@ -508,10 +511,12 @@ void gram_shift_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
             double sum = 0;
             for (int64_t y = std::max<int64_t>(0, g.dh * i - g.ph);
                  y < std::min(H, g.dh * i - g.ph + Ho); ++y) {
+              // Only additions of what the window holds: the row minus the columns outside
+              // it lost small windows to cancellation against a large rest of the row.
               const double* q = Q.data() + y * (1 + nxb) * Cg;
               sum += q[c];
               for (int64_t xi = 0; xi < nxb; ++xi)
-                if (!cols.inside(cols.border[xi], j)) sum -= q[(1 + xi) * Cg + c];
+                if (cols.inside(cols.border[xi], j)) sum += q[(1 + xi) * Cg + c];
             }
             const int64_t p = c * kk + i * g.kw + j;
             G[p * D + d0] = G[d0 * D + p] = static_cast<acc_t>(sum);
