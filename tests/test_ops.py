@@ -141,6 +141,23 @@ def test_ridge_solve_escalates_once_with_warning_on_singular_input(backend, m, m
 
 
 @pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
+@pytest.mark.parametrize("batch,d,m", [((), 10, 3), ((9,), 10, 3), ((), 130, 4), ((2,), 12, 40)])
+def test_ridge_solve_reads_the_lower_triangle_on_every_path(backend, batch, d, m):
+    # One system, a batch of small ones (SIMD lanes), a large one, many right-hand sides (the
+    # explicit inverse): a Gram whose upper triangle is not its mirror gets the answer of its
+    # lower triangle everywhere, as torch.linalg.cholesky reads it.
+    lower = _spd(batch, d)
+    asymmetric = lower.tril() + (lower + torch.rand_like(lower)).triu(1)
+    symmetric = lower.tril() + lower.tril(-1).mT
+    grad = torch.randn(*batch, m, d, dtype=torch.float64)
+    expected = torch.linalg.solve(symmetric + 0.01 * torch.eye(d, dtype=torch.float64),
+                                  grad.mT).mT
+    with cx.ops.use_backend(backend):
+        out = cx.ops.ridge_solve(asymmetric, grad, 0.01)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
 def test_a_nan_solve_warns_after_an_earlier_rescued_one(backend, monkeypatch):
     # An escalation warning earlier in the run must not silence a later NaN gradient.
     monkeypatch.setattr(reference, "_escalation_warned", True)

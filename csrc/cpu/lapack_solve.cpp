@@ -36,30 +36,29 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 namespace consequential_ext::cpu {
 namespace {
 
+// Column-major upper = row-major lower: the triangle the lane solver and the reference
+// (torch.linalg.cholesky) read, so a Gram that is not bit-symmetric gets one answer on
+// every path.
+constexpr char kUplo = 'U';
+
 void potrf(float* a, int n, int* info) {
-  const char lo = 'L';
-  spotrf_(&lo, &n, a, &n, info);
+  spotrf_(&kUplo, &n, a, &n, info);
 }
 void potrf(double* a, int n, int* info) {
-  const char lo = 'L';
-  dpotrf_(&lo, &n, a, &n, info);
+  dpotrf_(&kUplo, &n, a, &n, info);
 }
 void potrs(const float* a, int n, float* b, int nrhs, int* info) {
-  const char lo = 'L';
-  spotrs_(&lo, &n, &nrhs, a, &n, b, &n, info);
+  spotrs_(&kUplo, &n, &nrhs, a, &n, b, &n, info);
 }
 void potrs(const double* a, int n, double* b, int nrhs, int* info) {
-  const char lo = 'L';
-  dpotrs_(&lo, &n, &nrhs, a, &n, b, &n, info);
+  dpotrs_(&kUplo, &n, &nrhs, a, &n, b, &n, info);
 }
 
 void potri(float* a, int n, int* info) {
-  const char lo = 'L';
-  spotri_(&lo, &n, a, &n, info);
+  spotri_(&kUplo, &n, a, &n, info);
 }
 void potri(double* a, int n, int* info) {
-  const char lo = 'L';
-  dpotri_(&lo, &n, a, &n, info);
+  dpotri_(&kUplo, &n, a, &n, info);
 }
 // c = a · b, column-major: a (m × k), b (k × n), c (m × n).
 void gemm(const float* a, const float* b, float* c, int m, int n, int k) {
@@ -83,14 +82,14 @@ constexpr int64_t kInverseRhs = 2;
 // Whether potri and GEMM are exported too (torch's MKL builds do; otherwise potrs alone).
 bool inverse_available() { return spotri_ && dpotri_ && sgemm_ && dgemm_; }
 
-// x ← x · a⁻¹ from a's Cholesky factor (column-major lower), through the explicit inverse.
+// x ← x · a⁻¹ from a's Cholesky factor (column-major upper), through the explicit inverse.
 template <typename T>
 bool solve_by_inverse(T* a, T* x, int n, int nrhs) {
   int info = 0;
   potri(a, n, &info);
   if (info != 0) return false;
-  // potri leaves the upper triangle (column-major; row-major: the lower) as it was.
-  mirror_triangle(a, n, n, Mirror::kUpperToLower);
+  // potri leaves the lower triangle (column-major; row-major: the upper) as it was.
+  mirror_triangle(a, n, n, Mirror::kLowerToUpper);
   // Row-major x (M × D) is column-major xᵀ (D × M): xᵀ ← A⁻¹ xᵀ, A⁻¹ symmetric.
   std::vector<T> product(static_cast<size_t>(n) * nrhs);
   gemm(a, x, product.data(), n, nrhs, n);
@@ -100,8 +99,8 @@ bool solve_by_inverse(T* a, T* x, int n, int nrhs) {
 
 template <typename T>
 bool solve_all(T* a, T* x, int64_t systems, int n, int nrhs) {
-  // Column-major lower factor of a row-major symmetric matrix = its upper triangle: either
-  // triangle holds the same numbers. x's rows are the columns of the (D × M) right-hand side.
+  // The column-major upper factor of a row-major matrix reads its lower triangle (kUplo).
+  // x's rows are the columns of the (D × M) right-hand side.
   std::atomic<bool> ok{true};
   auto one = [&](int64_t s) {
     int info = 0;
