@@ -195,9 +195,16 @@ def test_ridge_solve_argument_errors():
         torch.ops.consequential_ext.ridge_solve(gram, torch.randn(2, 4, device="meta"), 0.1)
     for name, args in (("out_dtype", (gram, torch.randn(2, 4), 0.1, torch.int32)),
                        ("gram", (gram.long(), torch.randn(2, 4), 0.1, None)),
-                       ("grad", (gram, torch.ones(2, 4, dtype=torch.int64), 0.1, None))):
+                       ("grad", (gram, torch.ones(2, 4, dtype=torch.int64), 0.1, None)),
+                       ("gram", (gram.to(torch.float8_e4m3fn), torch.randn(2, 4), 0.1, None)),
+                       ("grad", (gram, torch.randn(2, 4).to(torch.float8_e5m2), 0.1, None))):
         with pytest.raises(ValueError, match=f"ridge_solve: {name} must be a floating dtype"):
             cx.ops.ridge_solve(*args[:3], out_dtype=args[3])
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+        cx.ops.im2col_gram(torch.randn(1, 2, 5, 5), 3, stride=2 ** 64)
+    with pytest.raises(TypeError, match="padding must be an int or a pair of ints"):
+        cx.ops.conv_gram_grad(torch.randn(1, 2, 5, 5), torch.randn(1, 3, 3, 3), 3,
+                              padding=(0, -2 ** 63 - 1))
     meta = cx.ops.ridge_solve(gram.to("meta"), torch.randn(3, 2, 4).to("meta")[0], 0.1,
                               out_dtype=torch.bfloat16)
     assert meta.device.type == "meta" and meta.shape == (2, 4) and meta.dtype == torch.bfloat16

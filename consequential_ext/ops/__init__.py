@@ -153,6 +153,11 @@ def conv_gram_brings_grad(x, grad_output, kernel_size, stride, padding, dilation
     return shift and min(cg, og) >= _CORR_ALIGN and 4 * cp * op <= 5 * cg * og
 
 
+# What the solve reads (float8 has no arithmetic to check or factor with); out_dtype may be
+# any floating dtype, a cast at the end.
+_SOLVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def ridge_solve(gram, grad, ridge, *, out_dtype=None):
     """``grad @ inverse(gram + ridge·I)``, batched over leading dims, by Cholesky.
 
@@ -168,9 +173,13 @@ def ridge_solve(gram, grad, ridge, *, out_dtype=None):
                          f"gram {tuple(gram.shape)}, got {tuple(grad.shape)}")
     if gram.device != grad.device:
         raise ValueError(f"ridge_solve: gram on {gram.device} but grad on {grad.device}")
-    for name, dtype in (("gram", gram.dtype), ("grad", grad.dtype), ("out_dtype", out_dtype)):
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"ridge_solve: {name} must be a floating dtype; got {dtype}")
+    for name, dtype in (("gram", gram.dtype), ("grad", grad.dtype)):
+        if dtype not in _SOLVE_DTYPES:
+            raise ValueError(f"ridge_solve: {name} must be a floating dtype (float16, bfloat16, "
+                             f"float32 or float64); got {dtype}")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
+                                      and out_dtype.is_floating_point):
+        raise ValueError(f"ridge_solve: out_dtype must be a floating dtype; got {out_dtype}")
     backend = _backend("ridge_solve", gram, grad)
     if backend == "reference":
         return reference.ridge_solve(gram, grad, ridge, out_dtype)

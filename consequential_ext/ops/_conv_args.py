@@ -4,13 +4,19 @@ from __future__ import annotations
 import torch
 
 
+_INT64 = range(-2 ** 63, 2 ** 63)    # what the compiled ops' int[2] arguments hold
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v in _INT64
+
+
 def _pair(value, name):
-    if isinstance(value, int) and not isinstance(value, bool):
+    if _is_int(value):
         return (value, value)
-    if (isinstance(value, (tuple, list)) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_int, value)):
         return tuple(value)
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    raise TypeError(f"{name} must be an int or a pair of ints (64-bit), got {value!r}")
 
 
 def check_conv_args(x, kernel_size, stride, padding, dilation, groups):
