@@ -77,11 +77,14 @@ def batchnorm_factor(producer_sq, batch_var, gamma):
 
     With no C-layer found below (raw data, an nn layer, a branch: ``producer_sq`` None),
     falls back to eq. 36's first form, the batch variance averaged over channels. An affine
-    γ scales BP by γ and the matched signal by 1/γ, hence the division by the mean γ².
+    γ scales BP by γ and the matched signal by 1/γ, hence the division by the mean γ². All-zero
+    γ (a zero-initialised residual branch) sends BP's signal 0: the factor is 0 there, not ∞
+    (whose product with 0 is NaN), as the exact rule's minimum-norm 0.
     """
     var = producer_sq if producer_sq is not None else batch_var.mean()
     if gamma is not None:
-        var = var / gamma.detach().to(var.dtype).square().mean()
+        gamma_sq = gamma.detach().to(var.dtype).square().mean()
+        var = torch.where(gamma_sq > 0, var / gamma_sq, torch.zeros_like(var))
     return var
 
 

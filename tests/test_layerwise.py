@@ -222,3 +222,23 @@ def test_layerwise_factor_counts_the_unpadded_map(dims, mode):
         _close(ratio, ratio.flatten()[0].expand_as(ratio))   # BP over one scalar factor
         ratios.append(ratio.flatten()[0])
     _close(ratios[1], ratios[0])
+
+
+def test_zero_initialised_norm_sends_zero_not_nan():
+    # timm's zero_init_last / torchvision's zero_init_residual: γ = 0 in the branch's last
+    # norm. BP's signal through it is 0; the layer-wise one must be 0 too (it was 0·∞ = NaN,
+    # flowing through the residual sum into every layer below).
+    torch.manual_seed(4)
+    conv_in, conv_a = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+    norm = nn.BatchNorm2d(4)
+    nn.init.zeros_(norm.weight)
+    head = nn.Linear(4 * 25, 2)
+    model = cx.consequentialize(nn.ModuleDict(dict(conv_in=conv_in, conv_a=conv_a, norm=norm,
+                                                   head=head)), rule="backmatch-layerwise").double()
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
+    h = model["conv_in"](x)
+    out = model["head"]((h + model["norm"](model["conv_a"](h))).flatten(1))
+    out.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert not model["conv_a"].weight.grad.any() and not model["conv_a"].bias.grad.any()
+    assert model["conv_in"].weight.grad.abs().sum() > 0     # the identity path still carries
