@@ -7,6 +7,9 @@ The matched share counts parameters (each tensor once, shared ones too).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import re
 
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
@@ -128,9 +131,49 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
 
 
 def weight_users(model: nn.Module) -> dict[int, nn.Module]:
-    """id(child) → the parent that uses the child's weight without calling its forward."""
-    return {id(child): parent for parent in model.modules() if isinstance(parent, WEIGHT_USERS)
-            for child in parent.modules() if child is not parent}
+    """id(child) → the parent that uses the child's weight without calling its forward:
+    ``WEIGHT_USERS``, and any other parent whose ``forward`` reads ``self.<child>.weight``
+    (torchvision's Swin hands ``self.qkv.weight`` to ``F.linear`` itself, timm's BEiT/EVA
+    too): the child's forward never runs, so a C-layer there would silently get the ordinary
+    gradient. A read of the weight's metadata (``.shape``, ``.dtype``, …) does not count."""
+    users = {}
+    for parent in model.modules():
+        if isinstance(parent, WEIGHT_USERS):
+            users.update((id(child), parent) for child in parent.modules() if child is not parent)
+            continue
+        for path in _weights_read_in_forward(type(parent)):
+            child = _submodule(parent, path)
+            if child is not None and child is not parent:
+                users.setdefault(id(child), parent)
+    return users
+
+
+# self.<path>.weight, not followed by a metadata attribute.
+_WEIGHT_READ = re.compile(r"self\.([A-Za-z_][\w.\[\]]*?)\.weight\b(?!\s*\.\s*(?:shape|dtype|"
+                          r"device|size|ndim|dim|numel|requires_grad|is_\w+)\b)")
+
+
+@functools.lru_cache(maxsize=None)
+def _weights_read_in_forward(module_type: type) -> tuple[str, ...]:
+    """The submodule paths whose weight ``module_type.forward`` reads. torch.nn's own modules
+    are skipped: they read child weights only on no-grad inference fast paths
+    (nn.TransformerEncoderLayer), MultiheadAttention aside (``WEIGHT_USERS``)."""
+    if module_type.__module__.startswith("torch.nn."):
+        return ()
+    try:
+        source = inspect.getsource(module_type.forward)
+    except (OSError, TypeError):      # no source (built in C, made at run time)
+        return ()
+    # self.blocks[0].fc → the submodule path blocks.0.fc
+    return tuple(sorted({re.sub(r"\[(\d+)\]", r".\1", path)
+                         for path in _WEIGHT_READ.findall(source)}))
+
+
+def _submodule(parent, path):
+    try:
+        return parent.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def check_model(model, caller: str):

@@ -93,3 +93,43 @@ def test_uninitialised_lazy_layers_are_named_and_nothing_is_converted():
     assert type(model[0]) is cx.CLinear and type(model[2]) is cx.CLinear
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain))
     assert cx.coverage(model).share == 1.0
+
+
+class _SwinLikeAttention(nn.Module):
+    """Hands its children's weights to F.linear itself (torchvision's Swin, timm's BEiT/EVA):
+    the children's forwards never run."""
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.inner = nn.Linear(6, 6), nn.Sequential(nn.Linear(6, 6))
+        self.shape_only, self.called = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        assert self.shape_only.weight.shape[1] == x.shape[-1]     # metadata: not a use
+        h = torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias)
+        h = torch.nn.functional.linear(h, self.inner[0].weight)
+        return self.called(self.shape_only(h))
+
+
+def test_children_whose_weight_the_parent_uses_stay_plain_and_are_named():
+    model = nn.Sequential(_SwinLikeAttention(), nn.Linear(6, 2))
+    plain = nn.Sequential(_SwinLikeAttention(), nn.Linear(6, 2))
+    plain.load_state_dict(model.state_dict())
+    with pytest.warns(UserWarning) as caught:
+        cx.consequentialize(model)
+    message = str(caught[0].message)
+    for name in ("0.qkv", "0.inner.0"):
+        assert f"{name} (its weight is used by its parent _SwinLikeAttention" in message
+    report = cx.coverage(model)
+    assert set(report.matched) == {"0.shape_only", "0.called", "1"}
+    assert {p.name for p in report.plain} == {"0.qkv", "0.inner.0"}
+    # Plain layers get exactly nn's gradient; the others are matched (differ from nn's).
+    x = torch.randn(9, 6)
+    for m in (model, plain):
+        m(x).square().mean().backward()
+    grads = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        if grads[name].grad is None:                          # inner.0's unused bias
+            assert p.grad is None
+            continue
+        same = torch.equal(p.grad, grads[name].grad)
+        assert same == name.startswith(("0.qkv", "0.inner.0")), name

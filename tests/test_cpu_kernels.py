@@ -191,13 +191,15 @@ def test_bias_entries_of_small_windows_beside_large_values(algorithm):
     # the row total minus the outside columns: 25 % off here); a tap that sees only padding
     # has exactly 0.
     torch.manual_seed(3)
-    x = torch.randn(2, 2, 4, 8) * 1e3
-    x[..., :2] = torch.randn(2, 2, 4, 2) * 1e-3
-    geometry = ((1, 3), (1, 1), (0, 0), (1, 3))                  # tap 0: columns 0–1 only
-    out = algorithm_op(x, *geometry, 1, True, algorithm)[0]
-    ref = _ref_gram(x, *geometry, 1, True)[0]
-    bias_col, ref_col = out[:-1, -1].double(), ref[:-1, -1]
-    assert ((bias_col - ref_col).abs() <= 1e-5 * ref_col.abs()).all(), (bias_col, ref_col)
+    x = torch.randn(2, 2, 6, 9) * 1e3
+    x[..., :2] = torch.randn(2, 2, 6, 2) * 1e-3
+    # tap 0 sees columns 0–1 only (no column is in every window); then a 'same' 3×3, whose
+    # middle columns every tap sees
+    for geometry in (((1, 3), (1, 1), (0, 0), (1, 3)), ((3, 3), (1, 1), (1, 1), (1, 1))):
+        out = algorithm_op(x, *geometry, 1, True, algorithm)[0]
+        ref = _ref_gram(x, *geometry, 1, True)[0]
+        bias_col, ref_col = out[:-1, -1].double(), ref[:-1, -1]
+        assert ((bias_col - ref_col).abs() <= 1e-5 * ref_col.abs()).all(), (bias_col, ref_col)
     x = torch.randn(2, 3, 3, 3)
     dead_geometry = ((7, 7), (1, 1), (2, 2), (1, 1))
     ref = _ref_gram(x, *dead_geometry, 1, True)[0]

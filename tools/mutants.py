@@ -494,6 +494,11 @@ MUTANTS = [
        why="the Python mirror of the C++ choice drifting from it"),
 
     # ---- layer kinds beyond Linear/Conv2d, the registry and the coverage report -----------
+    _m("coverage.parent-weight-reads-ignored", PY + "coverage.py",
+       "for path in _weights_read_in_forward(type(parent)):", "for path in ():",
+       "tests/test_convert.py::test_children_whose_weight_the_parent_uses_stay_plain_and_are_named",
+       why="a child whose parent hands its weight to F.linear got the ordinary gradient, "
+           "counted as matched"),
     _m("embedding.no-ridge", PY + "gradients.py",
        "scale = pending.wait() + self.ridge", "scale = pending.wait()",
        "tests/test_embedding.py", why="the embedding's (count/N + λ)"),
