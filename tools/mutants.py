@@ -146,7 +146,7 @@ MUTANTS = [
        "column_mean_sq(weight, groups) / (input_hw[0] * input_hw[1])",
        "tests/test_layerwise.py"),
     _m("layerwise.bn-times-gamma", PY + "layerwise.py",
-       "var = var / gamma.detach()", "var = var * gamma.detach()",
+       "var / gamma_sq, torch", "var * gamma_sq, torch",
        "tests/test_layerwise.py", DEGENERATE),
     _m("layerwise.producer-through-branches", PY + "layerwise.py",
        "if len(inputs) != 1:", "if not inputs:",
