@@ -118,11 +118,19 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     if base is not None:
         kind, why_not = subclass_kind(module)
         if kind is not None:
+            call = getattr(kind.c_type, "_cx_call", None)
+            how = f"matches its F.{call.__name__} call" if call else \
+                f"converts it as {base.__name__}"
             return f"a subclass of {base.__name__} not converted yet (consequentialize " \
-                   f"matches its F.{kind.c_type._cx_call.__name__} call)", False
-        return f"a subclass of {base.__name__}" + (f": {why_not}" if why_not else
-                                                   " with its own forward: register it with "
-                                                   "cx.register_layer if it is linear-like"), False
+                   f"{how})", False
+        if why_not:
+            return f"a subclass of {base.__name__}: {why_not}", False
+        c_type = kind_of(base).c_type
+        hint = (f"if its forward is {base.__name__}'s with extra steps, make a class of "
+                f"cx.{c_type.__name__} and it and pass both to cx.register_layer"
+                if c_type is not None and issubclass(c_type, CLayerMixin) else
+                "register it with cx.register_layer if it is linear-like")
+        return f"a subclass of {base.__name__} with its own forward: {hint}", False
     # Name the parameters: a model's own (ViT's pos_embed, cls_token) are often no weight
     # matrix at all, and the user should see which ones the report means.
     names = [n for n, p in module._parameters.items() if p is not None and p.dim() >= 2]

@@ -62,8 +62,9 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
     weight / bias: the attribute names of the weight and bias (bias may be absent or None).
 
     Registering a type again replaces its entry. Raises TypeError for a module_type that is
-    neither an nn.Module subclass nor a dotted name, or a c_type that is not a subclass of
-    module_type; ValueError for empty attribute names.
+    neither an nn.Module subclass nor a dotted name, a c_type that is not a subclass of
+    module_type, or no c_type for a subclass of a conv or embedding (not linear-like);
+    ValueError for empty attribute names.
     """
     if isinstance(module_type, str):
         if "." not in module_type:
@@ -82,6 +83,14 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
     if c_type is not None and not (isinstance(module_type, type) and isinstance(c_type, type)
                                    and issubclass(c_type, module_type)):
         raise TypeError(f"c_type must be a subclass of module_type; got {c_type!r}")
+    if c_type is None and isinstance(module_type, type):
+        # A conv or embedding is not linear-like: CLinear's backward would fail on its weight.
+        base = next((b for b in module_type.__mro__[1:] if b is not nn.Linear
+                     and getattr(_KINDS.get(_qualified_name(b)), "c_type", None)), None)
+        if base is not None:
+            c_base = _KINDS[_qualified_name(base)].c_type.__name__
+            raise TypeError(f"{module_type.__name__} is a {base.__name__}, not linear-like: pass "
+                            f"c_type, a class of cx.{c_base} and {module_type.__name__}")
     kind = LayerKind(key, c_type, bool(transposed), weight, bias)
     _KINDS[key] = kind
     return kind
@@ -100,7 +109,9 @@ def _made_class(mixin, module_type, doc, **attributes) -> type:
 
 def _remade(module_type: type, registered: bool):
     """An empty instance of ``module_type``'s made C-class (``_made_class``), for unpickling."""
-    if registered:
+    if _thin_base_kind(module_type) is not None:
+        c_type = _thin_class(module_type)
+    elif registered:
         kind = kind_of(module_type)
         if kind is None:
             raise pickle.UnpicklingError(
@@ -161,12 +172,51 @@ def _functional_base(module_type):
     return next((base for base in _FUNCTIONAL_CALLS if issubclass(module_type, base)), None)
 
 
+def _thin_base_kind(module_type: type) -> LayerKind | None:
+    """The kind of the registered class ``module_type`` subclasses without a forward of its
+    own (torchvision's Conv3DSimple: nn.Conv3d plus a static method), if that kind has a
+    C-class; None otherwise. Linear / Conv2d subclasses go through their functional call."""
+    if kind_of(module_type) is not None or _functional_base(module_type) is not None:
+        return None
+    for depth, base in enumerate(module_type.__mro__[1:], start=1):
+        kind = _KINDS.get(_qualified_name(base))
+        if kind is None:
+            continue
+        own = module_type.__mro__[:depth]
+        if kind.c_type is None or any(hook in vars(cls) for cls in own for hook in _FORWARDS):
+            return None
+        return kind
+    return None
+
+
+# What a subclass may not define for the base's C-class to stand in for it.
+_FORWARDS = ("forward", "_conv_forward")
+_THIN_TYPES: dict[type, type] = {}
+
+
+def _thin_class(module_type: type) -> type:
+    """The C-class of a thin subclass: its base's C-class over it."""
+    c_type = _THIN_TYPES.get(module_type)
+    if c_type is None:
+        base_c_type = _thin_base_kind(module_type).c_type
+        c_type = _made_class(base_c_type, module_type, f"{module_type.__name__} with "
+                             f"{base_c_type.__name__}'s forward and backward (a subclass that "
+                             f"adds no forward of its own).")
+        _THIN_TYPES[module_type] = c_type
+    return c_type
+
+
 def subclass_kind(module) -> tuple[LayerKind | None, str | None]:
     """(kind, None) for a subclass of nn.Linear / nn.Conv2d whose forward passes its own
     weight to ``F.linear`` / ``F.conv2d`` — checked by running that forward on a probe input on
-    the meta device (``routing.passes_own_weight``) — or (None, why not); (None, None) for a
+    the meta device (``routing.passes_own_weight``) — or of another registered class without
+    a forward of its own (its C-class over it); (None, why not) otherwise; (None, None) for a
     module that is no such subclass."""
     module_type = type(module)
+    thin = _thin_base_kind(module_type)
+    if thin is not None:
+        return dataclasses.replace(thin, name=_qualified_name(module_type),
+                                   c_type=_thin_class(module_type)), None
     base = _functional_base(module_type)
     if base is None:
         return None, None

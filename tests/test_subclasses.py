@@ -169,3 +169,64 @@ def test_rule_sgd_and_amortize():
         m(x).square().sum().backward()
     # float32 both: equal to the solve's rounding (norm-wise; see relative_error.py).
     assert rel_err(amortized.weight.grad, exact.weight.grad) < 1e-5
+
+
+class Conv3DSimple(nn.Conv3d):          # as torchvision's video ResNets: a static method only
+    @staticmethod
+    def get_downsample_stride(stride):
+        return stride, stride, stride
+
+
+class Conv1dSub(nn.Conv1d):
+    pass
+
+
+class EmbeddingSub(nn.Embedding):
+    pass
+
+
+class TransposeSub(nn.ConvTranspose2d):
+    pass
+
+
+class NoisyConv3d(nn.Conv3d):
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+THIN = [(Conv3DSimple, nn.Conv3d, (3, 4, 3), lambda: torch.randn(2, 3, 4, 5, 5)),
+        (Conv1dSub, nn.Conv1d, (3, 4, 3), lambda: torch.randn(3, 3, 9)),
+        (EmbeddingSub, nn.Embedding, (10, 4), lambda: torch.randint(0, 10, (7,))),
+        (TransposeSub, nn.ConvTranspose2d, (3, 2, 3), lambda: torch.randn(2, 3, 4, 4))]
+
+
+@pytest.mark.parametrize("thin,base,args,make_input", THIN, ids=lambda v: getattr(v, "__name__", ""))
+def test_thin_subclasses_convert_as_their_base_and_pickle(thin, base, args, make_input, tmp_path):
+    # A subclass adding no forward of its own is its base: converted with the base's C-class
+    # over it, the same gradients as the base's C-layer, and it saves and loads.
+    torch.manual_seed(5)
+    layer = thin(*args).double()
+    twin = base(*args).double()
+    twin.load_state_dict(layer.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cx.consequentialize(layer), cx.consequentialize(twin)
+    assert isinstance(layer, thin) and type(layer) is not thin and cx.coverage(layer).share == 1.0
+    x = make_input()
+    x = x.double() if x.is_floating_point() else x
+    for m in (layer, twin):
+        m(x).square().mean().backward()
+    for p, q in zip(layer.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert type(loaded) is type(layer) and isinstance(loaded, thin)
+
+
+def test_conv_subclass_with_its_own_forward_stays_plain_and_registering_it_linear_like_is_refused():
+    model = nn.Sequential(NoisyConv3d(2, 3, 3))
+    with pytest.warns(UserWarning, match="make a class of cx.CConv3d and it"):
+        cx.consequentialize(model)
+    assert cx.coverage(model).share == 0.0
+    with pytest.raises(TypeError, match="NoisyConv3d is a Conv3d, not linear-like: pass c_type"):
+        cx.register_layer(NoisyConv3d)
