@@ -134,8 +134,9 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     # Name the parameters: a model's own (ViT's pos_embed, cls_token) are often no weight
     # matrix at all, and the user should see which ones the report means.
     names = [n for n, p in module._parameters.items() if p is not None and p.dim() >= 2]
-    return (f"unknown layer type ({type(module).__name__}) holding {', '.join(names)}: "
-            f"cx.register_layer teaches linear-like ones"), False
+    return (f"unknown layer type ({type(module).__name__}) holding {', '.join(names)}, used "
+            f"by its own code: a model's tensors (ViT's pos_embed, a bias table) stay plain; a "
+            f"linear-like layer can be taught with cx.register_layer"), False
 
 
 def weight_users(model: nn.Module) -> dict[int, nn.Module]:
