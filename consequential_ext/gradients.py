@@ -65,16 +65,24 @@ def explicit_padding(padding, kernel_size, dilation):
     return tuple(pads)
 
 
-@functools.lru_cache(maxsize=256)  # per layer geometry; ~5 µs a backward otherwise
 def _split_padding(padding, kernel_size, dilation):
     """(symmetric padding per spatial dim, the excess in F.pad's order): an uneven 'same' is
     padded explicitly, so that kernels only ever see symmetric zero padding."""
+    if torch.compiler.is_compiling():     # traced once per graph; Dynamo warns on a cache
+        return _split_padding_of(padding, kernel_size, dilation)
+    return _split_padding_cached(padding, kernel_size, dilation)
+
+
+def _split_padding_of(padding, kernel_size, dilation):
     pads = explicit_padding(padding, kernel_size, dilation)
     symmetric = tuple(map(min, pads[0::2], pads[1::2]))
     extra = []
     for before, after, sym in reversed(list(zip(pads[0::2], pads[1::2], symmetric))):
         extra += [before - sym, after - sym]
     return symmetric, tuple(extra)
+
+
+_split_padding_cached = functools.lru_cache(maxsize=256)(_split_padding_of)  # ~5 µs a backward
 
 
 class Conv2dGradients:
