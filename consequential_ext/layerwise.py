@@ -77,13 +77,16 @@ def batchnorm_factor(producer_sq, batch_var, gamma):
 
     With no C-layer found below (raw data, an nn layer, a branch: ``producer_sq`` None),
     falls back to eq. 36's first form, the batch variance averaged over channels. An affine
-    γ scales BP by γ and the matched signal by 1/γ, hence the division by the mean γ². All-zero
+    γ scales BP by γ and the matched signal by 1/γ, hence the division by the mean γ² (a
+    float64 scalar). All-zero
     γ (a zero-initialised residual branch) sends BP's signal 0: the factor is 0 there, not ∞
     (whose product with 0 is NaN), as the exact rule's minimum-norm 0.
     """
-    var = producer_sq if producer_sq is not None else batch_var.mean()
+    var = (producer_sq if producer_sq is not None else batch_var.mean()).double()
     if gamma is not None:
-        gamma_sq = gamma.detach().to(var.dtype).square().mean()
+        # In float64: a tiny float32 γ (1e-20) has a mean square float32 holds but a
+        # quotient it does not (the signal applies the factor as two square roots).
+        gamma_sq = gamma.detach().double().square().mean()
         var = torch.where(gamma_sq > 0, var / gamma_sq, torch.zeros_like(var))
     return var
 
@@ -110,22 +113,26 @@ def producer_weight(tensor):
         index = getattr(getattr(node, "_forward_cls", None), "cx_saved_weight_index", None)
         if index is not None:
             return node.saved_tensors[index]
-        if _WEIGHTED_OP.search(name):
+        if _WEIGHTED_OP.match(name):
             return None
         inputs = [n for n, _ in node.next_functions if n is not None]
         if len(inputs) != 1:
             return None                          # a branch, or a constant
         node = inputs[0]
-    if torch._C._current_graph_task_id() != -1:
-        # A leaf reached in a forward that runs inside backward: a reentrant checkpoint's
-        # recomputation, whose segment starts below the layer feeding the norm.
+    if type(torch._C._current_autograd_node()).__name__ == "CheckpointFunctionBackward":
+        # A leaf reached in a reentrant checkpoint's recomputation (run by that node's
+        # backward): its segment starts below the layer feeding the norm. A non-reentrant
+        # recomputation only refills saved tensors: the first forward's factor stands.
         raise RuntimeError(_RECOMPUTED)
     return None
 
 
 # ATen's backward nodes of ops that multiply by a weight (conv, mm/addmm/bmm, mv, dot,
-# embedding): an nn layer, frozen or not, ends the walk.
-_WEIGHTED_OP = re.compile(r"Convolution|Conv\d|mm|Mm|mv|Mv|Dot|Linear|Embedding")
+# linear, embedding): an nn layer, frozen or not, ends the walk. Anchored at the name's start:
+# LgammaBackward, CummaxBackward or UpsampleLinear1DBackward are no such op.
+_WEIGHTED_OP = re.compile(r"(Addmm|Mm|Bmm|Baddbmm|Addbmm|Mv|Addmv|Dot|Vdot|Linear|MkldnnLinear|"
+                          r"Embedding\w*|\w*Convolution\w*|SlowConv\w*|ConvDepthwise\w*|ConvTbc)"
+                          r"Backward")
 
 # Eq. 36 needs the producing layer's weight at forward time, and only the eager autograd graph
 # holds it: a compiled region hides it (falling back to the no-producer form would be another

@@ -141,6 +141,10 @@ def test_producer_is_found_through_single_input_ops_only():
     assert producer_weight(frozen_lin(F.relu(lin(x)))) is None
     assert producer_weight(frozen_conv(conv(torch.randn(1, 2, 6, 6)))) is None
     assert producer_weight(F.relu(lin(x)) @ torch.randn(4, 4)) is None
+    # Ops whose names merely contain a matmul's letters are single-input ops like any other.
+    through = torch.lgamma(F.relu(lin(x)) + 1).cummax(1)[0]
+    assert producer_weight(F.interpolate(through[:, None], scale_factor=2, mode="linear")) \
+        is lin.weight
 
 
 def _conv_bn_relu_stack(seed):
@@ -171,6 +175,25 @@ def test_layerwise_norms_under_activation_checkpointing(reentrant):
             return
         loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
+    for checkpointed_grad, grad in zip(*grads[::-1]):
+        _close(checkpointed_grad, grad)
+
+
+def test_a_norm_on_the_input_under_non_reentrant_checkpointing():
+    # The recomputation reaches the model's input (a leaf that requires grad): no producer,
+    # eq. 36's first form, as without checkpointing — not the reentrant case's error.
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(2)
+        norm = cx.BackMatchBatchNorm2d(3, rule="backmatch-layerwise").double()
+        conv = cx.CConv2d(3, 2, 3, rule="backmatch-layerwise").double()
+        xi = x.clone().requires_grad_()
+        head = lambda h: conv(F.relu(norm(h)))    # noqa: E731
+        out = torch.utils.checkpoint.checkpoint(head, xi, use_reentrant=False) \
+            if checkpointed else head(xi)
+        out.square().mean().backward()
+        grads.append([xi.grad] + [p.grad for p in (*norm.parameters(), *conv.parameters())])
     for checkpointed_grad, grad in zip(*grads[::-1]):
         _close(checkpointed_grad, grad)
 
@@ -242,3 +265,21 @@ def test_zero_initialised_norm_sends_zero_not_nan():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert not model["conv_a"].weight.grad.any() and not model["conv_a"].bias.grad.any()
     assert model["conv_in"].weight.grad.abs().sum() > 0     # the identity path still carries
+
+
+def test_a_tiny_gamma_in_float32_gives_the_float64_signal():
+    # γ = 1e-20: its mean square is a float32 denormal, the factor var/γ² (~1e40) is not a
+    # float32 — the signal must still be the float64 computation's, not inf or NaN.
+    torch.manual_seed(6)
+    x = torch.randn(8, 3, dtype=torch.float64) * 2 + 1
+    gy = torch.randn(8, 3, dtype=torch.float64)
+    signals = []
+    for dtype in (torch.float32, torch.float64):
+        norm = cx.BackMatchBatchNorm1d(3, rule="backmatch-layerwise").to(dtype)
+        with torch.no_grad():
+            norm.weight.fill_(1e-20)
+        xi = x.to(dtype).requires_grad_()
+        norm(xi).backward(gy.to(dtype))
+        signals.append(xi.grad.double())
+    assert torch.isfinite(signals[0]).all()
+    _close(signals[0], signals[1], rtol=1e-4)
