@@ -85,8 +85,8 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
         raise TypeError(f"c_type must be a subclass of module_type; got {c_type!r}")
     if c_type is None and isinstance(module_type, type):
         # A conv or embedding is not linear-like: CLinear's backward would fail on its weight.
-        base = next((b for b in module_type.__mro__[1:] if b is not nn.Linear
-                     and getattr(_KINDS.get(_qualified_name(b)), "c_type", None)), None)
+        base = next((b for b in module_type.__mro__[1:] if not _linear_like(_KINDS.get(
+            _qualified_name(b)))), None)
         if base is not None:
             c_base = _KINDS[_qualified_name(base)].c_type.__name__
             raise TypeError(f"{module_type.__name__} is a {base.__name__}, not linear-like: pass "
@@ -94,6 +94,11 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
     kind = LayerKind(key, c_type, bool(transposed), weight, bias)
     _KINDS[key] = kind
     return kind
+
+
+def _linear_like(kind: LayerKind | None) -> bool:
+    """Whether ``kind`` (None: no kind) is CLinear's or a registered linear-like one."""
+    return kind is None or kind.c_type is None or issubclass(kind.c_type, (CLinear, CLinearLike))
 
 
 def _made_class(mixin, module_type, doc, **attributes) -> type:
@@ -111,13 +116,13 @@ def _remade(module_type: type, registered: bool):
     """An empty instance of ``module_type``'s made C-class (``_made_class``), for unpickling."""
     if _thin_base_kind(module_type) is not None:
         c_type = _thin_class(module_type)
-    elif registered:
+    elif registered or _functional_base(module_type) is None:   # a thin one's base is gone
         kind = kind_of(module_type)
         if kind is None:
             raise pickle.UnpicklingError(
-                f"a C{module_type.__name__} (a registered linear-like layer) needs "
-                f"cx.register_layer({_qualified_name(module_type)}, ...) in this process before "
-                f"it is loaded")
+                f"a C{module_type.__name__} (a registered linear-like layer, or a subclass of "
+                f"one) needs cx.register_layer of {_qualified_name(module_type)} or of the class "
+                f"it subclasses in this process before it is loaded")
         c_type = kind.c_type
     else:
         c_type = _functional_class(module_type)
@@ -179,11 +184,11 @@ def _thin_base_kind(module_type: type) -> LayerKind | None:
     if kind_of(module_type) is not None or _functional_base(module_type) is not None:
         return None
     for depth, base in enumerate(module_type.__mro__[1:], start=1):
-        kind = _KINDS.get(_qualified_name(base))
+        kind = kind_of(base)             # a registered linear-like base's C-class made here
         if kind is None:
             continue
         own = module_type.__mro__[:depth]
-        if kind.c_type is None or any(hook in vars(cls) for cls in own for hook in _FORWARDS):
+        if any(hook in vars(cls) for cls in own for hook in _FORWARDS):
             return None
         return kind
     return None

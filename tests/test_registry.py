@@ -260,3 +260,32 @@ def test_coverage_of_gpt2_and_bert():
     report = cx.coverage(bert)
     assert len(report.matched) == 10 and report.plain == ()     # 7 Linear, 3 Embedding
     assert 0 < report.share < 1
+
+
+class ThinToy(TransposedToy):
+    """A subclass that adds no forward: converted as its registered linear-like base."""
+
+
+def test_a_thin_subclass_of_a_registered_linear_like_layer(clean_registry, monkeypatch):
+    # Registered and never looked up before (its C-class is made on first use): the thin
+    # subclass converts anyway, matches as its base, pickles, and may itself be registered
+    # linear-like (it is one).
+    cx.register_layer(TransposedToy, transposed=True, weight="kernel", bias="offset")
+    torch.manual_seed(7)
+    layer = ThinToy(5, 4).double()
+    twin = TransposedToy(5, 4).double()
+    twin.load_state_dict(layer.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cx.consequentialize(layer, ridge=RIDGE), cx.consequentialize(twin, ridge=RIDGE)
+    assert isinstance(layer, ThinToy) and cx.coverage(layer).share == 1.0
+    x = torch.randn(3, 5, dtype=torch.float64)
+    for got, want in zip(_grads_after_a_step(layer, x), _grads_after_a_step(twin, x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    blob = pickle.dumps(layer)
+    monkeypatch.setattr(registry, "_THIN_TYPES", {})
+    assert isinstance(pickle.loads(blob), ThinToy)
+    monkeypatch.setattr(registry, "_KINDS", {})
+    with pytest.raises(pickle.UnpicklingError, match="register_layer of .*ThinToy or of the"):
+        pickle.loads(blob)
+    cx.register_layer(ThinToy, transposed=True, weight="kernel", bias="offset")
