@@ -7,9 +7,6 @@ The matched share counts parameters (each tensor once, shared ones too).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-import re
 
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
@@ -17,6 +14,7 @@ from torch.nn.utils import parametrize
 
 from .registry import derived_weight, kind_of, subclass_kind
 from .rules import rule_named
+from .weight_reads import weights_used_in_forward
 from ._validate import CLayerMixin
 
 __all__ = ["coverage", "Coverage", "PlainLayer"]
@@ -101,8 +99,8 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
         reason, chosen = plain_reason(parent)
         return f"its parent {type(parent).__name__} is plain: {reason}", chosen
     if parent is not None:
-        return (f"its weight is used by its parent {type(parent).__name__} without calling "
-                f"its forward"), False
+        return (f"its weight is used directly by its parent {type(parent).__name__}, not "
+                f"only through its own forward (all a C-layer matches)"), False
     if isinstance(module, parametrize.ParametrizationList):
         return ("the parametrization of a weight (weight norm, spectral norm): the layer uses "
                 "the transformed weight, not this parameter"), False
@@ -140,49 +138,35 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
 
 
 def weight_users(model: nn.Module) -> dict[int, nn.Module]:
-    """id(child) → the parent that uses the child's weight without calling its forward:
-    ``WEIGHT_USERS``, and any other parent whose ``forward`` reads ``self.<child>.weight``
-    (torchvision's Swin hands ``self.qkv.weight`` to ``F.linear`` itself, timm's BEiT/EVA
-    too): the child's forward never runs, so a C-layer there would silently get the ordinary
-    gradient. A read of the weight's metadata (``.shape``, ``.dtype``, …) does not count."""
+    """id(child) → the parent that uses the child's weight directly, not only by calling it:
+    ``WEIGHT_USERS``, and any other parent whose ``forward`` computes with
+    ``self.<child>.weight`` (``weight_reads``): the child's forward never runs, so a C-layer
+    there would silently get the ordinary gradient."""
     users = {}
     for parent in model.modules():
         if isinstance(parent, WEIGHT_USERS):
             users.update((id(child), parent) for child in parent.modules() if child is not parent)
             continue
-        for path in _weights_read_in_forward(type(parent)):
+        for path in weights_used_in_forward(type(parent)):
             child = _submodule(parent, path)
             if child is not None and child is not parent:
                 users.setdefault(id(child), parent)
     return users
 
 
-# self.<path>.weight, not followed by a metadata attribute.
-_WEIGHT_READ = re.compile(r"self\.([A-Za-z_][\w.\[\]]*?)\.weight\b(?!\s*\.\s*(?:shape|dtype|"
-                          r"device|size|ndim|dim|numel|requires_grad|is_\w+)\b)")
-
-
-@functools.lru_cache(maxsize=None)
-def _weights_read_in_forward(module_type: type) -> tuple[str, ...]:
-    """The submodule paths whose weight ``module_type.forward`` reads. torch.nn's own modules
-    are skipped: they read child weights only on no-grad inference fast paths
-    (nn.TransformerEncoderLayer), MultiheadAttention aside (``WEIGHT_USERS``)."""
-    if module_type.__module__.startswith("torch.nn."):
-        return ()
-    try:
-        source = inspect.getsource(module_type.forward)
-    except (OSError, TypeError):      # no source (built in C, made at run time)
-        return ()
-    # self.blocks[0].fc → the submodule path blocks.0.fc
-    return tuple(sorted({re.sub(r"\[(\d+)\]", r".\1", path)
-                         for path in _WEIGHT_READ.findall(source)}))
-
-
 def _submodule(parent, path):
-    try:
-        return parent.get_submodule(path)
-    except AttributeError:
-        return None
+    """The submodule at ``path`` (``layers.-1``: negative indices of a ModuleList or
+    Sequential too), or None."""
+    module = parent
+    for part in path.split("."):
+        child = module._modules.get(part)
+        if child is None and isinstance(module, (nn.ModuleList, nn.Sequential)) \
+                and part.lstrip("-").isdigit() and -len(module) <= int(part) < len(module):
+            child = module[int(part)]
+        if child is None:
+            return None
+        module = child
+    return module
 
 
 def check_model(model, caller: str):

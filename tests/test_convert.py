@@ -102,11 +102,16 @@ class _SwinLikeAttention(nn.Module):
         super().__init__()
         self.qkv, self.inner = nn.Linear(6, 6), nn.Sequential(nn.Linear(6, 6))
         self.shape_only, self.called = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.viewed = nn.Linear(6, 6)
 
     def forward(self, x):
-        assert self.shape_only.weight.shape[1] == x.shape[-1]     # metadata: not a use
-        h = torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias)
-        h = torch.nn.functional.linear(h, self.inner[0].weight)
+        # metadata, not a use: self.called.weight stays the called layer's
+        assert self.shape_only.weight.shape[1] == x.shape[-1]
+        assert isinstance(self.called.weight, torch.Tensor) and self.called.weight is not None
+        x = x.to(self.shape_only.weight).type_as(self.called.weight)
+        h = torch.nn.functional.linear(x, weight=self.qkv.weight, bias=self.qkv.bias)
+        h = torch.nn.functional.linear(h, self.inner[0].weight[:, :6] * 1.0)
+        h = h @ self.viewed.weight.T + self.viewed.bias
         return self.called(self.shape_only(h))
 
 
@@ -117,11 +122,11 @@ def test_children_whose_weight_the_parent_uses_stay_plain_and_are_named():
     with pytest.warns(UserWarning) as caught:
         cx.consequentialize(model)
     message = str(caught[0].message)
-    for name in ("0.qkv", "0.inner.0"):
-        assert f"{name} (its weight is used by its parent _SwinLikeAttention" in message
+    for name in ("0.qkv", "0.inner.0", "0.viewed"):
+        assert f"{name} (its weight is used directly by its parent _SwinLikeAttention" in message
     report = cx.coverage(model)
     assert set(report.matched) == {"0.shape_only", "0.called", "1"}
-    assert {p.name for p in report.plain} == {"0.qkv", "0.inner.0"}
+    assert {p.name for p in report.plain} == {"0.qkv", "0.inner.0", "0.viewed"}
     # Plain layers get exactly nn's gradient; the others are matched (differ from nn's).
     x = torch.randn(9, 6)
     for m in (model, plain):
@@ -132,4 +137,66 @@ def test_children_whose_weight_the_parent_uses_stay_plain_and_are_named():
             assert p.grad is None
             continue
         same = torch.equal(p.grad, grads[name].grad)
-        assert same == name.startswith(("0.qkv", "0.inner.0")), name
+        assert same == name.startswith(("0.qkv", "0.inner.0", "0.viewed")), name
+
+
+class _EncoderLayer(nn.TransformerEncoderLayer):
+    """A subclass inheriting torch's forward, whose inference fast path reads linear1.weight."""
+
+
+def test_an_nn_transformer_layer_subclass_converts_fully():
+    layer = _EncoderLayer(8, 2, 16, dropout=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cx.consequentialize(layer)
+    assert {"linear1", "linear2", "self_attn"} <= set(cx.coverage(layer).matched)
+
+
+class _Helper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+
+    def _project(self, x):
+        return torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias)
+
+    def forward(self, x):
+        return self._project(x)
+
+
+class _Reads(nn.Module):
+    """Uses through an alias, getattr, a negative index and a dict key; metadata only else."""
+    def __init__(self):
+        super().__init__()
+        self.fc, self.other = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)})
+
+    def forward(self, x):
+        fc = self.fc
+        x = torch.nn.functional.linear(x, fc.weight) + self.other(x.to(self.other.weight))
+        x = torch.nn.functional.linear(self.layers[0](x), self.layers[-1].weight)
+        x = torch.nn.functional.linear(x, getattr(self.heads["a"], "weight"))
+        return self.heads["b"](x) if self.heads["b"].weight.dtype is not None else x
+
+
+class _TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.body = nn.Embedding(10, 4), nn.Linear(4, 4)
+
+    def forward(self, idx):
+        return torch.nn.functional.linear(self.body(self.emb(idx)), self.emb.weight)
+
+
+@pytest.mark.parametrize("model,used", [(_Helper, {"qkv"}),
+                                        (_Reads, {"fc", "layers.1", "heads.a"}),
+                                        (_TiedHead, {"emb"})], ids=lambda v: str(v))
+def test_weights_a_parent_uses_directly_are_found_in_its_source(model, used):
+    m = model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cx.consequentialize(m)
+    report = cx.coverage(m)
+    assert {p.name for p in report.plain} == used
+    assert all(name not in used for name in report.matched)

@@ -500,8 +500,12 @@ MUTANTS = [
        "if False:",
        "tests/test_subclasses.py::test_conv_subclass_with_its_own_forward_stays_plain_and_registering_it_linear_like_is_refused",
        why="a subclass with its own forward converted as its base, its forward replaced"),
+    _m("weight-reads.metadata-counts-as-use", PY + "weight_reads.py",
+       "return not _metadata_call(parent.func)", "return True",
+       "tests/test_convert.py::test_children_whose_weight_the_parent_uses_stay_plain_and_are_named",
+       why="isinstance(self.wo.weight, ...) left T5's wo plain"),
     _m("coverage.parent-weight-reads-ignored", PY + "coverage.py",
-       "for path in _weights_read_in_forward(type(parent)):", "for path in ():",
+       "for path in weights_used_in_forward(type(parent)):", "for path in ():",
        "tests/test_convert.py::test_children_whose_weight_the_parent_uses_stay_plain_and_are_named",
        why="a child whose parent hands its weight to F.linear got the ordinary gradient, "
            "counted as matched"),
