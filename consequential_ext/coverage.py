@@ -77,7 +77,14 @@ def _matched_params(module):
 
 
 def _is_matched(module) -> bool:
-    return isinstance(module, CLayerMixin) and not rule_named(module.rule).bypass
+    return isinstance(module, CLayerMixin) and not rule_named(module.rule).bypass \
+        and _trained(module)
+
+
+def _trained(module) -> bool:
+    """Whether any parameter the layer matches requires a gradient (a frozen layer gets none
+    to match)."""
+    return any(p.requires_grad for p in _matched_params(module))
 
 
 def _registered_base(module_type):
@@ -92,6 +99,8 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     user = getattr(module, USER_REASON, None)
     if user:
         return user, True
+    if isinstance(module, CLayerMixin) and not _trained(module):
+        return "frozen: none of its parameters requires a gradient", True
     if isinstance(module, CLayerMixin):
         return f"rule {module.rule!r} (the ordinary gradient)", True
     if parent is not None and (isinstance(parent, CLayerMixin) or getattr(parent, USER_REASON,
@@ -112,6 +121,9 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     refused = next((r for t, r in UNSUPPORTED.items() if isinstance(module, t)), None)
     if refused is not None:
         return refused, False
+    if kind_of(type(module)) is not None:
+        return (f"a {type(module).__name__} not converted (yet): consequentialize converts "
+                f"this kind"), False
     base = _registered_base(type(module))
     if base is not None:
         kind, why_not = subclass_kind(module)

@@ -4,13 +4,13 @@ torchvision's Swin hands ``self.qkv.weight`` to ``F.linear`` itself, and timm's 
 when they have q/v biases: the child's forward never runs, so as a C-layer it would silently
 get the ordinary gradient. ``coverage.weight_users`` leaves such children plain.
 
-What counts is a child's weight — ``self.<path>.weight``, through ``self.blocks[-1]``,
-``self.heads["a"]``, ``getattr(self.fc, "weight")`` or a local alias ``fc = self.fc`` —
-sliced, scaled, viewed or cast, as an argument of a call (``F.linear(x, w)``,
-``f(x, weight=w[:n] * s)``) or an operand of ``@`` (``x @ w.T``), in ``forward`` or in a
-method of the module that ``forward`` calls (``self._proj(x)``). Metadata does not count
-(``w.shape``, ``w.dtype``, ``isinstance(w, …)``, ``x.to(w)``, ``x.type_as(w)``,
-``w is None``), nor do comments. A forward that calls the child in one branch and uses its
+What counts is any read of a child's weight's values — ``self.<path>.weight``, through
+``self.blocks[-1]``, ``self.heads["a"]``, ``getattr(self.fc, "weight")`` or a local alias
+``fc = self.fc`` — in ``forward`` or in a method of the module that ``forward`` calls
+(``self._proj(x)``): passed to a call, an operand, put in a list, assigned, chunked. Metadata
+does not count (``w.shape``, ``w.dtype``, ``w.size()``, ``isinstance(w, …)``, ``x.to(w)``,
+``x.type_as(w)``, ``w is None``, a condition), nor do comments. A weight reached through a
+module passed to ``forward`` as an argument is out of its sight. A forward that calls the child in one branch and uses its
 weight in another counts: the child then stays plain, named in the warning — never silently
 matched.
 """
@@ -23,17 +23,16 @@ import textwrap
 
 __all__ = ["weights_used_in_forward"]
 
-# Calls that read a tensor's metadata, not its values.
+# What reads a tensor's metadata, not its values: attributes, methods, calls taking it.
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "requires_grad", "layout", "is_leaf",
+                   "is_cuda", "is_sparse", "is_quantized", "is_meta", "names"}
+_METADATA_METHODS = {"size", "dim", "numel", "nelement", "element_size", "is_floating_point",
+                     "is_complex", "is_contiguous", "stride", "data_ptr", "get_device",
+                     "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor"}
 _METADATA_CALLS = {"isinstance", "getattr", "hasattr", "type", "len", "id", "print", "repr",
                    "str"}
-_METADATA_METHODS = {"to", "type_as", "view_as", "expand_as", "reshape_as", "new_empty",
-                     "new_zeros", "new_ones", "new_full", "new_tensor", "is_floating_point",
-                     "dim", "size"}
-# Expressions a weight passes through on its way into a call: w[:n], w * s, -w, (w), and
-# views or casts of it (w.T, w.t(), w.reshape(…), w.float()).
-_CARRIERS = (ast.Subscript, ast.BinOp, ast.UnaryOp, ast.Starred)
-_VIEWS = {"T", "mT", "H", "t", "transpose", "permute", "view", "reshape", "flatten",
-          "unsqueeze", "squeeze", "contiguous", "float", "half", "bfloat16", "double", "clone"}
+_METADATA_ARGUMENT_OF = {"to", "type_as", "view_as", "expand_as", "reshape_as", "new_empty",
+                         "new_zeros", "new_ones", "new_full", "new_tensor"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,28 +128,31 @@ def _index(node) -> str | None:
 
 
 def _computes_with(node, parents) -> bool:
-    """Whether the weight expression ``node`` is an argument of a value-using call or an
-    operand of ``@`` (through slicing, arithmetic, views and casts)."""
-    while True:
-        parent = parents.get(node)
-        if isinstance(parent, ast.BinOp) and isinstance(parent.op, ast.MatMult):
-            return True
-        if isinstance(parent, ast.Attribute) and parent.attr in _VIEWS:
-            call = parents.get(parent)      # w.t(): the call is the value; w.T: the attribute
-            node = call if isinstance(call, ast.Call) and call.func is parent else parent
-            continue
-        if isinstance(parent, _CARRIERS) and not (isinstance(parent, ast.Subscript)
-                                                  and parent.slice is node):
-            node = parent
-            continue
-        if isinstance(parent, ast.keyword):
-            node, parent = parent, parents.get(parent)
-        if isinstance(parent, ast.Call) and parent.func is not node:
-            return not _metadata_call(parent.func)
+    """Whether the weight expression ``node`` is read for its values: anything but metadata
+    (an attribute or method of it like ``.shape``, an argument of ``isinstance`` or
+    ``x.to``, a comparison, a condition). Conservative on purpose: a value read the analysis
+    cannot follow (a list, a local, ``.chunk``) counts, and leaves the child plain, named."""
+    parent = parents.get(node)
+    if isinstance(parent, ast.Attribute):
+        if parent.attr in _METADATA_ATTRS:
+            return False
+        if parent.attr == "data":            # w.data.dtype: look at what the .data is for
+            return _computes_with(parent, parents)
+        call = parents.get(parent)
+        return not (parent.attr in _METADATA_METHODS and isinstance(call, ast.Call)
+                    and call.func is parent)
+    if isinstance(parent, ast.keyword):
+        node, parent = parent, parents.get(parent)
+    if isinstance(parent, ast.Call) and parent.func is not node:
+        return not _metadata_call(parent.func)
+    if isinstance(parent, (ast.Compare, ast.BoolOp)):
         return False
+    if isinstance(parent, (ast.If, ast.While, ast.IfExp, ast.Assert)) and parent.test is node:
+        return False
+    return True
 
 
 def _metadata_call(func) -> bool:
     if isinstance(func, ast.Name):
         return func.id in _METADATA_CALLS
-    return isinstance(func, ast.Attribute) and func.attr in _METADATA_METHODS
+    return isinstance(func, ast.Attribute) and func.attr in _METADATA_ARGUMENT_OF

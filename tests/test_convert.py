@@ -200,3 +200,17 @@ def test_weights_a_parent_uses_directly_are_found_in_its_source(model, used):
     report = cx.coverage(m)
     assert {p.name for p in report.plain} == used
     assert all(name not in used for name in report.matched)
+
+
+def test_coverage_of_frozen_and_not_yet_converted_layers():
+    # A frozen C-layer gets no gradient to match: plain, the user's choice (not warned); an
+    # nn.Linear that consequentialize has not seen (yet) is said to be that.
+    model = cx.consequentialize(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    model[0].requires_grad_(False)
+    model.append(nn.Linear(2, 2))
+    report = cx.coverage(model)
+    assert report.matched == ("1",)
+    reasons = {p.name: (p.reason, p.chosen_by_user) for p in report.plain}
+    assert reasons["0"] == ("frozen: none of its parameters requires a gradient", True)
+    assert reasons["2"][0].startswith("a Linear not converted (yet)") and not reasons["2"][1]
+    assert report.matched_params == 4 * 2 + 2
