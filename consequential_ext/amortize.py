@@ -7,7 +7,7 @@ those run on refresh steps only, the Gram from a strided part of the batch holdi
 ``gram_oversample·D`` columns; the other steps pay one ``O(M·D²)`` matmul with the kept
 inverse and the safeguard's energy on a few columns (``O(M·D·safeguard_columns)``), so a
 step costs little more than plain SGD's ``G``. Where the column (P×P) system is cheaper
-(``matching.cheaper_side``, e.g. N < D) the exact column solve is used instead: it is exact
+(``matching.solve_side``: P < D, e.g. N < D for a Linear) the exact column solve is used instead: it is exact
 where the row Gram is rank-deficient, and for N ≪ D cheaper than the amortised one
 (``exact_when_cheaper``; docs/amortize.md).
 
@@ -295,7 +295,7 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
     ``every=None`` removes it (exact solves). ``damping``: ridge added relative to the Gram's
     mean eigenvalue; ``safeguard_columns``: columns (rows, patches) per step on which the
     step is shortened to the current batch's quadratic model (None: off); ``exact_when_cheaper``: solve the
-    exact column system where it is the cheaper one (N < D). docs/amortize.md has the
+    exact column system where it is the smaller one (P < D). docs/amortize.md has the
     derivation and when to use which. In place; returns ``model``; adds no parameters."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")

@@ -18,7 +18,7 @@ WEIGHT_BOUND = 1e-4
 # The signal to the input is BP's bf16 product (as nn's under autocast), then divided.
 INPUT_BOUND = 2.0 ** -6
 
-# kind, side, input shape, layer; the side is what matching.cheaper_side picks for it
+# kind, side, input shape, layer; the side is what matching.solve_side picks for it
 LAYERS = {
     "linear-row": (lambda: torch.randn(40, 5), lambda: cx.CLinear(5, 3)),
     "linear-column": (lambda: torch.randn(3, 20), lambda: cx.CLinear(20, 4)),
@@ -29,10 +29,10 @@ LAYERS = {
 
 def _side(layer, x):
     if isinstance(layer, torch.nn.Linear):
-        return matching.cheaper_side(x.shape[0], layer.in_features + 1, layer.out_features)
+        return matching.solve_side(x.shape[0], layer.in_features + 1)
     y = layer(x)
     d = layer.weight[0].numel() + 1
-    return matching.cheaper_side(y.shape[0] * y.shape[2] * y.shape[3], d, layer.out_channels)
+    return matching.solve_side(y.shape[0] * y.shape[2] * y.shape[3], d)
 
 
 def _expected(layer, rule, x, gy):

@@ -4,6 +4,7 @@ import torch
 
 import consequential_ext as cx
 from consequential_ext import matching
+import matched_reference as ref
 
 
 def _one_sgd_step(n, d_in, d_out, ridge, bias):
@@ -60,9 +61,32 @@ def test_conv_row_side_equals_column_side(stride, padding, dilation, groups):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
 
 
-def test_cheaper_side_picks_small_system():
-    assert matching.cheaper_side(p=8, d=1000, m=10) == "column"
-    assert matching.cheaper_side(p=10000, d=64, m=10) == "row"
+def test_solve_side_picks_the_smaller_system():
+    assert matching.solve_side(p=8, d=1000) == "column"
+    assert matching.solve_side(p=10000, d=64) == "row"
+    assert matching.solve_side(p=144, d=145) == "column"   # flops nearly tied: the full-rank one
+    assert matching.solve_side(p=145, d=145) == "row"
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_rank_deficient_row_side_is_not_solved_in_float32(kind):
+    # P just below D at a tiny ridge: the D×D Gram has rank ≤ P and its float32 Cholesky
+    # lost the small directions (10× off); the P×P side is well posed.
+    torch.manual_seed(8)
+    ridge = 1e-8
+    if kind == "linear":
+        layer, x = cx.CLinear(64, 7, ridge=ridge), torch.randn(64, 64)      # N = 64, D = 65
+    else:
+        layer, x = cx.CConv2d(16, 5, 3, stride=2, padding=1, ridge=ridge), \
+            torch.randn(4, 16, 12, 12)                                      # P = 144, D = 145
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    w, b, x64, gy64 = (t.detach().double() for t in (layer.weight, layer.bias, x, gy))
+    expected = ref.matched_linear(x64, w, b, gy64, ridge) if kind == "linear" else \
+        ref.matched_conv2d(x64, w, b, gy64, (2, 2), (1, 1), (1, 1), 1, ridge)
+    for got, want in zip((layer.weight.grad, layer.bias.grad), expected):
+        assert (got.double() - want).norm() <= 2e-2 * want.norm()   # cond ~1e5: float32 allows ~5e-3
 
 
 def test_non_finite_input_gives_non_finite_grads_without_exception():
