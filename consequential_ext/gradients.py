@@ -15,6 +15,12 @@ from . import backmatch, distributed, layerwise, matching
 from .ops.reference import accumulate_dtype
 
 
+def _rows(t):
+    """(rows, last dim) of ``t``, also with a last dim of 0 (nn.Linear(0, n)), where
+    ``reshape(-1, 0)`` cannot tell the rows."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 class LinearGradients:
     """Backward of ``y = x Wᵀ + b``: X is every input row (docs/design.md §2)."""
 
@@ -36,8 +42,7 @@ class LinearGradients:
     def matched_weight_grads(self):
         if not (self.needs_weight or self.needs_bias):
             return None, None
-        gw, gb = matching.matched_linear(self.input.reshape(-1, self.input.shape[-1]),
-                                         self.grad_output.reshape(-1, self.grad_output.shape[-1]),
+        gw, gb = matching.matched_linear(_rows(self.input), _rows(self.grad_output),
                                          self.has_bias, self.ridge, amortizer=self.amortizer)
         return gw.to(self.weight.dtype), None if gb is None else gb.to(self.weight.dtype)
 

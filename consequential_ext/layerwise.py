@@ -156,7 +156,8 @@ def linear_weight_grads(input, grad_output, dtype, need_weight, need_bias):
     if need_weight:
         # backward may run inside an autocast region, whose bf16 matmul would undo the cast
         with torch.autocast(gy.device.type, enabled=False):
-            grad_weight = (gy.T @ input.reshape(-1, input.shape[-1]).to(work)).to(dtype)
+            rows = input.reshape(gy.shape[0], input.shape[-1])   # also with 0 in-features
+            grad_weight = (gy.T @ rows.to(work)).to(dtype)
     grad_bias = gy.sum(0).to(dtype) if need_bias else None
     return grad_weight, grad_bias
 

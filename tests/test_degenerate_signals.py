@@ -229,3 +229,17 @@ def test_safeguard_energy_is_the_explicit_one_and_zero_on_an_empty_batch(batch):
         .sum() / max(batch, 1)
     torch.testing.assert_close(matching._linear_energy(rows, linear, None), want, rtol=1e-12,
                                atol=0)
+
+
+@pytest.mark.parametrize("rule", ["consequential", "backmatch", "backmatch-layerwise"])
+def test_a_linear_with_no_input_features_matches_its_bias_alone(rule):
+    # nn.Linear(0, n) is a bias: X is the constant-1 row, A = 1, so the matched bias gradient
+    # is G / (1 + λ) (the layer-wise rule: G itself); the weight's is (n, 0), as nn's.
+    layer = cx.CLinear(0, 4, rule=rule, ridge=0.1).double()
+    x = torch.randn(5, 3, 0, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(5, 3, 4, dtype=torch.float64)
+    layer(x).backward(gy)
+    g = gy.sum((0, 1))                                  # the ordinary bias gradient
+    expected = g if rule == "backmatch-layerwise" else g / 1.1
+    torch.testing.assert_close(layer.bias.grad, expected, rtol=1e-12, atol=0)
+    assert layer.weight.grad.shape == (4, 0) and x.grad.shape == x.shape
