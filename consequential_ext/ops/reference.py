@@ -16,12 +16,18 @@ __all__ = ["accumulate_dtype", "conv_gram_grad", "conv_weight_grad", "im2col", "
            "ridge_solve"]
 
 
+# Solves of float32 (and 16-bit) layers run in float32: a larger ridge is inf there.
+_MAX_RIDGE = torch.finfo(torch.float32).max
+
+
 def check_ridge(ridge, name="ridge") -> float:
     """``ridge`` as a float, or ValueError naming ``name``. Comparisons, not math.isfinite:
     they also hold for torch.compile's symbolic floats, and NaN fails them; numbers.Real lets
     NumPy's floats in."""
-    if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not 0 < ridge < math.inf:
-        raise ValueError(f"{name} must be a finite float > 0; got {ridge!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) \
+            or not 0 < ridge <= _MAX_RIDGE:
+        raise ValueError(f"{name} must be a finite float > 0 (at most float32's {_MAX_RIDGE:.3g}); "
+                         f"got {ridge!r}")
     return float(ridge)
 
 
