@@ -78,9 +78,8 @@ def batchnorm_factor(producer_sq, batch_var, gamma):
     With no C-layer found below (raw data, an nn layer, a branch: ``producer_sq`` None),
     falls back to eq. 36's first form, the batch variance averaged over channels. An affine
     γ scales BP by γ and the matched signal by 1/γ, hence the division by the mean γ² (a
-    float64 scalar). All-zero
-    γ (a zero-initialised residual branch) sends BP's signal 0: the factor is 0 there, not ∞
-    (whose product with 0 is NaN), as the exact rule's minimum-norm 0.
+    float64 scalar). All-zero γ (a zero-initialised residual branch) sends BP's signal 0: the
+    factor is 0 there, not ∞ (whose product with 0 is NaN), as the exact rule's minimum-norm 0.
     """
     var = (producer_sq if producer_sq is not None else batch_var.mean()).double()
     if gamma is not None:
