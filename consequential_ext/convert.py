@@ -15,6 +15,7 @@ import warnings
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import graph_check
 from .coverage import USER_REASON, check_model, coverage, weight_users
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
 from .registry import kind_for
@@ -116,6 +117,7 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
                 continue
             module.__class__ = kind.c_type
         module.rule, module.ridge = rule, ridge
+    graph_check.install(model)
     left = [f"{p.name} ({p.reason})" for p in coverage(model).plain if not p.chosen_by_user]
     if left or skipped_norms:
         warnings.warn("consequentialize left these layers as they are: "

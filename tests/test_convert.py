@@ -214,3 +214,48 @@ def test_coverage_of_frozen_and_not_yet_converted_layers():
     assert reasons["0"] == ("frozen: none of its parameters requires a gradient", True)
     assert reasons["2"][0].startswith("a Linear not converted (yet)") and not reasons["2"][1]
     assert report.matched_params == 4 * 2 + 2
+
+
+class _LoopUser(nn.Module):
+    """Uses its ModuleList's weights in a loop: beyond the source analysis, in the graph."""
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        return self.head(x)
+
+
+class _Clean(nn.Module):
+    """Every kind called as itself, one Linear twice, attention self and cross: no warning."""
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 8)
+        self.self_attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.cross = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.up = nn.ConvTranspose2d(2, 1, 2, stride=2)
+
+    def forward(self, idx):
+        h = self.fc(self.fc(self.emb(idx)))
+        h = self.self_attn(h, h, h)[0] + self.cross(h, h + 1, h + 1)[0]
+        return self.up(self.conv(h[:, None])).mean()
+
+
+def test_the_first_forward_names_weights_used_outside_their_layer():
+    model = cx.consequentialize(_LoopUser())
+    with torch.no_grad():
+        model(torch.randn(3, 4))                    # no graph: the check waits
+    with pytest.warns(UserWarning, match=r"layers\.\d \(AddmmBackward0\); layers\.\d"):
+        model(torch.randn(3, 4)).sum().backward()
+    assert not model._forward_hooks                 # once
+    clean = cx.consequentialize(_Clean())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clean(torch.randint(0, 10, (2, 5))).backward()
+    assert not clean._forward_hooks
+    torch_only = cx.consequentialize(nn.TransformerEncoderLayer(8, 2, 16))
+    assert not torch_only._forward_hooks            # nothing user-written to check

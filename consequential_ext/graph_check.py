@@ -1,0 +1,122 @@
+"""A one-time check, on a converted model's first forward, that every matched parameter
+reaches the output only through its C-layer.
+
+``weight_reads`` finds a parent's direct use of a child's weight in the parent's source, but
+source analysis misses uses it cannot follow (``super().forward``, a loop over a ModuleList,
+the child handed to a helper function). The autograd graph of one forward shows them all: a
+parameter whose gradient would also arrive through another op (an ``F.linear`` of the
+parent's own) gets the ordinary gradient there. ``consequentialize`` hooks this check onto
+the model's first forward under grad; it warns, names the layers, and removes itself.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+__all__ = ["install", "direct_uses"]
+
+# Nodes that only view or cast a parameter on its way into a C-layer's Function (HF Conv1D's
+# transposed weight, attention's packed in-projection split into q/k/v).
+_VIEWS = {"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0",
+          "UnsafeViewBackward0", "ReshapeAliasBackward0", "SplitBackward0",
+          "SplitWithSizesBackward0", "UnsafeSplitBackward0", "SliceBackward0", "SelectBackward0",
+          "UnbindBackward0", "AliasBackward0", "ExpandBackward0", "ToCopyBackward0",
+          "CloneBackward0", "NarrowBackward0", "SqueezeBackward0", "SqueezeBackward1",
+          "UnsqueezeBackward0"}
+
+
+def install(model: nn.Module) -> None:
+    """Check ``model``'s next forward under grad (once; again after a reconversion) — unless
+    every module in it is torch.nn's or a C-layer: torch's forwards use their children's
+    weights through the children (fast paths aside, which run without grad), and a hook would
+    switch nn.TransformerEncoderLayer's inference fast path off."""
+    from ._validate import CLayerMixin
+    remove(model)
+    if any(not isinstance(m, CLayerMixin) and not type(m).__module__.startswith("torch.")
+           for m in model.modules()):
+        model.register_forward_hook(_check_on_first_forward)
+
+
+def remove(model: nn.Module) -> None:
+    for key, hook in list(model._forward_hooks.items()):
+        if hook is _check_on_first_forward:
+            del model._forward_hooks[key]
+
+
+def _check_on_first_forward(model, args, output):
+    if torch.compiler.is_compiling():
+        return
+    roots = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+    if not roots:
+        return                         # no graph (no_grad, eval without grad): next time
+    remove(model)
+    used = direct_uses(model, roots)
+    if used:
+        warnings.warn("consequential_ext: these matched layers' parameters are also used "
+                      "outside their layer's forward, so their gradient there is the ordinary "
+                      "one (found in the first forward's autograd graph): "
+                      + "; ".join(f"{name} ({', '.join(sorted(ops))})"
+                                  for name, ops in used.items())
+                      + ". Leave them plain: consequentialize(..., exclude=[...]).",
+                      UserWarning, stacklevel=2)
+
+
+def direct_uses(model: nn.Module, roots) -> dict[str, set[str]]:
+    """Matched layer name → the graph ops, other than its C-layer's Function (through views),
+    that consume one of its matched parameters in the graph behind ``roots``."""
+    from .coverage import _matched_params, coverage
+    owners = {}                                   # id(parameter) → its matched layer's name
+    for name in coverage(model).matched:
+        for p in _matched_params(model.get_submodule(name)):
+            owners[id(p)] = name
+    if not owners:
+        return {}
+    consumers, seen, stack = {}, set(), list(roots)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            consumers.setdefault(child, []).append(node)
+            stack.append(child)
+    used = {}
+    for node, users in consumers.items():
+        param = getattr(node, "variable", None)
+        if param is None or id(param) not in owners:
+            continue
+        for op in _foreign(users, consumers):
+            used.setdefault(owners[id(param)], set()).add(op)
+    return used
+
+
+def _foreign(users, consumers):
+    """Names of the ops among ``users`` (through views) that are no C-layer's Function."""
+    out, stack, seen = set(), list(users), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if getattr(getattr(node, "_forward_cls", None), "cx_saved_weight_index", None) is not None:
+            continue
+        name = type(node).__name__
+        if name in _VIEWS:
+            stack.extend(consumers.get(node, ()))
+        else:
+            out.add(name)
+    return out
+
+
+def _tensors(output):
+    if isinstance(output, torch.Tensor):
+        return [output]
+    leaves, _ = torch.utils._pytree.tree_flatten(output)
+    found = [t for t in leaves if isinstance(t, torch.Tensor)]
+    if not found and isinstance(output, dict):      # a dict subclass pytree does not know
+        found = [t for v in output.values() for t in _tensors(v)]
+    return found
