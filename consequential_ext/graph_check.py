@@ -10,6 +10,8 @@ the model's first forward under grad; it warns, names the layers, and removes it
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import torch
@@ -60,7 +62,21 @@ def _check_on_first_forward(model, args, output):
                       + "; ".join(f"{name} ({', '.join(sorted(ops))})"
                                   for name, ops in used.items())
                       + ". Leave them plain: consequentialize(..., exclude=[...]).",
-                      UserWarning, stacklevel=2)
+                      UserWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The warnings stacklevel of the first frame outside torch and this package: the
+    user's ``model(x)``, not the hook's caller in torch's module.py."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and any(part in frame.f_code.co_filename
+                                    for part in (_TORCH_DIR, _PACKAGE_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def direct_uses(model: nn.Module, roots) -> dict[str, set[str]]:

@@ -11,9 +11,9 @@ What counts is any read of a child's weight's values — ``self.<path>.weight``,
 does not count (``w.shape``, ``w.dtype``, ``w.size()``, ``isinstance(w, …)``, ``x.to(w)``,
 ``x.type_as(w)``, ``w is None``, a condition), nor do comments. Out of its sight: a weight
 reached through a module passed to ``forward``, ``super().forward``, loops over a ModuleList,
-a child handed to a helper function — ``graph_check`` names those on the first forward. A forward that calls the child in one branch and uses its
-weight in another counts: the child then stays plain, named in the warning — never silently
-matched.
+a child handed to a helper function — ``graph_check`` names those on the first forward. A
+forward that calls the child in one branch and uses its weight in another counts: the child
+then stays plain, named in the warning — never silently matched.
 """
 from __future__ import annotations
 

@@ -249,8 +249,9 @@ def test_the_first_forward_names_weights_used_outside_their_layer():
     model = cx.consequentialize(_LoopUser())
     with torch.no_grad():
         model(torch.randn(3, 4))                    # no graph: the check waits
-    with pytest.warns(UserWarning, match=r"layers\.\d \(AddmmBackward0\); layers\.\d"):
+    with pytest.warns(UserWarning, match=r"layers\.\d \(AddmmBackward0\); layers\.\d") as caught:
         model(torch.randn(3, 4)).sum().backward()
+    assert caught[0].filename == __file__               # points at the user's call
     assert not model._forward_hooks                 # once
     clean = cx.consequentialize(_Clean())
     with warnings.catch_warnings():
