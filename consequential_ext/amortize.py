@@ -6,10 +6,10 @@ solve pays the Gram ``O(D²·P)`` and the factorisation ``O(D³/3)`` every step.
 those run on refresh steps only, the Gram from a strided part of the batch holding
 ``gram_oversample·D`` columns; the other steps pay one ``O(M·D²)`` matmul with the kept
 inverse and the safeguard's energy on a few columns (``O(M·D·safeguard_columns)``), so a
-step costs little more than plain SGD's ``G``. Where the column (P×P) system is cheaper
-(``matching.solve_side``: P < D, e.g. N < D for a Linear) the exact column solve is used instead: it is exact
-where the row Gram is rank-deficient, and for N ≪ D cheaper than the amortised one
-(``exact_when_cheaper``; docs/amortize.md).
+step costs little more than plain SGD's ``G``. Where the column (P×P) system is the smaller
+(``matching.solve_side``: P < D, e.g. N < D for a Linear) the exact column solve is used
+instead: it is exact where the row Gram is rank-deficient, and for N ≪ D cheaper than the
+amortised one (``exact_when_cheaper``; docs/amortize.md).
 
 Stale statistics are damped two ways (docs/amortize.md derives both):
 
