@@ -57,11 +57,14 @@ def _check_on_first_forward(model, args, output):
     used = direct_uses(model, roots)
     if used:
         warnings.warn("consequential_ext: these matched layers' parameters are also used "
-                      "outside their layer's forward, so their gradient there is the ordinary "
-                      "one (found in the first forward's autograd graph): "
+                      "outside their layer's forward, and the gradient through those uses is "
+                      "the ordinary one (found in the first forward's autograd graph): "
                       + "; ".join(f"{name} ({', '.join(sorted(ops))})"
                                   for name, ops in used.items())
-                      + ". Leave them plain: consequentialize(..., exclude=[...]).",
+                      + ". Where that use is the layer's own computation (a parent applying "
+                        "the weight itself), leave the layer plain: "
+                        "consequentialize(..., exclude=[...]); a penalty on the weights adds "
+                        "its ordinary gradient as intended.",
                       UserWarning, stacklevel=_caller_level())
 
 
