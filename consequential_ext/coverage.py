@@ -121,7 +121,7 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     refused = next((r for t, r in UNSUPPORTED.items() if isinstance(module, t)), None)
     if refused is not None:
         return refused, False
-    if kind_of(type(module)) is not None:
+    if kind is not None:
         return (f"a {type(module).__name__} not converted (yet): consequentialize converts "
                 f"this kind"), False
     base = _registered_base(type(module))
@@ -147,6 +147,15 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     return (f"unknown layer type ({type(module).__name__}) holding {', '.join(names)}, used "
             f"by its own code: a model's tensors (ViT's pos_embed, a bias table) stay plain; a "
             f"linear-like layer can be taught with cx.register_layer"), False
+
+
+def matched_parameters(model: nn.Module, users=None) -> dict[int, str]:
+    """id(parameter) → the name of the matched layer that matches it (the last one, for a
+    parameter tied between two); ``users``: ``weight_users(model)`` if already known."""
+    users = weight_users(model) if users is None else users
+    return {id(p): name for name, module in model.named_modules()
+            if _is_matched(module) and id(module) not in users
+            for p in _matched_params(module)}
 
 
 def weight_users(model: nn.Module) -> dict[int, nn.Module]:
@@ -200,11 +209,9 @@ def coverage(model: nn.Module) -> Coverage:
     ValueError if it holds uninitialised lazy layers."""
     check_model(model, "coverage")
     users = weight_users(model)
-    matched, matched_by = [], {}                      # matched_by: id(parameter) → layer name
-    for name, module in model.named_modules():
-        if _is_matched(module) and id(module) not in users:
-            matched.append(name)
-            matched_by.update((id(p), name) for p in _matched_params(module))
+    matched = [name for name, module in model.named_modules()
+               if _is_matched(module) and id(module) not in users]
+    matched_by = matched_parameters(model, users)
     plain = []
     for name, module in model.named_modules():
         own = _own_params(module)

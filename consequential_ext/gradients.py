@@ -230,9 +230,9 @@ class BatchNormGradients:
 
     def layerwise_input_signal(self):
         factor = layerwise.batchnorm_factor(self.producer_sq, self.var, self.weight)
-        bp = self._bp()
+        bp = self._bp()                      # a fresh tensor: scaled in place
         root = factor.sqrt().to(bp.dtype)    # √f·√f: f itself may exceed bp's dtype's range
-        return (bp * root * root).to(self.input.dtype)
+        return bp.mul_(root).mul_(root).to(self.input.dtype)
 
     def affine_grads(self, needs_weight, needs_bias):
         """Ordinary (grad_weight, grad_bias) of γ and β."""

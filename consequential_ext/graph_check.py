@@ -17,6 +17,9 @@ import warnings
 import torch
 import torch.nn as nn
 
+from .coverage import matched_parameters
+from ._validate import CLayerMixin
+
 __all__ = ["install", "direct_uses"]
 
 # Nodes that only view or cast a parameter on its way into a C-layer's Function (HF Conv1D's
@@ -34,7 +37,6 @@ def install(model: nn.Module) -> None:
     every module in it is torch.nn's or a C-layer: torch's forwards use their children's
     weights through the children (fast paths aside, which run without grad), and a hook would
     switch nn.TransformerEncoderLayer's inference fast path off."""
-    from ._validate import CLayerMixin
     remove(model)
     if any(not isinstance(m, CLayerMixin) and not type(m).__module__.startswith("torch.")
            for m in model.modules()):
@@ -85,11 +87,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 def direct_uses(model: nn.Module, roots) -> dict[str, set[str]]:
     """Matched layer name → the graph ops, other than its C-layer's Function (through views),
     that consume one of its matched parameters in the graph behind ``roots``."""
-    from .coverage import _matched_params, coverage
-    owners = {}                                   # id(parameter) → its matched layer's name
-    for name in coverage(model).matched:
-        for p in _matched_params(model.get_submodule(name)):
-            owners[id(p)] = name
+    owners = matched_parameters(model)            # id(parameter) → its matched layer's name
     if not owners:
         return {}
     consumers, seen, stack = {}, set(), list(roots)
