@@ -11,6 +11,9 @@ RULES = tuple(RULE_TABLE)
 DEFAULT_RULE = "consequential"
 # Relative to the per-sample second moment A = X Xᵀ / N; chosen on digits (README, "ridge").
 DEFAULT_RIDGE = 1e-3
+# Set by consequentialize on modules the user chose to leave plain (exclude / include).
+USER_REASON = "_cx_plain_reason"
+EXCLUDED = "excluded by the user"
 
 
 def check_rule(rule):

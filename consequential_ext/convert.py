@@ -13,14 +13,17 @@ import fnmatch
 import warnings
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import graph_check
-from .coverage import USER_REASON, check_model, coverage, weight_users
+from .coverage import (USER_REASON, check_model, coverage, transformed_after_conversion,
+                       weight_users)
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
 from .registry import kind_for
 from .rules import rule_named
-from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin, check_ridge, check_rule
+from ._validate import (DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, CLayerMixin, check_ridge,
+                        check_rule)
 
 __all__ = ["consequentialize"]
 
@@ -54,6 +57,22 @@ def _selectors(value, arg):
                         f"got {value!r}") from None
 
 
+def _unconvert(module):
+    """Make a C-layer (or back-matching norm) plain again: its class back to the nn (or user)
+    class it was converted from, under a parametrization's own subclass where it has one; its
+    amortizer dropped. Its parameters and buffers are untouched."""
+    cls = type(module)
+    plain = next(c for c in cls.__mro__ if issubclass(c, nn.Module)
+                 and not issubclass(c, (CLayerMixin, BackMatchBatchNorm1d, BackMatchBatchNorm2d)))
+    if parametrize.is_parametrized(module):     # torch's ``Parametrized<C-class>``: remake it
+        attrs = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        plain = type(f"Parametrized{plain.__name__}", (plain,), attrs)
+    module.__class__ = plain
+    module._modules.pop("amortizer", None)
+    for key in ("_cx_rule", "_cx_ridge"):
+        module.__dict__.pop(key, None)
+
+
 def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, include=None,
                      exclude=None, batchnorm=None) -> nn.Module:
     """Make every layer of a registered kind (nn.Linear → CLinear, nn.Conv2d → CConv2d,
@@ -64,8 +83,9 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
     ``rule`` / ``ridge``, in place.
 
     include / exclude: module types or qualified names (globs; a name also selects what is
-    below it). Layers already converted get the new ``rule`` / ``ridge``. Every other module
-    that holds a weight matrix — a layer whose weight its parent uses directly (not only
+    below it). Layers already converted get the new ``rule`` / ``ridge``, and excluded ones
+    become plain again (an ``include`` leaves layers it does not select as they are). Every
+    other module that holds a weight matrix — a layer whose weight its parent uses directly (not only
     through its forward: ``weight_reads``), a subclass that transforms its weight before use,
     an unknown type, a refused one (nn.EmbeddingBag) — is named with its reason in one
     warning, except those the user left out with include / exclude (``cx.coverage(model)``
@@ -93,7 +113,9 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
             module.__dict__[USER_REASON] = "not selected by include"
             continue
         if exclude is not None and _matches(name, module, exclude):
-            module.__dict__[USER_REASON] = "excluded by the user"
+            module.__dict__[USER_REASON] = EXCLUDED
+            if isinstance(module, (CLayerMixin, BackMatchBatchNorm1d, BackMatchBatchNorm2d)):
+                _unconvert(module)          # converted before: "keep it plain" all the same
             continue
         module.__dict__.pop(USER_REASON, None)
         if isinstance(module, (BackMatchBatchNorm1d, BackMatchBatchNorm2d)):
@@ -111,6 +133,9 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
                                      f"version: BatchNorm1d/2d only)")
             continue
         if id(module) in users:
+            continue
+        if transformed_after_conversion(module):
+            _unconvert(module)      # as a layer reparametrized before conversion: plain
             continue
         if not isinstance(module, CLayerMixin):
             kind = kind_for(module)

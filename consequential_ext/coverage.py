@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from .registry import derived_weight, kind_of, subclass_kind
 from .rules import rule_named
 from .weight_reads import weights_used_in_forward
-from ._validate import CLayerMixin
+from ._validate import USER_REASON, CLayerMixin
 
 __all__ = ["coverage", "Coverage", "PlainLayer"]
 
@@ -25,9 +25,8 @@ WEIGHT_USERS = (nn.MultiheadAttention,)
 UNSUPPORTED = {
     nn.EmbeddingBag: "nn.EmbeddingBag is not supported: a bag sums or averages several rows, so "
                      "A = X Xᵀ / N is not diagonal (a V × V solve over the vocabulary)",
+    nn.ConvTranspose3d: "nn.ConvTranspose3d has no C-layer (ConvTranspose1d / 2d only)",
 }
-# Set by consequentialize on modules the user chose to leave plain (exclude / include).
-USER_REASON = "_cx_plain_reason"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +77,28 @@ def _matched_params(module):
 
 def _is_matched(module) -> bool:
     return isinstance(module, CLayerMixin) and not rule_named(module.rule).bypass \
-        and _trained(module)
+        and _trained(module) and not transformed_after_conversion(module)
+
+
+# The weight attributes a C-layer matches (CLinearLike: its kind's; attention: its projections).
+_WEIGHT_NAMES = ("weight", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+REPARAMETRIZED = ("its weight was reparametrized after conversion (a parametrization, "
+                  "nn.utils.weight_norm / spectral_norm, nn.utils.prune): the C-layer matches the "
+                  "transformed weight and its parameters get that gradient pulled back through "
+                  "the transformation, neither the ordinary nor the matched one; "
+                  "consequentialize(model) again leaves it plain")
+
+
+def transformed_after_conversion(module) -> bool:
+    """Whether ``module`` is a C-layer whose weight is no parameter of its own any more but
+    recomputed before each forward (a parametrization's property, a weight_norm / prune hook's
+    attribute): reparametrized after ``consequentialize`` converted it. Computes nothing."""
+    if not isinstance(module, CLayerMixin):
+        return False
+    kind = getattr(module, "_cx_kind", None)
+    names = (kind.weight,) if kind is not None else _WEIGHT_NAMES
+    return any(n not in module._parameters and (n in module.__dict__ or isinstance(
+        getattr(type(module), n, None), property)) for n in names)
 
 
 def _trained(module) -> bool:
@@ -99,6 +119,8 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     user = getattr(module, USER_REASON, None)
     if user:
         return user, True
+    if transformed_after_conversion(module):
+        return REPARAMETRIZED, False
     if isinstance(module, CLayerMixin) and not _trained(module):
         return "frozen: none of its parameters requires a gradient", True
     if isinstance(module, CLayerMixin):
@@ -212,6 +234,10 @@ def coverage(model: nn.Module) -> Coverage:
     matched = [name for name, module in model.named_modules()
                if _is_matched(module) and id(module) not in users]
     matched_by = matched_parameters(model, users)
+    # A parametrization's list → the layer it belongs to (a C-layer reparametrized after
+    # conversion gives its parameters neither gradient the list's own reason says).
+    owner_of = {id(p): m for m in model.modules() if parametrize.is_parametrized(m)
+                for p in m.parametrizations.values()}
     plain = []
     for name, module in model.named_modules():
         own = _own_params(module)
@@ -221,6 +247,8 @@ def coverage(model: nn.Module) -> Coverage:
         if all(o is not None and name.startswith(o + ".") for o in owners):
             continue                                # matched by the layer above it (attention)
         reason, chosen = plain_reason(module, users.get(id(module)))
+        if transformed_after_conversion(owner_of.get(id(module))):
+            reason, chosen = REPARAMETRIZED, False
         shared = sorted({matched_by[id(p)] for p in own if id(p) in matched_by})
         if shared:  # tied weights: autograd sums this layer's ordinary gradient and the match
             reason += f"; shares a parameter with matched {', '.join(shared)}"

@@ -166,13 +166,16 @@ def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=
     the last dim — whose backward is CLinear's on ``W_view``: ``weight`` (out, in), or its
     transpose when ``transposed`` (a weight stored (in, out), as Hugging Face's Conv1D).
 
-    Raises ValueError for an unknown ``rule`` or a bad ``ridge``; TypeError/ValueError for a
-    mismatched amortizer.
+    Raises ValueError for an unknown ``rule``, a bad ``ridge`` or a weight that is not 2-D;
+    TypeError/ValueError for a mismatched amortizer.
     """
     bypass = rule_named(rule).bypass
     ridge = check_ridge(ridge)
     if bypass:
         return module_forward(input)
+    if weight.dim() != 2:   # checked here: CLinear's backward would fail on it
+        raise ValueError(f"a linear-like layer's weight must be 2-D, (out, in) or (in, out); got "
+                         f"shape {tuple(weight.shape)}: this layer is not linear-like")
     view = weight.t() if transposed else weight
     d = view.shape[1] + (bias is not None)
     amortizer = check_amortizer(amortizer, (d, d))
@@ -296,21 +299,24 @@ def cmulti_head_attention_forward(
         key_padding_mask=None, need_weights=True, attn_mask=None,
         use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None,
         v_proj_weight=None, static_k=None, static_v=None, average_attn_weights=True,
-        is_causal=False, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
+        is_causal=False, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, out_proj_rule=None):
     """``F.multi_head_attention_forward`` (same arguments, same result bit for bit) whose
     projections are C-layer calls (``clinear``): the in-projection weight and bias are matched
     per projection on that projection's input rows — one packed ``[W|b]`` on the query rows
     for self-attention, ``q`` on the query and ``k``/``v`` on the key rows for
     encoder-decoder attention, each of q/k/v on its own input otherwise — and ``out_proj`` on
     the rows of the attention output. N = the rows of that input (tokens × batch).
+    ``out_proj_rule``: the rule of the output projection alone (None: ``rule``; ``"sgd"`` for
+    an ``out_proj`` the user left plain).
 
     Raises ValueError for an unknown ``rule`` or a bad ``ridge``; otherwise what
     ``F.multi_head_attention_forward`` raises.
     """
     rule_named(rule)
     ridge = check_ridge(ridge)
+    out_rule = rule if out_proj_rule is None else rule_named(out_proj_rule).name
 
-    def project(x, w, b):
+    def project(x, w, b, rule=rule):
         return clinear(x, w, b, rule=rule, ridge=ridge)
 
     is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
@@ -382,7 +388,7 @@ def cmulti_head_attention_forward(
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
         attn = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
-        out = project(attn, out_proj_weight, out_proj_bias)
+        out = project(attn, out_proj_weight, out_proj_bias, out_rule)
         out = out.view(tgt_len, bsz, out.size(1))
         weights = weights.view(bsz, num_heads, tgt_len, src_len)
         if average_attn_weights:
@@ -400,7 +406,7 @@ def cmulti_head_attention_forward(
     v = v.view(bsz, num_heads, src_len, head_dim)
     attn = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
     attn = attn.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
-    out = project(attn, out_proj_weight, out_proj_bias)
+    out = project(attn, out_proj_weight, out_proj_bias, out_rule)
     out = out.view(tgt_len, bsz, out.size(1))
     return (out if is_batched else out.squeeze(1)), None
 

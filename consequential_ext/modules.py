@@ -13,7 +13,7 @@ from . import functional as CF
 from .amortize import amortizer_of
 from .routing import PASS, FunctionalRoute
 from .rules import rule_named
-from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin
+from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, USER_REASON, CLayerMixin
 
 __all__ = ["CLinear", "CConv2d", "CLinearLike", "CEmbedding", "CMultiheadAttention",
            "CFunctionalCall"]
@@ -175,11 +175,20 @@ class CMultiheadAttention(CLayerMixin, nn.MultiheadAttention):
         names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
                  "in_proj_bias")
         own = [getattr(self, n) for n in names]
-        return [p for p in own + [self.out_proj.weight, self.out_proj.bias] if p is not None]
+        if not self._cx_out_proj_plain():
+            own += [self.out_proj.weight, self.out_proj.bias]
+        return [p for p in own if p is not None]
+
+    def _cx_out_proj_plain(self):
+        """Whether the user excluded ``out_proj`` (``consequentialize(exclude=...)``): its
+        ordinary gradient then, as for any layer left plain. (An ``include`` selecting this
+        layer by type matches it whole.)"""
+        return self.out_proj.__dict__.get(USER_REASON) == EXCLUDED
 
     def _matched_forward(self, *args, **kwargs):
-        return CF.cmulti_head_attention_forward(*args, **kwargs, rule=self.rule,
-                                                ridge=self.ridge)
+        return CF.cmulti_head_attention_forward(
+            *args, **kwargs, rule=self.rule, ridge=self.ridge,
+            out_proj_rule="sgd" if self._cx_out_proj_plain() else None)
 
     def forward(self, query, key, value, *args, **kwargs):
         tensors = (query, key, value, *self.parameters())

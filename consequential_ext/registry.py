@@ -18,6 +18,7 @@ import pickle
 
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.conv import _ConvNd
 
 from .modules import (CConv2d, CEmbedding, CFunctionalCall, CLinear, CLinearLike,
                       CMultiheadAttention)
@@ -63,7 +64,8 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
 
     Registering a type again replaces its entry. Raises TypeError for a module_type that is
     neither an nn.Module subclass nor a dotted name, a c_type that is not a subclass of
-    module_type, or no c_type for a subclass of a conv or embedding (not linear-like);
+    module_type, or no c_type for a conv or embedding (torch's, a registered one or a subclass
+    of either: not linear-like);
     ValueError for empty attribute names.
     """
     if isinstance(module_type, str):
@@ -85,15 +87,27 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
         raise TypeError(f"c_type must be a subclass of module_type; got {c_type!r}")
     if c_type is None and isinstance(module_type, type):
         # A conv or embedding is not linear-like: CLinear's backward would fail on its weight.
-        base = next((b for b in module_type.__mro__[1:] if not _linear_like(_KINDS.get(
+        # The type itself too: registering nn.Conv2d again without c_type would swap CConv2d
+        # for CLinear's backward.
+        base = next((b for b in module_type.__mro__ if not _linear_like(_KINDS.get(
             _qualified_name(b)))), None)
         if base is not None:
             c_base = _KINDS[_qualified_name(base)].c_type.__name__
-            raise TypeError(f"{module_type.__name__} is a {base.__name__}, not linear-like: pass "
+            what = (f"is registered with cx.{c_base}" if base is module_type
+                    else f"is a {base.__name__}")
+            raise TypeError(f"{module_type.__name__} {what}, not linear-like: pass "
                             f"c_type, a class of cx.{c_base} and {module_type.__name__}")
+        # A torch convolution or embedding without a C-class here (nn.ConvTranspose3d): its
+        # weight has more than two dims, and CLinear's backward would fail on it.
+        if issubclass(module_type, _NOT_LINEAR_LIKE):
+            raise TypeError(f"{module_type.__name__} is a convolution or embedding, not "
+                            f"linear-like: it needs a C-class of its own (c_type)")
     kind = LayerKind(key, c_type, bool(transposed), weight, bias)
     _KINDS[key] = kind
     return kind
+
+
+_NOT_LINEAR_LIKE = (_ConvNd, nn.Embedding, nn.EmbeddingBag)
 
 
 def _linear_like(kind: LayerKind | None) -> bool:

@@ -255,3 +255,22 @@ def test_bad_masks_and_shapes_raise_what_nn_raises(case, need_weights):
         plain(**args)
     with pytest.raises(nn_error.type, match=re.escape(str(nn_error.value))):
         layer(**args)
+
+
+def test_an_excluded_out_proj_gets_the_ordinary_gradient():
+    """The layer drives out_proj through its own function: excluding it by name still leaves
+    it plain (and says so), while the in-projection stays matched."""
+    torch.manual_seed(12)
+    plain = nn.MultiheadAttention(E, H, dtype=torch.float64)
+    whole, part = copy.deepcopy(plain), copy.deepcopy(plain)
+    cx.consequentialize(whole, ridge=RIDGE)
+    cx.consequentialize(part, ridge=RIDGE, exclude=["out_proj"])
+    x = torch.randn(5, 2, E, dtype=torch.float64)
+    for model in (plain, whole, part):
+        model(x, x, x)[0].square().sum().backward()
+    assert torch.equal(part.out_proj.weight.grad, plain.out_proj.weight.grad)
+    assert torch.equal(part.out_proj.bias.grad, plain.out_proj.bias.grad)
+    assert rel_err(part.in_proj_weight.grad, whole.in_proj_weight.grad) < 1e-12
+    assert rel_err(part.in_proj_weight.grad, plain.in_proj_weight.grad) > 1e-3
+    report = cx.coverage(part)
+    assert [(p.name, p.reason) for p in report.plain] == [("out_proj", "excluded by the user")]

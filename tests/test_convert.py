@@ -1,9 +1,11 @@
 """consequentialize: in place, identity-preserving, filterable, and honest about what it skips."""
+import copy
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.utils.prune  # noqa: F401  (nn.utils.prune)
 
 import consequential_ext as cx
 
@@ -260,3 +262,60 @@ def test_the_first_forward_names_weights_used_outside_their_layer():
     assert not clean._forward_hooks
     torch_only = cx.consequentialize(nn.TransformerEncoderLayer(8, 2, 16))
     assert not torch_only._forward_hooks            # nothing user-written to check
+
+
+def test_excluding_a_layer_converted_before_makes_it_plain_again():
+    """``exclude`` keeps a layer plain whatever an earlier call did: its class back to the nn
+    one (a back-matching norm to nn's), its amortizer gone, its gradient the ordinary one;
+    ``include`` leaves the layers it does not select as they are."""
+    torch.manual_seed(21)
+    plain = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)).double()
+    model = cx.amortize(cx.consequentialize(copy.deepcopy(plain), rule="backmatch"), every=2)
+    cx.consequentialize(model, rule="backmatch", exclude=["2", nn.BatchNorm1d])
+    assert type(model[2]) is nn.Linear and type(model[1]) is nn.BatchNorm1d
+    assert not hasattr(model[2], "amortizer") and isinstance(model[0], cx.CLinear)
+    x, go = torch.randn(9, 5, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
+    model(x).backward(go)
+    plain(x).backward(go)
+    assert torch.equal(model[2].weight.grad, plain[2].weight.grad)
+    assert torch.equal(model[1].weight.grad, plain[1].weight.grad)
+    assert [p.name for p in cx.coverage(model).plain] == ["2"]
+    cx.consequentialize(model, include=["2"])      # 0 keeps its rule: not selected
+    assert isinstance(model[2], cx.CLinear) and model[0].rule == "backmatch"
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*is deprecated:FutureWarning")
+@pytest.mark.parametrize("reparametrize", [
+    lambda m: nn.utils.parametrizations.weight_norm(m),
+    lambda m: nn.utils.parametrizations.orthogonal(m),
+    lambda m: nn.utils.weight_norm(m),
+    lambda m: nn.utils.prune.l1_unstructured(m, "weight", amount=0.3),
+], ids=["weight_norm", "orthogonal", "weight_norm_hook", "prune"])
+def test_a_layer_reparametrized_after_conversion_is_reported_and_made_plain(reparametrize):
+    """Its C Function would see the transformed weight and pull its match back through the
+    transformation (neither gradient): coverage says so, and converting again leaves it plain,
+    as converting after reparametrizing does."""
+    torch.manual_seed(22)
+    base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    first = copy.deepcopy(base)
+    reparametrize(first[0])
+    with pytest.warns(UserWarning, match="left these layers as they are"):
+        cx.consequentialize(first)                   # reparametrized, then converted
+    later = cx.consequentialize(copy.deepcopy(base))
+    torch.manual_seed(23)
+    reparametrize(later[0])                          # converted, then reparametrized
+    report = cx.coverage(later)
+    # named where its parameters are: the layer, or a parametrization's list below it
+    assert [p.name.split(".")[0] for p in report.plain if "after conversion" in p.reason] \
+        == ["0"]
+    assert report.matched == ("1",)
+    with pytest.warns(UserWarning, match="left these layers as they are: 0"):
+        cx.consequentialize(later)                   # the same warning as the other order
+    assert not isinstance(later[0], cx.CLinear) and isinstance(later[1], cx.CLinear)
+    for name, p in first.named_parameters():        # same transformation, same values
+        p.data.copy_(dict(later.named_parameters())[name])
+    x, go = torch.randn(6, 4), torch.randn(6, 3)
+    first(x).backward(go)
+    later(x).backward(go)
+    for (name, p), q in zip(later.named_parameters(), first.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name

@@ -289,3 +289,25 @@ def test_a_thin_subclass_of_a_registered_linear_like_layer(clean_registry, monke
     with pytest.raises(pickle.UnpicklingError, match="register_layer of .*ThinToy or of the"):
         pickle.loads(blob)
     cx.register_layer(ThinToy, transposed=True, weight="kernel", bias="offset")
+
+
+@pytest.mark.parametrize("module_type", [nn.Conv2d, nn.Embedding, nn.ConvTranspose3d,
+                                         nn.EmbeddingBag])
+def test_a_conv_or_embedding_is_never_registered_as_linear_like(clean_registry, module_type):
+    """Its weight is not a matrix: as linear-like, CLinear's backward would fail on it (a
+    shape error deep in backward); torch's own convs and embeddings, with a C-class here or
+    not, are refused by name."""
+    with pytest.raises(TypeError, match=f"{module_type.__name__} .*not linear-like"):
+        cx.register_layer(module_type)
+    assert type(cx.consequentialize(nn.Sequential(nn.Conv2d(2, 3, 3)))[0]) is cx.CConv2d
+
+
+def test_a_linear_like_weight_must_be_a_matrix():
+    x, w = torch.randn(4, 3), torch.randn(2, 3, 1, requires_grad=True)
+    with pytest.raises(ValueError, match=r"2-D.*\(2, 3, 1\)"):
+        cx.functional.clinear_like(x, w, None, lambda t: t @ w[..., 0].T)
+
+
+def test_conv_transpose3d_is_named_as_having_no_c_layer():
+    reason = cx.coverage(nn.Sequential(nn.ConvTranspose3d(2, 3, 2))).plain[0].reason
+    assert reason == "nn.ConvTranspose3d has no C-layer (ConvTranspose1d / 2d only)"
