@@ -97,7 +97,8 @@ def count_params(model: nn.Module) -> int:
 class SignalConvNet(nn.Module):
     """MNIST-1D's convnet (its paper's baseline: three convolutions of 25 channels, kernel 5,
     stride 2, padding 1, ReLU, then a linear layer), each 1-D convolution written as a (1×k)
-    Conv2d so that ``consequentialize`` converts it (Conv1d is not a C-layer yet).
+    Conv2d (written before Conv1d was a C-layer, and kept so the recorded results stay
+    comparable: CConv1d computes the same matched gradient, as Conv2d's on a unit height).
     Input (B, 1, 1, L)."""
 
     def __init__(self, length=40, num_classes=10, channels=25, kernel=5):

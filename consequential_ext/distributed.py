@@ -4,8 +4,9 @@ Under an initialised ``torch.distributed`` process group every rank solves with 
 second moment ``A = Σ_r gram_r / Σ_r N_r``, so ``G_r (A + λI)⁻¹`` is linear in the rank's
 own gradient ``G_r`` and DDP's average over equal-size ranks equals the single-process
 update on the concatenated batch. The all-reduce is launched as soon as a layer's Gram is
-built and waited on just before its solve, so it overlaps the ordinary-gradient
-computation in between.
+built and waited on just before its solve, so it overlaps whatever runs in between: a
+Linear layer's ordinary gradient; a conv layer usually has its ordinary gradient already
+(from the input gradient's conv backward or the CPU Gram kernel's pass), so nothing.
 
 Every rank must run the backward of the same C-layers in the same order (as DDP already
 requires); a layer used on some ranks only would leave the others waiting.

@@ -89,10 +89,10 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
     """``grad @ inverse(gram + ridge·I)`` for a batch of systems, by Cholesky.
 
     gram: (..., D, D) symmetric PSD; grad: (..., M, D) with the same batch dims.
-    A failed factorisation of finite input escalates the ridge ×10, at most
-    ``max_escalations`` times (one warning per process), then gives NaN (a warning each
-    time); non-finite input gives non-finite output rather than an exception, so
-    ``GradScaler`` can skip the step.
+    A failed factorisation of finite input escalates the ridge ×10 and tries again, at most
+    ``max_escalations`` factorisations in all (``max_escalations - 1`` escalations; one
+    warning per process), then gives NaN (a warning each time); non-finite input gives
+    non-finite output rather than an exception, so ``GradScaler`` can skip the step.
     """
     out_dtype = grad.dtype if out_dtype is None else out_dtype
     work = torch.float64 if torch.float64 in (gram.dtype, grad.dtype) else torch.float32
