@@ -3,6 +3,10 @@ the converter and the amortizer. Imports only the rule table and the ops' refere
 import nothing above them: everything may use this module."""
 from __future__ import annotations
 
+import functools
+
+import torch
+
 from .ops.reference import check_ridge  # noqa: F401  (one check, shared with the ops)
 from .rules import RULE_TABLE, rule_named
 
@@ -21,8 +25,38 @@ def check_rule(rule):
     return rule
 
 
+def fx_leaf(forward):
+    """Decorate a C-layer's ``forward``: under ``torch.fx`` symbolic tracing (a Proxy among the
+    arguments) the call is recorded as one ``call_module`` node, whatever the tracer's
+    ``is_leaf_module`` says — the layer's backward is an autograd.Function, which traced ops
+    would drop — so the traced GraphModule runs the layer itself and keeps its gradient."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.fx.Proxy)),
+                     None)
+        if proxy is None:
+            return forward(self, *args, **kwargs)
+        tracer = proxy.tracer
+        try:
+            path = tracer.path_of_module(self)
+        except NameError:
+            path = ""
+        if not path:   # the traced root itself: a leaf of itself would call itself
+            raise TypeError(f"torch.fx cannot trace {type(self).__name__} itself: its matched "
+                            f"backward is an autograd.Function, not traced ops; trace a model "
+                            f"that contains it (C-layers are kept as call_module leaves)")
+        return tracer.create_proxy("call_module", path, args, kwargs)
+    return wrapper
+
+
 class RuleAttribute:
     """Mixin: ``rule`` as a module attribute validated on every assignment."""
+
+    def __prepare_scriptable__(self):
+        raise NotImplementedError(
+            f"torch.jit.script cannot compile {type(self).__name__}: its backward is a Python "
+            f"autograd.Function (README, 'Not supported'); use torch.jit.trace or "
+            f"torch.compile")
 
     @property
     def rule(self):

@@ -85,13 +85,14 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
     include / exclude: module types or qualified names (globs; a name also selects what is
     below it). Layers already converted get the new ``rule`` / ``ridge``, and excluded ones
     become plain again (an ``include`` leaves layers it does not select as they are). Every
-    other module that holds a weight matrix — a layer whose weight its parent uses directly (not only
-    through its forward: ``weight_reads``), a subclass that transforms its weight before use,
-    an unknown type, a refused one (nn.EmbeddingBag) — is named with its reason in one
-    warning, except those the user left out with include / exclude (``cx.coverage(model)``
-    lists all, with the matched share of the parameters); uses the source does not show are
-    named on the first forward under grad (``graph_check``). batchnorm: also make nn.BatchNorm1d /
-    2d back-matching norms (``norm.py``) with ``rule``; None (default) does so for the
+    other module that holds a weight matrix — a layer whose weight its parent uses directly
+    (not only through its forward: ``weight_reads``), a subclass that transforms its weight
+    before use, a C-layer reparametrized since its conversion (made plain again), an unknown
+    type, a refused one (nn.EmbeddingBag) — is named with its reason in one warning, except
+    those the user left out with include / exclude (``cx.coverage(model)`` lists all, with
+    the matched share of the parameters); uses the source does not show are named on the
+    first forward under grad (``graph_check``). batchnorm: also make nn.BatchNorm1d / 2d
+    back-matching norms (``norm.py``) with ``rule``; None (default) does so for the
     back-matching rules, whose signals cross batch norms. Returns ``model``.
 
     Raises TypeError if ``model`` is not an nn.Module, an include/exclude entry is neither a

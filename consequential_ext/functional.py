@@ -9,6 +9,7 @@ skips the Function, so its gradients are bit-identical to the nn layers'.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,42 @@ __all__ = ["clinear", "cconv2d", "clinear_like", "CLinearFunction", "CConv2dFunc
            "cmulti_head_attention_forward"]
 __all__ += ["cconv1d", "cconv3d", "cconv_transpose1d", "cconv_transpose2d", "CConv1dFunction",
             "CConv3dFunction", "CConvTranspose1dFunction", "CConvTranspose2dFunction"]
+
+
+def _bypassed(rule, *tensors):
+    """Whether the entry point runs the plain ``F`` call instead of its Function: a rule that
+    ``bypass``es, or ``torch.export`` tracing (an exported program keeps the forward but not
+    an autograd.Function's backward — non-strict export inlines the forward, strict export
+    detaches it — so its parameters get the ordinary gradient; said once, by non-strict
+    export: strict export's Dynamo drops warnings from traced code). Under
+    ``torch.fx`` symbolic tracing of the functional form: a TypeError saying what to trace
+    instead (the module forms are kept as leaves)."""
+    if any(isinstance(t, torch.fx.Proxy) for t in tensors):
+        raise TypeError("consequential_ext.functional cannot be traced by torch.fx: its "
+                        "matched backward is an autograd.Function, not traced ops; use the "
+                        "C-layer modules (cx.CLinear, cx.CConv2d, ...), which "
+                        "torch.fx.symbolic_trace keeps as call_module leaves")
+    if rule_named(rule).bypass:
+        return True
+    if torch.compiler.is_exporting():
+        if not torch.compiler.is_dynamo_compiling():
+            _warn_export()
+        return True
+    return False
+
+
+_export_warned = False
+
+
+def _warn_export():
+    global _export_warned
+    if not _export_warned:
+        _export_warned = True
+        warnings.warn("consequential_ext: torch.export traced a C-layer as its plain nn "
+                      "forward: the exported program computes the same outputs, but its "
+                      "backward gives the ordinary gradient, not the matched one (an "
+                      "autograd.Function's backward cannot be exported). Train the eager or "
+                      "torch.compile'd model.", UserWarning, stacklevel=3)
 
 
 def _apply_rule(ctx, layer):
@@ -130,7 +167,7 @@ def clinear(input, weight, bias=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE,
     Raises ValueError for an unknown ``rule`` or a ridge that is not a finite float > 0,
     TypeError/ValueError for an amortizer of the wrong type or Gram shape.
     """
-    bypass = rule_named(rule).bypass
+    bypass = _bypassed(rule, input, weight)
     ridge = check_ridge(ridge)
     if bypass:
         return F.linear(input, weight, bias)
@@ -169,7 +206,7 @@ def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=
     Raises ValueError for an unknown ``rule``, a bad ``ridge`` or a weight that is not 2-D;
     TypeError/ValueError for a mismatched amortizer.
     """
-    bypass = rule_named(rule).bypass
+    bypass = _bypassed(rule, input, weight)
     ridge = check_ridge(ridge)
     if bypass:
         return module_forward(input)
@@ -220,7 +257,7 @@ def cembedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     Raises ValueError for an unknown ``rule``, a bad ``ridge`` or a ``padding_idx`` outside the
     table.
     """
-    bypass = rule_named(rule).bypass
+    bypass = _bypassed(rule, input, weight)
     ridge = check_ridge(ridge)
     if padding_idx is not None:
         if not -weight.shape[0] <= padding_idx < weight.shape[0]:
@@ -312,7 +349,7 @@ def cmulti_head_attention_forward(
     Raises ValueError for an unknown ``rule`` or a bad ``ridge``; otherwise what
     ``F.multi_head_attention_forward`` raises.
     """
-    rule_named(rule)
+    _bypassed(rule, query, key, value)      # torch.fx: the clear error before any shape check
     ridge = check_ridge(ridge)
     out_rule = rule if out_proj_rule is None else rule_named(out_proj_rule).name
 
@@ -505,7 +542,7 @@ def _cconv(function, conv, spatial, gram_shape, input, weight, bias, geometry, r
            amortizer, map_size=None):
     """Validate, then ``conv`` itself for a bypassing rule, else ``function`` (an unbatched
     input — ``spatial`` + 1 dims, as the F functions accept — as one sample)."""
-    bypass = rule_named(rule).bypass
+    bypass = _bypassed(rule, input, weight)
     ridge = check_ridge(ridge)
     if bypass:
         return conv(input, weight, bias, *geometry)

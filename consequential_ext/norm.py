@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .gradients import BatchNormGradients
 from .rules import rule_named
-from ._validate import DEFAULT_RULE, RuleAttribute
+from ._validate import DEFAULT_RULE, RuleAttribute, fx_leaf
 
 __all__ = ["BackMatchBatchNorm1d", "BackMatchBatchNorm2d", "BackMatchBatchNormFunction"]
 
@@ -52,6 +52,7 @@ class BackMatchBatchNormFunction(torch.autograd.Function):
 class _BackMatchBatchNorm(RuleAttribute):
     """The rule-dependent forward."""
 
+    @fx_leaf
     def forward(self, input):
         bn_forward = super().forward
         rule = rule_named(self.rule)
