@@ -45,12 +45,34 @@ def fx_leaf(forward):
             raise TypeError(f"torch.fx cannot trace {type(self).__name__} itself: its matched "
                             f"backward is an autograd.Function, not traced ops; trace a model "
                             f"that contains it (C-layers are kept as call_module leaves)")
+        if _has_forward_hooks(self):
+            # Module.__call__ has run the layer's forward (pre-)hooks on the proxies already:
+            # they are in the graph. A call_module node would run them again; call the bare
+            # forward of the layer instead.
+            layer = tracer.create_proxy("get_attr", path, (), {})
+            return tracer.create_proxy("call_method", "forward", (layer, *args), kwargs)
         return tracer.create_proxy("call_module", path, args, kwargs)
+    wrapper._cx_fx_leaf = True
     return wrapper
+
+
+def _has_forward_hooks(module):
+    from torch.nn.modules import module as nn_module
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
 
 class RuleAttribute:
     """Mixin: ``rule`` as a module attribute validated on every assignment."""
+
+    def __init_subclass__(cls, **kwargs):
+        # A subclass's own forward (a user's class of a C-layer) is the layer's outermost
+        # forward: it is the one kept as the torch.fx leaf. Left undecorated, its own steps
+        # would be traced into the graph and run again by the leaf (which calls it).
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not getattr(forward, "_cx_fx_leaf", False):
+            cls.forward = fx_leaf(forward)
 
     def __prepare_scriptable__(self):
         raise NotImplementedError(

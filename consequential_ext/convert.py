@@ -20,7 +20,7 @@ from . import graph_check
 from .coverage import (USER_REASON, check_model, coverage, transformed_after_conversion,
                        weight_users)
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
-from .registry import kind_for
+from .registry import kind_for, made_from
 from .rules import rule_named
 from ._validate import (DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, CLayerMixin, check_ridge,
                         check_rule)
@@ -60,17 +60,35 @@ def _selectors(value, arg):
 def _unconvert(module):
     """Make a C-layer (or back-matching norm) plain again: its class back to the nn (or user)
     class it was converted from, under a parametrization's own subclass where it has one; its
-    amortizer dropped. Its parameters and buffers are untouched."""
+    amortizer dropped. Its parameters and buffers are untouched. A user's own class of a
+    C-layer (one no conversion makes) keeps its class and gets the ordinary gradient."""
     cls = type(module)
     plain = next(c for c in cls.__mro__ if issubclass(c, nn.Module)
-                 and not issubclass(c, (CLayerMixin, BackMatchBatchNorm1d, BackMatchBatchNorm2d)))
-    if parametrize.is_parametrized(module):     # torch's ``Parametrized<C-class>``: remake it
+                 and not issubclass(c, _C_CLASSES))
+    # torch's ``Parametrized<C-class>`` (parametrized after conversion: the properties are
+    # its own); parametrized before conversion, ``plain`` is torch's class already.
+    wrapper = parametrize.is_parametrized(module) and any(
+        name in vars(cls) for name in module.parametrizations)
+    if not _made_from(cls.__bases__[0] if wrapper else cls, plain):
+        module.rule = "sgd"         # its forward and methods are the user's: keep them
+        module._modules.pop("amortizer", None)
+        return
+    if wrapper:                     # remake it over the plain class
         attrs = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
         plain = type(f"Parametrized{plain.__name__}", (plain,), attrs)
     module.__class__ = plain
     module._modules.pop("amortizer", None)
     for key in ("_cx_rule", "_cx_ridge"):
         module.__dict__.pop(key, None)
+
+
+_C_CLASSES = (CLayerMixin, BackMatchBatchNorm1d, BackMatchBatchNorm2d)
+
+
+def _made_from(c_cls, plain) -> bool:
+    """Whether ``c_cls`` is a class a conversion makes of ``plain``, so that setting ``plain``
+    back undoes exactly the conversion."""
+    return c_cls is _NORM_TARGETS.get(plain) or c_cls in made_from(plain)
 
 
 def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, include=None,
@@ -111,7 +129,8 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
     skipped_norms = []
     for name, module in model.named_modules():
         if include is not None and not _matches(name, module, include):
-            module.__dict__[USER_REASON] = "not selected by include"
+            # Left as it is: an earlier exclude (an attention's plain out_proj) stands.
+            module.__dict__.setdefault(USER_REASON, "not selected by include")
             continue
         if exclude is not None and _matches(name, module, exclude):
             module.__dict__[USER_REASON] = EXCLUDED

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from .registry import derived_weight, kind_of, subclass_kind
+from .registry import derived_weight, kind_of, matched_weights, subclass_kind
 from .rules import rule_named
 from .weight_reads import weights_used_in_forward
 from ._validate import USER_REASON, CLayerMixin
@@ -80,8 +80,6 @@ def _is_matched(module) -> bool:
         and _trained(module) and not transformed_after_conversion(module)
 
 
-# The weight attributes a C-layer matches (CLinearLike: its kind's; attention: its projections).
-_WEIGHT_NAMES = ("weight", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 REPARAMETRIZED = ("its weight was reparametrized after conversion (a parametrization, "
                   "nn.utils.weight_norm / spectral_norm, nn.utils.prune): the C-layer matches the "
                   "transformed weight and its parameters get that gradient pulled back through "
@@ -95,10 +93,9 @@ def transformed_after_conversion(module) -> bool:
     attribute): reparametrized after ``consequentialize`` converted it. Computes nothing."""
     if not isinstance(module, CLayerMixin):
         return False
-    kind = getattr(module, "_cx_kind", None)
-    names = (kind.weight,) if kind is not None else _WEIGHT_NAMES
-    return any(n not in module._parameters and (n in module.__dict__ or isinstance(
-        getattr(type(module), n, None), property)) for n in names)
+    return any(n not in m._parameters and (n in m.__dict__ or isinstance(
+        getattr(type(m), n, None), property))
+        for m, n in matched_weights(module, getattr(module, "_cx_kind", None)))
 
 
 def _trained(module) -> bool:

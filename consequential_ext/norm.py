@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .functional import _bypassed
 from .gradients import BatchNormGradients
 from .rules import rule_named
 from ._validate import DEFAULT_RULE, RuleAttribute, fx_leaf
@@ -56,7 +57,10 @@ class _BackMatchBatchNorm(RuleAttribute):
     def forward(self, input):
         bn_forward = super().forward
         rule = rule_named(self.rule)
-        if not rule.changes_batchnorm or not torch.is_grad_enabled():
+        # torch.export: nn's forward, as a C-layer's (functional._bypassed): an exported
+        # program keeps no autograd.Function backward (strict export would cut the gradient).
+        if not rule.changes_batchnorm or not torch.is_grad_enabled() or _bypassed(self.rule,
+                                                                                   input):
             return bn_forward(input)
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         running = None if batch_stats else (self.running_mean.clone(), self.running_var.clone())

@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd
 
+from ._validate import EXCLUDED, USER_REASON
+
 from .modules import (CConv2d, CEmbedding, CFunctionalCall, CLinear, CLinearLike,
                       CMultiheadAttention)
 from .routing import passes_own_weight
@@ -257,6 +259,15 @@ def _functional_class(module_type: type) -> type:
     return c_type
 
 
+def made_from(module_type: type) -> tuple:
+    """The C-classes a conversion has made of ``module_type`` (its kind's, a thin or a
+    functional-call subclass's): a module of one of them turns back into ``module_type``."""
+    kind = kind_of(module_type)
+    return tuple(c for c in (kind.c_type if kind is not None else None,
+                             _THIN_TYPES.get(module_type), _SUBCLASS_TYPES.get(module_type))
+                 if c is not None)
+
+
 def kind_for(module) -> LayerKind | None:
     """The kind ``consequentialize`` converts ``module`` with: its exact type's, else the
     ``subclass_kind`` of a Linear / Conv2d subclass; None if it stays plain (also when its
@@ -269,4 +280,21 @@ def derived_weight(module, kind: LayerKind) -> bool:
     """Whether the kind's weight attribute is there but no parameter: recomputed from
     others before each forward (``nn.utils.weight_norm`` / ``spectral_norm``'s hooks). A
     matched gradient of it would reach the parameters through that transformation."""
-    return hasattr(module, kind.weight) and kind.weight not in module._parameters
+    return any(hasattr(owner, name) and name not in owner._parameters
+               for owner, name in matched_weights(module, kind))
+
+
+# The weights an attention's C-layer matches besides its out_proj's (which it matches too).
+ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def matched_weights(module, kind: LayerKind | None):
+    """(owner, attribute) of each weight the C-layer of ``module`` matches: an attention's
+    in-projection(s) and, unless the user excluded it, its out_proj's weight; else the kind's
+    weight (``weight`` without a kind)."""
+    if isinstance(module, nn.MultiheadAttention):
+        pairs = [(module, name) for name in ATTENTION_WEIGHTS]
+        if module.out_proj.__dict__.get(USER_REASON) != EXCLUDED:
+            pairs.append((module.out_proj, "weight"))
+        return pairs
+    return [(module, kind.weight if kind is not None else "weight")]

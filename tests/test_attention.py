@@ -274,3 +274,12 @@ def test_an_excluded_out_proj_gets_the_ordinary_gradient():
     assert rel_err(part.in_proj_weight.grad, plain.in_proj_weight.grad) > 1e-3
     report = cx.coverage(part)
     assert [(p.name, p.reason) for p in report.plain] == [("out_proj", "excluded by the user")]
+
+
+def test_an_excluded_out_proj_stays_plain_through_a_later_include():
+    torch.manual_seed(13)
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(E, H), "fc": nn.Linear(E, E)})
+    cx.consequentialize(model, exclude=["attn.out_proj"])
+    cx.consequentialize(model, include=["fc"])    # selects neither: left as they are
+    assert model.attn._cx_out_proj_plain()
+    assert [p.name for p in cx.coverage(model).plain] == ["attn.out_proj"]

@@ -319,3 +319,62 @@ def test_a_layer_reparametrized_after_conversion_is_reported_and_made_plain(repa
     later(x).backward(go)
     for (name, p), q in zip(later.named_parameters(), first.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), name
+
+
+class _Scaled(cx.CLinear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_excluding_a_users_c_layer_class_keeps_its_class_and_gives_the_ordinary_gradient():
+    torch.manual_seed(24)
+    model = nn.Sequential(_Scaled(3, 2))
+    twin = nn.Sequential(_Scaled(3, 2, rule="sgd"))
+    twin.load_state_dict(model.state_dict())
+    cx.consequentialize(model, exclude=["0"])
+    assert type(model[0]) is _Scaled and model[0].rule == "sgd"
+    x = torch.randn(4, 3)
+    model(x).square().sum().backward()
+    twin(x).square().sum().backward()
+    assert torch.equal(model[0].weight.grad, twin[0].weight.grad)
+
+
+class _Half(nn.Module):
+    def forward(self, t):
+        return t * 0.5
+
+
+def test_excluding_a_layer_parametrized_before_conversion_gives_back_torchs_class():
+    model = nn.Sequential(nn.Linear(3, 2))
+    nn.utils.parametrize.register_parametrization(model[0], "bias", _Half())
+    parametrized = type(model[0])
+    cx.consequentialize(model)     # its weight is its own: matched on its F.linear call
+    assert type(model[0]) is not parametrized and cx.coverage(model).matched == ("0",)
+    cx.consequentialize(model, exclude=["0"])
+    assert type(model[0]) is parametrized
+    nn.utils.parametrize.remove_parametrizations(model[0], "bias")
+    assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("where", ["in_proj_weight", "out_proj"])
+def test_a_reparametrized_attention_is_plain_whichever_the_order(where):
+    """Its in-projection or its out_proj reparametrized before or after conversion: the
+    attention stays plain on every later call, named with the reason."""
+    def reparametrize(attn):
+        if where == "out_proj":
+            nn.utils.parametrizations.weight_norm(attn.out_proj)
+        else:
+            nn.utils.parametrize.register_parametrization(attn, "in_proj_weight", _Half())
+
+    for before in (True, False):
+        model = nn.Sequential(nn.MultiheadAttention(4, 2))
+        if before:
+            reparametrize(model[0])
+        else:
+            cx.consequentialize(model)
+            reparametrize(model[0])
+            assert cx.coverage(model).matched == ()
+        for _ in range(3):
+            with pytest.warns(UserWarning, match="left these layers as they are"):
+                cx.consequentialize(model)
+            assert not isinstance(model[0], cx.CMultiheadAttention), (before, _)

@@ -92,3 +92,41 @@ def test_jit_script_says_why_it_cannot_compile_a_c_layer():
     with pytest.raises(NotImplementedError, match="torch.jit.script cannot compile CLinear.*"
                                                   "torch.jit.trace"):
         torch.jit.script(model)
+
+
+class _Scaled(cx.CLinear):
+    """A user's class of a C-layer with steps of its own around the layer's forward."""
+
+    def forward(self, x):
+        return 2 * super().forward(x) + 1
+
+
+def test_a_c_layer_subclass_forward_and_hooks_run_once_in_the_traced_model():
+    """The outermost forward (a user subclass's) is the leaf, and the hooks Module.__call__
+    ran on the proxies while tracing (so they are in the graph) are not run again by it."""
+    torch.manual_seed(32)
+    for with_hooks in (False, True):
+        model = nn.Sequential(_Scaled(3, 4), nn.Tanh(), cx.CLinear(4, 2))
+        if with_hooks:
+            model[0].register_forward_pre_hook(lambda m, args: (args[0] * 3,))
+            model[2].register_forward_hook(lambda m, args, out: out - 1)
+        traced = torch.fx.symbolic_trace(model)
+        x = torch.randn(5, 3)
+        assert torch.equal(traced(x), model(x)), with_hooks
+        eager = _grads(model, x, torch.zeros(5, 2))
+        for name, g in _grads(traced, x, torch.zeros(5, 2)).items():
+            assert torch.equal(g, eager[name]), (with_hooks, name)
+
+
+def test_strict_export_of_back_matching_norms_keeps_the_ordinary_gradient():
+    torch.manual_seed(33)
+    plain = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2))
+    model = cx.consequentialize(copy.deepcopy(plain), rule="backmatch")
+    assert isinstance(model[1], cx.BackMatchBatchNorm1d)
+    x = torch.randn(6, 4)
+    exported = torch.export.export(model, (x,), strict=True).module()
+    exported(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    grads = dict(exported.named_parameters())
+    for name, p in plain.named_parameters():
+        assert torch.allclose(grads[name].grad, p.grad, rtol=1e-5, atol=1e-6), name
