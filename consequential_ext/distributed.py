@@ -18,34 +18,33 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from ._blocks import BlockSetting
+
 __all__ = ["gram_sync", "gram_group", "PendingGram"]
 
-# Process-global, not thread-local: CUDA backward runs on autograd's device threads.
-_enabled = True
-_group = None  # None: the default (world) group
+# (enabled, group): process-global, not thread-local (``_blocks.py``): CUDA backward runs on
+# autograd's device threads. Group None: the default (world) group.
+_sync = BlockSetting((True, None))
 
 
 @contextlib.contextmanager
 def gram_sync(enabled: bool = True, *, group=None):
     """Within this block, backward sums Grams over ``group`` (default: world) when a process
     group is initialised; ``enabled=False`` keeps each rank's Gram local. The setting in
-    effect when ``backward`` runs is the one that counts."""
-    global _enabled, _group
+    effect when ``backward`` runs is the one that counts; with blocks open in several
+    threads, the newest open one's."""
     if not isinstance(enabled, bool):
         raise TypeError(f"gram_sync: enabled must be a bool, got {enabled!r}")
-    previous = _enabled, _group
-    _enabled, _group = enabled, group
-    try:
+    with _sync.block((enabled, group)):
         yield
-    finally:
-        _enabled, _group = previous
 
 
 def gram_group():
     """The group Grams are summed over in this backward, or None for a local solve."""
-    if not _enabled or not dist.is_available() or not dist.is_initialized():
+    enabled, group = _sync.value
+    if not enabled or not dist.is_available() or not dist.is_initialized():
         return None
-    group = _group if _group is not None else dist.group.WORLD
+    group = group if group is not None else dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None
 
 

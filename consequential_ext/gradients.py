@@ -282,8 +282,8 @@ class EmbeddingGradients:
             grad = torch.sparse_coo_tensor(rows, grad._values() / scale[rows[0]][:, None],
                                            grad.shape, is_coalesced=grad.is_coalesced(),
                                            check_invariants=False)  # ATen's own indices
-        else:
-            grad = grad / scale[:, None]
+        else:  # in place: embedding_backward's dense gradient is a fresh V × E tensor
+            grad = grad.div_(scale[:, None])
         return grad.to(self.weight.dtype), None
 
     def plain_weight_grads(self):
@@ -422,26 +422,45 @@ class ConvTranspose2dGradients:
         self.dilation, self.groups = dilation, groups
         self.has_bias, self.ridge, self.amortizer = has_bias, ridge, amortizer
         self.needs_weight, self.needs_bias = needs_weight, needs_bias
-        self._dz = None
 
-    def _pointwise_weight(self):
-        """The weight as the 1×1 conv's: Mᵀ per group, rows in unfold's channel order."""
-        cin, rows = self.weight.shape[0], self.weight[0].numel() * self.groups
-        return self.weight.reshape(self.groups, cin // self.groups, rows // self.groups) \
+    def _pointwise_weight(self, weight=None):
+        """The weight (or a tensor in its layout: its gradient) as the 1×1 conv's: Mᵀ per
+        group, rows in unfold's channel order."""
+        weight = self.weight if weight is None else weight
+        cin, rows = weight.shape[0], weight[0].numel() * self.groups
+        return weight.reshape(self.groups, cin // self.groups, rows // self.groups) \
             .transpose(1, 2).reshape(rows, cin // self.groups, 1, 1)
 
+    def _windows(self):
+        """unfold's window grid over the output signal (at least the input's size)."""
+        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
+            self.grad_output.shape[2:], self.padding, self.dilation, self.weight.shape[2:],
+            self.stride))
+
     def _block_signal(self):
-        """dZ: the signal of every pre-overlap block, (B, C_out·k_h·k_w, H_in, W_in); kept,
-        as the layer-wise rule asks for it twice (a plain attribute: torch.compile)."""
-        if self._dz is None:
-            gy, kernel = self.grad_output, self.weight.shape[2:]
-            dz = torch.nn.functional.unfold(gy, kernel, self.dilation, self.padding, self.stride)
-            windows = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
-                gy.shape[2:], self.padding, self.dilation, kernel, self.stride)]
-            # Output padding ≥ stride (allowed when < dilation) leaves extra windows: cut them.
-            self._dz = dz.reshape(gy.shape[:1] + (dz.shape[1],) + tuple(windows))[
-                :, :, :self.input.shape[2], :self.input.shape[3]]
-        return self._dz
+        """dZ: the signal of every pre-overlap block, (B, C_out·k_h·k_w, H_in, W_in) — the
+        im2col matrix of the output signal, k_h·k_w/stride² times its size: only the column
+        side needs it."""
+        gy, kernel = self.grad_output, self.weight.shape[2:]
+        dz = torch.nn.functional.unfold(gy, kernel, self.dilation, self.padding, self.stride)
+        # Output padding ≥ stride (allowed when < dilation) leaves extra windows: cut them.
+        return dz.reshape(gy.shape[:1] + (dz.shape[1],) + self._windows())[
+            :, :, :self.input.shape[2], :self.input.shape[3]]
+
+    def _block_sharing(self):
+        """``layerwise.sharing_factor`` of dZ without unfolding the signal: dZ holds each
+        entry of the signal once per (kept window, kernel offset) that reads it, so its
+        non-zero count is the signal's per location weighted by that number, the col2im
+        (fold) of ones over the kept windows."""
+        gy, kernel = self.grad_output, self.weight.shape[2:]
+        kept = torch.zeros(self._windows(), dtype=torch.float64, device=gy.device)
+        kept[:self.input.shape[2], :self.input.shape[3]] = 1
+        reads = torch.nn.functional.fold(
+            kept.reshape(1, 1, -1).expand(1, math.prod(kernel), -1), tuple(gy.shape[2:]),
+            kernel, self.dilation, self.padding, self.stride)[0, 0]
+        count = ((gy != 0).sum((0, 1)).to(torch.float64) * reads).sum()  # exact integers
+        blocks = gy.shape[0] * gy.shape[1] * math.prod(kernel)
+        return (count.to(accumulate_dtype(gy.dtype)) / max(blocks, 1)).clamp_min(1.0)
 
     def _from_pointwise(self, grad):
         cin, cout_g, kh, kw = self.weight.shape
@@ -472,18 +491,33 @@ class ConvTranspose2dGradients:
 
     def layerwise_input_signal(self):
         factor = layerwise.conv2d_input_factor(
-            self._pointwise_weight(), self.groups, self.input.shape[2:],
-            layerwise.sharing_factor(self._block_signal()))
+            self._pointwise_weight(), self.groups, self.input.shape[2:], self._block_sharing())
         return layerwise.divide_signal(self.input_grad(), factor)
 
     def matched_weight_grads(self):
         grad_weight = grad_bias = None
         if self.needs_weight:
-            blocks = Conv2dGradients(
-                self.input, self._pointwise_weight(), self._block_signal(), (1, 1), (0, 0),
-                (1, 1), self.groups, has_bias=False, needs_weight=True, needs_bias=False,
-                ridge=self.ridge, amortizer=self.amortizer)
-            grad_weight = self._from_pointwise(blocks.matched_weight_grads()[0])
+            pointwise = self._pointwise_weight()
+            # dZ's shape: a zero-stride stand-in (the row side reads dZ only through G).
+            blocks_shape = self.grad_output.new_empty(()).expand(
+                self.grad_output.shape[0], pointwise.shape[0], *self.input.shape[2:])
+            if matching.conv_side(self.input, blocks_shape, pointwise.shape, self.groups,
+                                  False, self.amortizer) == "row":
+                # G = dZ Xᵀ is the transposed conv's own weight gradient (in its layout): no
+                # unfold of the output signal and no copy of it.
+                work = accumulate_dtype(self.grad_output.dtype)
+                native = self._native(self.grad_output.to(work), self.weight,
+                                      [False, True, False])[1]
+                matched, _ = matching.matched_conv2d(
+                    self.input, blocks_shape, pointwise.shape, (1, 1), (0, 0), (1, 1),
+                    self.groups, False, self.ridge, amortizer=self.amortizer,
+                    grad=matching.conv_grad(self._pointwise_weight(native), None, self.groups))
+            else:
+                matched, _ = Conv2dGradients(
+                    self.input, pointwise, self._block_signal(), (1, 1), (0, 0), (1, 1),
+                    self.groups, has_bias=False, needs_weight=True, needs_bias=False,
+                    ridge=self.ridge, amortizer=self.amortizer).matched_weight_grads()
+            grad_weight = self._from_pointwise(matched.to(self.weight.dtype))
         if self.needs_bias:
             work = accumulate_dtype(self.grad_output.dtype)
             locations = math.prod(self.grad_output.shape[2:])
@@ -503,7 +537,7 @@ class ConvTranspose2dGradients:
         return self._weight_grads_over(1.0, 1.0)
 
     def layerwise_weight_grads(self):
-        return self._weight_grads_over(layerwise.sharing_factor(self._block_signal()),
+        return self._weight_grads_over(self._block_sharing(),
                                        layerwise.sharing_factor(self.grad_output))
 
 

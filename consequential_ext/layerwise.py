@@ -68,7 +68,9 @@ def divide_signal(grad_input, factor):
     """BP's signal over a layer's δa/δ'a, in its dtype; 0 where the factor is 0 (all-zero
     weights: BP's signal is 0 too, and 0 is the minimum-norm matched one)."""
     quotient = grad_input / torch.where(factor != 0, factor, torch.ones_like(factor))
-    return torch.where(factor != 0, quotient, torch.zeros_like(quotient)).to(grad_input.dtype)
+    # In place on the fresh quotient: a ``where`` with a zeros_like would hold two more
+    # signal-sized tensors at the backward's peak.
+    return quotient.masked_fill_(factor == 0, 0).to(grad_input.dtype)
 
 
 def batchnorm_factor(producer_sq, batch_var, gamma):

@@ -100,16 +100,17 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
             raise TypeError(f"{module_type.__name__} {what}, not linear-like: pass "
                             f"c_type, a class of cx.{c_base} and {module_type.__name__}")
         # A torch convolution or embedding without a C-class here (nn.ConvTranspose3d): its
-        # weight has more than two dims, and CLinear's backward would fail on it.
+        # weight has more than two dims, and CLinear's backward would fail on it. A recurrent
+        # layer returns (output, state) and applies its weights once per time step.
         if issubclass(module_type, _NOT_LINEAR_LIKE):
-            raise TypeError(f"{module_type.__name__} is a convolution or embedding, not "
-                            f"linear-like: it needs a C-class of its own (c_type)")
+            raise TypeError(f"{module_type.__name__} is a convolution, embedding or recurrent "
+                            f"layer, not linear-like: it needs a C-class of its own (c_type)")
     kind = LayerKind(key, c_type, bool(transposed), weight, bias)
     _KINDS[key] = kind
     return kind
 
 
-_NOT_LINEAR_LIKE = (_ConvNd, nn.Embedding, nn.EmbeddingBag)
+_NOT_LINEAR_LIKE = (_ConvNd, nn.Embedding, nn.EmbeddingBag, nn.RNNBase)
 
 
 def _linear_like(kind: LayerKind | None) -> bool:

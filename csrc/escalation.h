@@ -4,6 +4,7 @@
 #pragma once
 
 namespace consequential_ext {
-// Record that a factorisation needed `escalated` instead of `requested` (thread-safe).
+// Record, for the calling thread, that a factorisation needed `escalated` instead of
+// `requested`; call it from the thread that called ridge_solve, not from a parallel region.
 void note_ridge_escalation(double requested, double escalated);
 }  // namespace consequential_ext

@@ -4,7 +4,6 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include <mutex>
 #include <vector>
 
 #include "escalation.h"
@@ -44,19 +43,21 @@ TORCH_LIBRARY(consequential_ext, m) {
   m.def("ridge_solve(Tensor gram, Tensor grad, float ridge, ScalarType? out_dtype=None) -> Tensor");
   // The torch version this extension was compiled against (checked at import).
   m.def("built_with_torch() -> str");
-  // [requested, escalated] ridges of escalations since the last call (then forgotten).
+  // [requested, escalated] ridges of this thread's escalations since its last call (then
+  // forgotten): per thread, so that one thread's solve is never reported by another's.
   m.def("take_ridge_escalations() -> float[]");
 }
 
 namespace consequential_ext {
 namespace {
-std::mutex escalation_mutex;
-std::vector<double> escalations;  // flattened (requested, escalated) pairs
+// Per thread: the kernels note from the thread that called ridge_solve (never from inside a
+// parallel region), and ops.ridge_solve takes the record right after, on the same thread. A
+// process-global record let a concurrent thread's take report (or merge away) this one's.
+thread_local std::vector<double> escalations;  // flattened (requested, escalated) pairs
 
 std::string built_with_torch() { return CX_TORCH_VERSION; }
 
 std::vector<double> take_ridge_escalations() {
-  std::lock_guard<std::mutex> lock(escalation_mutex);
   std::vector<double> out;
   out.swap(escalations);
   return out;
@@ -64,7 +65,6 @@ std::vector<double> take_ridge_escalations() {
 }  // namespace
 
 void note_ridge_escalation(double requested, double escalated) {
-  std::lock_guard<std::mutex> lock(escalation_mutex);
   if (escalations.size() < 64) {  // a record, not a log: the first few are enough to warn
     escalations.push_back(requested);
     escalations.push_back(escalated);

@@ -177,3 +177,53 @@ def test_one_bias_step_removes_each_channels_mean_residual():
         layer.bias -= layer.bias.grad
     after = (layer(x) - t).mean((0, 2, 3))
     assert before.abs().min() > 1e-3 and after.abs().max() < 1e-8
+
+
+@pytest.mark.parametrize("rule", ["consequential", "backmatch-layerwise"])
+def test_the_row_side_never_unfolds_the_output_signal(monkeypatch, rule):
+    """dZ = unfold(dy) is k_h·k_w/stride² times the signal: the row side takes G from the
+    transposed conv's own weight gradient and the layer-wise s from a fold of ones."""
+    case = CASES[2][0]
+    layer, plain, x = _pair_of_layers(2, case, rule)
+    out = layer(x.requires_grad_())
+    gy = torch.randn_like(out)
+
+    def no_unfold(*args, **kwargs):
+        raise AssertionError("unfold of the output signal")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "unfold", no_unfold)
+        out.backward(gy)
+    if rule == "consequential":
+        _, _, _, _, _, s, p, op, g, d, _ = case
+        gw, gb = ref.matched_conv_transpose(x, layer.weight, layer.bias, gy, s, p, op, g, d,
+                                            RIDGE)
+        ref.close(layer.weight.grad, gw)
+        ref.close(layer.bias.grad, gb)
+
+
+def test_block_sharing_counts_what_unfolding_would():
+    """The layer-wise rule's s of dZ from the signal's non-zeros and a fold of ones equals
+    the count on the unfolded dZ, over random geometries with sparse signals."""
+    from consequential_ext import layerwise
+    from consequential_ext.gradients import ConvTranspose2dGradients
+    gen = torch.Generator().manual_seed(40)
+    checked = 0
+    for _ in range(80):
+        pick = lambda *options: options[torch.randint(len(options), (1,), generator=gen)]  # noqa: E731
+        k, s, d = pick(1, 2, 3), pick(1, 2, 3), pick(1, 2)
+        p = pick(*range(0, d * (k - 1) + 1))
+        op = pick(*[o for o in range(3) if o < max(s, d)])
+        h, w = pick(1, 2, 3, 5), pick(2, 4)
+        if min(h, w) - 1 < (2 * p - d * (k - 1) - op) / s:
+            continue                                               # an empty output
+        x = torch.randn(2, 2, h, w)
+        weight = torch.randn(2, 3, k, k)
+        gy = torch.nn.functional.conv_transpose2d(x, weight, None, s, p, op, 1, d)
+        gy = gy * (torch.rand(gy.shape, generator=gen) < 0.4)      # a sparse signal
+        grads = ConvTranspose2dGradients(x, weight, gy, (s, s), (p, p), (op, op), (d, d), 1,
+                                         has_bias=False, needs_weight=True, needs_bias=False,
+                                         ridge=0.1, amortizer=None)
+        expected = layerwise.sharing_factor(grads._block_signal())
+        assert torch.equal(grads._block_sharing(), expected), (k, s, p, op, d, h, w)
+        checked += 1
+    assert checked >= 40

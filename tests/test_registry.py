@@ -292,11 +292,11 @@ def test_a_thin_subclass_of_a_registered_linear_like_layer(clean_registry, monke
 
 
 @pytest.mark.parametrize("module_type", [nn.Conv2d, nn.Embedding, nn.ConvTranspose3d,
-                                         nn.EmbeddingBag])
+                                         nn.EmbeddingBag, nn.LSTM])
 def test_a_conv_or_embedding_is_never_registered_as_linear_like(clean_registry, module_type):
-    """Its weight is not a matrix: as linear-like, CLinear's backward would fail on it (a
-    shape error deep in backward); torch's own convs and embeddings, with a C-class here or
-    not, are refused by name."""
+    """Its weight is not a matrix (a recurrent layer's is applied once per step and it returns
+    a state too): as linear-like, CLinear's backward would fail on it deep in backward;
+    torch's own convs, embeddings and recurrent layers are refused by name."""
     with pytest.raises(TypeError, match=f"{module_type.__name__} .*not linear-like"):
         cx.register_layer(module_type)
     assert type(cx.consequentialize(nn.Sequential(nn.Conv2d(2, 3, 3)))[0]) is cx.CConv2d
@@ -308,6 +308,8 @@ def test_a_linear_like_weight_must_be_a_matrix():
         cx.functional.clinear_like(x, w, None, lambda t: t @ w[..., 0].T)
 
 
-def test_conv_transpose3d_is_named_as_having_no_c_layer():
+def test_conv_transpose3d_and_recurrent_layers_are_named_as_having_no_c_layer():
     reason = cx.coverage(nn.Sequential(nn.ConvTranspose3d(2, 3, 2))).plain[0].reason
     assert reason == "nn.ConvTranspose3d has no C-layer (ConvTranspose1d / 2d only)"
+    for layer in (nn.LSTM(3, 4), nn.GRU(3, 4)):
+        assert cx.coverage(layer).plain[0].reason.startswith("a recurrent layer")

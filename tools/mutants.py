@@ -104,6 +104,10 @@ MUTANTS = [
        "grad_bias = self.gy.sum(self.dims)", "grad_bias = self.gy.mean(self.dims)",
        DEGENERATE, "tests/test_backmatch.py"),
 
+    _m("gradients.transposed-sharing-counts-cut-windows", PY + "gradients.py",
+       "kept[:self.input.shape[2], :self.input.shape[3]] = 1", "kept[:] = 1",
+       "tests/test_conv_transpose.py", GEOMETRY),
+
     # ---- rules.py: the rule table ---------------------------------------------------------
     _m("rules.backmatch-sends-bp-signal", PY + "rules.py",
        "        return layer.matched_input_signal()", "        return layer.input_grad()",
@@ -190,7 +194,7 @@ MUTANTS = [
        "return self._gram.div_(max(self._count, 1))", "return self._gram",
        FUNCTIONAL),
     _m("distributed.gram-sync-flag-ignored", PY + "distributed.py",
-       "if not _enabled or not dist.is_available()", "if not dist.is_available()",
+       "if not enabled or not dist.is_available()", "if not dist.is_available()",
        "tests/test_distributed.py"),
 
     # ---- amortize.py (its stable part) ----------------------------------------------------
@@ -246,6 +250,10 @@ MUTANTS = [
        why="a compiled op's output silently cut from the graph"),
 
     # ---- csrc/cpu: compiled CPU kernels (rebuilt per mutant) ------------------------------
+    _m("cpu.escalation-record-shared-by-threads", "csrc/ops.cpp",
+       "thread_local std::vector<double> escalations;", "std::vector<double> escalations;",
+       "tests/test_threads.py::test_an_escalation_is_reported_by_the_thread_whose_solve_needed_it",
+       why="another thread's solve took (and warned about) this thread's escalation"),
     _m("cpu.shift-border-strip-window-inverted", "csrc/cpu/gram_shift_cpu.cpp",
        "if (cc > 0 && !cols.inside(cols.border[cc - 1], j)) continue;",
        "if (cc > 0 && cols.inside(cols.border[cc - 1], j)) continue;",
@@ -515,6 +523,30 @@ MUTANTS = [
        "            out.add(name)", "            pass",
        "tests/test_convert.py::test_the_first_forward_names_weights_used_outside_their_layer",
        why="a ModuleList's weights used in a parent's loop, not named"),
+    _m("convert.exclude-keeps-an-earlier-conversion", PY + "convert.py",
+       "                _unconvert(module)          # converted before",
+       "                pass          # converted before",
+       "tests/test_convert.py::test_excluding_a_layer_converted_before_makes_it_plain_again",
+       why="consequentialize(exclude=...) left a layer converted earlier matched"),
+    _m("modules.excluded-out-proj-still-matched", PY + "modules.py",
+       'out_proj_rule="sgd" if self._cx_out_proj_plain() else None)', "out_proj_rule=None)",
+       "tests/test_attention.py::test_an_excluded_out_proj_gets_the_ordinary_gradient",
+       why="an attention's excluded out_proj got the matched gradient"),
+    _m("registry.attention-out-proj-reparametrization-unseen", PY + "registry.py",
+       '            pairs.append((module.out_proj, "weight"))', "            pass",
+       "tests/test_convert.py::test_a_reparametrized_attention_is_plain_whichever_the_order",
+       why="an attention whose out_proj was reparametrized after conversion stayed matched"),
+    _m("validate.fx-traces-into-the-layer", PY + "_validate.py",
+       "        if proxy is None:", "        if True:",
+       "tests/test_tracing.py", why="torch.fx.symbolic_trace stepped into a C-layer's forward"),
+    _m("functional.export-keeps-the-function", PY + "functional.py",
+       "    if torch.compiler.is_exporting():", "    if False:",
+       "tests/test_tracing.py", why="strict export cut a C-layer's gradient"),
+    _m("blocks.a-closed-block-stays-in-force", PY + "_blocks.py",
+       "self.value = self._open[-1][1] if self._open else self._default",
+       "self.value = self._open[0][1] if self._open else self._default",
+       "tests/test_threads.py", why="overlapping use_backend / gram_sync blocks of two threads "
+       "left a closed block's setting in force"),
     _m("coverage.parent-weight-reads-ignored", PY + "coverage.py",
        "for path in weights_used_in_forward(type(parent)):", "for path in ():",
        "tests/test_convert.py::test_children_whose_weight_the_parent_uses_stay_plain_and_are_named",

@@ -63,6 +63,14 @@ def sync_scratch(scratch: pathlib.Path) -> None:
     listing.write_text("\n".join(files))
 
 
+def _stale_extension(scratch: pathlib.Path) -> bool:
+    extension = scratch / EXTENSION
+    if not extension.exists():
+        return True
+    built = extension.stat().st_mtime
+    return any((scratch / p).stat().st_mtime > built for p in _tree_files() if _compiled(p))
+
+
 def build(scratch: pathlib.Path, python: str) -> subprocess.CompletedProcess:
     """In-place incremental build of the extension (--force: header edits count too; ninja
     still recompiles only what changed)."""
@@ -157,7 +165,9 @@ def main(argv=None) -> int:
     scratch = args.scratch.resolve()
     started = time.time()
     sync_scratch(scratch)
-    if any(_compiled(m.path) for m in mutants) or not (scratch / EXTENSION).exists():
+    # Rebuilt for C++ mutants, and when a compiled source is newer than the scratch's
+    # extension: a Python mutant's tests would otherwise run against a stale build.
+    if any(_compiled(m.path) for m in mutants) or _stale_extension(scratch):
         print("building the unmutated extension in", scratch, flush=True)
         built = build(scratch, args.python)
         if built.returncode:

@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from .._blocks import BlockSetting
 from . import reference
 from ._backends import available_backends, backend_for, gram_backend_for
 from ._conv_args import check_conv_args, output_size
@@ -21,25 +22,22 @@ __all__ = ["im2col_gram", "conv_gram_grad", "conv_weight_grad", "ridge_solve", "
            "available_backends", "reference"]
 
 register_fakes()
-# Process-global, not thread-local: CUDA backward runs on autograd's device threads, which
-# would not see a thread-local choice made around ``loss.backward()``.
-_forced = None
+# Process-global, not thread-local (``_blocks.py``): CUDA backward runs on autograd's device
+# threads, which would not see a thread-local choice made around ``loss.backward()``.
+_forced = BlockSetting(None)
 
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
     """Run the ops in this block on backend ``name`` (None: automatic), in every thread of
     the process (autograd's device threads too) — except where autograd records, which
-    always takes the differentiable reference (``_backend``)."""
-    global _forced
+    always takes the differentiable reference (``_backend``). With blocks open in several
+    threads, the newest open one's choice is in force."""
     if name is not None and name not in ("cuda", "triton", "cpu", "reference"):
         raise ValueError(f"use_backend: backend must be one of 'cuda', 'triton', 'cpu', "
                          f"'reference' or None, got {name!r}")
-    previous, _forced = _forced, name
-    try:
+    with _forced.block(name):
         yield
-    finally:
-        _forced = previous
 
 
 def _backend(op, *tensors):
@@ -50,8 +48,8 @@ def _backend(op, *tensors):
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "reference"
     if op == "im2col_gram":
-        return gram_backend_for(tensors[0], _forced)
-    return backend_for(op, tensors[0], _forced)
+        return gram_backend_for(tensors[0], _forced.value)
+    return backend_for(op, tensors[0], _forced.value)
 
 
 def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, *, groups=1, bias=False):
