@@ -140,7 +140,11 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
         return (f"its {kind.weight} is no parameter but recomputed from others before each "
                 f"forward (nn.utils.weight_norm / spectral_norm): the layer uses the "
                 f"transformed weight"), False
-    refused = next((r for t, r in UNSUPPORTED.items() if isinstance(module, t)), None)
+    # A refused kind the user registered with a C-class of its own (register_layer's c_type)
+    # is converted like any other: not refused.
+    registered = kind is not None or _registered_base(type(module)) is not None
+    refused = None if registered else next(
+        (r for t, r in UNSUPPORTED.items() if isinstance(module, t)), None)
     if refused is not None:
         return refused, False
     if kind is not None:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import consequential_ext as cx
+from consequential_ext._validate import CLayerMixin
 from consequential_ext import registry
 from matched_reference import matched_linear
 
@@ -313,3 +314,19 @@ def test_conv_transpose3d_and_recurrent_layers_are_named_as_having_no_c_layer():
     assert reason == "nn.ConvTranspose3d has no C-layer (ConvTranspose1d / 2d only)"
     for layer in (nn.LSTM(3, 4), nn.GRU(3, 4)):
         assert cx.coverage(layer).plain[0].reason.startswith("a recurrent layer")
+
+
+class _GRU(nn.GRU):
+    """A recurrent layer given a C-class of its own (what register_layer's refusal asks)."""
+
+
+class _CGRU(CLayerMixin, _GRU):
+    """A user's C-class (its backward would be the user's own)."""
+
+
+def test_a_refused_kind_registered_with_a_c_class_is_reported_as_convertible(clean_registry):
+    cx.register_layer(_GRU, _CGRU)
+    reason = cx.coverage(nn.Sequential(_GRU(3, 4))).plain[0].reason
+    assert reason == "a _GRU not converted (yet): consequentialize converts this kind"
+    model = cx.consequentialize(nn.Sequential(_GRU(3, 4)))
+    assert type(model[0]) is _CGRU
