@@ -29,6 +29,9 @@ UNSUPPORTED = {
     nn.RNNBase: "a recurrent layer (nn.RNN / LSTM / GRU) has no C-layer: its weights are "
                 "applied at every time step inside one fused op, not as a linear-like "
                 "layer's single x Wᵀ + b (cx.register_layer does not apply)",
+    nn.RNNCellBase: "a recurrent cell (nn.RNNCell / LSTMCell / GRUCell) has no C-layer: it "
+                    "applies two weights and returns a state (cx.register_layer does not "
+                    "apply)",
 }
 
 

@@ -110,7 +110,7 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
     return kind
 
 
-_NOT_LINEAR_LIKE = (_ConvNd, nn.Embedding, nn.EmbeddingBag, nn.RNNBase)
+_NOT_LINEAR_LIKE = (_ConvNd, nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.RNNCellBase)
 
 
 def _linear_like(kind: LayerKind | None) -> bool:

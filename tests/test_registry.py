@@ -293,7 +293,7 @@ def test_a_thin_subclass_of_a_registered_linear_like_layer(clean_registry, monke
 
 
 @pytest.mark.parametrize("module_type", [nn.Conv2d, nn.Embedding, nn.ConvTranspose3d,
-                                         nn.EmbeddingBag, nn.LSTM])
+                                         nn.EmbeddingBag, nn.LSTM, nn.LSTMCell])
 def test_a_conv_or_embedding_is_never_registered_as_linear_like(clean_registry, module_type):
     """Its weight is not a matrix (a recurrent layer's is applied once per step and it returns
     a state too): as linear-like, CLinear's backward would fail on it deep in backward;
@@ -312,8 +312,8 @@ def test_a_linear_like_weight_must_be_a_matrix():
 def test_conv_transpose3d_and_recurrent_layers_are_named_as_having_no_c_layer():
     reason = cx.coverage(nn.Sequential(nn.ConvTranspose3d(2, 3, 2))).plain[0].reason
     assert reason == "nn.ConvTranspose3d has no C-layer (ConvTranspose1d / 2d only)"
-    for layer in (nn.LSTM(3, 4), nn.GRU(3, 4)):
-        assert cx.coverage(layer).plain[0].reason.startswith("a recurrent layer")
+    for layer in (nn.LSTM(3, 4), nn.GRU(3, 4), nn.LSTMCell(3, 4)):
+        assert cx.coverage(layer).plain[0].reason.startswith("a recurrent")
 
 
 class _GRU(nn.GRU):
