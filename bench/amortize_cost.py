@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import consequential_ext as cx
 
+from .bench_gram import MIN_REPS, at_least
 from .timing import interleaved, summarize
 
 
@@ -63,12 +64,13 @@ def measure(batch=128, size=32, every=10, blocks=5, pools=(), seed=0) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
-    parser.add_argument("--every", type=int, default=10, help="cx.amortize(every=...)")
-    parser.add_argument("--blocks", type=int, default=5, help="timed blocks per candidate")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--pools", type=int, nargs="*", default=[],
+    parser.add_argument("--batch", type=at_least(1), default=128)
+    parser.add_argument("--size", type=at_least(1), default=32, help="image side in pixels")
+    parser.add_argument("--every", type=at_least(1), default=10, help="cx.amortize(every=...)")
+    parser.add_argument("--blocks", type=at_least(MIN_REPS), default=5,
+                        help=f"timed blocks per candidate (≥ {MIN_REPS})")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch.set_num_threads")
+    parser.add_argument("--pools", type=int, nargs="*", default=[], choices=range(4),
                         help="conv indices (0-3) followed by a 2×2 max-pool; default none")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

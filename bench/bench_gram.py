@@ -38,6 +38,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOALS = {"time_ratio": 0.35, "memory_ratio": 0.10, "conv_ratio": 2.0}
 
 
+MIN_REPS = 5        # a median of fewer samples is no median to quote
+
+
+def at_least(low: int):
+    """argparse type: an int ≥ ``low``; anything else is a parser error naming the option."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {low}, got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def ensure_out_dir(parser, path: str) -> None:
+    """Create ``--out`` before any measuring, so that a bad path fails at once, by name."""
+    try:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError(20, "exists and is not a folder")
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "folder is not writable")
+    except OSError as exc:
+        parser.error(f"argument --out: {path}: {exc.strerror or exc}")
+
+
 def shapes(quick: bool) -> list[dict]:
     """Benchmark cases: (B, C, H, W) input of a convolution with ``kernel`` (default 3),
     ``stride``, ``padding`` (default kernel // 2) and ``groups`` (default 1)."""
@@ -171,7 +197,7 @@ def run(quick: bool = False, cases: list[dict] | None = None, reps: int | None =
         shape, geom = tuple(case["shape"]), geometry(case)
         k, stride, pad, groups = geom
         large = shape[2] * shape[3] >= 100_000
-        n = reps or (3 if quick else (7 if large else 25))
+        n = reps or (MIN_REPS if quick else (7 if large else 25))
         torch.manual_seed(0)
         x = torch.randn(shape)
         row = {"name": case["name"], "shape": list(shape), "kernel": [k, k], "stride": stride,
@@ -220,7 +246,8 @@ def _summary(row):
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# CPU im2col Gram benchmark\n",
-             f"`{meta['command']}` — {meta['timestamp']}, {meta['cpu']}, {meta['threads']} threads, "
+             f"`{meta['command']}` — commit {meta.get('commit', 'unknown')}, {meta['timestamp']}, "
+             f"{meta['cpu']}, {meta['threads']} threads, "
              f"torch {meta['torch']}, load average before/after {meta['loadavg_before']} / "
              f"{meta['loadavg_after']}.\n",
              "Ratios are kernel / baseline medians measured side by side (goals: time ≤ "
@@ -261,10 +288,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batch, few reps (smoke run)")
     parser.add_argument("--out", default=os.path.join(REPO, "results", "gram_cpu"))
-    parser.add_argument("--reps", type=int, default=None, help="timed reps per provider")
+    parser.add_argument("--reps", type=at_least(MIN_REPS), default=None,
+                        help=f"timed reps per provider (≥ {MIN_REPS})")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
     parser.add_argument("--no-conv", action="store_true", help="skip CConv2d vs nn.Conv2d")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=at_least(1), default=None,
                         help="torch intra-op threads (default: torch's); 1 is the fairest on a "
                              "machine shared with other jobs")
     parser.add_argument("--only", default="",
@@ -279,11 +307,15 @@ def main(argv=None):
                                        tuple(probe["geometry"]))))
         return None
 
-    meta = {"command": "python bench/bench_gram.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    from bench.cli import _git_commit
+    meta = {"command": " ".join(["python bench/bench_gram.py",
+                                 *(argv if argv is not None else sys.argv[1:])]),
+            "commit": _git_commit(),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "loadavg_before": [round(v, 2) for v in os.getloadavg()], "goals": GOALS}
     cases = select_cases(shapes(args.quick), args.only, parser)
+    ensure_out_dir(parser, args.out)
     rows = run(quick=args.quick, cases=cases, reps=args.reps, memory=not args.no_memory,
                conv=not args.no_conv)
     meta["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
@@ -125,26 +124,27 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """HEAD, "-dirty" when the tree differs from it (as every record of the harness says)."""
+    from bench.cli import _git_commit
+    return _git_commit()
 
 
 def main(argv=None):
-    from bench.bench_gram import _cpu_name, select_cases, write_record
+    from bench.bench_gram import MIN_REPS, _cpu_name, at_least, ensure_out_dir, select_cases, \
+        write_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats")
     parser.add_argument("--out", default=os.path.join(REPO, "results", "solve_cpu"))
-    parser.add_argument("--repeats", type=int, default=None, help="samples per provider")
+    parser.add_argument("--repeats", type=at_least(MIN_REPS), default=None,
+                        help=f"samples per provider (≥ {MIN_REPS})")
     parser.add_argument("--only", default="",
                         help="comma-separated substrings: run the cases whose names contain one")
     args = parser.parse_args(argv)
     selected = select_cases(cases(args.quick), args.only, parser)
-    meta = {"command": "python bench/bench_solve.py "
-                       + " ".join(argv if argv is not None else sys.argv[1:]),
+    ensure_out_dir(parser, args.out)
+    meta = {"command": " ".join(["python bench/bench_solve.py",
+                                 *(argv if argv is not None else sys.argv[1:])]),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "commit": _commit()}

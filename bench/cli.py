@@ -102,6 +102,20 @@ def _meta(args, argv) -> dict:
     return meta
 
 
+def _unwritable(out: Path) -> str | None:
+    """Why the report cannot be written into ``out`` (created if absent), or None."""
+    if out.exists() and not out.is_dir():
+        return "exists and is not a folder"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".bench-write-probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        return f"cannot create or write the folder ({exc.strerror or exc})"
+    return None
+
+
 def previous_sections(out: Path) -> list:
     """Sections of the report already in ``out`` (none if absent or being rewritten)."""
     try:
@@ -121,7 +135,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     ctx = Context(out=args.out, quick=args.quick, seeds=args.seeds, device=args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
+    problem = _unwritable(args.out)
+    if problem:
+        print(f"python -m bench: error: argument --out: {args.out}: {problem}", file=sys.stderr)
+        return 2
     meta = _meta(args, argv)
     results, t_start, cpu_start, failed = [], time.perf_counter(), time.process_time(), 0
 
@@ -129,8 +146,15 @@ def main(argv=None) -> int:
         old = previous_sections(args.out) if args.append else []
         sections = merge_sections(old, results)
         summary = targets.summary(sections)
-        return report.write_all(args.out, meta, sections + ([summary] if summary else []))
+        return report.write_all(args.out, meta, sections + ([summary] if summary else []),
+                                prune=SECTIONS + ("time_to_target",))
 
+    def progress_status():
+        meta["status"] = (f"INCOMPLETE: {len(results)} of {len(args.only)} sections of this run "
+                          f"written (still running, or interrupted)")
+
+    progress_status()
+    write()                                           # an interrupted run says so from the start
     for name in args.only:
         print(f"[bench] section {name} ...", file=sys.stderr, flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -145,7 +169,12 @@ def main(argv=None) -> int:
         result["command"] = meta["command"]
         result["library"] = meta["library"]
         results.append(result)
+        progress_status()
         write()                                       # partial report after each section
+    broken = [r["name"] for r in results if r.get("error")]
+    meta["status"] = ("complete" if not broken else
+                      f"FAILED: {len(broken)} of {len(results)} sections raised "
+                      f"({', '.join(broken)}); see their sections")
     meta["total time"] = (f"{time.perf_counter() - t_start:.0f} s wall, "
                           f"{time.process_time() - cpu_start:.0f} s CPU process time")
     path = write()

@@ -14,7 +14,9 @@
 5. runs compute-sanitizer's memcheck and racecheck over subsets of the CUDA tests (every
    kernel and placement, small shapes), then bench/bench_triton.py's timings;
 6. runs the rest of the test suite with the Triton kernels compiled, with the budget left;
-and writes results.json and results.md (a short table) to --out (default: $OUT), after
+Without a CUDA device the build stage fails (its reason in results.md and build.log) and
+the script exits 1; with --skip-build every GPU stage reports "no CUDA device" the same way.
+It writes results.json and results.md (a short table) to --out (default: $OUT), after
 every stage, so a run cut short still leaves what it measured. Stages stop early rather
 than overrun --budget-s. Logs of the build and the test runs go beside the results.
 
@@ -445,6 +447,8 @@ def format_table(results: dict) -> str:
         if r is None or (stage == "timings" and "error" not in r):
             continue
         detail = r.get("error") or r.get("summary") or r.get("skipped") or f"{r.get('seconds', '?')} s"
+        if r.get("rc") not in (None, 0) and not r.get("error") and r.get("tail", "").strip():
+            detail += " — " + r["tail"].strip().splitlines()[-1][:300]   # why it failed
         lines.append(f"- **{stage}**: rc={r.get('rc', '-')} — {detail}")
     timings = results.get("timings") or {}
     if timings.get("matmul_ceiling"):

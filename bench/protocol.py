@@ -73,8 +73,14 @@ def run_methods(ctx, methods: dict, cfg: dict, desc: str) -> dict:
                                cfg["select_iters"])["test_loss"][-1]
                 scores[lr] = final if math.isfinite(final) else math.inf
                 bar.update()
-            outcome = out[label] = Outcome(min(scores, key=scores.get), scores)
-            for seed in range(n_seeds):
+            out[label] = Outcome(min(scores, key=scores.get), scores)
+        # The timed runs that the time-to-target ratios compare: per seed, every method's run
+        # back to back, the order rotated by seed, so that the machine's load hits each alike.
+        labels = list(methods)
+        for seed in range(n_seeds):
+            shift = seed % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                m, outcome = methods[label], out[label]
                 outcome.curves.append(_train(ctx, m, m.split, outcome.lr, cfg["iters"], seed,
                                              cfg, cfg["eval_every"]))
                 bar.update()

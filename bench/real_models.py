@@ -52,12 +52,14 @@ MODELS = (
     (RESNET20, None, 32),
 )
 # batch: per model where it differs from "batch" (ResNet-20 at its usual 128 in full mode).
-# steps: timed steps per candidate, at least AMORTIZE_EVERY so that a refresh is among them.
-QUICK = {"models": ("resnet18", "convnext_atto", RESNET20), "batch": 8,
-         "batches": {RESNET20: 32}, "steps": 10, "profile_steps": 1}
-FULL = {"models": tuple(m[0] for m in MODELS), "batch": 32, "batches": {RESNET20: 128},
-        "steps": 20, "profile_steps": 2}
+# steps: timed steps per candidate, MIN_REFRESHES · AMORTIZE_EVERY so that the amortised
+# column's median refresh step is a median of MIN_REFRESHES samples, not one.
 AMORTIZE_EVERY = 10     # the amortised column: cx.amortize(model, every=10), other defaults
+MIN_REFRESHES = 5
+QUICK = {"models": ("resnet18", "convnext_atto", RESNET20), "batch": 8,
+         "batches": {RESNET20: 32}, "steps": MIN_REFRESHES * AMORTIZE_EVERY, "profile_steps": 1}
+FULL = {"models": tuple(m[0] for m in MODELS), "batch": 32, "batches": {RESNET20: 128},
+        "steps": MIN_REFRESHES * AMORTIZE_EVERY, "profile_steps": 2}
 # What a C step's Gram and solve go through (matching.py): recorded, then replayed. A conv's
 # Gram built together with its G (ops.conv_gram_grad) is replayed as the Gram alone: the
 # plain step has a G of its own.
@@ -153,14 +155,16 @@ def time_pair(plain, matched, x, y, steps, amortised=None, replay=None, sync=Non
     return cpu, wall, refreshes
 
 
-def per_step_over_period(times, refreshes, every):
+def per_step_over_period(times, refreshes, every, min_fresh=MIN_REFRESHES):
     """Mean cost of a step over a refresh period, from robust parts: (median refresh step +
-    (every − 1) · median other step) / every. ValueError when no timed step refreshed."""
+    (every − 1) · median other step) / every. ValueError when fewer than ``min_fresh`` timed
+    steps refreshed (a median of one sample is that sample, outliers and all)."""
     fresh = [t for t, r in zip(times, refreshes) if r]
     other = [t for t, r in zip(times, refreshes) if not r]
-    if not fresh or not other:
-        raise ValueError(f"need refresh and other steps among the timed ones; got "
-                         f"{len(fresh)} and {len(other)} (time at least every={every} steps)")
+    if len(fresh) < min_fresh or len(other) < min_fresh:
+        raise ValueError(f"need {min_fresh} refresh and {min_fresh} other steps among the timed "
+                         f"ones; got {len(fresh)} and {len(other)} (time at least "
+                         f"{min_fresh}·every={min_fresh * every} steps)")
     return (statistics.median(fresh) + (every - 1) * statistics.median(other)) / every
 
 

@@ -77,14 +77,31 @@ def render(meta: dict, sections: list) -> str:
     return "\n".join(out)
 
 
-def write_all(out: Path, meta: dict, sections: list) -> Path:
-    """report.md, results.json and one CSV per table under ``out``; returns the report path."""
+def write_all(out: Path, meta: dict, sections: list, prune=()) -> Path:
+    """report.md, results.json and one CSV per table under ``out``; returns the report path.
+
+    ``prune``: section names whose ``<name>__*.csv`` files in ``out`` this report does not
+    list are deleted, and so are the ``plots/*.png`` no section lists (an earlier run's
+    leftovers would otherwise sit beside a report that does not hold them)."""
     out.mkdir(parents=True, exist_ok=True)
+    # NaN / inf as results.json holds them (null, shown "—"): report.md and the CSVs say the
+    # same, and a report re-rendered from results.json (--append) is the one first written.
+    sections[:] = _finite(sections)
+    written = set()
     for s in sections:
         for t in s.get("tables", []):
             name = f"{s['name']}__{slug(t['title'])}.csv"
             write_csv(out / name, t["columns"], t["rows"])
             t["csv"] = name
+            written.add(name)
+    if prune:
+        for f in out.glob("*__*.csv"):
+            if f.name.split("__", 1)[0] in prune and f.name not in written:
+                f.unlink()
+        listed = {Path(p).name for s in sections for p in s.get("plots", [])}
+        for f in (out / "plots").glob("*.png"):
+            if f.name not in listed:
+                f.unlink()
     with open(out / "results.json", "w") as f:
         json.dump(_finite({"meta": meta, "sections": sections}), f, indent=1,
                   default=_json_default)

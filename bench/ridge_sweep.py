@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -20,6 +21,7 @@ from sklearn.datasets import load_digits
 
 import consequential_ext as cx
 
+from .bench_gram import at_least, ensure_out_dir
 from .models import relu_mlp
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -74,9 +76,9 @@ def best_per_ridge(rows):
     return [best[k] for k in sorted(best)]
 
 
-def render(best, steps, seeds, seconds):
+def render(best, steps, seeds, seconds, command="python -m bench.ridge_sweep", commit="unknown"):
     lines = [f"# Ridge sweep: C-SGD on digits ({steps} steps, batch 32, {seeds} seeds, "
-             f"{seconds:.0f} s)", "",
+             f"{seconds:.0f} s)", "", f"`{command}` — commit {commit}.", "",
              "| ridge | best lr | held-out loss | held-out accuracy |", "|---|---|---|---|"]
     lines += [f"| {r['ridge']:g} | {r['lr']:g} | {r['val_loss']:.4f} | {r['val_acc']:.3f} |"
               for r in best]
@@ -87,18 +89,23 @@ def render(best, steps, seeds, seconds):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=at_least(1), default=300)
+    parser.add_argument("--seeds", type=at_least(1), default=2)
     parser.add_argument("--out", default="results/ridge_sweep")
     args = parser.parse_args(argv)
+    ensure_out_dir(parser, args.out)
+    from .cli import _git_commit
+    command = " ".join(["python -m bench.ridge_sweep",
+                        *(argv if argv is not None else sys.argv[1:])])
+    commit = _git_commit()
     start = time.time()
     rows = sweep(args.steps, args.seeds)
     best = best_per_ridge(rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "ridge_sweep.json"), "w") as f:
-        json.dump({"steps": args.steps, "seeds": args.seeds, "rows": rows, "best": best}, f,
-                  indent=1)
-    report = render(best, args.steps, args.seeds, time.time() - start)
+        json.dump({"command": command, "commit": commit, "steps": args.steps,
+                   "seeds": args.seeds, "rows": rows, "best": best}, f, indent=1)
+    report = render(best, args.steps, args.seeds, time.time() - start, command, commit)
     with open(os.path.join(args.out, "ridge_sweep.md"), "w") as f:
         f.write(report)
     print(report)

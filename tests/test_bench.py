@@ -34,6 +34,14 @@ def test_cli_rejects_bad_values(argv, named, capsys):
     assert named in capsys.readouterr().err
 
 
+def test_cli_out_that_is_a_file_or_unwritable_is_named(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "sub"):
+        assert cli.main(["--only", "toys", "--out", str(out)]) == 2
+        assert "argument --out" in capsys.readouterr().err
+
+
 def test_merge_sections_prefers_this_run_and_keeps_report_order():
     old = [{"name": "lenet", "v": 1}, {"name": "toys", "v": 1}]
     new = [{"name": "toys", "v": 2}, {"name": "kernels", "v": 2}]
@@ -139,11 +147,22 @@ def test_write_all_writes_report_csv_and_strict_json(tmp_path):
     path = report.write_all(tmp_path, {"title": "T", "command": "python -m bench"}, sections)
     text = path.read_text()
     for piece in ("# T", "`python -m bench`", "## 1. Demo", "the claim", "* it holds",
-                  "> Note: fallback used", "| x | nan |"):
+                  "> Note: fallback used", "| x | — |"):
         assert piece in text
-    assert (tmp_path / "demo__times_ms.csv").read_text().splitlines() == ["k,v", "x,nan", "y,2.0"]
+    assert (tmp_path / "demo__times_ms.csv").read_text().splitlines() == ["k,v", "x,", "y,2.0"]
     loaded = json.loads((tmp_path / "results.json").read_text())   # strict: NaN → null
     assert loaded["sections"][0]["tables"][0]["rows"][0]["v"] is None
+
+
+def test_a_new_run_leaves_no_files_of_an_earlier_one(tmp_path, monkeypatch):
+    import bench.toys
+    assert cli.main(["--only", "toys", "--out", str(tmp_path)]) == 0
+    assert list(tmp_path.glob("toys__*.csv")) and list((tmp_path / "plots").glob("*.png"))
+    (tmp_path / "notes.csv").write_text("mine")          # not the harness's: kept
+    monkeypatch.setattr(bench.toys, "run", lambda ctx: 1 / 0)
+    assert cli.main(["--only", "toys", "--out", str(tmp_path)]) == 1
+    assert not list(tmp_path.glob("toys__*.csv")) and not list((tmp_path / "plots").glob("*"))
+    assert (tmp_path / "notes.csv").exists()
 
 
 # --- data ------------------------------------------------------------------------------
@@ -244,6 +263,27 @@ def test_protocol_picks_the_best_held_out_rate_and_runs_every_seed(tmp_path):
     assert [r["lr"] for r in chosen] == [out.lr]
 
 
+def test_protocol_runs_the_compared_methods_interleaved_by_seed(tmp_path):
+    from bench.context import Context
+    split = data.Split(torch.randn(60, 4), torch.randint(0, 3, (60,)), torch.randn(9, 4),
+                       torch.randint(0, 3, (9,)))
+    order = []
+
+    def builder(name):
+        def build(lr, seed):
+            order.append((name, lr, seed))
+            torch.manual_seed(seed)
+            model = torch.nn.Linear(4, 3)
+            return model, torch.optim.SGD(model.parameters(), lr=lr)
+        return build
+    cfg = {"iters": 2, "select_iters": 2, "batch": 8, "eval_every": 2, "holdout": 0.25,
+           "seeds": 2}
+    methods = {n: protocol.Method((0.1,), builder(n), split) for n in ("SGD", "C-SGD")}
+    protocol.run_methods(Context(out=tmp_path, quick=True), methods, cfg, "test")
+    timed = [(n, s) for n, _, s in order[2:]]          # after each method's rate selection
+    assert timed == [("SGD", 0), ("C-SGD", 0), ("C-SGD", 1), ("SGD", 1)]
+
+
 # --- time to target ----------------------------------------------------------------------
 
 def _curve(losses, cpu_per_eval, wall_per_eval=1.0):
@@ -291,9 +331,33 @@ def test_time_to_target_summary_collects_every_comparison():
 
 # --- one section end to end ------------------------------------------------------------
 
+def test_failed_section_is_named_in_the_header_and_exit_status(tmp_path, monkeypatch):
+    import bench.toys
+    monkeypatch.setattr(bench.toys, "run", lambda ctx: 1 / 0)
+    assert cli.main(["--only", "toys", "--out", str(tmp_path)]) == 1
+    text = (tmp_path / "report.md").read_text()
+    assert "* status: FAILED: 1 of 1 sections raised (toys)" in text
+    assert "**This section failed:** `ZeroDivisionError" in text
+
+
+def test_interrupted_run_leaves_a_report_marked_incomplete(tmp_path, monkeypatch):
+    import bench.kernels
+    import bench.toys
+
+    def interrupt(ctx):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench.kernels, "run", lambda ctx: {"name": "kernels", "title": "K"})
+    monkeypatch.setattr(bench.toys, "run", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--quick", "--only", "kernels,toys", "--out", str(tmp_path)])
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["status"].startswith("INCOMPLETE: 1 of 2 sections")
+
+
 def test_toys_section_end_to_end(tmp_path):
     assert cli.main(["--only", "toys", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
+    assert "* status: complete" in text
     assert "Paper's claim" in text and "What this run shows" in text
     assert (tmp_path / "plots" / "toy_loss_surface.png").stat().st_size > 0
     result = json.loads((tmp_path / "results.json").read_text())["sections"][0]

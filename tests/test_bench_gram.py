@@ -47,6 +47,32 @@ def test_run_records_the_geometry_and_side_by_side_ratios():
         "loadavg_before": [0], "loadavg_after": [0]})
 
 
+@pytest.mark.parametrize("argv, named", [(["--reps", "0"], "--reps"), (["--reps", "-2"], "--reps"),
+                                         (["--threads", "0"], "--threads"),
+                                         (["--threads", "-1"], "--threads")])
+def test_bad_numbers_are_parser_errors_naming_the_option(argv, named, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_gram.main(argv + ["--out", str(tmp_path)])
+    assert named in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_fails_before_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_gram, "run", lambda **_: pytest.fail("measured before --out"))
+    blocker = tmp_path / "f"
+    blocker.write_text("")
+    with pytest.raises(SystemExit):
+        bench_gram.main(["--quick", "--out", str(blocker)])
+    assert "--out" in capsys.readouterr().err
+
+
+def test_interleaved_medians_alternate_the_providers():
+    order = []
+    out = bench_gram.interleaved_medians({"a": lambda: order.append("a"),
+                                          "b": lambda: order.append("b")}, reps=3)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]        # warm-up, then A B, B A, A B
+    assert {k: v["reps"] for k, v in out.items()} == {"a": 3, "b": 3}
+
+
 def test_only_that_matches_nothing_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         bench_gram.main(["--only", "no-such-case", "--out", str(tmp_path)])

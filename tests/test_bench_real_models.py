@@ -40,6 +40,15 @@ def test_time_pair_interleaves_and_trains_both_models():
     assert refreshes == [False, True, False] and len(replayed) == 4
 
 
+def test_time_pair_alternates_the_candidates_step_by_step(monkeypatch):
+    order = []
+    monkeypatch.setattr(real_models, "_stepper",
+                        lambda model, x, y, sync=None: lambda: order.append(model))
+    real_models.time_pair("plain", "C", None, None, steps=3, replay=lambda: order.append("R"))
+    assert order[:3] == ["plain", "C", "R"]                       # warm-up
+    assert order[3:] == ["plain", "C", "R", "R", "C", "plain", "plain", "C", "R"]
+
+
 def test_every_timed_step_and_replay_ends_in_the_sync():
     plain, matched = _pair()
     x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
@@ -73,9 +82,14 @@ def test_per_step_over_period_weights_refreshes_by_the_schedule():
     times = [1.0, 1.2, 9.0, 1.1, 11.0, 0.9]
     refreshes = [False, False, True, False, True, False]
     # (median(9, 11) + 3 · median(1.0, 1.2, 1.1, 0.9)) / 4 = (10 + 3 · 1.05) / 4
-    assert abs(real_models.per_step_over_period(times, refreshes, 4) - 3.2875) < 1e-12
-    with pytest.raises(ValueError, match="every=4"):
-        real_models.per_step_over_period([1.0, 2.0], [False, False], 4)
+    assert abs(real_models.per_step_over_period(times, refreshes, 4, min_fresh=2)
+               - 3.2875) < 1e-12
+    with pytest.raises(ValueError, match="every=8"):
+        real_models.per_step_over_period([1.0, 2.0], [False, False], 4, min_fresh=2)
+    with pytest.raises(ValueError, match="need 5 refresh"):      # the section's default
+        real_models.per_step_over_period(times, refreshes, 4)
+    assert real_models.QUICK["steps"] >= real_models.MIN_REFRESHES * real_models.AMORTIZE_EVERY
+    assert real_models.FULL["steps"] >= real_models.MIN_REFRESHES * real_models.AMORTIZE_EVERY
 
 
 def test_recorded_gram_and_solve_calls_are_the_step_s_own():
@@ -164,7 +178,8 @@ def test_section_without_timm_runs_resnet20_and_notes_the_skip(monkeypatch, tmp_
             raise ImportError("No module named 'timm'")
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_timm)
-    monkeypatch.setitem(real_models.QUICK, "steps", real_models.AMORTIZE_EVERY)
+    monkeypatch.setattr(real_models, "AMORTIZE_EVERY", 2)
+    monkeypatch.setitem(real_models.QUICK, "steps", real_models.MIN_REFRESHES * 2)
     monkeypatch.setitem(real_models.QUICK, "batches", {real_models.RESNET20: 4})
     result = real_models.run(Context(out=Path(tmp_path), quick=True))
     assert result["name"] == "real_models"
