@@ -32,6 +32,15 @@ def _finite(value, name, positive):
     return float(value)
 
 
+def _norm(t):
+    """``‖t‖`` in float32 or wider: in float16 a norm above 65504 is inf and ``1/‖t‖`` of a
+    norm below 1/65504 overflows, so the rate would be inf or NaN for finite values (the
+    rate is then cast back where it multiplies δW, whose dtype the step keeps)."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.norm()
+
+
 class _LayerwiseRateSGD(torch.optim.Optimizer):
     """SGD with (Nesterov) momentum and weight decay whose step is ``rate(W, δW) · δW``."""
 
@@ -106,7 +115,7 @@ class LARS(_LayerwiseRateSGD):
         return super()._checked(group, where)
 
     def _rate(self, group, param, grad, decayed):
-        param_norm, grad_norm = param.norm(), grad.norm()
+        param_norm, grad_norm = _norm(param), _norm(grad)
         usable = (param_norm > 0) & (grad_norm > 0)
         denom = grad_norm + group["weight_decay"] * param_norm
         ratio = group["trust_coefficient"] * param_norm / torch.where(usable, denom,
@@ -117,8 +126,13 @@ class LARS(_LayerwiseRateSGD):
 class LSALR(_LayerwiseRateSGD):
     """Per-tensor rate lr · (1 + log(1 + 1/‖δW‖)); lr where δW = 0 (nothing moves)."""
 
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+        # Explicit, as LARS's: the base's ``**extra`` would swallow a misspelt or unsupported
+        # option (weight_decy=, maximize=True) instead of raising TypeError.
+        super().__init__(params, lr, momentum, nesterov, weight_decay)
+
     def _rate(self, group, param, grad, decayed):
-        grad_norm = decayed.norm()
+        grad_norm = _norm(decayed)
         safe = torch.where(grad_norm > 0, grad_norm, torch.ones_like(grad_norm))
         boost = torch.log1p(1.0 / safe)
         return group["lr"] * (1.0 + torch.where(grad_norm > 0, boost, torch.zeros_like(boost)))

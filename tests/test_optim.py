@@ -132,3 +132,25 @@ def test_defaults_at_paper_2s_rate_train_a_bn_convnet_on_digits():
     with torch.no_grad():
         loss = F.cross_entropy(model(x), y).item()
     assert loss < 0.3
+
+
+def test_lsalr_refuses_options_it_does_not_have():
+    w = nn.Parameter(torch.ones(3))
+    for option in ({"weight_decy": 0.5}, {"maximize": True}, {"trust_coefficient": 0.01}):
+        with pytest.raises(TypeError):
+            LSALR([w], lr=0.1, **option)
+
+
+@pytest.mark.parametrize("cls, weight, grad", [
+    (LSALR, 1.0, 5e-6),        # ‖δW‖ = 1e-5: 1/‖δW‖ overflows float16
+    (LARS, 4e4, 0.3),          # ‖W‖ = 8e4 > float16's 65504
+])
+def test_float16_parameters_take_the_float32_step(cls, weight, grad):
+    steps = {}
+    for dtype in (torch.float16, torch.float32):
+        w = nn.Parameter(torch.full((4,), weight, dtype=dtype))
+        w.grad = torch.full((4,), grad, dtype=dtype)
+        cls([w], lr=0.1).step()
+        steps[dtype] = w.detach().double()
+    assert torch.isfinite(steps[torch.float16]).all()
+    torch.testing.assert_close(steps[torch.float16], steps[torch.float32], rtol=2e-3, atol=1e-3)
