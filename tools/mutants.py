@@ -216,6 +216,16 @@ MUTANTS = [
        "return math.isfinite(float(t.sum()))",
        "tests/test_amortize.py", why="an overflowing sum of finite entries is no NaN"),
 
+    # ---- optim.py: paper 2's baseline optimizers ------------------------------------------
+    _m("optim.lars-trust-ignores-weight-decay", PY + "optim.py",
+       'denom = grad_norm + group["weight_decay"] * param_norm', "denom = grad_norm",
+       "tests/test_optim.py"),
+    _m("optim.lsalr-boost-without-log", PY + "optim.py",
+       "boost = torch.log1p(1.0 / safe)", "boost = 1.0 / safe", "tests/test_optim.py"),
+    _m("optim.norms-in-16-bit", PY + "optim.py",
+       "        t = t.float()\n", "        t = t\n", "tests/test_optim.py",
+       why="float16 parameters' rates overflowed to inf / NaN"),
+
     # ---- ops: the reference spec and the dispatcher ---------------------------------------
     _m("reference.accumulates-in-input-dtype", PY + "ops/reference.py",
        "return torch.float64 if dtype == torch.float64 else torch.float32", "return dtype",
