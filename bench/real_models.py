@@ -52,14 +52,15 @@ MODELS = (
     (RESNET20, None, 32),
 )
 # batch: per model where it differs from "batch" (ResNet-20 at its usual 128 in full mode).
-# steps: timed steps per candidate, MIN_REFRESHES · AMORTIZE_EVERY so that the amortised
-# column's median refresh step is a median of MIN_REFRESHES samples, not one.
+# steps: timed steps per candidate, refreshes · AMORTIZE_EVERY, so that the amortised
+# column's median refresh step is a median of that many samples (quick mode, a smoke run of
+# `make bench`: one, said in the report; full mode: MIN_REFRESHES).
 AMORTIZE_EVERY = 10     # the amortised column: cx.amortize(model, every=10), other defaults
 MIN_REFRESHES = 5
 QUICK = {"models": ("resnet18", "convnext_atto", RESNET20), "batch": 8,
-         "batches": {RESNET20: 32}, "steps": MIN_REFRESHES * AMORTIZE_EVERY, "profile_steps": 1}
+         "batches": {RESNET20: 32}, "steps": AMORTIZE_EVERY, "refreshes": 1, "profile_steps": 1}
 FULL = {"models": tuple(m[0] for m in MODELS), "batch": 32, "batches": {RESNET20: 128},
-        "steps": MIN_REFRESHES * AMORTIZE_EVERY, "profile_steps": 2}
+        "steps": MIN_REFRESHES * AMORTIZE_EVERY, "refreshes": MIN_REFRESHES, "profile_steps": 2}
 # What a C step's Gram and solve go through (matching.py): recorded, then replayed. A conv's
 # Gram built together with its G (ops.conv_gram_grad) is replayed as the Gram alone: the
 # plain step has a G of its own.
@@ -323,7 +324,7 @@ def run(ctx):
         med = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
         wmed = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
         amortised_ms = per_step_over_period(cpu["C-SGD amortised"], refreshes,
-                                            AMORTIZE_EVERY) * 1e3
+                                            AMORTIZE_EVERY, cfg["refreshes"]) * 1e3
         layers = sum(isinstance(m, (cx.CLinear, cx.CConv2d)) for m in matched.modules())
         row = {"model": name, "input": f"{batch}×3×{side}×{side}",
                "C layers": layers, "plain ms": med["plain"], "C-SGD ms": med["C-SGD"],
@@ -336,7 +337,7 @@ def run(ctx):
                "amortised ratio": amortised_ms / med["plain"]}
         if cuda:     # on a GPU the wall times are what count
             wall_amortised = per_step_over_period(wall["C-SGD amortised"], refreshes,
-                                                  AMORTIZE_EVERY) * 1e3
+                                                  AMORTIZE_EVERY, cfg["refreshes"]) * 1e3
             row.update({"wall floor ratio": 1 + wmed["Gram + solve"] / wmed["plain"],
                         "wall amortised ratio": wall_amortised / wmed["plain"]})
         rows.append(row)
@@ -376,7 +377,9 @@ def run(ctx):
                 f"conv backward, counted in rest, as in the plain step.",
                 f"amortised ms: (median refresh step + {AMORTIZE_EVERY - 1} · median other "
                 f"step) / {AMORTIZE_EVERY}, the mean cost over a refresh period from robust "
-                f"parts; Gram + solve ms: the median replay of the Gram and ridge-solve calls "
+                f"parts (refresh steps timed: at least {cfg['refreshes']}"
+                f"{'; quick mode: one sample, indicative only' if cfg['refreshes'] < 2 else ''}"
+                f"); Gram + solve ms: the median replay of the Gram and ridge-solve calls "
                 f"one C step made (same arguments; a Gram built with its G replayed as the "
                 f"Gram alone), in the same rotation; floor ratio: 1 + that / plain ms — where "
                 f"the Gram kernel computes G the C step skips the native weight-gradient pass "
