@@ -66,9 +66,10 @@ class RuleAttribute:
     """Mixin: ``rule`` as a module attribute validated on every assignment."""
 
     def __init_subclass__(cls, **kwargs):
-        # A subclass's own forward (a user's class of a C-layer) is the layer's outermost
-        # forward: it is the one kept as the torch.fx leaf. Left undecorated, its own steps
-        # would be traced into the graph and run again by the leaf (which calls it).
+        # Every forward a subclass defines — each C-layer's and back-matching norm's, and a
+        # user's class of one — is made a torch.fx leaf (``fx_leaf``): the outermost forward
+        # is then the leaf, and a user subclass's own steps are not traced into the graph
+        # and run again by the leaf (which calls them).
         super().__init_subclass__(**kwargs)
         forward = cls.__dict__.get("forward")
         if forward is not None and not getattr(forward, "_cx_fx_leaf", False):

@@ -134,7 +134,7 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
             continue
         if exclude is not None and _matches(name, module, exclude):
             module.__dict__[USER_REASON] = EXCLUDED
-            if isinstance(module, (CLayerMixin, BackMatchBatchNorm1d, BackMatchBatchNorm2d)):
+            if isinstance(module, _C_CLASSES):
                 _unconvert(module)          # converted before: "keep it plain" all the same
             continue
         module.__dict__.pop(USER_REASON, None)

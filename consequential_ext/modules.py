@@ -13,7 +13,7 @@ from . import functional as CF
 from .amortize import amortizer_of
 from .routing import PASS, FunctionalRoute
 from .rules import rule_named
-from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, USER_REASON, CLayerMixin, fx_leaf
+from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, USER_REASON, CLayerMixin
 
 __all__ = ["CLinear", "CConv2d", "CLinearLike", "CEmbedding", "CMultiheadAttention",
            "CFunctionalCall"]
@@ -38,7 +38,6 @@ class CLinear(CLayerMixin, nn.Linear):
         d = self.in_features + (self.bias is not None)
         return (d, d)
 
-    @fx_leaf
     def forward(self, input):
         return CF.clinear(input, self.weight, self.bias, rule=self.rule, ridge=self.ridge,
                           amortizer=amortizer_of(self))
@@ -58,7 +57,6 @@ class _CConvNd(CLayerMixin):
         d = self.weight[0].numel() + (self.bias is not None)
         return (self.groups, d, d)
 
-    @fx_leaf
     def forward(self, input):
         if self.padding_mode != "zeros":
             return CF.cconv_padded(input, self._reversed_padding_repeated_twice,
@@ -116,7 +114,6 @@ class CLinearLike(CLayerMixin):
         d = weight.shape[0 if self._cx_kind.transposed else 1] + (bias is not None)
         return (d, d)
 
-    @fx_leaf
     def forward(self, input):
         weight, bias = self._cx_weight_bias()
         return CF.clinear_like(input, weight, bias, super().forward,
@@ -146,7 +143,6 @@ class CEmbedding(CLayerMixin, nn.Embedding):
     def cx_gram_shape(self):
         return None  # A is diagonal and exact at O(V): nothing to amortize
 
-    @fx_leaf
     def forward(self, input):
         return CF.cembedding(input, self.weight, self.padding_idx, self.max_norm,
                              self.norm_type, self.scale_grad_by_freq, self.sparse,
@@ -194,7 +190,6 @@ class CMultiheadAttention(CLayerMixin, nn.MultiheadAttention):
             *args, **kwargs, rule=self.rule, ridge=self.ridge,
             out_proj_rule="sgd" if self._cx_out_proj_plain() else None)
 
-    @fx_leaf
     def forward(self, query, key, value, *args, **kwargs):
         tensors = (query, key, value, *self.parameters())
         if rule_named(self.rule).bypass or not (torch.is_grad_enabled() and
@@ -229,7 +224,6 @@ class CFunctionalCall(CLayerMixin):
         return entry(input, weight, bias, *args, **kwargs, rule=self.rule, ridge=self.ridge,
                      amortizer=amortizer_of(self))
 
-    @fx_leaf
     def forward(self, *args, **kwargs):
         if rule_named(self.rule).bypass:
             return super().forward(*args, **kwargs)
@@ -291,7 +285,6 @@ class _CConvTransposeNd(CLayerMixin):
         channels = self.in_channels // self.groups
         return (self.groups, channels, channels)
 
-    @fx_leaf
     def forward(self, input, output_size=None):
         if self.padding_mode != "zeros":
             raise ValueError(f"Only `zeros` padding mode is supported for "

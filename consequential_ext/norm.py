@@ -22,7 +22,7 @@ import torch.nn as nn
 from .functional import _bypassed
 from .gradients import BatchNormGradients
 from .rules import rule_named
-from ._validate import DEFAULT_RULE, RuleAttribute, fx_leaf
+from ._validate import DEFAULT_RULE, RuleAttribute
 
 __all__ = ["BackMatchBatchNorm1d", "BackMatchBatchNorm2d", "BackMatchBatchNormFunction"]
 
@@ -53,7 +53,6 @@ class BackMatchBatchNormFunction(torch.autograd.Function):
 class _BackMatchBatchNorm(RuleAttribute):
     """The rule-dependent forward."""
 
-    @fx_leaf
     def forward(self, input):
         bn_forward = super().forward
         rule = rule_named(self.rule)

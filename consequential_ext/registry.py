@@ -66,8 +66,8 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
 
     Registering a type again replaces its entry. Raises TypeError for a module_type that is
     neither an nn.Module subclass nor a dotted name, a c_type that is not a subclass of
-    module_type, or no c_type for a conv or embedding (torch's, a registered one or a subclass
-    of either: not linear-like);
+    module_type, or no c_type for a conv, embedding or recurrent layer (torch's, a registered
+    one or a subclass of either: not linear-like);
     ValueError for empty attribute names.
     """
     if isinstance(module_type, str):
