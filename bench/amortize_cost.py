@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import consequential_ext as cx
 
-from .bench_gram import MIN_REPS, at_least
+from .record import MIN_REPS, at_least
 from .timing import interleaved, summarize
 
 

@@ -38,32 +38,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOALS = {"time_ratio": 0.35, "memory_ratio": 0.10, "conv_ratio": 2.0}
 
 
-MIN_REPS = 5        # a median of fewer samples is no median to quote
-
-
-def at_least(low: int):
-    """argparse type: an int ≥ ``low``; anything else is a parser error naming the option."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer ≥ {low}, got {value}")
-        return value
-    parse.__name__ = "int"
-    return parse
-
-
-def ensure_out_dir(parser, path: str) -> None:
-    """Create ``--out`` before any measuring, so that a bad path fails at once, by name."""
-    try:
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise NotADirectoryError(20, "exists and is not a folder")
-        os.makedirs(path, exist_ok=True)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError(13, "folder is not writable")
-    except OSError as exc:
-        parser.error(f"argument --out: {path}: {exc.strerror or exc}")
-
-
 def shapes(quick: bool) -> list[dict]:
     """Benchmark cases: (B, C, H, W) input of a convolution with ``kernel`` (default 3),
     ``stride``, ``padding`` (default kernel // 2) and ``groups`` (default 1)."""
@@ -192,6 +166,7 @@ def extra_peak_memory(provider: str, shape, geom) -> dict:
 def run(quick: bool = False, cases: list[dict] | None = None, reps: int | None = None,
         memory: bool = True, conv: bool = True, log=print) -> list[dict]:
     """One row per case with time, memory and conv ratios (kernel / baseline)."""
+    from bench.record import MIN_REPS
     rows = []
     for case in cases or shapes(quick):
         shape, geom = tuple(case["shape"]), geometry(case)
@@ -285,6 +260,8 @@ def _cpu_name():
 
 
 def main(argv=None):
+    from bench.record import MIN_REPS, at_least, command_line, ensure_out_dir, git_commit
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batch, few reps (smoke run)")
     parser.add_argument("--out", default=os.path.join(REPO, "results", "gram_cpu"))
@@ -307,10 +284,8 @@ def main(argv=None):
                                        tuple(probe["geometry"]))))
         return None
 
-    from bench.cli import _git_commit
-    meta = {"command": " ".join(["python bench/bench_gram.py",
-                                 *(argv if argv is not None else sys.argv[1:])]),
-            "commit": _git_commit(),
+    meta = {"command": command_line("python bench/bench_gram.py", argv),
+            "commit": git_commit(),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "loadavg_before": [round(v, 2) for v in os.getloadavg()], "goals": GOALS}

@@ -123,15 +123,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _commit() -> str:
-    """HEAD, "-dirty" when the tree differs from it (as every record of the harness says)."""
-    from bench.cli import _git_commit
-    return _git_commit()
-
-
 def main(argv=None):
-    from bench.bench_gram import MIN_REPS, _cpu_name, at_least, ensure_out_dir, select_cases, \
-        write_record
+    from bench.bench_gram import _cpu_name, select_cases, write_record
+    from bench.record import MIN_REPS, at_least, command_line, ensure_out_dir, git_commit
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats")
@@ -143,11 +137,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     selected = select_cases(cases(args.quick), args.only, parser)
     ensure_out_dir(parser, args.out)
-    meta = {"command": " ".join(["python bench/bench_solve.py",
-                                 *(argv if argv is not None else sys.argv[1:])]),
+    meta = {"command": command_line("python bench/bench_solve.py", argv),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "commit": _commit()}
+            "commit": git_commit()}
     rows = run(args.quick, selected, args.repeats)
     write_record(args.out, "solve_cpu", meta, rows, markdown(rows, meta))
     return rows

@@ -7,7 +7,6 @@ import importlib
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -17,6 +16,7 @@ import torch
 
 from . import report, targets
 from .context import Context
+from .record import git_commit, unwritable
 
 # Report order; each name is a module of this package with run(ctx) -> section dict.
 SECTIONS = ("kernels", "layer_step", "toys", "mlp", "mnist1d_conv", "resnet", "lenet",
@@ -71,17 +71,6 @@ def parse_args(argv=None):
     return args
 
 
-def _git_commit() -> str:
-    """HEAD's short hash, "-dirty" when tracked files differ from it (a copied working tree
-    whose .git is older, as on the lent GPU machine, says so instead of naming HEAD)."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
-                              capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _meta(args, argv) -> dict:
     import consequential_ext as cx
     device = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
@@ -90,7 +79,7 @@ def _meta(args, argv) -> dict:
             "command": "python -m bench " + " ".join(shlex.quote(a) for a in argv),
             "mode": "quick" if args.quick else "full",
             "date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "git commit": _git_commit(), "device": device, "torch": torch.__version__,
+            "git commit": git_commit(), "device": device, "torch": torch.__version__,
             "python": platform.python_version(), "rules": ", ".join(cx.RULES),
             "library": f"consequential_ext of this checkout (rules: {', '.join(cx.RULES)}; "
                        f"optim: {'yes' if hasattr(cx, 'optim') else 'no'}; "
@@ -100,20 +89,6 @@ def _meta(args, argv) -> dict:
         meta["note"] = ("this header is the last run's; the report may merge sections of "
                         "several runs (--append), each of which names its command and library")
     return meta
-
-
-def _unwritable(out: Path) -> str | None:
-    """Why the report cannot be written into ``out`` (created if absent), or None."""
-    if out.exists() and not out.is_dir():
-        return "exists and is not a folder"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".bench-write-probe"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        return f"cannot create or write the folder ({exc.strerror or exc})"
-    return None
 
 
 def previous_sections(out: Path) -> list:
@@ -135,7 +110,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     ctx = Context(out=args.out, quick=args.quick, seeds=args.seeds, device=args.device)
-    problem = _unwritable(args.out)
+    problem = unwritable(args.out)
     if problem:
         print(f"python -m bench: error: argument --out: {args.out}: {problem}", file=sys.stderr)
         return 2

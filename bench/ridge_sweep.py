@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -21,7 +20,7 @@ from sklearn.datasets import load_digits
 
 import consequential_ext as cx
 
-from .bench_gram import at_least, ensure_out_dir
+from .record import at_least, command_line, ensure_out_dir, git_commit
 from .models import relu_mlp
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -94,10 +93,8 @@ def main(argv=None):
     parser.add_argument("--out", default="results/ridge_sweep")
     args = parser.parse_args(argv)
     ensure_out_dir(parser, args.out)
-    from .cli import _git_commit
-    command = " ".join(["python -m bench.ridge_sweep",
-                        *(argv if argv is not None else sys.argv[1:])])
-    commit = _git_commit()
+    command = command_line("python -m bench.ridge_sweep", argv)
+    commit = git_commit()
     start = time.time()
     rows = sweep(args.steps, args.seeds)
     best = best_per_ridge(rows)

@@ -351,7 +351,7 @@ def cmulti_head_attention_forward(
     """
     _bypassed(rule, query, key, value)      # torch.fx: the clear error before any shape check
     ridge = check_ridge(ridge)
-    out_rule = rule if out_proj_rule is None else rule_named(out_proj_rule).name
+    out_rule = rule if out_proj_rule is None else out_proj_rule     # clinear checks it
 
     def project(x, w, b, rule=rule):
         return clinear(x, w, b, rule=rule, ridge=ridge)
