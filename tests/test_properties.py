@@ -139,3 +139,27 @@ def test_float32_rounding_lands_where_the_inputs_do_not_vary():
     rows = torch.cat([x.double(), torch.ones(512, 1, dtype=torch.float64)], 1)
     assert (error.norm() / exact.norm()).item() > 1e-3        # ill-conditioned in weights...
     assert ((error @ rows.T).norm() / (exact @ rows.T).norm()).item() < 1e-4  # not outputs
+
+
+def test_each_call_and_each_accumulated_backward_is_matched_on_its_own_rows():
+    """docs/design.md §2: two calls in one backward, or two backwards accumulated, sum two
+    matched gradients, each on its own rows — which is not the matched gradient of the rows
+    together (gradient accumulation is not a larger batch)."""
+    torch.manual_seed(0)
+    ridge = 1e-3
+    layer = cx.CLinear(10, 3, dtype=torch.float64, ridge=ridge)
+    parts = [torch.randn(4, 10, dtype=torch.float64) for _ in range(2)]
+    signals = [torch.randn(4, 3, dtype=torch.float64) for _ in range(2)]
+    expected = [sum(ref.matched_linear(x, layer.weight, layer.bias, g, ridge)[i]
+                    for x, g in zip(parts, signals)) for i in (0, 1)]
+    sum(layer(x).mul(g).sum() for x, g in zip(parts, signals)).backward()   # one backward
+    once = (layer.weight.grad.clone(), layer.bias.grad.clone())
+    layer.zero_grad()
+    for x, g in zip(parts, signals):                                       # accumulated
+        layer(x).backward(g)
+    for got in (once, (layer.weight.grad, layer.bias.grad)):
+        for a, e in zip(got, expected):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    whole = ref.matched_linear(torch.cat(parts), layer.weight, layer.bias, torch.cat(signals),
+                               ridge)[0]
+    assert (whole - expected[0]).norm() > 0.1 * whole.norm()
