@@ -20,6 +20,13 @@ USER_REASON = "_cx_plain_reason"
 EXCLUDED = "excluded by the user"
 
 
+def trains(bias) -> bool:
+    """Whether ``bias`` (a tensor or None) trains, i.e. requires grad: only then is it a
+    weight on a constant-1 row of X, matched jointly with W (docs/design.md §2); a frozen
+    bias is a constant, as if the layer had none."""
+    return bias is not None and bias.requires_grad
+
+
 def check_rule(rule):
     rule_named(rule)  # ValueError naming the argument and the known rules
     return rule

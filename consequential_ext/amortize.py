@@ -92,6 +92,7 @@ class GramAmortizer(nn.Module):
         # and step. Re-read only when the buffer is another tensor or was changed in place
         # (a loaded state, a move, a user's write), which its version counter tells.
         self._steps_seen = (None, None, 0)      # (tensor, its version, value)
+        self._graph_task = None   # the backward (autograd graph task) of the last step
 
     def _apply(self, fn, recurse=True):
         """Moves like any module, but a model's ``.half()`` / ``.to(torch.bfloat16)`` leaves
@@ -140,6 +141,10 @@ class GramAmortizer(nn.Module):
         """
         if grad.requires_grad:     # G was recorded: a backward with create_graph=True
             _warn_no_graph()
+        task = _graph_task()
+        if task is not None and task == self._graph_task:
+            _warn_called_twice()
+        self._graph_task = task
         step = self._step_count()
         if gram is not None:
             if not self._refresh(gram, ridge, step):
@@ -250,6 +255,36 @@ def _warn_non_finite():
                       "running Gram is kept as it was.", RuntimeWarning, stacklevel=2)
 
 
+def _graph_task():
+    """The id of the autograd backward running this step (None outside one, under
+    torch.compile, or on a torch without the private API torch.utils.checkpoint also uses)."""
+    get = getattr(torch._C, "_current_graph_task_id", None)
+    if get is None or torch.compiler.is_compiling():
+        return None
+    task = get()
+    return None if task < 0 else task
+
+
+_called_twice_warned = False
+
+
+def _warn_called_twice():
+    """One UserWarning per process: an amortised layer stepped twice in one backward — it
+    was called more than once in the forward (siamese branches, an unrolled loop, one block
+    at two resolutions). The exact rule matches each call on its own Gram; the calls of an
+    amortised layer share one running Gram, and each counts as a step."""
+    global _called_twice_warned
+    if not _called_twice_warned:
+        _called_twice_warned = True
+        warnings.warn("consequential_ext.amortize: an amortised layer was called more than once "
+                      "in one forward. Its calls share one running Gram (the exact rule matches "
+                      "each call on its own) and each call counts as a step of every / "
+                      "gram_every: where the calls' inputs differ in statistics (one block at "
+                      "two resolutions, different features) a call's gradient can be far from "
+                      "its exact matched one; leave such a layer exact "
+                      "(cx.amortize(layer, every=None)).", UserWarning, stacklevel=2)
+
+
 _no_graph_warned = False
 
 
@@ -268,7 +303,7 @@ def _warn_no_graph():
                       stacklevel=2)
 
 
-def check_amortizer(amortizer, gram_shape):
+def check_amortizer(amortizer, gram_shape, weight):
     """``amortizer`` if it fits a layer whose Gram has ``gram_shape`` (checked in forward:
     an exception inside backward is much harder to read)."""
     if amortizer is None:
@@ -276,9 +311,15 @@ def check_amortizer(amortizer, gram_shape):
     if not isinstance(amortizer, GramAmortizer):
         raise TypeError(f"amortizer must be a GramAmortizer or None; got "
                         f"{type(amortizer).__name__}")
-    if tuple(amortizer.gram.shape) != tuple(gram_shape):
+    # Only a trained weight's backward uses the amortizer: an eval forward, or an input
+    # gradient through a frozen model (an adversarial attack), of a layer whose bias was
+    # frozen since ``amortize`` must not fail.
+    if torch.is_grad_enabled() and weight.requires_grad \
+            and tuple(amortizer.gram.shape) != tuple(gram_shape):
         raise ValueError(f"amortizer holds a Gram of shape {tuple(amortizer.gram.shape)}, but "
-                         f"this layer's Gram is {tuple(gram_shape)}")
+                         f"this layer's Gram is {tuple(gram_shape)} (the Gram has a bias row "
+                         f"only while the bias requires grad: after freezing or unfreezing a "
+                         f"bias, call cx.amortize again)")
     return amortizer
 
 

@@ -20,7 +20,7 @@ from .gradients import Conv2dGradients, EmbeddingGradients, LinearGradients
 from .gradients import (Conv1dGradients, Conv3dGradients, ConvTranspose1dGradients,
                         ConvTranspose2dGradients)
 from .rules import rule_named
-from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge
+from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, trains
 
 __all__ = ["clinear", "cconv2d", "clinear_like", "CLinearFunction", "CConv2dFunction",
            "CLinearLikeFunction", "cembedding", "CEmbeddingFunction",
@@ -102,9 +102,13 @@ _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
 
 
 def _needs(ctx):
-    return dict(has_bias=ctx.has_bias, needs_weight=_wanted(ctx, 1),
-                needs_bias=ctx.has_bias and _wanted(ctx, 2), ridge=ctx.ridge,
-                amortizer=ctx.amortizer)
+    # X holds the rows of the parameters that train (require grad), whichever of them this
+    # backward is asked for: a frozen bias is a constant, not a ones row solved jointly, and
+    # a frozen weight leaves the bias matched alone (docs/design.md §2).
+    trains_bias = ctx.has_bias and ctx.needs_input_grad[2]
+    return dict(has_bias=trains_bias, trains_weight=ctx.needs_input_grad[1],
+                needs_weight=_wanted(ctx, 1), needs_bias=trains_bias and _wanted(ctx, 2),
+                ridge=ctx.ridge, amortizer=ctx.amortizer)
 
 
 class CLinearFunction(torch.autograd.Function):
@@ -178,8 +182,8 @@ def clinear(input, weight, bias=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE,
                        amortizer=amortizer).squeeze(-1)
     if weight.dim() != 2:
         raise ValueError(f"weight must be (out, in) or (in,); got shape {tuple(weight.shape)}")
-    d = weight.shape[1] + (bias is not None)
-    amortizer = check_amortizer(amortizer, (d, d))
+    d = weight.shape[1] + trains(bias)
+    amortizer = check_amortizer(amortizer, (d, d), weight)
     return CLinearFunction.apply(input, weight, bias, rule, ridge, amortizer)
 
 
@@ -214,8 +218,8 @@ def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=
         raise ValueError(f"a linear-like layer's weight must be 2-D, (out, in) or (in, out); got "
                          f"shape {tuple(weight.shape)}: this layer is not linear-like")
     view = weight.t() if transposed else weight
-    d = view.shape[1] + (bias is not None)
-    amortizer = check_amortizer(amortizer, (d, d))
+    d = view.shape[1] + trains(bias)
+    amortizer = check_amortizer(amortizer, (d, d), view)
     # The gradient reaches ``weight`` through the view (autograd transposes it back).
     return CLinearLikeFunction.apply(input, view, bias, module_forward, rule, ridge, amortizer)
 
@@ -546,7 +550,7 @@ def _cconv(function, conv, spatial, gram_shape, input, weight, bias, geometry, r
     ridge = check_ridge(ridge)
     if bypass:
         return conv(input, weight, bias, *geometry)
-    amortizer = check_amortizer(amortizer, gram_shape)
+    amortizer = check_amortizer(amortizer, gram_shape, weight)
     rest = (rule, ridge, amortizer) + (() if map_size is None else (map_size,))
     if input.dim() == spatial + 1:
         return function.apply(input.unsqueeze(0), weight, bias, *geometry, *rest).squeeze(0)
@@ -576,7 +580,7 @@ def _check_padding(padding):
 
 
 def _conv_gram_shape(weight, bias, groups):
-    d = weight[0].numel() + (bias is not None)
+    d = weight[0].numel() + trains(bias)
     return (groups, d, d)
 
 

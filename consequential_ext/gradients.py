@@ -21,14 +21,26 @@ def _rows(t):
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
+def _matched_bias_alone(grad_output, channel_dim, dtype, ridge):
+    """The matched gradient of a bias that trains while its weight is frozen: X is the
+    constant-1 row alone, so A = Σ 1·1 / N is the number of output locations per sample (1
+    for a Linear) and the bias gets g_b / (locations + λ), as a ConvTranspose bias does."""
+    channel_dim %= grad_output.dim()
+    locations = math.prod(grad_output.shape[channel_dim + 1:])
+    dims = [d for d in range(grad_output.dim()) if d != channel_dim]
+    sums = grad_output.to(accumulate_dtype(grad_output.dtype)).sum(dims)
+    return (sums / (locations + ridge)).to(dtype)
+
+
 class LinearGradients:
     """Backward of ``y = x Wᵀ + b``: X is every input row (docs/design.md §2)."""
 
     def __init__(self, input, weight, grad_output, *, has_bias, needs_weight, needs_bias, ridge,
-                 amortizer):
+                 amortizer, trains_weight=True):
         self.input, self.weight, self.grad_output = input, weight, grad_output
         self.has_bias, self.ridge, self.amortizer = has_bias, ridge, amortizer
         self.needs_weight, self.needs_bias = needs_weight, needs_bias
+        self.trains_weight = trains_weight
 
     def input_grad(self):
         return (self.grad_output @ self.weight.to(self.grad_output.dtype)).to(self.input.dtype)
@@ -42,6 +54,8 @@ class LinearGradients:
     def matched_weight_grads(self):
         if not (self.needs_weight or self.needs_bias):
             return None, None
+        if not self.trains_weight:
+            return None, _matched_bias_alone(self.grad_output, -1, self.weight.dtype, self.ridge)
         gw, gb = matching.matched_linear(_rows(self.input), _rows(self.grad_output),
                                          self.has_bias, self.ridge, amortizer=self.amortizer)
         return gw.to(self.weight.dtype), None if gb is None else gb.to(self.weight.dtype)
@@ -98,7 +112,9 @@ class Conv2dGradients:
     """
 
     def __init__(self, input, weight, grad_output, stride, padding, dilation, groups, *,
-                 has_bias, needs_weight, needs_bias, ridge, amortizer, map_size=None):
+                 has_bias, needs_weight, needs_bias, ridge, amortizer, map_size=None,
+                 trains_weight=True):
+        self.trains_weight = trains_weight
         self.padding, self.extra = _split_padding(padding, weight.shape[2:], dilation)
         # The input map eq. 35's c counts: the unpadded one when a non-zero padding_mode
         # padded ``input`` before the conv (functional.cconv_padded).
@@ -146,7 +162,8 @@ class Conv2dGradients:
         the row side will use it, and no autocast makes the signal's dtype differ from the
         float32-or-better one G is computed in."""
         work = accumulate_dtype(self.x.dtype)
-        return (self.needs_weight or self.needs_bias) and self.grad_output.dtype == work \
+        return self.trains_weight and (self.needs_weight or self.needs_bias) \
+            and self.grad_output.dtype == work \
             and self.x.dtype == work and matching.conv_side(
                 self.x, self.grad_output, self.weight.shape, self.groups, self.has_bias,
                 self.amortizer) == "row"
@@ -172,6 +189,8 @@ class Conv2dGradients:
     def matched_weight_grads(self):
         if not (self.needs_weight or self.needs_bias):
             return None, None
+        if not self.trains_weight:
+            return None, _matched_bias_alone(self.grad_output, 1, self.weight.dtype, self.ridge)
         gw, gb = matching.matched_conv2d(self.x, self.grad_output, self.weight.shape,
                                          self.stride, self.padding, self.dilation, self.groups,
                                          self.has_bias, self.ridge, amortizer=self.amortizer,
@@ -378,6 +397,8 @@ class Conv3dGradients(Conv2dGradients):
     def matched_weight_grads(self):
         if not (self.needs_weight or self.needs_bias):
             return None, None
+        if not self.trains_weight:
+            return None, _matched_bias_alone(self.grad_output, 1, self.weight.dtype, self.ridge)
         x2, gy2, weight2 = self._folded()
         depth = self.grad_output.shape[2]
         gw, gb = matching.matched_conv2d(x2, gy2, weight2.shape, self.stride[1:],
@@ -416,7 +437,9 @@ class ConvTranspose2dGradients:
     """
 
     def __init__(self, input, weight, grad_output, stride, padding, output_padding, dilation,
-                 groups, *, has_bias, needs_weight, needs_bias, ridge, amortizer):
+                 groups, *, has_bias, needs_weight, needs_bias, ridge, amortizer,
+                 trains_weight=True):
+        # trains_weight is not needed: weight and bias are matched apart here anyway.
         self.input, self.weight, self.grad_output = input, weight, grad_output
         self.stride, self.padding, self.output_padding = stride, padding, output_padding
         self.dilation, self.groups = dilation, groups

@@ -6,7 +6,8 @@ a layer with weights uses ``δW / m_b / s``; then ``m ← m · δa/δ'a`` with
 * Linear (eq. 34):   δa/δ'a = ‖Wᵀ‖²_{2,µ}
 * Conv2d (eq. 35):   δa/δ'a = ‖W_col‖²_{2,µ} / c,   c = (input locations) / s
 * BatchNorm (eq. 36): δa/δ'a = 1 / ‖W‖²_{2,µ}, W the weight of the layer that feeds it
-* ReLU, pooling, reshapes (eq. 31): 1
+* ReLU, pooling, reshapes (eq. 31): 1 (average pooling too, where eq. 11 would give k²:
+  docs/backmatch.md, "Where the paper … differ")
 
 where ‖M‖²_{2,µ} is the mean over the rows of M of their squared norms.
 

@@ -13,7 +13,7 @@ from . import functional as CF
 from .amortize import amortizer_of
 from .routing import PASS, FunctionalRoute
 from .rules import rule_named
-from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, USER_REASON, CLayerMixin
+from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, USER_REASON, CLayerMixin, trains
 
 __all__ = ["CLinear", "CConv2d", "CLinearLike", "CEmbedding", "CMultiheadAttention",
            "CFunctionalCall"]
@@ -35,7 +35,7 @@ class CLinear(CLayerMixin, nn.Linear):
         self.rule, self.ridge = rule, ridge
 
     def cx_gram_shape(self):
-        d = self.in_features + (self.bias is not None)
+        d = self.in_features + trains(self.bias)
         return (d, d)
 
     def forward(self, input):
@@ -54,7 +54,7 @@ class _CConvNd(CLayerMixin):
     _cx_conv = None
 
     def cx_gram_shape(self):
-        d = self.weight[0].numel() + (self.bias is not None)
+        d = self.weight[0].numel() + trains(self.bias)
         return (self.groups, d, d)
 
     def forward(self, input):
@@ -111,7 +111,7 @@ class CLinearLike(CLayerMixin):
 
     def cx_gram_shape(self):
         weight, bias = self._cx_weight_bias()
-        d = weight.shape[0 if self._cx_kind.transposed else 1] + (bias is not None)
+        d = weight.shape[0 if self._cx_kind.transposed else 1] + trains(bias)
         return (d, d)
 
     def forward(self, input):
@@ -214,7 +214,7 @@ class CFunctionalCall(CLayerMixin):
     _cx_call = None  # F.linear or F.conv2d
 
     def cx_gram_shape(self):
-        d = self.weight[0].numel() + (self.bias is not None)
+        d = self.weight[0].numel() + trains(self.bias)
         return (d, d) if self._cx_call is F.linear else (self.groups, d, d)
 
     def _cx_route(self, input, weight, bias=None, *args, **kwargs):

@@ -450,19 +450,18 @@ def test_model_without_c_layers_is_an_error():
 
 def test_functional_checks_the_amortizer_in_forward():
     from consequential_ext.amortize import GramAmortizer
-    x, w = torch.randn(4, 3), torch.randn(2, 3)
+    x, w = torch.randn(4, 3), torch.randn(2, 3, requires_grad=True)
     with pytest.raises(TypeError, match="amortizer"):
         cx.functional.clinear(x, w, amortizer="yes")
     wrong = GramAmortizer((4, 4), every=1, decay=0.5)  # a bias row too many
     with pytest.raises(ValueError, match=r"amortizer holds a Gram of shape \(4, 4\)"):
         cx.functional.clinear(x, w, amortizer=wrong)
     right = GramAmortizer((3, 3), every=1, decay=0.5)
-    w.requires_grad_()
     cx.functional.clinear(x, w, amortizer=right).sum().backward()
     assert int(right.steps) == 1
     with pytest.raises(ValueError, match="amortizer"):
-        cx.functional.cconv2d(torch.randn(1, 4, 5, 5), torch.randn(2, 2, 3, 3), groups=2,
-                              amortizer=GramAmortizer((1, 18, 18), every=1, decay=0.5))
+        cx.functional.cconv2d(torch.randn(1, 4, 5, 5), torch.randn(2, 2, 3, 3, requires_grad=True),
+                              groups=2, amortizer=GramAmortizer((1, 18, 18), every=1, decay=0.5))
 
 
 @pytest.mark.parametrize("values, finite", [
