@@ -261,6 +261,94 @@ def test_ridge_solve_non_finite_gives_nan(where):
     assert got.dtype == torch.bfloat16 and got.shape == grad.shape and got.isnan().all()
 
 
+def _lazy_strided(elements, dtype):
+    """An ``elements``-long buffer that is never touched as a whole (the kernel's 32-bit
+    offset arithmetic needs views spanning ≥ 2³¹ elements; the interpreter reads only the few
+    pages a view covers), or skip where the allocation is refused."""
+    if not INTERPRETED:
+        pytest.skip("interpreter only: on a GPU the lazy buffer would be real memory")
+    try:
+        return torch.empty(elements, dtype=dtype)
+    except RuntimeError as error:  # e.g. vm.overcommit_memory = 2
+        pytest.skip(f"cannot reserve {elements} elements: {error}")
+
+
+def test_ridge_solve_offsets_past_2_31_elements():
+    """One system's gradient spanning ≥ 2³¹ elements (M·D of a 262144 × 8193 LM head; D·D
+    from D = 46341): int32 offsets wrapped, reading row 2 from 2³² elements before it. Here
+    three fp16 rows 1.5·2³⁰ apart: row 2 starts at element 3·2³⁰."""
+    d, m, stride, start = 16, 3, 3 << 29, 1 << 30
+    buf = _lazy_strided(start + (m - 1) * stride + d, torch.float16)
+    rows = torch.randn(m, d, dtype=torch.float16)
+    grad = buf.as_strided((1, m, d), (0, stride, 1), start)
+    for r in range(m):
+        grad[0, r] = rows[r]
+    buf[:d] = 0  # where the wrapped offset of row 2 points
+    x = torch.randn(1, d, 3 * d, dtype=torch.float64)
+    gram = (x @ x.transpose(1, 2) / (3 * d)).float()
+    got = triton_ops.ridge_solve(gram, grad, 1e-2, torch.float32)
+    want = solve_reference(gram, rows[None], 1e-2)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_gram_offsets_past_2_31_elements():
+    """linear_gram(side="n") of a transposed (N, F) input: the patch columns step by N, so
+    F·N ≥ 2³¹ wrapped the column offsets. Three fp16 columns 1.5·2³⁰ apart."""
+    n, f, stride, start = 16, 3, 3 << 29, 1 << 30
+    buf = _lazy_strided(start + (f - 1) * stride + n, torch.float16)
+    vals = torch.randn(n, f, dtype=torch.float16)
+    x = buf.as_strided((n, f), (1, stride), start)
+    for c in range(f):
+        x[:, c] = vals[:, c]
+    buf[:n] = 0  # where the wrapped offset of column 2 points
+    got = triton_ops.linear_gram(x, side="n", input_precision="ieee")
+    want = vals.double() @ vals.double().T
+    assert ((got.double() - want).abs() <= 1e-5 * (vals.double().abs() @ vals.double().abs().T)).all()
+
+
+def test_ridge_solve_grid_fits_cuda_limits_for_many_systems(monkeypatch):
+    """More than 65535 systems: the fused solve's systems were the grid's second axis, which
+    CUDA caps at 65535 (the launch fails on a GPU; the interpreter has no limit). The launch
+    is intercepted, its grid checked as csrc/emu/cuda_emu.h's valid_configuration does, and
+    the interpreted run skipped."""
+    grids = []
+
+    class Check:
+        def __init__(self, kernel):
+            pass
+
+        def __getitem__(self, grid):
+            grids.append(tuple(grid) + (1,) * (3 - len(grid)))
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(triton_solve, "wrap_triton", Check)
+    batch, d = 65536, 16
+    factor = torch.eye(d, device=DEVICE).expand(batch, d, d)
+    grad = torch.randn(batch, 1, d, device=DEVICE)
+    torch.ops.consequential_ext_triton.cholesky_solve(factor, grad, torch.float32, 0, 0)
+    (x, y, z), = grids
+    assert x <= 2 ** 31 - 1 and y <= 65535 and z <= 65535 and x * y * z >= batch, grids
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_their_tensors_device():  # pragma: no cover - multi-GPU only
+    """Tensors on cuda:1 while cuda:0 is current: Triton launches on the current device and
+    its stream, so the launchers make the tensors' device current (as the CUDA binding's
+    CUDAGuard does)."""
+    torch.manual_seed(12)
+    x = torch.randn(2, 3, 6, 5, device="cuda:1")
+    gram = triton_ops.im2col_gram(x, 3, 1, 1, 1, 1, True, input_precision="ieee")
+    assert gram.device == x.device
+    assert_gram_close(gram.cpu(), x.cpu(), ((3, 3), (1, 1), (1, 1), (1, 1), 1, True),
+                      GRAM_RTOL["ieee"])
+    a = gram[0].double() / 60
+    grad = torch.randn(4, a.shape[-1], device="cuda:1")
+    out = triton_ops.ridge_solve(a.float(), grad, 1e-2, None)
+    torch.testing.assert_close(out.cpu().double(), solve_reference(a, grad, 1e-2),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_dispatcher_would_choose_triton_on_cuda():
     from consequential_ext.ops._backends import _compiled_has
     for op in ("im2col_gram", "ridge_solve"):

@@ -8,6 +8,7 @@ CI still checks schema, fake shapes and ``torch.compile(fullgraph=True)`` captur
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -27,6 +28,16 @@ def check_device(op, name, tensor, kernel):
     if tensor.device.type != "cuda" and not is_interpreted(kernel):
         raise ValueError(f"{op}: {name} must be a CUDA tensor for the Triton kernels (got "
                          f"{tensor.device}; CPU tensors run only under TRITON_INTERPRET=1)")
+
+
+def on_device_of(tensor):
+    """Context that makes ``tensor``'s GPU the current device: a Triton launch runs on the
+    current device and its current stream, so a tensor on another GPU (cuda:1 while cuda:0 is
+    current) would fail to launch or be read unordered with its own stream (the CUDA backend's
+    binding takes a CUDAGuard for the same reason)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
 def register_kernel_op(name, launcher, *, fake, kernels):

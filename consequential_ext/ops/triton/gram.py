@@ -27,7 +27,7 @@ from torch.library import wrap_triton
 
 from .._conv_args import check_conv_args
 from ._common import accumulate_dtype, check_precision, describe, num_programs_target
-from ._register import check_device, is_interpreted, register_kernel_op
+from ._register import check_device, is_interpreted, on_device_of, register_kernel_op
 
 # Partial Grams of a split patch range are summed afterwards (deterministic, unlike
 # atomics); this caps the memory those partials may take.
@@ -54,7 +54,11 @@ def _decode_rows(rows, group, C_per_group, D_patch, stride_c, stride_h, stride_w
         kk = rows % KK
     dy = (kk // KW) * DH - PH
     dx = (kk % KW) * DW - PW
-    offset = (group * C_per_group + c).to(tl.int64) * stride_c + dy * stride_h + dx * stride_w
+    # 64-bit offsets throughout (here, for the columns and for the store): an input spanning
+    # 2³¹ elements along one axis (a transposed (N, F) activation in linear_gram's N-side
+    # view) or D ≥ 46341 wraps int32.
+    offset = ((group * C_per_group + c).to(tl.int64) * stride_c + dy.to(tl.int64) * stride_h
+              + dx.to(tl.int64) * stride_w)
     out_row = tl.where(rows < D_patch, c * KK + kk, rows)
     return offset, dy, dx, out_row
 
@@ -127,15 +131,17 @@ def _im2col_gram_kernel(
         q = cols % OHW
         iy0 = (q // OW) * SH
         ix0 = (q % OW) * SW
-        col_offset = b.to(tl.int64) * stride_b + iy0 * stride_h + ix0 * stride_w
+        col_offset = (b.to(tl.int64) * stride_b + iy0.to(tl.int64) * stride_h
+                      + ix0.to(tl.int64) * stride_w)
         a = _patch_tile(x_ptr, off_i, dy_i, dx_i, patch_i, bias_i,
                         col_offset, iy0, ix0, col_valid, H, W, HAS_BIAS, DOT_IN_FP32)
         bt = _patch_tile(x_ptr, off_j, dy_j, dx_j, patch_j, bias_j,
                          col_offset, iy0, ix0, col_valid, H, W, HAS_BIAS, DOT_IN_FP32)
         acc = tl.dot(a, tl.trans(bt), acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
-    base = out_ptr + split * out_stride_split + group * out_stride_group
+    base = out_ptr + split.to(tl.int64) * out_stride_split + group.to(tl.int64) * out_stride_group
     mask = (rows_i < D)[:, None] & (rows_j < D)[None, :]
+    out_i, out_j = out_i.to(tl.int64), out_j.to(tl.int64)
     tl.store(base + out_i[:, None] * D + out_j[None, :], acc, mask=mask)
     if ti != tj:  # the mirror image of an off-diagonal tile
         tl.store(base + out_j[None, :] * D + out_i[:, None], acc, mask=mask)
@@ -186,15 +192,16 @@ def _im2col_gram_launch(x: torch.Tensor, kernel_size: list[int], stride: list[in
     # channels_last: channel is the unit-stride axis, so walk rows channel-fastest.
     channels_inner = x.stride(1) == 1 and c_per_group > 1 and kh * kw > 1
     out = x.new_empty((split, groups, D, D), dtype=accumulate_dtype(x.dtype))
-    wrap_triton(_im2col_gram_kernel)[(n_tiles, groups, split)](
-        x, out, c_per_group, H, W, ow, oh * ow, n_patches, d_patch, D,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        sh, sw, ph, pw, dh, dw, per_split, out.stride(0), out.stride(1),
-        KH=kh, KW=kw, HAS_BIAS=bias, CHANNELS_INNER=channels_inner,
-        INPUT_PRECISION=input_precision,
-        DOT_IN_FP32=x.dtype == torch.bfloat16 and is_interpreted(_im2col_gram_kernel),
-        BLOCK_D=block_d, BLOCK_P=block_p,
-        num_warps=8 if block_d >= 128 else 4, num_stages=3)
+    with on_device_of(x):
+        wrap_triton(_im2col_gram_kernel)[(n_tiles, groups, split)](
+            x, out, c_per_group, H, W, ow, oh * ow, n_patches, d_patch, D,
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            sh, sw, ph, pw, dh, dw, per_split, out.stride(0), out.stride(1),
+            KH=kh, KW=kw, HAS_BIAS=bias, CHANNELS_INNER=channels_inner,
+            INPUT_PRECISION=input_precision,
+            DOT_IN_FP32=x.dtype == torch.bfloat16 and is_interpreted(_im2col_gram_kernel),
+            BLOCK_D=block_d, BLOCK_P=block_p,
+            num_warps=8 if block_d >= 128 else 4, num_stages=3)
     return out[0] if split == 1 else out.sum(0)
 
 

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._common import accumulate_dtype, num_programs_target
-from ._register import is_interpreted, register_kernel_op
+from ._register import is_interpreted, on_device_of, register_kernel_op
 
 _JOB_FIELDS = 8  # s, t, y0, y1, u0, u1, first pixel, end pixel
 _PARTIALS_BYTES = 256 << 20
@@ -70,8 +70,9 @@ def _shift_corr_kernel(
         valid = pix < p_stop
         b = pix // area
         rest = pix % area
-        y = y0 + rest // width
-        u = u0 + rest % width
+        # int64 offsets, as in gram.py: an axis may span 2³¹ elements through its stride.
+        y = (y0 + rest // width).to(tl.int64)
+        u = (u0 + rest % width).to(tl.int64)
         base = b.to(tl.int64) * stride_b
         a = tl.load(x_ptr + off_i[:, None] + (base + y * stride_h + u * stride_w)[None, :],
                     mask=ok_i[:, None] & valid[None, :], other=0.0)
@@ -85,7 +86,7 @@ def _shift_corr_kernel(
             bt = bt.to(tl.float32)
         acc = tl.dot(a, tl.trans(bt), acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
-    dst = out_ptr + group * out_stride_group + job * out_stride_job
+    dst = out_ptr + group.to(tl.int64) * out_stride_group + job.to(tl.int64) * out_stride_job
     tl.store(dst + chan_i[:, None] * C_per_group + chan_j[None, :], acc,
              mask=ok_i[:, None] & ok_j[None, :])
 
@@ -99,12 +100,13 @@ def _shift_corr_launch(x: torch.Tensor, jobs: torch.Tensor, groups: int, dilatio
                       dtype=accumulate_dtype(x.dtype))
     if jobs.shape[0] == 0:
         return out
-    wrap_triton(_shift_corr_kernel)[(n_cblocks * n_cblocks, jobs.shape[0], groups)](
-        x, jobs, out, c_per_group, H, W, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        dilation[0], dilation[1], out.stride(0), out.stride(1),
-        INPUT_PRECISION=input_precision,
-        DOT_IN_FP32=x.dtype == torch.bfloat16 and is_interpreted(_shift_corr_kernel),
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4, num_stages=3)
+    with on_device_of(x):
+        wrap_triton(_shift_corr_kernel)[(n_cblocks * n_cblocks, jobs.shape[0], groups)](
+            x, jobs, out, c_per_group, H, W, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            dilation[0], dilation[1], out.stride(0), out.stride(1),
+            INPUT_PRECISION=input_precision,
+            DOT_IN_FP32=x.dtype == torch.bfloat16 and is_interpreted(_shift_corr_kernel),
+            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4, num_stages=3)
     return out
 
 

@@ -23,7 +23,7 @@ from torch.library import wrap_triton
 
 from .. import reference
 from ._common import describe, num_programs_target
-from ._register import check_device, register_kernel_op
+from ._register import check_device, on_device_of, register_kernel_op
 
 # Largest D the register-resident Cholesky takes; above it torch.linalg.cholesky_ex
 # (cuSOLVER) factors. Not yet measured against cuSOLVER on a GPU: bench_triton.py's
@@ -82,14 +82,20 @@ def _cholesky_solve_kernel(
     SEPARATE_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    batch = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # One grid axis (systems × row blocks, row blocks fastest so that neighbours share L):
+    # a second axis would cap the systems at CUDA's 65535.
+    row_blocks = tl.cdiv(M, BLOCK_M)
+    batch = (tl.program_id(0) // row_blocks).to(tl.int64)
+    rows = (tl.program_id(0) % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     lane = tl.arange(0, BLOCK_D)
     l_base = l_ptr + batch * l_sb
-    g_base = g_ptr + batch * g_sb
-    w_base = work_ptr + batch * w_sb
-    o_base = out_ptr + batch * o_sb
+    # Offsets in int64 (rows folded into per-row pointers, columns widened where used): one
+    # system's M·D or D·D may pass 2³¹ elements (a 262144 × 8193 LM-head gradient; D = 53248
+    # for a 405B model's down_proj), where int32 offsets wrap.
+    g_rows = g_ptr + batch * g_sb + rows.to(tl.int64) * g_sm
+    w_rows = work_ptr + batch * w_sb + rows.to(tl.int64) * w_sm
+    o_rows = out_ptr + batch * o_sb + rows.to(tl.int64) * o_sm
     n_blocks = tl.cdiv(D, BLOCK_D)
 
     # Forward substitution, y Lᵀ = g: y_k = (g_k - Σ_{j<k} y_j L[k, j]) / L[k, k].
@@ -97,23 +103,26 @@ def _cholesky_solve_kernel(
         cols = kb * BLOCK_D + lane
         col_ok = cols < D
         tile_ok = row_ok[:, None] & col_ok[None, :]
-        w = tl.load(g_base + rows[:, None] * g_sm + cols[None, :] * g_sd, mask=tile_ok, other=0.0)
+        cols64 = cols.to(tl.int64)
+        w = tl.load(g_rows[:, None] + (cols64 * g_sd)[None, :], mask=tile_ok, other=0.0)
         w = w.to(work_ptr.dtype.element_ty)
         for jb in range(kb):
-            jcols = jb * BLOCK_D + lane
-            y_j = tl.load(w_base + rows[:, None] * w_sm + jcols[None, :] * w_sd,
+            jcols64 = (jb * BLOCK_D + lane).to(tl.int64)
+            y_j = tl.load(w_rows[:, None] + (jcols64 * w_sd)[None, :],
                           mask=row_ok[:, None], other=0.0)
-            l_kj = tl.load(l_base + cols[:, None] * l_sr + jcols[None, :] * l_sc,
+            l_kj = tl.load(l_base + (cols64 * l_sr)[:, None] + (jcols64 * l_sc)[None, :],
                            mask=col_ok[:, None], other=0.0)
             w -= tl.dot(y_j, tl.trans(l_kj), input_precision="ieee")
         for k in range(BLOCK_D):
             kk = kb * BLOCK_D + k
-            l_kk = tl.load(l_base + kk * (l_sr + l_sc), mask=kk < D, other=1.0)
+            kk64 = tl.cast(kk, tl.int64)
+            l_kk = tl.load(l_base + kk64 * (l_sr + l_sc), mask=kk < D, other=1.0)
             y_k = tl.sum(tl.where(lane[None, :] == k, w, 0.0), axis=1) / l_kk
-            l_col = tl.load(l_base + cols * l_sr + kk * l_sc, mask=col_ok & (cols > kk), other=0.0)
+            l_col = tl.load(l_base + cols64 * l_sr + kk64 * l_sc, mask=col_ok & (cols > kk),
+                            other=0.0)
             w -= y_k[:, None] * l_col[None, :]
             w = tl.where(lane[None, :] == k, y_k[:, None], w)
-        tl.store(w_base + rows[:, None] * w_sm + cols[None, :] * w_sd, w, mask=tile_ok)
+        tl.store(w_rows[:, None] + (cols64 * w_sd)[None, :], w, mask=tile_ok)
         tl.debug_barrier()  # later blocks re-read y through memory, from other threads
 
     # Backward substitution, x L = y: x_k = (y_k - Σ_{j>k} x_j L[j, k]) / L[k, k].
@@ -122,28 +131,31 @@ def _cholesky_solve_kernel(
         cols = kb * BLOCK_D + lane
         col_ok = cols < D
         tile_ok = row_ok[:, None] & col_ok[None, :]
-        w = tl.load(w_base + rows[:, None] * w_sm + cols[None, :] * w_sd, mask=tile_ok, other=0.0)
+        cols64 = cols.to(tl.int64)
+        w = tl.load(w_rows[:, None] + (cols64 * w_sd)[None, :], mask=tile_ok, other=0.0)
         for jb in range(kb + 1, n_blocks):
             jcols = jb * BLOCK_D + lane
             jcol_ok = jcols < D
-            x_j = tl.load(w_base + rows[:, None] * w_sm + jcols[None, :] * w_sd,
+            jcols64 = jcols.to(tl.int64)
+            x_j = tl.load(w_rows[:, None] + (jcols64 * w_sd)[None, :],
                           mask=row_ok[:, None] & jcol_ok[None, :], other=0.0)
-            l_jk = tl.load(l_base + jcols[:, None] * l_sr + cols[None, :] * l_sc,
+            l_jk = tl.load(l_base + (jcols64 * l_sr)[:, None] + (cols64 * l_sc)[None, :],
                            mask=jcol_ok[:, None] & col_ok[None, :], other=0.0)
             w -= tl.dot(x_j, l_jk, input_precision="ieee")
         for t in range(BLOCK_D):
             k = BLOCK_D - 1 - t
             kk = kb * BLOCK_D + k
-            l_kk = tl.load(l_base + kk * (l_sr + l_sc), mask=kk < D, other=1.0)
+            kk64 = tl.cast(kk, tl.int64)
+            l_kk = tl.load(l_base + kk64 * (l_sr + l_sc), mask=kk < D, other=1.0)
             x_k = tl.sum(tl.where(lane[None, :] == k, w, 0.0), axis=1) / l_kk
             # row kk of L left of the diagonal; none for padding rows (kk ≥ D)
-            l_row = tl.load(l_base + kk * l_sr + cols * l_sc,
+            l_row = tl.load(l_base + kk64 * l_sr + cols64 * l_sc,
                             mask=cols < tl.where(kk < D, kk, 0), other=0.0)
             w -= x_k[:, None] * l_row[None, :]
             w = tl.where(lane[None, :] == k, x_k[:, None], w)
-        tl.store(w_base + rows[:, None] * w_sm + cols[None, :] * w_sd, w, mask=tile_ok)
+        tl.store(w_rows[:, None] + (cols64 * w_sd)[None, :], w, mask=tile_ok)
         if SEPARATE_OUT:  # the rescale into the parameter dtype
-            tl.store(o_base + rows[:, None] * o_sm + cols[None, :] * o_sd,
+            tl.store(o_rows[:, None] + (cols64 * o_sd)[None, :],
                      w.to(out_ptr.dtype.element_ty), mask=tile_ok)
         tl.debug_barrier()
 
@@ -156,10 +168,11 @@ def _cholesky_launch(a: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch
     info = a.new_empty((batch,), dtype=torch.int32)
     block = max(16, triton.next_power_of_2(D))
     ridge_value = torch.full((1,), ridge, dtype=factor.dtype, device=a.device)
-    wrap_triton(_cholesky_kernel)[(batch,)](
-        a, factor, info, ridge_value, D, a.stride(0), a.stride(1), a.stride(2),
-        factor.stride(0), factor.stride(1), factor.stride(2),
-        BLOCK=block, num_warps=8 if block >= 128 else 4)
+    with on_device_of(a):
+        wrap_triton(_cholesky_kernel)[(batch,)](
+            a, factor, info, ridge_value, D, a.stride(0), a.stride(1), a.stride(2),
+            factor.stride(0), factor.stride(1), factor.stride(2),
+            BLOCK=block, num_warps=8 if block >= 128 else 4)
     return factor, info
 
 
@@ -177,13 +190,14 @@ def _cholesky_solve_launch(factor: torch.Tensor, grad: torch.Tensor, out_dtype: 
     out = grad.new_empty(grad.shape, dtype=out_dtype)
     separate = out_dtype != work
     scratch = grad.new_empty(grad.shape, dtype=work) if separate else out
-    wrap_triton(_cholesky_solve_kernel)[(triton.cdiv(M, block_m), batch)](
-        factor, grad, scratch, out, M, D,
-        factor.stride(0), factor.stride(1), factor.stride(2),
-        grad.stride(0), grad.stride(1), grad.stride(2),
-        scratch.stride(0), scratch.stride(1), scratch.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        SEPARATE_OUT=separate, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+    with on_device_of(grad):
+        wrap_triton(_cholesky_solve_kernel)[(triton.cdiv(M, block_m) * batch,)](
+            factor, grad, scratch, out, M, D,
+            factor.stride(0), factor.stride(1), factor.stride(2),
+            grad.stride(0), grad.stride(1), grad.stride(2),
+            scratch.stride(0), scratch.stride(1), scratch.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            SEPARATE_OUT=separate, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
     return out
 
 
