@@ -220,7 +220,10 @@ RIDGE_CASES = (
     [(w, o, 9, 4, True) for w in (_F32, _F64) for o in (_F32, _F64, _F16, _BF16)]
     # ... and larger D: several warps per row, the factor in global memory (the medium-D path)
     + [(_F32, _BF16, 45, 7, False), (_F64, _F64, 45, 7, False), (_F32, _F32, 70, 3, True),
-       (_F64, _F16, 70, 3, True)])
+       (_F64, _F16, 70, 3, True)]
+    # ... and a factor in shared memory past the 48 KiB a launch gets without opting in
+    # (the emulation refuses such a launch unless cudaFuncSetAttribute raised the limit)
+    + [(_F64, _F32, 90, 5, True)])
 
 
 @pytest.mark.parametrize("work,out_dtype,d,m,factor_in_shared", RIDGE_CASES)

@@ -632,6 +632,14 @@ MUTANTS = [
     _m("cuda.cholesky-without-ridge", "csrc/cuda/ridge_solve_cuda.cu",
        "g[i] + (r == c ? ridge : T(0));", "g[i] + (r == c ? T(0) : T(0));",
        EMULATION + "::test_ridge_solve_matches_reference"),
+    _m("cuda.cholesky-shared-opt-in-forgotten", "csrc/cuda/ridge_solve_cuda.cu",
+       "const long long bytes = in_shared ? shared_bytes : 0;\n"
+       "  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,\n"
+       "                                         static_cast<int>(bytes));",
+       "const long long bytes = in_shared ? shared_bytes : 0;\n"
+       "  cudaError_t err = cudaSuccess;",
+       EMULATION + "::test_ridge_solve_matches_reference",
+       why="a factor past 48 KiB of shared memory launches only after opting in"),
 
     # ---- ops/triton: run through the Triton interpreter -----------------------------------
     _m("triton.column-shift-from-padding-h", PY + "ops/triton/gram.py",
@@ -640,6 +648,10 @@ MUTANTS = [
     _m("triton.row-stride-from-column-stride", PY + "ops/triton/gram.py",
        "iy0 = (q // OW) * SH", "iy0 = (q // OW) * SW",
        "tests/test_triton.py::test_im2col_gram_float32_ieee_matches_unfold"),
+    _m("triton.solve-rows-int32", PY + "ops/triton/solve.py",
+       "rows.to(tl.int64) * g_sm", "rows * g_sm",
+       "tests/test_triton.py::test_ridge_solve_offsets_past_2_31_elements",
+       why="one system's gradient past 2³¹ elements: row offsets wrapped"),
     _m("triton.cholesky-without-ridge", PY + "ops/triton/solve.py",
        "tl.where(r < D, ridge, 1.0)", "tl.where(r < D, 0.0 * ridge, 1.0)",
        "tests/test_triton.py::test_ridge_solve_matches_linalg_solve"),

@@ -9,8 +9,9 @@
 // the dynamic shared array is filled with 0xff bytes, NaN, at every block start, so a read
 // before the write shows). A thread that returns early from the kernel leaves every barrier of
 // that block, as an exited GPU thread does. Launches are serialised. "Device" memory is host
-// memory. A launch with an invalid configuration (an empty grid, too many threads) runs
-// nothing and sets the error cudaGetLastError returns, as on a GPU.
+// memory. A launch with an invalid configuration (an empty grid, too many threads, more
+// dynamic shared memory than 48 KiB or the kernel's cudaFuncSetAttribute opt-in) runs nothing
+// and sets the error cudaGetLastError returns, as on a GPU.
 //
 // Two schedules (set_schedule):
 // * kSerial (the default): a block's threads are fibers (ucontext) on the launching thread, one
@@ -87,8 +88,40 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
   std::memcpy(dst, src, bytes);
   return cudaSuccess;
 }
+namespace cx_emu {
+// Dynamic shared memory a launch may take without opting in, and each kernel's opt-in
+// (cudaFuncAttributeMaxDynamicSharedMemorySize): a launch over both fails as on a GPU, so a
+// forgotten or too small attribute shows here, not only on a device.
+constexpr size_t kDefaultDynamicShared = 48 * 1024;
+struct SharedOptIns {
+  std::mutex mutex;
+  std::vector<std::pair<const void*, int>> bytes;
+};
+inline SharedOptIns& shared_opt_ins() {
+  static SharedOptIns opt_ins;
+  return opt_ins;
+}
+inline size_t dynamic_shared_limit(const void* kernel) {
+  SharedOptIns& o = shared_opt_ins();
+  std::lock_guard<std::mutex> lock(o.mutex);
+  for (const auto& [k, b] : o.bytes)
+    if (k == kernel) return std::max(kDefaultDynamicShared, static_cast<size_t>(b));
+  return kDefaultDynamicShared;
+}
+}  // namespace cx_emu
+
 template <typename F>
-cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
+cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute attribute, int value) {
+  if (value < 0) return cudaErrorInvalidValue;
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  cx_emu::SharedOptIns& o = cx_emu::shared_opt_ins();
+  std::lock_guard<std::mutex> lock(o.mutex);
+  const void* key = reinterpret_cast<const void*>(kernel);
+  for (auto& [k, b] : o.bytes)
+    if (k == key) return b = value, cudaSuccess;
+  o.bytes.emplace_back(key, value);
+  return cudaSuccess;
+}
 
 namespace cx_emu {
 
@@ -322,6 +355,10 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
   std::lock_guard<std::mutex> lock(serial);
   if (!valid_configuration(grid, block)) {
     last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  if (shared_bytes > dynamic_shared_limit(reinterpret_cast<const void*>(kernel))) {
+    last_error = cudaErrorInvalidValue;  // "invalid argument", as a GPU launch reports it
     return;
   }
   Launch l;
