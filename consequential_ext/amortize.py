@@ -29,6 +29,7 @@ float32), and resumes bit-identically.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -63,20 +64,23 @@ class GramAmortizer(nn.Module):
                  exact_when_cheaper: bool = True, device=None, dtype=torch.float32):
         super().__init__()
         self.every = _check_count("every", every)
-        self.gram_every = every if gram_every is None else _check_count("gram_every", gram_every)
-        if every % self.gram_every:
+        self.gram_every = self.every if gram_every is None \
+            else _check_count("gram_every", gram_every)
+        if self.every % self.gram_every:
             raise ValueError(f"gram_every must divide every (each refactorisation uses a fresh "
                              f"Gram); got gram_every={gram_every!r}, every={every!r}")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) \
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) \
                 or not math.isfinite(decay) or not 0 <= decay < 1:
             raise ValueError(f"decay must be a float in [0, 1); got {decay!r}")
         if gram_oversample is not None and (
-                isinstance(gram_oversample, bool) or not isinstance(gram_oversample, (int, float))
+                isinstance(gram_oversample, bool) or not isinstance(gram_oversample,
+                                                                    numbers.Real)
                 or not math.isfinite(gram_oversample) or gram_oversample < 1):
             raise ValueError(f"gram_oversample must be a finite float >= 1 or None; got "
                              f"{gram_oversample!r}")
-        self.gram_oversample = gram_oversample
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) \
+        self.gram_oversample = gram_oversample if isinstance(gram_oversample, (int, float)) \
+            or gram_oversample is None else float(gram_oversample)      # NumPy's: a float
+        if isinstance(damping, bool) or not isinstance(damping, numbers.Real) \
                 or not math.isfinite(damping) or damping < 0:
             raise ValueError(f"damping must be a finite float >= 0; got {damping!r}")
         self.safeguard_columns = None if safeguard_columns is None \
@@ -217,9 +221,10 @@ def _all_finite(t):
 
 
 def _check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    # numbers.Integral / Real (above): NumPy's scalars pass, as they do for ridge and lr
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    return value
+    return int(value)
 
 
 def _damped_inverse(gram, ridge, damping, max_escalations=12):

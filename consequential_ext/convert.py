@@ -57,6 +57,22 @@ def _selectors(value, arg):
                         f"got {value!r}") from None
 
 
+def _warn_unmatched_names(model, **selectors):
+    """Warn of include / exclude names that select no module: a misspelt exclude would
+    otherwise convert the layer the user meant to keep plain, without a word. (A type may
+    well be absent from a model; a name or glob is written for this one.)"""
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [f"{arg}={sel!r}" for arg, sels in selectors.items() for sel in sels or ()
+                 if isinstance(sel, str) and not _matches_any_name(sel, names)]
+    if unmatched:
+        warnings.warn(f"consequentialize: {', '.join(unmatched)} matches no module of the model "
+                      f"(a misspelt name?), so selects nothing", UserWarning, stacklevel=3)
+
+
+def _matches_any_name(selector, names):
+    return any(_matches(name, None, (selector,)) for name in names)
+
+
 def _unconvert(module):
     """Make a C-layer (or back-matching norm) plain again: its class back to the nn (or user)
     class it was converted from, under a parametrization's own subclass where it has one; its
@@ -101,8 +117,9 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
     ``rule`` / ``ridge``, in place.
 
     include / exclude: module types or qualified names (globs; a name also selects what is
-    below it). Layers already converted get the new ``rule`` / ``ridge``, and excluded ones
-    become plain again (an ``include`` leaves layers it does not select as they are). Every
+    below it; one that selects no module is warned of). Layers already converted get the
+    new ``rule`` / ``ridge``, and excluded ones become plain again (an ``include`` leaves
+    layers it does not select as they are). Every
     other module that holds a weight matrix — a layer whose weight its parent uses directly
     (not only through its forward: ``weight_reads``), a subclass that transforms its weight
     before use, a C-layer reparametrized since its conversion (made plain again), an unknown
@@ -125,6 +142,7 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
         raise TypeError(f"batchnorm must be True, False or None; got {batchnorm!r}")
     check_model(model, "consequentialize")
     include, exclude = _selectors(include, "include"), _selectors(exclude, "exclude")
+    _warn_unmatched_names(model, include=include, exclude=exclude)
     users = weight_users(model)
     skipped_norms = []
     for name, module in model.named_modules():

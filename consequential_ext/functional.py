@@ -4,11 +4,14 @@ Forward is exactly the corresponding ``torch.nn.functional`` call (``clinear_lik
 module's own forward). Backward builds the layer kind's primitives
 (``gradients.py``) and asks the layer's rule (``rules.py``) for the signal to the input and
 the weight/bias gradients; no Function branches on a rule. A rule that ``bypass``es (``"sgd"``)
-skips the Function, so its gradients are bit-identical to the nn layers'.
+skips the Function, so its gradients are bit-identical to the nn layers'. Otherwise a
+non-tensor or complex input / weight / bias is a TypeError naming it, in forward (matched
+gradients are defined for real tensors).
 """
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 
 import torch
@@ -168,13 +171,15 @@ def clinear(input, weight, bias=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE,
     """``F.linear`` whose backward gives weight/bias the matched gradient of ``rule``
     (with ``amortizer``, an ``amortize.GramAmortizer``: from its running Gram).
 
-    Raises ValueError for an unknown ``rule`` or a ridge that is not a finite float > 0,
-    TypeError/ValueError for an amortizer of the wrong type or Gram shape.
+    Raises ValueError for an unknown ``rule``, a ridge that is not a finite float > 0 or a
+    bias not of shape (out,) (F.linear would broadcast it), TypeError/ValueError for an
+    amortizer of the wrong type or Gram shape.
     """
     bypass = _bypassed(rule, input, weight)
     ridge = check_ridge(ridge)
     if bypass:
         return F.linear(input, weight, bias)
+    _check_tensors(input, weight, bias)
     if weight.dim() == 1:   # F.linear's dot product: one output unit, its dim dropped
         if bias is not None:
             raise ValueError("a 1-D weight takes no bias (F.linear refuses one too)")
@@ -182,6 +187,7 @@ def clinear(input, weight, bias=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE,
                        amortizer=amortizer).squeeze(-1)
     if weight.dim() != 2:
         raise ValueError(f"weight must be (out, in) or (in,); got shape {tuple(weight.shape)}")
+    _check_bias(bias, weight.shape[0])
     d = weight.shape[1] + trains(bias)
     amortizer = check_amortizer(amortizer, (d, d), weight)
     return CLinearFunction.apply(input, weight, bias, rule, ridge, amortizer)
@@ -197,8 +203,8 @@ def cconv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     """
     if isinstance(padding, str) and padding not in ("same", "valid"):
         raise ValueError(f"padding must be an int, a pair, 'same' or 'valid'; got {padding!r}")
-    return _cconv(CConv2dFunction, F.conv2d, 2, _conv_gram_shape(weight, bias, groups), input,
-                  weight, bias, (stride, padding, dilation, groups), rule, ridge, amortizer)
+    return _cconv(CConv2dFunction, F.conv2d, 2, _conv_gram_shape, input, weight, bias,
+                  (stride, padding, dilation, groups), rule, ridge, amortizer)
 
 
 def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=DEFAULT_RULE,
@@ -207,17 +213,29 @@ def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=
     the last dim — whose backward is CLinear's on ``W_view``: ``weight`` (out, in), or its
     transpose when ``transposed`` (a weight stored (in, out), as Hugging Face's Conv1D).
 
-    Raises ValueError for an unknown ``rule``, a bad ``ridge`` or a weight that is not 2-D;
+    Raises ValueError for an unknown ``rule``, a bad ``ridge``, a weight that is not 2-D or
+    an input whose last dim is not ``W_view``'s in-features (a wrong ``transposed``);
     TypeError/ValueError for a mismatched amortizer.
     """
+    if not callable(module_forward):
+        raise TypeError(f"module_forward must be callable (the layer's own forward); got "
+                        f"{type(module_forward).__name__}")
     bypass = _bypassed(rule, input, weight)
     ridge = check_ridge(ridge)
     if bypass:
         return module_forward(input)
+    _check_tensors(input, weight, bias)
     if weight.dim() != 2:   # checked here: CLinear's backward would fail on it
         raise ValueError(f"a linear-like layer's weight must be 2-D, (out, in) or (in, out); got "
                          f"shape {tuple(weight.shape)}: this layer is not linear-like")
     view = weight.t() if transposed else weight
+    if input.dim() == 0 or input.shape[-1] != view.shape[1]:
+        # The forward (x @ weight) may well run: only backward would find the mismatch.
+        raise ValueError(f"input's last dim {tuple(input.shape)[-1:]} is not the in-features of "
+                         f"the weight as (out, in) {tuple(view.shape)}, with transposed="
+                         f"{transposed}: a weight stored (in, out) needs transposed=True "
+                         f"(register_layer)")
+    _check_bias(bias, view.shape[0])
     d = view.shape[1] + trains(bias)
     amortizer = check_amortizer(amortizer, (d, d), view)
     # The gradient reaches ``weight`` through the view (autograd transposes it back).
@@ -264,6 +282,10 @@ def cembedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     bypass = _bypassed(rule, input, weight)
     ridge = check_ridge(ridge)
     if padding_idx is not None:
+        try:
+            padding_idx = operator.index(padding_idx)     # NumPy's and 0-d tensors' ints too
+        except TypeError:
+            raise TypeError(f"padding_idx must be an int or None; got {padding_idx!r}") from None
         if not -weight.shape[0] <= padding_idx < weight.shape[0]:
             raise ValueError(f"padding_idx must be within num_embeddings ({weight.shape[0]}); "
                              f"got {padding_idx}")
@@ -542,15 +564,72 @@ class CConvTranspose2dFunction(torch.autograd.Function):
         return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
 
 
+def _check_tensors(input, weight, bias):
+    """What a matched backward needs of the tensors that ``F``'s own checks let through:
+    checked in forward, where the error can name the argument (in backward it would be an
+    AttributeError, a kernel's dtype error, or a complex gradient silently made real)."""
+    for name, tensor in (("input", input), ("weight", weight), ("bias", bias)):
+        if tensor is None and name == "bias":
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a Tensor; got {type(tensor).__name__}")
+        if tensor.is_complex():
+            raise TypeError(f"{name} is {tensor.dtype}: matched gradients are defined for real "
+                            f"tensors only (rule='sgd' gives a complex layer nn's gradients)")
+
+
+def _check_bias(bias, out_features):
+    # F.linear broadcasts any bias, but the matched solve gives one bias entry per output:
+    # autograd would reject that gradient for a (1, out) bias, in backward.
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be of shape (out_features,) = ({out_features},); got "
+                         f"{tuple(bias.shape)}")
+
+
+def _geometry_ints(value, spatial):
+    """One conv geometry argument as F.conv reads it — an int or a 1-element sequence for
+    every spatial dim, numpy / 0-d tensor integers as ints — so that backward's kernels,
+    which take Python ints, see what forward used; anything F.conv refuses is left for its
+    own error (a string padding, a float, a bool, a sequence of the wrong length)."""
+    if isinstance(value, str):
+        return value
+    items = list(value) if isinstance(value, (tuple, list)) else [value]
+    if len(items) == 1:
+        items *= spatial
+    if len(items) != spatial or any(isinstance(v, bool) for v in items):
+        return value
+    try:
+        return tuple(operator.index(v) for v in items)
+    except TypeError:
+        return value
+
+
+def _conv_geometry(geometry, spatial):
+    """``geometry`` (conv: stride, padding, dilation, groups; transposed: stride, padding,
+    output_padding, groups, dilation) with each argument as ``_geometry_ints`` makes it."""
+    groups = geometry[3]
+    if not isinstance(groups, bool):
+        try:
+            groups = operator.index(groups)
+        except TypeError:
+            pass
+    return tuple(groups if i == 3 else _geometry_ints(v, spatial)
+                 for i, v in enumerate(geometry))
+
+
 def _cconv(function, conv, spatial, gram_shape, input, weight, bias, geometry, rule, ridge,
            amortizer, map_size=None):
     """Validate, then ``conv`` itself for a bypassing rule, else ``function`` (an unbatched
-    input — ``spatial`` + 1 dims, as the F functions accept — as one sample)."""
+    input — ``spatial`` + 1 dims, as the F functions accept — as one sample).
+    ``gram_shape(weight, bias, groups)``: the shape of the layer's Gram."""
     bypass = _bypassed(rule, input, weight)
     ridge = check_ridge(ridge)
     if bypass:
         return conv(input, weight, bias, *geometry)
-    amortizer = check_amortizer(amortizer, gram_shape, weight)
+    _check_tensors(input, weight, bias)
+    geometry = _conv_geometry(geometry, spatial)
+    if amortizer is not None:   # the shape needs a weight and groups F.conv accepts
+        amortizer = check_amortizer(amortizer, gram_shape(weight, bias, geometry[3]), weight)
     rest = (rule, ridge, amortizer) + (() if map_size is None else (map_size,))
     if input.dim() == spatial + 1:
         return function.apply(input.unsqueeze(0), weight, bias, *geometry, *rest).squeeze(0)
@@ -568,7 +647,7 @@ def cconv_padded(input, pad, padding_mode, weight, bias, stride, dilation, group
     unpadded one (the padded border is no input of the layer's own: ``docs/backmatch.md``)."""
     spatial = weight.dim() - 2
     function, conv = _CONV_KINDS[spatial]
-    return _cconv(function, conv, spatial, _conv_gram_shape(weight, bias, groups),
+    return _cconv(function, conv, spatial, _conv_gram_shape,
                   F.pad(input, pad, mode=padding_mode), weight, bias,
                   (stride, 0, dilation, groups), rule, ridge, amortizer,
                   map_size=tuple(input.shape[-spatial:]))
@@ -580,7 +659,7 @@ def _check_padding(padding):
 
 
 def _conv_gram_shape(weight, bias, groups):
-    d = weight[0].numel() + trains(bias)
+    d = math.prod(weight.shape[1:]) + trains(bias)   # not weight[0]: out may be 0
     return (groups, d, d)
 
 
@@ -594,8 +673,8 @@ def cconv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     than 'same' / 'valid'; TypeError/ValueError for a mismatched amortizer.
     """
     _check_padding(padding)
-    return _cconv(CConv1dFunction, F.conv1d, 1, _conv_gram_shape(weight, bias, groups), input,
-                  weight, bias, (stride, padding, dilation, groups), rule, ridge, amortizer)
+    return _cconv(CConv1dFunction, F.conv1d, 1, _conv_gram_shape, input, weight, bias,
+                  (stride, padding, dilation, groups), rule, ridge, amortizer)
 
 
 def cconv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
@@ -609,11 +688,11 @@ def cconv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     than 'same' / 'valid'; TypeError/ValueError for a mismatched amortizer.
     """
     _check_padding(padding)
-    return _cconv(CConv3dFunction, F.conv3d, 3, _conv_gram_shape(weight, bias, groups), input,
-                  weight, bias, (stride, padding, dilation, groups), rule, ridge, amortizer)
+    return _cconv(CConv3dFunction, F.conv3d, 3, _conv_gram_shape, input, weight, bias,
+                  (stride, padding, dilation, groups), rule, ridge, amortizer)
 
 
-def _transpose_gram_shape(weight, groups):
+def _transpose_gram_shape(weight, bias, groups):
     channels = weight.shape[0] // groups
     return (groups, channels, channels)
 
@@ -627,7 +706,7 @@ def cconv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padd
     mismatched amortizer (its Gram is (groups, C_in/groups, C_in/groups)).
     """
     return _cconv(CConvTranspose1dFunction, F.conv_transpose1d, 1,
-                  _transpose_gram_shape(weight, groups), input, weight, bias,
+                  _transpose_gram_shape, input, weight, bias,
                   (stride, padding, output_padding, groups, dilation), rule, ridge, amortizer)
 
 
@@ -642,5 +721,5 @@ def cconv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padd
     mismatched amortizer (its Gram is (groups, C_in/groups, C_in/groups)).
     """
     return _cconv(CConvTranspose2dFunction, F.conv_transpose2d, 2,
-                  _transpose_gram_shape(weight, groups), input, weight, bias,
+                  _transpose_gram_shape, input, weight, bias,
                   (stride, padding, output_padding, groups, dilation), rule, ridge, amortizer)

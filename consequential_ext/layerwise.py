@@ -26,6 +26,7 @@ count of non-zero entries of the output signal, which gives the supplement's LeN
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -157,7 +158,10 @@ def linear_weight_grads(input, grad_output, dtype, need_weight, need_bias):
     grad_weight = None
     if need_weight:
         # backward may run inside an autocast region, whose bf16 matmul would undo the cast
-        with torch.autocast(gy.device.type, enabled=False):
+        # (a device with no autocast, meta, has none to leave)
+        device = gy.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) \
+                else contextlib.nullcontext():
             rows = input.reshape(gy.shape[0], input.shape[-1])   # also with 0 in-features
             grad_weight = (gy.T @ rows.to(work)).to(dtype)
     grad_bias = gy.sum(0).to(dtype) if need_bias else None

@@ -81,13 +81,19 @@ def _strided(t, columns, per_sample=1):
     return t[:: max(1, t.shape[0] // wanted)]
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for a device autocast has no mode
+    for (meta tensors: asking would raise, in the backward of a shapes-only run)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _autocast_off(fn):
     """Run ``fn`` with autocast disabled: backward may run inside an autocast region, whose
     bf16/fp16 matmuls would undo the float32 accumulation of Gram, G and solve. (Entering
     the disabled region costs ~20 µs per layer, so only where autocast is on.)"""
     @functools.wraps(fn)
     def wrapper(x, *args, **kwargs):
-        if not torch.is_autocast_enabled(x.device.type):
+        if not autocast_on(x.device.type):
             return fn(x, *args, **kwargs)
         with torch.autocast(x.device.type, enabled=False):
             return fn(x, *args, **kwargs)

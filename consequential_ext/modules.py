@@ -143,6 +143,9 @@ class CEmbedding(CLayerMixin, nn.Embedding):
     def cx_gram_shape(self):
         return None  # A is diagonal and exact at O(V): nothing to amortize
 
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._cx_repr()}"
+
     def forward(self, input):
         return CF.cembedding(input, self.weight, self.padding_idx, self.max_norm,
                              self.norm_type, self.scale_grad_by_freq, self.sparse,

@@ -64,6 +64,8 @@ class _LayerwiseRateSGD(torch.optim.Optimizer):
         group["lr"] = _finite(group["lr"], f"{where}lr", positive=True)
         for name in ("momentum", "weight_decay"):
             group[name] = _finite(group[name], where + name, positive=False)
+        if group["nesterov"] not in (True, False):   # bool() would make "False" True
+            raise ValueError(f"{where}nesterov must be True or False; got {group['nesterov']!r}")
         group["nesterov"] = bool(group["nesterov"])
         if group["nesterov"] and group["momentum"] == 0:
             raise ValueError(f"{where}nesterov=True needs momentum > 0")

@@ -66,8 +66,8 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
 
     Registering a type again replaces its entry. Raises TypeError for a module_type that is
     neither an nn.Module subclass nor a dotted name, a c_type that is not a subclass of
-    module_type, or no c_type for a conv, embedding or recurrent layer (torch's, a registered
-    one or a subclass of either: not linear-like);
+    module_type, a ``transposed`` that is not a bool, or no c_type for a conv, embedding or
+    recurrent layer (torch's, a registered one or a subclass of either: not linear-like);
     ValueError for empty attribute names.
     """
     if isinstance(module_type, str):
@@ -84,6 +84,8 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
                                                      (not isinstance(bias, str) or not bias)):
         raise ValueError(f"weight and bias must be attribute names (bias may be None); got "
                          f"weight={weight!r}, bias={bias!r}")
+    if transposed not in (True, False):     # bool("False") would be True
+        raise TypeError(f"transposed must be True or False; got {transposed!r}")
     if c_type is not None and not (isinstance(module_type, type) and isinstance(c_type, type)
                                    and issubclass(c_type, module_type)):
         raise TypeError(f"c_type must be a subclass of module_type; got {c_type!r}")

@@ -62,7 +62,7 @@ MUTANTS = [
        "@_autocast_off\ndef matched_conv2d", "def matched_conv2d",
        AMP_SIDES, "tests/test_amp.py", why="issue survivor 4"),
     _m("matching.autocast-guard-skipped-under-autocast", PY + "matching.py",
-       "if not torch.is_autocast_enabled(x.device.type):", "if True:",
+       "if not autocast_on(x.device.type):", "if True:",
        AMP_SIDES, "tests/test_amp.py", why="the guard's fast path taken under autocast"),
     _m("matching.linear-autocast-guard-dropped", PY + "matching.py",
        "@_autocast_off\ndef matched_linear", "def matched_linear",
@@ -177,7 +177,7 @@ MUTANTS = [
        "tests/test_layerwise.py::test_layerwise_factor_counts_the_unpadded_map",
        why="eq. 35's c counted F.pad's border under a non-zero padding_mode"),
     _m("layerwise.linear-weight-grad-in-autocast", PY + "layerwise.py",
-       "with torch.autocast(gy.device.type, enabled=False):", "if True:",
+       "torch.autocast(device, enabled=False) if", "contextlib.nullcontext() if",
        AMP_SIDES),
 
     # ---- norm.py ---------------------------------------------------------------------------

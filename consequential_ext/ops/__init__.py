@@ -15,7 +15,7 @@ import torch
 from .._blocks import BlockSetting
 from . import reference
 from ._backends import available_backends, backend_for, gram_backend_for
-from ._conv_args import check_conv_args, output_size
+from ._conv_args import check_bias_flag, check_conv_args, output_size
 from ._fake import register_fakes
 
 __all__ = ["im2col_gram", "conv_gram_grad", "conv_weight_grad", "ridge_solve", "use_backend",
@@ -60,6 +60,7 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, *, groups=1, bi
     a bias multiplies). float32 accumulation (float64 for float64 input).
     """
     ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
+    groups, bias = int(groups), check_bias_flag(bias)
     backend = _backend("im2col_gram", x)
     if backend == "reference":
         gram = reference.im2col_gram(x, ks, st, pd, dl, groups, bias)
@@ -100,6 +101,7 @@ def _grad_op(name, x, grad_output, kernel_size, stride, padding, dilation, group
     """Op ``name`` (compiled ``_name`` on CPU, else ``reference.name``) after checking the conv
     arguments and that ``grad_output`` is the conv's output gradient in x's dtype."""
     ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
+    groups, bias = int(groups), check_bias_flag(bias)
     out_hw = output_size(x, ks, st, pd, dl)
     if not isinstance(grad_output, torch.Tensor) or grad_output.dim() != 4 \
             or grad_output.shape[0] != x.shape[0] or grad_output.shape[1] % groups \
@@ -163,6 +165,9 @@ def ridge_solve(gram, grad, ridge, *, out_dtype=None):
     leading dims. Solved in float32 or better; returned in ``out_dtype`` (default: grad's).
     """
     ridge = reference.check_ridge(ridge, "ridge_solve: ridge")
+    for name, t in (("gram", gram), ("grad", grad)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"ridge_solve: {name} must be a Tensor; got {type(t).__name__}")
     if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
         raise ValueError(f"ridge_solve: gram must be (..., D, D), got {tuple(gram.shape)}")
     if grad.dim() != gram.dim() or grad.shape[-1] != gram.shape[-1] \

@@ -1,6 +1,8 @@
 """Checks of an im2col_gram call's convolution geometry, shared by every backend's entry."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -8,14 +10,16 @@ _INT64 = range(-2 ** 63, 2 ** 63)    # what the compiled ops' int[2] arguments h
 
 
 def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool) and v in _INT64
+    # numbers.Integral: NumPy's integers too (torch's conv takes them), never a bool
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) \
+        and int(v) in _INT64
 
 
 def _pair(value, name):
     if _is_int(value):
-        return (value, value)
+        return (int(value), int(value))
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_int, value)):
-        return tuple(value)
+        return tuple(map(int, value))
     raise TypeError(f"{name} must be an int or a pair of ints (64-bit), got {value!r}")
 
 
@@ -32,8 +36,7 @@ def check_conv_args(x, kernel_size, stride, padding, dilation, groups):
     if min(ks) < 1 or min(st) < 1 or min(dl) < 1 or min(pd) < 0:
         raise ValueError(f"im2col_gram: need kernel_size, stride, dilation >= 1 and padding >= 0, "
                          f"got kernel_size={ks}, stride={st}, padding={pd}, dilation={dl}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 \
-            or x.shape[1] % groups:
+    if not _is_int(groups) or groups < 1 or x.shape[1] % groups:
         raise ValueError(f"im2col_gram: groups must be a positive int dividing C={x.shape[1]}, "
                          f"got {groups!r}")
     for i in range(2):
@@ -41,6 +44,14 @@ def check_conv_args(x, kernel_size, stride, padding, dilation, groups):
             raise ValueError(f"im2col_gram: kernel_size {ks} (dilation {dl}) does not fit the "
                              f"padded input {tuple(x.shape[2:])} + 2·{pd}")
     return ks, st, pd, dl
+
+
+def check_bias_flag(bias):
+    """``bias`` as a bool: the compiled ops take only a bool, the reference any truthy value,
+    so a string would mean one thing on one backend and fail on another."""
+    if bias is not None and bias not in (True, False):
+        raise TypeError(f"bias must be a bool, got {bias!r}")
+    return bool(bias)
 
 
 def output_size(x, kernel_size, stride, padding, dilation):
