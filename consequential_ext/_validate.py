@@ -27,6 +27,13 @@ def trains(bias) -> bool:
     return bias is not None and bias.requires_grad
 
 
+def gram_bias_row(weight, bias) -> bool:
+    """Whether an amortised layer's Gram gets the bias row: while the weight trains, whether
+    the bias does; a layer whose weight is frozen uses no amortizer, so it is sized for when
+    it is unfrozen whole (``requires_grad_(True)``, a backbone after a frozen warm-up)."""
+    return trains(bias) or (bias is not None and not weight.requires_grad)
+
+
 def check_rule(rule):
     rule_named(rule)  # ValueError naming the argument and the known rules
     return rule

@@ -97,6 +97,9 @@ class GramAmortizer(nn.Module):
         # (a loaded state, a move, a user's write), which its version counter tells.
         self._steps_seen = (None, None, 0)      # (tensor, its version, value)
         self._graph_task = None   # the backward (autograd graph task) of the last step
+        # The backward that recomputed this step's forward (a reentrant checkpoint runs the
+        # step in a nested graph task of its own), set by the layer's Function.
+        self.recomputed_in = None
 
     def _apply(self, fn, recurse=True):
         """Moves like any module, but a model's ``.half()`` / ``.to(torch.bfloat16)`` leaves
@@ -145,7 +148,8 @@ class GramAmortizer(nn.Module):
         """
         if grad.requires_grad:     # G was recorded: a backward with create_graph=True
             _warn_no_graph()
-        task = _graph_task()
+        task, self.recomputed_in = self.recomputed_in, None
+        task = graph_task() if task is None else task
         if task is not None and task == self._graph_task:
             _warn_called_twice()
         self._graph_task = task
@@ -260,9 +264,9 @@ def _warn_non_finite():
                       "running Gram is kept as it was.", RuntimeWarning, stacklevel=2)
 
 
-def _graph_task():
-    """The id of the autograd backward running this step (None outside one, under
-    torch.compile, or on a torch without the private API torch.utils.checkpoint also uses)."""
+def graph_task():
+    """The id of the autograd backward running now (None outside one, under torch.compile,
+    or on a torch without the private API torch.utils.checkpoint also uses)."""
     get = getattr(torch._C, "_current_graph_task_id", None)
     if get is None or torch.compiler.is_compiling():
         return None

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair, _single, _triple
 
-from .amortize import check_amortizer
+from .amortize import check_amortizer, graph_task
 from .gradients import Conv2dGradients, EmbeddingGradients, LinearGradients
 from .gradients import (Conv1dGradients, Conv3dGradients, ConvTranspose1dGradients,
                         ConvTranspose2dGradients)
@@ -80,6 +80,10 @@ def _save_common(ctx, input, weight, bias, rule, ridge, amortizer):
     ctx.save_for_backward(input, weight)
     ctx.has_bias, ctx.rule, ctx.ridge, ctx.amortizer = (bias is not None, rule_named(rule), ridge,
                                                         amortizer)
+    # A forward inside a backward is a reentrant checkpoint's recomputation: its backward runs
+    # in a nested graph task, but steps in the backward that recomputed it (amortize.py's
+    # check for a layer called twice in one backward).
+    ctx.recomputed_in = None if amortizer is None else graph_task()
 
 
 def _wanted(ctx, index):
@@ -109,6 +113,8 @@ def _needs(ctx):
     # backward is asked for: a frozen bias is a constant, not a ones row solved jointly, and
     # a frozen weight leaves the bias matched alone (docs/design.md §2).
     trains_bias = ctx.has_bias and ctx.needs_input_grad[2]
+    if ctx.amortizer is not None:
+        ctx.amortizer.recomputed_in = ctx.recomputed_in
     return dict(has_bias=trains_bias, trains_weight=ctx.needs_input_grad[1],
                 needs_weight=_wanted(ctx, 1), needs_bias=trains_bias and _wanted(ctx, 2),
                 ridge=ctx.ridge, amortizer=ctx.amortizer)

@@ -13,7 +13,8 @@ from . import functional as CF
 from .amortize import amortizer_of
 from .routing import PASS, FunctionalRoute
 from .rules import rule_named
-from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, USER_REASON, CLayerMixin, trains
+from ._validate import (DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, USER_REASON, CLayerMixin,
+                        gram_bias_row)
 
 __all__ = ["CLinear", "CConv2d", "CLinearLike", "CEmbedding", "CMultiheadAttention",
            "CFunctionalCall"]
@@ -35,7 +36,7 @@ class CLinear(CLayerMixin, nn.Linear):
         self.rule, self.ridge = rule, ridge
 
     def cx_gram_shape(self):
-        d = self.in_features + trains(self.bias)
+        d = self.in_features + gram_bias_row(self.weight, self.bias)
         return (d, d)
 
     def forward(self, input):
@@ -54,7 +55,7 @@ class _CConvNd(CLayerMixin):
     _cx_conv = None
 
     def cx_gram_shape(self):
-        d = self.weight[0].numel() + trains(self.bias)
+        d = self.weight[0].numel() + gram_bias_row(self.weight, self.bias)
         return (self.groups, d, d)
 
     def forward(self, input):
@@ -111,7 +112,7 @@ class CLinearLike(CLayerMixin):
 
     def cx_gram_shape(self):
         weight, bias = self._cx_weight_bias()
-        d = weight.shape[0 if self._cx_kind.transposed else 1] + trains(bias)
+        d = weight.shape[0 if self._cx_kind.transposed else 1] + gram_bias_row(weight, bias)
         return (d, d)
 
     def forward(self, input):
@@ -217,7 +218,7 @@ class CFunctionalCall(CLayerMixin):
     _cx_call = None  # F.linear or F.conv2d
 
     def cx_gram_shape(self):
-        d = self.weight[0].numel() + trains(self.bias)
+        d = self.weight[0].numel() + gram_bias_row(self.weight, self.bias)
         return (d, d) if self._cx_call is F.linear else (self.groups, d, d)
 
     def _cx_route(self, input, weight, bias=None, *args, **kwargs):

@@ -234,3 +234,38 @@ def test_an_amortised_layer_called_twice_in_one_forward_warns(twice_warning):
     assert not twice_warning()
     (layer(x).sum() + layer(torch.randn(4, 2, 9, 9, dtype=F64)).sum()).backward()
     assert len(twice_warning()) == 1
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_an_amortised_layer_called_in_two_checkpointed_segments_warns(twice_warning,
+                                                                     use_reentrant):
+    """A block shared across checkpointed repetitions: a reentrant checkpoint runs each
+    segment's backward in a nested graph task, yet both calls step in one backward."""
+    from torch.utils.checkpoint import checkpoint
+    layer = _exact_amortizer(cx.CLinear(4, 4, ridge=RIDGE, dtype=F64))
+    for _ in range(2):          # once per forward, over two steps: no warning
+        x = torch.randn(8, 4, dtype=F64, requires_grad=True)
+        checkpoint(layer, x, use_reentrant=use_reentrant).sum().backward()
+    assert not twice_warning()
+    x = torch.randn(8, 4, dtype=F64, requires_grad=True)
+    h = checkpoint(layer, checkpoint(layer, x, use_reentrant=use_reentrant),
+                   use_reentrant=use_reentrant)
+    h.sum().backward()
+    assert len(twice_warning()) == 1
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_a_layer_amortised_while_frozen_whole_trains_once_unfrozen(kind):
+    """A frozen warm-up: a layer frozen whole when ``amortize`` runs uses no amortizer until
+    it is unfrozen, then with its bias (``requires_grad_(True)`` unfreezes both)."""
+    make, shape, stride, padding = KINDS[kind]
+    layer = make().requires_grad_(False)
+    _exact_amortizer(layer)
+    layer.requires_grad_(True)
+    x = torch.randn(shape, dtype=F64) + 1.0
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    gw, gb = reference(x, layer.weight, gy, stride, padding, True, True)
+    torch.testing.assert_close(layer.weight.grad, gw, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, gb, rtol=1e-9, atol=1e-12)

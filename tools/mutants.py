@@ -611,6 +611,17 @@ MUTANTS = [
        "if task is not None and task == self._graph_task:", "if False:",
        "tests/test_usage_patterns.py::test_an_amortised_layer_called_twice_in_one_forward_warns",
        why="calls sharing one running Gram, silently"),
+    _m("validate.frozen-whole-gram-without-bias-row", PY + "_validate.py",
+       "return trains(bias) or (bias is not None and not weight.requires_grad)",
+       "return trains(bias)",
+       "tests/test_usage_patterns.py::"
+       "test_a_layer_amortised_while_frozen_whole_trains_once_unfrozen",
+       why="a backbone amortised while frozen failed once unfrozen"),
+    _m("amortize.reentrant-checkpoint-unnoticed", PY + "functional.py",
+       "ctx.amortizer.recomputed_in = ctx.recomputed_in", "ctx.amortizer.recomputed_in = None",
+       "tests/test_usage_patterns.py::"
+       "test_an_amortised_layer_called_in_two_checkpointed_segments_warns",
+       why="each reentrant segment's backward is a graph task of its own"),
 
     # ---- csrc/cuda: run through the host emulation ----------------------------------------
     _m("cuda.mirror-index", "csrc/cuda/gram_cuda.cu",
