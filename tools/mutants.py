@@ -623,6 +623,21 @@ MUTANTS = [
        "test_an_amortised_layer_called_in_two_checkpointed_segments_warns",
        why="each reentrant segment's backward is a graph task of its own"),
 
+    _m("functional.conv-geometry-unread", PY + "functional.py",
+       "geometry = _conv_geometry(geometry, spatial)", "geometry = tuple(geometry)",
+       "tests/test_bad_input.py::test_numpy_and_one_element_conv_geometry_trains_like_plain_ints",
+       why="a NumPy groups or a 1-tuple padding crashed in backward"),
+    _m("functional.complex-accepted", PY + "functional.py",
+       "        if tensor.is_complex():", "        if False:",
+       "tests/test_bad_input.py::test_complex_tensors_are_refused_in_forward",
+       why="a complex weight's gradient silently made real"),
+    _m("functional.broadcast-bias-accepted", PY + "functional.py",
+       "if bias is not None and tuple(bias.shape) != (out_features,):", "if False:",
+       "tests/test_bad_input.py::test_clinear_bias_must_be_one_per_output"),
+    _m("convert.misspelt-selector-silent", PY + "convert.py",
+       "    if unmatched:\n        warnings.warn(", "    if False:\n        warnings.warn(",
+       "tests/test_bad_input.py::test_include_exclude_names_that_select_nothing_are_warned_of"),
+
     # ---- csrc/cuda: run through the host emulation ----------------------------------------
     _m("cuda.mirror-index", "csrc/cuda/gram_cuda.cu",
        "out[i] = out[i + (col - row) * (dim - 1)];", "out[i] = out[i + (col - row) * dim];",
