@@ -63,9 +63,9 @@ def test_ridge_solve_matches_linalg_solve(backend, dtype):
     assert ((out - expected).norm() / expected.norm()) < tol
 
 
-# The CPU solve takes the explicit inverse (potri + GEMM) from M = 2·D right-hand sides on
-# (csrc/cpu/lapack_solve.cpp): fewer, exactly as many and more, one system (LAPACK's threads)
-# and a batch (a system per thread), D odd and past a vector width.
+# Fewer right-hand sides than D, as many and more (where the CPU solve once took an explicit
+# inverse, from M = 2·D on), one system (LAPACK's threads) and a batch (a system per thread),
+# D odd and past a vector width.
 @pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("batch,d,m", [((), 37, 73), ((), 37, 74), ((), 37, 113), ((3,), 21, 64),
@@ -81,9 +81,30 @@ def test_ridge_solve_many_right_hand_sides(backend, dtype, tol, batch, d, m):
     assert ((out - expected).norm() / expected.norm()) < tol
 
 
+# G = dZ Xᵀ lies along the large directions of A = X Xᵀ/N; with a near-null direction (inputs
+# ×100 summing to ~0, the bias row) a float32 solve errs in weights but not in x·X, on every
+# path: one system, a batch (a system per thread; SIMD lanes), few and many right-hand sides
+# (an explicit inverse, which the CPU solve once took from M = 2·D on: ΔW·X 3e-2 to 9e-2 here).
+@pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
+@pytest.mark.parametrize("batch,d,m", [((), 64, 32), ((), 64, 256), ((), 160, 400),
+                                       ((3,), 64, 256), ((9,), 48, 200)])
+def test_ridge_solve_float32_error_stays_out_of_the_inputs_span(backend, batch, d, m):
+    torch.manual_seed(3)
+    n = 4 * d
+    x = torch.randn(*batch, n, d - 1, dtype=torch.float64) * 3 + 1
+    x = 100 * (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
+    rows = torch.cat([x, torch.ones(*batch, n, 1, dtype=torch.float64)], -1)   # (…, N, D)
+    gram = rows.mT @ rows / n
+    grad = torch.randn(*batch, m, n, dtype=torch.float64) @ rows
+    exact = torch.linalg.solve(gram + 1e-3 * torch.eye(d, dtype=torch.float64), grad.mT).mT
+    with cx.ops.use_backend(backend):
+        out = cx.ops.ridge_solve(gram.float(), grad.float(), 1e-3).double()
+    error = ((out - exact) @ rows.mT).norm() / (exact @ rows.mT).norm()
+    assert error < 1e-4
+
+
 # One large system (batch·D³ past 3·10⁷: LAPACK's own threads, csrc/cpu/ridge_solve_cpu.cpp)
-# with no, one, a few and many right-hand sides (from M = 2·D the inverse route), on 1, 2 and
-# 3 threads.
+# with no, one, a few and many right-hand sides, on 1, 2 and 3 threads.
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("d,m", [(331, 0), (331, 1), (331, 700), (449, 17), (449, 530)])
@@ -143,9 +164,9 @@ def test_ridge_solve_escalates_once_with_warning_on_singular_input(backend, m, m
 @pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
 @pytest.mark.parametrize("batch,d,m", [((), 10, 3), ((9,), 10, 3), ((), 130, 4), ((2,), 12, 40)])
 def test_ridge_solve_reads_the_lower_triangle_on_every_path(backend, batch, d, m):
-    # One system, a batch of small ones (SIMD lanes), a large one, many right-hand sides (the
-    # explicit inverse): a Gram whose upper triangle is not its mirror gets the answer of its
-    # lower triangle everywhere, as torch.linalg.cholesky reads it.
+    # One system, a batch of small ones (SIMD lanes), a large one, many right-hand sides: a
+    # Gram whose upper triangle is not its mirror gets the answer of its lower triangle
+    # everywhere, as torch.linalg.cholesky reads it.
     lower = _spd(batch, d)
     asymmetric = lower.tril() + (lower + torch.rand_like(lower)).triu(1)
     symmetric = lower.tril() + lower.tril(-1).mT

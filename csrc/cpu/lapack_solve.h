@@ -1,5 +1,4 @@
-// Batched Cholesky solve straight through LAPACK (potrf + potrs, or potri + GEMM for many
-// right-hand sides), in place.
+// Batched Cholesky solve straight through LAPACK (potrf + potrs), in place.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -9,7 +8,7 @@ namespace consequential_ext::cpu {
 // them from libtorch_cpu; a torch without LAPACK leaves them null).
 bool lapack_available();
 
-// x ← x · a⁻¹ per system, overwriting a with its Cholesky factor (or its inverse): a
+// x ← x · a⁻¹ per system, overwriting a with its Cholesky factor: a
 // (S, D, D) symmetric positive definite (the ridge already on its diagonal), x (S, M, D);
 // both contiguous, float or double, of one dtype. Row-major x is column-major xᵀ, so potrs
 // solves it where it lies, with no transpose copies. Returns false (x unspecified) when some
