@@ -36,8 +36,9 @@ def _matches(name, module, selectors):
             if isinstance(module, sel):
                 return True
         elif isinstance(sel, str):
-            # A name selects the module itself or anything below it; globs allowed.
-            if fnmatch.fnmatchcase(name, sel) or name.startswith(sel + "."):
+            # A name selects the module itself or anything below it; globs allowed. Equality
+            # first: a ModuleDict key may hold a glob's "[", "*" or "?" ("head[0]").
+            if name == sel or fnmatch.fnmatchcase(name, sel) or name.startswith(sel + "."):
                 return True
         else:
             raise TypeError(f"include/exclude entries must be module types or name strings; "
@@ -116,8 +117,8 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
     passes its own weight to F.linear / F.conv2d (``registry.subclass_kind``) a C-layer with
     ``rule`` / ``ridge``, in place.
 
-    include / exclude: module types or qualified names (globs; a name also selects what is
-    below it; one that selects no module is warned of). Layers already converted get the
+    include / exclude: module types or qualified names (exact, or globs; a name also selects
+    what is below it; one that selects no module is warned of). Layers already converted get the
     new ``rule`` / ``ridge``, and excluded ones become plain again (an ``include`` leaves
     layers it does not select as they are). Every
     other module that holds a weight matrix — a layer whose weight its parent uses directly

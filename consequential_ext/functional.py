@@ -178,8 +178,8 @@ def clinear(input, weight, bias=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE,
     (with ``amortizer``, an ``amortize.GramAmortizer``: from its running Gram).
 
     Raises ValueError for an unknown ``rule``, a ridge that is not a finite float > 0 or a
-    bias not of shape (out,) (F.linear would broadcast it), TypeError/ValueError for an
-    amortizer of the wrong type or Gram shape.
+    bias that trains not of shape (out,) (F.linear would broadcast it; a frozen bias is a
+    constant), TypeError/ValueError for an amortizer of the wrong type or Gram shape.
     """
     bypass = _bypassed(rule, input, weight)
     ridge = check_ridge(ridge)
@@ -586,8 +586,9 @@ def _check_tensors(input, weight, bias):
 
 def _check_bias(bias, out_features):
     # F.linear broadcasts any bias, but the matched solve gives one bias entry per output:
-    # autograd would reject that gradient for a (1, out) bias, in backward.
-    if bias is not None and tuple(bias.shape) != (out_features,):
+    # autograd would reject that gradient for a (1, out) bias, in backward. A frozen bias is
+    # a constant offset, not solved for (docs/design.md §2): any shape F.linear takes.
+    if trains(bias) and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must be of shape (out_features,) = ({out_features},); got "
                          f"{tuple(bias.shape)}")
 

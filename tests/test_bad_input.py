@@ -120,6 +120,21 @@ def test_clinear_bias_must_be_one_per_output(shape):
         CF.clinear(x, w, torch.randn(shape, requires_grad=True))
 
 
+@pytest.mark.parametrize("shape", [(1, 4), (), (1,)])
+def test_clinear_takes_a_frozen_broadcast_bias_as_a_constant(shape):
+    """A frozen bias is a constant offset, no row of X (docs/design.md §2): whatever shape
+    F.linear broadcasts, W gets the matched gradient of the input rows alone."""
+    x = torch.randn(7, 3, dtype=torch.float64)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    offset = torch.randn(shape, dtype=torch.float64)
+    y = CF.clinear(x, w, offset, ridge=RIDGE)
+    assert torch.equal(y, torch.nn.functional.linear(x, w, offset))
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    want_w, _ = matched_reference.matched_linear(x, w, None, grad_out, RIDGE)
+    ref.close(w.grad, want_w)
+
+
 class _Dense(nn.Module):
     """A linear-like layer with its weight stored (in, out), as Hugging Face's Conv1D."""
 
@@ -210,6 +225,17 @@ def test_include_exclude_names_that_select_nothing_are_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error")                 # names and types that select: silent
         cx.consequentialize(_named_model(), exclude=["class*", nn.Conv2d], include=["*"])
+
+
+def test_an_exact_name_with_glob_characters_selects_its_module():
+    """A ModuleDict key may hold "[" / "]": the exact name selects the module (fnmatch alone
+    read it as a character class: the exclude did nothing, and was warned of as misspelt)."""
+    model = nn.Sequential(nn.ModuleDict({"proj[0]": nn.Linear(3, 3),
+                                         "proj[1]": nn.Linear(3, 2)}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cx.consequentialize(model, exclude="0.proj[1]")
+    assert type(model[0]["proj[1]"]) is nn.Linear and type(model[0]["proj[0]"]) is cx.CLinear
 
 
 @pytest.mark.parametrize("kwargs", [

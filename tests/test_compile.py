@@ -161,3 +161,42 @@ def test_compiled_escalation_warns_when_the_graph_runs():
         forward(x).backward()
     assert any("ridge escalated" in str(w.message) for w in caught)
     assert torch.isfinite(layer.weight.grad).all()
+
+
+@pytest.mark.parametrize("form", ["int", "pair", "conv1d", "dynamic weight"])
+def test_symbolic_conv_geometry_compiles_and_matches_eager(form):
+    """Geometry from a dynamic shape is a SymInt in the traced graph, and so is the kernel
+    size of a functional conv whose weight is a graph input: the ops' argument checks must
+    trace for it (an int padding used to graph-break, then failed in the traced backward
+    once forward normalised it; a pair or a dynamic weight always failed)."""
+    import conv_nd_reference
+    import matched_reference
+    CF = cx.functional
+    calls = {
+        "int": lambda x, w, b: CF.cconv2d(x, w, b, padding=x.shape[-1] // 4, ridge=0.05),
+        "pair": lambda x, w, b: CF.cconv2d(x, w, b, padding=(x.shape[-1] // 4, 1), ridge=0.05),
+        "conv1d": lambda x, w, b: CF.cconv1d(x[:, :, 0], w[..., 0], b,
+                                             padding=x.shape[-1] // 4, ridge=0.05),
+        "dynamic weight": lambda x, w, b: CF.cconv2d(x, w, b, stride=2, padding=1,
+                                                     ridge=0.05),
+    }
+    torch._dynamo.reset()
+    compiled = torch.compile(calls[form], backend="eager", dynamic=True)
+    for size in (8, 12):
+        x = torch.randn(2, 4, size, size, dtype=torch.float64)
+        w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        y = compiled(x, w, b)
+        grad_out = torch.randn_like(y)
+        y.backward(grad_out)
+        padding = {"int": (size // 4,) * 2, "pair": (size // 4, 1)}.get(form, (1, 1))
+        if form == "conv1d":
+            want_w, want_b = conv_nd_reference.matched_conv(
+                x[:, :, 0], w[..., 0], b, grad_out, (1,), (size // 4,), (1,), 1, 0.05)
+            torch.testing.assert_close(w.grad[..., 0], want_w)
+        else:
+            stride = (2, 2) if form == "dynamic weight" else (1, 1)
+            want_w, want_b = matched_reference.matched_conv2d(x, w, b, grad_out, stride,
+                                                              padding, (1, 1), 1, 0.05)
+            torch.testing.assert_close(w.grad, want_w)
+        torch.testing.assert_close(b.grad, want_b)

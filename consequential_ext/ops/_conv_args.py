@@ -10,9 +10,10 @@ _INT64 = range(-2 ** 63, 2 ** 63)    # what the compiled ops' int[2] arguments h
 
 
 def _is_int(v):
-    # numbers.Integral: NumPy's integers too (torch's conv takes them), never a bool
+    # numbers.Integral: NumPy's integers too (torch's conv takes them), never a bool;
+    # compared, not ``in _INT64``: Dynamo cannot trace range.__contains__ on a SymInt
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) \
-        and int(v) in _INT64
+        and _INT64[0] <= v <= _INT64[-1]
 
 
 def _pair(value, name):
