@@ -126,10 +126,14 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
         return REPARAMETRIZED, False
     if isinstance(module, CLayerMixin) and not _trained(module):
         return "frozen: none of its parameters requires a gradient", True
-    if isinstance(module, CLayerMixin):
+    # A matched rule left plain only for its parent's use of the weight (a C-layer the user
+    # converted on its own) has the parent's reason below, not its rule's.
+    if isinstance(module, CLayerMixin) and (parent is None or rule_named(module.rule).bypass):
         return f"rule {module.rule!r} (the ordinary gradient)", True
-    if parent is not None and (isinstance(parent, CLayerMixin) or getattr(parent, USER_REASON,
-                                                                           None)):
+    # The parent's own choice explains the child only where the parent would match it (an
+    # attention's out_proj); a container that merely was not selected by ``include`` does not.
+    if parent is not None and (isinstance(parent, CLayerMixin) or (
+            getattr(parent, USER_REASON, None) and isinstance(parent, WEIGHT_USERS))):
         reason, chosen = plain_reason(parent)
         return f"its parent {type(parent).__name__} is plain: {reason}", chosen
     if parent is not None:
@@ -166,7 +170,8 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
             return f"a subclass of {base.__name__}: {why_not}", False
         c_type = kind_of(base).c_type
         hint = (f"if its forward is {base.__name__}'s with extra steps, make a class of "
-                f"cx.{c_type.__name__} and it and pass both to cx.register_layer"
+                f"it and cx.{c_type.__name__}, in that order (its forward first), and pass "
+                f"both to cx.register_layer"
                 if c_type is not None and issubclass(c_type, CLayerMixin) else
                 "register it with cx.register_layer if it is linear-like")
         return f"a subclass of {base.__name__} with its own forward: {hint}", False

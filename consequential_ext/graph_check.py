@@ -17,7 +17,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .coverage import matched_parameters
+from .coverage import coverage, matched_parameters
 from ._validate import CLayerMixin
 
 __all__ = ["install", "direct_uses"]
@@ -90,6 +90,13 @@ def direct_uses(model: nn.Module, roots) -> dict[str, set[str]]:
     owners = matched_parameters(model)            # id(parameter) → its matched layer's name
     if not owners:
         return {}
+    # A weight tied to a layer left plain (an embedding whose head is matched) gets that
+    # layer's ordinary gradient too, by design (docs/design.md §2); coverage names the layer.
+    plain = {p.name for p in coverage(model).plain}
+    for name, module in model.named_modules():
+        if name in plain:
+            for p in module._parameters.values():
+                owners.pop(id(p), None)
     consumers, seen, stack = {}, set(), list(roots)
     while stack:
         node = stack.pop()

@@ -66,7 +66,9 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
 
     Registering a type again replaces its entry. Raises TypeError for a module_type that is
     neither an nn.Module subclass nor a dotted name, a c_type that is not a subclass of
-    module_type, a ``transposed`` that is not a bool, or no c_type for a conv, embedding or
+    module_type, a c_type that would run a library C-layer's forward instead of
+    module_type's own (``class C(cx.CEmbedding, Sub)``: write ``class C(Sub, cx.CEmbedding)``),
+    a ``transposed`` that is not a bool, or no c_type for a conv, embedding or
     recurrent layer (torch's, a registered one or a subclass of either: not linear-like);
     ValueError for empty attribute names.
     """
@@ -89,6 +91,16 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
     if c_type is not None and not (isinstance(module_type, type) and isinstance(c_type, type)
                                    and issubclass(c_type, module_type)):
         raise TypeError(f"c_type must be a subclass of module_type; got {c_type!r}")
+    if c_type is not None and _forward_owner(module_type).__module__.split(".")[0] != "torch" \
+            and _forward_owner(c_type).__module__.startswith(__package__ + "."):
+        # cx.CEmbedding's forward is nn's: before the subclass in the bases, it would drop the
+        # subclass's own steps (Hugging Face's scaled embeddings) — another model, silently.
+        raise TypeError(f"c_type {c_type.__name__} runs "
+                        f"{_forward_owner(c_type).__name__}.forward instead of "
+                        f"{module_type.__name__}'s own: put {module_type.__name__} first in its "
+                        f"bases, class {c_type.__name__}({module_type.__name__}, "
+                        f"cx.{_forward_owner(c_type).__name__}), so its forward runs and reaches "
+                        f"the C-layer's through super()")
     if c_type is None and isinstance(module_type, type):
         # A conv or embedding is not linear-like: CLinear's backward would fail on its weight.
         # The type itself too: registering nn.Conv2d again without c_type would swap CConv2d
@@ -110,6 +122,11 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
     kind = LayerKind(key, c_type, bool(transposed), weight, bias)
     _KINDS[key] = kind
     return kind
+
+
+def _forward_owner(cls: type) -> type:
+    """The class whose ``forward`` instances of ``cls`` run."""
+    return next(c for c in cls.__mro__ if "forward" in vars(c))
 
 
 _NOT_LINEAR_LIKE = (_ConvNd, nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.RNNCellBase)

@@ -218,6 +218,38 @@ def test_coverage_of_frozen_and_not_yet_converted_layers():
     assert report.matched_params == 4 * 2 + 2
 
 
+class _BranchUser(nn.Module):
+    """Calls its child, and uses the child's weight itself in a branch (BLOOM's attention and
+    MLP with ``pretraining_tp > 1 and slow_but_exact``)."""
+    def __init__(self, sliced=False):
+        super().__init__()
+        self.dense, self.sliced = nn.Linear(4, 4), sliced
+
+    def forward(self, x):
+        if self.sliced:
+            return torch.nn.functional.linear(x, self.dense.weight[:, :4], self.dense.bias)
+        return self.dense(x)
+
+
+def test_a_child_its_parent_uses_is_named_with_that_reason_whatever_include_says():
+    # include selecting the child (not the parent) leaves it plain for its parent's use, not
+    # by the user's choice: warned, with that reason — not "its parent is plain: not selected
+    # by include", silently.
+    model = nn.Sequential(_BranchUser(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"0\.dense \(its weight is used directly by its "
+                                         r"parent _BranchUser"):
+        cx.consequentialize(model, include=["0.dense"])
+    (dense,) = [p for p in cx.coverage(model).plain if p.name == "0.dense"]
+    assert dense.reason.startswith("its weight is used directly") and not dense.chosen_by_user
+    # A C-layer the user converted on its own under such a parent: the parent's reason, not
+    # "rule 'consequential' (the ordinary gradient)".
+    model = nn.Sequential(_BranchUser(), nn.Linear(4, 2))
+    cx.consequentialize(model[0].dense)
+    (dense,) = [p for p in cx.coverage(model).plain if p.name == "0.dense"]
+    assert dense.reason.startswith("its weight is used directly by its parent _BranchUser")
+    assert not dense.chosen_by_user
+
+
 class _LoopUser(nn.Module):
     """Uses its ModuleList's weights in a loop: beyond the source analysis, in the graph."""
     def __init__(self):

@@ -136,6 +136,79 @@ def test_tied_embedding_and_head_get_both_matched_gradients():
     assert rel_err(emb.weight.grad, from_head + from_lookup) < 1e-10
 
 
+class _TiedLM(nn.Module):
+    """An embedding and a head sharing one weight, as Hugging Face's tied language models."""
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, E, dtype=torch.float64)
+        self.head = nn.Linear(E, V, bias=False, dtype=torch.float64)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.emb(idx)))
+
+
+def test_tied_weight_with_a_plain_embedding_gets_matched_plus_ordinary_without_a_warning():
+    """The embedding left plain (the user's exclude, or a subclass it cannot convert) and the
+    head matched: the weight gets the head's matched gradient plus the lookup's ordinary one
+    (docs/design.md §2), which coverage reports — the first forward's check does not warn of
+    the lookup as a use outside the head."""
+    gen = torch.Generator().manual_seed(8)
+    model = _TiedLM()
+    cx.consequentialize(model, exclude=nn.Embedding, ridge=RIDGE)
+    assert "shares a parameter with matched head" in cx.coverage(model).plain[0].reason
+    idx = _indices(3, 4, generator=gen)
+    assert model._forward_hooks                      # the first forward's check is armed
+    grad_out = torch.randn(3, 4, V, generator=gen, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(idx).backward(grad_out)
+    assert not model._forward_hooks                  # it ran
+    w = model.emb.weight.detach()
+    h = torch.tanh(F.embedding(idx, w))
+    from_head, _ = matched_linear(h, w, None, grad_out, RIDGE)
+    gh = (grad_out @ w) * (1 - h.square())               # ordinary signal into the lookup
+    from_lookup = torch.zeros_like(w).index_add_(0, idx.reshape(-1), gh.reshape(-1, E))
+    assert rel_err(model.emb.weight.grad, from_head + from_lookup) < 1e-10
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """nn.Embedding with extra steps (Hugging Face's Gemma / BART scaled word embeddings)."""
+    def forward(self, input):
+        return super().forward(input) * 3.0
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    """The registration made here does not leak into other tests."""
+    monkeypatch.setattr(cx.registry, "_KINDS", dict(cx.registry._KINDS))
+
+
+def test_a_c_class_for_an_embedding_with_extra_steps_must_run_its_forward(clean_registry):
+    """The C-class coverage suggests for a subclass with a forward of its own: the subclass
+    first in the bases keeps its forward (bit-identical) and matches the lookup inside it;
+    cx.CEmbedding first would run nn's forward without the extra steps — refused."""
+    class Wrong(cx.CEmbedding, _ScaledEmbedding):
+        pass
+
+    with pytest.raises(TypeError, match=r"c_type Wrong runs CEmbedding\.forward instead of "
+                                        r"_ScaledEmbedding's own: put _ScaledEmbedding first"):
+        cx.register_layer(_ScaledEmbedding, Wrong)
+    model = nn.Sequential(_ScaledEmbedding(V, E, padding_idx=1, dtype=torch.float64))
+    with pytest.warns(UserWarning, match="make a class of it and cx.CEmbedding, in that order"):
+        cx.consequentialize(model)
+    cx.register_layer(_ScaledEmbedding, type("Right", (_ScaledEmbedding, cx.CEmbedding), {}))
+    plain = copy.deepcopy(model)
+    cx.consequentialize(model, ridge=RIDGE)
+    gen = torch.Generator().manual_seed(9)
+    idx = _indices(3, 4, generator=gen)
+    grad_out = torch.randn(3, 4, E, generator=gen, dtype=torch.float64)
+    assert torch.equal(model(idx), plain(idx))
+    model(idx).backward(grad_out)
+    want = reference(idx, model[0].weight, 3.0 * grad_out, RIDGE, padding_idx=1)
+    assert rel_err(model[0].weight.grad, want) < 1e-10
+
+
 def test_rules():
     gen = torch.Generator().manual_seed(7)
     idx = _indices(3, 4, generator=gen)

@@ -225,7 +225,7 @@ def test_thin_subclasses_convert_as_their_base_and_pickle(thin, base, args, make
 
 def test_conv_subclass_with_its_own_forward_stays_plain_and_registering_it_linear_like_is_refused():
     model = nn.Sequential(NoisyConv3d(2, 3, 3))
-    with pytest.warns(UserWarning, match="make a class of cx.CConv3d and it"):
+    with pytest.warns(UserWarning, match="make a class of it and cx.CConv3d, in that order"):
         cx.consequentialize(model)
     assert cx.coverage(model).share == 0.0
     with pytest.raises(TypeError, match="NoisyConv3d is a Conv3d, not linear-like: pass c_type"):
