@@ -108,16 +108,19 @@ def _wanted(ctx, index):
 _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
 
 
-def _needs(ctx):
+def _needs(ctx, joint=True):
     # X holds the rows of the parameters that train (require grad), whichever of them this
     # backward is asked for: a frozen bias is a constant, not a ones row solved jointly, and
-    # a frozen weight leaves the bias matched alone (docs/design.md §2).
+    # a frozen weight leaves the bias matched alone (docs/design.md §2). ``joint=False``: a
+    # kind that matches its bias apart anyway (ConvTranspose), for which a frozen weight
+    # changes nothing.
     trains_bias = ctx.has_bias and ctx.needs_input_grad[2]
     if ctx.amortizer is not None:
         ctx.amortizer.recomputed_in = ctx.recomputed_in
-    return dict(has_bias=trains_bias, trains_weight=ctx.needs_input_grad[1],
-                needs_weight=_wanted(ctx, 1), needs_bias=trains_bias and _wanted(ctx, 2),
-                ridge=ctx.ridge, amortizer=ctx.amortizer)
+    needs = dict(has_bias=trains_bias, needs_weight=_wanted(ctx, 1),
+                 needs_bias=trains_bias and _wanted(ctx, 2), ridge=ctx.ridge,
+                 amortizer=ctx.amortizer)
+    return dict(needs, trains_weight=ctx.needs_input_grad[1]) if joint else needs
 
 
 class CLinearFunction(torch.autograd.Function):
@@ -546,7 +549,8 @@ class CConvTranspose1dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        layer = ConvTranspose1dGradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
+        layer = ConvTranspose1dGradients(input, weight, grad_output, *ctx.conf,
+                                         **_needs(ctx, joint=False))
         return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
 
 
@@ -566,7 +570,8 @@ class CConvTranspose2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        layer = ConvTranspose2dGradients(input, weight, grad_output, *ctx.conf, **_needs(ctx))
+        layer = ConvTranspose2dGradients(input, weight, grad_output, *ctx.conf,
+                                         **_needs(ctx, joint=False))
         return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
 
 
@@ -587,8 +592,9 @@ def _check_tensors(input, weight, bias):
 def _check_bias(bias, out_features):
     # F.linear broadcasts any bias, but the matched solve gives one bias entry per output:
     # autograd would reject that gradient for a (1, out) bias, in backward. A frozen bias is
-    # a constant offset, not solved for (docs/design.md §2): any shape F.linear takes.
-    if trains(bias) and tuple(bias.shape) != (out_features,):
+    # a constant offset, not solved for (docs/design.md §2): any shape F.linear takes; so is
+    # any bias without grad mode (an eval forward: no backward will solve for it).
+    if torch.is_grad_enabled() and trains(bias) and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must be of shape (out_features,) = ({out_features},); got "
                          f"{tuple(bias.shape)}")
 

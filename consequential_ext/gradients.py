@@ -22,9 +22,10 @@ def _rows(t):
 
 
 def _matched_bias_alone(grad_output, channel_dim, dtype, ridge):
-    """The matched gradient of a bias that trains while its weight is frozen: X is the
-    constant-1 row alone, so A = Σ 1·1 / N is the number of output locations per sample (1
-    for a Linear) and the bias gets g_b / (locations + λ), as a ConvTranspose bias does."""
+    """The matched gradient of a bias on its own constant-1 input — one that trains while its
+    weight is frozen, or a ConvTranspose bias (added after the overlap): A = Σ 1·1 / N is the
+    number of output locations per sample (1 for a Linear), so the bias gets
+    g_b / (locations + λ)."""
     channel_dim %= grad_output.dim()
     locations = math.prod(grad_output.shape[channel_dim + 1:])
     dims = [d for d in range(grad_output.dim()) if d != channel_dim]
@@ -159,8 +160,9 @@ class Conv2dGradients:
 
     def _fusable(self):
         """Whether the input gradient's conv backward can also give the matched solve's G:
-        the row side will use it, and no autocast makes the signal's dtype differ from the
-        float32-or-better one G is computed in."""
+        the row side will use it (not so for a bias matched alone under a frozen weight), and
+        no autocast makes the signal's dtype differ from the float32-or-better one G is
+        computed in."""
         work = accumulate_dtype(self.x.dtype)
         return self.trains_weight and (self.needs_weight or self.needs_bias) \
             and self.grad_output.dtype == work \
@@ -437,9 +439,7 @@ class ConvTranspose2dGradients:
     """
 
     def __init__(self, input, weight, grad_output, stride, padding, output_padding, dilation,
-                 groups, *, has_bias, needs_weight, needs_bias, ridge, amortizer,
-                 trains_weight=True):
-        # trains_weight is not needed: weight and bias are matched apart here anyway.
+                 groups, *, has_bias, needs_weight, needs_bias, ridge, amortizer):
         self.input, self.weight, self.grad_output = input, weight, grad_output
         self.stride, self.padding, self.output_padding = stride, padding, output_padding
         self.dilation, self.groups = dilation, groups
@@ -542,10 +542,7 @@ class ConvTranspose2dGradients:
                     ridge=self.ridge, amortizer=self.amortizer).matched_weight_grads()
             grad_weight = self._from_pointwise(matched.to(self.weight.dtype))
         if self.needs_bias:
-            work = accumulate_dtype(self.grad_output.dtype)
-            locations = math.prod(self.grad_output.shape[2:])
-            grad_bias = (self.grad_output.to(work).sum((0, 2, 3)) / (locations + self.ridge)) \
-                .to(self.weight.dtype)
+            grad_bias = _matched_bias_alone(self.grad_output, 1, self.weight.dtype, self.ridge)
         return grad_weight, grad_bias
 
     def _weight_grads_over(self, weight_sharing, bias_sharing):

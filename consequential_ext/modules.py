@@ -5,6 +5,8 @@ the nn layer; only backward differs (see ``functional.py``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -55,7 +57,8 @@ class _CConvNd(CLayerMixin):
     _cx_conv = None
 
     def cx_gram_shape(self):
-        d = self.weight[0].numel() + gram_bias_row(self.weight, self.bias)
+        # not weight[0].numel(): a layer may have 0 outputs (as functional._conv_gram_shape)
+        d = math.prod(self.weight.shape[1:]) + gram_bias_row(self.weight, self.bias)
         return (self.groups, d, d)
 
     def forward(self, input):
@@ -218,7 +221,8 @@ class CFunctionalCall(CLayerMixin):
     _cx_call = None  # F.linear or F.conv2d
 
     def cx_gram_shape(self):
-        d = self.weight[0].numel() + gram_bias_row(self.weight, self.bias)
+        # not weight[0].numel(): a layer may have 0 outputs (as functional._conv_gram_shape)
+        d = math.prod(self.weight.shape[1:]) + gram_bias_row(self.weight, self.bias)
         return (d, d) if self._cx_call is F.linear else (self.groups, d, d)
 
     def _cx_route(self, input, weight, bias=None, *args, **kwargs):

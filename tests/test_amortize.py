@@ -438,6 +438,17 @@ def test_bad_options_name_the_argument(kwargs, match):
     assert "amortizer" not in layer._modules
 
 
+@pytest.mark.parametrize("make", [lambda: cx.CConv2d(4, 0, 3, groups=2),
+                                  lambda: cx.CConv1d(3, 0, 2, bias=False)])
+def test_a_zero_width_conv_is_amortised_as_the_functional_form_checks_it(make):
+    """A conv with no outputs (a pruned branch forward skips): its Gram is sized from the
+    weight's per-output shape, not weight[0] (an IndexError that failed the whole model)."""
+    layer = make()
+    cx.amortize(nn.Sequential(layer), every=2)
+    d = math.prod(layer.weight.shape[1:]) + (layer.bias is not None)
+    assert tuple(layer.amortizer.gram.shape) == (layer.groups, d, d)
+
+
 def test_model_without_c_layers_is_an_error():
     with pytest.raises(ValueError, match="consequentialize"):
         cx.amortize(nn.Sequential(nn.Linear(2, 2)))

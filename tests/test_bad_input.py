@@ -135,6 +135,17 @@ def test_clinear_takes_a_frozen_broadcast_bias_as_a_constant(shape):
     ref.close(w.grad, want_w)
 
 
+@pytest.mark.parametrize("shape", [(1, 4), ()])
+def test_clinear_takes_a_trained_broadcast_bias_without_grad_mode(shape):
+    """An eval forward (no_grad, inference_mode) solves for nothing: whatever bias F.linear
+    broadcasts runs, as in nn (the shape check is for the backward's solve)."""
+    x, w = torch.randn(5, 3), torch.randn(4, 3, requires_grad=True)
+    b = torch.randn(shape, requires_grad=True)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert torch.equal(CF.clinear(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
 class _Dense(nn.Module):
     """A linear-like layer with its weight stored (in, out), as Hugging Face's Conv1D."""
 

@@ -2,6 +2,7 @@
 frozen biases and weights, gradients asked for part of the parameters, layers called twice,
 and amortised layers under those usages. Against an independent float64 reference: explicit
 patches (``Tensor.unfold``), ``torch.linalg.solve`` on the trained parameters' rows."""
+import copy
 import importlib
 import math
 import warnings
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import consequential_ext as cx
+from matched_reference import matched_conv2d
 
 amortize_module = importlib.import_module("consequential_ext.amortize")
 RIDGE = 0.05
@@ -67,25 +69,59 @@ KINDS = {
 }
 
 
+def _close(got, want):
+    """float64: entrywise; float32: the solve's rounding, in norm."""
+    if got.dtype == F64:
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    else:
+        assert ((got.double() - want).norm() / want.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
 @pytest.mark.parametrize("rule", ["consequential", "backmatch"])
 @pytest.mark.parametrize("frozen", ["bias", "weight"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_frozen_parameter_is_no_row_of_the_matched_system(kind, frozen, rule):
+def test_a_frozen_parameter_is_no_row_of_the_matched_system(kind, frozen, rule, dtype):
     """A frozen bias is a constant (X without the ones row, as bias=False); a bias trained
     under a frozen weight is matched alone (X the ones row: g_b / (locations + λ))."""
+    torch.manual_seed(0)
     make, shape, stride, padding = KINDS[kind]
-    layer = make()
+    layer = make().to(dtype)
     layer.rule = rule
     getattr(layer, frozen).requires_grad_(False)
-    x = torch.randn(shape, dtype=F64) + 1.0    # a mean: the joint solve differs from these
+    x = torch.randn(shape, dtype=dtype) + 1.0    # a mean: the joint solve differs from these
     y = layer(x)
     gy = torch.randn_like(y)
     y.backward(gy)
-    gw, gb = reference(x, layer.weight, gy, stride, padding, frozen != "weight",
+    gw, gb = reference(x, layer.weight.double(), gy, stride, padding, frozen != "weight",
                        frozen != "bias")
     assert getattr(layer, frozen).grad is None
     trained, want = (layer.bias, gb) if frozen == "weight" else (layer.weight, gw)
-    torch.testing.assert_close(trained.grad, want, rtol=1e-9, atol=1e-12)
+    _close(trained.grad, want)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("batch,channels,groups,stride", [(4, 16, 2, 1), (3, 4, 2, 2)])
+def test_a_frozen_parameter_of_a_grouped_conv(dtype, batch, channels, groups, stride):
+    """Per group, as ungrouped: the bias alone over the output locations, the weight on its
+    group's patches without the ones row (reference: ``matched_reference``)."""
+    torch.manual_seed(1)
+    x = torch.randn(batch, channels, 5, 5, dtype=dtype) + 1
+    conf = dict(stride=stride, padding=1, groups=groups)
+    layer = cx.CConv2d(channels, 4, 3, ridge=RIDGE, dtype=dtype, **conf)
+    layer.weight.requires_grad_(False)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    want = gy.double().sum((0, 2, 3)) / (y.shape[2] * y.shape[3] + RIDGE)
+    _close(layer.bias.grad, want)
+
+    layer = cx.CConv2d(channels, 4, 3, ridge=RIDGE, dtype=dtype, **conf)
+    layer.bias.requires_grad_(False)
+    layer(x).backward(gy)
+    want, _ = matched_conv2d(x, layer.weight, None, gy, (stride, stride), 1, (1, 1), groups,
+                             RIDGE)
+    _close(layer.weight.grad, want)
 
 
 @pytest.mark.parametrize("input_grad", [False, True])
@@ -213,6 +249,47 @@ def test_an_amortised_layer_with_a_frozen_weight_matches_its_bias_alone_exactly(
     _, gb = reference(x, layer.weight, gy, stride, padding, False, True)
     torch.testing.assert_close(layer.bias.grad, gb, rtol=1e-9, atol=1e-12)
     assert int(layer.amortizer.steps) == 0   # the running state is not used
+
+
+def test_an_amortised_layer_with_a_frozen_bias_between_refactorisations():
+    """Every 2 steps a refactorisation, damping and the safeguard on: the weight's step is
+    G_W M⁻¹ · s, M the damped running Gram of the weight's rows (no ones row while the bias
+    is frozen), s the safeguard's."""
+    torch.manual_seed(6)
+    lam, damp, decay = 0.05, 0.3, 0.8
+    layer = cx.CLinear(3, 2, ridge=lam, dtype=F64)
+    layer.bias.requires_grad_(False)
+    cx.amortize(layer, every=2, gram_every=1, decay=decay, damping=damp, gram_oversample=None,
+                safeguard_columns=10 ** 6, exact_when_cheaper=False)
+    running = None
+    for step in range(4):
+        x = torch.randn(12, 3, dtype=F64) * (1 + step) + 1
+        gy = torch.randn(12, 2, dtype=F64) / 12
+        layer.zero_grad()
+        (layer(x) * gy).sum().backward()
+        a = x.T @ x / 12
+        running = a if running is None else decay * running + (1 - decay) * a
+        if step % 2 == 0:
+            m = running + (lam + damp * running.trace() / 3) * torch.eye(3, dtype=F64)
+        g = gy.T @ x
+        step_w = torch.linalg.solve(m, g.T).T
+        s = min(1.0, float((g * step_w).sum()
+                           / ((step_w @ a * step_w).sum() + lam * step_w.square().sum())))
+        torch.testing.assert_close(layer.weight.grad, s * step_w, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_with_a_frozen_in_proj_weight_trains_its_bias_alone():
+    """Each projection's bias on its constant-1 row alone: nn's gradient over 1 + λ."""
+    torch.manual_seed(7)
+    mha = cx.CMultiheadAttention(4, 2, ridge=RIDGE).double()
+    mha.in_proj_weight.requires_grad_(False)
+    plain = copy.deepcopy(mha)
+    plain.rule = "sgd"
+    x = torch.randn(3, 2, 4, dtype=F64)
+    gy = torch.randn(3, 2, 4, dtype=F64)
+    (mha(x, x, x)[0] * gy).sum().backward()
+    (plain(x, x, x)[0] * gy).sum().backward()
+    torch.testing.assert_close(mha.in_proj_bias.grad, plain.in_proj_bias.grad / (1 + RIDGE))
 
 
 @pytest.fixture
