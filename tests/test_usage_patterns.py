@@ -77,6 +77,14 @@ def _close(got, want):
         assert ((got.double() - want).norm() / want.norm()) < 1e-4
 
 
+def _backward(layer, x):
+    """Runs the backward of ``layer(x)`` with a random output gradient; returns it."""
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    return gy
+
+
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 @pytest.mark.parametrize("rule", ["consequential", "backmatch"])
 @pytest.mark.parametrize("frozen", ["bias", "weight"])
@@ -90,9 +98,7 @@ def test_a_frozen_parameter_is_no_row_of_the_matched_system(kind, frozen, rule, 
     layer.rule = rule
     getattr(layer, frozen).requires_grad_(False)
     x = torch.randn(shape, dtype=dtype) + 1.0    # a mean: the joint solve differs from these
-    y = layer(x)
-    gy = torch.randn_like(y)
-    y.backward(gy)
+    gy = _backward(layer, x)
     gw, gb = reference(x, layer.weight.double(), gy, stride, padding, frozen != "weight",
                        frozen != "bias")
     assert getattr(layer, frozen).grad is None
@@ -110,10 +116,8 @@ def test_a_frozen_parameter_of_a_grouped_conv(dtype, batch, channels, groups, st
     conf = dict(stride=stride, padding=1, groups=groups)
     layer = cx.CConv2d(channels, 4, 3, ridge=RIDGE, dtype=dtype, **conf)
     layer.weight.requires_grad_(False)
-    y = layer(x)
-    gy = torch.randn_like(y)
-    y.backward(gy)
-    want = gy.double().sum((0, 2, 3)) / (y.shape[2] * y.shape[3] + RIDGE)
+    gy = _backward(layer, x)
+    want = gy.double().sum((0, 2, 3)) / (gy.shape[2] * gy.shape[3] + RIDGE)
     _close(layer.bias.grad, want)
 
     layer = cx.CConv2d(channels, 4, 3, ridge=RIDGE, dtype=dtype, **conf)
@@ -134,9 +138,7 @@ def test_a_frozen_parameter_on_the_float32_conv_kernels(frozen, input_grad):
     layer = cx.CConv2d(16, 16, 3, padding=1, ridge=RIDGE)
     getattr(layer, frozen).requires_grad_(False)
     x = (torch.randn(4, 16, 8, 8) + 1.0).requires_grad_(input_grad)
-    y = layer(x)
-    gy = torch.randn_like(y)
-    y.backward(gy)
+    gy = _backward(layer, x)
     gw, gb = reference(x, layer.weight.double(), gy, 1, 1, frozen != "weight", frozen != "bias")
     trained, want = (layer.bias, gb) if frozen == "weight" else (layer.weight, gw)
     torch.testing.assert_close(trained.grad.double(), want, rtol=1e-4, atol=1e-5)
@@ -207,9 +209,7 @@ def test_an_amortised_layer_with_a_frozen_bias_solves_without_its_row(kind):
     layer.bias.requires_grad_(False)
     _exact_amortizer(layer)
     x = torch.randn(shape, dtype=F64) + 1.0
-    y = layer(x)
-    gy = torch.randn_like(y)
-    y.backward(gy)
+    gy = _backward(layer, x)
     gw, _ = reference(x, layer.weight, gy, stride, padding, True, False)
     torch.testing.assert_close(layer.weight.grad, gw, rtol=1e-9, atol=1e-12)
     layer.bias.requires_grad_(True)        # the running Gram has no bias row
@@ -228,9 +228,7 @@ def test_an_input_gradient_through_a_frozen_amortised_layer(kind):
     _exact_amortizer(layer)
     layer.requires_grad_(False)
     x = torch.randn(shape, dtype=F64, requires_grad=True)
-    y = layer(x)
-    gy = torch.randn_like(y)
-    y.backward(gy)
+    gy = _backward(layer, x)
     plain = x.detach().requires_grad_(True)
     out = F.linear(plain, layer.weight, layer.bias) if kind == "linear" else \
         F.conv2d(plain, layer.weight, layer.bias, stride=stride, padding=padding)
@@ -243,9 +241,7 @@ def test_an_amortised_layer_with_a_frozen_weight_matches_its_bias_alone_exactly(
     cx.amortize(layer, every=3)
     layer.weight.requires_grad_(False)
     x = torch.randn(shape, dtype=F64) + 1.0
-    y = layer(x)
-    gy = torch.randn_like(y)
-    y.backward(gy)
+    gy = _backward(layer, x)
     _, gb = reference(x, layer.weight, gy, stride, padding, False, True)
     torch.testing.assert_close(layer.bias.grad, gb, rtol=1e-9, atol=1e-12)
     assert int(layer.amortizer.steps) == 0   # the running state is not used
@@ -340,9 +336,7 @@ def test_a_layer_amortised_while_frozen_whole_trains_once_unfrozen(kind):
     _exact_amortizer(layer)
     layer.requires_grad_(True)
     x = torch.randn(shape, dtype=F64) + 1.0
-    y = layer(x)
-    gy = torch.randn_like(y)
-    y.backward(gy)
+    gy = _backward(layer, x)
     gw, gb = reference(x, layer.weight, gy, stride, padding, True, True)
     torch.testing.assert_close(layer.weight.grad, gw, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(layer.bias.grad, gb, rtol=1e-9, atol=1e-12)
