@@ -115,7 +115,7 @@ def _needs(ctx, joint=True):
     # kind that matches its bias apart anyway (ConvTranspose), for which a frozen weight
     # changes nothing.
     trains_bias = ctx.has_bias and ctx.needs_input_grad[2]
-    if ctx.amortizer is not None:
+    if ctx.amortizer is not None:   # which backward this step belongs to (_save_common)
         ctx.amortizer.recomputed_in = ctx.recomputed_in
     needs = dict(has_bias=trains_bias, needs_weight=_wanted(ctx, 1),
                  needs_bias=trains_bias and _wanted(ctx, 2), ridge=ctx.ridge,
