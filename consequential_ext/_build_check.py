@@ -7,6 +7,8 @@ checked.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 _REBUILD = ("rebuild it against the running torch: `pip install --no-build-isolation .` or "
@@ -27,11 +29,14 @@ def check_versions(built: str, running: str) -> None:
 
 
 def check_extension() -> None:
+    name = f"{__package__}._C"
     try:
-        from . import _C  # noqa: F401  (registers the operators)
-    except ModuleNotFoundError:
-        return
+        # import_module, not ``from . import _C``: the latter turns a missing _C into a plain
+        # ImportError ("cannot import name"), indistinguishable from one that fails to load.
+        importlib.import_module(name)  # registers the operators
     except ImportError as error:
+        if isinstance(error, ModuleNotFoundError) and error.name == name:
+            return  # no compiled extension: the reference ops serve
         raise ImportError(f"consequential_ext._C failed to load under torch {torch.__version__} "
                           f"({error}); {_REBUILD}") from error
     check_versions(torch.ops.consequential_ext.built_with_torch(), torch.__version__)

@@ -120,6 +120,33 @@ def test_import_fails_loudly_under_another_torch():
     assert "torch 2.99.0 is running" in result.stderr
 
 
+def test_import_without_compiled_extension_uses_the_reference(tmp_path):
+    # docs/scale.md: without any compiled _C the pure-PyTorch reference ops serve. A copy of
+    # the package without _C must import and match a float64 reference (explicit solve).
+    import shutil
+    shutil.copytree(ROOT / "consequential_ext", tmp_path / "consequential_ext",
+                    ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
+    code = """
+import torch, consequential_ext as cx
+assert cx.ops.available_backends("ridge_solve", "cpu") == ["reference"]
+torch.manual_seed(0)
+layer = cx.CLinear(3, 2, ridge=0.1, dtype=torch.float64)
+x = torch.randn(7, 3, dtype=torch.float64)
+layer(x).square().sum().backward()
+X = torch.cat([x, torch.ones(7, 1, dtype=torch.float64)], 1).T
+G = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+dz = 2 * layer(x).detach()
+A = X @ X.T / 7 + 0.1 * torch.eye(4, dtype=torch.float64)
+expect = torch.linalg.solve(A, (dz.T @ X.T).T).T   # G_plain (A + lambda I)^-1, A symmetric
+assert torch.allclose(G, expect, atol=1e-10), (G - expect).abs().max()
+print("reference ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reference ok" in result.stdout
+
+
 def test_this_build_matches_running_torch():
     assert torch.ops.consequential_ext.built_with_torch() == torch.__version__
     assert cx.ops.available_backends("ridge_solve", "cpu")[0] == "cpu"

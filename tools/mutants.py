@@ -648,6 +648,11 @@ MUTANTS = [
        "tests/test_convert.py::"
        "test_a_child_its_parent_uses_is_named_with_that_reason_whatever_include_says"),
 
+    _m("build-check.missing-extension-is-an-error", PY + "_build_check.py",
+       "if isinstance(error, ModuleNotFoundError) and error.name == name:", "if False:",
+       "tests/test_wheel.py::test_import_without_compiled_extension_uses_the_reference",
+       why="docs/scale.md's reference fallback without a compiled _C"),
+
     # ---- csrc/cuda: run through the host emulation ----------------------------------------
     _m("cuda.mirror-index", "csrc/cuda/gram_cuda.cu",
        "out[i] = out[i + (col - row) * (dim - 1)];", "out[i] = out[i + (col - row) * dim];",
