@@ -28,6 +28,11 @@ from ._validate import (DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, CLayerMixin, chec
 __all__ = ["consequentialize"]
 
 _NORM_TARGETS = {nn.BatchNorm1d: BackMatchBatchNorm1d, nn.BatchNorm2d: BackMatchBatchNorm2d}
+# Norms with no back-matching version at all: they pass BP's signal, which a back-matching
+# rule would change (eq. 26 / eq. 36's factor), so they are named as BatchNorm3d is.
+_OTHER_NORMS = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+                                 getattr(nn, "RMSNorm", None),
+                                 nn.modules.instancenorm._InstanceNorm) if t is not None)
 
 
 def _matches(name, module, selectors):
@@ -129,7 +134,9 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
     the matched share of the parameters); uses the source does not show are named on the
     first forward under grad (``graph_check``). batchnorm: also make nn.BatchNorm1d / 2d
     back-matching norms (``norm.py``) with ``rule``; None (default) does so for the
-    back-matching rules, whose signals cross batch norms. Returns ``model``.
+    back-matching rules, whose signals cross batch norms; norms with no back-matching version
+    (BatchNorm3d, SyncBatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm,
+    LocalResponseNorm) keep BP's signal and are then named in the warning. Returns ``model``.
 
     Raises TypeError if ``model`` is not an nn.Module, an include/exclude entry is neither a
     module type nor a name, or ``batchnorm`` is not True/False/None; ValueError for an
@@ -170,6 +177,10 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
             else:   # BatchNorm3d, SyncBatchNorm: BP's signal, which the rule would change
                 skipped_norms.append(f"{name} ({type(module).__name__} has no back-matching "
                                      f"version: BatchNorm1d/2d only)")
+            continue
+        if batchnorm and isinstance(module, _OTHER_NORMS):
+            skipped_norms.append(f"{name} ({type(module).__name__} has no back-matching "
+                                 f"version: BatchNorm1d/2d only)")
             continue
         if id(module) in users:
             continue

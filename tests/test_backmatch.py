@@ -2,6 +2,7 @@
 Linear (eq. 12), Conv2d (eq. 22, exact), BatchNorm (eq. 26) and their composition through
 ReLU (eq. 31), against the float64 least-squares references."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -206,3 +207,31 @@ def test_norms_without_a_back_matching_version_are_named():
     assert type(model[1]) is nn.BatchNorm3d and type(model[4]) is cx.BackMatchBatchNorm1d
     with pytest.raises(ValueError, match="rule"):
         cx.BackMatchBatchNorm2d(3, rule="backmatching")
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(3), nn.GroupNorm(1, 3), nn.InstanceNorm1d(3)],
+                         ids=lambda n: type(n).__name__)
+@pytest.mark.parametrize("rule", ["backmatch", "backmatch-layerwise"])
+def test_other_norms_are_named_as_passing_bp(norm, rule):
+    """A LayerNorm / GroupNorm / InstanceNorm passes BP's signal under the back-matching rules
+    (no eq. 26 / eq. 36 version): named like BatchNorm3d, not left silently; none under a rule
+    that leaves norms alone, nor with batchnorm=False."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), norm).double()
+    with pytest.warns(UserWarning, match=rf"1 \({type(norm).__name__} has no back-matching"):
+        cx.consequentialize(copy.deepcopy(model), rule=rule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cx.consequentialize(copy.deepcopy(model), rule="consequential")
+        cx.consequentialize(copy.deepcopy(model), rule=rule, batchnorm=False)
+    # still BP's signal through the norm: its input gradient is nn's
+    x = torch.randn(4, 3, 3 if isinstance(norm, nn.InstanceNorm1d) else 1, dtype=torch.float64)
+    x = x.squeeze(-1).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = cx.consequentialize(copy.deepcopy(model), rule=rule)
+    h = converted[0](x)
+    g = torch.randn_like(h)
+    ref, = torch.autograd.grad(model[1](h), h, g)
+    got, = torch.autograd.grad(converted[1](h), h, g)
+    assert torch.equal(got, ref)

@@ -653,6 +653,11 @@ MUTANTS = [
        "tests/test_wheel.py::test_import_without_compiled_extension_uses_the_reference",
        why="docs/scale.md's reference fallback without a compiled _C"),
 
+    _m("convert.other-norms-unnamed", PY + "convert.py",
+       "        if batchnorm and isinstance(module, _OTHER_NORMS):", "        if False:",
+       "tests/test_backmatch.py::test_other_norms_are_named_as_passing_bp",
+       why="a LayerNorm kept BP's signal under a back-matching rule, without a word"),
+
     # ---- csrc/cuda: run through the host emulation ----------------------------------------
     _m("cuda.mirror-index", "csrc/cuda/gram_cuda.cu",
        "out[i] = out[i + (col - row) * (dim - 1)];", "out[i] = out[i + (col - row) * dim];",
