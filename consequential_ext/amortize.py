@@ -78,8 +78,7 @@ class GramAmortizer(nn.Module):
                 or not math.isfinite(gram_oversample) or gram_oversample < 1):
             raise ValueError(f"gram_oversample must be a finite float >= 1 or None; got "
                              f"{gram_oversample!r}")
-        self.gram_oversample = gram_oversample if isinstance(gram_oversample, (int, float)) \
-            or gram_oversample is None else float(gram_oversample)      # NumPy's: a float
+        self.gram_oversample = None if gram_oversample is None else float(gram_oversample)
         if isinstance(damping, bool) or not isinstance(damping, numbers.Real) \
                 or not math.isfinite(damping) or damping < 0:
             raise ValueError(f"damping must be a finite float >= 0; got {damping!r}")

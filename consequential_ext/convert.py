@@ -69,14 +69,10 @@ def _warn_unmatched_names(model, **selectors):
     well be absent from a model; a name or glob is written for this one.)"""
     names = [name for name, _ in model.named_modules()]
     unmatched = [f"{arg}={sel!r}" for arg, sels in selectors.items() for sel in sels or ()
-                 if isinstance(sel, str) and not _matches_any_name(sel, names)]
+                 if isinstance(sel, str) and not any(_matches(n, None, (sel,)) for n in names)]
     if unmatched:
         warnings.warn(f"consequentialize: {', '.join(unmatched)} matches no module of the model "
                       f"(a misspelt name?), so selects nothing", UserWarning, stacklevel=3)
-
-
-def _matches_any_name(selector, names):
-    return any(_matches(name, None, (selector,)) for name in names)
 
 
 def _unconvert(module):

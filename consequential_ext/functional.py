@@ -23,7 +23,7 @@ from .gradients import Conv2dGradients, EmbeddingGradients, LinearGradients
 from .gradients import (Conv1dGradients, Conv3dGradients, ConvTranspose1dGradients,
                         ConvTranspose2dGradients)
 from .rules import rule_named
-from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, trains
+from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, gram_bias_row, trains
 
 __all__ = ["clinear", "cconv2d", "clinear_like", "CLinearFunction", "CConv2dFunction",
            "CLinearLikeFunction", "cembedding", "CEmbeddingFunction",
@@ -197,7 +197,7 @@ def clinear(input, weight, bias=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE,
     if weight.dim() != 2:
         raise ValueError(f"weight must be (out, in) or (in,); got shape {tuple(weight.shape)}")
     _check_bias(bias, weight.shape[0])
-    d = weight.shape[1] + trains(bias)
+    d = weight.shape[1] + gram_bias_row(weight, bias)
     amortizer = check_amortizer(amortizer, (d, d), weight)
     return CLinearFunction.apply(input, weight, bias, rule, ridge, amortizer)
 
@@ -245,7 +245,7 @@ def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=
                          f"{transposed}: a weight stored (in, out) needs transposed=True "
                          f"(register_layer)")
     _check_bias(bias, view.shape[0])
-    d = view.shape[1] + trains(bias)
+    d = view.shape[1] + gram_bias_row(view, bias)
     amortizer = check_amortizer(amortizer, (d, d), view)
     # The gradient reaches ``weight`` through the view (autograd transposes it back).
     return CLinearLikeFunction.apply(input, view, bias, module_forward, rule, ridge, amortizer)
@@ -672,7 +672,7 @@ def _check_padding(padding):
 
 
 def _conv_gram_shape(weight, bias, groups):
-    d = math.prod(weight.shape[1:]) + trains(bias)   # not weight[0]: out may be 0
+    d = math.prod(weight.shape[1:]) + gram_bias_row(weight, bias)   # not weight[0]: out = 0
     return (groups, d, d)
 
 
