@@ -143,7 +143,7 @@ _GRAM_BLOCK = 256
 # its upper-triangle tiles), beats the blocked GEMMs: ≥ 128 columns and at least twice as
 # many rows (2 threads, CPU time, interleaved: 0.59–0.92 of the GEMMs' time there, e.g.
 # 2080 × 769 16.1 against 22.9 ms; 1.1–3.5× it on 128–1536 rows of 769, where its per-thread
-# D × D accumulators dominate; about even below 128 columns). README, "Since 590d7c9".
+# D × D accumulators dominate; about even below 128 columns). docs/performance.md, "Since 590d7c9".
 _KERNEL_MIN_D, _KERNEL_ROWS_PER_D = 128, 2
 
 

@@ -91,8 +91,8 @@ def conv_weight_grad(x, grad_output, kernel_size, stride=1, padding=0, dilation=
                      bias=False):
     """``conv_gram_grad``'s G alone, (groups, out/groups, D): on CPU from the shift kernel's
     pass without the Gram where ``conv_gram_brings_grad`` (there cheaper than ATen's
-    weight-gradient pass, README "Since 017cced"), elsewhere from ATen's conv backward;
-    other devices have only the reference (explicit im2col)."""
+    weight-gradient pass, docs/performance.md, "Since 017cced"), elsewhere from ATen's conv
+    backward; other devices have only the reference (explicit im2col)."""
     return _grad_op("conv_weight_grad", x, grad_output, kernel_size, stride, padding, dilation,
                     groups, bias)
 
