@@ -372,7 +372,8 @@ class Conv3dGradients(Conv2dGradients):
     Its 2-D patches are exactly the 3-D patches (same X, same G; the Gram comes from the
     ``im2col_gram`` kernels), but the fold has B·D_out samples where N = B, so it is solved
     with ridge λ/D_out — ``G (A/D_out + λ/D_out·I)⁻¹ = D_out · G (A + λI)⁻¹`` — and the
-    result divided by D_out. An amortizer hence averages ``A/D_out`` (constant D_out assumed).
+    result divided by D_out. An amortizer sees the layer's own ``A`` and λ (``_DepthFold``),
+    so inputs of different depths share its running Gram.
     """
 
     def _fusable(self):
@@ -406,7 +407,7 @@ class Conv3dGradients(Conv2dGradients):
         gw, gb = matching.matched_conv2d(x2, gy2, weight2.shape, self.stride[1:],
                                          self.padding[1:], self.dilation[1:], self.groups,
                                          self.has_bias, self.ridge / depth,
-                                         amortizer=self.amortizer)
+                                         amortizer=_DepthFold.of(self.amortizer, depth))
         gw = (gw / depth).reshape(self.weight.shape).to(self.weight.dtype)
         return gw, None if gb is None else (gb / depth).to(self.weight.dtype)
 
@@ -422,6 +423,31 @@ class Conv3dGradients(Conv2dGradients):
 
     def layerwise_weight_grads(self):
         return self._weight_grads_over(layerwise.sharing_factor(self.grad_output))
+
+
+class _DepthFold:
+    """A Conv3d's amortizer as its fold sees it. The fold hands in ``A/D_out``, ridge
+    ``λ/D_out`` and energies per folded sample (``|ΔX|²/(B·D_out)``), and divides the step by
+    D_out; the running Gram must average the layer's own ``A`` — an average of ``A/D_out``
+    over inputs of different depths mixes scales, and an inverse kept from one depth gives
+    another's steps D_out-fold too long or short. So each is scaled back by D_out here."""
+
+    def __init__(self, amortizer, depth):
+        self._amortizer, self._depth = amortizer, depth
+
+    @classmethod
+    def of(cls, amortizer, depth):
+        return None if amortizer is None else cls(amortizer, depth)
+
+    def __getattr__(self, name):   # wants_gram, gram_columns, exact_when_cheaper
+        return getattr(self._amortizer, name)
+
+    def precondition(self, gram, grad, ridge, energy):
+        d = self._depth
+        step = self._amortizer.precondition(
+            None if gram is None else gram * d, grad, ridge * d,
+            lambda direction, columns: energy(direction, columns) * d)
+        return step * d     # the fold divides by D_out
 
 
 class ConvTranspose2dGradients:

@@ -150,6 +150,39 @@ def test_amortizer_without_averaging_equals_the_exact_solve(dims):
     ref.close(model[0].bias.grad, gb, 1e-9)
 
 
+def test_amortised_conv3d_averages_its_own_gram_over_inputs_of_different_depths():
+    """docs/amortize.md: the running Gram is the EMA of the layer's A = X Xᵀ / B and the step
+    G (A_ema + λ'I)⁻¹. The fold's Gram is A/D_out: averaged as such over clips of 6 and 3
+    frames it mixed scales, and an inverse kept from one depth made the other's steps 2×
+    too long or short."""
+    torch.manual_seed(6)
+    layer = cx.CConv3d(2, 3, 3, padding=1, dtype=torch.float64, ridge=RIDGE)
+    decay, damping = 0.5, 0.1
+    cx.amortize(layer, every=2, gram_every=1, decay=decay, damping=damping,
+                gram_oversample=None, safeguard_columns=None, exact_when_cheaper=False)
+    average = inverse = None
+    for step, depth in enumerate([6, 3, 6, 3]):
+        x = torch.randn(2, 2, depth, 4, 4, dtype=torch.float64)
+        layer.zero_grad()
+        y = layer(x)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        cols = ref.patches(ref.pad_like_nn(x, 1, (3, 3, 3), (1, 1, 1)), (3, 3, 3), (1, 1, 1),
+                           (1, 1, 1))                               # (B, C, D, H, W, 3, 3, 3)
+        rows = cols.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, 2 * 27)
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
+        a = rows.T @ rows / x.shape[0]
+        average = a if average is None else decay * average + (1 - decay) * a
+        if step % 2 == 0:
+            lam = RIDGE + damping * average.diagonal().mean()
+            inverse = torch.linalg.inv(average + lam * torch.eye(a.shape[0], dtype=a.dtype))
+        gw, gb = ref.ordinary_grads(lambda v, w, b: nn.functional.conv3d(v, w, b, padding=1),
+                                    x, layer.weight, layer.bias, gy)
+        step_ = torch.cat([gw.reshape(3, -1), gb[:, None]], 1) @ inverse
+        ref.close(layer.weight.grad, step_[:, :-1].reshape(gw.shape), 1e-9)
+        ref.close(layer.bias.grad, step_[:, -1], 1e-9)
+
+
 def test_consequentialize_converts_conv1d_and_conv3d_silently():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv1d(2, 4, 3, padding="same", padding_mode="reflect"),

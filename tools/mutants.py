@@ -575,6 +575,10 @@ MUTANTS = [
     _m("conv3d.fold-ridge-not-scaled", PY + "gradients.py",
        "self.has_bias, self.ridge / depth,", "self.has_bias, self.ridge,",
        "tests/test_conv_nd.py", why="Conv3d's fold over output depth"),
+    _m("conv3d.amortizer-sees-the-fold", PY + "gradients.py",
+       "amortizer=_DepthFold.of(self.amortizer, depth))", "amortizer=self.amortizer)",
+       "tests/test_conv_nd.py::test_amortised_conv3d_averages_its_own_gram_over_inputs_of_"
+       "different_depths", why="an amortised Conv3d averaging A/D_out over clips of other depths"),
     _m("conv-transpose.bias-without-ridge", PY + "gradients.py",
        "return (sums / (locations + ridge)).to(dtype)", "return (sums / locations).to(dtype)",
        "tests/test_conv_transpose.py", "tests/test_usage_patterns.py",
