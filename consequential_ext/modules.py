@@ -210,15 +210,20 @@ class CMultiheadAttention(CLayerMixin, nn.MultiheadAttention):
         return ", ".join(filter(None, [super().extra_repr(), self._cx_repr()]))
 
 
+_FUNCTIONAL_ENTRIES = {F.linear: CF.clinear, F.conv1d: CF.cconv1d, F.conv2d: CF.cconv2d,
+                       F.conv3d: CF.cconv3d}
+
+
 class CFunctionalCall(CLayerMixin):
-    """Mixin of the C-classes ``registry`` makes for subclasses of nn.Linear / nn.Conv2d whose
-    forward passes their own ``weight`` to ``F.linear`` / ``F.conv2d`` (timm's Conv2dSame pads
-    itself first): the forward is the subclass's own, with that call routed to ``clinear`` /
-    ``cconv2d`` (``routing.py``), so the weight is matched on the input actually passed to it.
+    """Mixin of the C-classes ``registry`` makes for subclasses of nn.Linear / nn.Conv1d /
+    Conv2d / Conv3d whose forward passes their own ``weight`` to ``F.linear`` / ``F.convNd``
+    (timm's Conv2dSame pads itself first): the forward is the subclass's own, with that call
+    routed to ``clinear`` / ``cconvNd`` (``routing.py``), so the weight is matched on the input
+    actually passed to it.
     Calls with any other weight run unchanged.
     """
 
-    _cx_call = None  # F.linear or F.conv2d
+    _cx_call = None  # F.linear or F.conv1d / conv2d / conv3d
 
     def cx_gram_shape(self):
         # not weight[0].numel(): a layer may have 0 outputs (as functional._conv_gram_shape)
@@ -228,7 +233,7 @@ class CFunctionalCall(CLayerMixin):
     def _cx_route(self, input, weight, bias=None, *args, **kwargs):
         if weight is not self.weight:
             return PASS
-        entry = CF.clinear if self._cx_call is F.linear else CF.cconv2d
+        entry = _FUNCTIONAL_ENTRIES[self._cx_call]
         return entry(input, weight, bias, *args, **kwargs, rule=self.rule, ridge=self.ridge,
                      amortizer=amortizer_of(self))
 

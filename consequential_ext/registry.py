@@ -201,11 +201,20 @@ register_layer("transformers.pytorch_utils.Conv1D", transposed=True)
 
 # Subclasses matched through the functional call their forward makes with their own weight
 # (``modules.CFunctionalCall``): base type → (that call, the shape of a probe input).
+def _conv_probe(m):
+    return (1, m.in_channels) + tuple(
+        2 * (d * (k - 1) + 1) + s for k, d, s in zip(m.kernel_size, m.dilation, m.stride))
+
+
 _FUNCTIONAL_CALLS = {
     nn.Linear: (F.linear, lambda m: (2, m.in_features)),
-    nn.Conv2d: (F.conv2d, lambda m: (1, m.in_channels) + tuple(
-        2 * (d * (k - 1) + 1) + s for k, d, s in zip(m.kernel_size, m.dilation, m.stride))),
+    nn.Conv1d: (F.conv1d, _conv_probe),
+    nn.Conv2d: (F.conv2d, _conv_probe),
+    nn.Conv3d: (F.conv3d, _conv_probe),
 }
+# Thin subclasses of these (no forward of their own) go through the functional call too;
+# those of Conv1d / Conv3d keep their base's C-class, as before the call was routed for them.
+_ROUTED_EVEN_THIN = (nn.Linear, nn.Conv2d)
 _SUBCLASS_TYPES: dict[type, type] = {}
 
 
@@ -217,7 +226,7 @@ def _thin_base_kind(module_type: type) -> LayerKind | None:
     """The kind of the registered class ``module_type`` subclasses without a forward of its
     own (torchvision's Conv3DSimple: nn.Conv3d plus a static method), if that kind has a
     C-class; None otherwise. Linear / Conv2d subclasses go through their functional call."""
-    if kind_of(module_type) is not None or _functional_base(module_type) is not None:
+    if kind_of(module_type) is not None or issubclass(module_type, _ROUTED_EVEN_THIN):
         return None
     for depth, base in enumerate(module_type.__mro__[1:], start=1):
         kind = kind_of(base)             # a registered linear-like base's C-class made here
@@ -248,8 +257,8 @@ def _thin_class(module_type: type) -> type:
 
 
 def subclass_kind(module) -> tuple[LayerKind | None, str | None]:
-    """(kind, None) for a subclass of nn.Linear / nn.Conv2d whose forward passes its own
-    weight to ``F.linear`` / ``F.conv2d`` — checked by running that forward on a probe input on
+    """(kind, None) for a subclass of nn.Linear / nn.Conv1d / Conv2d / Conv3d whose forward
+    passes its own weight to ``F.linear`` / ``F.convNd`` — checked by running that forward on a probe input on
     the meta device (``routing.passes_own_weight``) — or of another registered class without
     a forward of its own (its C-class over it); (None, why not) otherwise; (None, None) for a
     module that is no such subclass."""
@@ -269,7 +278,7 @@ def subclass_kind(module) -> tuple[LayerKind | None, str | None]:
 
 
 def _functional_class(module_type: type) -> type:
-    """The C-class of a Linear / Conv2d subclass matched through its functional call."""
+    """The C-class of a Linear / ConvNd subclass matched through its functional call."""
     c_type = _SUBCLASS_TYPES.get(module_type)
     if c_type is None:
         call = _FUNCTIONAL_CALLS[_functional_base(module_type)][0]
@@ -290,7 +299,7 @@ def made_from(module_type: type) -> tuple:
 
 def kind_for(module) -> LayerKind | None:
     """The kind ``consequentialize`` converts ``module`` with: its exact type's, else the
-    ``subclass_kind`` of a Linear / Conv2d subclass; None if it stays plain (also when its
+    ``subclass_kind`` of a Linear / ConvNd subclass; None if it stays plain (also when its
     weight is ``derived_weight``)."""
     kind = kind_of(type(module)) or subclass_kind(module)[0]
     return None if kind is None or derived_weight(module, kind) else kind

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import consequential_ext as cx
 from relative_error import rel_err
+from conv_nd_reference import matched_conv
 from matched_reference import matched_conv2d, matched_linear
 
 RIDGE = 1e-3
@@ -36,6 +37,26 @@ class Conv2dSame(nn.Conv2d):
         x = F.pad(x, same_pads(x.shape[-2:], self.kernel_size, self.stride, self.dilation))
         return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation,
                         self.groups)
+
+
+class Conv1dSame(nn.Conv1d):
+    """Conv2dSame's pattern in one dim: pads itself, then calls F.conv1d with its own weight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, padding=0, **kwargs)
+
+    def forward(self, x):
+        x = F.pad(x, same_pads(x.shape[-1:], self.kernel_size, self.stride, self.dilation))
+        return F.conv1d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class Conv3dSame(nn.Conv3d):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, padding=0, **kwargs)
+
+    def forward(self, x):
+        x = F.pad(x, same_pads(x.shape[-3:], self.kernel_size, self.stride, self.dilation))
+        return F.conv3d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class ScaledInputLinear(nn.Linear):
@@ -90,6 +111,38 @@ def test_conv2d_same_is_matched_on_its_padded_input(conf):
     padded = F.pad(x, same_pads(x.shape[-2:], layer.kernel_size, layer.stride, layer.dilation))
     gw, gb = matched_conv2d(padded, layer.weight, layer.bias, grad_out, layer.stride, 0,
                             layer.dilation, layer.groups, RIDGE)
+    assert rel_err(layer.weight.grad, gw) < 1e-8
+    if layer.bias is not None:
+        assert rel_err(layer.bias.grad, gb) < 1e-8
+
+
+@pytest.mark.parametrize("cls,conf,shape", [
+    (Conv1dSame, dict(in_channels=6, out_channels=4, kernel_size=4, stride=3, groups=2), (3, 6, 11)),
+    (Conv1dSame, dict(in_channels=3, out_channels=5, kernel_size=3, dilation=2, bias=False),
+     (3, 10)),                                                          # unbatched
+    (Conv3dSame, dict(in_channels=4, out_channels=6, kernel_size=(2, 3, 2), stride=(1, 2, 2),
+                      groups=2), (2, 4, 5, 7, 6)),
+], ids=["conv1d-grouped", "conv1d-unbatched", "conv3d"])
+def test_conv1d_and_conv3d_same_are_matched_on_their_padded_input(cls, conf, shape):
+    """A Conv1d / Conv3d subclass that pads itself and calls F.conv1d / F.conv3d with its own
+    weight is matched on the input it passes (it stayed plain, and the warning's hint to
+    register it with cx.CConv1d would have left its F.conv1d call plain too)."""
+    torch.manual_seed(4)
+    layer = cls(**conf, dtype=torch.float64)
+    plain = cls(**conf, dtype=torch.float64)
+    plain.load_state_dict(layer.state_dict())
+    _convert_silently(nn.Sequential(layer))
+    assert type(layer).__name__ == f"C{cls.__name__}" and cx.coverage(layer).share == 1.0
+    x = torch.randn(shape, dtype=torch.float64)
+    y = layer(x)
+    assert torch.equal(y, plain(x))
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    dims = layer.weight.dim() - 2
+    padded = F.pad(x, same_pads(x.shape[-dims:], layer.kernel_size, layer.stride,
+                                layer.dilation))
+    gw, gb = matched_conv(padded, layer.weight, layer.bias, grad_out, layer.stride, 0,
+                          layer.dilation, layer.groups, RIDGE)
     assert rel_err(layer.weight.grad, gw) < 1e-8
     if layer.bias is not None:
         assert rel_err(layer.bias.grad, gb) < 1e-8
@@ -194,6 +247,11 @@ class NoisyConv3d(nn.Conv3d):
         return super().forward(x) + 1.0
 
 
+class NoisyTranspose(nn.ConvTranspose2d):
+    def forward(self, x, output_size=None):
+        return super().forward(x, output_size) + 1.0
+
+
 THIN = [(Conv3DSimple, nn.Conv3d, (3, 4, 3), lambda: torch.randn(2, 3, 4, 5, 5)),
         (Conv1dSub, nn.Conv1d, (3, 4, 3), lambda: torch.randn(3, 3, 9)),
         (EmbeddingSub, nn.Embedding, (10, 4), lambda: torch.randint(0, 10, (7,))),
@@ -223,10 +281,27 @@ def test_thin_subclasses_convert_as_their_base_and_pickle(thin, base, args, make
     assert type(loaded) is type(layer) and isinstance(loaded, thin)
 
 
+def test_conv3d_subclass_with_its_own_forward_is_matched_through_its_conv3d_call():
+    torch.manual_seed(6)
+    layer, twin = NoisyConv3d(2, 3, 3).double(), cx.CConv3d(2, 3, 3, ridge=RIDGE).double()
+    twin.load_state_dict(layer.state_dict())
+    _convert_silently(nn.Sequential(layer))
+    assert cx.coverage(layer).share == 1.0
+    x = torch.randn(2, 2, 4, 5, 5, dtype=torch.float64)
+    y = layer(x)
+    y.backward(gy := torch.randn_like(y))
+    twin(x).backward(gy)
+    for p, q in zip(layer.parameters(), twin.parameters(), strict=True):
+        assert rel_err(p.grad, q.grad) < 1e-12
+
+
 def test_conv_subclass_with_its_own_forward_stays_plain_and_registering_it_linear_like_is_refused():
-    model = nn.Sequential(NoisyConv3d(2, 3, 3))
-    with pytest.warns(UserWarning, match="make a class of it and cx.CConv3d, in that order"):
+    model = nn.Sequential(NoisyTranspose(2, 3, 3))
+    with pytest.warns(UserWarning, match="make a class of it and cx.CConvTranspose2d, in that order"):
         cx.consequentialize(model)
     assert cx.coverage(model).share == 0.0
+    with pytest.raises(TypeError, match="NoisyTranspose is a ConvTranspose2d, not linear-like: "
+                                        "pass c_type"):
+        cx.register_layer(NoisyTranspose)
     with pytest.raises(TypeError, match="NoisyConv3d is a Conv3d, not linear-like: pass c_type"):
         cx.register_layer(NoisyConv3d)
