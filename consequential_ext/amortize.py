@@ -232,8 +232,8 @@ def _check_count(name, value):
 
 def _damped_inverse(gram, ridge, damping, max_escalations=12):
     """``(gram + λ·I)⁻¹`` by Cholesky, ``λ = ridge + damping·tr(gram)/D`` per system,
-    escalating λ ×10 on failure with the warning ``ops.ridge_solve`` gives; None (and that
-    warning) if no escalation helps."""
+    escalating a system's λ ×10 on its failure with the warning ``ops.ridge_solve`` gives;
+    None (and that warning) if no escalation helps."""
     d = gram.shape[-1]
     eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
     # The mean eigenvalue in float64: a huge but finite float32 Gram must not overflow here.
@@ -241,11 +241,13 @@ def _damped_inverse(gram, ridge, damping, max_escalations=12):
     lam = (ridge + damping * mean_eig).to(gram.dtype)
     for attempt in range(max_escalations):
         factor, info = torch.linalg.cholesky_ex(gram + lam[..., None, None] * eye)
-        if bool(torch.isfinite(lam).all()) and not bool((info != 0).any()):
+        failed = info != 0
+        if bool(torch.isfinite(lam).all()) and not bool(failed.any()):
             if attempt:
                 reference.warn_escalated(ridge, float(lam.max()))
             return torch.cholesky_inverse(factor)
-        lam = lam * 10.0
+        # per system (group): one group's failure must not raise the others' ridge
+        lam = torch.where(failed | ~torch.isfinite(lam), lam * 10.0, lam)
     reference.warn_escalated(ridge, math.inf)
     return None
 

@@ -383,11 +383,14 @@ def test_ridge_solve_escalates_records_and_warns_once(monkeypatch):
     out = solve_op(gram, grad, 1e-3, None)
     requested, escalated = torch.ops.consequential_ext.take_ridge_escalations()
     assert requested == 1e-3 and escalated > 1e-3
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = reference.ridge_solve(gram, grad, 1e-3)  # escalates to the same ridge
     assert torch.isfinite(out).all()
+    with cx.ops.use_backend("cpu"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = cx.ops.ridge_solve(gram, grad, 1e-3)
+        ref = reference.ridge_solve(gram, grad, 1e-3)  # escalates system 1's ridge alone
     assert torch.allclose(out, ref, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(out[0], _ref_solve(gram[:1], grad[:1], 1e-3)[0], rtol=1e-9,
+                          atol=1e-12)
     monkeypatch.setattr(reference, "_escalation_warned", False)
     with cx.ops.use_backend("cpu"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

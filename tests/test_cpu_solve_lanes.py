@@ -38,18 +38,22 @@ def test_lane_solve_non_contiguous_and_out_dtype():
     assert ((out.double() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-5).all()
 
 
-def test_lane_solve_escalates_whole_batch_like_reference(monkeypatch):
+def test_lane_solve_escalates_each_system_like_reference(monkeypatch):
     monkeypatch.setattr(reference, "_escalation_warned", False)
     torch.ops.consequential_ext.take_ridge_escalations()
     gram, grad = _spd_batch((24,), 12, 2)
     gram[19] -= 0.5 * torch.eye(12, dtype=torch.float64) * gram[19].diagonal().max()
-    out = solve_op(gram, grad, 1e-3, None)
+    solve_op(gram, grad, 1e-3, None)
     requested, escalated = torch.ops.consequential_ext.take_ridge_escalations()
     assert requested == 1e-3 and escalated > 1e-3
-    with warnings.catch_warnings():
+    # ops.ridge_solve: the escalation is system 19's alone, as in the reference
+    with cx.ops.use_backend("cpu"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        out = cx.ops.ridge_solve(gram, grad, 1e-3)
         ref = reference.ridge_solve(gram, grad, 1e-3)
     assert torch.allclose(out, ref, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(out[:19], _ref_solve(gram[:19], grad[:19], 1e-3), rtol=1e-9,
+                          atol=1e-12)
 
 
 def test_lane_solve_non_finite_gives_nan():

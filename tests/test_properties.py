@@ -166,3 +166,28 @@ def test_each_call_and_each_accumulated_backward_is_matched_on_its_own_rows():
     whole = ref.matched_linear(torch.cat(parts), layer.weight, layer.bias, torch.cat(signals),
                                ridge)[0]
     assert (whole - expected[0]).norm() > 0.1 * whole.norm()
+
+
+# One group's Gram failing its float32 Cholesky at the layer's ridge (near-identical huge
+# channels) escalates that group's ridge only: the other group is matched as a conv of its
+# own would be (it was solved with λ = 1e3, 99% off, when the escalation was batch-wide).
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("amortized", [False, True])
+def test_a_groups_escalation_leaves_the_other_groups_ridge(backend, amortized, monkeypatch):
+    monkeypatch.setattr(cx.ops.reference, "_escalation_warned", False)  # warns once a process
+    if backend not in cx.ops.available_backends("ridge_solve", "cpu"):
+        pytest.skip(f"no {backend} backend")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 6, 6, generator=gen)
+    x[:, :4] = 1e4 * torch.randn(4, 1, 6, 6, generator=gen) \
+        + 1e-3 * torch.randn(4, 4, 6, 6, generator=gen)
+    layer = cx.CConv2d(8, 4, 3, groups=2, ridge=1e-8)
+    if amortized:   # every step a fresh, undamped Gram: the exact rule
+        cx.amortize(layer, every=1, decay=0.0, damping=0.0, gram_oversample=None)
+    grad_out = torch.randn(4, 4, 4, 4, generator=gen)
+    with cx.ops.use_backend(backend), pytest.warns(RuntimeWarning, match="escalated|ridge"):
+        layer(x).backward(grad_out)
+    w, b = ref.matched_conv2d(x[:, 4:], layer.weight[2:], layer.bias[2:], grad_out[:, 2:],
+                              (1, 1), 0, (1, 1), 1, 1e-8)
+    for got, want in ((layer.weight.grad[2:], w), (layer.bias.grad[2:], b)):
+        assert ((got.double() - want).norm() / want.norm()) < 1e-4

@@ -196,9 +196,22 @@ def ridge_solve(gram, grad, ridge, *, out_dtype=None):
 
 
 def _solve_and_report(gram, grad, ridge, out_dtype):
-    """The compiled solve, then its escalation record as a warning."""
-    out = torch.ops.consequential_ext.ridge_solve(gram, grad, ridge, out_dtype)
+    """The compiled solve, then its escalation record as a warning. The kernels escalate the
+    ridge of a whole batch at once; where a batch of several systems escalated, each is
+    solved again alone, so that one system's failure (one group of a conv) does not change
+    the others' ridge (as ``reference.ridge_solve``: a grouped conv equals its groups apart)."""
+    solve = torch.ops.consequential_ext.ridge_solve
+    out = solve(gram, grad, ridge, out_dtype)
     escalations = torch.ops.consequential_ext.take_ridge_escalations()
+    if escalations and gram.shape[:-2].numel() > 1:
+        d, m = gram.shape[-1], grad.shape[-2]
+        parts, escalations = [], []
+        for a, g in zip(gram.reshape(-1, d, d), grad.reshape(-1, m, d)):
+            parts.append(solve(a, g, ridge, out_dtype))
+            escalations.append(torch.ops.consequential_ext.take_ridge_escalations())
+        out = torch.stack(parts).reshape(grad.shape)
+        # (a system alone may take another path than in the batch, and not escalate)
+        escalations = max(filter(None, escalations), key=lambda e: e[1], default=None)
     if escalations:
         reference.warn_escalated(escalations[0], escalations[1])
     return out

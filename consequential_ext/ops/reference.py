@@ -89,8 +89,8 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
     """``grad @ inverse(gram + ridge·I)`` for a batch of systems, by Cholesky.
 
     gram: (..., D, D) symmetric PSD; grad: (..., M, D) with the same batch dims.
-    A failed factorisation of finite input escalates the ridge ×10 and tries again, at most
-    ``max_escalations`` factorisations in all (``max_escalations - 1`` escalations; one
+    A failed factorisation of finite input escalates that system's ridge ×10 and tries again,
+    at most ``max_escalations`` factorisations in all (``max_escalations - 1`` escalations; one
     warning per process), then gives NaN (a warning each time); non-finite input gives
     non-finite output rather than an exception, so ``GradScaler`` can skip the step.
     """
@@ -102,14 +102,17 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
     if not (torch.isfinite(a).all() and torch.isfinite(g).all()):
         return torch.full_like(g, float("nan"), dtype=out_dtype)
     eye = torch.eye(a.shape[-1], dtype=work, device=a.device)
-    lam = float(ridge)
+    # One ridge per system: a batch is independent systems (the groups of a conv), and one
+    # that fails must not escalate the others' (a grouped conv equals its groups apart).
+    lam = torch.full(a.shape[:-2], float(ridge), dtype=torch.float64, device=a.device)
     for attempt in range(max_escalations):
-        chol, info = torch.linalg.cholesky_ex(a + lam * eye)
-        if not bool((info != 0).any()):
+        chol, info = torch.linalg.cholesky_ex(a + lam.to(work)[..., None, None] * eye)
+        failed = info != 0
+        if not bool(failed.any()):
             if attempt:
-                warn_escalated(ridge, lam)
+                warn_escalated(ridge, float(lam.max()))
             return torch.cholesky_solve(g.transpose(-1, -2), chol).transpose(-1, -2).to(out_dtype)
-        lam *= 10.0
+        lam = torch.where(failed, lam * 10.0, lam)
     # Still indefinite (finite but absurd input, e.g. a diverging run): NaN, never an
     # exception inside backward, so GradScaler / the user sees a non-finite step.
     warn_escalated(ridge, math.inf)

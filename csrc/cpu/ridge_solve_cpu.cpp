@@ -107,8 +107,9 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
   const auto gram_work = in_lanes ? gram.to(work).contiguous() : at::Tensor();
   double lam = ridge;
   for (int attempt = 0; attempt < kMaxEscalations; ++attempt, lam *= 10.0) {
-    // Not positive definite on finite input: escalate the ridge ×10 for the whole batch, as
-    // the reference does.
+    // Not positive definite on finite input: escalate the ridge ×10 for the whole batch (the
+    // record makes ops.ridge_solve solve a batch that escalated again one system at a time,
+    // so each system's ridge escalates alone, as the reference's).
     std::optional<at::Tensor> x;
     auto a = in_lanes ? at::Tensor() : with_ridge(lam);
     if (in_lanes) {

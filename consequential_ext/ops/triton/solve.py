@@ -235,7 +235,8 @@ def cholesky(a, ridge=0.0):
 def ridge_solve(gram, grad, ridge, out_dtype=None, *, block_m=0, block_d=0):
     """``grad @ inverse(gram + ridge·I)`` (contract of ``reference.ridge_solve``): Cholesky,
     then the fused two-solve-and-cast kernel. A failed factorisation of finite input
-    escalates the ridge ×10 (one warning per process); non-finite input → all-NaN."""
+    escalates the ridge ×10, of each system on its own (one warning per process); non-finite
+    input → all-NaN."""
     if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2] or grad.dim() != gram.dim() \
             or grad.shape[:-2] != gram.shape[:-2] or grad.shape[-1] != gram.shape[-1]:
         raise ValueError(f"ridge_solve: need gram (..., D, D) and grad (..., M, D) with equal "
@@ -261,6 +262,10 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, *, block_m=0, block_d=0):
             return torch.full(grad.shape, float("nan"), dtype=out_dtype, device=grad.device)
         if not failed:
             break
+        if a.shape[0] > 1:   # one ridge per system, as reference.ridge_solve: each alone
+            return torch.cat([ridge_solve(a[i:i + 1], g[i:i + 1], ridge, out_dtype,
+                                          block_m=block_m, block_d=block_d)
+                              for i in range(a.shape[0])]).reshape(grad.shape)
         lam *= 10.0
     else:  # still indefinite: NaN, never an exception inside backward
         reference.warn_escalated(ridge, math.inf)
