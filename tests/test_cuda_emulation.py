@@ -249,7 +249,9 @@ def test_ridge_solve_matches_reference(emu, work, out_dtype, d, m, factor_in_sha
             f"{(out.view(torch.int16) != rounded.view(torch.int16)).sum()} of {out.numel()} misrounded"
 
 
-def test_ridge_solve_escalates_the_whole_batch_like_the_reference(emu, monkeypatch):
+def test_ridge_solve_escalates_the_whole_batch_as_the_cpu_kernel(emu, monkeypatch):
+    # The kernel escalates a batch at once, as the CPU one; ops.ridge_solve then solves such a
+    # batch again one system at a time (each system's own ridge, as the reference's).
     monkeypatch.setattr(reference, "_escalation_warned", True)   # silence; warnings are not ours
     v = torch.randn(2, 6, 2, dtype=torch.float64)
     gram = v @ v.transpose(1, 2)
@@ -258,7 +260,7 @@ def test_ridge_solve_escalates_the_whole_batch_like_the_reference(emu, monkeypat
     out, outcome, ridge_used = emulated_ridge_solve(emu, gram, grad, 1e-8, torch.float64)
     assert outcome == SOLVED
     assert math.isclose(ridge_used, 1e-2, rel_tol=1e-9)        # 1e-8 · 10⁶: first λ > 3e-3
-    expected = reference.ridge_solve(gram, grad, 1e-8)
+    expected = reference.ridge_solve(gram, grad, ridge_used)    # both systems at that ridge
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
 
 
