@@ -180,6 +180,18 @@ def test_gram_of_an_empty_batch_is_zero(emu, algorithm):
     assert got.shape == (1, 28, 28) and not got.any()
 
 
+@pytest.mark.parametrize("algorithm", [TILED, SHIFT, AUTO])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gram_without_channels_still_counts_the_patches(emu, algorithm, groups):
+    # No patch rows, but the bias row's entry is the patch count B·Ho·Wo (the launcher once
+    # returned before the bias kernel whenever the patch rows were empty).
+    x = torch.randn(2, 0, 5, 4)
+    got = emulated_gram(emu, x, 3, 1, 1, 1, groups, True, algorithm)
+    assert torch.equal(got, torch.full((groups, 1, 1), 2.0 * 5 * 4))
+    assert torch.equal(got, reference.im2col_gram(x, (3, 3), (1, 1), (1, 1), (1, 1), groups, True))
+    assert emulated_gram(emu, x, 3, 1, 1, 1, groups, False, algorithm).shape == (groups, 0, 0)
+
+
 def test_gram_rejects_shift_form_for_strided_conv(emu):
     x = torch.randn(1, 2, 6, 6)
     sizes = (ctypes.c_longlong * 4)(*x.shape)

@@ -162,6 +162,16 @@ def test_im2col_gram_shift_form_pixel_chunks_sum_up():
     assert_gram_close(got, x, (args[0], (1, 1), *args[1:]), GRAM_RTOL["ieee"])
 
 
+@pytest.mark.parametrize("method", ["implicit", "shift"])
+def test_im2col_gram_without_channels_counts_the_patches(method):
+    # No patch rows: only the bias row's patch count B·Ho·Wo (the shift form's planning once
+    # divided by the number of channel blocks, 0 here).
+    x = torch.randn(2, 0, 5, 4, device=DEVICE)
+    got = triton_ops.im2col_gram(x, 3, 1, 1, 1, 2, True, method=method).cpu()
+    assert torch.equal(got, torch.full((2, 1, 1), 2.0 * 5 * 4))
+    assert torch.equal(got, reference.im2col_gram(x.cpu(), (3, 3), (1, 1), (1, 1), (1, 1), 2, True))
+
+
 @pytest.mark.parametrize("side", ["d", "n"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_gram_both_sides(side, bias):

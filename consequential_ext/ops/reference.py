@@ -46,6 +46,10 @@ def im2col(x, kernel_size, stride, padding, dilation, groups=1, bias=False):
     d = c // groups * kernel_size[0] * kernel_size[1]    # explicit: -1 is ambiguous when b == 0
     if tuple(kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
         cols = x.reshape(b, c, x.shape[2] * x.shape[3])   # a 1×1 patch is a pixel: no unfold
+    elif c == 0:  # F.unfold refuses a map without channels: no rows, still one column a patch
+        locations = math.prod((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1)
+                               - 1) // stride[i] + 1 for i in range(2))
+        cols = x.new_zeros(b, 0, locations)
     else:
         cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
     cols = cols.reshape(b, groups, d, cols.shape[-1]).permute(1, 2, 0, 3)

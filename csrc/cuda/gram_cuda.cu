@@ -311,7 +311,12 @@ cudaError_t launch_gram(const GramParams& params, const GramGeometry& geo, cudaS
   cudaError_t err = cudaMemsetAsync(out, 0, out_count * sizeof(Acc), stream);
   if (err != cudaSuccess) return err;
   const long long patches = geo.batch * geo.out_h * geo.out_w;
-  if (patches == 0 || geo.patch_dim == 0) return cudaSuccess;
+  if (patches == 0 || geo.dim == 0) return cudaSuccess;
+  if (geo.patch_dim == 0) {  // no channels: no products, but the bias row still counts the patches
+    CX_LAUNCH((patch_sum_kernel<In, Acc>), dim3(1, 1, params.groups), dim3(kPatchSumThreads), 0, stream, x, out,
+              geo, geo.batch);
+    return cudaGetLastError();
+  }
 
   const bool shift = params.algorithm == GramAlgorithm::kShift ||
                      (params.algorithm == GramAlgorithm::kAuto && shift_form_applies(params) &&

@@ -198,6 +198,10 @@ def im2col_gram_shift(x, kernel_size, padding, dilation, groups, bias, input_pre
     (kh, kw), (ph, pw), (dh, dw) = kernel_size, padding, dilation
     cg, kk = C // groups, kh * kw
     acc = accumulate_dtype(x.dtype)
+    if cg == 0:  # no channels, no correlations to plan: at most the bias row's patch count
+        gram = x.new_zeros((groups, int(bias), int(bias)), dtype=acc)
+        gram[:, :1, :1] = B * (H + 2 * ph - dh * (kh - 1)) * (W + 2 * pw - dw * (kw - 1))
+        return gram
     block_c = block_c or min(64, max(16, triton.next_power_of_2(cg)))
     block_p = block_p or (64 if x.dtype in (torch.float16, torch.bfloat16) else 32)
     if not chunk:  # enough programs to fill the GPU, within the partials' memory budget
