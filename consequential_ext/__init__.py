@@ -11,13 +11,13 @@ from .amortize import amortize
 from .convert import consequentialize
 from .coverage import coverage
 from .modules import CConv2d, CEmbedding, CLinear, CMultiheadAttention
-from .modules import CConv1d, CConv3d, CConvTranspose1d, CConvTranspose2d
+from .modules import CConv1d, CConv3d, CConvTranspose1d, CConvTranspose2d, CConvTranspose3d
 from .registry import register_layer
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
 
 __all__ = ["__version__", "CLinear", "CConv2d", "consequentialize", "functional", "ops", "RULES",
            "DEFAULT_RIDGE", "BackMatchBatchNorm1d", "BackMatchBatchNorm2d", "optim", "amortize",
            "distributed", "register_layer", "coverage", "CEmbedding", "CMultiheadAttention"]
-__all__ += ["CConv1d", "CConv3d", "CConvTranspose1d", "CConvTranspose2d"]
+__all__ += ["CConv1d", "CConv3d", "CConvTranspose1d", "CConvTranspose2d", "CConvTranspose3d"]
 
 check_extension()  # an extension built for another torch fails loudly here, naming both

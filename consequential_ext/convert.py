@@ -112,7 +112,7 @@ def _made_from(c_cls, plain) -> bool:
 def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, include=None,
                      exclude=None, batchnorm=None) -> nn.Module:
     """Make every layer of a registered kind (nn.Linear → CLinear, nn.Conv2d → CConv2d,
-    nn.Conv1d / Conv3d / ConvTranspose1d / ConvTranspose2d → CConv1d / …, nn.Embedding →
+    nn.Conv1d / Conv3d / ConvTranspose1d / 2d / 3d → CConv1d / …, nn.Embedding →
     CEmbedding, nn.MultiheadAttention → CMultiheadAttention, Hugging Face's Conv1D,
     ``cx.register_layer``) and every subclass of nn.Linear / nn.Conv1d / Conv2d / Conv3d whose
     forward passes its own weight to F.linear / F.convNd (``registry.subclass_kind``) a C-layer with

@@ -25,7 +25,6 @@ WEIGHT_USERS = (nn.MultiheadAttention,)
 UNSUPPORTED = {
     nn.EmbeddingBag: "nn.EmbeddingBag is not supported: a bag sums or averages several rows, so "
                      "A = X Xᵀ / N is not diagonal (a V × V solve over the vocabulary)",
-    nn.ConvTranspose3d: "nn.ConvTranspose3d has no C-layer (ConvTranspose1d / 2d only)",
     nn.RNNBase: "a recurrent layer (nn.RNN / LSTM / GRU) has no C-layer: its weights are "
                 "applied at every time step inside one fused op, not as a linear-like "
                 "layer's single x Wᵀ + b (cx.register_layer does not apply)",

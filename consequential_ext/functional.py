@@ -20,8 +20,7 @@ from torch.nn.modules.utils import _pair, _single, _triple
 
 from .amortize import check_amortizer, graph_task
 from .gradients import Conv2dGradients, EmbeddingGradients, LinearGradients
-from .gradients import (Conv1dGradients, Conv3dGradients, ConvTranspose1dGradients,
-                        ConvTranspose2dGradients)
+from .gradients import Conv1dGradients, Conv3dGradients, ConvTransposeGradients
 from .rules import rule_named
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, gram_bias_row, trains
 
@@ -30,6 +29,7 @@ __all__ = ["clinear", "cconv2d", "clinear_like", "CLinearFunction", "CConv2dFunc
            "cmulti_head_attention_forward"]
 __all__ += ["cconv1d", "cconv3d", "cconv_transpose1d", "cconv_transpose2d", "CConv1dFunction",
             "CConv3dFunction", "CConvTranspose1dFunction", "CConvTranspose2dFunction"]
+__all__ += ["cconv_transpose3d", "CConvTranspose3dFunction"]
 
 
 def _bypassed(rule, *tensors):
@@ -533,10 +533,22 @@ class CConv3dFunction(torch.autograd.Function):
         return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
 
 
-class CConvTranspose1dFunction(torch.autograd.Function):
+class _CConvTransposeFunction(torch.autograd.Function):
+    """The backward CConvTranspose1d/2d/3dFunction share (``gradients.ConvTransposeGradients``,
+    any number of spatial dims); each subclass's forward is its ``F.conv_transposeNd``."""
+    cx_saved_weight_index = 1
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        layer = ConvTransposeGradients(input, weight, grad_output, *ctx.conf,
+                                       **_needs(ctx, joint=False))
+        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
+
+
+class CConvTranspose1dFunction(_CConvTransposeFunction):
     """``F.conv_transpose1d`` forward; backward by the rule (``cconv_transpose1d`` is the
     entry point)."""
-    cx_saved_weight_index = 1
 
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, output_padding, groups, dilation,
@@ -546,18 +558,10 @@ class CConvTranspose1dFunction(torch.autograd.Function):
         return F.conv_transpose1d(input, weight, bias, stride, padding, output_padding, groups,
                                   dilation)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        layer = ConvTranspose1dGradients(input, weight, grad_output, *ctx.conf,
-                                         **_needs(ctx, joint=False))
-        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
 
-
-class CConvTranspose2dFunction(torch.autograd.Function):
+class CConvTranspose2dFunction(_CConvTransposeFunction):
     """``F.conv_transpose2d`` forward; backward by the rule (``cconv_transpose2d`` is the
     entry point)."""
-    cx_saved_weight_index = 1
 
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, output_padding, groups, dilation,
@@ -567,12 +571,18 @@ class CConvTranspose2dFunction(torch.autograd.Function):
         return F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
                                   dilation)
 
+
+class CConvTranspose3dFunction(_CConvTransposeFunction):
+    """``F.conv_transpose3d`` forward; backward by the rule (``cconv_transpose3d`` is the
+    entry point)."""
+
     @staticmethod
-    def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        layer = ConvTranspose2dGradients(input, weight, grad_output, *ctx.conf,
-                                         **_needs(ctx, joint=False))
-        return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
+    def forward(ctx, input, weight, bias, stride, padding, output_padding, groups, dilation,
+                rule, ridge, amortizer=None):
+        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+        ctx.conf = _transpose_conf(stride, padding, output_padding, groups, dilation, _triple)
+        return F.conv_transpose3d(input, weight, bias, stride, padding, output_padding, groups,
+                                  dilation)
 
 
 def _check_tensors(input, weight, bias):
@@ -713,7 +723,7 @@ def _transpose_gram_shape(weight, bias, groups):
 def cconv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
                       dilation=1, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, amortizer=None):
     """``F.conv_transpose1d`` whose backward gives weight/bias the gradient of ``rule``,
-    matched on the pre-overlap blocks as in ``cconv_transpose2d`` (on a unit height, exact).
+    matched on the pre-overlap blocks as in ``cconv_transpose2d``.
 
     Raises ValueError for an unknown ``rule`` or a bad ``ridge``; TypeError/ValueError for a
     mismatched amortizer (its Gram is (groups, C_in/groups, C_in/groups)).
@@ -734,5 +744,20 @@ def cconv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padd
     mismatched amortizer (its Gram is (groups, C_in/groups, C_in/groups)).
     """
     return _cconv(CConvTranspose2dFunction, F.conv_transpose2d, 2,
+                  _transpose_gram_shape, input, weight, bias,
+                  (stride, padding, output_padding, groups, dilation), rule, ridge, amortizer)
+
+
+def cconv_transpose3d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                      dilation=1, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, amortizer=None):
+    """``F.conv_transpose3d`` whose backward gives weight/bias the gradient of ``rule``,
+    matched on the pre-overlap blocks as in ``cconv_transpose2d``: X the input's channel
+    vectors (one column per input voxel), N the batch size; the bias
+    ``g_b / (D_out·H_out·W_out + λ)``.
+
+    Raises ValueError for an unknown ``rule`` or a bad ``ridge``; TypeError/ValueError for a
+    mismatched amortizer (its Gram is (groups, C_in/groups, C_in/groups)).
+    """
+    return _cconv(CConvTranspose3dFunction, F.conv_transpose3d, 3,
                   _transpose_gram_shape, input, weight, bias,
                   (stride, padding, output_padding, groups, dilation), rule, ridge, amortizer)

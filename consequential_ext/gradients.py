@@ -450,18 +450,21 @@ class _DepthFold:
         return step * d     # the fold divides by D_out
 
 
-class ConvTranspose2dGradients:
-    """Backward of ``F.conv_transpose2d``, matched on the pre-overlap blocks (docs/design.md §2).
+class ConvTransposeGradients:
+    """Backward of ``F.conv_transpose1d/2d/3d``, matched on the pre-overlap blocks
+    (docs/design.md §2).
 
-    The layer is a 1×1 conv — each input pixel p's block ``Z_p = Mᵀ x_p``, M the weight as
-    (C_in/g, C_out/g·k_h·k_w) per group — followed by the overlap-add (col2im), which has no
-    weights. The weight side is the Conv2d kind's on that 1×1 conv: X = the input's channel
-    vectors, N = B, and the blocks' signal ``dZ = unfold(grad_output)`` (col2im's adjoint,
-    same kernel, stride, padding and dilation) cut to the input's size; weight.grad is
-    ``(G (A + λI)⁻¹)ᵀ`` back in the weight's layout. The bias is added after the overlap, once
-    per output location: it is matched on its own constant-1 input, ``A = H_out·W_out``, so
-    it gets ``g_b / (H_out·W_out + λ)``. Rule "backmatch-layerwise": the weight is shared
-    once per input pixel (s counted on dZ), the bias once per output location (on dy).
+    The layer is a 1×1 conv — each input location p's block ``Z_p = Mᵀ x_p``, M the weight
+    as (C_in/g, C_out/g·k…) per group — followed by the overlap-add (col2im), which has no
+    weights. The weight side is the Conv2d kind's on that 1×1 conv, run on the input viewed
+    as a 2-D map (its leading spatial dims merged: a 1×1 conv sees only channel vectors):
+    X = the input's channel vectors, N = B, and the blocks' signal ``dZ`` = the im2col of
+    the output signal (col2im's adjoint, same kernel, stride, padding and dilation) cut to
+    the input's size; weight.grad is ``(G (A + λI)⁻¹)ᵀ`` back in the weight's layout. The
+    bias is added after the overlap, once per output location: it is matched on its own
+    constant-1 input, ``A`` = the output locations, so it gets ``g_b / (locations + λ)``.
+    Rule "backmatch-layerwise": the weight is shared once per input location (s counted on
+    dZ), the bias once per output location (on dy).
     """
 
     def __init__(self, input, weight, grad_output, stride, padding, output_padding, dilation,
@@ -471,50 +474,54 @@ class ConvTranspose2dGradients:
         self.dilation, self.groups = dilation, groups
         self.has_bias, self.ridge, self.amortizer = has_bias, ridge, amortizer
         self.needs_weight, self.needs_bias = needs_weight, needs_bias
+        # The 1×1 conv's input: a view for contiguous and channels-last layouts alike.
+        size = input.shape[2:]
+        self.pixels = input.reshape(input.shape[:2] + (math.prod(size[:-1]), size[-1]))
 
     def _pointwise_weight(self, weight=None):
         """The weight (or a tensor in its layout: its gradient) as the 1×1 conv's: Mᵀ per
-        group, rows in unfold's channel order."""
+        group, rows in im2col's channel order (channel, then kernel offset)."""
         weight = self.weight if weight is None else weight
         cin, rows = weight.shape[0], weight[0].numel() * self.groups
         return weight.reshape(self.groups, cin // self.groups, rows // self.groups) \
             .transpose(1, 2).reshape(rows, cin // self.groups, 1, 1)
 
-    def _windows(self):
-        """unfold's window grid over the output signal (at least the input's size)."""
-        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
-            self.grad_output.shape[2:], self.padding, self.dilation, self.weight.shape[2:],
-            self.stride))
+    def _from_pointwise(self, grad):
+        cin = self.weight.shape[0]
+        return grad.reshape(self.groups, self.weight[0].numel(), cin // self.groups) \
+            .transpose(1, 2).reshape(self.weight.shape)
+
+    def _cut(self, t):
+        """``t``'s leading windows over the output, one per input location: output padding
+        ≥ stride (allowed when < dilation) leaves windows no input location writes."""
+        return t[(..., *map(slice, self.input.shape[2:]))]
 
     def _block_signal(self):
-        """dZ: the signal of every pre-overlap block, (B, C_out·k_h·k_w, H_in, W_in) — the
-        im2col matrix of the output signal, k_h·k_w/stride² times its size: only the column
-        side needs it."""
-        gy, kernel = self.grad_output, self.weight.shape[2:]
-        dz = torch.nn.functional.unfold(gy, kernel, self.dilation, self.padding, self.stride)
-        # Output padding ≥ stride (allowed when < dilation) leaves extra windows: cut them.
-        return dz.reshape(gy.shape[:1] + (dz.shape[1],) + self._windows())[
-            :, :, :self.input.shape[2], :self.input.shape[3]]
+        """dZ: the signal of every pre-overlap block, (B, C_out·k…, *input size) — the im2col
+        matrix of the output signal, k…/stride… times its size: only the column side needs
+        it. Patches by ``Tensor.unfold`` per dim (F.unfold is 2-D only)."""
+        gy, kernel, dims = self.grad_output, self.weight.shape[2:], self.input.dim() - 2
+        blocks = torch.nn.functional.pad(gy, [q for p in reversed(self.padding) for q in (p, p)])
+        for i, (k, s, d) in enumerate(zip(kernel, self.stride, self.dilation)):
+            blocks = blocks.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]   # its taps last
+        blocks = self._cut(blocks.movedim(list(range(2, 2 + dims)), list(range(-dims, 0))))
+        return blocks.reshape(gy.shape[:1] + (gy.shape[1] * math.prod(kernel),)
+                              + tuple(self.input.shape[2:]))   # explicit: B may be 0
 
     def _block_sharing(self):
         """``layerwise.sharing_factor`` of dZ without unfolding the signal: dZ holds each
-        entry of the signal once per (kept window, kernel offset) that reads it, so its
-        non-zero count is the signal's per location weighted by that number, the col2im
-        (fold) of ones over the kept windows."""
+        entry of the signal once per (input location, kernel offset) that writes it, so its
+        non-zero count is the signal's per location weighted by that number: the transposed
+        conv of ones with an all-ones kernel (col2im of ones, which has no 3-D F.fold)."""
         gy, kernel = self.grad_output, self.weight.shape[2:]
-        kept = torch.zeros(self._windows(), dtype=torch.float64, device=gy.device)
-        kept[:self.input.shape[2], :self.input.shape[3]] = 1
-        reads = torch.nn.functional.fold(
-            kept.reshape(1, 1, -1).expand(1, math.prod(kernel), -1), tuple(gy.shape[2:]),
-            kernel, self.dilation, self.padding, self.stride)[0, 0]
-        count = ((gy != 0).sum((0, 1)).to(torch.float64) * reads).sum()  # exact integers
+        ones = torch.ones((1, 1) + tuple(self.input.shape[2:]), dtype=torch.float64,
+                          device=gy.device)
+        writes = torch.convolution(
+            ones, ones.new_ones((1, 1) + tuple(kernel)), None, self.stride, self.padding,
+            self.dilation, True, self.output_padding, 1)[0, 0]
+        count = ((gy != 0).sum((0, 1)).to(torch.float64) * writes).sum()  # exact integers
         blocks = gy.shape[0] * gy.shape[1] * math.prod(kernel)
         return (count.to(accumulate_dtype(gy.dtype)) / max(blocks, 1)).clamp_min(1.0)
-
-    def _from_pointwise(self, grad):
-        cin, cout_g, kh, kw = self.weight.shape
-        return grad.reshape(self.groups, cout_g * kh * kw, cin // self.groups) \
-            .transpose(1, 2).reshape(self.weight.shape)
 
     def _native(self, grad_output, weight, mask):
         return torch.ops.aten.convolution_backward(
@@ -532,40 +539,41 @@ class ConvTranspose2dGradients:
         work = accumulate_dtype(self.grad_output.dtype)
         ones = torch.ones((1,) + self.grad_output.shape[1:], dtype=work,
                           device=self.input.device)
-        touch_sq = torch.nn.functional.conv2d(
+        touch_sq = self._cut(torch.convolution(
             ones, self.weight.to(work).square(), None, self.stride, self.padding, self.dilation,
-            self.groups)[..., :self.input.shape[2], :self.input.shape[3]]
+            False, [0] * len(self.stride), self.groups))
         return layerwise.divide_signal(self.input_grad().to(work), touch_sq) \
             .to(self.input.dtype)
 
     def layerwise_input_signal(self):
         factor = layerwise.conv2d_input_factor(
-            self._pointwise_weight(), self.groups, self.input.shape[2:], self._block_sharing())
+            self._pointwise_weight(), self.groups, self.pixels.shape[2:], self._block_sharing())
         return layerwise.divide_signal(self.input_grad(), factor)
 
     def matched_weight_grads(self):
         grad_weight = grad_bias = None
         if self.needs_weight:
             pointwise = self._pointwise_weight()
+            blocks = (self.grad_output.shape[0], pointwise.shape[0]) + self.pixels.shape[2:]
             # dZ's shape: a zero-stride stand-in (the row side reads dZ only through G).
-            blocks_shape = self.grad_output.new_empty(()).expand(
-                self.grad_output.shape[0], pointwise.shape[0], *self.input.shape[2:])
-            if matching.conv_side(self.input, blocks_shape, pointwise.shape, self.groups,
+            blocks_shape = self.grad_output.new_empty(()).expand(blocks)
+            if matching.conv_side(self.pixels, blocks_shape, pointwise.shape, self.groups,
                                   False, self.amortizer) == "row":
                 # G = dZ Xᵀ is the transposed conv's own weight gradient (in its layout): no
-                # unfold of the output signal and no copy of it.
+                # im2col of the output signal and no copy of it.
                 work = accumulate_dtype(self.grad_output.dtype)
                 native = self._native(self.grad_output.to(work), self.weight,
                                       [False, True, False])[1]
                 matched, _ = matching.matched_conv2d(
-                    self.input, blocks_shape, pointwise.shape, (1, 1), (0, 0), (1, 1),
+                    self.pixels, blocks_shape, pointwise.shape, (1, 1), (0, 0), (1, 1),
                     self.groups, False, self.ridge, amortizer=self.amortizer,
                     grad=matching.conv_grad(self._pointwise_weight(native), None, self.groups))
             else:
                 matched, _ = Conv2dGradients(
-                    self.input, pointwise, self._block_signal(), (1, 1), (0, 0), (1, 1),
-                    self.groups, has_bias=False, needs_weight=True, needs_bias=False,
-                    ridge=self.ridge, amortizer=self.amortizer).matched_weight_grads()
+                    self.pixels, pointwise, self._block_signal().reshape(blocks), (1, 1),
+                    (0, 0), (1, 1), self.groups, has_bias=False, needs_weight=True,
+                    needs_bias=False, ridge=self.ridge,
+                    amortizer=self.amortizer).matched_weight_grads()
             grad_weight = self._from_pointwise(matched.to(self.weight.dtype))
         if self.needs_bias:
             grad_bias = _matched_bias_alone(self.grad_output, 1, self.weight.dtype, self.ridge)
@@ -585,13 +593,3 @@ class ConvTranspose2dGradients:
     def layerwise_weight_grads(self):
         return self._weight_grads_over(self._block_sharing(),
                                        layerwise.sharing_factor(self.grad_output))
-
-
-class ConvTranspose1dGradients(_UnitHeight):
-    """Backward of ``F.conv_transpose1d`` as ConvTranspose2d's with a unit height."""
-
-    def __init__(self, input, weight, grad_output, stride, padding, output_padding, dilation,
-                 groups, **needs):
-        super().__init__(ConvTranspose2dGradients(
-            input.unsqueeze(2), weight.unsqueeze(2), grad_output.unsqueeze(2), (1, stride[0]),
-            (0, padding[0]), (0, output_padding[0]), (1, dilation[0]), groups, **needs))

@@ -20,7 +20,7 @@ from ._validate import (DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, USER_REASON, CLay
 
 __all__ = ["CLinear", "CConv2d", "CLinearLike", "CEmbedding", "CMultiheadAttention",
            "CFunctionalCall"]
-__all__ += ["CConv1d", "CConv3d", "CConvTranspose1d", "CConvTranspose2d"]
+__all__ += ["CConv1d", "CConv3d", "CConvTranspose1d", "CConvTranspose2d", "CConvTranspose3d"]
 
 
 class CLinear(CLayerMixin, nn.Linear):
@@ -288,7 +288,7 @@ class CConv3d(_CConvNd, nn.Conv3d):
 
 
 class _CConvTransposeNd(CLayerMixin):
-    """What CConvTranspose1d / 2d share: nn's forward (``output_size`` → output_padding)
+    """What CConvTranspose1d / 2d / 3d share: nn's forward (``output_size`` → output_padding)
     around the functional C-entry ``_cx_conv``; one Gram of the input channels per group."""
 
     _cx_conv = None
@@ -313,8 +313,8 @@ class _CConvTransposeNd(CLayerMixin):
 
 
 class CConvTranspose1d(_CConvTransposeNd, nn.ConvTranspose1d):
-    """``nn.ConvTranspose1d`` matched on the pre-overlap blocks as ``CConvTranspose2d`` is,
-    computed as its on a unit height; forward is bit-identical to nn.ConvTranspose1d."""
+    """``nn.ConvTranspose1d`` matched on the pre-overlap blocks as ``CConvTranspose2d`` is;
+    forward is bit-identical to nn.ConvTranspose1d."""
 
     _cx_conv = staticmethod(CF.cconv_transpose1d)
     _cx_dims = 1
@@ -338,6 +338,25 @@ class CConvTranspose2d(_CConvTransposeNd, nn.ConvTranspose2d):
 
     _cx_conv = staticmethod(CF.cconv_transpose2d)
     _cx_dims = 2
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
+                 device=None, dtype=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding,
+                         groups, bias, dilation, padding_mode, device, dtype)
+        self.rule, self.ridge = rule, ridge
+
+
+class CConvTranspose3d(_CConvTransposeNd, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` matched on the pre-overlap blocks as ``CConvTranspose2d`` is (X
+    the input's channel vectors, one column per input voxel; N the batch size); the bias gets
+    ``g_b / (D_out·H_out·W_out + λ)``. Forward is bit-identical to nn.ConvTranspose3d,
+    ``output_size`` included; every nn.ConvTranspose3d argument works. rule, ridge: as in
+    ``CLinear``.
+    """
+
+    _cx_conv = staticmethod(CF.cconv_transpose3d)
+    _cx_dims = 3
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",

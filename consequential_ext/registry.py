@@ -25,7 +25,7 @@ from ._validate import EXCLUDED, USER_REASON
 from .modules import (CConv2d, CEmbedding, CFunctionalCall, CLinear, CLinearLike,
                       CMultiheadAttention)
 from .routing import passes_own_weight
-from .modules import CConv1d, CConv3d, CConvTranspose1d, CConvTranspose2d
+from .modules import CConv1d, CConv3d, CConvTranspose1d, CConvTranspose2d, CConvTranspose3d
 
 __all__ = ["LayerKind", "register_layer", "kind_of", "registered_kinds", "kind_for",
            "subclass_kind"]
@@ -113,9 +113,10 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
                     else f"is a {base.__name__}")
             raise TypeError(f"{module_type.__name__} {what}, not linear-like: pass "
                             f"c_type, a class of cx.{c_base} and {module_type.__name__}")
-        # A torch convolution or embedding without a C-class here (nn.ConvTranspose3d): its
-        # weight has more than two dims, and CLinear's backward would fail on it. A recurrent
-        # layer returns (output, state) and applies its weights once per time step.
+        # A convolution or embedding bag without a C-class here (a direct _ConvNd subclass,
+        # nn.EmbeddingBag): a conv's weight has more than two dims, and CLinear's backward
+        # would fail on it; a bag sums several rows. A recurrent layer returns (output,
+        # state) and applies its weights once per time step.
         if issubclass(module_type, _NOT_LINEAR_LIKE):
             raise TypeError(f"{module_type.__name__} is a convolution, embedding or recurrent "
                             f"layer, not linear-like: it needs a C-class of its own (c_type)")
@@ -195,6 +196,7 @@ register_layer(nn.Conv1d, CConv1d)
 register_layer(nn.Conv3d, CConv3d)
 register_layer(nn.ConvTranspose1d, CConvTranspose1d)
 register_layer(nn.ConvTranspose2d, CConvTranspose2d)
+register_layer(nn.ConvTranspose3d, CConvTranspose3d)
 # Hugging Face GPT-2 and relatives: a Linear whose weight is stored (in, out), applied by addmm.
 register_layer("transformers.pytorch_utils.Conv1D", transposed=True)
 

@@ -11,7 +11,7 @@ from backmatch_reference import per_unit_least_squares
 from matched_reference import ordinary_grads, solve_right
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
+CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def _tuple(value, dims):

@@ -165,6 +165,8 @@ EMPTY = {
                         (3, 5, 4)),
     "convtranspose2d": (lambda: torch.nn.ConvTranspose2d(4, 3, 3, padding=1), (0, 4, 4, 5),
                         (2, 4, 4, 5)),
+    "convtranspose3d": (lambda: torch.nn.ConvTranspose3d(4, 2, 2, stride=2, groups=2),
+                        (0, 4, 2, 3, 2), (2, 4, 2, 3, 2)),
 }
 
 
