@@ -9,8 +9,10 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <string>
 
 #include "escalation.h"
@@ -56,6 +58,12 @@ at::Tensor im2col_gram_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at
     TORCH_CHECK(kernel_size[i] >= 1 && stride[i] >= 1 && dilation[i] >= 1 && padding[i] >= 0,
                 "im2col_gram: need kernel_size, stride, dilation >= 1 and padding >= 0, got kernel_size=",
                 kernel_size, ", stride=", stride, ", padding=", padding, ", dilation=", dilation);
+    // The kernels take the geometry as int: a larger value would wrap to another conv.
+    TORCH_CHECK(std::max({kernel_size[i], stride[i], dilation[i], padding[i]}) <=
+                    std::numeric_limits<int>::max(),
+                "im2col_gram: kernel_size, stride, padding and dilation must be below 2^31, got "
+                "kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding,
+                ", dilation=", dilation);
     TORCH_CHECK(x.size(2 + i) + 2 * padding[i] >= dilation[i] * (kernel_size[i] - 1) + 1,
                 "im2col_gram: kernel_size ", kernel_size, " (dilation ", dilation,
                 ") does not fit the padded input ", x.sizes());
