@@ -1,8 +1,8 @@
 """consequentialize(model): turn a model's layers of registered kinds into C-layers in place.
 
 The kinds come from ``registry.py`` (nn.Linear, nn.Conv2d, nn.Embedding, nn.MultiheadAttention,
-Hugging Face's Conv1D, what users register, and subclasses of nn.Linear / nn.ConvNd that pass
-their own weight to F.linear / F.convNd). The conversion swaps each layer's class, so parameters keep their identity
+Hugging Face's Conv1D, what users register, and subclasses of nn.Linear / nn.ConvNd /
+nn.Embedding that pass their own weight to F.linear / F.convNd / F.embedding). The conversion swaps each layer's class, so parameters keep their identity
 (an optimizer built before the call keeps working), device, dtype, hooks and state_dict keys.
 Whatever holds a weight matrix and stays plain is named in one warning (``coverage.py``),
 except what the user chose to leave plain.
@@ -114,8 +114,9 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
     """Make every layer of a registered kind (nn.Linear → CLinear, nn.Conv2d → CConv2d,
     nn.Conv1d / Conv3d / ConvTranspose1d / 2d / 3d → CConv1d / …, nn.Embedding →
     CEmbedding, nn.MultiheadAttention → CMultiheadAttention, Hugging Face's Conv1D,
-    ``cx.register_layer``) and every subclass of nn.Linear / nn.Conv1d / Conv2d / Conv3d whose
-    forward passes its own weight to F.linear / F.convNd (``registry.subclass_kind``) a C-layer with
+    ``cx.register_layer``) and every subclass of nn.Linear / nn.Conv1d / Conv2d / Conv3d /
+    nn.Embedding whose forward passes its own weight to F.linear / F.convNd / F.embedding
+    (``registry.subclass_kind``) a C-layer with
     ``rule`` / ``ridge``, in place.
 
     include / exclude: module types or qualified names (exact, or globs; a name also selects

@@ -211,31 +211,35 @@ class CMultiheadAttention(CLayerMixin, nn.MultiheadAttention):
 
 
 _FUNCTIONAL_ENTRIES = {F.linear: CF.clinear, F.conv1d: CF.cconv1d, F.conv2d: CF.cconv2d,
-                       F.conv3d: CF.cconv3d}
+                       F.conv3d: CF.cconv3d, F.embedding: CF.cembedding}
 
 
 class CFunctionalCall(CLayerMixin):
     """Mixin of the C-classes ``registry`` makes for subclasses of nn.Linear / nn.Conv1d /
-    Conv2d / Conv3d whose forward passes their own ``weight`` to ``F.linear`` / ``F.convNd``
-    (timm's Conv2dSame pads itself first): the forward is the subclass's own, with that call
-    routed to ``clinear`` / ``cconvNd`` (``routing.py``), so the weight is matched on the input
-    actually passed to it.
+    Conv2d / Conv3d / nn.Embedding whose forward passes their own ``weight`` to ``F.linear`` /
+    ``F.convNd`` / ``F.embedding`` (timm's Conv2dSame pads itself first, Hugging Face's scaled
+    embeddings scale after): the forward is the subclass's own, with that call routed to
+    ``clinear`` / ``cconvNd`` / ``cembedding`` (``routing.py``), so the weight is matched on the
+    input actually passed to it.
     Calls with any other weight run unchanged.
     """
 
-    _cx_call = None  # F.linear or F.conv1d / conv2d / conv3d
+    _cx_call = None  # F.linear, F.conv1d / conv2d / conv3d or F.embedding
 
     def cx_gram_shape(self):
+        if self._cx_call is F.embedding:
+            return None      # as CEmbedding's: A is diagonal and exact at O(V)
         # not weight[0].numel(): a layer may have 0 outputs (as functional._conv_gram_shape)
         d = math.prod(self.weight.shape[1:]) + gram_bias_row(self.weight, self.bias)
         return (d, d) if self._cx_call is F.linear else (self.groups, d, d)
 
-    def _cx_route(self, input, weight, bias=None, *args, **kwargs):
+    def _cx_route(self, input, weight, *args, **kwargs):
         if weight is not self.weight:
             return PASS
-        entry = _FUNCTIONAL_ENTRIES[self._cx_call]
-        return entry(input, weight, bias, *args, **kwargs, rule=self.rule, ridge=self.ridge,
-                     amortizer=amortizer_of(self))
+        if self._cx_call is not F.embedding:
+            kwargs["amortizer"] = amortizer_of(self)
+        return _FUNCTIONAL_ENTRIES[self._cx_call](input, weight, *args, **kwargs, rule=self.rule,
+                                                  ridge=self.ridge)
 
     def forward(self, *args, **kwargs):
         if rule_named(self.rule).bypass:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd
@@ -213,7 +214,10 @@ _FUNCTIONAL_CALLS = {
     nn.Conv1d: (F.conv1d, _conv_probe),
     nn.Conv2d: (F.conv2d, _conv_probe),
     nn.Conv3d: (F.conv3d, _conv_probe),
+    # Hugging Face's scaled embeddings (BART, Gemma, M2M100): super().forward(ids) · scale.
+    nn.Embedding: (F.embedding, lambda m: (2, 2)),     # (batch, tokens), as they take ids
 }
+_PROBE_DTYPES = {nn.Embedding: torch.long}    # indices; the others take the weight's dtype
 # Thin subclasses of these (no forward of their own) go through the functional call too;
 # those of Conv1d / Conv3d keep their base's C-class, as before the call was routed for them.
 _ROUTED_EVEN_THIN = (nn.Linear, nn.Conv2d)
@@ -259,8 +263,8 @@ def _thin_class(module_type: type) -> type:
 
 
 def subclass_kind(module) -> tuple[LayerKind | None, str | None]:
-    """(kind, None) for a subclass of nn.Linear / nn.Conv1d / Conv2d / Conv3d whose forward
-    passes its own weight to ``F.linear`` / ``F.convNd`` — checked by running that forward on a probe input on
+    """(kind, None) for a subclass of nn.Linear / nn.Conv1d / Conv2d / Conv3d / nn.Embedding
+    whose forward passes its own weight to ``F.linear`` / ``F.convNd`` / ``F.embedding`` — checked by running that forward on a probe input on
     the meta device (``routing.passes_own_weight``) — or of another registered class without
     a forward of its own (its C-class over it); (None, why not) otherwise; (None, None) for a
     module that is no such subclass."""
@@ -273,19 +277,21 @@ def subclass_kind(module) -> tuple[LayerKind | None, str | None]:
     if base is None:
         return None, None
     call, probe_shape = _FUNCTIONAL_CALLS[base]
-    why_not = passes_own_weight(module, call, probe_shape(module))
+    why_not = passes_own_weight(module, call, probe_shape(module), _PROBE_DTYPES.get(base))
     if why_not is not None:
         return None, why_not
     return LayerKind(_qualified_name(module_type), _functional_class(module_type)), None
 
 
 def _functional_class(module_type: type) -> type:
-    """The C-class of a Linear / ConvNd subclass matched through its functional call."""
+    """The C-class of a Linear / ConvNd / Embedding subclass matched through its functional
+    call."""
     c_type = _SUBCLASS_TYPES.get(module_type)
     if c_type is None:
         call = _FUNCTIONAL_CALLS[_functional_base(module_type)][0]
         c_type = _made_class(CFunctionalCall, module_type, f"{module_type.__name__} with its "
-                             f"F.{call.__name__} call on its own weight matched.", _cx_call=call)
+                             f"F.{call.__name__} call on its own weight matched.",
+                             _cx_call=staticmethod(call))  # F.embedding is a Python function
         _SUBCLASS_TYPES[module_type] = c_type
     return c_type
 
@@ -301,7 +307,7 @@ def made_from(module_type: type) -> tuple:
 
 def kind_for(module) -> LayerKind | None:
     """The kind ``consequentialize`` converts ``module`` with: its exact type's, else the
-    ``subclass_kind`` of a Linear / ConvNd subclass; None if it stays plain (also when its
+    ``subclass_kind`` of a Linear / ConvNd / Embedding subclass; None if it stays plain (also when its
     weight is ``derived_weight``)."""
     kind = kind_of(type(module)) or subclass_kind(module)[0]
     return None if kind is None or derived_weight(module, kind) else kind

@@ -53,9 +53,10 @@ def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def passes_own_weight(module: torch.nn.Module, func, probe_shape) -> str | None:
-    """None if ``module.forward``, run on an input of ``probe_shape``, calls ``func`` with its
-    own ``weight`` parameter as the second argument; otherwise why not.
+def passes_own_weight(module: torch.nn.Module, func, probe_shape, probe_dtype=None) -> str | None:
+    """None if ``module.forward``, run on an input of ``probe_shape`` (``probe_dtype``, else
+    the weight's), calls ``func`` with its own ``weight`` parameter as the second argument;
+    otherwise why not.
 
     The probe runs on a copy of the module on the meta device: no computation, and no side
     effect on the module (its buffers, its hooks' state).
@@ -70,7 +71,7 @@ def passes_own_weight(module: torch.nn.Module, func, probe_shape) -> str | None:
         def record(input, weight, *args, **kwargs):
             seen.append(weight is probe._parameters["weight"])
             return PASS
-        x = torch.zeros(probe_shape, device="meta", dtype=weight.dtype)
+        x = torch.zeros(probe_shape, device="meta", dtype=probe_dtype or weight.dtype)
         with torch.no_grad(), FunctionalRoute({func: record}):
             probe.forward(x)
     except Exception as error:  # noqa: BLE001  (any failure: the layer stays plain, saying why)

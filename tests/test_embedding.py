@@ -184,22 +184,7 @@ def clean_registry(monkeypatch):
     monkeypatch.setattr(cx.registry, "_KINDS", dict(cx.registry._KINDS))
 
 
-def test_a_c_class_for_an_embedding_with_extra_steps_must_run_its_forward(clean_registry):
-    """The C-class coverage suggests for a subclass with a forward of its own: the subclass
-    first in the bases keeps its forward (bit-identical) and matches the lookup inside it;
-    cx.CEmbedding first would run nn's forward without the extra steps — refused."""
-    class Wrong(cx.CEmbedding, _ScaledEmbedding):
-        pass
-
-    with pytest.raises(TypeError, match=r"c_type Wrong runs CEmbedding\.forward instead of "
-                                        r"_ScaledEmbedding's own: put _ScaledEmbedding first"):
-        cx.register_layer(_ScaledEmbedding, Wrong)
-    model = nn.Sequential(_ScaledEmbedding(V, E, padding_idx=1, dtype=torch.float64))
-    with pytest.warns(UserWarning, match="make a class of it and cx.CEmbedding, in that order"):
-        cx.consequentialize(model)
-    cx.register_layer(_ScaledEmbedding, type("Right", (_ScaledEmbedding, cx.CEmbedding), {}))
-    plain = copy.deepcopy(model)
-    cx.consequentialize(model, ridge=RIDGE)
+def _check_scaled_lookup_matched(model, plain):
     gen = torch.Generator().manual_seed(9)
     idx = _indices(3, 4, generator=gen)
     grad_out = torch.randn(3, 4, E, generator=gen, dtype=torch.float64)
@@ -207,6 +192,61 @@ def test_a_c_class_for_an_embedding_with_extra_steps_must_run_its_forward(clean_
     model(idx).backward(grad_out)
     want = reference(idx, model[0].weight, 3.0 * grad_out, RIDGE, padding_idx=1)
     assert rel_err(model[0].weight.grad, want) < 1e-10
+
+
+def test_an_embedding_with_extra_steps_is_matched_through_its_lookup():
+    """Hugging Face's scaled word embeddings (BART, Gemma: super().forward(ids) · scale) are
+    matched on the lookup their forward makes, the extra steps kept — they stayed plain."""
+    model = nn.Sequential(_ScaledEmbedding(V, E, padding_idx=1, dtype=torch.float64))
+    plain = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cx.consequentialize(model, ridge=RIDGE)
+    assert cx.coverage(model).share == 1.0
+    with pytest.raises(ValueError, match="no C-layer with a Gram to amortize"):
+        cx.amortize(model)                  # exact at O(V), as CEmbedding's
+    _check_scaled_lookup_matched(model, plain)
+
+
+class _LearnedPositions(nn.Embedding):
+    """Hugging Face's BART pattern: token ids (B, T) in, the rows of positions offset..T+offset
+    out (the probe's input must be 2-D for its shape unpacking)."""
+    def forward(self, input_ids):
+        batch, length = input_ids.shape[:2]
+        positions = torch.arange(length, device=self.weight.device).expand(batch, -1)
+        return super().forward(positions + 2)
+
+
+def test_learned_positions_are_matched_on_the_positions_looked_up():
+    layer = _LearnedPositions(V, E, dtype=torch.float64)
+    plain = copy.deepcopy(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cx.consequentialize(nn.Sequential(layer), ridge=RIDGE)
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    grad_out = torch.randn(3, 5, E, dtype=torch.float64)
+    assert torch.equal(layer(ids), plain(ids))
+    layer(ids).backward(grad_out)
+    positions = torch.arange(5).expand(3, -1) + 2
+    assert rel_err(layer.weight.grad, reference(positions, layer.weight, grad_out, RIDGE)) < 1e-10
+
+
+def test_a_c_class_for_an_embedding_with_extra_steps_must_run_its_forward(clean_registry):
+    """A C-class registered for such a subclass: the subclass first in the bases keeps its
+    forward (bit-identical) and matches the lookup inside it; cx.CEmbedding first would run
+    nn's forward without the extra steps — refused."""
+    class Wrong(cx.CEmbedding, _ScaledEmbedding):
+        pass
+
+    with pytest.raises(TypeError, match=r"c_type Wrong runs CEmbedding\.forward instead of "
+                                        r"_ScaledEmbedding's own: put _ScaledEmbedding first"):
+        cx.register_layer(_ScaledEmbedding, Wrong)
+    model = nn.Sequential(_ScaledEmbedding(V, E, padding_idx=1, dtype=torch.float64))
+    cx.register_layer(_ScaledEmbedding, type("Right", (_ScaledEmbedding, cx.CEmbedding), {}))
+    plain = copy.deepcopy(model)
+    cx.consequentialize(model, ridge=RIDGE)
+    assert type(model[0]).__name__ == "Right"
+    _check_scaled_lookup_matched(model, plain)
 
 
 def test_rules():
