@@ -203,10 +203,14 @@ register_layer("transformers.pytorch_utils.Conv1D", transposed=True)
 
 
 # Subclasses matched through the functional call their forward makes with their own weight
-# (``modules.CFunctionalCall``): base type → (that call, the shape of a probe input).
+# (``modules.CFunctionalCall``): base type → (that call, the shape of a probe input, or a list
+# of shapes tried in turn while the forward fails: ``routing.passes_own_weight``).
 def _conv_probe(m):
-    return (1, m.in_channels) + tuple(
+    spatial = tuple(
         2 * (d * (k - 1) + 1) + s for k, d, s in zip(m.kernel_size, m.dilation, m.stride))
+    # Channels first, as nn takes them; else channels last, for a forward that moves them
+    # first (Hugging Face's LASR / Parakeet CTC heads: (batch, time, channels) in and out).
+    return [(1, m.in_channels) + spatial, (1,) + spatial + (m.in_channels,)]
 
 
 _FUNCTIONAL_CALLS = {
@@ -215,7 +219,9 @@ _FUNCTIONAL_CALLS = {
     nn.Conv2d: (F.conv2d, _conv_probe),
     nn.Conv3d: (F.conv3d, _conv_probe),
     # Hugging Face's scaled embeddings (BART, Gemma, M2M100): super().forward(ids) · scale.
-    nn.Embedding: (F.embedding, lambda m: (2, 2)),     # (batch, tokens), as they take ids
+    # Ids (batch, tokens); else their shape, as the learned positions of LED and Blenderbot
+    # take (input_ids.shape: arange(seq_len) looked up).
+    nn.Embedding: (F.embedding, lambda m: [(2, 2), torch.Size((2, 2))]),
 }
 _PROBE_DTYPES = {nn.Embedding: torch.long}    # indices; the others take the weight's dtype
 # Thin subclasses of these (no forward of their own) go through the functional call too;

@@ -58,25 +58,40 @@ def passes_own_weight(module: torch.nn.Module, func, probe_shape, probe_dtype=No
     the weight's), calls ``func`` with its own ``weight`` parameter as the second argument;
     otherwise why not.
 
+    ``probe_shape`` may be a list of shapes, tried in turn while the forward fails on them
+    (the first it runs on decides); a ``torch.Size`` in it is passed as it is, for a forward
+    that takes a shape (the learned positions of Hugging Face's LED and Blenderbot).
+
     The probe runs on a copy of the module on the meta device: no computation, and no side
     effect on the module (its buffers, its hooks' state).
     """
     weight = module._parameters.get("weight")
     if weight is None:
         return "its weight is not a parameter of its own (a parametrization computes it)"
-    seen = []
-    try:
-        probe = _meta_copy(module)
+    shapes = probe_shape if isinstance(probe_shape, list) else [probe_shape]
+    first_error = None
+    for shape in shapes:
+        seen = []
+        try:
+            probe = _meta_copy(module)
 
-        def record(input, weight, *args, **kwargs):
-            seen.append(weight is probe._parameters["weight"])
-            return PASS
-        x = torch.zeros(probe_shape, device="meta", dtype=probe_dtype or weight.dtype)
-        with torch.no_grad(), FunctionalRoute({func: record}):
-            probe.forward(x)
-    except Exception as error:  # noqa: BLE001  (any failure: the layer stays plain, saying why)
-        return f"its forward failed on a probe input of shape {tuple(probe_shape)}: {error}"
-    if not any(seen):
-        return (f"its forward does not pass its own weight to F.{func.__name__} (it transforms "
-                f"the weight first, or calls something else)")
-    return None
+            def record(input, weight, *args, **kwargs):
+                seen.append(weight is probe._parameters["weight"])
+                return PASS
+            x = shape if type(shape) is torch.Size else torch.zeros(
+                shape, device="meta", dtype=probe_dtype or weight.dtype)
+            with torch.no_grad(), FunctionalRoute({func: record}):
+                probe.forward(x)
+        except Exception as error:  # noqa: BLE001  (any failure: the layer stays plain, saying why)
+            first_error = first_error or error
+            continue
+        if not any(seen):
+            return (f"its forward does not pass its own weight to F.{func.__name__} (it "
+                    f"transforms or indexes the weight first, or calls something else)")
+        return None
+    # The first line: an overload error of torch lists every signature on the lines below.
+    message = (str(first_error).strip().splitlines() or [type(first_error).__name__])[0]
+    others = "".join(f" (and on {tuple(s) if type(s) is not torch.Size else s})"
+                     for s in shapes[1:])
+    return (f"its forward failed on a probe input of shape {tuple(shapes[0])}{others}: "
+            f"{message}")

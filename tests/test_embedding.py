@@ -231,6 +231,54 @@ def test_learned_positions_are_matched_on_the_positions_looked_up():
     assert rel_err(layer.weight.grad, reference(positions, layer.weight, grad_out, RIDGE)) < 1e-10
 
 
+class _PositionsOfAShape(nn.Embedding):
+    """Hugging Face's LED / Blenderbot / BlenderbotSmall learned positions: forward takes
+    ``input_ids.shape`` (a torch.Size), not the ids."""
+    def forward(self, input_ids_shape, cache_length=0):
+        batch, length = input_ids_shape[:2]
+        positions = torch.arange(cache_length, cache_length + length, dtype=torch.long,
+                                 device=self.weight.device)
+        return super().forward(positions)
+
+
+def test_learned_positions_taking_a_shape_are_matched_on_the_positions_looked_up():
+    """The probe tries the ids' shape where the forward fails on ids: such positions stayed
+    plain, named with a many-line overload error of torch.arange."""
+    layer = _PositionsOfAShape(V, E, dtype=torch.float64)
+    plain = copy.deepcopy(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cx.consequentialize(nn.Sequential(layer), ridge=RIDGE)
+    assert cx.coverage(layer).share == 1.0
+    shape = torch.Size((3, 5))
+    grad_out = torch.randn(5, E, dtype=torch.float64)
+    assert torch.equal(layer(shape, 2), plain(shape, 2))
+    layer(shape, 2).backward(grad_out)
+    positions = torch.arange(2, 7)
+    assert rel_err(layer.weight.grad, reference(positions, layer.weight, grad_out, RIDGE)) < 1e-10
+
+
+def test_an_embedding_the_probe_cannot_run_is_named_with_the_first_line_of_the_error():
+    class NeedsDevice(nn.Embedding):           # ProphetNet: forward(inputs_shape, device)
+        def forward(self, inputs_shape, device):
+            return super().forward(torch.ones(inputs_shape, dtype=torch.long, device=device))
+
+    class Overload(nn.Embedding):              # torch.arange to a tensor: a many-line TypeError
+        def forward(self, ids):
+            return super().forward(torch.arange(0, ids, device=self.weight.device))
+
+    model = nn.Sequential(NeedsDevice(V, E), Overload(V, E))
+    with pytest.warns(UserWarning) as caught:
+        cx.consequentialize(model)
+    text = str(caught[0].message)
+    assert ("0 (a subclass of Embedding: its forward failed on a probe input of shape (2, 2) "
+            "(and on torch.Size([2, 2])): ") in text
+    assert "NeedsDevice.forward() missing 1 required positional argument: 'device')" in text
+    assert "1 (a subclass of Embedding: its forward failed on a probe input of shape (2, 2)" \
+        in text and "\n" not in text
+    assert type(model[0]) is NeedsDevice and type(model[1]) is Overload
+
+
 def test_a_c_class_for_an_embedding_with_extra_steps_must_run_its_forward(clean_registry):
     """A C-class registered for such a subclass: the subclass first in the bases keeps its
     forward (bit-identical) and matches the lookup inside it; cx.CEmbedding first would run

@@ -148,6 +148,31 @@ def test_conv1d_and_conv3d_same_are_matched_on_their_padded_input(cls, conf, sha
         assert rel_err(layer.bias.grad, gb) < 1e-8
 
 
+class ChannelsLastConv1d(nn.Conv1d):
+    """Hugging Face's LASR / Parakeet CTC heads: (batch, time, channels) in and out."""
+    def forward(self, hidden_states):
+        return super().forward(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+
+def test_conv1d_taking_channels_last_is_matched_on_the_input_it_passes():
+    """The probe tries channels last where the forward fails on channels first: such a head
+    stayed plain ('Invalid channel dimensions')."""
+    torch.manual_seed(6)
+    layer = ChannelsLastConv1d(6, 4, 3, padding=1, dtype=torch.float64)
+    plain = ChannelsLastConv1d(6, 4, 3, padding=1, dtype=torch.float64)
+    plain.load_state_dict(layer.state_dict())
+    _convert_silently(nn.Sequential(layer))
+    assert type(layer).__name__ == "CChannelsLastConv1d" and cx.coverage(layer).share == 1.0
+    x = torch.randn(2, 7, 6, dtype=torch.float64)
+    y = layer(x)
+    assert torch.equal(y, plain(x))
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    gw, gb = matched_conv(x.transpose(1, 2), layer.weight, layer.bias, grad_out.transpose(1, 2),
+                          layer.stride, layer.padding, layer.dilation, layer.groups, RIDGE)
+    assert rel_err(layer.weight.grad, gw) < 1e-8 and rel_err(layer.bias.grad, gb) < 1e-8
+
+
 def test_linear_subclass_is_matched_on_the_input_it_passes():
     torch.manual_seed(2)
     layer = ScaledInputLinear(7, 3, dtype=torch.float64)
