@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "corr_kernel.h"
+#include "thread_count.h"
 
 namespace consequential_ext::cpu {
 namespace {
@@ -68,6 +69,7 @@ at::ScalarType accumulate_type(const at::Tensor& x) {
 
 // The Gram of x for a geometry checked_geometry gave.
 at::Tensor gram_with(const at::Tensor& x, const PatchGeometry& g, Algorithm algorithm) {
+  keep_thread_count();
   const int64_t d = gram_size(x, g);
   // Every algorithm initialises every entry itself, on one thread (a parallel fill is a
   // thread hand-off that costs more than the fill on a busy machine).
@@ -153,6 +155,7 @@ std::tuple<at::Tensor, at::Tensor> conv_gram_grad_cpu(
   check_grad_output(x, grad_output, g, "conv_gram_grad");
   if (!brings_grad(x, grad_output, g))
     return {gram_with(x, g, Algorithm::kAuto), aten_weight_grad(x, grad_output, g)};
+  keep_thread_count();
   const int64_t d = gram_size(x, g), out = grad_output.size(1);
   auto gram = at::empty({groups, d, d}, x.options().dtype(accumulate_type(x)));
   auto grad = at::empty({groups, out / groups, d}, x.options().dtype(accumulate_type(x)));
@@ -169,6 +172,7 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& x, const at::Tensor& grad_outp
   const PatchGeometry g = checked_geometry(x, kernel_size, stride, padding, dilation, groups, bias);
   check_grad_output(x, grad_output, g, "conv_weight_grad");
   if (!brings_grad(x, grad_output, g)) return aten_weight_grad(x, grad_output, g);
+  keep_thread_count();
   auto grad = at::empty({groups, grad_output.size(1) / groups, gram_size(x, g)},
                         x.options().dtype(accumulate_type(x)));
   at::Tensor no_gram;

@@ -8,16 +8,11 @@
 
 #include <cmath>
 #include <optional>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "escalation.h"
 #include "lapack_solve.h"
 #include "ridge_solve_lanes.h"
-
-// MKL's per-thread thread count (exported by torch's MKL builds; null elsewhere).
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#include "thread_count.h"
 
 namespace consequential_ext::cpu {
 namespace {
@@ -83,6 +78,7 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
                         ? at::kDouble
                         : at::kFloat;
   const double d = static_cast<double>(gram.size(-1));
+  keep_thread_count();  // before SingleThreaded reads the count it restores
   std::optional<SingleThreaded> single;
   if (static_cast<double>(gram.numel()) * d <= kSerialWork) single.emplace();
   if (!all_finite(gram) || !all_finite(grad)) {
