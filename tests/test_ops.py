@@ -324,3 +324,67 @@ def test_ops_are_differentiable_where_autograd_records(forced):
         with torch.no_grad():                           # nothing recorded: the kernels run
             out = cx.ops.ridge_solve(gram, grad[0], 0.3)
     torch.testing.assert_close(out, reference.ridge_solve(gram.detach(), grad[0].detach(), 0.3))
+
+
+def _indefinite(groups, d, negative, gen):
+    """Systems (groups, d, d) with eigenvalues in [1, 2) but the first, ``negative[i]``: the
+    ridge 1e-3 escalates to the first power of ten above -negative[i] (NaN from -1e30)."""
+    q, _ = torch.linalg.qr(torch.randn(groups, d, d, dtype=torch.float64, generator=gen))
+    eig = torch.rand(groups, d, dtype=torch.float64, generator=gen) + 1
+    eig[:, 0] = torch.as_tensor(negative, dtype=torch.float64)
+    return (q * eig[:, None]) @ q.transpose(1, 2)
+
+
+def test_an_escalated_batch_is_solved_again_at_once_not_one_call_per_system(monkeypatch):
+    # A depthwise conv's hundreds of groups escalating: the batch's compiled solve escalates
+    # them all at once, and each system's own ridge came from one compiled call per system
+    # (35 ms for 2048 groups of D = 10, against 0.8 ms for the batch): now from the
+    # reference's batched per-system escalation, the float64 per-system solve all the same.
+    if "cpu" not in cx.ops.available_backends("ridge_solve", "cpu"):
+        pytest.skip("no compiled CPU solve")
+    gen = torch.Generator().manual_seed(3)
+    groups, d = 256, 6
+    negative = torch.where(torch.arange(groups) % 3 == 0, -0.5, -0.05)  # λ = 1 and λ = 0.1
+    gram = _indefinite(groups, d, negative, gen)
+    grad = torch.randn(groups, 2, d, dtype=torch.float64, generator=gen)
+    calls = []
+    real = torch.ops.consequential_ext.ridge_solve
+    monkeypatch.setattr(torch.ops.consequential_ext, "ridge_solve",
+                        lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(reference, "_escalation_warned", False)
+    with cx.ops.use_backend("cpu"), pytest.warns(RuntimeWarning, match="escalated from 0.001 to 1"):
+        out = cx.ops.ridge_solve(gram, grad, 1e-3)
+    assert len(calls) == 1
+    lam = torch.where(negative == -0.5, 1.0, 0.1).to(torch.float64)
+    lam[lam != 1.0] = 0.1                                        # not float32's 0.1
+    expected = torch.linalg.solve(gram + lam[:, None, None] * torch.eye(d, dtype=torch.float64),
+                                  grad.mT).mT
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
+def test_a_system_no_ridge_rescues_is_nan_alone_on_every_backend(backend, monkeypatch):
+    # The compiled and Triton solves NaN only that system (a group of a conv, apart from the
+    # others); the reference NaN-ed the whole batch. The rescued and healthy ones are solved
+    # at their own ridge, as the float64 solve of each alone.
+    gen = torch.Generator().manual_seed(4)
+    gram = _indefinite(4, 5, [1.0, -1e30, -0.5, 1.5], gen)
+    grad = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen)
+    with cx.ops.use_backend(backend), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = cx.ops.ridge_solve(gram, grad, 1e-3)
+    assert any("gradient is NaN" in str(w.message) for w in caught)
+    assert out[1].isnan().all() and not out[[0, 2, 3]].isnan().any()
+    lam = torch.tensor([1e-3, 0.0, 1.0, 1e-3], dtype=torch.float64)
+    expected = torch.linalg.solve(gram + lam[:, None, None] * torch.eye(5, dtype=torch.float64),
+                                  grad.mT).mT
+    torch.testing.assert_close(out[[0, 2, 3]], expected[[0, 2, 3]], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
+def test_an_escalated_batch_without_right_hand_sides_is_empty(backend):
+    # grad (..., 0, D): the per-system re-solve reshaped it with -1 (ambiguous: an exception).
+    with cx.ops.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = cx.ops.ridge_solve(-torch.eye(3).repeat(2, 1, 1), torch.randn(2, 0, 3), 1e-3)
+    assert out.shape == (2, 0, 3)

@@ -262,6 +262,25 @@ def test_ridge_solve_escalates_once_with_a_warning(monkeypatch):
         triton_ops.ridge_solve(gram, grad, 0.1, None)  # warned once per process
 
 
+def test_ridge_solve_escalates_each_system_alone(monkeypatch):
+    # A batch one of whose systems fails: each system's ridge escalates alone (the batched
+    # per-system escalation of the reference, not a Triton launch and host sync per system),
+    # and one that no ridge rescues is NaN alone.
+    monkeypatch.setattr(reference, "_escalation_warned", False)
+    eig = torch.tensor([[1.0] * 5, [-0.5] + [1.0] * 4, [-1e30] + [1.0] * 4, [2.0] * 5])
+    gram = torch.diag_embed(eig).to(DEVICE)
+    grad = torch.randn(4, 3, 5, device=DEVICE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = triton_ops.ridge_solve(gram, grad, 1e-3, None).cpu()
+    assert any("gradient is NaN" in str(w.message) for w in caught)
+    lam = torch.tensor([1e-3, 1.0, 0.0, 1e-3], dtype=torch.float64)
+    expected = grad.cpu().double() / (eig.double() + lam[:, None])[:, None, :]
+    assert got[2].isnan().all()
+    torch.testing.assert_close(got[[0, 1, 3]].double(), expected[[0, 1, 3]], rtol=1e-6,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("where", ["gram", "grad"])
 def test_ridge_solve_non_finite_gives_nan(where):
     gram = torch.eye(5, device=DEVICE).repeat(2, 1, 1)

@@ -95,8 +95,9 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
     gram: (..., D, D) symmetric PSD; grad: (..., M, D) with the same batch dims.
     A failed factorisation of finite input escalates that system's ridge ×10 and tries again,
     at most ``max_escalations`` factorisations in all (``max_escalations - 1`` escalations; one
-    warning per process), then gives NaN (a warning each time); non-finite input gives
-    non-finite output rather than an exception, so ``GradScaler`` can skip the step.
+    warning per process), then gives that system NaN (a warning each time; the others keep
+    their solve, as separate layers would); non-finite input gives non-finite output rather
+    than an exception, so ``GradScaler`` can skip the step.
     """
     out_dtype = grad.dtype if out_dtype is None else out_dtype
     work = torch.float64 if torch.float64 in (gram.dtype, grad.dtype) else torch.float32
@@ -109,18 +110,28 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
     # One ridge per system: a batch is independent systems (the groups of a conv), and one
     # that fails must not escalate the others' (a grouped conv equals its groups apart).
     lam = torch.full(a.shape[:-2], float(ridge), dtype=torch.float64, device=a.device)
-    for attempt in range(max_escalations):
-        chol, info = torch.linalg.cholesky_ex(a + lam.to(work)[..., None, None] * eye)
-        failed = info != 0
+    chol, info = torch.linalg.cholesky_ex(a + lam.to(work)[..., None, None] * eye)
+    failed = info != 0
+    for _ in range(max_escalations - 1):
         if not bool(failed.any()):
-            if attempt:
-                warn_escalated(ridge, float(lam.max()))
-            return torch.cholesky_solve(g.transpose(-1, -2), chol).transpose(-1, -2).to(out_dtype)
+            break
         lam = torch.where(failed, lam * 10.0, lam)
-    # Still indefinite (finite but absurd input, e.g. a diverging run): NaN, never an
-    # exception inside backward, so GradScaler / the user sees a non-finite step.
+        # Only the failed systems are factored again, at their escalated ridge (a depthwise
+        # conv's hundreds of groups where a few escalate): the others keep their factor.
+        escalated = lam[failed].to(work)[:, None, None]
+        part, info = torch.linalg.cholesky_ex(a[failed] + escalated * eye)
+        chol[failed] = part
+        failed = failed.masked_scatter(failed, info != 0)
+    out = torch.cholesky_solve(g.transpose(-1, -2), chol).transpose(-1, -2)
+    if not bool(failed.any()):
+        if bool((lam != ridge).any()):
+            warn_escalated(ridge, float(lam.max()))
+        return out.to(out_dtype)
+    # Still indefinite (finite but absurd input, e.g. a diverging run): NaN for those systems,
+    # never an exception inside backward, so GradScaler / the user sees a non-finite step;
+    # the others keep their solve, as the compiled and Triton solves give them.
     warn_escalated(ridge, math.inf)
-    return torch.full_like(g, float("nan"), dtype=out_dtype)
+    return out.masked_fill_(failed[..., None, None], float("nan")).to(out_dtype)
 
 
 def warn_escalated(ridge, lam):

@@ -104,8 +104,8 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
   double lam = ridge;
   for (int attempt = 0; attempt < kMaxEscalations; ++attempt, lam *= 10.0) {
     // Not positive definite on finite input: escalate the ridge ×10 for the whole batch (the
-    // record makes ops.ridge_solve solve a batch that escalated again one system at a time,
-    // so each system's ridge escalates alone, as the reference's).
+    // record makes ops.ridge_solve solve a batch that escalated again with the reference's
+    // per-system escalation, so each system's ridge escalates alone).
     std::optional<at::Tensor> x;
     auto a = in_lanes ? at::Tensor() : with_ridge(lam);
     if (in_lanes) {

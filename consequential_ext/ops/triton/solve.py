@@ -262,10 +262,9 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, *, block_m=0, block_d=0):
             return torch.full(grad.shape, float("nan"), dtype=out_dtype, device=grad.device)
         if not failed:
             break
-        if a.shape[0] > 1:   # one ridge per system, as reference.ridge_solve: each alone
-            return torch.cat([ridge_solve(a[i:i + 1], g[i:i + 1], ridge, out_dtype,
-                                          block_m=block_m, block_d=block_d)
-                              for i in range(a.shape[0])]).reshape(grad.shape)
+        if a.shape[0] > 1:   # one ridge per system: the reference's batched escalation (a
+            # solve per system would cost a launch and a host sync for each of hundreds of groups)
+            return reference.ridge_solve(gram, grad, ridge, out_dtype)
         lam *= 10.0
     else:  # still indefinite: NaN, never an exception inside backward
         reference.warn_escalated(ridge, math.inf)
