@@ -740,6 +740,12 @@ MUTANTS = [
        EMULATION + "::test_ridge_solve_matches_reference",
        why="a factor past 48 KiB of shared memory launches only after opting in"),
 
+    _m("cpu.thread-count-reset-mid-kernel", "csrc/cpu/gram_cpu.cpp",
+       "Algorithm algorithm) {\n  keep_thread_count();\n", "Algorithm algorithm) {\n",
+       "tests/test_threads.py::test_a_threads_first_kernel_call_keeps_its_thread_count",
+       why="a thread's first kernel call ran with another thread's count: per-thread slots "
+           "overrun (segfault) or the helpers' chunks lost"),
+
     # ---- ops/triton: run through the Triton interpreter -----------------------------------
     _m("triton.column-shift-from-padding-h", PY + "ops/triton/gram.py",
        "dx = (kk % KW) * DW - PW", "dx = (kk % KW) * DW - PH",
