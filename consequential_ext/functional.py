@@ -488,11 +488,6 @@ def _conv_conf(stride, padding, dilation, groups, tuple_of):
     return (tuple_of(stride), padding, tuple_of(dilation), groups)
 
 
-def _transpose_conf(stride, padding, output_padding, groups, dilation, tuple_of):
-    return (tuple_of(stride), tuple_of(padding), tuple_of(output_padding), tuple_of(dilation),
-            groups)
-
-
 class CConv1dFunction(torch.autograd.Function):
     """``F.conv1d`` forward; backward by the rule (``cconv1d`` is the entry point)."""
     cx_saved_weight_index = 1
@@ -533,6 +528,14 @@ class CConv3dFunction(torch.autograd.Function):
         return *_apply_rule(ctx, layer), None, None, None, None, None, None, None, None
 
 
+def _transpose_forward(ctx, conv, tuple_of, input, weight, bias, stride, padding,
+                       output_padding, groups, dilation, rule, ridge, amortizer):
+    _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
+    ctx.conf = (tuple_of(stride), tuple_of(padding), tuple_of(output_padding),
+                tuple_of(dilation), groups)
+    return conv(input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
 class _CConvTransposeFunction(torch.autograd.Function):
     """The backward CConvTranspose1d/2d/3dFunction share (``gradients.ConvTransposeGradients``,
     any number of spatial dims); each subclass's forward is its ``F.conv_transposeNd``."""
@@ -553,10 +556,9 @@ class CConvTranspose1dFunction(_CConvTransposeFunction):
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, output_padding, groups, dilation,
                 rule, ridge, amortizer=None):
-        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
-        ctx.conf = _transpose_conf(stride, padding, output_padding, groups, dilation, _single)
-        return F.conv_transpose1d(input, weight, bias, stride, padding, output_padding, groups,
-                                  dilation)
+        return _transpose_forward(ctx, F.conv_transpose1d, _single, input, weight, bias, stride,
+                                  padding, output_padding, groups, dilation, rule, ridge,
+                                  amortizer)
 
 
 class CConvTranspose2dFunction(_CConvTransposeFunction):
@@ -566,10 +568,9 @@ class CConvTranspose2dFunction(_CConvTransposeFunction):
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, output_padding, groups, dilation,
                 rule, ridge, amortizer=None):
-        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
-        ctx.conf = _transpose_conf(stride, padding, output_padding, groups, dilation, _pair)
-        return F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
-                                  dilation)
+        return _transpose_forward(ctx, F.conv_transpose2d, _pair, input, weight, bias, stride,
+                                  padding, output_padding, groups, dilation, rule, ridge,
+                                  amortizer)
 
 
 class CConvTranspose3dFunction(_CConvTransposeFunction):
@@ -579,10 +580,9 @@ class CConvTranspose3dFunction(_CConvTransposeFunction):
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, output_padding, groups, dilation,
                 rule, ridge, amortizer=None):
-        _save_common(ctx, input, weight, bias, rule, ridge, amortizer)
-        ctx.conf = _transpose_conf(stride, padding, output_padding, groups, dilation, _triple)
-        return F.conv_transpose3d(input, weight, bias, stride, padding, output_padding, groups,
-                                  dilation)
+        return _transpose_forward(ctx, F.conv_transpose3d, _triple, input, weight, bias, stride,
+                                  padding, output_padding, groups, dilation, rule, ridge,
+                                  amortizer)
 
 
 def _check_tensors(input, weight, bias):

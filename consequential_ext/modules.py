@@ -298,6 +298,14 @@ class _CConvTransposeNd(CLayerMixin):
     _cx_conv = None
     _cx_dims = 0
 
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
+                 device=None, dtype=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
+        # nn.ConvTranspose1d / 2d / 3d's arguments (one signature for the three)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding,
+                         groups, bias, dilation, padding_mode, device, dtype)
+        self.rule, self.ridge = rule, ridge
+
     def cx_gram_shape(self):
         channels = self.in_channels // self.groups
         return (self.groups, channels, channels)
@@ -323,13 +331,6 @@ class CConvTranspose1d(_CConvTransposeNd, nn.ConvTranspose1d):
     _cx_conv = staticmethod(CF.cconv_transpose1d)
     _cx_dims = 1
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
-                 device=None, dtype=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding,
-                         groups, bias, dilation, padding_mode, device, dtype)
-        self.rule, self.ridge = rule, ridge
-
 
 class CConvTranspose2d(_CConvTransposeNd, nn.ConvTranspose2d):
     """``nn.ConvTranspose2d`` whose weight gets the gradient of ``rule``, matched on the
@@ -343,13 +344,6 @@ class CConvTranspose2d(_CConvTransposeNd, nn.ConvTranspose2d):
     _cx_conv = staticmethod(CF.cconv_transpose2d)
     _cx_dims = 2
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
-                 device=None, dtype=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding,
-                         groups, bias, dilation, padding_mode, device, dtype)
-        self.rule, self.ridge = rule, ridge
-
 
 class CConvTranspose3d(_CConvTransposeNd, nn.ConvTranspose3d):
     """``nn.ConvTranspose3d`` matched on the pre-overlap blocks as ``CConvTranspose2d`` is (X
@@ -361,10 +355,3 @@ class CConvTranspose3d(_CConvTransposeNd, nn.ConvTranspose3d):
 
     _cx_conv = staticmethod(CF.cconv_transpose3d)
     _cx_dims = 3
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
-                 device=None, dtype=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding,
-                         groups, bias, dilation, padding_mode, device, dtype)
-        self.rule, self.ridge = rule, ridge

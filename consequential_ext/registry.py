@@ -225,7 +225,8 @@ _FUNCTIONAL_CALLS = {
 }
 _PROBE_DTYPES = {nn.Embedding: torch.long}    # indices; the others take the weight's dtype
 # Thin subclasses of these (no forward of their own) go through the functional call too;
-# those of Conv1d / Conv3d keep their base's C-class, as before the call was routed for them.
+# those of Conv1d / Conv3d / Embedding keep their base's C-class, as before their call was
+# routed.
 _ROUTED_EVEN_THIN = (nn.Linear, nn.Conv2d)
 _SUBCLASS_TYPES: dict[type, type] = {}
 
@@ -270,8 +271,9 @@ def _thin_class(module_type: type) -> type:
 
 def subclass_kind(module) -> tuple[LayerKind | None, str | None]:
     """(kind, None) for a subclass of nn.Linear / nn.Conv1d / Conv2d / Conv3d / nn.Embedding
-    whose forward passes its own weight to ``F.linear`` / ``F.convNd`` / ``F.embedding`` — checked by running that forward on a probe input on
-    the meta device (``routing.passes_own_weight``) — or of another registered class without
+    whose forward passes its own weight to ``F.linear`` / ``F.convNd`` / ``F.embedding`` —
+    checked by running that forward on a probe input on the meta device
+    (``routing.passes_own_weight``) — or of another registered class without
     a forward of its own (its C-class over it); (None, why not) otherwise; (None, None) for a
     module that is no such subclass."""
     module_type = type(module)
@@ -313,8 +315,8 @@ def made_from(module_type: type) -> tuple:
 
 def kind_for(module) -> LayerKind | None:
     """The kind ``consequentialize`` converts ``module`` with: its exact type's, else the
-    ``subclass_kind`` of a Linear / ConvNd / Embedding subclass; None if it stays plain (also when its
-    weight is ``derived_weight``)."""
+    ``subclass_kind`` of a Linear / ConvNd / Embedding subclass; None if it stays plain (also
+    when its weight is ``derived_weight``)."""
     kind = kind_of(type(module)) or subclass_kind(module)[0]
     return None if kind is None or derived_weight(module, kind) else kind
 

@@ -53,7 +53,8 @@ def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def passes_own_weight(module: torch.nn.Module, func, probe_shape, probe_dtype=None) -> str | None:
+def passes_own_weight(module: torch.nn.Module, func, probe_shape,
+                      probe_dtype=None) -> str | None:
     """None if ``module.forward``, run on an input of ``probe_shape`` (``probe_dtype``, else
     the weight's), calls ``func`` with its own ``weight`` parameter as the second argument;
     otherwise why not.
