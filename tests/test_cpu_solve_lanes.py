@@ -43,9 +43,13 @@ def test_lane_solve_escalates_each_system_like_reference(monkeypatch):
     torch.ops.consequential_ext.take_ridge_escalations()
     gram, grad = _spd_batch((24,), 12, 2)
     gram[19] -= 0.5 * torch.eye(12, dtype=torch.float64) * gram[19].diagonal().max()
-    solve_op(gram, grad, 1e-3, None)
+    raw = solve_op(gram, grad, 1e-3, None)
     requested, escalated = torch.ops.consequential_ext.take_ridge_escalations()
     assert requested == 1e-3 and escalated > 1e-3
+    with warnings.catch_warnings():   # the kernel: every lane at the escalated ridge
+        warnings.simplefilter("ignore")
+        assert torch.allclose(raw, reference.ridge_solve(gram, grad, escalated), rtol=1e-9,
+                              atol=1e-12)
     # ops.ridge_solve: the escalation is system 19's alone, as in the reference
     with cx.ops.use_backend("cpu"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
