@@ -388,3 +388,37 @@ def test_an_escalated_batch_without_right_hand_sides_is_empty(backend):
         warnings.simplefilter("ignore")
         out = cx.ops.ridge_solve(-torch.eye(3).repeat(2, 1, 1), torch.randn(2, 0, 3), 1e-3)
     assert out.shape == (2, 0, 3)
+
+
+def test_an_escalated_solve_is_differentiable_where_autograd_records():
+    # Where an input requires grad the reference runs so that autograd differentiates it; its
+    # per-system escalation wrote the re-factored systems into cholesky_ex's saved factor and
+    # NaN-ed cholesky_solve's saved result in place: backward raised. The gradient is that of
+    # each system's solve at its own escalated ridge (float64 linalg.solve per system).
+    gen = torch.Generator().manual_seed(12)
+    base = _indefinite(3, 4, [1.0, -0.5, 2.0], gen)
+    gram = base.clone().requires_grad_()
+    grad = torch.randn(3, 2, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    weights = torch.randn(3, 2, 4, dtype=torch.float64, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (cx.ops.ridge_solve(gram, grad, 1e-3) * weights).sum().backward()
+    lam = torch.tensor([1e-3, 1.0, 1e-3], dtype=torch.float64)
+    gram_ref, grad_ref = base.clone().requires_grad_(), grad.detach().clone().requires_grad_()
+    solved = torch.linalg.solve(gram_ref + lam[:, None, None] * torch.eye(4, dtype=torch.float64),
+                                grad_ref.mT).mT
+    (solved * weights).sum().backward()
+    torch.testing.assert_close(grad.grad, grad_ref.grad, rtol=1e-10, atol=1e-12)
+    sym = lambda t: (t + t.mT) / 2   # a Cholesky reads one triangle
+    torch.testing.assert_close(sym(gram.grad), sym(gram_ref.grad), rtol=1e-8, atol=1e-10)
+    # one system no ridge rescues: NaN alone, and backward still runs for the others
+    gram = torch.diag_embed(torch.tensor([[1.0, 2.0], [-1e30, 1.0]],
+                                         dtype=torch.float64)).requires_grad_()
+    grad = torch.randn(2, 1, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = cx.ops.ridge_solve(gram, grad, 1e-3)
+    assert out[1].isnan().all() and not out[0].isnan().any()
+    out[0].sum().backward()
+    torch.testing.assert_close(grad.grad[0], 1 / torch.tensor([[1.001, 2.001]],
+                                                              dtype=torch.float64))
