@@ -4,6 +4,7 @@ import nothing above them: everything may use this module."""
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -32,6 +33,26 @@ def gram_bias_row(weight, bias) -> bool:
     the bias does; a layer whose weight is frozen uses no amortizer, so it is sized for when
     it is unfrozen whole (``requires_grad_(True)``, a backbone after a frozen warm-up)."""
     return trains(bias) or (bias is not None and not weight.requires_grad)
+
+
+# The shape of an amortised layer's Gram, one place for the functional entries' amortizer
+# checks and the modules' ``cx_gram_shape``.
+def linear_gram_shape(weight, bias):
+    """A linear layer's (D, D), ``weight`` as (out, in)."""
+    d = weight.shape[1] + gram_bias_row(weight, bias)
+    return (d, d)
+
+
+def conv_gram_shape(weight, bias, groups):
+    """A conv's (groups, D, D): not weight[0].numel(), as a conv may have 0 outputs."""
+    d = math.prod(weight.shape[1:]) + gram_bias_row(weight, bias)
+    return (groups, d, d)
+
+
+def transpose_gram_shape(weight, bias, groups):
+    """A transposed conv's (groups, C_in/g, C_in/g): its bias is matched apart, no row."""
+    channels = weight.shape[0] // groups
+    return (groups, channels, channels)
 
 
 def check_rule(rule):

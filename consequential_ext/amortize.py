@@ -69,18 +69,14 @@ class GramAmortizer(nn.Module):
         if self.every % self.gram_every:
             raise ValueError(f"gram_every must divide every (each refactorisation uses a fresh "
                              f"Gram); got gram_every={gram_every!r}, every={every!r}")
-        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) \
-                or not math.isfinite(decay) or not 0 <= decay < 1:
+        if not (_finite_real(decay) and 0 <= decay < 1):
             raise ValueError(f"decay must be a float in [0, 1); got {decay!r}")
-        if gram_oversample is not None and (
-                isinstance(gram_oversample, bool) or not isinstance(gram_oversample,
-                                                                    numbers.Real)
-                or not math.isfinite(gram_oversample) or gram_oversample < 1):
+        if gram_oversample is not None and not (_finite_real(gram_oversample)
+                                                and gram_oversample >= 1):
             raise ValueError(f"gram_oversample must be a finite float >= 1 or None; got "
                              f"{gram_oversample!r}")
         self.gram_oversample = None if gram_oversample is None else float(gram_oversample)
-        if isinstance(damping, bool) or not isinstance(damping, numbers.Real) \
-                or not math.isfinite(damping) or damping < 0:
+        if not (_finite_real(damping) and damping >= 0):
             raise ValueError(f"damping must be a finite float >= 0; got {damping!r}")
         self.safeguard_columns = None if safeguard_columns is None \
             else _check_count("safeguard_columns", safeguard_columns)
@@ -223,8 +219,14 @@ def _all_finite(t):
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def _finite_real(value) -> bool:
+    # numbers.Real: NumPy's scalars pass, as they do for ridge and lr; never a bool
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) \
+        and math.isfinite(value)
+
+
 def _check_count(name, value):
-    # numbers.Integral / Real (above): NumPy's scalars pass, as they do for ridge and lr
+    # numbers.Integral: NumPy's integers pass, as _finite_real's reals do
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an int >= 1; got {value!r}")
     return int(value)

@@ -28,9 +28,10 @@ from ._validate import (DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, CLayerMixin, chec
 __all__ = ["consequentialize"]
 
 _NORM_TARGETS = {nn.BatchNorm1d: BackMatchBatchNorm1d, nn.BatchNorm2d: BackMatchBatchNorm2d}
-# Norms with no back-matching version at all: they pass BP's signal, which a back-matching
-# rule would change (eq. 26 / eq. 36's factor), so they are named as BatchNorm3d is.
-_OTHER_NORMS = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+# Norms with no back-matching version (every batch norm but 1d / 2d, which come first): they
+# pass BP's signal, which a back-matching rule would change (eq. 26 / eq. 36's factor), so
+# they are named in the warning.
+_OTHER_NORMS = tuple(t for t in (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
                                  getattr(nn, "RMSNorm", None),
                                  nn.modules.instancenorm._InstanceNorm) if t is not None)
 
@@ -164,18 +165,15 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
         if isinstance(module, (BackMatchBatchNorm1d, BackMatchBatchNorm2d)):
             module.rule = rule                  # converted before: the new rule, as any C-layer
             continue
-        if batchnorm and isinstance(module, _BatchNorm):
+        if batchnorm and isinstance(module, tuple(_NORM_TARGETS)):
             if type(module) in _NORM_TARGETS:
                 module.__class__ = _NORM_TARGETS[type(module)]
                 module.rule = rule
-            elif isinstance(module, tuple(_NORM_TARGETS)):
+            else:
                 skipped_norms.append(f"{name} ({type(module).__name__} is a subclass with its "
                                      f"own behaviour)")
-            else:   # BatchNorm3d, SyncBatchNorm: BP's signal, which the rule would change
-                skipped_norms.append(f"{name} ({type(module).__name__} has no back-matching "
-                                     f"version: BatchNorm1d/2d only)")
             continue
-        if batchnorm and isinstance(module, _OTHER_NORMS):
+        if batchnorm and isinstance(module, _OTHER_NORMS):   # BatchNorm3d, LayerNorm, …
             skipped_norms.append(f"{name} ({type(module).__name__} has no back-matching "
                                  f"version: BatchNorm1d/2d only)")
             continue

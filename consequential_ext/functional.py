@@ -22,7 +22,8 @@ from .amortize import check_amortizer, graph_task
 from .gradients import Conv2dGradients, EmbeddingGradients, LinearGradients
 from .gradients import Conv1dGradients, Conv3dGradients, ConvTransposeGradients
 from .rules import rule_named
-from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, gram_bias_row, trains
+from ._validate import (DEFAULT_RIDGE, DEFAULT_RULE, check_ridge, conv_gram_shape,
+                        linear_gram_shape, transpose_gram_shape, trains)
 
 __all__ = ["clinear", "cconv2d", "clinear_like", "CLinearFunction", "CConv2dFunction",
            "CLinearLikeFunction", "cembedding", "CEmbeddingFunction",
@@ -197,8 +198,7 @@ def clinear(input, weight, bias=None, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE,
     if weight.dim() != 2:
         raise ValueError(f"weight must be (out, in) or (in,); got shape {tuple(weight.shape)}")
     _check_bias(bias, weight.shape[0])
-    d = weight.shape[1] + gram_bias_row(weight, bias)
-    amortizer = check_amortizer(amortizer, (d, d), weight)
+    amortizer = check_amortizer(amortizer, linear_gram_shape(weight, bias), weight)
     return CLinearFunction.apply(input, weight, bias, rule, ridge, amortizer)
 
 
@@ -212,7 +212,7 @@ def cconv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     """
     if isinstance(padding, str) and padding not in ("same", "valid"):
         raise ValueError(f"padding must be an int, a pair, 'same' or 'valid'; got {padding!r}")
-    return _cconv(CConv2dFunction, F.conv2d, 2, _conv_gram_shape, input, weight, bias,
+    return _cconv(CConv2dFunction, F.conv2d, 2, conv_gram_shape, input, weight, bias,
                   (stride, padding, dilation, groups), rule, ridge, amortizer)
 
 
@@ -245,8 +245,7 @@ def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=
                          f"{transposed}: a weight stored (in, out) needs transposed=True "
                          f"(register_layer)")
     _check_bias(bias, view.shape[0])
-    d = view.shape[1] + gram_bias_row(view, bias)
-    amortizer = check_amortizer(amortizer, (d, d), view)
+    amortizer = check_amortizer(amortizer, linear_gram_shape(view, bias), view)
     # The gradient reaches ``weight`` through the view (autograd transposes it back).
     return CLinearLikeFunction.apply(input, view, bias, module_forward, rule, ridge, amortizer)
 
@@ -611,33 +610,28 @@ def _check_bias(bias, out_features):
 
 def _geometry_ints(value, spatial):
     """One conv geometry argument as F.conv reads it — an int or a 1-element sequence for
-    every spatial dim, numpy / 0-d tensor integers as ints — so that backward's kernels,
-    which take Python ints, see what forward used; anything F.conv refuses is left for its
-    own error (a string padding, a float, a bool, a sequence of the wrong length)."""
+    every spatial dim (``spatial`` None: a single int, groups), numpy / 0-d tensor integers
+    as ints — so that backward's kernels, which take Python ints, see what forward used;
+    anything F.conv refuses is left for its own error (a string padding, a float, a bool, a
+    sequence of the wrong length)."""
     if isinstance(value, str):
         return value
-    items = list(value) if isinstance(value, (tuple, list)) else [value]
-    if len(items) == 1:
+    items = list(value) if isinstance(value, (tuple, list)) and spatial else [value]
+    if len(items) == 1 and spatial:
         items *= spatial
-    if len(items) != spatial or any(isinstance(v, bool) for v in items):
+    if len(items) != (spatial or 1) or any(isinstance(v, bool) for v in items):
         return value
     try:
-        return tuple(operator.index(v) for v in items)
+        ints = tuple(operator.index(v) for v in items)
     except TypeError:
         return value
+    return ints if spatial else ints[0]
 
 
 def _conv_geometry(geometry, spatial):
     """``geometry`` (conv: stride, padding, dilation, groups; transposed: stride, padding,
     output_padding, groups, dilation) with each argument as ``_geometry_ints`` makes it."""
-    groups = geometry[3]
-    if not isinstance(groups, bool):
-        try:
-            groups = operator.index(groups)
-        except TypeError:
-            pass
-    return tuple(groups if i == 3 else _geometry_ints(v, spatial)
-                 for i, v in enumerate(geometry))
+    return tuple(_geometry_ints(v, None if i == 3 else spatial) for i, v in enumerate(geometry))
 
 
 def _cconv(function, conv, spatial, gram_shape, input, weight, bias, geometry, rule, ridge,
@@ -670,7 +664,7 @@ def cconv_padded(input, pad, padding_mode, weight, bias, stride, dilation, group
     unpadded one (the padded border is no input of the layer's own: ``docs/backmatch.md``)."""
     spatial = weight.dim() - 2
     function, conv = _CONV_KINDS[spatial]
-    return _cconv(function, conv, spatial, _conv_gram_shape,
+    return _cconv(function, conv, spatial, conv_gram_shape,
                   F.pad(input, pad, mode=padding_mode), weight, bias,
                   (stride, 0, dilation, groups), rule, ridge, amortizer,
                   map_size=tuple(input.shape[-spatial:]))
@@ -679,11 +673,6 @@ def cconv_padded(input, pad, padding_mode, weight, bias, stride, dilation, group
 def _check_padding(padding):
     if isinstance(padding, str) and padding not in ("same", "valid"):
         raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid'; got {padding!r}")
-
-
-def _conv_gram_shape(weight, bias, groups):
-    d = math.prod(weight.shape[1:]) + gram_bias_row(weight, bias)   # not weight[0]: out = 0
-    return (groups, d, d)
 
 
 def cconv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
@@ -696,7 +685,7 @@ def cconv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     than 'same' / 'valid'; TypeError/ValueError for a mismatched amortizer.
     """
     _check_padding(padding)
-    return _cconv(CConv1dFunction, F.conv1d, 1, _conv_gram_shape, input, weight, bias,
+    return _cconv(CConv1dFunction, F.conv1d, 1, conv_gram_shape, input, weight, bias,
                   (stride, padding, dilation, groups), rule, ridge, amortizer)
 
 
@@ -711,13 +700,8 @@ def cconv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     than 'same' / 'valid'; TypeError/ValueError for a mismatched amortizer.
     """
     _check_padding(padding)
-    return _cconv(CConv3dFunction, F.conv3d, 3, _conv_gram_shape, input, weight, bias,
+    return _cconv(CConv3dFunction, F.conv3d, 3, conv_gram_shape, input, weight, bias,
                   (stride, padding, dilation, groups), rule, ridge, amortizer)
-
-
-def _transpose_gram_shape(weight, bias, groups):
-    channels = weight.shape[0] // groups
-    return (groups, channels, channels)
 
 
 def cconv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
@@ -729,7 +713,7 @@ def cconv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padd
     mismatched amortizer (its Gram is (groups, C_in/groups, C_in/groups)).
     """
     return _cconv(CConvTranspose1dFunction, F.conv_transpose1d, 1,
-                  _transpose_gram_shape, input, weight, bias,
+                  transpose_gram_shape, input, weight, bias,
                   (stride, padding, output_padding, groups, dilation), rule, ridge, amortizer)
 
 
@@ -744,7 +728,7 @@ def cconv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padd
     mismatched amortizer (its Gram is (groups, C_in/groups, C_in/groups)).
     """
     return _cconv(CConvTranspose2dFunction, F.conv_transpose2d, 2,
-                  _transpose_gram_shape, input, weight, bias,
+                  transpose_gram_shape, input, weight, bias,
                   (stride, padding, output_padding, groups, dilation), rule, ridge, amortizer)
 
 
@@ -759,5 +743,5 @@ def cconv_transpose3d(input, weight, bias=None, stride=1, padding=0, output_padd
     mismatched amortizer (its Gram is (groups, C_in/groups, C_in/groups)).
     """
     return _cconv(CConvTranspose3dFunction, F.conv_transpose3d, 3,
-                  _transpose_gram_shape, input, weight, bias,
+                  transpose_gram_shape, input, weight, bias,
                   (stride, padding, output_padding, groups, dilation), rule, ridge, amortizer)

@@ -469,10 +469,11 @@ class ConvTransposeGradients:
 
     def __init__(self, input, weight, grad_output, stride, padding, output_padding, dilation,
                  groups, *, has_bias, needs_weight, needs_bias, ridge, amortizer):
+        # has_bias unused: the bias, matched apart, needs only needs_bias
         self.input, self.weight, self.grad_output = input, weight, grad_output
         self.stride, self.padding, self.output_padding = stride, padding, output_padding
         self.dilation, self.groups = dilation, groups
-        self.has_bias, self.ridge, self.amortizer = has_bias, ridge, amortizer
+        self.ridge, self.amortizer = ridge, amortizer
         self.needs_weight, self.needs_bias = needs_weight, needs_bias
         # The 1×1 conv's input: a view for contiguous and channels-last layouts alike.
         size = input.shape[2:]

@@ -5,7 +5,6 @@ the nn layer; only backward differs (see ``functional.py``).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -16,7 +15,7 @@ from .amortize import amortizer_of
 from .routing import PASS, FunctionalRoute
 from .rules import rule_named
 from ._validate import (DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, USER_REASON, CLayerMixin,
-                        gram_bias_row)
+                        conv_gram_shape, linear_gram_shape, transpose_gram_shape)
 
 __all__ = ["CLinear", "CConv2d", "CLinearLike", "CEmbedding", "CMultiheadAttention",
            "CFunctionalCall"]
@@ -38,8 +37,7 @@ class CLinear(CLayerMixin, nn.Linear):
         self.rule, self.ridge = rule, ridge
 
     def cx_gram_shape(self):
-        d = self.in_features + gram_bias_row(self.weight, self.bias)
-        return (d, d)
+        return linear_gram_shape(self.weight, self.bias)
 
     def forward(self, input):
         return CF.clinear(input, self.weight, self.bias, rule=self.rule, ridge=self.ridge,
@@ -57,9 +55,7 @@ class _CConvNd(CLayerMixin):
     _cx_conv = None
 
     def cx_gram_shape(self):
-        # not weight[0].numel(): a layer may have 0 outputs (as functional._conv_gram_shape)
-        d = math.prod(self.weight.shape[1:]) + gram_bias_row(self.weight, self.bias)
-        return (self.groups, d, d)
+        return conv_gram_shape(self.weight, self.bias, self.groups)
 
     def forward(self, input):
         if self.padding_mode != "zeros":
@@ -115,8 +111,7 @@ class CLinearLike(CLayerMixin):
 
     def cx_gram_shape(self):
         weight, bias = self._cx_weight_bias()
-        d = weight.shape[0 if self._cx_kind.transposed else 1] + gram_bias_row(weight, bias)
-        return (d, d)
+        return linear_gram_shape(weight.t() if self._cx_kind.transposed else weight, bias)
 
     def forward(self, input):
         weight, bias = self._cx_weight_bias()
@@ -229,9 +224,9 @@ class CFunctionalCall(CLayerMixin):
     def cx_gram_shape(self):
         if self._cx_call is F.embedding:
             return None      # as CEmbedding's: A is diagonal and exact at O(V)
-        # not weight[0].numel(): a layer may have 0 outputs (as functional._conv_gram_shape)
-        d = math.prod(self.weight.shape[1:]) + gram_bias_row(self.weight, self.bias)
-        return (d, d) if self._cx_call is F.linear else (self.groups, d, d)
+        if self._cx_call is F.linear:
+            return linear_gram_shape(self.weight, self.bias)
+        return conv_gram_shape(self.weight, self.bias, self.groups)
 
     def _cx_route(self, input, weight, *args, **kwargs):
         if weight is not self.weight:
@@ -307,8 +302,7 @@ class _CConvTransposeNd(CLayerMixin):
         self.rule, self.ridge = rule, ridge
 
     def cx_gram_shape(self):
-        channels = self.in_channels // self.groups
-        return (self.groups, channels, channels)
+        return transpose_gram_shape(self.weight, self.bias, self.groups)
 
     def forward(self, input, output_size=None):
         if self.padding_mode != "zeros":

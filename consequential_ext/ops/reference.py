@@ -112,11 +112,10 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
     lam = torch.full(a.shape[:-2], float(ridge), dtype=torch.float64, device=a.device)
     chol, info = torch.linalg.cholesky_ex(a + lam.to(work)[..., None, None] * eye)
     failed = info != 0
-    escalated = bool(failed.any())
+    if not bool(failed.any()):   # the common case: one host sync
+        return torch.cholesky_solve(g.transpose(-1, -2), chol).transpose(-1, -2).to(out_dtype)
     with torch.no_grad():      # the search; where autograd records, refactored below
         for _ in range(max_escalations - 1):
-            if not bool(failed.any()):
-                break
             lam = torch.where(failed, lam * 10.0, lam)
             # Only the failed systems are factored again, at their escalated ridge (a
             # depthwise conv's hundreds of groups where a few escalate): the others keep
@@ -125,15 +124,16 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
             part, info = torch.linalg.cholesky_ex(a[failed] + escalated_lam * eye)
             chol[failed] = part
             failed = failed.masked_scatter(failed, info != 0)
-    if escalated and torch.is_grad_enabled() and (a.requires_grad or g.requires_grad):
+            if not bool(failed.any()):
+                break
+    if torch.is_grad_enabled() and (a.requires_grad or g.requires_grad):
         # ops.ridge_solve runs this reference where autograd records (a double backward, a
         # hand-made graph): the search wrote into the factor cholesky_ex saved for its
         # backward, so the batch is factored once more, differentiably, at the ridges found.
         chol = torch.linalg.cholesky_ex(a + lam.to(work)[..., None, None] * eye)[0]
     out = torch.cholesky_solve(g.transpose(-1, -2), chol).transpose(-1, -2)
     if not bool(failed.any()):
-        if escalated:
-            warn_escalated(ridge, float(lam.max()))
+        warn_escalated(ridge, float(lam.max()))
         return out.to(out_dtype)
     # Still indefinite (finite but absurd input, e.g. a diverging run): NaN for those systems,
     # never an exception inside backward, so GradScaler / the user sees a non-finite step;
