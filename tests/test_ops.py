@@ -366,14 +366,17 @@ def test_an_escalated_batch_is_solved_again_at_once_not_one_call_per_system(monk
 def test_a_system_no_ridge_rescues_is_nan_alone_on_every_backend(backend, monkeypatch):
     # The compiled and Triton solves NaN only that system (a group of a conv, apart from the
     # others); the reference NaN-ed the whole batch. The rescued and healthy ones are solved
-    # at their own ridge, as the float64 solve of each alone.
+    # at their own ridge, as the float64 solve of each alone, and the rescued one's ridge is
+    # named beside the NaN (it went unsaid where another system stayed NaN).
     gen = torch.Generator().manual_seed(4)
     gram = _indefinite(4, 5, [1.0, -1e30, -0.5, 1.5], gen)
     grad = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen)
+    monkeypatch.setattr(reference, "_escalation_warned", False)
     with cx.ops.use_backend(backend), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = cx.ops.ridge_solve(gram, grad, 1e-3)
     assert any("gradient is NaN" in str(w.message) for w in caught)
+    assert any("escalated from 0.001 to 1." in str(w.message) for w in caught)
     assert out[1].isnan().all() and not out[[0, 2, 3]].isnan().any()
     lam = torch.tensor([1e-3, 0.0, 1.0, 1e-3], dtype=torch.float64)
     expected = torch.linalg.solve(gram + lam[:, None, None] * torch.eye(5, dtype=torch.float64),

@@ -264,6 +264,10 @@ MUTANTS = [
        "tests/test_ops.py::test_a_system_no_ridge_rescues_is_nan_alone_on_every_backend",
        why="one system that no ridge rescues NaN-ed the other groups (the compiled and "
            "Triton solves NaN it alone)"),
+    _m("reference.rescued-beside-unrescued-unnamed", PY + "ops/reference.py",
+       "    if rescued > ridge:\n", "    if False:\n",
+       "tests/test_ops.py::test_a_system_no_ridge_rescues_is_nan_alone_on_every_backend",
+       why="a system rescued beside one no ridge rescues went unnamed (only the NaN warned)"),
     _m("reference.escalation-writes-into-the-graph", PY + "ops/reference.py",
        "if torch.is_grad_enabled() and (a.requires_grad or g.requires_grad):",
        "if False:",

@@ -138,7 +138,11 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, max_escalations=12):
     # Still indefinite (finite but absurd input, e.g. a diverging run): NaN for those systems,
     # never an exception inside backward, so GradScaler / the user sees a non-finite step;
     # the others keep their solve, as the compiled and Triton solves give them (out of
-    # place: cholesky_solve's backward saves its result).
+    # place: cholesky_solve's backward saves its result). A system rescued beside them has
+    # its ridge named as well.
+    rescued = float(lam.masked_fill(failed, ridge).max())
+    if rescued > ridge:
+        warn_escalated(ridge, rescued)
     warn_escalated(ridge, math.inf)
     return out.masked_fill(failed[..., None, None], float("nan")).to(out_dtype)
 
