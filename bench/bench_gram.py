@@ -220,7 +220,7 @@ def _summary(row):
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# CPU im2col Gram benchmark\n",
+    lines = ["# CPU im2col Gram benchmark\n",
              f"`{meta['command']}` — commit {meta.get('commit', 'unknown')}, {meta['timestamp']}, "
              f"{meta['cpu']}, {meta['threads']} threads, "
              f"torch {meta['torch']}, load average before/after {meta['loadavg_before']} / "

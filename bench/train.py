@@ -38,14 +38,13 @@ def evaluate(model, x, y, chunk=1024):
     return loss / len(y), correct / len(y)
 
 
-def train(model, optimizer, split, *, iters, batch, eval_every, seed, progress=None,
-          sync=None, eval_train_limit=None):
+def train(model, optimizer, split, *, iters, batch, eval_every, seed, sync=None,
+          eval_train_limit=None):
     """Train with cross-entropy; returns the curve: iters, CPU and wall seconds, train loss/acc
-    on the
-    training set (its first ``eval_train_limit`` samples if given: a fixed subset, to keep
-    evaluation of big models cheap) and test loss/acc, at iteration 0 and every ``eval_every``.
-    A non-finite loss, or a backward that raises (a ridge solve on exploded activations),
-    stops the run (``diverged``); the rest of the curve is NaN."""
+    on the training set (its first ``eval_train_limit`` samples if given: a fixed subset, to
+    keep evaluation of big models cheap) and test loss/acc, at iteration 0 and every
+    ``eval_every``. A non-finite loss, or a backward that raises, stops the run
+    (``diverged``); the rest of the curve is NaN."""
     curve = {k: [] for k in ("iters", "cpu_seconds", "wall_seconds", "train_loss", "train_acc",
                              "test_loss", "test_acc")}
 
@@ -63,9 +62,8 @@ def train(model, optimizer, split, *, iters, batch, eval_every, seed, progress=N
     cpu = wall = 0.0
     record(0)
     stream = batches(len(split.y_train), batch, seed)
-    steps = range(1, iters + 1) if progress is None else progress(range(1, iters + 1))
     diverged = False
-    for it in steps:
+    for it in range(1, iters + 1):
         idx = next(stream)
         c0, w0 = time.process_time(), time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -73,7 +71,8 @@ def train(model, optimizer, split, *, iters, batch, eval_every, seed, progress=N
         try:
             loss.backward()
         except RuntimeError as exc:
-            # The solve gives up on a gram of exploded activations: the run has diverged.
+            # The solves return NaN rather than raise (then the loss check below stops the
+            # run); any other failure of a backward ends the run as diverged too.
             curve["error"] = f"iteration {it}: {exc}"
             diverged = True
             break

@@ -32,9 +32,15 @@ def gram_sync(enabled: bool = True, *, group=None):
     """Within this block, backward sums Grams over ``group`` (default: world) when a process
     group is initialised; ``enabled=False`` keeps each rank's Gram local. The setting in
     effect when ``backward`` runs is the one that counts; with blocks open in several
-    threads, the newest open one's."""
+    threads, the newest open one's. Raises TypeError for an ``enabled`` that is no bool or a
+    ``group`` that is neither None nor a ProcessGroup (checked here: backward would fail on it
+    inside torch.distributed)."""
     if not isinstance(enabled, bool):
         raise TypeError(f"gram_sync: enabled must be a bool, got {enabled!r}")
+    # getattr: a torch built without distributed support has no ProcessGroup (nor groups)
+    if group is not None and not isinstance(group, getattr(dist, "ProcessGroup", ())):
+        raise TypeError(f"gram_sync: group must be a torch.distributed ProcessGroup or None, "
+                        f"got {group!r}")
     with _sync.block((enabled, group)):
         yield
 

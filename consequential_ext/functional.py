@@ -77,7 +77,8 @@ def _apply_rule(ctx, layer):
 
 
 def _save_common(ctx, input, weight, bias, rule, ridge, amortizer):
-    # Both Functions save (input, weight): layerwise.producer_weight reads index 1.
+    # Every C-layer Function saves (input, weight) and says so by cx_saved_weight_index = 1
+    # (read by layerwise.producer_weight and graph_check).
     ctx.save_for_backward(input, weight)
     ctx.has_bias, ctx.rule, ctx.ridge, ctx.amortizer = (bias is not None, rule_named(rule), ridge,
                                                         amortizer)
@@ -210,8 +211,7 @@ def cconv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     Raises ValueError for an unknown ``rule``, a bad ``ridge`` or a padding string other
     than 'same' / 'valid'; TypeError/ValueError for a mismatched amortizer.
     """
-    if isinstance(padding, str) and padding not in ("same", "valid"):
-        raise ValueError(f"padding must be an int, a pair, 'same' or 'valid'; got {padding!r}")
+    _check_padding(padding)
     return _cconv(CConv2dFunction, F.conv2d, 2, conv_gram_shape, input, weight, bias,
                   (stride, padding, dilation, groups), rule, ridge, amortizer)
 
@@ -285,10 +285,12 @@ def cembedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     gives a sparse gradient.
 
     Raises ValueError for an unknown ``rule``, a bad ``ridge`` or a ``padding_idx`` outside the
-    table.
+    table; TypeError for a ``weight`` that is no tensor or (unless the rule bypasses) complex.
     """
     bypass = _bypassed(rule, input, weight)
     ridge = check_ridge(ridge)
+    if not isinstance(weight, torch.Tensor):    # before padding_idx reads its shape
+        raise TypeError(f"weight must be a Tensor; got {type(weight).__name__}")
     if padding_idx is not None:
         try:
             padding_idx = operator.index(padding_idx)     # NumPy's and 0-d tensors' ints too
@@ -301,6 +303,7 @@ def cembedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     if bypass:
         return F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
                            sparse)
+    _check_tensors(input, weight, None)   # complex: backward would drop the imaginary part
     return CEmbeddingFunction.apply(input, weight, padding_idx, max_norm, norm_type,
                                     scale_grad_by_freq, sparse, rule, ridge)
 

@@ -167,7 +167,7 @@ class Conv2dGradients:
         return self.trains_weight and (self.needs_weight or self.needs_bias) \
             and self.grad_output.dtype == work \
             and self.x.dtype == work and matching.conv_side(
-                self.x, self.grad_output, self.weight.shape, self.groups, self.has_bias,
+                self.x, self.grad_output, self.weight.shape, self.has_bias,
                 self.amortizer) == "row"
 
     def input_grad(self):
@@ -557,16 +557,16 @@ class ConvTransposeGradients:
             pointwise = self._pointwise_weight()
             blocks = (self.grad_output.shape[0], pointwise.shape[0]) + self.pixels.shape[2:]
             # dZ's shape: a zero-stride stand-in (the row side reads dZ only through G).
-            blocks_shape = self.grad_output.new_empty(()).expand(blocks)
-            if matching.conv_side(self.pixels, blocks_shape, pointwise.shape, self.groups,
-                                  False, self.amortizer) == "row":
+            dz_stand_in = self.grad_output.new_empty(()).expand(blocks)
+            if matching.conv_side(self.pixels, dz_stand_in, pointwise.shape, False,
+                                  self.amortizer) == "row":
                 # G = dZ Xᵀ is the transposed conv's own weight gradient (in its layout): no
                 # im2col of the output signal and no copy of it.
                 work = accumulate_dtype(self.grad_output.dtype)
                 native = self._native(self.grad_output.to(work), self.weight,
                                       [False, True, False])[1]
                 matched, _ = matching.matched_conv2d(
-                    self.pixels, blocks_shape, pointwise.shape, (1, 1), (0, 0), (1, 1),
+                    self.pixels, dz_stand_in, pointwise.shape, (1, 1), (0, 0), (1, 1),
                     self.groups, False, self.ridge, amortizer=self.amortizer,
                     grad=matching.conv_grad(self._pointwise_weight(native), None, self.groups))
             else:

@@ -171,10 +171,10 @@ def _linear_gram(x, has_bias):
     return gram
 
 
-def conv_side(x, gy, weight_shape, groups, has_bias, amortizer=None, side=None):
+def conv_side(x, gy, weight_shape, has_bias, amortizer=None, side=None):
     """The side ``matched_conv2d`` solves on for these arguments: ``side`` if given (and
     the Gram is not shared), else the smaller one (``solve_side``)."""
-    out, cg, kh, kw = weight_shape
+    _, cg, kh, kw = weight_shape
     d = cg * kh * kw + int(has_bias)
     p = x.shape[0] * gy.shape[2] * gy.shape[3]
     return _shared_gram_side(side, distributed.gram_group(), amortizer) \
@@ -202,7 +202,7 @@ def matched_conv2d(x, gy, weight_shape, stride, padding, dilation, groups, has_b
     if _empty_amortised(b, group, amortizer):
         return x.new_zeros(weight_shape, dtype=work), x.new_zeros(out, dtype=work) if has_bias \
             else None
-    side = conv_side(x, gy, weight_shape, groups, has_bias, amortizer, side)
+    side = conv_side(x, gy, weight_shape, has_bias, amortizer, side)
     if side == "row":
         if gram is None and grad is None and amortizer is None \
                 and ops.conv_gram_grad_is_native(x, gy):

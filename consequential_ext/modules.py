@@ -1,4 +1,6 @@
-"""Drop-in C-layers: nn.Linear / nn.Conv2d subclasses whose weight gradient is matched.
+"""Drop-in C-layers: subclasses of nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d,
+nn.Embedding and nn.MultiheadAttention whose weight gradient is matched, and the mixins
+``registry`` makes C-classes of other layers with.
 
 Same parameters, same state_dict keys, ``isinstance`` still true, forward bit-identical to
 the nn layer; only backward differs (see ``functional.py``).
@@ -244,6 +246,8 @@ class CFunctionalCall(CLayerMixin):
 
     def extra_repr(self):
         return ", ".join(filter(None, [super().extra_repr(), self._cx_repr()]))
+
+
 class CConv1d(_CConvNd, nn.Conv1d):
     """``nn.Conv1d`` whose weight and bias get the gradient of ``rule`` (default: the matched
     gradient ``G (A + λI)⁻¹`` with X the patches per group, N the batch size; docs/design.md

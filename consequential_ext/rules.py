@@ -9,6 +9,7 @@ every layer kind offers in backward (``gradients.py``):
 * ``layerwise_input_signal()``   BP's signal over Algorithm 1's factor δa/δ'a (eqs. 34–36)
 * ``matched_weight_grads()``     ``G (A + λI)⁻¹`` for weight and bias (paper 1 eq. 63)
 * ``layerwise_weight_grads()``   ``δW / m_b / s`` (paper 2 eq. 33)
+* ``plain_weight_grads()``       the ordinary weight and bias gradients
 
 so a layer kind's autograd.Function holds no rule branches, and a new rule is one new class
 and one entry in ``RULE_TABLE``. Batch norms (``norm.py``) have no matched weight, so only

@@ -297,3 +297,36 @@ def test_register_layer_refuses_a_transposed_that_is_not_a_bool():
 def test_cembedding_names_a_padding_idx_that_is_not_an_int(padding_idx):
     with pytest.raises(TypeError, match="padding_idx must be an int or None"):
         CF.cembedding(torch.tensor([1, 2]), torch.randn(10, 3), padding_idx=padding_idx)
+
+
+def test_a_complex_embedding_is_refused_in_forward():
+    """As CLinear's: CEmbedding's backward works in a real dtype, so a complex table used to
+    get a gradient without its imaginary part, silently (nn refuses to differentiate it).
+    rule='sgd' is nn's embedding, which a no-grad forward may still use."""
+    ids = torch.tensor([1, 1, 2])
+    with pytest.raises(TypeError, match="weight is torch.complex64: matched gradients"):
+        cx.CEmbedding(5, 3, dtype=torch.complex64)(ids)
+    with pytest.raises(TypeError, match="weight is torch.complex64: matched gradients"):
+        CF.cembedding(ids, torch.randn(5, 3, dtype=torch.complex64, requires_grad=True))
+    with torch.no_grad():
+        table = torch.randn(5, 3, dtype=torch.complex64)
+        assert torch.equal(CF.cembedding(ids, table, rule="sgd"), table[ids])
+
+
+def test_cembedding_names_a_weight_that_is_no_tensor():
+    """padding_idx used to read the table's shape first: an AttributeError."""
+    with pytest.raises(TypeError, match="weight must be a Tensor; got list"):
+        CF.cembedding(torch.tensor([1]), [[1.0, 2.0]], padding_idx=0)
+
+
+def test_the_gram_ops_refuse_float8_on_every_backend():
+    """The compiled kernels refused float8 x from C++, the reference took it: one TypeError
+    naming x now, whichever backend runs."""
+    x = torch.randn(1, 2, 5, 5).to(torch.float8_e4m3fn)
+    for backend in cx.ops.available_backends("im2col_gram", "cpu"):    # cpu, reference
+        with cx.ops.use_backend(backend):
+            with pytest.raises(TypeError, match="im2col_gram: x must be float16, bfloat16, "
+                                                "float32 or float64, got torch.float8_e4m3fn"):
+                cx.ops.im2col_gram(x, 3)
+            with pytest.raises(TypeError, match="x must be float16"):
+                cx.ops.conv_weight_grad(x, torch.randn(1, 3, 3, 3).to(x.dtype), 3)

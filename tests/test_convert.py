@@ -89,7 +89,6 @@ def test_uninitialised_lazy_layers_are_named_and_nothing_is_converted():
     assert type(model[0]) is nn.Linear                   # left whole, not half-converted
     model[3] = nn.Identity()
     model(torch.randn(5, 3))                             # shapes known: LazyLinear → Linear
-    x = torch.randn(5, 3, dtype=torch.float64)
     plain = [p.detach().clone() for p in model.double().parameters()]
     cx.consequentialize(model, ridge=1e-2)
     assert type(model[0]) is cx.CLinear and type(model[2]) is cx.CLinear

@@ -165,6 +165,16 @@ def test_gram_sync_rejects_non_bool():
             pass
 
 
+@pytest.mark.parametrize("group", [3, "world"])
+def test_gram_sync_rejects_a_group_that_is_no_process_group(group):
+    """Refused on entry: under a process group, backward used to fail inside
+    torch.distributed ("'int' object has no attribute 'size'"), naming no argument."""
+    with pytest.raises(TypeError, match="gram_sync: group must be a torch.distributed "
+                                        "ProcessGroup or None"):
+        with cx.distributed.gram_sync(group=group):
+            pass
+
+
 def test_no_process_group_means_local_solve():
     assert not dist.is_initialized()
     assert cx.distributed.gram_group() is None

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from consequential_ext import distributed, ops
 from consequential_ext.ops import reference
@@ -59,7 +60,9 @@ def test_settings_follow_the_newest_open_block_whichever_closes_first(setting):
         values, enter, value = ["reference", "cpu", "triton"], ops.use_backend, \
             lambda: ops._forced.value
     else:
-        values = [(False, None), (True, "group b"), (False, "group c")]
+        # gram_sync takes ProcessGroups only; these two need no initialised process group
+        group_b, group_c = (dist.ProcessGroup(dist.HashStore(), 0, 1) for _ in range(2))
+        values = [(False, None), (True, group_b), (False, group_c)]
         enter, value = (lambda v: distributed.gram_sync(v[0], group=v[1])), \
             lambda: distributed._sync.value
     default = value()

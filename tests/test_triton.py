@@ -493,6 +493,9 @@ def rand(*shape):
     (lambda: triton_ops.im2col_gram(rand(1, 3, 5, 5), 3, 2, method="shift"), "stride"),
     (lambda: triton_ops.im2col_gram(rand(1, 3, 5, 5), 3, method="fft"), "method"),
     (lambda: triton_ops.linear_gram(rand(3, 4), side="x"), "side"),
+    # a string bias used to be taken as True (the dispatcher's im2col_gram refused it)
+    (lambda: triton_ops.im2col_gram(rand(1, 3, 4, 4), 3, bias="no"), "bias must be a bool"),
+    (lambda: triton_ops.linear_gram(rand(3, 4), bias="no", side="n"), "bias must be a bool"),
     (lambda: triton_ops.ridge_solve(rand(3, 3), rand(2, 4), 1e-3, None), "grad"),
     (lambda: triton_ops.ridge_solve(rand(3, 3), rand(2, 3), float("inf"), None), "ridge"),
     (lambda: triton_ops.cholesky(rand(3, 4)), "a must be"),

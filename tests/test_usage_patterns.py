@@ -4,7 +4,6 @@ and amortised layers under those usages. Against an independent float64 referenc
 patches (``Tensor.unfold``), ``torch.linalg.solve`` on the trained parameters' rows."""
 import copy
 import importlib
-import math
 import warnings
 
 import pytest

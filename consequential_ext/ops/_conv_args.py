@@ -24,14 +24,20 @@ def _pair(value, name):
     raise TypeError(f"{name} must be an int or a pair of ints (64-bit), got {value!r}")
 
 
+# What every backend's Gram reads (the compiled kernels refuse float8, the reference would
+# take it): one answer whichever backend runs.
+_GRAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_conv_args(x, kernel_size, stride, padding, dilation, groups):
-    """Validate ``x`` (B, C, H, W) floating point and the geometry; return the four pairs
-    (kernel_size, stride, padding, dilation) as tuples of ints."""
+    """Validate ``x`` (B, C, H, W) of a floating dtype the kernels read and the geometry;
+    return the four pairs (kernel_size, stride, padding, dilation) as tuples of ints."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"im2col_gram: x must be a 4-D (B, C, H, W) tensor, got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
-    if not x.is_floating_point():
-        raise TypeError(f"im2col_gram: x must be floating point, got {x.dtype}")
+    if x.dtype not in _GRAM_DTYPES:
+        raise TypeError(f"im2col_gram: x must be float16, bfloat16, float32 or float64, got "
+                        f"{x.dtype}")
     ks, st = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
     pd, dl = _pair(padding, "padding"), _pair(dilation, "dilation")
     if min(ks) < 1 or min(st) < 1 or min(dl) < 1 or min(pd) < 0:

@@ -7,10 +7,6 @@ import torch
 _registered = False
 
 
-def _patch_dim(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
 def register_fakes():
     global _registered
     if _registered:

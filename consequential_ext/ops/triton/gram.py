@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .._conv_args import check_conv_args
+from .._conv_args import check_bias_flag, check_conv_args
 from ._common import accumulate_dtype, check_precision, describe, num_programs_target
 from ._register import check_device, is_interpreted, on_device_of, register_kernel_op
 
@@ -211,9 +211,8 @@ def _im2col_gram_fake(x, kernel_size, stride, padding, dilation, groups, bias,
     return x.new_empty((groups, D, D), dtype=accumulate_dtype(x.dtype))
 
 
-im2col_gram_op = register_kernel_op("consequential_ext_triton::im2col_gram", _im2col_gram_launch,
-                                    fake=_im2col_gram_fake, kernels=(_im2col_gram_kernel,))
-
+register_kernel_op("consequential_ext_triton::im2col_gram", _im2col_gram_launch,
+                   fake=_im2col_gram_fake, kernels=(_im2col_gram_kernel,))
 
 
 def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=False, *,
@@ -226,6 +225,7 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=
     """
     ks, st, pd, dl = (list(p) for p in check_conv_args(x, kernel_size, stride, padding,
                                                      dilation, groups))
+    bias = check_bias_flag(bias)
     check_device("im2col_gram", "x", x, _im2col_gram_kernel)
     for name, value in (("block_d", block_d), ("block_p", block_p)):
         if value and (value < 16 or value & (value - 1)):
@@ -236,11 +236,11 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=
         if st != [1, 1]:
             raise ValueError(f"im2col_gram: method='shift' needs stride 1, got stride={st}")
         from .shift import im2col_gram_shift
-        return im2col_gram_shift(x, ks, pd, dl, groups, bool(bias), precision)
+        return im2col_gram_shift(x, ks, pd, dl, groups, bias, precision)
     if method != "implicit":
         raise ValueError(f"im2col_gram: method must be 'implicit' or 'shift', got {method!r}")
     return torch.ops.consequential_ext_triton.im2col_gram(
-        x, ks, st, pd, dl, groups, bool(bias), precision, block_d, block_p, split)
+        x, ks, st, pd, dl, groups, bias, precision, block_d, block_p, split)
 
 
 def linear_gram(x, bias=False, side="d", *, input_precision=None, block_d=0, block_p=0, split=0):
@@ -256,6 +256,7 @@ def linear_gram(x, bias=False, side="d", *, input_precision=None, block_d=0, blo
                          f"{describe(x)}")
     if side not in ("d", "n"):
         raise ValueError(f"linear_gram: side must be 'd' (features) or 'n' (samples), got {side!r}")
+    bias = check_bias_flag(bias)
     n, f = x.shape
     if side == "d":  # samples are the patch columns: view as (N, F, 1, 1)
         view = x.as_strided((n, f, 1, 1), (x.stride(0), x.stride(1), 1, 1))

@@ -110,7 +110,7 @@ def _shift_corr_launch(x: torch.Tensor, jobs: torch.Tensor, groups: int, dilatio
     return out
 
 
-shift_corr_op = register_kernel_op(
+register_kernel_op(
     "consequential_ext_triton::shift_correlations", _shift_corr_launch,
     kernels=(_shift_corr_kernel,),
     fake=lambda x, jobs, groups, dilation, input_precision, block_c, block_p: x.new_empty(

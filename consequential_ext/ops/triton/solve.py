@@ -201,11 +201,11 @@ def _cholesky_solve_launch(factor: torch.Tensor, grad: torch.Tensor, out_dtype: 
     return out
 
 
-cholesky_op = register_kernel_op(
+register_kernel_op(
     "consequential_ext_triton::cholesky", _cholesky_launch, kernels=(_cholesky_kernel,),
     fake=lambda a, ridge: (a.new_empty(a.shape, dtype=reference.accumulate_dtype(a.dtype)),
                            a.new_empty(a.shape[:1], dtype=torch.int32)))
-cholesky_solve_op = register_kernel_op(
+register_kernel_op(
     "consequential_ext_triton::cholesky_solve", _cholesky_solve_launch,
     kernels=(_cholesky_solve_kernel,),
     fake=lambda factor, grad, out_dtype, block_m, block_d: grad.new_empty(grad.shape,
