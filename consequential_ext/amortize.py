@@ -90,10 +90,24 @@ class GramAmortizer(nn.Module):
         # ``steps`` as a Python int: reading the buffer would synchronise a GPU for every layer
         # and step. Re-read only when the buffer is another tensor or was changed in place
         # (a loaded state, a move, a user's write), which its version counter tells.
-        self._steps_seen = (None, None, 0)      # (tensor, its version, value)
+        self._steps_seen = (None, None, 0)      # (tensor, its version and storage, value)
         self._graph_task = None   # the backward (autograd graph task) of the last step
         # The backward that recomputed this step's forward (a reentrant checkpoint runs the
         # step in a nested graph task of its own), set by the layer's Function.
+        self.recomputed_in = None
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Start the running state afresh (no Gram, no inverse, step 0), as a new amortizer.
+        Deferred initialisation calls it: a model amortised on the meta device and
+        materialised by ``to_empty`` holds uninitialised memory here (a garbage step count
+        and inverse), and the usual recipe calls ``reset_parameters()`` on every module that
+        has one."""
+        self.gram.zero_()
+        self.inverse.zero_()
+        self.steps.zero_()
+        self._steps_seen = (None, None, 0)
+        self._graph_task = None
         self.recomputed_in = None
 
     def _apply(self, fn, recurse=True):
@@ -206,9 +220,12 @@ class GramAmortizer(nn.Module):
 
 
 def _version_of(t):
-    """``t``'s in-place version counter; None for an inference tensor, which keeps none."""
+    """``t``'s in-place version counter and storage; None for an inference tensor, which
+    keeps no counter. The storage too: ``torch.utils.swap_tensors`` (``load_state_dict``
+    under ``torch.__future__.set_swap_module_params_on_conversion(True)``) swaps another
+    tensor, version counter included, into the same Python object."""
     try:
-        return t._version
+        return t._version, t.data_ptr()
     except RuntimeError:
         return None
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from .registry import derived_weight, kind_of, matched_weights, subclass_kind
+from .registry import (ATTENTION_WEIGHTS, derived_tensor, derived_weight, kind_of,
+                       matched_biases, matched_weights, subclass_kind)
 from .rules import rule_named
 from .weight_reads import weights_used_in_forward
 from ._validate import USER_REASON, CLayerMixin
@@ -85,7 +87,7 @@ def _is_matched(module) -> bool:
         and _trained(module) and not transformed_after_conversion(module)
 
 
-REPARAMETRIZED = ("its weight was reparametrized after conversion (a parametrization, "
+REPARAMETRIZED = ("its weight or bias was reparametrized after conversion (a parametrization, "
                   "nn.utils.weight_norm / spectral_norm, nn.utils.prune): the C-layer matches the "
                   "transformed weight and its parameters get that gradient pulled back through "
                   "the transformation, neither the ordinary nor the matched one; "
@@ -98,9 +100,13 @@ def transformed_after_conversion(module) -> bool:
     attribute): reparametrized after ``consequentialize`` converted it. Computes nothing."""
     if not isinstance(module, CLayerMixin):
         return False
+    kind = getattr(module, "_cx_kind", None)
     return any(n not in m._parameters and (n in m.__dict__ or isinstance(
         getattr(type(m), n, None), property))
-        for m, n in matched_weights(module, getattr(module, "_cx_kind", None)))
+        for m, n in matched_weights(module, kind)) or any(
+        n not in m._parameters and (isinstance(m.__dict__.get(n), torch.Tensor) or isinstance(
+            getattr(type(m), n, None), property))      # a bias that is None is no bias
+        for m, n in matched_biases(module, kind))
 
 
 def _trained(module) -> bool:
@@ -114,6 +120,17 @@ def _registered_base(module_type):
         if kind_of(base) is not None:
             return base
     return None
+
+
+def _derived_reason(module, kind):
+    name = derived_tensor(module, kind)
+    if name in (kind.weight, "out_proj.weight", *ATTENTION_WEIGHTS):
+        return (f"its {kind.weight} is no parameter but recomputed from others before each "
+                f"forward (nn.utils.weight_norm / spectral_norm): the layer uses the "
+                f"transformed weight")
+    return (f"its {name} is no parameter but recomputed from others before each forward "
+            f"(nn.utils.prune, a parametrization): the bias is a weight on a constant-1 row "
+            f"of X, so the layer would match the transformed bias on the wrong row")
 
 
 def plain_reason(module, parent=None) -> tuple[str, bool]:
@@ -143,9 +160,7 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
                 "the transformed weight, not this parameter"), False
     kind = kind_of(type(module))
     if kind is not None and derived_weight(module, kind):
-        return (f"its {kind.weight} is no parameter but recomputed from others before each "
-                f"forward (nn.utils.weight_norm / spectral_norm): the layer uses the "
-                f"transformed weight"), False
+        return _derived_reason(module, kind), False
     # A refused kind the user registered with a C-class of its own (register_layer's c_type)
     # is converted like any other: not refused.
     registered = kind is not None or _registered_base(type(module)) is not None
@@ -159,6 +174,8 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     base = _registered_base(type(module))
     if base is not None:
         kind, why_not = subclass_kind(module)
+        if kind is not None and derived_weight(module, kind):
+            return _derived_reason(module, kind), False     # a parametrized bias
         if kind is not None:
             call = getattr(kind.c_type, "_cx_call", None)
             how = f"matches its F.{call.__name__} call" if call else \

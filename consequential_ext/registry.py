@@ -322,11 +322,25 @@ def kind_for(module) -> LayerKind | None:
 
 
 def derived_weight(module, kind: LayerKind) -> bool:
-    """Whether the kind's weight attribute is there but no parameter: recomputed from
-    others before each forward (``nn.utils.weight_norm`` / ``spectral_norm``'s hooks). A
-    matched gradient of it would reach the parameters through that transformation."""
-    return any(hasattr(owner, name) and name not in owner._parameters
-               for owner, name in matched_weights(module, kind))
+    """Whether the kind's weight (or bias) attribute is there but no parameter: recomputed
+    from others before each forward (``nn.utils.weight_norm`` / ``spectral_norm``'s hooks,
+    ``nn.utils.prune``'s, a parametrization). A matched gradient of it would reach the
+    parameters through that transformation. A bias kept as a buffer is a constant, as a
+    frozen one; a bias attribute that is no tensor (None, a flag) is no bias."""
+    return derived_tensor(module, kind) is not None
+
+
+def derived_tensor(module, kind: LayerKind) -> str | None:
+    """The name (``out_proj.bias`` for an attention's out_proj) of the first weight or bias
+    ``derived_weight`` finds recomputed; None if none is."""
+    for owner, name in matched_weights(module, kind):
+        if hasattr(owner, name) and name not in owner._parameters:
+            return name if owner is module else f"out_proj.{name}"
+    for owner, name in matched_biases(module, kind):
+        if name not in owner._parameters and name not in owner._buffers \
+                and isinstance(getattr(owner, name, None), torch.Tensor):
+            return name if owner is module else f"out_proj.{name}"
+    return None
 
 
 # The weights an attention's C-layer matches besides its out_proj's (which it matches too).
@@ -343,3 +357,16 @@ def matched_weights(module, kind: LayerKind | None):
             pairs.append((module.out_proj, "weight"))
         return pairs
     return [(module, kind.weight if kind is not None else "weight")]
+
+
+def matched_biases(module, kind: LayerKind | None):
+    """(owner, attribute) of each bias the C-layer of ``module`` matches jointly with its
+    weight (``matched_weights``): a bias is a weight on a constant-1 row of X, so one that is
+    recomputed from others (pruned, parametrized) is matched on the wrong row."""
+    if isinstance(module, nn.MultiheadAttention):
+        pairs = [(module, "in_proj_bias")]
+        if module.out_proj.__dict__.get(USER_REASON) != EXCLUDED:
+            pairs.append((module.out_proj, "bias"))
+        return pairs
+    name = kind.bias if kind is not None else "bias"
+    return [] if name is None else [(module, name)]

@@ -379,6 +379,88 @@ def test_checkpoint_resumes_every_piece_of_state_bit_identically():
         assert torch.equal(resumed.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 5)),
+    lambda: nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, groups=2), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(36, 5)),
+], ids=["linear", "grouped_conv"])
+def test_an_amortised_model_built_on_the_meta_device_starts_afresh_when_reinitialised(make):
+    """Deferred initialisation: amortised on the meta device, materialised by ``to_empty``
+    (uninitialised memory: filled with garbage here, so the test does not depend on what the
+    allocator returns), then ``reset_parameters()`` on every module that has one, as FSDP's
+    meta-device recipe does. The amortizer must start as a fresh one: step 0 is the exact
+    solve, and the run equals one amortised on the CPU."""
+    options = dict(every=3, decay=0.0, damping=0.0, safeguard_columns=None,
+                   exact_when_cheaper=False)
+    torch.manual_seed(30)
+    twin = cx.amortize(cx.consequentialize(make().double(), ridge=RIDGE), **options)
+    with torch.device("meta"):
+        deferred = make().double()
+    cx.amortize(cx.consequentialize(deferred, ridge=RIDGE), **options)
+    deferred.to_empty(device="cpu")
+    for buffer in deferred.buffers():
+        buffer.fill_(1234567)
+    for module in deferred.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    deferred.load_state_dict({k: v for k, v in twin.state_dict().items()
+                              if "amortizer" not in k}, strict=False)
+    last = deferred[-1]
+    assert int(last.amortizer.steps) == 0 and not last.amortizer.inverse.any()
+    seen = {}
+
+    def record(module, args, out):
+        seen["x"] = args[0]
+        out.register_hook(lambda g: seen.__setitem__("g", g))
+    last.register_forward_hook(record)
+    shape = (11, 7) if isinstance(deferred[0], nn.Linear) else (11, 4, 5, 7)
+    for step in range(5):
+        x = torch.randn(shape, dtype=torch.float64)
+        for net in (twin, deferred):
+            net.zero_grad()
+            net(x).square().sum().backward()
+        if step == 0:
+            gw, gb = ref.matched_linear(seen["x"], last.weight, last.bias, seen["g"], RIDGE)
+            torch.testing.assert_close(last.weight.grad, gw, rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(last.bias.grad, gb, rtol=1e-8, atol=1e-10)
+        for a, b in zip(deferred.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad), step
+
+
+def test_a_step_count_swapped_in_by_load_state_dict_is_the_one_followed():
+    """``load_state_dict(assign=True)`` under ``set_swap_module_params_on_conversion(True)``
+    swaps the saved ``steps`` (its version counter too) into the same tensor object: the
+    amortizer steps on from the loaded count, as a model resumed the ordinary way does."""
+    def make():
+        torch.manual_seed(31)
+        return cx.amortize(cx.consequentialize(nn.Sequential(nn.Linear(6, 5)).double(),
+                                               ridge=RIDGE), every=4, gram_every=2)
+    xs = [torch.randn(23, 6, dtype=torch.float64) for _ in range(7)]
+    saved = make()
+    for x in xs[:3]:
+        saved(x).sum().backward()
+    checkpoint = copy.deepcopy(saved.state_dict())
+    source, resumed = make(), make()
+    source.load_state_dict(checkpoint)           # its steps buffer: one in-place write
+    resumed.load_state_dict(checkpoint)
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        swapped = make()
+        swapped(xs[0]).sum().backward()          # one step: one in-place write too
+        steps = swapped[0].amortizer.steps
+        swapped.load_state_dict(source.state_dict(), assign=True)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    assert swapped[0].amortizer.steps is steps  # the same object, swapped
+    for x in xs[3:]:
+        for net in (resumed, swapped):
+            net.zero_grad()
+            net(x).square().sum().backward()
+        assert torch.equal(swapped[0].weight.grad, resumed[0].weight.grad)
+    assert int(swapped[0].amortizer.steps) == 7
+
+
 def test_amortize_is_in_state_dict_and_removable():
     model = cx.consequentialize(nn.Sequential(nn.Conv2d(2, 3, 3, groups=1), nn.Flatten(),
                                               nn.Linear(3, 2, bias=False)))

@@ -377,14 +377,62 @@ class _Half(nn.Module):
 
 def test_excluding_a_layer_parametrized_before_conversion_gives_back_torchs_class():
     model = nn.Sequential(nn.Linear(3, 2))
-    nn.utils.parametrize.register_parametrization(model[0], "bias", _Half())
+    model[0].scale = nn.Parameter(torch.ones(2))   # a parameter its forward does not use
+    nn.utils.parametrize.register_parametrization(model[0], "scale", _Half())
     parametrized = type(model[0])
-    cx.consequentialize(model)     # its weight is its own: matched on its F.linear call
+    cx.consequentialize(model)     # its weight and bias are its own: matched on its F.linear
     assert type(model[0]) is not parametrized and cx.coverage(model).matched == ("0",)
     cx.consequentialize(model, exclude=["0"])
     assert type(model[0]) is parametrized
-    nn.utils.parametrize.remove_parametrizations(model[0], "bias")
+    nn.utils.parametrize.remove_parametrizations(model[0], "scale")
     assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Linear(7, 5), (6, 7)),
+    (lambda: nn.Conv2d(3, 4, 3, groups=1), (2, 3, 5, 6)),
+    (lambda: nn.MultiheadAttention(6, 2), (5, 2, 6)),
+], ids=["linear", "conv", "attention"])
+@pytest.mark.parametrize("reparametrize", [
+    lambda m: nn.utils.parametrize.register_parametrization(m, _bias_name(m), _Half()),
+    lambda m: nn.utils.prune.l1_unstructured(m, _bias_name(m), amount=2),
+], ids=["parametrization", "prune"])
+@pytest.mark.parametrize("before", [True, False])
+def test_a_layer_whose_bias_is_reparametrized_is_plain_whichever_the_order(make, shape,
+                                                                           reparametrize, before):
+    """The bias is a weight on a constant-1 row of X, matched jointly with the weight: a bias
+    recomputed from others (a parametrization, nn.utils.prune) would be matched on that row
+    and pulled back through the transformation — neither gradient, as for a reparametrized
+    weight. So the layer stays plain, is reported, and gets the ordinary gradient."""
+    torch.manual_seed(25)
+    twin = nn.Sequential(make()).double()
+    model = copy.deepcopy(twin)
+    if not before:
+        cx.consequentialize(model)
+    reparametrize(model[0])
+    if not before:
+        assert cx.coverage(model).matched == ()
+    with pytest.warns(UserWarning, match="left these layers as they are: 0 "):
+        cx.consequentialize(model)
+    report = cx.coverage(model)
+    assert report.matched == () and report.plain[0].name == "0"
+    assert not isinstance(model[0], cx.CLinear) and "bias" in report.plain[0].reason
+    reparametrize(twin[0])
+    for name, p in twin.named_parameters():          # same transformation, same values
+        p.data.copy_(dict(model.named_parameters())[name])
+    x = torch.randn(shape, dtype=torch.float64)
+
+    def loss(net):
+        out = net[0](x, x, x)[0] if isinstance(net[0], nn.MultiheadAttention) else net(x)
+        return out.square().sum()
+    loss(model).backward()
+    loss(twin).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def _bias_name(module):
+    return "in_proj_bias" if isinstance(module, nn.MultiheadAttention) else "bias"
 
 
 @pytest.mark.parametrize("where", ["in_proj_weight", "out_proj"])

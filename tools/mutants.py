@@ -210,6 +210,20 @@ MUTANTS = [
        "tests/test_distributed.py"),
 
     # ---- amortize.py (its stable part) ----------------------------------------------------
+    _m("amortize.reset-keeps-the-step-count", PY + "amortize.py",
+       "        self.steps.zero_()\n", "",
+       "tests/test_amortize.py::test_an_amortised_model_built_on_the_meta_device_starts_afresh_when_reinitialised",
+       why="a model amortised on the meta device kept to_empty's garbage step count and "
+           "inverse after reset_parameters"),
+    _m("amortize.step-cache-ignores-a-swap", PY + "amortize.py",
+       "return t._version, t.data_ptr()", "return t._version",
+       "tests/test_amortize.py::test_a_step_count_swapped_in_by_load_state_dict_is_the_one_followed",
+       why="a step count swapped in by load_state_dict(assign=True) went unseen"),
+    _m("registry.reparametrized-bias-unseen", PY + "registry.py",
+       "    for owner, name in matched_biases(module, kind):\n        if name not in",
+       "    for owner, name in ():\n        if name not in",
+       "tests/test_convert.py::test_a_layer_whose_bias_is_reparametrized_is_plain_whichever_the_order",
+       why="a pruned or parametrized bias was counted as matched and got neither gradient"),
     _m("amortize.ema-weight-swapped", PY + "amortize.py",
        "torch.lerp(gram, self.gram,", "torch.lerp(self.gram, gram,",
        "tests/test_amortize.py", why="the EMA weight"),
