@@ -360,7 +360,9 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
              exact_when_cheaper: bool = True) -> nn.Module:
     """Give every C-layer of ``model`` (or ``model`` itself) a running Gram: rebuilt every
     ``gram_every`` (default: ``every``) backward calls that ask for the layer's weight
-    gradient (not ``autograd.grad(loss, x)``'s, nor an empty batch's) from strided samples holding
+    gradient, or its bias's where the bias is matched jointly with it (``autograd.grad(loss,
+    [bias])`` alone counts too, except for a transposed conv, whose bias is matched apart;
+    not ``autograd.grad(loss, x)``'s, nor an empty batch's) from strided samples holding
     ``gram_oversample·D`` columns (None: the whole batch), refactorised every ``every``;
     ``every=None`` removes it (exact solves). ``damping``: ridge added relative to the Gram's
     mean eigenvalue; ``safeguard_columns``: columns (rows, patches) per step on which the
