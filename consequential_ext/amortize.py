@@ -153,7 +153,9 @@ class GramAmortizer(nn.Module):
         False; grad: G (..., M, D); energy: ``energy(direction, columns)`` gives
         ``|direction·X|²/N`` per system (...,) from evenly strided samples holding at least
         ``columns`` columns. Non-finite or absurd statistics give NaN and one warning, never
-        an exception, and leave the running average and inverse as they were.
+        an exception; a refused Gram leaves the running average and inverse as they were
+        (``steps`` too), while a Gram step whose Gram was folded keeps the fold even if the
+        step itself is non-finite (an overflowing G: no warning).
         """
         if grad.requires_grad:     # G was recorded: a backward with create_graph=True
             _warn_no_graph()
@@ -358,13 +360,15 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
              damping: float = DEFAULT_DAMPING,
              safeguard_columns: int | None = DEFAULT_SAFEGUARD_COLUMNS,
              exact_when_cheaper: bool = True) -> nn.Module:
-    """Give every C-layer of ``model`` (or ``model`` itself) a running Gram: rebuilt every
+    """Give every C-layer of ``model`` (or ``model`` itself) that solves with one Gram — all
+    but CEmbedding and CMultiheadAttention, which stay exact; ValueError if there is none — a
+    running Gram: rebuilt every
     ``gram_every`` (default: ``every``) backward calls that ask for the layer's weight
     gradient, or its bias's where the bias is matched jointly with it (``autograd.grad(loss,
     [bias])`` alone counts too, except for a transposed conv, whose bias is matched apart;
     not ``autograd.grad(loss, x)``'s, nor an empty batch's) from strided samples holding
-    ``gram_oversample·D`` columns (None: the whole batch), refactorised every ``every``;
-    ``every=None`` removes it (exact solves). ``damping``: ridge added relative to the Gram's
+    ``gram_oversample·D`` columns (a float ≥ 1; None: the whole batch), refactorised every
+    ``every``; ``every=None`` removes it (exact solves). ``damping``: ridge added relative to the Gram's
     mean eigenvalue; ``safeguard_columns``: columns (rows, patches) per step on which the
     step is shortened to the current batch's quadratic model (None: off); ``exact_when_cheaper``: solve the
     exact column system where it is the smaller one (P < D). docs/amortize.md has the

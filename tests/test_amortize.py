@@ -290,6 +290,43 @@ def test_huge_input_gives_nan_and_one_warning_and_keeps_the_state(make, shape, f
     assert len(messages) == 1 and "amortize" in messages[0], messages
 
 
+def test_a_refresh_whose_step_overflows_keeps_its_fold_and_advances(fresh_warnings):
+    """docs/amortize.md, non-finite statistics: refusal depends on the Gram alone (the same on
+    every rank under DDP). A refresh whose Gram is finite but whose step is not (an
+    overflowing G, or a non-finite row the strided refresh Gram leaves out) keeps its fold
+    and refactorisation and advances ``steps``, silently: afterwards the layer steps as a
+    copy that saw the same batch with a finite signal."""
+    torch.manual_seed(0)
+    for bad_row in (False, True):
+        layer = cx.amortize(cx.CLinear(4, 3, ridge=RIDGE), every=2, gram_every=1, decay=0.5,
+                            gram_oversample=1, exact_when_cheaper=False)
+        clean = copy.deepcopy(layer)
+        xs = [torch.randn(10, 4) * (1 + i) for i in range(5)]
+        dzs = [torch.randn(10, 3) for _ in range(5)]
+        for i in range(2):                            # steps 0, 1
+            for model in (layer, clean):
+                model(xs[i]).backward(dzs[i])
+        x, dz = xs[2].clone(), dzs[2].clone()
+        if bad_row:
+            x[3, 1] = math.inf                        # rows 0, 2, .., 8 make the Gram
+        else:
+            dz[0, 0] = math.inf
+        layer.zero_grad()
+        layer(x).backward(dz)                         # step 2: a refresh and a refactorisation
+        assert torch.isnan(layer.weight.grad).all()
+        xs[2][3, 1] = 0.0                             # the clean copy: the same Gram rows
+        clean(xs[2]).backward(dzs[2])
+        for key in ("gram", "inverse", "steps"):
+            assert torch.equal(getattr(layer.amortizer, key), getattr(clean.amortizer, key)), key
+        assert int(layer.amortizer.steps) == 3
+        for i in (3, 4):
+            for model in (layer, clean):
+                model.zero_grad()
+                model(xs[i]).backward(dzs[i])
+            assert torch.equal(layer.weight.grad, clean.weight.grad)
+    assert fresh_warnings == []
+
+
 def test_overflowing_safeguard_energy_gives_nan_not_a_zero_step(fresh_warnings):
     """Between refreshes the safeguard divides by the batch's energy along the step: an
     energy that overflowed would scale the step to 0 without a word; it is NaN and warned."""
