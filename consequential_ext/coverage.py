@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from .registry import (ATTENTION_WEIGHTS, derived_tensor, derived_weight, kind_of,
-                       matched_biases, matched_weights, subclass_kind)
+                       matched_biases, matched_weights, recomputed_bias, subclass_kind)
 from .rules import rule_named
 from .weight_reads import weights_used_in_forward
 from ._validate import USER_REASON, CLayerMixin
@@ -104,9 +103,7 @@ def transformed_after_conversion(module) -> bool:
     return any(n not in m._parameters and (n in m.__dict__ or isinstance(
         getattr(type(m), n, None), property))
         for m, n in matched_weights(module, kind)) or any(
-        n not in m._parameters and (isinstance(m.__dict__.get(n), torch.Tensor) or isinstance(
-            getattr(type(m), n, None), property))      # a bias that is None is no bias
-        for m, n in matched_biases(module, kind))
+        recomputed_bias(m, n) for m, n in matched_biases(module, kind))
 
 
 def _trained(module) -> bool:

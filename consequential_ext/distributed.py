@@ -25,6 +25,7 @@ __all__ = ["gram_sync", "gram_group", "PendingGram"]
 # (enabled, group): process-global, not thread-local (``_blocks.py``): CUDA backward runs on
 # autograd's device threads. Group None: the default (world) group.
 _sync = BlockSetting((True, None))
+_NON_GROUP_MEMBER = getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", None)
 
 
 @contextlib.contextmanager
@@ -34,11 +35,15 @@ def gram_sync(enabled: bool = True, *, group=None):
     effect when ``backward`` runs is the one that counts; with blocks open in several
     threads, the newest open one's. Raises TypeError for an ``enabled`` that is no bool or a
     ``group`` that is neither None nor a ProcessGroup (checked here: backward would fail on it
-    inside torch.distributed)."""
+    inside torch.distributed); ``dist.new_group``'s ``GroupMember.NON_GROUP_MEMBER`` (on a rank
+    outside the group) is taken, and that rank solves locally."""
     if not isinstance(enabled, bool):
         raise TypeError(f"gram_sync: enabled must be a bool, got {enabled!r}")
     # getattr: a torch built without distributed support has no ProcessGroup (nor groups)
-    if group is not None and not isinstance(group, getattr(dist, "ProcessGroup", ())):
+    # NON_GROUP_MEMBER: what dist.new_group gives a rank outside it (torch.distributed takes
+    # it: that rank's solve stays local)
+    if group is not None and not isinstance(group, getattr(dist, "ProcessGroup", ())) \
+            and not (type(group) is int and group == _NON_GROUP_MEMBER):
         raise TypeError(f"gram_sync: group must be a torch.distributed ProcessGroup or None, "
                         f"got {group!r}")
     with _sync.block((enabled, group)):

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize, prune
 
 from ._validate import EXCLUDED, USER_REASON
 
@@ -325,9 +326,27 @@ def derived_weight(module, kind: LayerKind) -> bool:
     """Whether the kind's weight (or bias) attribute is there but no parameter: recomputed
     from others before each forward (``nn.utils.weight_norm`` / ``spectral_norm``'s hooks,
     ``nn.utils.prune``'s, a parametrization). A matched gradient of it would reach the
-    parameters through that transformation. A bias kept as a buffer is a constant, as a
-    frozen one; a bias attribute that is no tensor (None, a flag) is no bias."""
+    parameters through that transformation. A bias kept as a buffer or as a plain tensor
+    that takes no gradient is a constant, as a frozen one; a property giving a parameter is
+    that parameter; a bias attribute that is no tensor (None, a flag) is no bias
+    (``recomputed_bias``)."""
     return derived_tensor(module, kind) is not None
+
+
+def recomputed_bias(owner, name) -> bool:
+    """Whether ``owner``'s bias ``name`` is recomputed from trained tensors before each
+    forward (a parametrization, ``nn.utils.prune``, a hook of one's own): not a parameter or
+    buffer, not a constant tensor (one that takes no gradient), and not another name (a
+    property) for a parameter, whose matched gradient lands on that parameter itself."""
+    if name in owner._parameters or name in owner._buffers:
+        return False
+    if parametrize.is_parametrized(owner, name) or any(
+            isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name
+            for hook in owner._forward_pre_hooks.values()):
+        return True           # also when the last forward ran without grad mode
+    value = getattr(owner, name, None)
+    return isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) \
+        and value.requires_grad
 
 
 def derived_tensor(module, kind: LayerKind) -> str | None:
@@ -337,8 +356,7 @@ def derived_tensor(module, kind: LayerKind) -> str | None:
         if hasattr(owner, name) and name not in owner._parameters:
             return name if owner is module else f"out_proj.{name}"
     for owner, name in matched_biases(module, kind):
-        if name not in owner._parameters and name not in owner._buffers \
-                and isinstance(getattr(owner, name, None), torch.Tensor):
+        if recomputed_bias(owner, name):
             return name if owner is module else f"out_proj.{name}"
     return None
 

@@ -180,3 +180,12 @@ def test_no_process_group_means_local_solve():
     assert cx.distributed.gram_group() is None
     gram = torch.randn(3, 3)
     torch.testing.assert_close(cx.distributed.PendingGram(gram.clone(), 4).wait(), gram / 4)
+
+
+def test_gram_sync_takes_the_group_new_group_gives_a_rank_outside_it():
+    """dist.new_group gives a rank outside its ranks GroupMember.NON_GROUP_MEMBER (an int);
+    torch.distributed takes it (world size -1), so that rank's solve stays local."""
+    model = cx.consequentialize(nn.Sequential(nn.Linear(4, 3)))
+    with cx.distributed.gram_sync(group=dist.GroupMember.NON_GROUP_MEMBER):
+        model(torch.randn(8, 4)).sum().backward()
+    assert model[0].weight.grad.isfinite().all()

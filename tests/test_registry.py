@@ -328,3 +328,66 @@ def test_a_refused_kind_registered_with_a_c_class_is_reported_as_convertible(cle
     assert reason == "a _GRU not converted (yet): consequentialize converts this kind"
     model = cx.consequentialize(nn.Sequential(_GRU(3, 4)))
     assert type(model[0]) is _CGRU
+
+
+class _ConstantBias(nn.Module):
+    """Registered linear-like, its bias a plain tensor that takes no gradient: a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        self.bias = torch.randn(3, dtype=torch.float64)
+
+    def forward(self, x):
+        return x @ self.weight.t() + self.bias
+
+
+class _AliasedBias(nn.Module):
+    """Registered linear-like, its bias a property giving a parameter stored as ``b``."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        self.b = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    @property
+    def bias(self):
+        return self.b
+
+    def forward(self, x):
+        return x @ self.weight.t() + self.bias
+
+
+@pytest.mark.parametrize("layer_type", [_ConstantBias, _AliasedBias])
+def test_a_constant_or_aliased_bias_is_no_recomputed_one(clean_registry, layer_type):
+    """Only a bias recomputed from trained tensors (pruned, parametrized) leaves the layer
+    plain: a constant tensor is matched as a frozen bias is (no bias row), and a property
+    giving a parameter is that parameter, which gets the matched gradient itself."""
+    cx.register_layer(layer_type)
+    model = nn.Sequential(layer_type())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # nothing left plain
+        cx.consequentialize(model, ridge=RIDGE)
+        cx.consequentialize(model, ridge=RIDGE)  # not taken for one reparametrized since
+    assert cx.coverage(model).matched == ("0",)
+    x = torch.randn(10, 4, dtype=torch.float64)
+    gy = torch.randn(10, 3, dtype=torch.float64)
+    model(x).backward(gy)
+    layer = model[0]
+    trained = layer.bias if isinstance(layer.bias, nn.Parameter) else None
+    gw, gb = matched_linear(x, layer.weight, trained, gy, RIDGE)
+    torch.testing.assert_close(layer.weight.grad, gw, rtol=1e-8, atol=1e-10)
+    if trained is not None:
+        torch.testing.assert_close(layer.b.grad, gb, rtol=1e-8, atol=1e-10)
+
+
+def test_a_bias_pruned_before_an_eval_forward_is_still_recomputed():
+    """nn.utils.prune's bias is recomputed by its hook: one computed last without grad mode
+    (an eval forward) takes no gradient now, but the next training forward recomputes it."""
+    from torch.nn.utils import prune
+    layer = nn.Linear(4, 3)
+    prune.l1_unstructured(layer, "bias", amount=1)
+    with torch.no_grad():
+        layer(torch.randn(2, 4))
+    assert not layer.bias.requires_grad
+    assert registry.derived_tensor(layer, registry.kind_of(nn.Linear)) == "bias"
