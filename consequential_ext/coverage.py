@@ -12,8 +12,8 @@ import torch.nn as nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from .registry import (ATTENTION_WEIGHTS, derived_tensor, derived_weight, kind_of,
-                       matched_biases, matched_weights, recomputed_bias, subclass_kind)
+from .registry import (ATTENTION_WEIGHTS, derived_tensor, kind_of, matched_weights,
+                       recomputed_bias_name, subclass_kind)
 from .rules import rule_named
 from .weight_reads import weights_used_in_forward
 from ._validate import USER_REASON, CLayerMixin
@@ -94,16 +94,16 @@ REPARAMETRIZED = ("its weight or bias was reparametrized after conversion (a par
 
 
 def transformed_after_conversion(module) -> bool:
-    """Whether ``module`` is a C-layer whose weight is no parameter of its own any more but
-    recomputed before each forward (a parametrization's property, a weight_norm / prune hook's
+    """Whether ``module`` is a C-layer whose weight (or a bias it matches jointly) is no
+    parameter of its own any more but recomputed before each forward (a parametrization's property, a weight_norm / prune hook's
     attribute): reparametrized after ``consequentialize`` converted it. Computes nothing."""
     if not isinstance(module, CLayerMixin):
         return False
     kind = getattr(module, "_cx_kind", None)
     return any(n not in m._parameters and (n in m.__dict__ or isinstance(
         getattr(type(m), n, None), property))
-        for m, n in matched_weights(module, kind)) or any(
-        recomputed_bias(m, n) for m, n in matched_biases(module, kind))
+        for m, n in matched_weights(module, kind)) \
+        or recomputed_bias_name(module, kind) is not None
 
 
 def _trained(module) -> bool:
@@ -119,8 +119,9 @@ def _registered_base(module_type):
     return None
 
 
-def _derived_reason(module, kind):
-    name = derived_tensor(module, kind)
+def _derived_reason(name, kind):
+    """Why a layer whose weight or bias ``name`` (``registry.derived_tensor``) is recomputed
+    stays plain."""
     if name in (kind.weight, "out_proj.weight", *ATTENTION_WEIGHTS):
         return (f"its {kind.weight} is no parameter but recomputed from others before each "
                 f"forward (nn.utils.weight_norm / spectral_norm): the layer uses the "
@@ -156,8 +157,9 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
         return ("the parametrization of a weight (weight norm, spectral norm): the layer uses "
                 "the transformed weight, not this parameter"), False
     kind = kind_of(type(module))
-    if kind is not None and derived_weight(module, kind):
-        return _derived_reason(module, kind), False
+    derived = None if kind is None else derived_tensor(module, kind)
+    if derived is not None:
+        return _derived_reason(derived, kind), False
     # A refused kind the user registered with a C-class of its own (register_layer's c_type)
     # is converted like any other: not refused.
     registered = kind is not None or _registered_base(type(module)) is not None
@@ -171,8 +173,9 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     base = _registered_base(type(module))
     if base is not None:
         kind, why_not = subclass_kind(module)
-        if kind is not None and derived_weight(module, kind):
-            return _derived_reason(module, kind), False     # a parametrized bias
+        derived = None if kind is None else derived_tensor(module, kind)
+        if derived is not None:
+            return _derived_reason(derived, kind), False     # a parametrized bias
         if kind is not None:
             call = getattr(kind.c_type, "_cx_call", None)
             how = f"matches its F.{call.__name__} call" if call else \

@@ -355,6 +355,12 @@ def derived_tensor(module, kind: LayerKind) -> str | None:
     for owner, name in matched_weights(module, kind):
         if hasattr(owner, name) and name not in owner._parameters:
             return name if owner is module else f"out_proj.{name}"
+    return recomputed_bias_name(module, kind)
+
+
+def recomputed_bias_name(module, kind: LayerKind | None) -> str | None:
+    """The name (``out_proj.bias`` for an attention's out_proj) of the first bias the C-layer
+    of ``module`` matches jointly that is ``recomputed_bias``; None if none is."""
     for owner, name in matched_biases(module, kind):
         if recomputed_bias(owner, name):
             return name if owner is module else f"out_proj.{name}"
