@@ -19,6 +19,9 @@ DEFAULT_RIDGE = 1e-3
 # Set by consequentialize on modules the user chose to leave plain (exclude / include).
 USER_REASON = "_cx_plain_reason"
 EXCLUDED = "excluded by the user"
+# Set by consequentialize on a layer left plain because its kind has no form under the rule
+# asked for (``CLayerMixin.cx_takes_rule``): the rule's name.
+RULE_REFUSED = "_cx_rule_refused"
 
 
 def trains(bias) -> bool:
@@ -145,6 +148,18 @@ class CLayerMixin(RuleAttribute):
     def cx_weight(self):
         """The weight this layer matches (its dtype and device are the Gram's)."""
         return self.weight
+
+    @classmethod
+    def cx_takes_rule(cls, rule) -> bool:
+        """Whether this kind has a form under ``rule`` (``consequentialize`` leaves a layer of
+        a kind without one plain, and names it)."""
+        return True
+
+    @classmethod
+    def cx_unsupported(cls, module) -> str | None:
+        """Why ``module``, of a type this class converts, cannot be converted as configured
+        (it stays plain with this reason), or None."""
+        return None
 
     def _cx_repr(self):
         return f"rule={self.rule!r}, ridge={self.ridge:g}"

@@ -1,7 +1,7 @@
 """consequentialize(model): turn a model's layers of registered kinds into C-layers in place.
 
 The kinds come from ``registry.py`` (nn.Linear, nn.Conv2d, nn.Embedding, nn.MultiheadAttention,
-Hugging Face's Conv1D, what users register, and subclasses of nn.Linear / nn.ConvNd /
+nn.RNN / LSTM / GRU, Hugging Face's Conv1D, what users register, and subclasses of nn.Linear / nn.ConvNd /
 nn.Embedding that pass their own weight to F.linear / F.convNd / F.embedding). The conversion swaps each layer's class, so parameters keep their identity
 (an optimizer built before the call keeps working), device, dtype, hooks and state_dict keys.
 Whatever holds a weight matrix and stays plain is named in one warning (``coverage.py``),
@@ -22,8 +22,8 @@ from .coverage import (USER_REASON, check_model, coverage, transformed_after_con
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
 from .registry import kind_for, made_from
 from .rules import rule_named
-from ._validate import (DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, CLayerMixin, check_ridge,
-                        check_rule)
+from ._validate import (DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, RULE_REFUSED, CLayerMixin,
+                        check_ridge, check_rule)
 
 __all__ = ["consequentialize"]
 
@@ -114,7 +114,8 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
                      exclude=None, batchnorm=None) -> nn.Module:
     """Make every layer of a registered kind (nn.Linear → CLinear, nn.Conv2d → CConv2d,
     nn.Conv1d / Conv3d / ConvTranspose1d / 2d / 3d → CConv1d / …, nn.Embedding →
-    CEmbedding, nn.MultiheadAttention → CMultiheadAttention, Hugging Face's Conv1D,
+    CEmbedding, nn.MultiheadAttention → CMultiheadAttention, nn.RNN / LSTM / GRU → CRNN /
+    CLSTM / CGRU, Hugging Face's Conv1D,
     ``cx.register_layer``) and every subclass of nn.Linear / nn.Conv1d / Conv2d / Conv3d /
     nn.Embedding whose forward passes its own weight to F.linear / F.convNd / F.embedding
     (``registry.subclass_kind``) a C-layer with
@@ -127,7 +128,9 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
     other module that holds a weight matrix — a layer whose weight its parent uses directly
     (not only through its forward: ``weight_reads``), a subclass that transforms its weight
     before use, a C-layer reparametrized since its conversion (made plain again), an unknown
-    type, a refused one (nn.EmbeddingBag) — is named with its reason in one warning, except
+    type, a refused one (nn.EmbeddingBag, an LSTM with ``proj_size``), a kind with no form
+    under ``rule`` (a recurrent layer under the back-matching rules, made plain again if
+    converted before) — is named with its reason in one warning, except
     those the user left out with include / exclude (``cx.coverage(model)`` lists all, with
     the matched share of the parameters); uses the source does not show are named on the
     first forward under grad (``graph_check``). batchnorm: also make nn.BatchNorm1d / 2d
@@ -162,6 +165,7 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
                 _unconvert(module)          # converted before: "keep it plain" all the same
             continue
         module.__dict__.pop(USER_REASON, None)
+        module.__dict__.pop(RULE_REFUSED, None)
         if isinstance(module, (BackMatchBatchNorm1d, BackMatchBatchNorm2d)):
             module.rule = rule                  # converted before: the new rule, as any C-layer
             continue
@@ -182,11 +186,16 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
         if transformed_after_conversion(module):
             _unconvert(module)      # as a layer reparametrized before conversion: plain
             continue
-        if not isinstance(module, CLayerMixin):
-            kind = kind_for(module)
-            if kind is None:
-                continue
-            module.__class__ = kind.c_type
+        c_type = type(module) if isinstance(module, CLayerMixin) else getattr(
+            kind_for(module), "c_type", None)
+        if c_type is None:
+            continue
+        if not c_type.cx_takes_rule(rule):     # a recurrent layer under a back-matching rule
+            if isinstance(module, CLayerMixin):
+                _unconvert(module)
+            module.__dict__[RULE_REFUSED] = rule
+            continue
+        module.__class__ = c_type
         module.rule, module.ridge = rule, ridge
     graph_check.install(model)
     left = [f"{p.name} ({p.reason})" for p in coverage(model).plain if not p.chosen_by_user]

@@ -16,7 +16,7 @@ from .registry import (ATTENTION_WEIGHTS, derived_tensor, kind_of, matched_weigh
                        recomputed_bias_name, subclass_kind)
 from .rules import rule_named
 from .weight_reads import weights_used_in_forward
-from ._validate import USER_REASON, CLayerMixin
+from ._validate import RULE_REFUSED, USER_REASON, CLayerMixin
 
 __all__ = ["coverage", "Coverage", "PlainLayer"]
 
@@ -26,9 +26,6 @@ WEIGHT_USERS = (nn.MultiheadAttention,)
 UNSUPPORTED = {
     nn.EmbeddingBag: "nn.EmbeddingBag is not supported: a bag sums or averages several rows, so "
                      "A = X Xᵀ / N is not diagonal (a V × V solve over the vocabulary)",
-    nn.RNNBase: "a recurrent layer (nn.RNN / LSTM / GRU) has no C-layer: its weights are "
-                "applied at every time step inside one fused op, not as a linear-like "
-                "layer's single x Wᵀ + b (cx.register_layer does not apply)",
     nn.RNNCellBase: "a recurrent cell (nn.RNNCell / LSTMCell / GRUCell) has no C-layer: it "
                     "applies two weights and returns a state (cx.register_layer does not "
                     "apply)",
@@ -122,8 +119,9 @@ def _registered_base(module_type):
 def _derived_reason(name, kind):
     """Why a layer whose weight or bias ``name`` (``registry.derived_tensor``) is recomputed
     stays plain."""
-    if name in (kind.weight, "out_proj.weight", *ATTENTION_WEIGHTS):
-        return (f"its {kind.weight} is no parameter but recomputed from others before each "
+    if name in (kind.weight, "out_proj.weight", *ATTENTION_WEIGHTS) \
+            or name.startswith("weight_"):              # a recurrent layer's weight_hh_l0
+        return (f"its {name} is no parameter but recomputed from others before each "
                 f"forward (nn.utils.weight_norm / spectral_norm): the layer uses the "
                 f"transformed weight")
     return (f"its {name} is no parameter but recomputed from others before each forward "
@@ -136,6 +134,11 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     user = getattr(module, USER_REASON, None)
     if user:
         return user, True
+    refused_rule = module.__dict__.get(RULE_REFUSED)
+    if refused_rule is not None:
+        return (f"rule {refused_rule!r} has no form for a {type(module).__name__}: it changes "
+                f"the signal to the layer below, which this layer sends through time inside "
+                f"its op (it is matched under 'consequential')"), False
     if transformed_after_conversion(module):
         return REPARAMETRIZED, False
     if isinstance(module, CLayerMixin) and not _trained(module):
@@ -160,6 +163,9 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     derived = None if kind is None else derived_tensor(module, kind)
     if derived is not None:
         return _derived_reason(derived, kind), False
+    unsupported = None if kind is None else kind.c_type.cx_unsupported(module)
+    if unsupported is not None:
+        return unsupported, False
     # A refused kind the user registered with a C-class of its own (register_layer's c_type)
     # is converted like any other: not refused.
     registered = kind is not None or _registered_base(type(module)) is not None

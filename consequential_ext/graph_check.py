@@ -126,7 +126,9 @@ def _foreign(users, consumers):
         if node in seen:
             continue
         seen.add(node)
-        if getattr(getattr(node, "_forward_cls", None), "cx_saved_weight_index", None) is not None:
+        cls = getattr(node, "_forward_cls", None)
+        if getattr(cls, "cx_saved_weight_index", None) is not None \
+                or getattr(cls, "cx_matches_weights", False):   # recurrent.py's
             continue
         name = type(node).__name__
         if name in _VIEWS:

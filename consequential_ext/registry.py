@@ -28,6 +28,7 @@ from .modules import (CConv2d, CEmbedding, CFunctionalCall, CLinear, CLinearLike
                       CMultiheadAttention)
 from .routing import passes_own_weight
 from .modules import CConv1d, CConv3d, CConvTranspose1d, CConvTranspose2d, CConvTranspose3d
+from .recurrent import CGRU, CLSTM, CRNN
 
 __all__ = ["LayerKind", "register_layer", "kind_of", "registered_kinds", "kind_for",
            "subclass_kind"]
@@ -199,6 +200,9 @@ register_layer(nn.Conv3d, CConv3d)
 register_layer(nn.ConvTranspose1d, CConvTranspose1d)
 register_layer(nn.ConvTranspose2d, CConvTranspose2d)
 register_layer(nn.ConvTranspose3d, CConvTranspose3d)
+register_layer(nn.RNN, CRNN)
+register_layer(nn.LSTM, CLSTM)
+register_layer(nn.GRU, CGRU)
 # Hugging Face GPT-2 and relatives: a Linear whose weight is stored (in, out), applied by addmm.
 register_layer("transformers.pytorch_utils.Conv1D", transposed=True)
 
@@ -317,9 +321,12 @@ def made_from(module_type: type) -> tuple:
 def kind_for(module) -> LayerKind | None:
     """The kind ``consequentialize`` converts ``module`` with: its exact type's, else the
     ``subclass_kind`` of a Linear / ConvNd / Embedding subclass; None if it stays plain (also
-    when its weight is ``derived_weight``)."""
+    when its weight is ``derived_weight``, or its C-class refuses its configuration:
+    ``cx_unsupported``, an LSTM's ``proj_size``)."""
     kind = kind_of(type(module)) or subclass_kind(module)[0]
-    return None if kind is None or derived_weight(module, kind) else kind
+    if kind is None or derived_weight(module, kind) or kind.c_type.cx_unsupported(module):
+        return None
+    return kind
 
 
 def derived_weight(module, kind: LayerKind) -> bool:
@@ -380,6 +387,8 @@ def matched_weights(module, kind: LayerKind | None):
         if module.out_proj.__dict__.get(USER_REASON) != EXCLUDED:
             pairs.append((module.out_proj, "weight"))
         return pairs
+    if isinstance(module, nn.RNNBase):       # weight_ih_l0, weight_hh_l0, …, per direction
+        return [(module, n) for n in module._flat_weights_names if n.startswith("weight")]
     return [(module, kind.weight if kind is not None else "weight")]
 
 
@@ -392,5 +401,7 @@ def matched_biases(module, kind: LayerKind | None):
         if module.out_proj.__dict__.get(USER_REASON) != EXCLUDED:
             pairs.append((module.out_proj, "bias"))
         return pairs
+    if isinstance(module, nn.RNNBase):       # bias_ih_l0, bias_hh_l0, …
+        return [(module, n) for n in module._flat_weights_names if n.startswith("bias")]
     name = kind.bias if kind is not None else "bias"
     return [] if name is None else [(module, name)]

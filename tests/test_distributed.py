@@ -36,6 +36,29 @@ def _batch():
             torch.randn(WORLD * PER_RANK, 3, generator=gen))
 
 
+class _Recurrent(nn.Module):
+    """A two-layer bidirectional GRU (its six Grams summed across ranks) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, num_layers=2, bidirectional=True,
+                                     batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def _recurrent_model():
+    torch.manual_seed(0)
+    return cx.consequentialize(_Recurrent(), ridge=RIDGE)
+
+
+def _sequences():
+    gen = torch.Generator().manual_seed(2)
+    return (torch.randn(WORLD * PER_RANK, 6, 3, generator=gen),
+            torch.randn(WORLD * PER_RANK, 3, generator=gen))
+
+
 def _loss(model, x, t):
     return 0.5 * (model(x) - t).square().sum(-1).mean()
 
@@ -65,6 +88,9 @@ def _worker(rank):
     results = {}
     ddp = nn.parallel.DistributedDataParallel(_model())
     results["ddp"] = _step(ddp, x[mine], t[mine])
+    seq, target = _sequences()
+    ddp = nn.parallel.DistributedDataParallel(_recurrent_model())
+    results["ddp_recurrent"] = _step(ddp, seq[mine], target[mine])
     ddp = nn.parallel.DistributedDataParallel(_model())
     with cx.distributed.gram_sync(False):
         results["ddp_local_gram"] = _step(ddp, x[mine], t[mine])
@@ -111,6 +137,14 @@ def test_ddp_equals_one_process_on_concatenated_batch(two_rank_results):
     ref_grads, ref_params = _step(_model(), x, t)
     _assert_close_lists(grads, ref_grads)
     _assert_close_lists(params, ref_params)
+
+
+def test_ddp_recurrent_layer_equals_one_process_on_concatenated_batch(two_rank_results):
+    """A GRU's Grams (N = steps × sequences) are summed across ranks as a Linear's are."""
+    seq, target = _sequences()
+    expected = _step(_recurrent_model(), seq, target)
+    for actual, want in zip(two_rank_results["ddp_recurrent"], expected):
+        _assert_close_lists(actual, want)
 
 
 def test_ddp_without_gram_sync_averages_per_rank_solves(two_rank_results):

@@ -1,0 +1,283 @@
+"""C-layers of nn.RNN / nn.LSTM / nn.GRU: each weight matched on the rows it multiplies.
+
+A recurrent layer applies ``W_ih`` to its input ``x_t`` and ``W_hh`` to its previous hidden
+state ``h_{t-1}`` at every time step, inside one fused op. Each is a linear map shared over
+the steps, as a conv's kernel is shared over positions, so each gets the contract of
+docs/design.md §2 with X = the rows it multiplies at every valid step of every sequence:
+``[W_ih | b_ih]`` on ``[x_t; 1]``, ``[W_hh | b_hh]`` on ``[h_{t-1}; 1]`` (``h_{-1}`` = the
+initial state; the reverse direction's previous state is its ``h_{t+1}``), N = those rows, G
+the call's ordinary gradient (summed over the steps by the op's own backward).
+
+The forward is nn's own, with its fused op routed (``routing.py``) to one call of the same op
+per layer, so that each layer's hidden states — X of its ``W_hh`` and of the next layer's
+``W_ih`` — are seen; between layers nn's dropout runs as the fused op runs it. Each weight
+reaches the op through ``MatchedRecurrentWeights``, an identity whose backward turns the op's
+G into ``G (A + λI)⁻¹``. Only the rules that keep BP's signal to the layer below (the
+default, and ``"sgd"``) apply: the back-matching rules change that signal, which a recurrent
+layer sends through time inside the op. nn.LSTM's ``proj_size`` projects ``o_t ⊙ tanh(c_t)``,
+which the op does not return: such a layer stays plain.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import _VF
+
+from . import distributed, ops
+from .functional import _wanted
+from .matching import _autocast_off, _linear_gram
+from .ops.reference import accumulate_dtype
+from .routing import FunctionalRoute
+from .rules import RULE_TABLE, Rule, rule_named
+from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin
+
+__all__ = ["CRNN", "CLSTM", "CGRU", "MatchedRecurrentWeights", "RECURRENT_RULES"]
+
+# The rules whose signal to the layer below is BP's (``Rule.input_signal`` not overridden).
+RECURRENT_RULES = tuple(name for name, rule in RULE_TABLE.items()
+                        if type(rule).input_signal is Rule.input_signal)
+_OPS = (_VF.rnn_tanh, _VF.rnn_relu, _VF.lstm, _VF.gru)
+_PROJECTED = ("an LSTM with proj_size > 0 projects o_t ⊙ tanh(c_t), which its op does not "
+              "return: weight_hr's X is unseen, so the layer stays plain")
+
+
+class _Rows:
+    """The rows X a weight multiplies, (N, in): a hidden state's are known only after the
+    layer's op has run, so the forward fills this in after it and the backward reads it."""
+    __slots__ = ("rows",)
+
+    def __init__(self, rows=None):
+        self.rows = rows
+
+
+class RecurrentGradients:
+    """Backward primitives (``rules.py``) of one weight (and its bias) of a recurrent layer:
+    the op's ordinary gradients, and X."""
+
+    def __init__(self, rows, grad_weight, grad_bias, *, needs_weight, needs_bias, ridge):
+        self.rows, self.grad_weight, self.grad_bias = rows, grad_weight, grad_bias
+        self.needs_weight, self.needs_bias, self.ridge = needs_weight, needs_bias, ridge
+
+    def plain_weight_grads(self):
+        return (self.grad_weight if self.needs_weight else None,
+                self.grad_bias if self.needs_bias else None)
+
+    def matched_weight_grads(self):
+        if not (self.needs_weight or self.needs_bias):
+            return None, None
+        if not self.needs_weight:        # frozen weight: the bias alone on its 1-row, A = 1
+            return None, self.grad_bias / (1 + self.ridge)
+        has_bias = self.grad_bias is not None and self.needs_bias
+        matched = matched_from_grad(self.rows, self.grad_weight, self.grad_bias if has_bias
+                                    else None, self.ridge)
+        if not has_bias:
+            return matched.to(self.grad_weight.dtype), None
+        return (matched[:, :-1].to(self.grad_weight.dtype),
+                matched[:, -1].to(self.grad_bias.dtype))
+
+
+@_autocast_off
+def matched_from_grad(rows, grad_weight, grad_bias, ridge):
+    """``[G | g_b] (A + λI)⁻¹`` with ``A = [X; 1][X; 1]ᵀ / N`` of ``rows`` (N, in), G the
+    ordinary gradient (out, in) already summed over the rows (a recurrent op's), g_b (or
+    None: no 1-row). Row side only (the column side needs each row's output gradient, which
+    the op keeps to itself); with fewer rows than columns the D × D Gram's rank is N and only
+    the ridge keeps it invertible, so it is solved in float64 there (``matching.solve_side``).
+    Under torch.distributed the Gram is summed across ranks (``distributed.py``)."""
+    d = rows.shape[1] + int(grad_bias is not None)
+    work = torch.float64 if rows.shape[0] < d else accumulate_dtype(rows.dtype)
+    x = rows.to(work)
+    grad = grad_weight.to(work)
+    if grad_bias is not None:
+        grad = torch.cat([grad, grad_bias.to(work)[:, None]], dim=1)
+    pending = distributed.PendingGram(_linear_gram(x, grad_bias is not None), x.shape[0],
+                                      distributed.gram_group())
+    return ops.ridge_solve(pending.wait(), grad, ridge)
+
+
+class MatchedRecurrentWeights(torch.autograd.Function):
+    """Identity on a recurrent weight (and its bias) in forward; in backward, the op's
+    ordinary gradient of them by the rule, X from ``rows`` (a ``_Rows``)."""
+    # A C-layer's Function for graph_check: the parameters reach the op through it.
+    cx_matches_weights = True
+
+    @staticmethod
+    def forward(ctx, weight, bias, rows, rule, ridge):
+        ctx.rows, ctx.rule, ctx.ridge = rows, rule_named(rule), ridge
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return weight.view_as(weight)
+        return weight.view_as(weight), bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx, grad_weight, grad_bias=None):
+        layer = RecurrentGradients(ctx.rows.rows, grad_weight, grad_bias,
+                                   needs_weight=_wanted(ctx, 0),
+                                   needs_bias=ctx.has_bias and _wanted(ctx, 1), ridge=ctx.ridge)
+        return *ctx.rule.weight_grads(layer), None, None, None
+
+
+def _matched(rows, rule, ridge, weight, bias):
+    """(weight, bias) as the op takes them: through ``MatchedRecurrentWeights`` when either
+    trains."""
+    if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return weight, bias
+    out = MatchedRecurrentWeights.apply(weight, bias, rows, rule, ridge)
+    return (out, None) if bias is None else out
+
+
+def _previous_states(out, h0, direction, hidden, batch_sizes, batch_first):
+    """X of one direction's ``W_hh``, (N, hidden): the state each valid step starts from.
+    Forward: ``h0`` at the first step of each sequence, else the step before's output; the
+    reverse direction runs from each sequence's last step, starting from ``h0`` there."""
+    own = out[..., direction * hidden:(direction + 1) * hidden]
+    if batch_sizes is None:
+        time = 1 if batch_first else 0
+        before = own.narrow(time, 0, own.shape[time] - 1) if direction == 0 else \
+            own.narrow(time, 1, own.shape[time] - 1)
+        steps = before.reshape(-1, hidden)
+    elif direction == 0:
+        # Packed: time-major rows, batch_sizes[t] of step t. Row b of step t-1 precedes row b
+        # of step t where b < batch_sizes[t].
+        sizes = batch_sizes.tolist()
+        starts = [0]
+        for size in sizes[:-1]:
+            starts.append(starts[-1] + size)
+        index = torch.cat([torch.arange(starts[t - 1], starts[t - 1] + sizes[t])
+                           for t in range(1, len(sizes))] or [torch.zeros(0, dtype=torch.long)])
+        steps = own[index.to(own.device)]
+    else:
+        steps = own[int(batch_sizes[0]):]   # every row past the first step: row b's next
+    parts = (h0, steps) if direction == 0 else (steps, h0)
+    return torch.cat(parts).detach()
+
+
+class _CRNNBase(CLayerMixin):
+    """What CRNN / CLSTM / CGRU share: nn's forward with its fused op routed to one op call
+    per layer whose weights go through ``MatchedRecurrentWeights``."""
+
+    def _cx_init(self, rule, ridge):
+        if getattr(self, "proj_size", 0) > 0:
+            raise ValueError(f"{type(self).__name__}: proj_size must be 0, got "
+                             f"{self.proj_size}: {_PROJECTED}")
+        self.rule, self.ridge = rule, ridge
+
+    @property
+    def rule(self):
+        return self._cx_rule
+
+    @rule.setter
+    def rule(self, value):
+        if rule_named(value).name not in RECURRENT_RULES:
+            raise ValueError(f"rule must be one of {', '.join(map(repr, RECURRENT_RULES))} for "
+                             f"a recurrent layer; got {value!r} (the back-matching rules change "
+                             f"the signal to the layer below, which a recurrent layer sends "
+                             f"through time inside its op)")
+        self._cx_rule = value
+
+    @classmethod
+    def cx_takes_rule(cls, rule) -> bool:
+        return rule_named(rule).name in RECURRENT_RULES
+
+    @classmethod
+    def cx_unsupported(cls, module):
+        if getattr(module, "proj_size", 0) > 0:
+            return _PROJECTED
+        return None
+
+    def cx_gram_shape(self):
+        return None  # one Gram per weight: amortize leaves this layer exact
+
+    def forward(self, input, hx=None):
+        if rule_named(self.rule).bypass or not (torch.is_grad_enabled() and any(
+                p.requires_grad for p in self._flat_weights if p is not None)):
+            return super().forward(input, hx)
+        with FunctionalRoute({op: self._cx_route(op) for op in _OPS}):
+            return super().forward(input, hx)
+
+    def _cx_route(self, op):
+        return lambda *args: self._cx_layers(op, *args)
+
+    def _cx_layers(self, op, *args):
+        """``op`` (nn's fused call: all layers, both directions) as one call per layer."""
+        packed = isinstance(args[1], torch.Tensor) and args[1].dim() == 1 \
+            and not args[1].is_floating_point()
+        if packed:
+            data, batch_sizes, hx, weights, has_biases, layers, dropout, train, bidir = args
+            batch_first = False
+        else:
+            data, hx, weights, has_biases, layers, dropout, train, bidir, batch_first = args
+            batch_sizes = None
+        lstm = isinstance(hx, (tuple, list))
+        h0 = hx[0] if lstm else hx
+        dirs = 2 if bidir else 1
+        per = len(weights) // (layers * dirs)
+        layer_input, states = data, []
+        for layer in range(layers):
+            first = layer * dirs
+            inputs = _Rows(layer_input.detach().reshape(-1, layer_input.shape[-1]))
+            hidden_rows = [_Rows() for _ in range(dirs)]
+            flat = []
+            for d in range(dirs):
+                w = weights[(first + d) * per:(first + d + 1) * per]
+                w_ih, b_ih = _matched(inputs, self.rule, self.ridge, w[0],
+                                      w[2] if has_biases else None)
+                w_hh, b_hh = _matched(hidden_rows[d], self.rule, self.ridge, w[1],
+                                      w[3] if has_biases else None)
+                flat += [w_ih, w_hh] + ([b_ih, b_hh] if has_biases else [])
+            h0_layer = h0[first:first + dirs]
+            hx_layer = (h0_layer, hx[1][first:first + dirs]) if lstm else h0_layer
+            call = (layer_input, batch_sizes, hx_layer, flat, has_biases, 1, 0.0, train, bidir) \
+                if packed else (layer_input, hx_layer, flat, has_biases, 1, 0.0, train, bidir,
+                                batch_first)
+            out, *state = op(*call)
+            for d in range(dirs):
+                hidden_rows[d].rows = _previous_states(out, h0_layer[d], d, h0.shape[-1],
+                                                       batch_sizes, batch_first)
+            states.append(state)
+            # nn's dropout between layers (at::dropout, as the fused op applies it)
+            layer_input = F.dropout(out, dropout, True) \
+                if dropout and train and layer < layers - 1 else out
+        return (out, *(torch.cat(parts) for parts in zip(*states)))
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._cx_repr()}"
+
+
+class CRNN(_CRNNBase, nn.RNN):
+    """``nn.RNN`` (its arguments, then keyword-only ``rule`` and ``ridge``) whose weights get
+    the gradient of ``rule``: per layer and direction, ``[weight_ih | bias_ih]`` matched on
+    the layer's input rows and ``[weight_hh | bias_hh]`` on the states each step starts from
+    (``h_{t-1}``; ``h0``, given or zeros, at a sequence's first step; the reverse
+    direction's ``h_{t+1}``), every valid step of every sequence (a ``PackedSequence``'s own
+    lengths), N = those rows, G the call's ordinary gradient. A layer above the first is
+    matched on what it received: the layer below's output after nn's dropout. Forward is
+    nn's, bit-identical, dropout included; the gradients to the input and ``h0`` are BP's.
+    rule: ``"consequential"`` (default) or ``"sgd"`` (the back-matching rules change the
+    signal to the layer below, which this layer sends through time: ValueError); ridge: as
+    in ``CLinear``. No amortizer (``cx.amortize`` leaves it exact)."""
+
+    def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cx_init(rule, ridge)
+
+
+class CLSTM(_CRNNBase, nn.LSTM):
+    """``nn.LSTM`` matched as ``CRNN`` is, each weight's four gates together (``c0`` gets BP's
+    gradient). ``proj_size`` must be 0 (ValueError): the projection's input
+    ``o_t ⊙ tanh(c_t)`` is not returned by the op."""
+
+    def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cx_init(rule, ridge)
+
+
+class CGRU(_CRNNBase, nn.GRU):
+    """``nn.GRU`` matched as ``CRNN`` is, each weight's three gates together: ``[W_hh | b_hh]``
+    on ``[h_{t-1}; 1]``, its new gate's ``W_hn h + b_hn`` taken before the reset gate scales
+    it."""
+
+    def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cx_init(rule, ridge)
