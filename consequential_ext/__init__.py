@@ -12,7 +12,7 @@ from .convert import consequentialize
 from .coverage import coverage
 from .modules import CConv2d, CEmbedding, CLinear, CMultiheadAttention
 from .modules import CConv1d, CConv3d, CConvTranspose1d, CConvTranspose2d, CConvTranspose3d
-from .recurrent import CGRU, CLSTM, CRNN
+from .recurrent import CGRU, CGRUCell, CLSTM, CLSTMCell, CRNN, CRNNCell
 from .registry import register_layer
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
 
@@ -20,6 +20,6 @@ __all__ = ["__version__", "CLinear", "CConv2d", "consequentialize", "functional"
            "DEFAULT_RIDGE", "BackMatchBatchNorm1d", "BackMatchBatchNorm2d", "optim", "amortize",
            "distributed", "register_layer", "coverage", "CEmbedding", "CMultiheadAttention"]
 __all__ += ["CConv1d", "CConv3d", "CConvTranspose1d", "CConvTranspose2d", "CConvTranspose3d"]
-__all__ += ["CRNN", "CLSTM", "CGRU"]
+__all__ += ["CRNN", "CLSTM", "CGRU", "CRNNCell", "CLSTMCell", "CGRUCell"]
 
 check_extension()  # an extension built for another torch fails loudly here, naming both

@@ -1,7 +1,7 @@
 """consequentialize(model): turn a model's layers of registered kinds into C-layers in place.
 
 The kinds come from ``registry.py`` (nn.Linear, nn.Conv2d, nn.Embedding, nn.MultiheadAttention,
-nn.RNN / LSTM / GRU, Hugging Face's Conv1D, what users register, and subclasses of nn.Linear / nn.ConvNd /
+nn.RNN / LSTM / GRU and their cells, Hugging Face's Conv1D, what users register, and subclasses of nn.Linear / nn.ConvNd /
 nn.Embedding that pass their own weight to F.linear / F.convNd / F.embedding). The conversion swaps each layer's class, so parameters keep their identity
 (an optimizer built before the call keeps working), device, dtype, hooks and state_dict keys.
 Whatever holds a weight matrix and stays plain is named in one warning (``coverage.py``),
@@ -114,8 +114,8 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
                      exclude=None, batchnorm=None) -> nn.Module:
     """Make every layer of a registered kind (nn.Linear → CLinear, nn.Conv2d → CConv2d,
     nn.Conv1d / Conv3d / ConvTranspose1d / 2d / 3d → CConv1d / …, nn.Embedding →
-    CEmbedding, nn.MultiheadAttention → CMultiheadAttention, nn.RNN / LSTM / GRU → CRNN /
-    CLSTM / CGRU, Hugging Face's Conv1D,
+    CEmbedding, nn.MultiheadAttention → CMultiheadAttention, nn.RNN / LSTM / GRU and their cells → CRNN /
+    CLSTM / CGRU / CRNNCell / …, Hugging Face's Conv1D,
     ``cx.register_layer``) and every subclass of nn.Linear / nn.Conv1d / Conv2d / Conv3d /
     nn.Embedding whose forward passes its own weight to F.linear / F.convNd / F.embedding
     (``registry.subclass_kind``) a C-layer with

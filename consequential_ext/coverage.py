@@ -26,9 +26,6 @@ WEIGHT_USERS = (nn.MultiheadAttention,)
 UNSUPPORTED = {
     nn.EmbeddingBag: "nn.EmbeddingBag is not supported: a bag sums or averages several rows, so "
                      "A = X Xᵀ / N is not diagonal (a V × V solve over the vocabulary)",
-    nn.RNNCellBase: "a recurrent cell (nn.RNNCell / LSTMCell / GRUCell) has no C-layer: it "
-                    "applies two weights and returns a state (cx.register_layer does not "
-                    "apply)",
 }
 
 

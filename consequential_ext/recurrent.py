@@ -32,12 +32,14 @@ from .routing import FunctionalRoute
 from .rules import RULE_TABLE, Rule, rule_named
 from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin
 
-__all__ = ["CRNN", "CLSTM", "CGRU", "MatchedRecurrentWeights", "RECURRENT_RULES"]
+__all__ = ["CRNN", "CLSTM", "CGRU", "CRNNCell", "CLSTMCell", "CGRUCell",
+           "MatchedRecurrentWeights", "RECURRENT_RULES"]
 
 # The rules whose signal to the layer below is BP's (``Rule.input_signal`` not overridden).
 RECURRENT_RULES = tuple(name for name, rule in RULE_TABLE.items()
                         if type(rule).input_signal is Rule.input_signal)
 _OPS = (_VF.rnn_tanh, _VF.rnn_relu, _VF.lstm, _VF.gru)
+_CELL_OPS = (_VF.rnn_tanh_cell, _VF.rnn_relu_cell, _VF.lstm_cell, _VF.gru_cell)
 _PROJECTED = ("an LSTM with proj_size > 0 projects o_t ⊙ tanh(c_t), which its op does not "
               "return: weight_hr's X is unseen, so the layer stays plain")
 
@@ -153,9 +155,11 @@ def _previous_states(out, h0, direction, hidden, batch_sizes, batch_first):
     return torch.cat(parts).detach()
 
 
-class _CRNNBase(CLayerMixin):
-    """What CRNN / CLSTM / CGRU share: nn's forward with its fused op routed to one op call
-    per layer whose weights go through ``MatchedRecurrentWeights``."""
+class _Recurrent(CLayerMixin):
+    """What the recurrent C-layers and cells share: their rules, and nn's forward with its op
+    routed (``_cx_ops`` to ``_cx_call``) while a backward can reach the weights."""
+
+    _cx_ops = ()
 
     def _cx_init(self, rule, ridge):
         if getattr(self, "proj_size", 0) > 0:
@@ -180,26 +184,36 @@ class _CRNNBase(CLayerMixin):
     def cx_takes_rule(cls, rule) -> bool:
         return rule_named(rule).name in RECURRENT_RULES
 
+    def cx_gram_shape(self):
+        return None  # one Gram per weight: amortize leaves this layer exact
+
+    def forward(self, input, hx=None):
+        if rule_named(self.rule).bypass or not (torch.is_grad_enabled() and any(
+                p.requires_grad for p in self.parameters(recurse=False))):
+            return super().forward(input, hx)
+        with FunctionalRoute({op: self._cx_route(op) for op in self._cx_ops}):
+            return super().forward(input, hx)
+
+    def _cx_route(self, op):
+        return lambda *args: self._cx_call(op, *args)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._cx_repr()}"
+
+
+class _CRNNBase(_Recurrent):
+    """What CRNN / CLSTM / CGRU share: nn's fused op (all layers, both directions) as one op
+    call per layer, whose weights go through ``MatchedRecurrentWeights``."""
+
+    _cx_ops = _OPS
+
     @classmethod
     def cx_unsupported(cls, module):
         if getattr(module, "proj_size", 0) > 0:
             return _PROJECTED
         return None
 
-    def cx_gram_shape(self):
-        return None  # one Gram per weight: amortize leaves this layer exact
-
-    def forward(self, input, hx=None):
-        if rule_named(self.rule).bypass or not (torch.is_grad_enabled() and any(
-                p.requires_grad for p in self._flat_weights if p is not None)):
-            return super().forward(input, hx)
-        with FunctionalRoute({op: self._cx_route(op) for op in _OPS}):
-            return super().forward(input, hx)
-
-    def _cx_route(self, op):
-        return lambda *args: self._cx_layers(op, *args)
-
-    def _cx_layers(self, op, *args):
+    def _cx_call(self, op, *args):
         """``op`` (nn's fused call: all layers, both directions) as one call per layer."""
         packed = isinstance(args[1], torch.Tensor) and args[1].dim() == 1 \
             and not args[1].is_floating_point()
@@ -241,9 +255,6 @@ class _CRNNBase(CLayerMixin):
                 if dropout and train and layer < layers - 1 else out
         return (out, *(torch.cat(parts) for parts in zip(*states)))
 
-    def extra_repr(self):
-        return f"{super().extra_repr()}, {self._cx_repr()}"
-
 
 class CRNN(_CRNNBase, nn.RNN):
     """``nn.RNN`` (its arguments, then keyword-only ``rule`` and ``ridge``) whose weights get
@@ -277,6 +288,47 @@ class CGRU(_CRNNBase, nn.GRU):
     """``nn.GRU`` matched as ``CRNN`` is, each weight's three gates together: ``[W_hh | b_hh]``
     on ``[h_{t-1}; 1]``, its new gate's ``W_hn h + b_hn`` taken before the reset gate scales
     it."""
+
+    def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cx_init(rule, ridge)
+
+
+class _CCellBase(_Recurrent):
+    """What CRNNCell / CLSTMCell / CGRUCell share: one step, ``W_ih`` on the input rows and
+    ``W_hh`` on the state rows the call is given (both known before the op)."""
+
+    _cx_ops = _CELL_OPS
+
+    def _cx_call(self, op, input, hx, w_ih, w_hh, b_ih, b_hh):
+        state = hx[0] if isinstance(hx, (tuple, list)) else hx
+        w_ih, b_ih = _matched(_Rows(input.detach()), self.rule, self.ridge, w_ih, b_ih)
+        w_hh, b_hh = _matched(_Rows(state.detach()), self.rule, self.ridge, w_hh, b_hh)
+        return op(input, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+class CRNNCell(_CCellBase, nn.RNNCell):
+    """``nn.RNNCell`` (its arguments, then keyword-only ``rule`` and ``ridge``) whose
+    ``[weight_ih | bias_ih]`` is matched on the input rows and ``[weight_hh | bias_hh]`` on
+    the state rows of the call (``hx``, or zeros), N = the batch; each call (each step of a
+    loop) is matched on its own rows. Forward nn's; rule, ridge: as in ``CRNN``."""
+
+    def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cx_init(rule, ridge)
+
+
+class CLSTMCell(_CCellBase, nn.LSTMCell):
+    """``nn.LSTMCell`` matched as ``CRNNCell`` is, ``W_hh`` on ``h`` (``c`` gets BP's
+    gradient)."""
+
+    def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cx_init(rule, ridge)
+
+
+class CGRUCell(_CCellBase, nn.GRUCell):
+    """``nn.GRUCell`` matched as ``CRNNCell`` is (``W_hn h + b_hn`` before the reset gate)."""
 
     def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
         super().__init__(*args, **kwargs)

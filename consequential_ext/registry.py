@@ -28,7 +28,7 @@ from .modules import (CConv2d, CEmbedding, CFunctionalCall, CLinear, CLinearLike
                       CMultiheadAttention)
 from .routing import passes_own_weight
 from .modules import CConv1d, CConv3d, CConvTranspose1d, CConvTranspose2d, CConvTranspose3d
-from .recurrent import CGRU, CLSTM, CRNN
+from .recurrent import CGRU, CGRUCell, CLSTM, CLSTMCell, CRNN, CRNNCell
 
 __all__ = ["LayerKind", "register_layer", "kind_of", "registered_kinds", "kind_for",
            "subclass_kind"]
@@ -203,6 +203,9 @@ register_layer(nn.ConvTranspose3d, CConvTranspose3d)
 register_layer(nn.RNN, CRNN)
 register_layer(nn.LSTM, CLSTM)
 register_layer(nn.GRU, CGRU)
+register_layer(nn.RNNCell, CRNNCell)
+register_layer(nn.LSTMCell, CLSTMCell)
+register_layer(nn.GRUCell, CGRUCell)
 # Hugging Face GPT-2 and relatives: a Linear whose weight is stored (in, out), applied by addmm.
 register_layer("transformers.pytorch_utils.Conv1D", transposed=True)
 
@@ -387,8 +390,8 @@ def matched_weights(module, kind: LayerKind | None):
         if module.out_proj.__dict__.get(USER_REASON) != EXCLUDED:
             pairs.append((module.out_proj, "weight"))
         return pairs
-    if isinstance(module, nn.RNNBase):       # weight_ih_l0, weight_hh_l0, …, per direction
-        return [(module, n) for n in module._flat_weights_names if n.startswith("weight")]
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):    # weight_ih(_l0), weight_hh(_l0), …
+        return [(module, n) for n in _recurrent_names(module) if n.startswith("weight")]
     return [(module, kind.weight if kind is not None else "weight")]
 
 
@@ -401,7 +404,14 @@ def matched_biases(module, kind: LayerKind | None):
         if module.out_proj.__dict__.get(USER_REASON) != EXCLUDED:
             pairs.append((module.out_proj, "bias"))
         return pairs
-    if isinstance(module, nn.RNNBase):       # bias_ih_l0, bias_hh_l0, …
-        return [(module, n) for n in module._flat_weights_names if n.startswith("bias")]
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):    # bias_ih(_l0), bias_hh(_l0), …
+        return [(module, n) for n in _recurrent_names(module) if n.startswith("bias")]
     name = kind.bias if kind is not None else "bias"
     return [] if name is None else [(module, name)]
+
+
+def _recurrent_names(module):
+    """A recurrent layer's or cell's weight and bias names, parametrized ones included."""
+    if isinstance(module, nn.RNNBase):
+        return module._flat_weights_names
+    return ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if module.bias else [])

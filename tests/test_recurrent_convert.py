@@ -139,3 +139,58 @@ def test_state_dict_round_trips_between_plain_and_converted():
     fresh.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 11, (2, 4))
     torch.testing.assert_close(fresh(ids), plain(ids), rtol=0, atol=0)
+
+
+def _matched_reference(rows, grad_weight, grad_bias, ridge):
+    """[G | g_b] (A + λI)⁻¹ in float64 by torch.linalg.solve; A = [X; 1][X; 1]ᵀ / N."""
+    x = rows.double()
+    grad = grad_weight.double()
+    if grad_bias is not None:
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        grad = torch.cat([grad, grad_bias.double()[:, None]], 1)
+    a = x.T @ x / x.shape[0]
+    matched = torch.linalg.solve(a + ridge * torch.eye(a.shape[0], dtype=a.dtype), grad.T).T
+    return (matched[:, :-1], matched[:, -1]) if grad_bias is not None else (matched, None)
+
+
+_CELLS = [(nn.RNNCell, cx.CRNNCell, {"nonlinearity": "relu"}), (nn.LSTMCell, cx.CLSTMCell, {}),
+          (nn.GRUCell, cx.CGRUCell, {})]
+
+
+@pytest.mark.parametrize("plain_type, c_type, kwargs", _CELLS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_cell_in_a_loop_matches_each_step_on_its_own_rows(plain_type, c_type, kwargs, bias):
+    """A cell called once per step: each call's weights matched on that call's input rows
+    and state rows (zeros at the first step, hx not given), the steps' matched gradients
+    summed. The reference unrolls nn's cell with a fresh copy of the weights per step, so
+    autograd gives each step's ordinary gradient apart."""
+    torch.manual_seed(5)
+    cell = c_type(3, 7, bias=bias, ridge=0.05, **kwargs).double()   # 7 > N = 4: N < D
+    plain = plain_type(3, 7, bias=bias, **kwargs).double()
+    plain.load_state_dict(cell.state_dict())
+    xs = torch.randn(3, 4, 3, dtype=torch.float64)
+    lstm = plain_type is nn.LSTMCell
+    state, total = None, 0
+    for x in xs:
+        state = cell(x, state)
+        total = total + (state[0] if lstm else state).sin().sum()
+    total.backward()
+    zeros = torch.zeros(4, 7, dtype=torch.float64)
+    steps, state, total = [], (zeros, zeros) if lstm else zeros, 0
+    for x in xs:
+        copies = {n: p.detach().clone().requires_grad_(True) for n, p in plain.named_parameters()}
+        steps.append((copies, x, (state[0] if lstm else state).detach()))
+        state = torch.func.functional_call(plain, copies, (x, state))
+        total = total + (state[0] if lstm else state).sin().sum()
+    total.backward()
+    expected = {}
+    for copies, x, h in steps:
+        for kind, rows in (("ih", x), ("hh", h)):
+            gb = copies[f"bias_{kind}"].grad if bias else None
+            matched = _matched_reference(rows, copies[f"weight_{kind}"].grad, gb, 0.05)
+            for name, m in zip((f"weight_{kind}", f"bias_{kind}"), matched):
+                if m is not None:
+                    expected[name] = expected.get(name, 0) + m
+    assert set(expected) == {n for n, _ in cell.named_parameters()}
+    for name, p in cell.named_parameters():
+        assert rel_err(p.grad, expected[name]) < 1e-10, name
