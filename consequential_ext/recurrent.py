@@ -57,9 +57,14 @@ class RecurrentGradients:
     """Backward primitives (``rules.py``) of one weight (and its bias) of a recurrent layer:
     the op's ordinary gradients, and X."""
 
-    def __init__(self, rows, grad_weight, grad_bias, *, needs_weight, needs_bias, ridge):
+    def __init__(self, rows, grad_weight, grad_bias, *, needs_weight, needs_bias, trains_weight,
+                 trains_bias, ridge):
         self.rows, self.grad_weight, self.grad_bias = rows, grad_weight, grad_bias
         self.needs_weight, self.needs_bias, self.ridge = needs_weight, needs_bias, ridge
+        # What trains (requires grad) decides the formula, what this backward is asked for
+        # only what it returns (as functional._needs): ``backward(inputs=[bias])`` gives the
+        # bias a full backward's gradient.
+        self.trains_weight, self.trains_bias = trains_weight, trains_bias
 
     def plain_weight_grads(self):
         return (self.grad_weight if self.needs_weight else None,
@@ -68,15 +73,15 @@ class RecurrentGradients:
     def matched_weight_grads(self):
         if not (self.needs_weight or self.needs_bias):
             return None, None
-        if not self.needs_weight:        # frozen weight: the bias alone on its 1-row, A = 1
+        if not self.trains_weight:       # frozen weight: the bias alone on its 1-row, A = 1
             return None, self.grad_bias / (1 + self.ridge)
-        has_bias = self.grad_bias is not None and self.needs_bias
+        has_bias = self.trains_bias      # a frozen bias is a constant: no 1-row
         matched = matched_from_grad(self.rows, self.grad_weight, self.grad_bias if has_bias
                                     else None, self.ridge)
-        if not has_bias:
-            return matched.to(self.grad_weight.dtype), None
-        return (matched[:, :-1].to(self.grad_weight.dtype),
-                matched[:, -1].to(self.grad_bias.dtype))
+        weight = matched[:, :-1] if has_bias else matched
+        return (weight.to(self.grad_weight.dtype) if self.needs_weight else None,
+                matched[:, -1].to(self.grad_bias.dtype) if has_bias and self.needs_bias
+                else None)
 
 
 @_autocast_off
@@ -116,7 +121,10 @@ class MatchedRecurrentWeights(torch.autograd.Function):
     def backward(ctx, grad_weight, grad_bias=None):
         layer = RecurrentGradients(ctx.rows.rows, grad_weight, grad_bias,
                                    needs_weight=_wanted(ctx, 0),
-                                   needs_bias=ctx.has_bias and _wanted(ctx, 1), ridge=ctx.ridge)
+                                   needs_bias=ctx.has_bias and _wanted(ctx, 1),
+                                   trains_weight=ctx.needs_input_grad[0],
+                                   trains_bias=ctx.has_bias and ctx.needs_input_grad[1],
+                                   ridge=ctx.ridge)
         return *ctx.rule.weight_grads(layer), None, None, None
 
 
@@ -188,8 +196,10 @@ class _Recurrent(CLayerMixin):
         return None  # one Gram per weight: amortize leaves this layer exact
 
     def forward(self, input, hx=None):
+        # Every parameter, a parametrization's too (nn's _flat_weights would be the previous
+        # call's tensors here, before nn's forward refreshes them).
         if rule_named(self.rule).bypass or not (torch.is_grad_enabled() and any(
-                p.requires_grad for p in self.parameters(recurse=False))):
+                p.requires_grad for p in self.parameters())):
             return super().forward(input, hx)
         with FunctionalRoute({op: self._cx_route(op) for op in self._cx_ops}):
             return super().forward(input, hx)
