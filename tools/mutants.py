@@ -35,6 +35,7 @@ DISPATCH = "tests/test_dispatch.py"
 CPU_KERNELS = "tests/test_cpu_kernels.py"
 CONV_GRAM_GRAD = "tests/test_conv_gram_grad.py"
 EMULATION = "tests/test_cuda_emulation.py"
+RECURRENT = "tests/test_recurrent.py"
 
 MUTANTS = [
     # ---- matching.py: G (A + λI)⁻¹ -------------------------------------------------------
@@ -743,6 +744,60 @@ MUTANTS = [
        "        if batchnorm and isinstance(module, _OTHER_NORMS):", "        if False:",
        "tests/test_backmatch.py::test_other_norms_are_named_as_passing_bp",
        why="a LayerNorm kept BP's signal under a back-matching rule, without a word"),
+
+    # ---- recurrent.py: RNN / LSTM / GRU and their cells --------------------------------------
+    _m("recurrent.reverse-states-from-the-front", PY + "recurrent.py",
+       "own.narrow(time, 1, own.shape[time] - 1)", "own.narrow(time, 0, own.shape[time] - 1)",
+       RECURRENT, why="the reverse direction's W_hh matched on the forward-in-time states"),
+    _m("recurrent.packed-reverse-rows-from-the-start", PY + "recurrent.py",
+       "steps = own[int(batch_sizes[0]):]",
+       "steps = own[:own.shape[0] - int(batch_sizes[0])]", RECURRENT,
+       why="a PackedSequence's reverse states taken from the wrong steps"),
+    _m("recurrent.packed-forward-rows-of-the-step-before", PY + "recurrent.py",
+       "starts[t - 1] + sizes[t])", "starts[t - 1] + sizes[t - 1])", RECURRENT,
+       why="a PackedSequence's ended sequences' last states counted as rows"),
+    _m("recurrent.initial-state-not-a-row", PY + "recurrent.py",
+       "parts = (h0, steps) if direction == 0 else (steps, h0)", "parts = (steps,)",
+       RECURRENT, why="h0 (or zeros) left out of W_hh's X and N"),
+    _m("recurrent.N-halved", PY + "recurrent.py",
+       "_linear_gram(x, grad_bias is not None), x.shape[0],",
+       "_linear_gram(x, grad_bias is not None), max(1, x.shape[0] // 2),", RECURRENT,
+       why="N for a recurrent weight"),
+    _m("recurrent.frozen-bias-keeps-its-row", PY + "recurrent.py",
+       "has_bias = self.trains_bias ", "has_bias = self.grad_bias is not None ", RECURRENT,
+       why="a frozen bias matched jointly, as if it trained"),
+    _m("recurrent.bias-alone-unscaled", PY + "recurrent.py",
+       "return None, self.grad_bias / (1 + self.ridge)", "return None, self.grad_bias",
+       RECURRENT, why="a frozen weight's bias got the ordinary gradient"),
+    _m("recurrent.asked-for-taken-as-trained", PY + "recurrent.py",
+       "trains_weight=ctx.needs_input_grad[0],", "trains_weight=_wanted(ctx, 0),",
+       RECURRENT, why="backward(inputs=[bias]) gave the frozen-weight formula"),
+    _m("recurrent.route-sees-own-parameters-only", PY + "recurrent.py",
+       "p.requires_grad for p in self.parameters())):",
+       "p.requires_grad for p in self.parameters(recurse=False))):", RECURRENT,
+       why="a parametrized weight, the only one training, got nn's gradient"),
+    _m("recurrent.rows-before-dropout", PY + "recurrent.py",
+       "inputs = _Rows(layer_input.detach().reshape(-1, layer_input.shape[-1]))",
+       "inputs = _Rows((out if layer else layer_input).detach().reshape(-1, "
+       "layer_input.shape[-1]))", RECURRENT,
+       why="a layer above the first matched on the output below before nn's dropout"),
+    _m("recurrent.gram-not-summed-across-ranks", PY + "recurrent.py",
+       "                                      distributed.gram_group())",
+       "                                      None)",
+       "tests/test_distributed.py::test_ddp_recurrent_layer_equals_one_process_on_concatenated_batch",
+       why="a recurrent layer's Gram left per rank under DDP"),
+    _m("recurrent.cell-state-rows-zero", PY + "recurrent.py",
+       "_Rows(state.detach())", "_Rows(torch.zeros_like(state))",
+       "tests/test_recurrent_convert.py::test_a_cell_in_a_loop_matches_each_step_on_its_own_rows",
+       why="a cell's W_hh matched as if every step started from zeros"),
+    _m("convert.recurrent-rule-taken", PY + "convert.py",
+       "        if not c_type.cx_takes_rule(rule):", "        if False:",
+       "tests/test_recurrent_convert.py::test_back_matching_rules_leave_recurrent_layers_plain_and_named",
+       why="a recurrent layer under a back-matching rule"),
+    _m("registry.projected-lstm-converted", PY + "registry.py",
+       " or kind.c_type.cx_unsupported(module):", ":",
+       "tests/test_registry.py::test_a_projected_lstm_is_named_as_having_no_c_layer",
+       why="an LSTM with proj_size converted (its weight_hr's X unseen)"),
 
     # ---- csrc/cuda: run through the host emulation ----------------------------------------
     _m("cuda.mirror-index", "csrc/cuda/gram_cuda.cu",
