@@ -19,6 +19,8 @@ which the op does not return: such a layer stays plain.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ RECURRENT_RULES = tuple(name for name, rule in RULE_TABLE.items()
                         if type(rule).input_signal is Rule.input_signal)
 _OPS = (_VF.rnn_tanh, _VF.rnn_relu, _VF.lstm, _VF.gru)
 _CELL_OPS = (_VF.rnn_tanh_cell, _VF.rnn_relu_cell, _VF.lstm_cell, _VF.gru_cell)
+_NOT_CONTIGUOUS = "RNN module weights are not part of single contiguous chunk of memory"
 _PROJECTED = ("an LSTM with proj_size > 0 projects o_t ⊙ tanh(c_t), which its op does not "
               "return: weight_hr's X is unseen, so the layer stays plain")
 
@@ -255,7 +258,14 @@ class _CRNNBase(_Recurrent):
             call = (layer_input, batch_sizes, hx_layer, flat, has_biases, 1, 0.0, train, bidir) \
                 if packed else (layer_input, hx_layer, flat, has_biases, 1, 0.0, train, bidir,
                                 batch_first)
-            out, *state = op(*call)
+            with warnings.catch_warnings():
+                if layer_input.is_cuda:
+                    # cuDNN warns that a layer above the first's weights are not where one
+                    # flat buffer for a one-layer call would hold them (they are where nn's
+                    # buffer for all layers holds them) and copies them; the advice it gives,
+                    # flatten_parameters(), does not apply.
+                    warnings.filterwarnings("ignore", message=_NOT_CONTIGUOUS)
+                out, *state = op(*call)
             for d in range(dirs):
                 hidden_rows[d].rows = _previous_states(out, h0_layer[d], d, h0.shape[-1],
                                                        batch_sizes, batch_first)
