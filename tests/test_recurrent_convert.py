@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import consequential_ext as cx
+from recurrent_reference import match
 from relative_error import rel_err
 
 
@@ -141,18 +142,6 @@ def test_state_dict_round_trips_between_plain_and_converted():
     torch.testing.assert_close(fresh(ids), plain(ids), rtol=0, atol=0)
 
 
-def _matched_reference(rows, grad_weight, grad_bias, ridge):
-    """[G | g_b] (A + λI)⁻¹ in float64 by torch.linalg.solve; A = [X; 1][X; 1]ᵀ / N."""
-    x = rows.double()
-    grad = grad_weight.double()
-    if grad_bias is not None:
-        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-        grad = torch.cat([grad, grad_bias.double()[:, None]], 1)
-    a = x.T @ x / x.shape[0]
-    matched = torch.linalg.solve(a + ridge * torch.eye(a.shape[0], dtype=a.dtype), grad.T).T
-    return (matched[:, :-1], matched[:, -1]) if grad_bias is not None else (matched, None)
-
-
 _CELLS = [(nn.RNNCell, cx.CRNNCell, {"nonlinearity": "relu"}), (nn.LSTMCell, cx.CLSTMCell, {}),
           (nn.GRUCell, cx.CGRUCell, {})]
 
@@ -187,7 +176,7 @@ def test_a_cell_in_a_loop_matches_each_step_on_its_own_rows(plain_type, c_type, 
     for copies, x, h in steps:
         for kind, rows in (("ih", x), ("hh", h)):
             gb = copies[f"bias_{kind}"].grad if bias else None
-            matched = _matched_reference(rows, copies[f"weight_{kind}"].grad, gb, 0.05)
+            matched = match(copies[f"weight_{kind}"].grad, gb, rows, 0.05)
             for name, m in zip((f"weight_{kind}", f"bias_{kind}"), matched):
                 if m is not None:
                     expected[name] = expected.get(name, 0) + m
