@@ -153,3 +153,28 @@ def test_compiles_fullgraph():
     x = torch.randn(2, 3, 8, 8, device="cuda")
     want = reference.im2col_gram((x * 2).double(), (3, 3), (1, 1), (1, 1), (1, 1), 1, True)
     assert ((gram_of(x).double() - want).abs().max() / want.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("layers, bidirectional", [(1, False), (3, True)])
+def test_recurrent_layer_on_cudnn_matches_the_cpu_float64_layer(layers, bidirectional):
+    """A CLSTM on cuDNN, one op call per layer (a layer above the first with its weights
+    outside a one-layer flat buffer: cuDNN copies them, its warning silenced): nn's output,
+    and the matched gradients of the CPU layer in float64 (which tests/test_recurrent.py
+    checks against an independent reference)."""
+    torch.manual_seed(0)
+    cpu = cx.CLSTM(5, 7, num_layers=layers, bidirectional=bidirectional).double()
+    gpu = cx.CLSTM(5, 7, num_layers=layers, bidirectional=bidirectional).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    plain = torch.nn.LSTM(5, 7, num_layers=layers, bidirectional=bidirectional).cuda()
+    plain.load_state_dict(cpu.state_dict())
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    gy = torch.randn(6, 4, 7 * (2 if bidirectional else 1), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = gpu(x.float().cuda())[0]
+    torch.testing.assert_close(out, plain(x.float().cuda())[0], rtol=1e-5, atol=1e-6)
+    out.backward(gy.float().cuda())
+    cpu(x)[0].backward(gy)
+    for (name, want), got in zip(cpu.named_parameters(), gpu.parameters()):
+        err = (got.grad.double().cpu() - want.grad).norm() / want.grad.norm()
+        assert err < 1e-4, (name, float(err))
