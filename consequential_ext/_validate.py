@@ -109,7 +109,11 @@ class RuleAttribute:
         # is then the leaf, and a user subclass's own steps are not traced into the graph
         # and run again by the leaf (which calls them).
         super().__init_subclass__(**kwargs)
-        forward = cls.__dict__.get("forward")
+        # The forward the class resolves, not only one it defines: ``class C(Sub, cx.CLSTM)``
+        # (register_layer's form for a subclass with its own forward) runs Sub's forward,
+        # which no C-class wraps; unwrapped, torch.fx would trace Sub's steps into the graph
+        # and the leaf below (reached through super()) would run them a second time.
+        forward = getattr(cls, "forward", None)
         if forward is not None and not getattr(forward, "_cx_fx_leaf", False):
             cls.forward = fx_leaf(forward)
 

@@ -1,9 +1,11 @@
 """consequentialize(model): turn a model's layers of registered kinds into C-layers in place.
 
 The kinds come from ``registry.py`` (nn.Linear, nn.Conv2d, nn.Embedding, nn.MultiheadAttention,
-nn.RNN / LSTM / GRU and their cells, Hugging Face's Conv1D, what users register, and subclasses of nn.Linear / nn.ConvNd /
-nn.Embedding that pass their own weight to F.linear / F.convNd / F.embedding). The conversion swaps each layer's class, so parameters keep their identity
-(an optimizer built before the call keeps working), device, dtype, hooks and state_dict keys.
+nn.RNN / LSTM / GRU and their cells, Hugging Face's Conv1D, what users register, and
+subclasses of nn.Linear / nn.ConvNd / nn.Embedding that pass their own weight to F.linear /
+F.convNd / F.embedding). The conversion swaps each layer's class, so parameters keep their
+identity (an optimizer built before the call keeps working), device, dtype, hooks and
+state_dict keys.
 Whatever holds a weight matrix and stays plain is named in one warning (``coverage.py``),
 except what the user chose to leave plain.
 """

@@ -13,7 +13,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from .registry import (ATTENTION_WEIGHTS, derived_tensor, kind_of, matched_weights,
-                       recomputed_bias_name, subclass_kind)
+                       recomputed_bias_name, set_before_forward, subclass_kind)
 from .rules import rule_named
 from .weight_reads import weights_used_in_forward
 from ._validate import RULE_REFUSED, USER_REASON, CLayerMixin
@@ -95,7 +95,7 @@ def transformed_after_conversion(module) -> bool:
         return False
     kind = getattr(module, "_cx_kind", None)
     return any(n not in m._parameters and (n in m.__dict__ or isinstance(
-        getattr(type(m), n, None), property))
+        getattr(type(m), n, None), property) or set_before_forward(m))
         for m, n in matched_weights(module, kind)) \
         or recomputed_bias_name(module, kind) is not None
 
@@ -118,9 +118,10 @@ def _derived_reason(name, kind):
     stays plain."""
     if name in (kind.weight, "out_proj.weight", *ATTENTION_WEIGHTS) \
             or name.startswith("weight_"):              # a recurrent layer's weight_hh_l0
+        how = "nn.utils.weight_norm / spectral_norm" + (
+            ", AWD-LSTM's WeightDrop" if name.startswith("weight_") else "")
         return (f"its {name} is no parameter but recomputed from others before each "
-                f"forward (nn.utils.weight_norm / spectral_norm): the layer uses the "
-                f"transformed weight")
+                f"forward ({how}): the layer uses the transformed weight")
     return (f"its {name} is no parameter but recomputed from others before each forward "
             f"(nn.utils.prune, a parametrization): the bias is a weight on a constant-1 row "
             f"of X, so the layer would match the transformed bias on the wrong row")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import _VF
 
 from . import distributed, ops
-from .functional import _wanted
+from .functional import _wanted, _warn_export
 from .matching import _autocast_off, _linear_gram
 from .ops.reference import accumulate_dtype
 from .routing import FunctionalRoute
@@ -195,6 +195,12 @@ class _Recurrent(CLayerMixin):
     def cx_takes_rule(cls, rule) -> bool:
         return rule_named(rule).name in RECURRENT_RULES
 
+    def __prepare_scriptable__(self):
+        raise NotImplementedError(
+            f"torch.jit.script cannot compile {type(self).__name__}: its backward is a Python "
+            f"autograd.Function (README, 'Not supported'); train the eager or torch.compile'd "
+            f"model (torch.jit.trace only under torch.no_grad(), for inference)")
+
     def cx_gram_shape(self):
         return None  # one Gram per weight: amortize leaves this layer exact
 
@@ -204,6 +210,21 @@ class _Recurrent(CLayerMixin):
         if rule_named(self.rule).bypass or not (torch.is_grad_enabled() and any(
                 p.requires_grad for p in self.parameters())):
             return super().forward(input, hx)
+        if torch.compiler.is_exporting():
+            # As the other C-layers (functional._bypassed): exported as nn's forward, said.
+            if not torch.compiler.is_dynamo_compiling():
+                _warn_export()
+            return super().forward(input, hx)
+        if torch.jit.is_tracing():
+            # X of W_hh reaches the backward as a Python object filled after the op, outside
+            # the traced graph: a traced module would solve with the trace input's rows on
+            # every later call.
+            raise NotImplementedError(
+                f"torch.jit.trace cannot trace {type(self).__name__} while its weights train: "
+                f"the rows its matched backward solves with are not traced ops, so the traced "
+                f"module would reuse the trace input's rows on every call. Trace under "
+                f"torch.no_grad() for inference (nn's forward), or train the eager or "
+                f"torch.compile'd model")
         with FunctionalRoute({op: self._cx_route(op) for op in self._cx_ops}):
             return super().forward(input, hx)
 

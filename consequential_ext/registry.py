@@ -363,9 +363,17 @@ def derived_tensor(module, kind: LayerKind) -> str | None:
     """The name (``out_proj.bias`` for an attention's out_proj) of the first weight or bias
     ``derived_weight`` finds recomputed; None if none is."""
     for owner, name in matched_weights(module, kind):
-        if hasattr(owner, name) and name not in owner._parameters:
+        if name not in owner._parameters and (hasattr(owner, name)
+                                              or set_before_forward(owner)):
             return name if owner is module else f"out_proj.{name}"
     return recomputed_bias_name(module, kind)
+
+
+def set_before_forward(owner) -> bool:
+    """Whether a weight of ``owner`` that is no attribute at all is one its forward needs, so
+    something sets it before each forward: a recurrent layer's (AWD-LSTM's WeightDrop deletes
+    ``weight_hh_l0`` and sets a dropped copy of ``weight_hh_l0_raw`` before each call)."""
+    return isinstance(owner, (nn.RNNBase, nn.RNNCellBase))
 
 
 def recomputed_bias_name(module, kind: LayerKind | None) -> str | None:

@@ -799,6 +799,24 @@ MUTANTS = [
        "tests/test_registry.py::test_a_projected_lstm_is_named_as_having_no_c_layer",
        why="an LSTM with proj_size converted (its weight_hr's X unseen)"),
 
+    _m("registry.weight-drop-unseen", PY + "registry.py",
+       "\n                                              or set_before_forward(owner)):", "):",
+       "tests/test_recurrent_ecosystem.py::test_awd_weight_drop_leaves_the_lstm_plain_and_named",
+       why="AWD-LSTM's WeightDrop (weight_hh_l0 deleted, set before each forward) converted "
+           "silently"),
+    _m("recurrent.export-unwarned", PY + "recurrent.py",
+       "                _warn_export()", "                pass",
+       "tests/test_recurrent_ecosystem.py::test_export_of_a_recurrent_layer_warns_of_the_ordinary_backward",
+       why="an exported recurrent layer's ordinary backward went unsaid"),
+    _m("recurrent.jit-trace-allowed", PY + "recurrent.py",
+       "        if torch.jit.is_tracing():", "        if False:",
+       "tests/test_recurrent_ecosystem.py::test_jit_trace_of_a_training_recurrent_layer_raises_naming_it",
+       why="a traced recurrent layer reused the trace input's rows on every call"),
+    _m("validate.fx-leaf-only-for-own-forward", PY + "_validate.py",
+       'forward = getattr(cls, "forward", None)', 'forward = cls.__dict__.get("forward")',
+       "tests/test_recurrent_ecosystem.py::test_fx_trace_of_a_registered_subclass_runs_its_steps_once",
+       why="torch.fx ran a registered subclass's own steps twice (traced, then in the leaf)"),
+
     # ---- csrc/cuda: run through the host emulation ----------------------------------------
     _m("cuda.mirror-index", "csrc/cuda/gram_cuda.cu",
        "out[i] = out[i + (col - row) * (dim - 1)];", "out[i] = out[i + (col - row) * dim];",
