@@ -365,3 +365,27 @@ def test_toys_section_end_to_end(tmp_path):
     csgd = [r for r in rows if r["method"] == "C-SGD"]
     # C-SGD's matched step points straight at the optimum (independent of the learning rate)
     assert all(r["straightness"] > 0.999 for r in csgd)
+
+
+def test_recurrent_study_counts_dead_runs_and_steps_to_target(tmp_path, capsys):
+    """The study's report: one row per optimizer at its chosen lr and per C-SGD variant;
+    a run is dead when its final validation accuracy is at or below DEAD, and the steps to
+    target are those of the first evaluation reaching it."""
+    from bench import recurrent_study as rs
+    out = tmp_path / "rs"
+    rs.main(["--tasks", "digits8-gru", "--steps", "3", "--out", str(out)])
+    saved = json.loads((out / "recurrent_study.json").read_text())
+    task = saved["tasks"][0]
+    assert set(task["chosen"]) == {"SGD", "C-SGD", "Adam"}
+    assert len(task["finals"]) == 3 * len(rs.FINAL_SEEDS)
+    report = (out / "recurrent_study.md").read_text()
+    assert report.count("| digits8-gru |") == 3 + len(rs.RIDGES) + 1    # and its cost row
+    run = {"curve": [(0, 0.0, 2.3, 0.1), (25, 0.1, 1.0, 0.95)], "test_acc": 0.9,
+           "val_acc": 0.95, "max_grad_norm": 3.0}
+    dead = dict(run, val_acc=rs.DEAD, curve=[(0, 0.0, 2.3, 0.1)])
+    assert rs._steps_to(run, 0.9) == 25 and rs._steps_to(dead, 0.9) is None
+    row = rs._group_row("digits8-gru", "x", [run, dead])
+    assert "| 25 (1/2) | 1/2 | 3 |" in row
+    with pytest.raises(SystemExit):
+        rs.main(["--tasks", "digits9-lstm", "--out", str(out)])
+    assert "--tasks: unknown digits9-lstm" in capsys.readouterr().err
