@@ -361,7 +361,8 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
              safeguard_columns: int | None = DEFAULT_SAFEGUARD_COLUMNS,
              exact_when_cheaper: bool = True) -> nn.Module:
     """Give every C-layer of ``model`` (or ``model`` itself) that solves with one Gram — all
-    but CEmbedding and CMultiheadAttention, which stay exact; ValueError if there is none — a
+    but CEmbedding, CMultiheadAttention and the recurrent layers and cells, which stay exact;
+    ValueError if there is none — a
     running Gram: rebuilt every
     ``gram_every`` (default: ``every``) backward calls that ask for the layer's weight
     gradient, or its bias's where the bias is matched jointly with it (``autograd.grad(loss,
@@ -379,14 +380,15 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
         GramAmortizer((1, 1), every=every, decay=decay, gram_every=gram_every,
                       gram_oversample=gram_oversample, damping=damping,
                       safeguard_columns=safeguard_columns, exact_when_cheaper=exact_when_cheaper)
-    # Layers without one Gram (attention, embeddings) stay exact.
+    # Layers without one Gram (attention, embeddings, recurrent layers) stay exact.
     layers = [m for m in model.modules()
               if isinstance(m, CLayerMixin) and m.cx_gram_shape() is not None]
     if not layers:
         exact = [type(m).__name__ for m in model.modules() if isinstance(m, CLayerMixin)]
         raise ValueError("amortize: model has no C-layer with a Gram to amortize " + (
-            f"(its {', '.join(sorted(set(exact)))} layers solve exactly: attention and "
-            f"embeddings have no single Gram)" if exact else "(call consequentialize first)"))
+            f"(its {', '.join(sorted(set(exact)))} layers solve exactly: attention, "
+            f"embeddings and recurrent layers have no single Gram)" if exact
+            else "(call consequentialize first)"))
     for layer in layers:
         if every is None:
             layer._modules.pop("amortizer", None)
