@@ -116,8 +116,8 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
                      exclude=None, batchnorm=None) -> nn.Module:
     """Make every layer of a registered kind (nn.Linear → CLinear, nn.Conv2d → CConv2d,
     nn.Conv1d / Conv3d / ConvTranspose1d / 2d / 3d → CConv1d / …, nn.Embedding →
-    CEmbedding, nn.MultiheadAttention → CMultiheadAttention, nn.RNN / LSTM / GRU and their cells → CRNN /
-    CLSTM / CGRU / CRNNCell / …, Hugging Face's Conv1D,
+    CEmbedding, nn.MultiheadAttention → CMultiheadAttention, nn.RNN / LSTM / GRU and their
+    cells → CRNN / CLSTM / CGRU / CRNNCell / …, Hugging Face's Conv1D,
     ``cx.register_layer``) and every subclass of nn.Linear / nn.Conv1d / Conv2d / Conv3d /
     nn.Embedding whose forward passes its own weight to F.linear / F.convNd / F.embedding
     (``registry.subclass_kind``) a C-layer with

@@ -19,6 +19,7 @@ which the op does not return: such a layer stays plain.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -166,6 +167,16 @@ def _previous_states(out, h0, direction, hidden, batch_sizes, batch_first):
     return torch.cat(parts).detach()
 
 
+@contextlib.contextmanager
+def _cudnn_copy_unsaid():
+    """cuDNN warns that a layer above the first's weights are not where one flat buffer for a
+    one-layer call would hold them (they are where nn's buffer for all layers holds them), and
+    copies them; the advice it gives, flatten_parameters(), does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NOT_CONTIGUOUS)
+        yield
+
+
 class _Recurrent(CLayerMixin):
     """What the recurrent C-layers and cells share: their rules, and nn's forward with its op
     routed (``_cx_ops`` to ``_cx_call``) while a backward can reach the weights."""
@@ -279,13 +290,7 @@ class _CRNNBase(_Recurrent):
             call = (layer_input, batch_sizes, hx_layer, flat, has_biases, 1, 0.0, train, bidir) \
                 if packed else (layer_input, hx_layer, flat, has_biases, 1, 0.0, train, bidir,
                                 batch_first)
-            with warnings.catch_warnings():
-                if layer_input.is_cuda:
-                    # cuDNN warns that a layer above the first's weights are not where one
-                    # flat buffer for a one-layer call would hold them (they are where nn's
-                    # buffer for all layers holds them) and copies them; the advice it gives,
-                    # flatten_parameters(), does not apply.
-                    warnings.filterwarnings("ignore", message=_NOT_CONTIGUOUS)
+            with _cudnn_copy_unsaid() if layer_input.is_cuda else contextlib.nullcontext():
                 out, *state = op(*call)
             for d in range(dirs):
                 hidden_rows[d].rows = _previous_states(out, h0_layer[d], d, h0.shape[-1],
