@@ -95,15 +95,21 @@ def matched_from_grad(rows, grad_weight, grad_bias, ridge):
     None: no 1-row). Row side only (the column side needs each row's output gradient, which
     the op keeps to itself); with fewer rows than columns the D × D Gram's rank is N and only
     the ridge keeps it invertible, so it is solved in float64 there (``matching.solve_side``).
-    Under torch.distributed the Gram is summed across ranks (``distributed.py``)."""
+    Under torch.distributed the Gram is summed across ranks (``distributed.py``), in float64
+    on every rank."""
     d = rows.shape[1] + int(grad_bias is not None)
-    work = torch.float64 if rows.shape[0] < d else accumulate_dtype(rows.dtype)
+    group = distributed.gram_group()
+    # Ranks all-reduce their Grams, so they must agree on its dtype, and N < D is a property
+    # of the global batch, not of one rank's rows (a rank with one short sequence, or none):
+    # float64 on every rank.
+    work = torch.float64 if group is not None or rows.shape[0] < d \
+        else accumulate_dtype(rows.dtype)
     x = rows.to(work)
     grad = grad_weight.to(work)
     if grad_bias is not None:
         grad = torch.cat([grad, grad_bias.to(work)[:, None]], dim=1)
     pending = distributed.PendingGram(_linear_gram(x, grad_bias is not None), x.shape[0],
-                                      distributed.gram_group())
+                                      group)
     return ops.ridge_solve(pending.wait(), grad, ridge)
 
 
@@ -310,7 +316,8 @@ class CRNN(_CRNNBase, nn.RNN):
     direction's ``h_{t+1}``), every valid step of every sequence (a ``PackedSequence``'s own
     lengths), N = those rows, G the call's ordinary gradient. A layer above the first is
     matched on what it received: the layer below's output after nn's dropout. Forward is
-    nn's, bit-identical, dropout included; the gradients to the input and ``h0`` are BP's.
+    nn's, bit-identical, dropout included, on CPU (on CUDA cuDNN's fused call draws other
+    dropout masks, docs/design.md §2); the gradients to the input and ``h0`` are BP's.
     rule: ``"consequential"`` (default) or ``"sgd"`` (the back-matching rules change the
     signal to the layer below, which this layer sends through time: ValueError); ridge: as
     in ``CLinear``. No amortizer (``cx.amortize`` leaves it exact)."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize, prune
 
-from ._validate import EXCLUDED, USER_REASON
+from ._validate import EXCLUDED, USER_REASON, CLayerMixin
 
 from .modules import (CConv2d, CEmbedding, CFunctionalCall, CLinear, CLinearLike,
                       CMultiheadAttention)
@@ -69,11 +69,11 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
 
     Registering a type again replaces its entry. Raises TypeError for a module_type that is
     neither an nn.Module subclass nor a dotted name, a c_type that is not a subclass of
-    module_type, a c_type that would run a library C-layer's forward instead of
-    module_type's own (``class C(cx.CEmbedding, Sub)``: write ``class C(Sub, cx.CEmbedding)``),
-    a ``transposed`` that is not a bool, or no c_type for a conv, embedding or
-    recurrent layer (torch's, a registered one or a subclass of either: not linear-like);
-    ValueError for empty attribute names.
+    module_type or does not mix in ``CLayerMixin``, a c_type that would run a library
+    C-layer's forward instead of module_type's own (``class C(cx.CEmbedding, Sub)``: write
+    ``class C(Sub, cx.CEmbedding)``), a ``transposed`` that is not a bool, or no c_type for a
+    conv, embedding or recurrent layer (torch's, a registered one or a subclass of either:
+    not linear-like); ValueError for empty attribute names.
     """
     if isinstance(module_type, str):
         if "." not in module_type:
@@ -94,6 +94,11 @@ def register_layer(module_type, c_type=None, *, transposed=False, weight="weight
     if c_type is not None and not (isinstance(module_type, type) and isinstance(c_type, type)
                                    and issubclass(c_type, module_type)):
         raise TypeError(f"c_type must be a subclass of module_type; got {c_type!r}")
+    if c_type is not None and not issubclass(c_type, CLayerMixin):
+        # consequentialize, coverage and amortize ask a C-class (``cx_unsupported``,
+        # ``cx_takes_rule``, ``cx_gram_shape``): without the mixin they failed deep inside.
+        raise TypeError(f"c_type must mix in consequential_ext's CLayerMixin (a C-layer such "
+                        f"as cx.CLSTM among its bases); got {c_type.__name__}")
     if c_type is not None and _forward_owner(module_type).__module__.split(".")[0] != "torch" \
             and _forward_owner(c_type).__module__.startswith(__package__ + "."):
         # cx.CEmbedding's forward is nn's: before the subclass in the bases, it would drop the

@@ -59,6 +59,17 @@ def _sequences():
             torch.randn(WORLD * PER_RANK, 3, generator=gen))
 
 
+# Rank 0 one sequence: 6 rows, fewer than the 9 columns of the GRU's second-layer W_ih
+# (float64 there in one process); rank 1 the other nine: 54 rows.
+_UNEVEN = (slice(0, 1), slice(1, WORLD * PER_RANK))
+
+
+def _world_summed_loss(model, x, t):
+    # DDP averages over the ranks: WORLD × each rank's summed loss gives the gradient of
+    # the summed loss on the concatenated batch, whatever the ranks' batch sizes.
+    return WORLD * _summed_loss(model, x, t)
+
+
 def _loss(model, x, t):
     return 0.5 * (model(x) - t).square().sum(-1).mean()
 
@@ -91,6 +102,9 @@ def _worker(rank):
     seq, target = _sequences()
     ddp = nn.parallel.DistributedDataParallel(_recurrent_model())
     results["ddp_recurrent"] = _step(ddp, seq[mine], target[mine])
+    ddp = nn.parallel.DistributedDataParallel(_recurrent_model())
+    results["ddp_recurrent_uneven"] = _step(ddp, seq[_UNEVEN[rank]], target[_UNEVEN[rank]],
+                                            _world_summed_loss)
     ddp = nn.parallel.DistributedDataParallel(_model())
     with cx.distributed.gram_sync(False):
         results["ddp_local_gram"] = _step(ddp, x[mine], t[mine])
@@ -144,6 +158,17 @@ def test_ddp_recurrent_layer_equals_one_process_on_concatenated_batch(two_rank_r
     seq, target = _sequences()
     expected = _step(_recurrent_model(), seq, target)
     for actual, want in zip(two_rank_results["ddp_recurrent"], expected):
+        _assert_close_lists(actual, want)
+
+
+def test_ddp_recurrent_ranks_on_either_side_of_n_below_d_agree(two_rank_results):
+    """Rank 0's rows of the second layer's W_ih are fewer than its columns, rank 1's are not:
+    both still all-reduce the same Gram dtype (rank 0 float64 and rank 1 float32 aborted
+    gloo: 'Received data size doesn't match expected size'), and the update is one
+    process's on the concatenated batch."""
+    seq, target = _sequences()
+    expected = _step(_recurrent_model(), seq, target, _summed_loss)
+    for actual, want in zip(two_rank_results["ddp_recurrent_uneven"], expected):
         _assert_close_lists(actual, want)
 
 

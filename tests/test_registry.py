@@ -332,6 +332,18 @@ def test_a_refused_kind_registered_with_a_c_class_is_reported_as_convertible(cle
     assert type(model[0]) is _CGRU
 
 
+def test_a_c_class_without_the_mixin_is_refused_by_name(clean_registry):
+    """A c_type that is no C-layer: a TypeError naming it at registration (consequentialize
+    failed deep inside on it: AttributeError 'cx_unsupported')."""
+    class _NotC(_GRU):
+        pass
+
+    with pytest.raises(TypeError, match="c_type must mix in .*CLayerMixin.*got _NotC"):
+        cx.register_layer(_GRU, _NotC)
+    model = cx.consequentialize(nn.Sequential(_GRU(3, 4)))   # the refusal left no entry:
+    assert isinstance(model[0], cx.CGRU)                      # converted as its base
+
+
 class _ConstantBias(nn.Module):
     """Registered linear-like, its bias a plain tensor that takes no gradient: a constant."""
 
