@@ -113,13 +113,14 @@ def _registered_base(module_type):
     return None
 
 
-def _derived_reason(name, kind):
-    """Why a layer whose weight or bias ``name`` (``registry.derived_tensor``) is recomputed
-    stays plain."""
+def _derived_reason(name, kind, module):
+    """Why ``module``, whose weight or bias ``name`` (``registry.derived_tensor``) is
+    recomputed, stays plain."""
+    recurrent = set_before_forward(module)
     if name in (kind.weight, "out_proj.weight", *ATTENTION_WEIGHTS) \
-            or name.startswith("weight_"):              # a recurrent layer's weight_hh_l0
+            or (recurrent and name.startswith("weight_")):      # weight_hh_l0, weight_ih
         how = "nn.utils.weight_norm / spectral_norm" + (
-            ", AWD-LSTM's WeightDrop" if name.startswith("weight_") else "")
+            ", AWD-LSTM's WeightDrop" if recurrent else "")
         return (f"its {name} is no parameter but recomputed from others before each "
                 f"forward ({how}): the layer uses the transformed weight")
     return (f"its {name} is no parameter but recomputed from others before each forward "
@@ -160,7 +161,7 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
     kind = kind_of(type(module))
     derived = None if kind is None else derived_tensor(module, kind)
     if derived is not None:
-        return _derived_reason(derived, kind), False
+        return _derived_reason(derived, kind, module), False
     unsupported = None if kind is None else kind.c_type.cx_unsupported(module)
     if unsupported is not None:
         return unsupported, False
@@ -179,7 +180,7 @@ def plain_reason(module, parent=None) -> tuple[str, bool]:
         kind, why_not = subclass_kind(module)
         derived = None if kind is None else derived_tensor(module, kind)
         if derived is not None:
-            return _derived_reason(derived, kind), False     # a parametrized bias
+            return _derived_reason(derived, kind, module), False     # a parametrized bias
         if kind is not None:
             call = getattr(kind.c_type, "_cx_call", None)
             how = f"matches its F.{call.__name__} call" if call else \

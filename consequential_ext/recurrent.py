@@ -158,14 +158,13 @@ def _previous_states(out, h0, direction, hidden, batch_sizes, batch_first):
             own.narrow(time, 1, own.shape[time] - 1)
         steps = before.reshape(-1, hidden)
     elif direction == 0:
-        # Packed: time-major rows, batch_sizes[t] of step t. Row b of step t-1 precedes row b
-        # of step t where b < batch_sizes[t].
-        sizes = batch_sizes.tolist()
-        starts = [0]
-        for size in sizes[:-1]:
-            starts.append(starts[-1] + size)
-        index = torch.cat([torch.arange(starts[t - 1], starts[t - 1] + sizes[t])
-                           for t in range(1, len(sizes))] or [torch.zeros(0, dtype=torch.long)])
+        # Packed: time-major rows, batch_sizes[t] of step t (a CPU tensor). Row b of step t-1
+        # precedes row b of step t where b < batch_sizes[t]: rows starts[t-1] + 0 … sizes[t]-1.
+        starts = batch_sizes.cumsum(0) - batch_sizes
+        counts = batch_sizes[1:]
+        first = torch.repeat_interleave(starts[:-1], counts)
+        index = first + torch.arange(len(first)) - torch.repeat_interleave(
+            counts.cumsum(0) - counts, counts)
         steps = own[index.to(own.device)]
     else:
         steps = own[int(batch_sizes[0]):]   # every row past the first step: row b's next
@@ -201,7 +200,7 @@ class _Recurrent(CLayerMixin):
 
     @rule.setter
     def rule(self, value):
-        if rule_named(value).name not in RECURRENT_RULES:
+        if not self.cx_takes_rule(value):
             raise ValueError(f"rule must be one of {', '.join(map(repr, RECURRENT_RULES))} for "
                              f"a recurrent layer; got {value!r} (the back-matching rules change "
                              f"the signal to the layer below, which a recurrent layer sends "

@@ -375,9 +375,10 @@ def derived_tensor(module, kind: LayerKind) -> str | None:
 
 
 def set_before_forward(owner) -> bool:
-    """Whether a weight of ``owner`` that is no attribute at all is one its forward needs, so
-    something sets it before each forward: a recurrent layer's (AWD-LSTM's WeightDrop deletes
-    ``weight_hh_l0`` and sets a dropped copy of ``weight_hh_l0_raw`` before each call)."""
+    """Whether ``owner`` is a recurrent layer or cell, whose forward reads every one of its
+    weights: one missing from its parameters, even with no attribute left, is set by
+    something else before each call (AWD-LSTM's WeightDrop deletes ``weight_hh_l0`` and sets
+    a dropped copy of ``weight_hh_l0_raw``)."""
     return isinstance(owner, (nn.RNNBase, nn.RNNCellBase))
 
 

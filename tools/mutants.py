@@ -754,7 +754,7 @@ MUTANTS = [
        "steps = own[:own.shape[0] - int(batch_sizes[0])]", RECURRENT,
        why="a PackedSequence's reverse states taken from the wrong steps"),
     _m("recurrent.packed-forward-rows-of-the-step-before", PY + "recurrent.py",
-       "starts[t - 1] + sizes[t])", "starts[t - 1] + sizes[t - 1])", RECURRENT,
+       "counts = batch_sizes[1:]", "counts = batch_sizes[:-1]", RECURRENT,
        why="a PackedSequence's ended sequences' last states counted as rows"),
     _m("recurrent.initial-state-not-a-row", PY + "recurrent.py",
        "parts = (h0, steps) if direction == 0 else (steps, h0)", "parts = (steps,)",
