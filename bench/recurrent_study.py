@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import time
 
 import torch
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 import consequential_ext as cx
 
 from . import data
+from .metrics import first_reach, mean_std
 from .record import at_least, command_line, ensure_out_dir, git_commit
 from .timing import interleaved, summarize
 from .train import batches
@@ -185,19 +185,16 @@ def run_task(task, steps, say):
 
 
 def _steps_to(run, target):
-    return next((step for step, _, _, acc in run["curve"] if acc >= target), None)
-
-
-def _mean_std(values):
-    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    """The first evaluated step with validation accuracy ≥ ``target`` (None if none)."""
+    return first_reach([c[0] for c in run["curve"]], [-c[3] for c in run["curve"]], -target)
 
 
 def _group_row(task, label, runs):
-    acc = _mean_std([r["test_acc"] for r in runs])
+    acc = mean_std([r["test_acc"] for r in runs])
     target = TASKS[task][-1]
     reached = [s for s in (_steps_to(r, target) for r in runs) if s is not None]
     dead = sum(r["val_acc"] <= DEAD for r in runs)
-    steps = f"{statistics.mean(reached):.0f} ({len(reached)}/{len(runs)})" if reached else \
+    steps = f"{sum(reached) / len(reached):.0f} ({len(reached)}/{len(runs)})" if reached else \
         f"— (0/{len(runs)})"
     return (f"| {task} | {label} | {acc[0]:.3f} ± {acc[1]:.3f} | {steps} | {dead}/{len(runs)} | "
             f"{max(r['max_grad_norm'] for r in runs):.3g} |")

@@ -117,11 +117,14 @@ class RuleAttribute:
         if forward is not None and not getattr(forward, "_cx_fx_leaf", False):
             cls.forward = fx_leaf(forward)
 
+    # What a scripting user should do instead (a recurrent layer cannot be jit-traced while
+    # it trains).
+    _cx_script_advice = "use torch.jit.trace or torch.compile"
+
     def __prepare_scriptable__(self):
         raise NotImplementedError(
             f"torch.jit.script cannot compile {type(self).__name__}: its backward is a Python "
-            f"autograd.Function (README, 'Not supported'); use torch.jit.trace or "
-            f"torch.compile")
+            f"autograd.Function (README, 'Not supported'); {self._cx_script_advice}")
 
     @property
     def rule(self):

@@ -169,7 +169,7 @@ def _previous_states(out, h0, direction, hidden, batch_sizes, batch_first):
     else:
         steps = own[int(batch_sizes[0]):]   # every row past the first step: row b's next
     parts = (h0, steps) if direction == 0 else (steps, h0)
-    return torch.cat(parts).detach()
+    return torch.cat(parts)
 
 
 @contextlib.contextmanager
@@ -187,8 +187,12 @@ class _Recurrent(CLayerMixin):
     routed (``_cx_ops`` to ``_cx_call``) while a backward can reach the weights."""
 
     _cx_ops = ()
+    _cx_script_advice = ("train the eager or torch.compile'd model (torch.jit.trace only under "
+                         "torch.no_grad(), for inference)")
 
-    def _cx_init(self, rule, ridge):
+    def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
+        """nn's arguments, then ``rule`` and ``ridge``."""
+        super().__init__(*args, **kwargs)
         if getattr(self, "proj_size", 0) > 0:
             raise ValueError(f"{type(self).__name__}: proj_size must be 0, got "
                              f"{self.proj_size}: {_PROJECTED}")
@@ -210,12 +214,6 @@ class _Recurrent(CLayerMixin):
     @classmethod
     def cx_takes_rule(cls, rule) -> bool:
         return rule_named(rule).name in RECURRENT_RULES
-
-    def __prepare_scriptable__(self):
-        raise NotImplementedError(
-            f"torch.jit.script cannot compile {type(self).__name__}: its backward is a Python "
-            f"autograd.Function (README, 'Not supported'); train the eager or torch.compile'd "
-            f"model (torch.jit.trace only under torch.no_grad(), for inference)")
 
     def cx_gram_shape(self):
         return None  # one Gram per weight: amortize leaves this layer exact
@@ -298,8 +296,9 @@ class _CRNNBase(_Recurrent):
             with _cudnn_copy_unsaid() if layer_input.is_cuda else contextlib.nullcontext():
                 out, *state = op(*call)
             for d in range(dirs):
-                hidden_rows[d].rows = _previous_states(out, h0_layer[d], d, h0.shape[-1],
-                                                       batch_sizes, batch_first)
+                # detached first: the rows' slicing and concatenation record no graph
+                hidden_rows[d].rows = _previous_states(out.detach(), h0_layer[d].detach(), d,
+                                                       h0.shape[-1], batch_sizes, batch_first)
             states.append(state)
             # nn's dropout between layers (at::dropout, as the fused op applies it)
             layer_input = F.dropout(out, dropout, True) \
@@ -321,29 +320,17 @@ class CRNN(_CRNNBase, nn.RNN):
     signal to the layer below, which this layer sends through time: ValueError); ridge: as
     in ``CLinear``. No amortizer (``cx.amortize`` leaves it exact)."""
 
-    def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._cx_init(rule, ridge)
-
 
 class CLSTM(_CRNNBase, nn.LSTM):
     """``nn.LSTM`` matched as ``CRNN`` is, each weight's four gates together (``c0`` gets BP's
     gradient). ``proj_size`` must be 0 (ValueError): the projection's input
     ``o_t ⊙ tanh(c_t)`` is not returned by the op."""
 
-    def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._cx_init(rule, ridge)
-
 
 class CGRU(_CRNNBase, nn.GRU):
     """``nn.GRU`` matched as ``CRNN`` is, each weight's three gates together: ``[W_hh | b_hh]``
     on ``[h_{t-1}; 1]``, its new gate's ``W_hn h + b_hn`` taken before the reset gate scales
     it."""
-
-    def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._cx_init(rule, ridge)
 
 
 class _CCellBase(_Recurrent):
@@ -365,23 +352,11 @@ class CRNNCell(_CCellBase, nn.RNNCell):
     the state rows of the call (``hx``, or zeros), N = the batch; each call (each step of a
     loop) is matched on its own rows. Forward nn's; rule, ridge: as in ``CRNN``."""
 
-    def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._cx_init(rule, ridge)
-
 
 class CLSTMCell(_CCellBase, nn.LSTMCell):
     """``nn.LSTMCell`` matched as ``CRNNCell`` is, ``W_hh`` on ``h`` (``c`` gets BP's
     gradient)."""
 
-    def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._cx_init(rule, ridge)
-
 
 class CGRUCell(_CCellBase, nn.GRUCell):
     """``nn.GRUCell`` matched as ``CRNNCell`` is (``W_hn h + b_hn`` before the reset gate)."""
-
-    def __init__(self, *args, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._cx_init(rule, ridge)
