@@ -156,6 +156,13 @@ class CLayerMixin(RuleAttribute):
         """The weight this layer matches (its dtype and device are the Gram's)."""
         return self.weight
 
+    def cx_grams(self) -> dict:
+        """``{name: (Gram shape, weight)}`` of a layer that solves with several Grams, each
+        amortised on its own (a recurrent layer: one per weight; ``amortize`` gives it an
+        ``nn.ModuleDict`` of amortizers under these names); ``{}`` for a layer with one Gram
+        (``cx_gram_shape``) or none."""
+        return {}
+
     @classmethod
     def cx_takes_rule(cls, rule) -> bool:
         """Whether this kind has a form under ``rule`` (``consequentialize`` leaves a layer of

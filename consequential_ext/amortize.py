@@ -360,10 +360,10 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
              damping: float = DEFAULT_DAMPING,
              safeguard_columns: int | None = DEFAULT_SAFEGUARD_COLUMNS,
              exact_when_cheaper: bool = True) -> nn.Module:
-    """Give every C-layer of ``model`` (or ``model`` itself) that solves with one Gram — all
-    but CEmbedding, CMultiheadAttention and the recurrent layers and cells, which stay exact;
-    ValueError if there is none — a
-    running Gram: rebuilt every
+    """Give every C-layer of ``model`` (or ``model`` itself) that solves with a Gram — all
+    but CEmbedding, CMultiheadAttention and the recurrent cells, which stay exact; ValueError
+    if there is none — a running Gram (a recurrent layer one per weight, in an
+    ``nn.ModuleDict`` under the weights' names): rebuilt every
     ``gram_every`` (default: ``every``) backward calls that ask for the layer's weight
     gradient, or its bias's where the bias is matched jointly with it (``autograd.grad(loss,
     [bias])`` alone counts too, except for a transposed conv, whose bias is matched apart;
@@ -372,7 +372,8 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
     ``every``; ``every=None`` removes it (exact solves). ``damping``: ridge added relative to the Gram's
     mean eigenvalue; ``safeguard_columns``: columns (rows, patches) per step on which the
     step is shortened to the current batch's quadratic model (None: off); ``exact_when_cheaper``: solve the
-    exact column system where it is the smaller one (P < D). docs/amortize.md has the
+    exact column system where it is the smaller one (P < D; a recurrent weight, which has
+    no column side: the exact row system where its rows are fewer than D). docs/amortize.md has the
     derivation and when to use which. In place; returns ``model``; adds no parameters."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
@@ -380,28 +381,35 @@ def amortize(model: nn.Module, *, every: int | None = 10, decay: float = 0.95,
         GramAmortizer((1, 1), every=every, decay=decay, gram_every=gram_every,
                       gram_oversample=gram_oversample, damping=damping,
                       safeguard_columns=safeguard_columns, exact_when_cheaper=exact_when_cheaper)
-    # Layers without one Gram (attention, embeddings, recurrent layers) stay exact.
-    layers = [m for m in model.modules()
-              if isinstance(m, CLayerMixin) and m.cx_gram_shape() is not None]
+    # Layers without a Gram of their own (attention, embeddings, recurrent cells) stay exact.
+    layers = [m for m in model.modules() if isinstance(m, CLayerMixin)
+              and (m.cx_gram_shape() is not None or m.cx_grams())]
     if not layers:
         exact = [type(m).__name__ for m in model.modules() if isinstance(m, CLayerMixin)]
         raise ValueError("amortize: model has no C-layer with a Gram to amortize " + (
             f"(its {', '.join(sorted(set(exact)))} layers solve exactly: attention, "
-            f"embeddings and recurrent layers have no single Gram)" if exact
+            f"embeddings and recurrent cells have no Gram to keep)" if exact
             else "(call consequentialize first)"))
+    settings = dict(every=every, decay=decay, gram_every=gram_every,
+                    gram_oversample=gram_oversample, damping=damping,
+                    safeguard_columns=safeguard_columns, exact_when_cheaper=exact_when_cheaper)
     for layer in layers:
         if every is None:
             layer._modules.pop("amortizer", None)
             continue
-        weight = layer.cx_weight()
-        layer.amortizer = GramAmortizer(
-            layer.cx_gram_shape(), every=every, decay=decay, gram_every=gram_every,
-            gram_oversample=gram_oversample, damping=damping, safeguard_columns=safeguard_columns,
-            exact_when_cheaper=exact_when_cheaper, device=weight.device,
-            dtype=reference.accumulate_dtype(weight.dtype))
+        grams = layer.cx_grams()
+        layer.amortizer = nn.ModuleDict({
+            name: _amortizer_for(shape, weight, settings)
+            for name, (shape, weight) in grams.items()}) if grams \
+            else _amortizer_for(layer.cx_gram_shape(), layer.cx_weight(), settings)
     return model
 
 
-def amortizer_of(layer: nn.Module) -> GramAmortizer | None:
+def _amortizer_for(shape, weight, settings):
+    return GramAmortizer(shape, device=weight.device,
+                         dtype=reference.accumulate_dtype(weight.dtype), **settings)
+
+
+def amortizer_of(layer: nn.Module) -> GramAmortizer | nn.ModuleDict | None:
     # Read from _modules: a class-level default would shadow the registered submodule.
     return layer._modules.get("amortizer")

@@ -20,6 +20,7 @@ which the op does not return: such a layer stays plain.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import torch
@@ -28,12 +29,14 @@ import torch.nn.functional as F
 from torch import _VF
 
 from . import distributed, ops
+from .amortize import amortizer_of, check_amortizer, graph_task
 from .functional import _wanted, _warn_export
-from .matching import _autocast_off, _linear_gram
+from .matching import (_autocast_off, _empty_amortised, _linear_energy, _linear_gram,
+                       _pending_gram, _solve)
 from .ops.reference import accumulate_dtype
 from .routing import FunctionalRoute
 from .rules import RULE_TABLE, Rule, rule_named
-from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin
+from ._validate import DEFAULT_RIDGE, DEFAULT_RULE, CLayerMixin, linear_gram_shape
 
 __all__ = ["CRNN", "CLSTM", "CGRU", "CRNNCell", "CLSTMCell", "CGRUCell",
            "MatchedRecurrentWeights", "RECURRENT_RULES"]
@@ -62,9 +65,10 @@ class RecurrentGradients:
     the op's ordinary gradients, and X."""
 
     def __init__(self, rows, grad_weight, grad_bias, *, needs_weight, needs_bias, trains_weight,
-                 trains_bias, ridge):
+                 trains_bias, ridge, amortizer=None):
         self.rows, self.grad_weight, self.grad_bias = rows, grad_weight, grad_bias
         self.needs_weight, self.needs_bias, self.ridge = needs_weight, needs_bias, ridge
+        self.amortizer = amortizer
         # What trains (requires grad) decides the formula, what this backward is asked for
         # only what it returns (as functional._needs): ``backward(inputs=[bias])`` gives the
         # bias a full backward's gradient.
@@ -81,7 +85,7 @@ class RecurrentGradients:
             return None, self.grad_bias / (1 + self.ridge)
         has_bias = self.trains_bias      # a frozen bias is a constant: no 1-row
         matched = matched_from_grad(self.rows, self.grad_weight, self.grad_bias if has_bias
-                                    else None, self.ridge)
+                                    else None, self.ridge, self.amortizer)
         weight = matched[:, :-1] if has_bias else matched
         return (weight.to(self.grad_weight.dtype) if self.needs_weight else None,
                 matched[:, -1].to(self.grad_bias.dtype) if has_bias and self.needs_bias
@@ -89,28 +93,38 @@ class RecurrentGradients:
 
 
 @_autocast_off
-def matched_from_grad(rows, grad_weight, grad_bias, ridge):
+def matched_from_grad(rows, grad_weight, grad_bias, ridge, amortizer=None):
     """``[G | g_b] (A + λI)⁻¹`` with ``A = [X; 1][X; 1]ᵀ / N`` of ``rows`` (N, in), G the
     ordinary gradient (out, in) already summed over the rows (a recurrent op's), g_b (or
     None: no 1-row). Row side only (the column side needs each row's output gradient, which
     the op keeps to itself); with fewer rows than columns the D × D Gram's rank is N and only
     the ridge keeps it invertible, so it is solved in float64 there (``matching.solve_side``).
     Under torch.distributed the Gram is summed across ranks (``distributed.py``), in float64
-    on every rank."""
-    d = rows.shape[1] + int(grad_bias is not None)
+    on every rank. amortizer: a ``GramAmortizer`` to solve with its running Gram instead,
+    except where rows < D and it prefers exact solves there (``exact_when_cheaper``; under
+    torch.distributed never: every rank must take the same path)."""
+    has_bias = grad_bias is not None
+    d = rows.shape[1] + int(has_bias)
     group = distributed.gram_group()
+    amortised = amortizer is not None and (
+        group is not None or not amortizer.exact_when_cheaper or rows.shape[0] >= d)
     # Ranks all-reduce their Grams, so they must agree on its dtype, and N < D is a property
     # of the global batch, not of one rank's rows (a rank with one short sequence, or none):
-    # float64 on every rank.
-    work = torch.float64 if group is not None or rows.shape[0] < d \
+    # float64 on every rank, unless every rank takes the amortised path.
+    work = torch.float64 if not amortised and (group is not None or rows.shape[0] < d) \
         else accumulate_dtype(rows.dtype)
     x = rows.to(work)
     grad = grad_weight.to(work)
-    if grad_bias is not None:
+    if has_bias:
         grad = torch.cat([grad, grad_bias.to(work)[:, None]], dim=1)
-    pending = distributed.PendingGram(_linear_gram(x, grad_bias is not None), x.shape[0],
-                                      group)
-    return ops.ridge_solve(pending.wait(), grad, ridge)
+    if not amortised:
+        pending = distributed.PendingGram(_linear_gram(x, has_bias), x.shape[0], group)
+        return ops.ridge_solve(pending.wait(), grad, ridge)
+    if _empty_amortised(x.shape[0], group, amortizer):
+        return torch.zeros_like(grad)
+    pending = _pending_gram(functools.partial(_linear_gram, has_bias=has_bias), x, 1, group,
+                            amortizer)
+    return _solve(pending, grad, ridge, amortizer, functools.partial(_linear_energy, x))
 
 
 class MatchedRecurrentWeights(torch.autograd.Function):
@@ -120,30 +134,35 @@ class MatchedRecurrentWeights(torch.autograd.Function):
     cx_matches_weights = True
 
     @staticmethod
-    def forward(ctx, weight, bias, rows, rule, ridge):
-        ctx.rows, ctx.rule, ctx.ridge = rows, rule_named(rule), ridge
+    def forward(ctx, weight, bias, rows, rule, ridge, amortizer):
+        ctx.rows, ctx.rule, ctx.ridge, ctx.amortizer = rows, rule_named(rule), ridge, amortizer
         ctx.has_bias = bias is not None
+        # as functional._save_common: the backward that a checkpoint's recomputation steps in
+        ctx.recomputed_in = None if amortizer is None else graph_task()
         if bias is None:
             return weight.view_as(weight)
         return weight.view_as(weight), bias.view_as(bias)
 
     @staticmethod
     def backward(ctx, grad_weight, grad_bias=None):
+        if ctx.amortizer is not None:
+            ctx.amortizer.recomputed_in = ctx.recomputed_in
         layer = RecurrentGradients(ctx.rows.rows, grad_weight, grad_bias,
                                    needs_weight=_wanted(ctx, 0),
                                    needs_bias=ctx.has_bias and _wanted(ctx, 1),
                                    trains_weight=ctx.needs_input_grad[0],
                                    trains_bias=ctx.has_bias and ctx.needs_input_grad[1],
-                                   ridge=ctx.ridge)
-        return *ctx.rule.weight_grads(layer), None, None, None
+                                   ridge=ctx.ridge, amortizer=ctx.amortizer)
+        return *ctx.rule.weight_grads(layer), None, None, None, None
 
 
-def _matched(rows, rule, ridge, weight, bias):
+def _matched(rows, rule, ridge, weight, bias, amortizer=None):
     """(weight, bias) as the op takes them: through ``MatchedRecurrentWeights`` when either
     trains."""
     if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return weight, bias
-    out = MatchedRecurrentWeights.apply(weight, bias, rows, rule, ridge)
+    amortizer = check_amortizer(amortizer, linear_gram_shape(weight, bias), weight)
+    out = MatchedRecurrentWeights.apply(weight, bias, rows, rule, ridge, amortizer)
     return (out, None) if bias is None else out
 
 
@@ -216,7 +235,7 @@ class _Recurrent(CLayerMixin):
         return rule_named(rule).name in RECURRENT_RULES
 
     def cx_gram_shape(self):
-        return None  # one Gram per weight: amortize leaves this layer exact
+        return None  # one Gram per weight (cx_grams); a cell's calls each have their own
 
     def forward(self, input, hx=None):
         # Every parameter, a parametrization's too (nn's _flat_weights would be the previous
@@ -261,6 +280,26 @@ class _CRNNBase(_Recurrent):
             return _PROJECTED
         return None
 
+    def cx_grams(self):
+        """Each weight's Gram, amortised on its own: ``weight_ih_l0``'s on the layer's input
+        rows, ``weight_hh_l0``'s on its states, … (with a bias row while the bias trains)."""
+        return {name: (linear_gram_shape(getattr(self, name),
+                                         getattr(self, "bias" + name[len("weight"):], None)),
+                       getattr(self, name))
+                for name in self._flat_weights_names if name.startswith("weight_")}
+
+    def _cx_amortizer(self, name):
+        """The amortizer of weight ``name``, or None (exact)."""
+        amortizers = amortizer_of(self)
+        if amortizers is None:
+            return None
+        if not isinstance(amortizers, nn.ModuleDict) or name not in amortizers:
+            raise ValueError(f"{type(self).__name__}: amortizer must be an nn.ModuleDict of "
+                             f"GramAmortizers by weight name ({name!r} included), as "
+                             f"cx.amortize makes it; got {type(amortizers).__name__}"
+                             f"{'' if not isinstance(amortizers, nn.ModuleDict) else ' with ' + repr(list(amortizers))}")
+        return amortizers[name]
+
     def _cx_call(self, op, *args):
         """``op`` (nn's fused call: all layers, both directions) as one call per layer."""
         packed = isinstance(args[1], torch.Tensor) and args[1].dim() == 1 \
@@ -275,6 +314,7 @@ class _CRNNBase(_Recurrent):
         h0 = hx[0] if lstm else hx
         dirs = 2 if bidir else 1
         per = len(weights) // (layers * dirs)
+        names = self._flat_weights_names      # the op's weights, in the same order
         layer_input, states = data, []
         for layer in range(layers):
             first = layer * dirs
@@ -283,10 +323,13 @@ class _CRNNBase(_Recurrent):
             flat = []
             for d in range(dirs):
                 w = weights[(first + d) * per:(first + d + 1) * per]
+                name = names[(first + d) * per:(first + d + 1) * per]
                 w_ih, b_ih = _matched(inputs, self.rule, self.ridge, w[0],
-                                      w[2] if has_biases else None)
+                                      w[2] if has_biases else None,
+                                      self._cx_amortizer(name[0]))
                 w_hh, b_hh = _matched(hidden_rows[d], self.rule, self.ridge, w[1],
-                                      w[3] if has_biases else None)
+                                      w[3] if has_biases else None,
+                                      self._cx_amortizer(name[1]))
                 flat += [w_ih, w_hh] + ([b_ih, b_hh] if has_biases else [])
             h0_layer = h0[first:first + dirs]
             hx_layer = (h0_layer, hx[1][first:first + dirs]) if lstm else h0_layer

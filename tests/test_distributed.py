@@ -59,6 +59,8 @@ def _sequences():
             torch.randn(WORLD * PER_RANK, 3, generator=gen))
 
 
+_AMORTIZE_RECURRENT = dict(AMORTIZE, exact_when_cheaper=True)
+
 # Rank 0 one sequence: 6 rows, fewer than the 9 columns of the GRU's second-layer W_ih
 # (float64 there in one process); rank 1 the other nine: 54 rows.
 _UNEVEN = (slice(0, 1), slice(1, WORLD * PER_RANK))
@@ -105,6 +107,13 @@ def _worker(rank):
     ddp = nn.parallel.DistributedDataParallel(_recurrent_model())
     results["ddp_recurrent_uneven"] = _step(ddp, seq[_UNEVEN[rank]], target[_UNEVEN[rank]],
                                             _world_summed_loss)
+    # amortised: rank 0's 6 rows of the second layer's W_ih (9 columns) would take the exact
+    # solve in one process; under DDP every rank folds the global Gram instead
+    ddp = nn.parallel.DistributedDataParallel(cx.amortize(_recurrent_model(),
+                                                          **_AMORTIZE_RECURRENT))
+    for scale in (1.0, 3.0):
+        results["ddp_recurrent_amortized"] = _step(ddp, scale * seq[_UNEVEN[rank]],
+                                                   target[_UNEVEN[rank]], _world_summed_loss)
     ddp = nn.parallel.DistributedDataParallel(_model())
     with cx.distributed.gram_sync(False):
         results["ddp_local_gram"] = _step(ddp, x[mine], t[mine])
@@ -169,6 +178,18 @@ def test_ddp_recurrent_ranks_on_either_side_of_n_below_d_agree(two_rank_results)
     seq, target = _sequences()
     expected = _step(_recurrent_model(), seq, target, _summed_loss)
     for actual, want in zip(two_rank_results["ddp_recurrent_uneven"], expected):
+        _assert_close_lists(actual, want)
+
+
+def test_ddp_amortized_recurrent_layer_uses_the_global_running_grams(two_rank_results):
+    """Each weight's running Gram is the concatenated batch's, on the rank whose own rows are
+    fewer than the columns too (one process on its batch alone would solve exactly)."""
+    seq, target = _sequences()
+    model = cx.amortize(_recurrent_model(), **_AMORTIZE_RECURRENT)
+    for scale in (1.0, 3.0):
+        expected = _step(model, scale * seq, target, _summed_loss)
+    assert int(model.rnn.amortizer.weight_ih_l1.steps) == 2
+    for actual, want in zip(two_rank_results["ddp_recurrent_amortized"], expected):
         _assert_close_lists(actual, want)
 
 

@@ -1,6 +1,7 @@
 """Recurrent layers in a model: consequentialize converts nn.RNN / LSTM / GRU, leaves plain
 (and names) what has no C-form, and the converted layers work with the rest of the library
-(coverage, the first-forward graph check, amortize, torch.compile, reparametrization).
+(coverage, the first-forward graph check, torch.compile, reparametrization; amortize:
+tests/test_recurrent_amortize.py).
 The matched gradients themselves are checked against float64 references in
 tests/test_recurrent.py."""
 
@@ -93,16 +94,6 @@ def test_recurrent_layer_refuses_a_back_matching_rule_by_name():
         cx.CLSTM(3, 4, proj_size=2)
     with pytest.raises(ValueError, match="ridge"):
         cx.CRNN(3, 4, ridge=-1.0)
-
-
-def test_amortize_leaves_recurrent_layers_exact():
-    model = cx.amortize(cx.consequentialize(_tagger()))
-    assert not hasattr(model.lstm, "amortizer") and hasattr(model.head, "amortizer")
-    exact = cx.consequentialize(_tagger())
-    ids = torch.randint(0, 11, (3, 7))
-    for m in (model, exact):
-        m(ids).square().sum().backward()
-    torch.testing.assert_close(model.lstm.weight_hh_l0.grad, exact.lstm.weight_hh_l0.grad)
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*is deprecated:FutureWarning")
