@@ -376,10 +376,15 @@ def test_recurrent_study_counts_dead_runs_and_steps_to_target(tmp_path, capsys):
     rs.main(["--tasks", "digits8-gru", "--steps", "3", "--out", str(out)])
     saved = json.loads((out / "recurrent_study.json").read_text())
     task = saved["tasks"][0]
-    assert set(task["chosen"]) == {"SGD", "C-SGD", "Adam"}
-    assert len(task["finals"]) == 3 * len(rs.FINAL_SEEDS)
+    assert set(task["chosen"]) == {"SGD", "C-SGD", "C-SGD amortised", "Adam"}
+    assert len(task["finals"]) == 4 * len(rs.FINAL_SEEDS)
+    amortised = [r for r in task["finals"] if r["optimizer"] == "C-SGD amortised"]
+    assert len(amortised) == len(rs.FINAL_SEEDS)
+    model, _ = rs.build("digits8-gru", "C-SGD amortised", 0.1, 0)
+    assert set(model.rnn.amortizer) == {"weight_ih_l0", "weight_hh_l0"}
     report = (out / "recurrent_study.md").read_text()
-    assert report.count("| digits8-gru |") == 3 + len(rs.RIDGES) + 1    # and its cost row
+    assert report.count("| digits8-gru |") == 4 + len(rs.RIDGES) + 1    # and its cost row
+    assert "| C-SGD amortised |" in report
     run = {"curve": [(0, 0.0, 2.3, 0.1), (25, 0.1, 1.0, 0.95)], "test_acc": 0.9,
            "val_acc": 0.95, "max_grad_norm": 3.0}
     dead = dict(run, val_acc=rs.DEAD, curve=[(0, 0.0, 2.3, 0.1)])
