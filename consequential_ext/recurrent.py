@@ -361,7 +361,8 @@ class CRNN(_CRNNBase, nn.RNN):
     dropout masks, docs/design.md §2); the gradients to the input and ``h0`` are BP's.
     rule: ``"consequential"`` (default) or ``"sgd"`` (the back-matching rules change the
     signal to the layer below, which this layer sends through time: ValueError); ridge: as
-    in ``CLinear``. No amortizer (``cx.amortize`` leaves it exact)."""
+    in ``CLinear``. ``cx.amortize`` gives it one running Gram per weight
+    (``self.amortizer[name]``)."""
 
 
 class CLSTM(_CRNNBase, nn.LSTM):
