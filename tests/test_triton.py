@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from consequential_ext.ops import available_backends, reference
 from consequential_ext.ops import triton as triton_ops
+from consequential_ext.ops.triton import gram as gram_module, shift as shift_module
 from consequential_ext.ops.triton import solve as triton_solve
 from consequential_ext.ops.triton._register import check_device, is_interpreted
 from consequential_ext.ops.triton.gram import _im2col_gram_kernel
@@ -194,10 +195,11 @@ def test_cholesky_kernel_matches_torch_and_reports_failure():
     gram[1] = -gram[1]  # not positive definite: first pivot fails
     spd = gram.clone()
     spd[1] = -spd[1]
-    spd[2, 5:, 5:] = 0  # pivot 5 is exactly the ridge below zero
-    factor, info = triton_ops.cholesky(spd, -1e-6)
+    spd[2, 5:, 5:] = 0  # pivot 5 is exactly the shift below zero
+    spd -= 1e-6 * torch.eye(21, dtype=torch.float64, device=DEVICE)  # a ridge < 0 is refused
+    factor, info = triton_ops.cholesky(spd)
     assert info.tolist() == [0, 0, 6]
-    want = torch.linalg.cholesky(spd[:2].cpu() - 1e-6 * torch.eye(21, dtype=torch.float64))
+    want = torch.linalg.cholesky(spd[:2].cpu())
     torch.testing.assert_close(factor[:2].cpu(), want, rtol=1e-10, atol=1e-12)
     _, info = triton_ops.cholesky(gram.float(), 1e-3)
     assert info.tolist() == [0, 1, 0]
@@ -279,6 +281,21 @@ def test_ridge_solve_escalates_each_system_alone(monkeypatch):
     assert got[2].isnan().all()
     torch.testing.assert_close(got[[0, 1, 3]].double(), expected[[0, 1, 3]], rtol=1e-6,
                                atol=1e-6)
+
+
+def test_ridge_solve_escalating_past_float32_gives_nan_and_the_warning(monkeypatch):
+    """A single system whose ridge escalates past float32's largest value: NaN and the
+    warning, as the reference gives (it raised 'value cannot be converted to type float
+    without overflow' from the factor's launch)."""
+    monkeypatch.setattr(reference, "_escalation_warned", False)
+    gram = -3e38 * torch.eye(3, device=DEVICE)[None]
+    grad = torch.randn(1, 2, 3, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="gradient is NaN"):
+        got = triton_ops.ridge_solve(gram, grad, 1e38, None)
+    monkeypatch.setattr(reference, "_escalation_warned", False)
+    with pytest.warns(RuntimeWarning, match="gradient is NaN"):
+        want = reference.ridge_solve(gram.cpu(), grad.cpu(), 1e38)
+    assert got.shape == grad.shape and got.isnan().all() and want.isnan().all()
 
 
 @pytest.mark.parametrize("where", ["gram", "grad"])
@@ -505,6 +522,158 @@ def rand(*shape):
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def spd(*batch, d=5):
+    x = torch.randn(*batch, d, 3 * d, device=DEVICE)
+    return x @ x.transpose(-1, -2) / (3 * d)
+
+
+def shift_gram(x=None, **changed):
+    """``im2col_gram_shift`` of a (1, 4, 5, 5) input, 3×3 kernel, padding 1, but ``changed``."""
+    args = dict(kernel_size=[3, 3], padding=[1, 1], dilation=[1, 1], groups=1, bias=False,
+                input_precision="ieee")
+    return triton_ops.im2col_gram_shift(rand(1, 4, 5, 5) if x is None else x,
+                                        **{**args, **changed})
+
+
+def implicit_gram(**kwargs):
+    return triton_ops.im2col_gram(rand(1, 3, 4, 4), 3, **kwargs)
+
+
+def solve(gram=None, grad=None, ridge=1e-3, out_dtype=None, **kwargs):
+    gram = spd(d=3) if gram is None else gram
+    return triton_ops.ridge_solve(gram, rand(2, 3) if grad is None else grad, ridge, out_dtype,
+                                  **kwargs)
+
+
+def bad(id, call, error, match):
+    return pytest.param(call, error, match, id=id)
+
+
+# Bad arguments of the Triton entry points that used to fail deep inside (a Triton, dispatcher
+# or unpacking error) or return garbage (a negative / NaN / string ridge, groups not dividing
+# C, a negative split): each is refused up front, naming the function and the argument.
+BAD_ARGS = [
+    bad("gram-block_d-float", lambda: implicit_gram(block_d=32.0), TypeError,
+        "im2col_gram: block_d"),
+    bad("gram-block_d-bool", lambda: implicit_gram(block_d=True), TypeError,
+        "im2col_gram: block_d"),
+    bad("gram-block_p-float", lambda: implicit_gram(block_p=16.5), TypeError,
+        "im2col_gram: block_p"),
+    bad("gram-split-float", lambda: implicit_gram(split=2.0), TypeError, "im2col_gram: split"),
+    bad("gram-split-negative", lambda: implicit_gram(split=-3), ValueError, "im2col_gram: split"),
+    bad("gram-precision", lambda: implicit_gram(input_precision="tf16"), ValueError,
+        "im2col_gram: input_precision"),
+    bad("linear-x-float8", lambda: triton_ops.linear_gram(rand(3, 4).to(torch.float8_e5m2)),
+        ValueError, "linear_gram: x"),
+    bad("linear-block_d", lambda: triton_ops.linear_gram(rand(3, 4), block_d=24), ValueError,
+        "linear_gram: block_d"),
+    bad("linear-block_p-float", lambda: triton_ops.linear_gram(rand(3, 4), block_p=16.0),
+        TypeError, "linear_gram: block_p"),
+    bad("linear-split-negative", lambda: triton_ops.linear_gram(rand(3, 4), split=-1),
+        ValueError, "linear_gram: split"),
+    bad("linear-precision", lambda: triton_ops.linear_gram(rand(3, 4), input_precision="fp8"),
+        ValueError, "linear_gram: input_precision"),
+    bad("shift-x-list", lambda: shift_gram([[1.0]]), ValueError, "x must be"),
+    bad("shift-x-3d", lambda: shift_gram(rand(4, 5, 5)), ValueError, "x must be"),
+    bad("shift-x-int", lambda: shift_gram(rand(1, 4, 5, 5).int()), TypeError, "x must be"),
+    bad("shift-groups-not-dividing", lambda: shift_gram(groups=3), ValueError, "groups"),
+    bad("shift-groups-zero", lambda: shift_gram(groups=0), ValueError, "groups"),
+    bad("shift-groups-float", lambda: shift_gram(groups=2.0), ValueError, "groups"),
+    bad("shift-kernel-length", lambda: shift_gram(kernel_size=[3]), TypeError, "kernel_size"),
+    bad("shift-kernel-float", lambda: shift_gram(kernel_size=[3.0, 3]), TypeError,
+        "kernel_size"),
+    bad("shift-kernel-zero", lambda: shift_gram(kernel_size=[0, 3]), ValueError, "kernel_size"),
+    bad("shift-kernel-too-big", lambda: shift_gram(kernel_size=[9, 9]), ValueError,
+        "kernel_size .* does not fit"),
+    bad("shift-padding-negative", lambda: shift_gram(padding=[-1, 1]), ValueError, "padding"),
+    bad("shift-dilation-zero", lambda: shift_gram(dilation=[0, 1]), ValueError, "dilation"),
+    bad("shift-bias", lambda: shift_gram(bias="no"), TypeError, "bias must be a bool"),
+    bad("shift-precision", lambda: shift_gram(input_precision="tf16"), ValueError,
+        "im2col_gram_shift: input_precision"),
+    bad("shift-precision-unresolved", lambda: shift_gram(input_precision=None), ValueError,
+        "im2col_gram_shift: input_precision"),
+    bad("shift-block_c", lambda: shift_gram(block_c=24), ValueError,
+        "im2col_gram_shift: block_c"),
+    bad("shift-block_p-negative", lambda: shift_gram(block_p=-16), ValueError,
+        "im2col_gram_shift: block_p"),
+    bad("shift-chunk-negative", lambda: shift_gram(chunk=-5), ValueError,
+        "im2col_gram_shift: chunk"),
+    bad("shift-chunk-float", lambda: shift_gram(chunk=16.5), TypeError,
+        "im2col_gram_shift: chunk"),
+    *(bad(f"cholesky-ridge-{name}", lambda ridge=ridge: triton_ops.cholesky(spd(2), ridge),
+          ValueError, "cholesky: ridge")
+      for name, ridge in [("negative", -1.0), ("nan", float("nan")), ("inf", float("inf")),
+                          ("bool", True), ("string", "1e-3"), ("none", None),
+                          ("tensor", torch.tensor(1e-3))]),
+    bad("solve-gram-list", lambda: solve(gram=[[1.0]]), TypeError, "ridge_solve: gram"),
+    bad("solve-grad-list", lambda: solve(grad=[[1.0, 2.0, 3.0]]), TypeError,
+        "ridge_solve: grad"),
+    bad("solve-gram-int", lambda: solve(gram=torch.eye(3, dtype=torch.int32, device=DEVICE)),
+        ValueError, "ridge_solve: gram"),
+    bad("solve-grad-int", lambda: solve(grad=rand(2, 3).int()), ValueError, "ridge_solve: grad"),
+    bad("solve-grad-float8", lambda: solve(grad=rand(2, 3).to(torch.float8_e4m3fn)), ValueError,
+        "ridge_solve: grad"),
+    bad("solve-out_dtype-int", lambda: solve(out_dtype=torch.int32), ValueError,
+        "ridge_solve: out_dtype"),
+    bad("solve-out_dtype-string", lambda: solve(out_dtype="float16"), ValueError,
+        "ridge_solve: out_dtype"),
+    bad("solve-block_m", lambda: solve(block_m=24), ValueError, "ridge_solve: block_m"),
+    bad("solve-block_m-negative", lambda: solve(block_m=-16), ValueError, "ridge_solve: block_m"),
+    bad("solve-block_m-float", lambda: solve(block_m=16.0), TypeError, "ridge_solve: block_m"),
+    bad("solve-block_d-bool", lambda: solve(block_d=True), TypeError, "ridge_solve: block_d"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", BAD_ARGS)
+def test_bad_argument_is_refused_before_any_launch(monkeypatch, call, error, match):
+    def no_launch(kernel):
+        raise AssertionError(f"{kernel} launched with a bad argument")
+    for module in (gram_module, shift_module, triton_solve):
+        monkeypatch.setattr(module, "wrap_triton", no_launch)
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_valid_awkward_input_matches_the_reference_backend():
+    """The checks refuse nothing valid: odd sizes, sliced / channels_last input, groups,
+    stride, dilation, NumPy integers and floats, empty batches: each entry point against
+    ops.reference (float64, so the tolerance is tight). Plain ints for the shift form's
+    geometry, a (2, 0, 0) Cholesky and the N-side Gram of no features used to fail."""
+    np = pytest.importorskip("numpy")
+    tight = dict(rtol=1e-12, atol=1e-12)
+    x = make_input((3, 6, 7, 9), torch.float64, "sliced")
+    args = ((3, 2), (2, 1), (1, 0), (1, 2), 2, True)
+    got = triton_ops.im2col_gram(x, *args, block_d=np.int64(16), split=np.int64(3))
+    torch.testing.assert_close(got, reference.im2col_gram(x, *args), **tight)
+    x = make_input((2, 6, 7, 8), torch.float64, "channels_last")
+    got = triton_ops.im2col_gram_shift(x, 3, 1, 2, np.int64(3), True, "ieee", chunk=40)
+    want = reference.im2col_gram(x, (3, 3), (1, 1), (1, 1), (2, 2), 3, True)
+    torch.testing.assert_close(got, want, **tight)
+    rows = torch.randn(13, 41, dtype=torch.float64, device=DEVICE)[:, 1:40:2]
+    got = triton_ops.linear_gram(rows, True, "d", block_p=np.int64(16))
+    want = reference.im2col_gram(rows[:, :, None, None], (1, 1), (1, 1), (0, 0), (1, 1), 1, True)
+    torch.testing.assert_close(got, want[0], **tight)
+    got = triton_ops.linear_gram(rows, False, "n")
+    want = reference.im2col_gram(rows[None, :, None], (1, 1), (1, 1), (0, 0), (1, 1), 1, False)
+    torch.testing.assert_close(got, want[0], **tight)
+    assert torch.equal(triton_ops.linear_gram(rows[:, :0], True, "n"),
+                       torch.ones(13, 13, dtype=torch.float64, device=DEVICE))
+    a = spd(2, 3, d=7).double()
+    for ridge in (0, np.float64(1e-3)):
+        factor, info = triton_ops.cholesky(a, ridge)
+        eye = torch.eye(7, dtype=torch.float64, device=DEVICE)
+        torch.testing.assert_close(factor, torch.linalg.cholesky(a + float(ridge) * eye), **tight)
+        assert not info.any()
+    factor, info = triton_ops.cholesky(torch.zeros(2, 0, 0, device=DEVICE))
+    assert factor.shape == (2, 0, 0) and info.tolist() == [0, 0]
+    grad = torch.randn(2, 9, 5, device=DEVICE).transpose(-1, -2)  # float32, strided
+    gram = spd(2, d=9).double()
+    got = triton_ops.ridge_solve(gram, grad, np.float64(1e-2), torch.float64,
+                                 block_m=np.int64(16))
+    want = reference.ridge_solve(gram, grad, 1e-2, torch.float64)
+    torch.testing.assert_close(got, want, **tight)
 
 
 def test_import_never_touches_the_gpu():

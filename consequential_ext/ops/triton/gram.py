@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .._conv_args import check_bias_flag, check_conv_args
-from ._common import accumulate_dtype, check_precision, describe, num_programs_target
+from .._conv_args import _GRAM_DTYPES, check_bias_flag, check_conv_args
+from ._common import (accumulate_dtype, check_precision, check_size, describe,
+                      num_programs_target)
 from ._register import check_device, is_interpreted, on_device_of, register_kernel_op
 
 # Partial Grams of a split patch range are summed afterwards (deterministic, unlike
@@ -227,11 +228,10 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=
                                                      dilation, groups))
     bias = check_bias_flag(bias)
     check_device("im2col_gram", "x", x, _im2col_gram_kernel)
-    for name, value in (("block_d", block_d), ("block_p", block_p)):
-        if value and (value < 16 or value & (value - 1)):
-            raise ValueError(f"im2col_gram: {name} must be 0 (automatic) or a power of two >= 16, "
-                             f"got {value}")
-    precision = check_precision(input_precision, x.dtype)
+    block_d, block_p = (check_size("im2col_gram", name, value)
+                        for name, value in (("block_d", block_d), ("block_p", block_p)))
+    split = check_size("im2col_gram", "split", split, power_of_two=False)
+    precision = check_precision("im2col_gram", input_precision, x.dtype)
     if method == "shift":
         if st != [1, 1]:
             raise ValueError(f"im2col_gram: method='shift' needs stride 1, got stride={st}")
@@ -251,17 +251,25 @@ def linear_gram(x, bias=False, side="d", *, input_precision=None, block_d=0, blo
     constant feature's contribution), cheaper when N < F. Both reuse the im2col kernel with
     1×1 patches on a strided view, so nothing is copied.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"linear_gram: x must be a floating-point (N, F) tensor, got "
-                         f"{describe(x)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _GRAM_DTYPES:
+        raise ValueError(f"linear_gram: x must be a float16, bfloat16, float32 or float64 (N, F) "
+                         f"tensor, got {describe(x)}")
     if side not in ("d", "n"):
         raise ValueError(f"linear_gram: side must be 'd' (features) or 'n' (samples), got {side!r}")
     bias = check_bias_flag(bias)
+    check_device("linear_gram", "x", x, _im2col_gram_kernel)
+    # checked here too, so that an error names linear_gram rather than the im2col_gram it calls
+    for name, value in (("block_d", block_d), ("block_p", block_p), ("split", split)):
+        check_size("linear_gram", name, value, power_of_two=name != "split")
+    check_precision("linear_gram", input_precision, x.dtype)
     n, f = x.shape
     if side == "d":  # samples are the patch columns: view as (N, F, 1, 1)
         view = x.as_strided((n, f, 1, 1), (x.stride(0), x.stride(1), 1, 1))
         return im2col_gram(view, 1, bias=bias, input_precision=input_precision,
                            block_d=block_d, block_p=block_p, split=split)[0]
+    if f == 0:  # no features, so no patch column for the (1, N, 1, 0) view: x xᵀ is 0
+        gram = x.new_zeros((n, n), dtype=accumulate_dtype(x.dtype))
+        return gram + 1 if bias else gram
     # features are the patch columns: view as (1, N, 1, F)
     view = x.as_strided((1, n, 1, f), (0, x.stride(0), 0, x.stride(1)))
     gram = im2col_gram(view, 1, input_precision=input_precision,

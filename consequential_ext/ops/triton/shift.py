@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import accumulate_dtype, num_programs_target
-from ._register import is_interpreted, on_device_of, register_kernel_op
+from .._conv_args import check_bias_flag, check_conv_args
+from ._common import PRECISIONS, accumulate_dtype, check_size, num_programs_target
+from ._register import check_device, is_interpreted, on_device_of, register_kernel_op
 
 _JOB_FIELDS = 8  # s, t, y0, y1, u0, u1, first pixel, end pixel
 _PARTIALS_BYTES = 256 << 20
@@ -192,10 +193,19 @@ def _window_indicator(n, k, d, p, device, dtype):
 
 def im2col_gram_shift(x, kernel_size, padding, dilation, groups, bias, input_precision,
                       block_c=0, block_p=0, chunk=0):
-    """(groups, D, D) im2col Gram of a stride-1 layer by shifted correlations (validated
-    arguments, as ``gram.im2col_gram`` passes them)."""
+    """(groups, D, D) im2col Gram of a stride-1 layer by shifted correlations (arguments as
+    ``gram.im2col_gram`` passes them: ``input_precision`` resolved to "ieee" or "tf32")."""
+    (kh, kw), _, (ph, pw), (dh, dw) = check_conv_args(x, kernel_size, 1, padding, dilation,
+                                                      groups)
+    bias = check_bias_flag(bias)
+    check_device("im2col_gram_shift", "x", x, _shift_corr_kernel)
+    if input_precision not in PRECISIONS:
+        raise ValueError(f"im2col_gram_shift: input_precision must be one of {PRECISIONS}, got "
+                         f"{input_precision!r}")
+    block_c, block_p = (check_size("im2col_gram_shift", name, value)
+                        for name, value in (("block_c", block_c), ("block_p", block_p)))
+    chunk = check_size("im2col_gram_shift", "chunk", chunk, power_of_two=False)
     B, C, H, W = x.shape
-    (kh, kw), (ph, pw), (dh, dw) = kernel_size, padding, dilation
     cg, kk = C // groups, kh * kw
     acc = accumulate_dtype(x.dtype)
     if cg == 0:  # no channels, no correlations to plan: at most the bias row's patch count

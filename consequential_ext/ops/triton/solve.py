@@ -15,14 +15,15 @@ rounding by the condition number, which tf32 would make visible.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .. import reference
-from ._common import describe, num_programs_target
+from .. import _SOLVE_DTYPES, reference
+from ._common import check_size, describe, num_programs_target
 from ._register import check_device, on_device_of, register_kernel_op
 
 # Largest D the register-resident Cholesky takes; above it torch.linalg.cholesky_ex
@@ -215,13 +216,22 @@ register_kernel_op(
 def cholesky(a, ridge=0.0):
     """Batched Cholesky of ``a + ridge·I`` (…, D, D) → (L, info) like ``cholesky_ex``:
     the Triton kernel up to ``TRITON_CHOLESKY_MAX_D``, ``torch.linalg.cholesky_ex`` above.
-    Float32 or better (float64 for float64 input)."""
+    Float32 or better (float64 for float64 input). ``ridge``: 0, or a ridge as the solves
+    take it (``reference.check_ridge``)."""
     if not isinstance(a, torch.Tensor) or a.dim() < 2 or a.shape[-1] != a.shape[-2] \
             or not a.is_floating_point():
         raise ValueError(f"cholesky: a must be a floating-point (..., D, D) tensor, got "
                          f"{describe(a)}")
+    if isinstance(ridge, bool) or not (isinstance(ridge, numbers.Real) and ridge == 0):
+        ridge = reference.check_ridge(ridge, "cholesky: ridge")
+    return _cholesky(a, ridge)
+
+
+def _cholesky(a, ridge):
+    """``cholesky`` of checked arguments: ``ridge_solve`` factors at its escalated ridge, which
+    may pass the bound ``check_ridge`` puts on a ridge it is given."""
     D = a.shape[-1]
-    flat = a.reshape(-1, D, D)
+    flat = a.reshape(math.prod(a.shape[:-2]), D, D)  # explicit: -1 is ambiguous when D == 0
     if 0 < D <= TRITON_CHOLESKY_MAX_D and flat.shape[0] > 0:
         check_device("cholesky", "a", a, _cholesky_kernel)
         factor, info = torch.ops.consequential_ext_triton.cholesky(flat, float(ridge))
@@ -237,11 +247,23 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, *, block_m=0, block_d=0):
     then the fused two-solve-and-cast kernel. A failed factorisation of finite input
     escalates the ridge ×10, of each system on its own (one warning per process); non-finite
     input → all-NaN."""
+    # the checks (and exception types) of the dispatching ops.ridge_solve
+    for name, t in (("gram", gram), ("grad", grad)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"ridge_solve: {name} must be a Tensor; got {type(t).__name__}")
+        if t.dtype not in _SOLVE_DTYPES:
+            raise ValueError(f"ridge_solve: {name} must be a floating dtype (float16, bfloat16, "
+                             f"float32 or float64); got {t.dtype}")
     if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2] or grad.dim() != gram.dim() \
             or grad.shape[:-2] != gram.shape[:-2] or grad.shape[-1] != gram.shape[-1]:
         raise ValueError(f"ridge_solve: need gram (..., D, D) and grad (..., M, D) with equal "
                          f"leading dims, got {tuple(gram.shape)} and {tuple(grad.shape)}")
     ridge = reference.check_ridge(ridge, "ridge_solve: ridge")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
+                                      and out_dtype.is_floating_point):
+        raise ValueError(f"ridge_solve: out_dtype must be a floating dtype; got {out_dtype!r}")
+    block_m, block_d = (check_size("ridge_solve", name, value)
+                        for name, value in (("block_m", block_m), ("block_d", block_d)))
     if gram.device != grad.device:
         raise ValueError(f"ridge_solve: gram on {gram.device} but grad on {grad.device}")
     check_device("ridge_solve", "grad", grad, _cholesky_solve_kernel)
@@ -255,7 +277,7 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, *, block_m=0, block_d=0):
     non_finite = ~(torch.isfinite(a).all() & torch.isfinite(g).all())
     lam = float(ridge)
     for attempt in range(_MAX_ESCALATIONS):
-        factor, info = cholesky(a, lam)
+        factor, info = _cholesky(a, lam)
         # One host sync per attempt: both flags come back together.
         bad_input, failed = torch.stack([non_finite, (info != 0).any()]).tolist()
         if bad_input:
@@ -266,10 +288,17 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, *, block_m=0, block_d=0):
             # solve per system would cost a launch and a host sync for each of hundreds of groups)
             return reference.ridge_solve(gram, grad, ridge, out_dtype)
         lam *= 10.0
+        if lam > torch.finfo(work).max:   # past what the work dtype holds: nothing rescues it
+            return _unrescued(ridge, grad, out_dtype)
     else:  # still indefinite: NaN, never an exception inside backward
-        reference.warn_escalated(ridge, math.inf)
-        return torch.full(grad.shape, float("nan"), dtype=out_dtype, device=grad.device)
+        return _unrescued(ridge, grad, out_dtype)
     if attempt:
         reference.warn_escalated(ridge, lam)
     out = torch.ops.consequential_ext_triton.cholesky_solve(factor, g, out_dtype, block_m, block_d)
     return out.reshape(grad.shape)
+
+
+def _unrescued(ridge, grad, out_dtype):
+    """A system no escalation of the ridge makes positive definite: NaN and the warning."""
+    reference.warn_escalated(ridge, math.inf)
+    return torch.full(grad.shape, float("nan"), dtype=out_dtype, device=grad.device)
