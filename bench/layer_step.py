@@ -1,8 +1,10 @@
 """Section 2: one forward+backward of CConv2d / CLinear per rule vs nn.Conv2d / nn.Linear
 (oneDNN on CPU, cuDNN on GPU), timed side by side in one interleaved run (each sample at
-least ``timing.MIN_SAMPLE_S`` of repeated calls)."""
+least ``timing.MIN_SAMPLE_S`` of repeated calls). The recurrent layers also amortised
+(``cx.amortize`` at its defaults): a sample's repeated calls hold its refresh steps."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -36,6 +38,13 @@ def _layers(cfg):
         yield (f"{kind.__name__} {depth}×{i}→{h}, {cfg['steps']} steps × batch "
                f"{cfg['seq_batch']}", lambda kind=kind, i=i, h=h, depth=depth: kind(i, h, depth),
                (cfg["steps"], cfg["seq_batch"], i), True)
+
+
+def _amortised(rule, layer):
+    """A recurrent C-layer amortised too (its own candidate), else None."""
+    if rule != "consequential" or not isinstance(layer, nn.RNNBase):
+        return None
+    return cx.amortize(copy.deepcopy(layer))
 
 
 def _output(out):
@@ -75,6 +84,9 @@ def run(ctx):
                              f"{type(exc).__name__}: {exc}")
                 continue
             candidates[rule] = _step(layer, x, gy)
+            amortised = _amortised(rule, layer)
+            if amortised is not None:
+                candidates[f"{rule}, amortised"] = _step(amortised, x, gy)
         cpu, wall = interleaved(candidates, cfg["repeats"],
                                 sync=ctx.sync if ctx.device.startswith("cuda") else None,
                                 min_sample_s=MIN_SAMPLE_S)

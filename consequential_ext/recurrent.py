@@ -294,10 +294,11 @@ class _CRNNBase(_Recurrent):
         if amortizers is None:
             return None
         if not isinstance(amortizers, nn.ModuleDict) or name not in amortizers:
+            got = list(amortizers) if isinstance(amortizers, nn.ModuleDict) \
+                else type(amortizers).__name__
             raise ValueError(f"{type(self).__name__}: amortizer must be an nn.ModuleDict of "
                              f"GramAmortizers by weight name ({name!r} included), as "
-                             f"cx.amortize makes it; got {type(amortizers).__name__}"
-                             f"{'' if not isinstance(amortizers, nn.ModuleDict) else ' with ' + repr(list(amortizers))}")
+                             f"cx.amortize makes it; got {got}")
         return amortizers[name]
 
     def _cx_call(self, op, *args):
