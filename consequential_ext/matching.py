@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 
@@ -74,11 +75,19 @@ def _solve(pending, grad, ridge, amortizer, energy):
 
 def _strided(t, columns, per_sample=1):
     """Samples of ``t`` (dim 0) evenly spread over the batch, enough to hold ``columns``
-    columns of X at ``per_sample`` columns each (None: all)."""
-    if columns is None:
+    columns of X at ``per_sample`` columns each (None: all), at a stride coprime with their
+    count. Dim 0 is often a grid flattened — a Linear's batch × tokens, a recurrent weight's
+    steps × sequences, a Conv3d fold's samples × output depths — whose width divides the
+    count: a stride sharing a factor with it would sample a few of its rows or columns only
+    (of 32 sequences of 64 pixels, 64 rows wanted at stride 32: pixels 0 and 32 of each, the
+    images' empty left edge), a coprime one every residue of either."""
+    n = t.shape[0]
+    if columns is None or n <= -(-columns // per_sample):
         return t
-    wanted = -(-columns // per_sample)
-    return t[:: max(1, t.shape[0] // wanted)]
+    stride = n // -(-columns // per_sample)
+    while math.gcd(stride, n) != 1:
+        stride -= 1
+    return t[::stride]
 
 
 def autocast_on(device_type: str) -> bool:

@@ -43,8 +43,13 @@ def _damped_inverse(a, damping):
 
 
 def _strided(t, columns, per_sample=1):
-    wanted = math.ceil(columns / per_sample)
-    return t[:: max(1, t.shape[0] // wanted)]
+    """Every s-th sample, s the largest stride coprime with the count that still gives at
+    least the samples that hold ``columns`` columns."""
+    n, wanted = t.shape[0], math.ceil(columns / per_sample)
+    if n <= wanted:
+        return t
+    stride = next(s for s in range(n // wanted, 0, -1) if math.gcd(s, n) == 1)
+    return t[::stride]
 
 
 def _shorten(g, direction, energy):
@@ -301,14 +306,14 @@ def test_a_refresh_whose_step_overflows_keeps_its_fold_and_advances(fresh_warnin
         layer = cx.amortize(cx.CLinear(4, 3, ridge=RIDGE), every=2, gram_every=1, decay=0.5,
                             gram_oversample=1, exact_when_cheaper=False)
         clean = copy.deepcopy(layer)
-        xs = [torch.randn(10, 4) * (1 + i) for i in range(5)]
-        dzs = [torch.randn(10, 3) for _ in range(5)]
+        xs = [torch.randn(11, 4) * (1 + i) for i in range(5)]
+        dzs = [torch.randn(11, 3) for _ in range(5)]
         for i in range(2):                            # steps 0, 1
             for model in (layer, clean):
                 model(xs[i]).backward(dzs[i])
         x, dz = xs[2].clone(), dzs[2].clone()
         if bad_row:
-            x[3, 1] = math.inf                        # rows 0, 2, .., 8 make the Gram
+            x[3, 1] = math.inf                        # rows 0, 2, .., 10 make the Gram
         else:
             dz[0, 0] = math.inf
         layer.zero_grad()
@@ -654,3 +659,32 @@ def test_a_step_between_refreshes_reads_one_value_back_and_the_count_follows_wri
     assert amortizer.wants_gram()
     step()
     assert int(amortizer.steps) == 13 and not amortizer.wants_gram()
+
+
+@pytest.mark.parametrize("what", ["refresh_gram", "safeguard"])
+def test_a_linear_layers_token_rows_are_sampled_across_positions(what):
+    """A CLinear on (32 sequences, 64 positions, 1 feature), every 8th position an edge
+    value: the refresh Gram's 64 of 2,048 rows and the safeguard's 256 are strided at a step
+    coprime with the row count, so they see every position; at the stride of 32 (or 8) they
+    would see positions 0 and 32 (or every 8th) only — the edge. Against the same layer
+    reading all rows."""
+    torch.manual_seed(0)
+    layer = cx.CLinear(1, 4, ridge=1e-3, dtype=torch.float64)
+    if what == "refresh_gram":     # a fresh, undamped Gram every step: only the sample differs
+        options = dict(every=1, decay=0.0, damping=0.0, safeguard_columns=None)
+        sampled, whole = options, dict(options, gram_oversample=None)
+    else:                          # the Gram of all rows; step 2 measures its energy on rows
+        options = dict(every=2, decay=0.0, damping=0.0, gram_oversample=None)
+        sampled, whole = options, dict(options, safeguard_columns=10 ** 6)
+    a = cx.amortize(copy.deepcopy(layer), exact_when_cheaper=False, **sampled)
+    b = cx.amortize(copy.deepcopy(layer), exact_when_cheaper=False, **whole)
+    for edge in (0.0, 10.0):
+        x = 1 + 0.1 * torch.randn(32, 64, 1, dtype=torch.float64)
+        x[:, ::8] = edge
+        dz = torch.randn(32, 64, 4, dtype=torch.float64)
+        for m in (a, b):
+            m.zero_grad()
+            m(x).backward(dz)
+    assert int(a.amortizer.steps) == 2
+    err = (a.weight.grad - b.weight.grad).norm() / b.weight.grad.norm()
+    assert err < 0.1, float(err)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import io
+import sys
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -216,3 +218,62 @@ def test_a_partial_backward_leaves_the_amortizers_where_they_were():
     out, *_ , loss, leaves = run_layer(layer, case, new_call(case))
     torch.autograd.grad(loss, [leaves["input"]])
     assert all(int(a.steps) == 0 for a in layer.amortizer.values())
+
+
+def _pixel_rows(case, seed, edge):
+    """A batch of ``case`` whose every 8th step (an image's left edge, as in digits read
+    pixel by pixel) is ``edge`` and the others ~1: statistics that depend on the step."""
+    call = new_call(case, seed=seed)
+    t = torch.arange(call.values.shape[0])
+    call.values = 1 + 0.1 * call.values
+    call.values[t % 8 == 0] = edge
+    return call
+
+
+@pytest.mark.parametrize("what", ["refresh_gram", "safeguard"])
+def test_strided_rows_span_the_steps_and_sequences(what):
+    """64 steps × 32 sequences, batch_first: the refresh Gram's 64 of 2,048 rows of W_ih (D =
+    2) and the safeguard's 256 are strided at a step coprime with the row count, so they
+    measure every step and sequence; a stride of 32 (or 8) would measure steps 0 and 32 (or
+    every 8th) of each sequence only — the edge. Against the same layer measuring all rows."""
+    case = Case("GRU", input_size=1, hidden=4, batch_first=True, lengths=(64,) * 32,
+                ridge=1e-3)
+    torch.manual_seed(0)
+    _, layer = modules(case)
+    if what == "refresh_gram":      # every step a fresh, undamped Gram: only the sample differs
+        options = dict(every=1, decay=0.0, damping=0.0, safeguard_columns=None)
+        sampled, whole = dict(options), dict(options, gram_oversample=None)
+    else:                           # the Gram of all rows; step 2 measures its energy on rows
+        options = dict(every=2, decay=0.0, damping=0.0, gram_oversample=None)
+        sampled, whole = dict(options), dict(options, safeguard_columns=ALL_ROWS)
+    a = cx.amortize(copy.deepcopy(layer), **sampled)
+    b = cx.amortize(copy.deepcopy(layer), **whole)
+    for step, edge in enumerate((0.0, 10.0)):
+        call = _pixel_rows(case, step, edge)
+        got, want = _grads(a, case, call), _grads(b, case, call)
+    assert int(a.amortizer.weight_ih_l0.steps) == 2
+    assert rel_err(got["weight_ih_l0"], want["weight_ih_l0"]) < 0.1
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_checkpointed_amortised_lstm_warns_only_when_called_twice(monkeypatch, use_reentrant):
+    """As for the other layers (``functional._save_common``): a reentrant checkpoint runs each
+    segment's backward in a nested graph task, so the recomputation says which backward its
+    steps belong to — once per forward over three steps: no warning; one LSTM in two
+    checkpointed segments of one forward: the warning."""
+    from torch.utils.checkpoint import checkpoint
+    monkeypatch.setattr(sys.modules["consequential_ext.amortize"], "_called_twice_warned", False)
+    layer = cx.amortize(CLSTM(4, 4, num_layers=2, bidirectional=True), every=2)
+    segment = lambda v: layer(v)[0][..., :4]                 # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            x = torch.randn(6, 3, 4, requires_grad=True)
+            checkpoint(segment, x, use_reentrant=use_reentrant).sum().backward()
+        twice = [w for w in caught if "called more than once" in str(w.message)]
+        assert not twice and int(layer.amortizer.weight_hh_l1_reverse.steps) == 3
+        x = torch.randn(6, 3, 4, requires_grad=True)
+        checkpoint(segment, checkpoint(segment, x, use_reentrant=use_reentrant),
+                   use_reentrant=use_reentrant).sum().backward()
+        twice = [w for w in caught if "called more than once" in str(w.message)]
+    assert len(twice) == 1

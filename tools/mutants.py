@@ -845,6 +845,11 @@ MUTANTS = [
        "                                      self._cx_amortizer(name[0]))",
        "tests/test_recurrent_amortize.py",
        why="W_hh would share W_ih's running Gram"),
+    _m("matching.strided-sample-aliases-the-grid", PY + "matching.py",
+       "    while math.gcd(stride, n) != 1:\n        stride -= 1\n", "",
+       "tests/test_recurrent_amortize.py::test_strided_rows_span_the_steps_and_sequences",
+       why="a refresh Gram or safeguard strided over a flattened grid sampled a few of its "
+           "steps (digits read pixel by pixel: only the images' empty left edge)"),
     _m("amortize.recurrent-layers-skipped", PY + "amortize.py",
        "and (m.cx_gram_shape() is not None or m.cx_grams())]",
        "and m.cx_gram_shape() is not None]",
