@@ -1,7 +1,8 @@
 """Section 2: one forward+backward of CConv2d / CLinear per rule vs nn.Conv2d / nn.Linear
 (oneDNN on CPU, cuDNN on GPU), timed side by side in one interleaved run (each sample at
 least ``timing.MIN_SAMPLE_S`` of repeated calls). The recurrent layers also amortised
-(``cx.amortize`` at its defaults): a sample's repeated calls hold its refresh steps."""
+(``cx.amortize`` at its defaults): a sample's repeated calls hold its refresh steps (in quick
+mode the 16 × 8 rows are fewer than W_hh's 129 columns: its solve stays exact)."""
 from __future__ import annotations
 
 import copy

@@ -161,7 +161,6 @@ def _matched(rows, rule, ridge, weight, bias, amortizer=None):
     trains."""
     if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return weight, bias
-    amortizer = check_amortizer(amortizer, linear_gram_shape(weight, bias), weight)
     out = MatchedRecurrentWeights.apply(weight, bias, rows, rule, ridge, amortizer)
     return (out, None) if bias is None else out
 
@@ -288,8 +287,9 @@ class _CRNNBase(_Recurrent):
                        getattr(self, name))
                 for name in self._flat_weights_names if name.startswith("weight_")}
 
-    def _cx_amortizer(self, name):
-        """The amortizer of weight ``name``, or None (exact)."""
+    def _cx_amortizer(self, name, weight, bias):
+        """The amortizer of weight ``name`` (the op's ``weight``, ``bias``), checked, or None
+        (exact)."""
         amortizers = amortizer_of(self)
         if amortizers is None:
             return None
@@ -299,7 +299,10 @@ class _CRNNBase(_Recurrent):
             raise ValueError(f"{type(self).__name__}: amortizer must be an nn.ModuleDict of "
                              f"GramAmortizers by weight name ({name!r} included), as "
                              f"cx.amortize makes it; got {got}")
-        return amortizers[name]
+        try:
+            return check_amortizer(amortizers[name], linear_gram_shape(weight, bias), weight)
+        except ValueError as error:     # which of the layer's amortizers is stale
+            raise ValueError(f"{type(self).__name__}.{name}: {error}") from None
 
     def _cx_call(self, op, *args):
         """``op`` (nn's fused call: all layers, both directions) as one call per layer."""
@@ -325,12 +328,11 @@ class _CRNNBase(_Recurrent):
             for d in range(dirs):
                 w = weights[(first + d) * per:(first + d + 1) * per]
                 name = names[(first + d) * per:(first + d + 1) * per]
-                w_ih, b_ih = _matched(inputs, self.rule, self.ridge, w[0],
-                                      w[2] if has_biases else None,
-                                      self._cx_amortizer(name[0]))
-                w_hh, b_hh = _matched(hidden_rows[d], self.rule, self.ridge, w[1],
-                                      w[3] if has_biases else None,
-                                      self._cx_amortizer(name[1]))
+                b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+                w_ih, b_ih = _matched(inputs, self.rule, self.ridge, w[0], b_ih,
+                                      self._cx_amortizer(name[0], w[0], b_ih))
+                w_hh, b_hh = _matched(hidden_rows[d], self.rule, self.ridge, w[1], b_hh,
+                                      self._cx_amortizer(name[1], w[1], b_hh))
                 flat += [w_ih, w_hh] + ([b_ih, b_hh] if has_biases else [])
             h0_layer = h0[first:first + dirs]
             hx_layer = (h0_layer, hx[1][first:first + dirs]) if lstm else h0_layer
