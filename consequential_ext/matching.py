@@ -81,10 +81,12 @@ def _strided(t, columns, per_sample=1):
     count: a stride sharing a factor with it would sample a few of its rows or columns only
     (of 32 sequences of 64 pixels, 64 rows wanted at stride 32: pixels 0 and 32 of each, the
     images' empty left edge), a coprime one every residue of either."""
-    n = t.shape[0]
-    if columns is None or n <= -(-columns // per_sample):
+    if columns is None:
         return t
-    stride = n // -(-columns // per_sample)
+    n, wanted = t.shape[0], -(-columns // per_sample)
+    if n <= wanted:
+        return t
+    stride = n // wanted
     while math.gcd(stride, n) != 1:
         stride -= 1
     return t[::stride]
