@@ -412,13 +412,15 @@ def test_matched_gradients_through_the_dispatcher_on_triton(monkeypatch):
     monkeypatch.setattr(_backends, "available_backends", lambda op, device: ["triton",
                                                                              "reference"])
     calls = []
-    for name in ("im2col_gram", "ridge_solve"):
-        def counted(*args, _launch=getattr(triton_ops, name), _name=name, **kwargs):
+    # what ops dispatches to: the Gram's entry point, the solve's past the checks ops made
+    for name, module, attr in (("im2col_gram", triton_ops, "im2col_gram"),
+                               ("ridge_solve", triton_solve, "solve_checked")):
+        def counted(*args, _launch=getattr(module, attr), _name=name, **kwargs):
             calls.append(_name)
             if _name == "im2col_gram":
                 kwargs["input_precision"] = "ieee"
             return _launch(*args, **kwargs)
-        monkeypatch.setattr(triton_ops, name, counted)
+        monkeypatch.setattr(module, attr, counted)
     torch.manual_seed(11)
     new = dict(device=DEVICE, requires_grad=True)
     x, rows = torch.randn(2, 4, 6, 5, device=DEVICE), torch.randn(7, 5, device=DEVICE)

@@ -164,6 +164,22 @@ def ridge_solve(gram, grad, ridge, *, out_dtype=None):
     gram: (..., D, D) symmetric positive semi-definite; grad: (..., M, D) with the same
     leading dims. Solved in float32 or better; returned in ``out_dtype`` (default: grad's).
     """
+    ridge = check_solve_args(gram, grad, ridge, out_dtype)
+    backend = _backend("ridge_solve", gram, grad)
+    if backend == "reference":
+        return reference.ridge_solve(gram, grad, ridge, out_dtype)
+    if backend == "triton":
+        from .triton import solve as triton_solve
+        return triton_solve.solve_checked(gram, grad, ridge, out_dtype)
+    if torch.compiler.is_compiling():
+        return torch.ops.consequential_ext.ridge_solve_reporting(gram, grad, ridge,
+                                                                 out_dtype)
+    return _solve_and_report(gram, grad, ridge, out_dtype)
+
+
+def check_solve_args(gram, grad, ridge, out_dtype):
+    """``ridge`` checked, after ``ridge_solve``'s tensors and ``out_dtype`` (every backend's
+    entry point: ValueError / TypeError naming the argument)."""
     ridge = reference.check_ridge(ridge, "ridge_solve: ridge")
     for name, t in (("gram", gram), ("grad", grad)):
         if not isinstance(t, torch.Tensor):
@@ -183,16 +199,7 @@ def ridge_solve(gram, grad, ridge, *, out_dtype=None):
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
                                       and out_dtype.is_floating_point):
         raise ValueError(f"ridge_solve: out_dtype must be a floating dtype; got {out_dtype}")
-    backend = _backend("ridge_solve", gram, grad)
-    if backend == "reference":
-        return reference.ridge_solve(gram, grad, ridge, out_dtype)
-    if backend == "triton":
-        from . import triton as triton_ops
-        return triton_ops.ridge_solve(gram, grad, ridge, out_dtype)
-    if torch.compiler.is_compiling():
-        return torch.ops.consequential_ext.ridge_solve_reporting(gram, grad, ridge,
-                                                                 out_dtype)
-    return _solve_and_report(gram, grad, ridge, out_dtype)
+    return ridge
 
 
 def _solve_and_report(gram, grad, ridge, out_dtype):

@@ -235,8 +235,8 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=
     if method == "shift":
         if st != [1, 1]:
             raise ValueError(f"im2col_gram: method='shift' needs stride 1, got stride={st}")
-        from .shift import im2col_gram_shift
-        return im2col_gram_shift(x, ks, pd, dl, groups, bias, precision)
+        from .shift import shift_gram_checked
+        return shift_gram_checked(x, ks, pd, dl, groups, bias, precision)
     if method != "implicit":
         raise ValueError(f"im2col_gram: method must be 'implicit' or 'shift', got {method!r}")
     return torch.ops.consequential_ext_triton.im2col_gram(

@@ -195,16 +195,24 @@ def im2col_gram_shift(x, kernel_size, padding, dilation, groups, bias, input_pre
                       block_c=0, block_p=0, chunk=0):
     """(groups, D, D) im2col Gram of a stride-1 layer by shifted correlations (arguments as
     ``gram.im2col_gram`` passes them: ``input_precision`` resolved to "ieee" or "tf32")."""
-    (kh, kw), _, (ph, pw), (dh, dw) = check_conv_args(x, kernel_size, 1, padding, dilation,
-                                                      groups)
+    ks, _, pd, dl = check_conv_args(x, kernel_size, 1, padding, dilation, groups)
     bias = check_bias_flag(bias)
-    check_device("im2col_gram_shift", "x", x, _shift_corr_kernel)
     if input_precision not in PRECISIONS:
         raise ValueError(f"im2col_gram_shift: input_precision must be one of {PRECISIONS}, got "
                          f"{input_precision!r}")
     block_c, block_p = (check_size("im2col_gram_shift", name, value)
                         for name, value in (("block_c", block_c), ("block_p", block_p)))
     chunk = check_size("im2col_gram_shift", "chunk", chunk, power_of_two=False)
+    return shift_gram_checked(x, ks, pd, dl, int(groups), bias, input_precision, block_c,
+                              block_p, chunk)
+
+
+def shift_gram_checked(x, kernel_size, padding, dilation, groups, bias, input_precision,
+                       block_c=0, block_p=0, chunk=0):
+    """``im2col_gram_shift`` of checked arguments (``gram.im2col_gram`` calls it with its
+    own)."""
+    check_device("im2col_gram_shift", "x", x, _shift_corr_kernel)
+    (kh, kw), (ph, pw), (dh, dw) = kernel_size, padding, dilation
     B, C, H, W = x.shape
     cg, kk = C // groups, kh * kw
     acc = accumulate_dtype(x.dtype)

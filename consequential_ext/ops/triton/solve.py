@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .. import _SOLVE_DTYPES, reference
+from .. import check_solve_args, reference
 from ._common import check_size, describe, num_programs_target
 from ._register import check_device, on_device_of, register_kernel_op
 
@@ -247,25 +247,14 @@ def ridge_solve(gram, grad, ridge, out_dtype=None, *, block_m=0, block_d=0):
     then the fused two-solve-and-cast kernel. A failed factorisation of finite input
     escalates the ridge ×10, of each system on its own (one warning per process); non-finite
     input → all-NaN."""
-    # the checks (and exception types) of the dispatching ops.ridge_solve
-    for name, t in (("gram", gram), ("grad", grad)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"ridge_solve: {name} must be a Tensor; got {type(t).__name__}")
-        if t.dtype not in _SOLVE_DTYPES:
-            raise ValueError(f"ridge_solve: {name} must be a floating dtype (float16, bfloat16, "
-                             f"float32 or float64); got {t.dtype}")
-    if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2] or grad.dim() != gram.dim() \
-            or grad.shape[:-2] != gram.shape[:-2] or grad.shape[-1] != gram.shape[-1]:
-        raise ValueError(f"ridge_solve: need gram (..., D, D) and grad (..., M, D) with equal "
-                         f"leading dims, got {tuple(gram.shape)} and {tuple(grad.shape)}")
-    ridge = reference.check_ridge(ridge, "ridge_solve: ridge")
-    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
-                                      and out_dtype.is_floating_point):
-        raise ValueError(f"ridge_solve: out_dtype must be a floating dtype; got {out_dtype!r}")
+    ridge = check_solve_args(gram, grad, ridge, out_dtype)   # as the dispatching op checks
     block_m, block_d = (check_size("ridge_solve", name, value)
                         for name, value in (("block_m", block_m), ("block_d", block_d)))
-    if gram.device != grad.device:
-        raise ValueError(f"ridge_solve: gram on {gram.device} but grad on {grad.device}")
+    return solve_checked(gram, grad, ridge, out_dtype, block_m, block_d)
+
+
+def solve_checked(gram, grad, ridge, out_dtype, block_m=0, block_d=0):
+    """``ridge_solve`` of checked arguments (``ops.ridge_solve`` dispatches here)."""
     check_device("ridge_solve", "grad", grad, _cholesky_solve_kernel)
     out_dtype = grad.dtype if out_dtype is None else out_dtype
     work = torch.float64 if torch.float64 in (gram.dtype, grad.dtype) else torch.float32
