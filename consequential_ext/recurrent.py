@@ -53,11 +53,14 @@ _PROJECTED = ("an LSTM with proj_size > 0 projects o_t ⊙ tanh(c_t), which its 
 
 class _Rows:
     """The rows X a weight multiplies, (N, in): a hidden state's are known only after the
-    layer's op has run, so the forward fills this in after it and the backward reads it."""
-    __slots__ = ("rows",)
+    layer's op has run, so the forward fills this in after it and the backward reads it.
+    ``grams``: None, or (rows that several weights multiply: a bidirectional layer's input)
+    a dict where the first exact backward leaves its Gram for the others, by (dtype, bias)."""
+    __slots__ = ("rows", "grams")
 
-    def __init__(self, rows=None):
+    def __init__(self, rows=None, shared=False):
         self.rows = rows
+        self.grams = {} if shared else None
 
 
 class RecurrentGradients:
@@ -65,8 +68,9 @@ class RecurrentGradients:
     the op's ordinary gradients, and X."""
 
     def __init__(self, rows, grad_weight, grad_bias, *, needs_weight, needs_bias, trains_weight,
-                 trains_bias, ridge, amortizer=None):
+                 trains_bias, ridge, amortizer=None, grams=None):
         self.rows, self.grad_weight, self.grad_bias = rows, grad_weight, grad_bias
+        self.grams = grams   # _Rows.grams
         self.needs_weight, self.needs_bias, self.ridge = needs_weight, needs_bias, ridge
         self.amortizer = amortizer
         # What trains (requires grad) decides the formula, what this backward is asked for
@@ -85,7 +89,7 @@ class RecurrentGradients:
             return None, self.grad_bias / (1 + self.ridge)
         has_bias = self.trains_bias      # a frozen bias is a constant: no 1-row
         matched = matched_from_grad(self.rows, self.grad_weight, self.grad_bias if has_bias
-                                    else None, self.ridge, self.amortizer)
+                                    else None, self.ridge, self.amortizer, self.grams)
         weight = matched[:, :-1] if has_bias else matched
         return (weight.to(self.grad_weight.dtype) if self.needs_weight else None,
                 matched[:, -1].to(self.grad_bias.dtype) if has_bias and self.needs_bias
@@ -93,7 +97,7 @@ class RecurrentGradients:
 
 
 @_autocast_off
-def matched_from_grad(rows, grad_weight, grad_bias, ridge, amortizer=None):
+def matched_from_grad(rows, grad_weight, grad_bias, ridge, amortizer=None, grams=None):
     """``[G | g_b] (A + λI)⁻¹`` with ``A = [X; 1][X; 1]ᵀ / N`` of ``rows`` (N, in), G the
     ordinary gradient (out, in) already summed over the rows (a recurrent op's), g_b (or
     None: no 1-row). Row side only (the column side needs each row's output gradient, which
@@ -102,7 +106,9 @@ def matched_from_grad(rows, grad_weight, grad_bias, ridge, amortizer=None):
     Under torch.distributed the Gram is summed across ranks (``distributed.py``), in float64
     on every rank. amortizer: a ``GramAmortizer`` to solve with its running Gram instead,
     except where rows < D and it prefers exact solves there (``exact_when_cheaper``; under
-    torch.distributed never: every rank must take the same path)."""
+    torch.distributed never: every rank must take the same path). grams: a dict that keeps
+    the exact path's Gram, by (dtype, bias), for another weight on the same rows (None: not
+    kept); the amortised path has a running Gram per weight and neither reads nor fills it."""
     has_bias = grad_bias is not None
     d = rows.shape[1] + int(has_bias)
     group = distributed.gram_group()
@@ -118,8 +124,15 @@ def matched_from_grad(rows, grad_weight, grad_bias, ridge, amortizer=None):
     if has_bias:
         grad = torch.cat([grad, grad_bias.to(work)[:, None]], dim=1)
     if not amortised:
-        pending = distributed.PendingGram(_linear_gram(x, has_bias), x.shape[0], group)
-        return ops.ridge_solve(pending.wait(), grad, ridge)
+        # Every rank takes this branch for the same weights (as above), so the one that finds
+        # the Gram kept skips the all-reduce on every rank alike.
+        key = (work, has_bias)
+        gram = None if grams is None else grams.get(key)
+        if gram is None:
+            gram = distributed.PendingGram(_linear_gram(x, has_bias), x.shape[0], group).wait()
+            if grams is not None:
+                grams[key] = gram
+        return ops.ridge_solve(gram, grad, ridge)
     if _empty_amortised(x.shape[0], group, amortizer):
         return torch.zeros_like(grad)
     pending = _pending_gram(functools.partial(_linear_gram, has_bias=has_bias), x, 1, group,
@@ -147,7 +160,7 @@ class MatchedRecurrentWeights(torch.autograd.Function):
     def backward(ctx, grad_weight, grad_bias=None):
         if ctx.amortizer is not None:
             ctx.amortizer.recomputed_in = ctx.recomputed_in
-        layer = RecurrentGradients(ctx.rows.rows, grad_weight, grad_bias,
+        layer = RecurrentGradients(ctx.rows.rows, grad_weight, grad_bias, grams=ctx.rows.grams,
                                    needs_weight=_wanted(ctx, 0),
                                    needs_bias=ctx.has_bias and _wanted(ctx, 1),
                                    trains_weight=ctx.needs_input_grad[0],
@@ -322,7 +335,9 @@ class _CRNNBase(_Recurrent):
         layer_input, states = data, []
         for layer in range(layers):
             first = layer * dirs
-            inputs = _Rows(layer_input.detach().reshape(-1, layer_input.shape[-1]))
+            # Both directions' W_ih multiply these rows: one Gram for both (exact solves).
+            inputs = _Rows(layer_input.detach().reshape(-1, layer_input.shape[-1]),
+                           shared=dirs == 2)
             hidden_rows = [_Rows() for _ in range(dirs)]
             flat = []
             for d in range(dirs):

@@ -37,7 +37,8 @@ def _batch():
 
 
 class _Recurrent(nn.Module):
-    """A two-layer bidirectional GRU (its six Grams summed across ranks) and a head."""
+    """A two-layer bidirectional GRU (its Grams summed across ranks: per layer the input
+    rows' one, shared by both directions, and each direction's states') and a head."""
 
     def __init__(self):
         super().__init__()

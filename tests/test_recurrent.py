@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, PackedSequence
 
+from consequential_ext import recurrent
 from consequential_ext.recurrent import CGRU, CLSTM, CRNN
 from recurrent_reference import dropout_masks, match, suffix, unroll
 from relative_error import rel_err
@@ -376,6 +377,39 @@ PARAMS = [pytest.param(replace(case, mode=mode), id=f"{name}-{mode}")
 @pytest.mark.parametrize("case", PARAMS)
 def test_matched_gradients_against_reference(case):
     check_case(case)
+
+
+@pytest.mark.parametrize("frozen,grams", [((), 6), (("bias_ih_l0_reverse",), 7),
+                                          (("weight_ih_l1",), 6)])
+def test_bidirectional_layer_builds_its_input_gram_once(monkeypatch, frozen, grams):
+    """Both directions' ``[W_ih | b_ih]`` multiply the layer's input rows: one Gram serves
+    the two — per layer that one and each direction's W_hh Gram, 3 — and the gradients are
+    still the reference's. A direction whose bias is frozen has no 1-row: a Gram of its own
+    (7); a frozen weight solves nothing (its bias: A = 1), so the other direction builds it."""
+    built = []
+    original = recurrent._linear_gram
+
+    def counted(x, has_bias):
+        built.append((x.shape, has_bias))
+        return original(x, has_bias)
+
+    monkeypatch.setattr(recurrent, "_linear_gram", counted)
+    check_case(Case(G, layers=2, bidir=True, h0=True, lengths=(3, 3), frozen=frozen))
+    assert len(built) == grams, built
+
+
+@pytest.mark.parametrize("mode", [L, G])
+def test_second_backward_through_a_kept_graph_gets_the_same_matched_gradient(mode):
+    """retain_graph: the second backward solves with the Gram the first kept for both
+    directions, unchanged by the first's solves, so it adds exactly the same gradient."""
+    case = Case(mode, layers=2, bidir=True, lengths=(4, 4))
+    _, layer = modules(case)
+    loss = run_layer(layer, case, new_call(case))[4]
+    loss.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    loss.backward()
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * first[name], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("mode,layout", [(L, "padded"), (G, "packed"), (T, "unbatched")])
