@@ -64,12 +64,15 @@ def test_ridge_solve_matches_linalg_solve(backend, dtype):
 
 
 # Fewer right-hand sides than D, as many and more (where the CPU solve once took an explicit
-# inverse, from M = 2·D on), one system (LAPACK's threads) and a batch (a system per thread),
-# D odd and past a vector width.
+# inverse, from M = 2·D on; from M = D it now solves by 64-wide blocks, lapack_solve.cpp), one
+# system (LAPACK's threads) and a batch (a system per thread), D odd and past a vector width,
+# the blocks' last one full, partial or a single row.
 @pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("batch,d,m", [((), 37, 73), ((), 37, 74), ((), 37, 113), ((3,), 21, 64),
-                                       ((2,), 21, 40), ((), 131, 300)])
+                                       ((2,), 21, 40), ((), 131, 300), ((), 193, 576),
+                                       ((), 128, 128), ((4,), 100, 130), ((), 65, 64),
+                                       ((), 129, 70)])
 def test_ridge_solve_many_right_hand_sides(backend, dtype, tol, batch, d, m):
     gram = _spd(batch, d)
     grad = torch.randn(*batch, m, d, dtype=torch.float64)
@@ -87,7 +90,7 @@ def test_ridge_solve_many_right_hand_sides(backend, dtype, tol, batch, d, m):
 # (an explicit inverse, which the CPU solve once took from M = 2·D on: ΔW·X 3e-2 to 9e-2 here).
 @pytest.mark.parametrize("backend", cx.ops.available_backends("ridge_solve", "cpu"))
 @pytest.mark.parametrize("batch,d,m", [((), 64, 32), ((), 64, 256), ((), 160, 400),
-                                       ((3,), 64, 256), ((9,), 48, 200)])
+                                       ((3,), 64, 256), ((9,), 48, 200), ((2,), 129, 300)])
 def test_ridge_solve_float32_error_stays_out_of_the_inputs_span(backend, batch, d, m):
     torch.manual_seed(3)
     n = 4 * d

@@ -12,7 +12,8 @@ bool lapack_available();
 // (S, D, D) symmetric positive definite (the ridge already on its diagonal), x (S, M, D);
 // both contiguous, float or double, of one dtype. Row-major x is column-major xᵀ, so potrs
 // solves it where it lies, with no transpose copies. Returns false (x unspecified) when some
-// system is not positive definite.
-bool lapack_ridge_solve(at::Tensor& a, at::Tensor& x);
+// system is not positive definite. serial: the caller runs LAPACK on one thread (one system
+// at a time inside parallel regions either way when there are several).
+bool lapack_ridge_solve(at::Tensor& a, at::Tensor& x, bool serial);
 
 }  // namespace consequential_ext::cpu

@@ -113,7 +113,7 @@ at::Tensor ridge_solve_cpu(const at::Tensor& gram, const at::Tensor& grad, doubl
       if (lane_ridge_solve(gram_work, lam, g, out)) x = out;
     } else if (direct) {
       auto out = attempt == 0 ? g : fresh_grad();  // a failed attempt may have written g
-      if (lapack_ridge_solve(a, out)) x = out;
+      if (lapack_ridge_solve(a, out, single.has_value())) x = out;
     } else {
       auto [chol, info] = at::linalg_cholesky_ex(a, /*upper=*/false, /*check_errors=*/false);
       // x (L Lᵀ) = g  ⇔  (L Lᵀ) xᵀ = gᵀ (A symmetric).
