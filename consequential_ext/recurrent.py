@@ -55,12 +55,34 @@ class _Rows:
     """The rows X a weight multiplies, (N, in): a hidden state's are known only after the
     layer's op has run, so the forward fills this in after it and the backward reads it.
     ``grams``: None, or (rows that several weights multiply: a bidirectional layer's input)
-    a dict where the first exact backward leaves its Gram for the others, by (dtype, bias)."""
-    __slots__ = ("rows", "grams")
+    a dict where the first exact backward leaves its Gram for the others, by (dtype, bias).
+    ``graphed``: the rows keep their autograd history (a cell's: its call's own input and
+    state), so a backward with create_graph=True differentiates the matched gradient through
+    them too. A fused layer's rows are detached: its states come out of the op that the
+    weights' own node feeds, and rows kept on that node's ctx with their history would make a
+    reference cycle through the graph, which Python's collector cannot break."""
+    __slots__ = ("rows", "grams", "graphed")
 
-    def __init__(self, rows=None, shared=False):
-        self.rows = rows
+    def __init__(self, rows=None, shared=False, graphed=False):
+        self.rows, self.graphed = rows, graphed
         self.grams = {} if shared else None
+
+
+_rows_constant_warned = False
+
+
+def _warn_rows_constant():
+    """One UserWarning per process: create_graph=True through a fused recurrent C-layer, whose
+    matched gradient's graph holds its rows X constant (``_Rows``)."""
+    global _rows_constant_warned
+    if not _rows_constant_warned:
+        _rows_constant_warned = True
+        warnings.warn("consequential_ext: a recurrent C-layer's (CRNN / CLSTM / CGRU) matched "
+                      "weight gradient is differentiated (create_graph=True) with its rows X — "
+                      "the layer's inputs and states — held constant: derivatives of a loss "
+                      "built from it miss the terms through X. The cells (CLSTMCell, …) and "
+                      "nn's layers (rule='sgd') differentiate through everything.", UserWarning,
+                      stacklevel=2)
 
 
 class RecurrentGradients:
@@ -160,6 +182,8 @@ class MatchedRecurrentWeights(torch.autograd.Function):
     def backward(ctx, grad_weight, grad_bias=None):
         if ctx.amortizer is not None:
             ctx.amortizer.recomputed_in = ctx.recomputed_in
+        if torch.is_grad_enabled() and not ctx.rows.graphed:   # create_graph=True
+            _warn_rows_constant()
         layer = RecurrentGradients(ctx.rows.rows, grad_weight, grad_bias, grams=ctx.rows.grams,
                                    needs_weight=_wanted(ctx, 0),
                                    needs_bias=ctx.has_bias and _wanted(ctx, 1),
@@ -403,8 +427,10 @@ class _CCellBase(_Recurrent):
 
     def _cx_call(self, op, input, hx, w_ih, w_hh, b_ih, b_hh):
         state = hx[0] if isinstance(hx, (tuple, list)) else hx
-        w_ih, b_ih = _matched(_Rows(input.detach()), self.rule, self.ridge, w_ih, b_ih)
-        w_hh, b_hh = _matched(_Rows(state.detach()), self.rule, self.ridge, w_hh, b_hh)
+        # With their history (no cycle: they come from before this call), so that
+        # create_graph=True differentiates through X too.
+        w_ih, b_ih = _matched(_Rows(input, graphed=True), self.rule, self.ridge, w_ih, b_ih)
+        w_hh, b_hh = _matched(_Rows(state, graphed=True), self.rule, self.ridge, w_hh, b_hh)
         return op(input, hx, w_ih, w_hh, b_ih, b_hh)
 
 
