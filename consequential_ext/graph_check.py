@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 
 from .coverage import coverage, matched_parameters
-from ._validate import CLayerMixin
 
 __all__ = ["install", "direct_uses"]
 
@@ -34,13 +33,19 @@ _VIEWS = {"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0
 
 def install(model: nn.Module) -> None:
     """Check ``model``'s next forward under grad (once; again after a reconversion) — unless
-    every module in it is torch.nn's or a C-layer: torch's forwards use their children's
-    weights through the children (fast paths aside, which run without grad), and a hook would
-    switch nn.TransformerEncoderLayer's inference fast path off."""
+    every module in it runs only torch's and this library's code: torch's forwards use their
+    children's weights through the children (fast paths aside, which run without grad), and a
+    hook would switch nn.TransformerEncoderLayer's inference fast path off. A converted
+    subclass runs its own forward (a bias added after the routed ``F.linear``, say): checked."""
     remove(model)
-    if any(not isinstance(m, CLayerMixin) and not type(m).__module__.startswith("torch.")
-           for m in model.modules()):
+    if any(_runs_user_code(m) for m in model.modules()):
         model.register_forward_hook(_check_on_first_forward)
+
+
+def _runs_user_code(module: nn.Module) -> bool:
+    """Whether a class ``module`` derives from is defined outside torch and this library."""
+    return any(cls.__module__.split(".")[0] not in ("torch", "consequential_ext", "builtins")
+               for cls in type(module).__mro__)
 
 
 def remove(model: nn.Module) -> None:

@@ -31,7 +31,10 @@ def test_clinear_forward_bit_identical_and_state_dict_both_ways():
     assert isinstance(c, nn.Linear)
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "1e-3", True, None])
+# 1e-50 and float32's largest subnormal: 0 or subnormal in a float32 solve, where no
+# escalation (×10, a dozen times) lifts them to anything that regularises (NaN came back).
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "1e-3", True, None, 1e-50,
+                                 1.1754942e-38, 3.5e38])
 def test_bad_ridge_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="ridge"):
         cx.CLinear(3, 2, ridge=bad)
@@ -42,6 +45,16 @@ def test_bad_ridge_is_a_clear_error(bad):
         cx.functional.clinear(torch.randn(2, 3), torch.randn(2, 3), ridge=bad)
     with pytest.raises(ValueError, match="ridge_solve: ridge"):
         cx.ops.ridge_solve(torch.eye(2), torch.ones(1, 2), bad)
+
+
+def test_float32s_normal_range_is_the_ridges_range():
+    """Its ends are taken: with the smallest normal float32 a zero Gram still solves, G / λ
+    (finite), where 1e-50 gave NaN; the largest gives the all-but-zero step."""
+    tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    small = cx.ops.ridge_solve(torch.zeros(3, 3), torch.ones(2, 3), tiny)
+    torch.testing.assert_close(small, torch.full((2, 3), 1 / tiny), rtol=1e-6, atol=0)
+    assert cx.CLinear(3, 2, ridge=big).ridge == float(big)
+    assert not cx.ops.ridge_solve(torch.eye(2), torch.ones(1, 2), big).abs().gt(1e-30).any()
 
 
 def test_numpy_float_ridges_are_floats():

@@ -330,3 +330,41 @@ def test_conv_subclass_with_its_own_forward_stays_plain_and_registering_it_linea
         cx.register_layer(NoisyTranspose)
     with pytest.raises(TypeError, match="NoisyConv3d is a Conv3d, not linear-like: pass c_type"):
         cx.register_layer(NoisyConv3d)
+
+
+class BiasAfterLinear(nn.Linear):
+    """Adds its bias after the routed F.linear: the bias never reaches the C-layer's call."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight) + self.bias
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_subclass_using_its_bias_outside_the_routed_call_is_named(wrapped):
+    """The first forward's graph check runs for a converted subclass (its forward is user
+    code) even in a model of torch containers only, and names the layer whose bias keeps the
+    ordinary gradient (the add outside its routed call); the weight is still matched, on its
+    own (no 1-row)."""
+    torch.manual_seed(4)
+    layer = BiasAfterLinear(4, 3, dtype=torch.float64)
+    model = nn.Sequential(layer) if not wrapped else nn.Sequential(nn.Sequential(layer))
+    cx.consequentialize(model, ridge=RIDGE)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    grad_out = torch.randn(6, 3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x).backward(grad_out)
+    said = [str(w.message) for w in caught if "also used outside" in str(w.message)]
+    name = "0.0" if wrapped else "0"
+    assert len(said) == 1 and f": {name} (AddBackward0)." in said[0], \
+        [str(w.message) for w in caught]
+    torch.testing.assert_close(layer.bias.grad, grad_out.sum(0))
+    gw, _ = matched_linear(x, layer.weight, None, grad_out, RIDGE)
+    assert rel_err(layer.weight.grad, gw) < 1e-8
+
+
+def test_a_torch_only_model_installs_no_graph_check():
+    """Only torch's and this library's modules: no forward hook (nn.TransformerEncoderLayer's
+    inference fast path stays on)."""
+    model = cx.consequentialize(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    assert not model._forward_hooks

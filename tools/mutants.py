@@ -793,6 +793,16 @@ MUTANTS = [
        "inputs = _Rows((out if layer else layer_input).detach().reshape(-1, "
        "layer_input.shape[-1]),", RECURRENT,
        why="a layer above the first matched on the output below before nn's dropout"),
+    _m("graph-check.converted-subclass-unchecked", PY + "graph_check.py",
+       "    if any(_runs_user_code(m) for m in model.modules()):",
+       "    if any(_runs_user_code(m) and not hasattr(m, 'cx_gram_shape') "
+       "for m in model.modules()):",
+       "tests/test_subclasses.py::test_a_subclass_using_its_bias_outside_the_routed_call_is_named",
+       why="a converted subclass's own forward (its bias outside the routed call) unchecked"),
+    _m("reference.ridge-underflow-taken", PY + "ops/reference.py",
+       "or not _MIN_RIDGE <= ridge <= _MAX_RIDGE:", "or not 0 < ridge <= _MAX_RIDGE:",
+       "tests/test_modules.py::test_bad_ridge_is_a_clear_error",
+       why="a ridge that is 0 or subnormal in float32 taken (NaN steps)"),
     _m("recurrent.cell-rows-detached", PY + "recurrent.py",
        "_matched(_Rows(input, graphed=True),", "_matched(_Rows(input.detach(), graphed=True),",
        "tests/test_recurrent_ecosystem.py::test_double_backward_through_a_cell_differentiates_through_its_rows",

@@ -16,8 +16,11 @@ __all__ = ["accumulate_dtype", "conv_gram_grad", "conv_weight_grad", "im2col", "
            "ridge_solve"]
 
 
-# Solves of float32 (and 16-bit) layers run in float32: a larger ridge is inf there.
+# Solves of float32 (and 16-bit) layers run in float32: a larger ridge is inf there, and one
+# below its smallest normal number is subnormal or 0 (escalating it ×10 a dozen times could
+# not lift it to anything that regularises).
 _MAX_RIDGE = torch.finfo(torch.float32).max
+_MIN_RIDGE = torch.finfo(torch.float32).tiny
 
 
 def check_ridge(ridge, name="ridge") -> float:
@@ -25,9 +28,9 @@ def check_ridge(ridge, name="ridge") -> float:
     they also hold for torch.compile's symbolic floats, and NaN fails them; numbers.Real lets
     NumPy's floats in."""
     if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) \
-            or not 0 < ridge <= _MAX_RIDGE:
-        raise ValueError(f"{name} must be a finite float > 0 (at most float32's {_MAX_RIDGE:.3g}); "
-                         f"got {ridge!r}")
+            or not _MIN_RIDGE <= ridge <= _MAX_RIDGE:
+        raise ValueError(f"{name} must be a finite float > 0, within float32's normal range "
+                         f"[{_MIN_RIDGE:.3g}, {_MAX_RIDGE:.3g}]; got {ridge!r}")
     return float(ridge)
 
 
