@@ -34,12 +34,16 @@ RIDGE = 1e-3
 
 
 def cases(quick: bool) -> list[dict]:
-    """(name, batch of systems, D, M): ResNet-20 / resnet18 convs, a ViT MLP, depthwise."""
+    """(name, batch of systems, D, M): ResNet-20 / resnet18 convs, a ViT MLP, depthwise; a
+    ViT's qkv and a 4× MLP's first Linear, where the outputs outnumber the inputs (one thread,
+    blocked, csrc/cpu/lapack_solve.cpp)."""
     out = [{"name": "conv16", "batch": 1, "d": 145, "m": 16},
            {"name": "conv32", "batch": 1, "d": 289, "m": 32},
            {"name": "conv64", "batch": 1, "d": 577, "m": 64},
            {"name": "conv128", "batch": 1, "d": 1153, "m": 128},
            {"name": "linear768", "batch": 1, "d": 769, "m": 192},
+           {"name": "qkv192", "batch": 1, "d": 193, "m": 576},
+           {"name": "expand160", "batch": 1, "d": 161, "m": 640},
            {"name": "depthwise-k3x96", "batch": 96, "d": 10, "m": 1},
            {"name": "depthwise-k7x640", "batch": 640, "d": 50, "m": 1}]
     if not quick:
