@@ -161,6 +161,7 @@ def test_reference_backend_gives_the_same():
 @pytest.mark.parametrize("bad, match", [
     (lambda gy: gy[:, :, :-1], "grad_output must be"),
     (lambda gy: gy[:1], "grad_output must be"),
+    (lambda gy: gy[:, :0], "grad_output must be"),     # no output channels
     (lambda gy: gy.double(), "grad_output must be"),
     (lambda gy: gy[0], "grad_output must be"),
     (lambda gy: gy.numpy(), "grad_output must be"),

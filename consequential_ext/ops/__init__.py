@@ -105,9 +105,10 @@ def _grad_op(name, x, grad_output, kernel_size, stride, padding, dilation, group
     out_hw = output_size(x, ks, st, pd, dl)
     if not isinstance(grad_output, torch.Tensor) or grad_output.dim() != 4 \
             or grad_output.shape[0] != x.shape[0] or grad_output.shape[1] % groups \
+            or grad_output.shape[1] == 0 \
             or tuple(grad_output.shape[2:]) != out_hw or grad_output.dtype != x.dtype:
         raise ValueError(f"{name}: grad_output must be (B, out, Ho, Wo) = "
-                         f"({x.shape[0]}, a multiple of groups={groups}, {out_hw[0]}, "
+                         f"({x.shape[0]}, a positive multiple of groups={groups}, {out_hw[0]}, "
                          f"{out_hw[1]}) in x's dtype {x.dtype}; got "
                          f"{tuple(getattr(grad_output, 'shape', ()))} "
                          f"{getattr(grad_output, 'dtype', type(grad_output).__name__)}")

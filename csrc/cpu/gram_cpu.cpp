@@ -114,7 +114,7 @@ void check_grad_output(const at::Tensor& x, const at::Tensor& grad_output,
                   grad_output.size(2) == g.out_h(x.size(2)) &&
                   grad_output.size(3) == g.out_w(x.size(3)),
               op, ": grad_output must be (B, out, Ho, Wo) = (", x.size(0),
-              ", a multiple of groups=", g.groups, ", ", g.out_h(x.size(2)), ", ",
+              ", a positive multiple of groups=", g.groups, ", ", g.out_h(x.size(2)), ", ",
               g.out_w(x.size(3)), "), got ", grad_output.sizes());
   TORCH_CHECK(grad_output.scalar_type() == x.scalar_type(), op,
               ": grad_output must have x's dtype ", x.scalar_type(), ", got ",
