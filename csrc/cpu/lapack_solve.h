@@ -1,4 +1,5 @@
-// Batched Cholesky solve straight through LAPACK (potrf + potrs), in place.
+// Batched Cholesky solve straight through LAPACK (potrf, then potrs or, with many right-hand
+// sides on one thread, the same triangular solves by blocks over BLAS GEMMs), in place.
 #pragma once
 #include <ATen/ATen.h>
 
