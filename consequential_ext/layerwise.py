@@ -132,11 +132,13 @@ def producer_weight(tensor):
 
 
 # ATen's backward nodes of ops that multiply by a weight (conv, mm/addmm/bmm, mv, dot,
-# linear, embedding): an nn layer, frozen or not, ends the walk. Anchored at the name's start:
+# linear, embedding, the fused recurrent ops: oneDNN's float32 LSTM, cuDNN's / MIOpen's RNNs,
+# CUDA's fused cells): an nn layer, frozen or not, ends the walk — a frozen LSTM's fused node
+# has its input as its one graph input, like an activation's. Anchored at the name's start:
 # LgammaBackward, CummaxBackward or UpsampleLinear1DBackward are no such op.
 _WEIGHTED_OP = re.compile(r"(Addmm|Mm|Bmm|Baddbmm|Addbmm|Mv|Addmv|Dot|Vdot|Linear|MkldnnLinear|"
-                          r"Embedding\w*|\w*Convolution\w*|SlowConv\w*|ConvDepthwise\w*|ConvTbc)"
-                          r"Backward")
+                          r"Embedding\w*|\w*Convolution\w*|SlowConv\w*|ConvDepthwise\w*|ConvTbc|"
+                          r"\w*Rnn\w*|ThnnFused\w*)Backward")
 
 # Eq. 36 needs the producing layer's weight at forward time, and only the eager autograd graph
 # holds it: a compiled region hides it (falling back to the no-producer form would be another

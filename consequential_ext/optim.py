@@ -102,9 +102,10 @@ class _LayerwiseRateSGD(torch.optim.Optimizer):
 
 
 class LARS(_LayerwiseRateSGD):
-    """Per-tensor rate lr · η · ‖W‖ / (‖∇L‖ + weight_decay · ‖W‖), η = ``trust_coefficient``;
-    lr itself where ‖W‖ or ‖∇L‖ is 0 (a zero-initialised bias must still move, and a zero
-    gradient with no decay moves nothing anyway)."""
+    """Per-tensor rate lr · η · ‖W‖ / (‖∇L‖ + weight_decay · ‖W‖), η = ``trust_coefficient``
+    — with weight decay also where ∇L = 0 (lr · η / weight_decay there, the formula's limit: the
+    step does not jump at a zero gradient); lr itself where ‖W‖ = 0 (a zero-initialised bias
+    must still move) or where ∇L = 0 without decay (δW = 0: nothing moves)."""
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
                  trust_coefficient=0.001):
@@ -118,8 +119,8 @@ class LARS(_LayerwiseRateSGD):
 
     def _rate(self, group, param, grad, decayed):
         param_norm, grad_norm = _norm(param), _norm(grad)
-        usable = (param_norm > 0) & (grad_norm > 0)
         denom = grad_norm + group["weight_decay"] * param_norm
+        usable = (param_norm > 0) & (denom > 0)
         ratio = group["trust_coefficient"] * param_norm / torch.where(usable, denom,
                                                                       torch.ones_like(denom))
         return group["lr"] * torch.where(usable, ratio, torch.ones_like(ratio))

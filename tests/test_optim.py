@@ -12,7 +12,7 @@ from consequential_ext.optim import LARS, LSALR
 def _lars_rate(lr, w, g, wd, trust):
     """You et al. 2017, Algorithm 1: γ · η‖w‖ / (‖∇L‖ + β‖w‖)."""
     wn, gn = float(w.norm()), float(g.norm())
-    return lr * trust * wn / (gn + wd * wn) if wn > 0 and gn > 0 else lr
+    return lr * trust * wn / (gn + wd * wn) if wn > 0 and gn + wd * wn > 0 else lr
 
 
 def _lsalr_rate(lr, w, g, wd, trust):
@@ -68,6 +68,20 @@ def test_zero_gradient_and_missing_gradient_leave_parameters():
         w.grad = torch.zeros_like(w)
         cls([w, v], lr=1.0).step()
         assert torch.equal(w.detach(), before[0]) and torch.equal(v.detach(), before[1])
+
+
+def test_lars_with_decay_steps_continuously_through_a_zero_gradient():
+    """With weight decay a zero gradient still decays W, at the formula's limit γ·η/β: the
+    step equals the one of a vanishing gradient (it jumped by β/η to γ·β·W)."""
+    steps = []
+    for g in (0.0, 1e-30):
+        w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+        w.grad = torch.full_like(w, g)
+        LARS([w], lr=2.0, weight_decay=0.01).step()
+        steps.append(1 - w.detach())
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(steps[0], torch.full((3,), 2.0 * 0.001, dtype=torch.float64),
+                               rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("kwargs,name", [(dict(lr=0.0), "lr"), (dict(lr=float("nan")), "lr"),

@@ -793,6 +793,14 @@ MUTANTS = [
        "inputs = _Rows((out if layer else layer_input).detach().reshape(-1, "
        "layer_input.shape[-1]),", RECURRENT,
        why="a layer above the first matched on the output below before nn's dropout"),
+    _m("layerwise.fused-rnn-walked-through", PY + "layerwise.py",
+       r'r"\w*Rnn\w*|ThnnFused\w*)Backward")', 'r"NoSuchOp)Backward")',
+       "tests/test_layerwise.py::test_producer_is_found_through_single_input_ops_only",
+       why="a norm after a frozen fused LSTM taking the factor of the layer below it"),
+    _m("optim.lars-zero-gradient-with-decay-jumps", PY + "optim.py",
+       "usable = (param_norm > 0) & (denom > 0)", "usable = (param_norm > 0) & (grad_norm > 0)",
+       "tests/test_optim.py::test_lars_with_decay_steps_continuously_through_a_zero_gradient",
+       why="LARS with weight decay jumping by β/η at a zero gradient"),
     _m("graph-check.converted-subclass-unchecked", PY + "graph_check.py",
        "    if any(_runs_user_code(m) for m in model.modules()):",
        "    if any(_runs_user_code(m) and not hasattr(m, 'cx_gram_shape') "
