@@ -22,7 +22,8 @@ from . import graph_check
 from .coverage import (USER_REASON, check_model, coverage, transformed_after_conversion,
                        weight_users)
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
-from .registry import kind_for, made_from
+from .modules import CLinearLike
+from .registry import kind_for, kind_of as kind_for_type, made_from
 from .rules import rule_named
 from ._validate import (DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, RULE_REFUSED, CLayerMixin,
                         check_ridge, check_rule)
@@ -106,10 +107,24 @@ def _unconvert(module):
 _C_CLASSES = (CLayerMixin, BackMatchBatchNorm1d, BackMatchBatchNorm2d)
 
 
+def _current_class(module):
+    """The C-class of a converted ``module`` under its kind's current registration: a class
+    made of a registered type (``registry._made_class``) whose type was registered again since
+    (``register_layer`` replaces the entry: new weight / bias names, ``transposed``) is
+    remade; None where that registration now refuses the layer (``cx_unsupported``)."""
+    cls = type(module)
+    made_of = vars(cls).get("_cx_made_of")
+    kind = None if made_of is None else kind_for_type(made_of)
+    if kind is None or kind.c_type is cls or not issubclass(kind.c_type, CLinearLike):
+        return cls
+    return None if kind.c_type.cx_unsupported(module) else kind.c_type
+
+
 def _made_from(c_cls, plain) -> bool:
     """Whether ``c_cls`` is a class a conversion makes of ``plain``, so that setting ``plain``
     back undoes exactly the conversion."""
-    return c_cls is _NORM_TARGETS.get(plain) or c_cls in made_from(plain)
+    return c_cls is _NORM_TARGETS.get(plain) or c_cls in made_from(plain) \
+        or vars(c_cls).get("_cx_made_of") is plain      # made under an earlier registration
 
 
 def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE, include=None,
@@ -188,9 +203,11 @@ def consequentialize(model: nn.Module, *, rule=DEFAULT_RULE, ridge=DEFAULT_RIDGE
         if transformed_after_conversion(module):
             _unconvert(module)      # as a layer reparametrized before conversion: plain
             continue
-        c_type = type(module) if isinstance(module, CLayerMixin) else getattr(
+        c_type = _current_class(module) if isinstance(module, CLayerMixin) else getattr(
             kind_for(module), "c_type", None)
         if c_type is None:
+            if isinstance(module, CLayerMixin):
+                _unconvert(module)          # its kind, registered again, now refuses it
             continue
         if not c_type.cx_takes_rule(rule):     # a recurrent layer under a back-matching rule
             if isinstance(module, CLayerMixin):

@@ -226,7 +226,8 @@ def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=
     an input whose last dim is not ``W_view``'s in-features (a wrong ``transposed``);
     TypeError/ValueError for a mismatched amortizer.
     """
-    if not callable(module_forward):
+    # Not under Dynamo: callable() of a bound method breaks torch.compile(fullgraph=True).
+    if not torch.compiler.is_compiling() and not callable(module_forward):
         raise TypeError(f"module_forward must be callable (the layer's own forward); got "
                         f"{type(module_forward).__name__}")
     bypass = _bypassed(rule, input, weight)

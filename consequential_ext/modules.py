@@ -7,6 +7,8 @@ the nn layer; only backward differs (see ``functional.py``).
 """
 from __future__ import annotations
 
+import inspect
+
 
 import torch
 import torch.nn as nn
@@ -94,6 +96,19 @@ class CConv2d(_CConvNd, nn.Conv2d):
         self.rule, self.ridge = rule, ridge
 
 
+def _first_argument(forward, args, kwargs):
+    """(the first argument of a call of bound ``forward``, the other positional ones, the
+    keywords without it): given positionally or by the name ``forward`` gives it."""
+    if args:
+        return args[0], args[1:], kwargs
+    name = next(iter(inspect.signature(forward).parameters), None)
+    if name is None or name not in kwargs:
+        raise TypeError(f"{forward.__qualname__}() missing its input argument"
+                        + (f" {name!r}" if name else ""))
+    kwargs = dict(kwargs)
+    return kwargs.pop(name), (), kwargs
+
+
 class CLinearLike(CLayerMixin):
     """Mixin of the C-classes ``registry.register_layer`` makes for linear-like layers: the
     module's own forward (bit-identical), CLinear's backward on the weight viewed as (out, in).
@@ -115,9 +130,32 @@ class CLinearLike(CLayerMixin):
         weight, bias = self._cx_weight_bias()
         return linear_gram_shape(weight.t() if self._cx_kind.transposed else weight, bias)
 
-    def forward(self, input):
+    @classmethod
+    def cx_unsupported(cls, module):
+        # The layer's own forward runs inside the matched Function, where autograd records
+        # nothing: a parameter it uses besides the registered weight and bias would get no
+        # gradient, silently.
+        kind = cls._cx_kind
+        weight = getattr(module, kind.weight, None)
+        if not isinstance(weight, torch.Tensor):
+            return (f"registered weight {kind.weight!r} is no tensor attribute of this "
+                    f"{type(module).__name__} (cx.register_layer's weight= names it)")
+        bias = getattr(module, kind.bias, None) if kind.bias else None
+        others = [name for name, p in module.named_parameters()
+                  if p.requires_grad and p is not weight and p is not bias]
+        if others:
+            return (f"trains parameters besides its registered weight and bias "
+                    f"({', '.join(others)}): a registered linear-like layer's own forward "
+                    f"runs inside its matched backward's Function, where they would get no "
+                    f"gradient (cx.register_layer's weight= / bias= name the layer's two)")
+        return None
+
+    def forward(self, *args, **kwargs):
+        # The layer's own signature: its input positionally or by its own name.
+        input, rest, kwargs = _first_argument(super().forward, args, kwargs)
         weight, bias = self._cx_weight_bias()
-        return CF.clinear_like(input, weight, bias, super().forward,
+        own = super().forward
+        return CF.clinear_like(input, weight, bias, lambda x: own(x, *rest, **kwargs),
                                transposed=self._cx_kind.transposed, rule=self.rule,
                                ridge=self.ridge, amortizer=amortizer_of(self))
 

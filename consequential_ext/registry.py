@@ -154,6 +154,7 @@ def _made_class(mixin, module_type, doc, **attributes) -> type:
         return _remade, (module_type, mixin is CLinearLike), self.__dict__
     return type(f"C{module_type.__name__}", (mixin, module_type),
                 {**attributes, "__module__": module_type.__module__, "__doc__": doc,
+                 "_cx_made_of": module_type,
                  "__reduce_ex__": __reduce_ex__})
 
 

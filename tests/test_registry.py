@@ -405,3 +405,80 @@ def test_a_bias_pruned_before_an_eval_forward_is_still_recomputed():
         layer(torch.randn(2, 4))
     assert not layer.bias.requires_grad
     assert registry.derived_tensor(layer, registry.kind_of(nn.Linear)) == "bias"
+
+
+class _ScaledToy(TransposedToy):
+    """TransposedToy with a trainable output scale its forward also uses."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__(n_in, n_out)
+        self.scale = nn.Parameter(torch.ones(n_out))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_a_registered_layer_training_other_parameters_stays_plain_and_named(clean_registry):
+    """Its own forward runs inside the matched Function (no autograd there): ``scale`` would
+    get no gradient — it stays plain, named; so does a registration whose weight name the
+    layer lacks (it failed at the first forward)."""
+    cx.register_layer(_ScaledToy, transposed=True, weight="kernel", bias="offset")
+    model = nn.Sequential(_ScaledToy(3, 4))
+    with pytest.warns(UserWarning, match=r"0 \(trains parameters besides its registered weight "
+                                         r"and bias \(scale\)"):
+        cx.consequentialize(model, ridge=RIDGE)
+    assert type(model[0]) is _ScaledToy
+    assert cx.coverage(model).share == 0.0
+    model(torch.randn(2, 3)).sum().backward()
+    assert model[0].scale.grad is not None
+    model[0].scale.requires_grad_(False)               # frozen: nothing is lost
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cx.consequentialize(model, ridge=RIDGE)
+    assert type(model[0]).__name__ == "C_ScaledToy"
+    cx.register_layer(TransposedToy, transposed=True, weight="w", bias="offset")
+    with pytest.warns(UserWarning, match="registered weight 'w' is no tensor attribute"):
+        cx.consequentialize(nn.Sequential(TransposedToy(3, 4)))
+
+
+def test_a_converted_registered_layer_takes_its_input_by_keyword(clean_registry):
+    """Its own signature: ``layer(x=h)`` as before conversion, the same output, matched."""
+    cx.register_layer(TransposedToy, transposed=True, weight="kernel", bias="offset")
+    torch.manual_seed(4)
+    layer = TransposedToy(5, 3).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    before = layer(x=x)
+    cx.consequentialize(nn.Sequential(layer), ridge=RIDGE)
+    out = layer(x=x)
+    assert torch.equal(out, before)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref_w, ref_b = matched_linear(x, layer.kernel.detach().T, layer.offset.detach(), grad_out,
+                                  RIDGE)
+    torch.testing.assert_close(layer.kernel.grad, ref_w.T, rtol=1e-9, atol=1e-12)
+    with pytest.raises(TypeError, match="input argument 'x'"):
+        layer(y=x)
+
+
+def test_registering_again_reaches_layers_converted_before(clean_registry):
+    """``register_layer`` replaces the entry: converting again remakes the layers converted
+    under the old one (here a wrong ``transposed``, which failed at the forward), and
+    excluding one after that gives back the plain class."""
+    cx.register_layer(TransposedToy, weight="kernel", bias="offset")        # transposed wrong
+    torch.manual_seed(5)
+    model = nn.Sequential(TransposedToy(4, 3)).double()
+    cx.consequentialize(model, ridge=RIDGE)
+    with pytest.raises(ValueError, match="transposed=True"):
+        model(torch.randn(2, 4, dtype=torch.float64))
+    cx.register_layer(TransposedToy, transposed=True, weight="kernel", bias="offset")
+    cx.consequentialize(model, ridge=RIDGE)
+    assert model[0]._cx_kind.transposed
+    x = torch.randn(7, 4, dtype=torch.float64)
+    grad_out = torch.randn(7, 3, dtype=torch.float64)
+    model(x).backward(grad_out)
+    layer = model[0]
+    ref_w, _ = matched_linear(x, layer.kernel.detach().T, layer.offset.detach(), grad_out, RIDGE)
+    torch.testing.assert_close(layer.kernel.grad, ref_w.T, rtol=1e-9, atol=1e-12)
+    cx.register_layer(TransposedToy, transposed=True, weight="kernel", bias="offset")
+    cx.consequentialize(model, exclude=["0"])
+    assert type(model[0]) is TransposedToy
