@@ -22,8 +22,7 @@ from . import graph_check
 from .coverage import (USER_REASON, check_model, coverage, transformed_after_conversion,
                        weight_users)
 from .norm import BackMatchBatchNorm1d, BackMatchBatchNorm2d
-from .modules import CLinearLike
-from .registry import kind_for, kind_of as kind_for_type, made_from
+from .registry import kind_for, kind_of, made_from
 from .rules import rule_named
 from ._validate import (DEFAULT_RIDGE, DEFAULT_RULE, EXCLUDED, RULE_REFUSED, CLayerMixin,
                         check_ridge, check_rule)
@@ -108,16 +107,16 @@ _C_CLASSES = (CLayerMixin, BackMatchBatchNorm1d, BackMatchBatchNorm2d)
 
 
 def _current_class(module):
-    """The C-class of a converted ``module`` under its kind's current registration: a class
-    made of a registered type (``registry._made_class``) whose type was registered again since
-    (``register_layer`` replaces the entry: new weight / bias names, ``transposed``) is
-    remade; None where that registration now refuses the layer (``cx_unsupported``)."""
+    """The C-class of a converted ``module`` under its kind's current registration and
+    configuration: a class the registry made of a registered type (``registry._made_class``)
+    whose type was registered again since (``register_layer`` replaces the entry: new weight /
+    bias names, ``transposed``, a ``c_type`` of the user's) is remade; None where the layer is
+    now refused (``cx_unsupported``: a parameter unfrozen since, say)."""
     cls = type(module)
     made_of = vars(cls).get("_cx_made_of")
-    kind = None if made_of is None else kind_for_type(made_of)
-    if kind is None or kind.c_type is cls or not issubclass(kind.c_type, CLinearLike):
-        return cls
-    return None if kind.c_type.cx_unsupported(module) else kind.c_type
+    kind = None if made_of is None else kind_of(made_of)
+    c_type = cls if kind is None else kind.c_type
+    return None if c_type.cx_unsupported(module) else c_type
 
 
 def _made_from(c_cls, plain) -> bool:

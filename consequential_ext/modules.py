@@ -96,17 +96,17 @@ class CConv2d(_CConvNd, nn.Conv2d):
         self.rule, self.ridge = rule, ridge
 
 
-def _first_argument(forward, args, kwargs):
-    """(the first argument of a call of bound ``forward``, the other positional ones, the
-    keywords without it): given positionally or by the name ``forward`` gives it."""
-    if args:
-        return args[0], args[1:], kwargs
-    name = next(iter(inspect.signature(forward).parameters), None)
-    if name is None or name not in kwargs:
-        raise TypeError(f"{forward.__qualname__}() missing its input argument"
-                        + (f" {name!r}" if name else ""))
-    kwargs = dict(kwargs)
-    return kwargs.pop(name), (), kwargs
+def input_name(module_type: type) -> str | None:
+    """The name ``module_type.forward`` gives its first argument after ``self`` (the input a
+    registered linear-like layer may be called with by keyword), or None. Read once, when the
+    C-class is made: ``inspect.signature`` inside a compiled forward breaks
+    ``torch.compile(fullgraph=True)``."""
+    try:
+        params = list(inspect.signature(module_type.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    usable = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return params[0].name if params and params[0].kind in usable else None
 
 
 class CLinearLike(CLayerMixin):
@@ -118,6 +118,7 @@ class CLinearLike(CLayerMixin):
     """
 
     _cx_kind = None
+    _cx_input_name = None       # set on the made class (registry): ``input_name``
 
     def _cx_weight_bias(self):
         kind = self._cx_kind
@@ -151,11 +152,20 @@ class CLinearLike(CLayerMixin):
         return None
 
     def forward(self, *args, **kwargs):
-        # The layer's own signature: its input positionally or by its own name.
-        input, rest, kwargs = _first_argument(super().forward, args, kwargs)
+        # The input alone, positionally or by the layer's own name for it: its forward runs
+        # inside the matched Function, where autograd records nothing, so any other argument
+        # (a residual added, a gain) would be cut from the graph or mismatch the backward.
+        name = self._cx_input_name
+        if len(args) + len(kwargs) != 1 or (kwargs and name not in kwargs):
+            raise TypeError(f"{type(self).__name__} (a registered linear-like layer, converted) "
+                            f"takes its input alone"
+                            + (f", positionally or as {name}=" if name else ", positionally")
+                            + f"; got {len(args)} positional and keywords {sorted(kwargs)}: "
+                            f"its own forward runs inside the matched backward's Function, "
+                            f"where other arguments would get no gradient")
+        input = args[0] if args else kwargs[name]
         weight, bias = self._cx_weight_bias()
-        own = super().forward
-        return CF.clinear_like(input, weight, bias, lambda x: own(x, *rest, **kwargs),
+        return CF.clinear_like(input, weight, bias, super().forward,
                                transposed=self._cx_kind.transposed, rule=self.rule,
                                ridge=self.ridge, amortizer=amortizer_of(self))
 

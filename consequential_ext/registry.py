@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize, prune
 
 from ._validate import EXCLUDED, USER_REASON, CLayerMixin
 
-from .modules import (CConv2d, CEmbedding, CFunctionalCall, CLinear, CLinearLike,
+from .modules import (CConv2d, CEmbedding, CFunctionalCall, CLinear, CLinearLike, input_name,
                       CMultiheadAttention)
 from .routing import passes_own_weight
 from .modules import CConv1d, CConv3d, CConvTranspose1d, CConvTranspose2d, CConvTranspose3d
@@ -177,7 +177,8 @@ def _remade(module_type: type, registered: bool):
 
 def _linear_like_class(module_type: type, kind: LayerKind) -> type:
     return _made_class(CLinearLike, module_type, f"{module_type.__name__} with CLinear's "
-                       f"backward (registered linear-like layer).", _cx_kind=kind)
+                       f"backward (registered linear-like layer).", _cx_kind=kind,
+                       _cx_input_name=input_name(module_type))
 
 
 def kind_of(module_type: type) -> LayerKind | None:

@@ -226,6 +226,10 @@ def test_a_registered_linear_like_layer_compiles_with_fullgraph(monkeypatch):
     compiled = _grads(torch.compile(model, backend="aot_eager", fullgraph=True), x, t)
     errors = [rel_err(c, e) for c, e in zip(compiled, eager, strict=True)]
     assert max(errors) < 1e-6, errors
+    # its input by keyword, too (the name is read when the C-class is made, not traced)
+    by_name = torch.compile(lambda inp: model[2](x=model[1](model[0](x=inp))),
+                            backend="aot_eager", fullgraph=True)
+    assert torch.equal(by_name(x), model(x))
     # cx.functional.clinear_like handed ``super().forward``, as a user's subclass calls it:
     # Dynamo traces no callable() of that.
     class MatchedDense(Dense):

@@ -141,9 +141,9 @@ def test_producer_is_found_through_single_input_ops_only():
     assert producer_weight(frozen_lin(F.relu(lin(x)))) is None
     assert producer_weight(frozen_conv(conv(torch.randn(1, 2, 6, 6)))) is None
     assert producer_weight(F.relu(lin(x)) @ torch.randn(4, 4)) is None
-    # oneDNN's fused float32 LSTM: one node whose only graph input, frozen, is its input.
+    # oneDNN's fused float32 LSTM (MkldnnRnnLayerBackward0): one node whose only graph input,
+    # frozen, is its input (a build without oneDNN decomposes it: a branch ends the walk).
     frozen_lstm = nn.LSTM(4, 5).requires_grad_(False)
-    assert type(frozen_lstm(lin(x)[:, None])[0].grad_fn).__name__ == "MkldnnRnnLayerBackward0"
     assert producer_weight(frozen_lstm(lin(x)[:, None])[0]) is None
     # Ops whose names merely contain a matmul's letters are single-input ops like any other.
     through = torch.lgamma(F.relu(lin(x)) + 1).cummax(1)[0]

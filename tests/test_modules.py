@@ -31,8 +31,8 @@ def test_clinear_forward_bit_identical_and_state_dict_both_ways():
     assert isinstance(c, nn.Linear)
 
 
-# 1e-50 and float32's largest subnormal: 0 or subnormal in a float32 solve, where no
-# escalation (×10, a dozen times) lifts them to anything that regularises (NaN came back).
+# 1e-50 and float32's largest subnormal: 0 or subnormal in a float32 solve, no λ·I at all
+# (a zero Gram's step came back NaN).
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "1e-3", True, None, 1e-50,
                                  1.1754942e-38, 3.5e38])
 def test_bad_ridge_is_a_clear_error(bad):

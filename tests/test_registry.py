@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import consequential_ext as cx
 from consequential_ext._validate import CLayerMixin
+from consequential_ext.modules import CLinearLike
 from consequential_ext import registry
 from matched_reference import matched_linear
 
@@ -436,6 +437,10 @@ def test_a_registered_layer_training_other_parameters_stays_plain_and_named(clea
         warnings.simplefilter("error")
         cx.consequentialize(model, ridge=RIDGE)
     assert type(model[0]).__name__ == "C_ScaledToy"
+    model[0].scale.requires_grad_(True)                # unfrozen since: converting again
+    with pytest.warns(UserWarning, match=r"\(scale\)"):  # makes it plain, named
+        cx.consequentialize(model, ridge=RIDGE)
+    assert type(model[0]) is _ScaledToy
     cx.register_layer(TransposedToy, transposed=True, weight="w", bias="offset")
     with pytest.warns(UserWarning, match="registered weight 'w' is no tensor attribute"):
         cx.consequentialize(nn.Sequential(TransposedToy(3, 4)))
@@ -456,8 +461,10 @@ def test_a_converted_registered_layer_takes_its_input_by_keyword(clean_registry)
     ref_w, ref_b = matched_linear(x, layer.kernel.detach().T, layer.offset.detach(), grad_out,
                                   RIDGE)
     torch.testing.assert_close(layer.kernel.grad, ref_w.T, rtol=1e-9, atol=1e-12)
-    with pytest.raises(TypeError, match="input argument 'x'"):
-        layer(y=x)
+    # Anything besides the input would run inside the matched Function: refused, named.
+    for call in (lambda: layer(y=x), lambda: layer(x, x), lambda: layer(x=x, gain=2.0)):
+        with pytest.raises(TypeError, match="takes its input alone, positionally or as x="):
+            call()
 
 
 def test_registering_again_reaches_layers_converted_before(clean_registry):
@@ -479,6 +486,14 @@ def test_registering_again_reaches_layers_converted_before(clean_registry):
     layer = model[0]
     ref_w, _ = matched_linear(x, layer.kernel.detach().T, layer.offset.detach(), grad_out, RIDGE)
     torch.testing.assert_close(layer.kernel.grad, ref_w.T, rtol=1e-9, atol=1e-12)
-    cx.register_layer(TransposedToy, transposed=True, weight="kernel", bias="offset")
     cx.consequentialize(model, exclude=["0"])
     assert type(model[0]) is TransposedToy
+    # registered again with a C-class of the user's: converting again reaches it too
+    cx.consequentialize(model, ridge=RIDGE)
+
+    class OwnCToy(TransposedToy, CLinearLike):
+        _cx_kind = registry.LayerKind("own", None, True, "kernel", "offset")
+
+    cx.register_layer(TransposedToy, OwnCToy, transposed=True, weight="kernel", bias="offset")
+    cx.consequentialize(model, ridge=RIDGE)
+    assert type(model[0]) is OwnCToy

@@ -17,8 +17,8 @@ __all__ = ["accumulate_dtype", "conv_gram_grad", "conv_weight_grad", "im2col", "
 
 
 # Solves of float32 (and 16-bit) layers run in float32: a larger ridge is inf there, and one
-# below its smallest normal number is subnormal or 0 (escalating it ×10 a dozen times could
-# not lift it to anything that regularises).
+# below its smallest normal number is subnormal or 0, no λ·I at all (a zero Gram's G/λ was
+# NaN). One range for every dtype: a float64 layer's ridge means the same.
 _MAX_RIDGE = torch.finfo(torch.float32).max
 _MIN_RIDGE = torch.finfo(torch.float32).tiny
 
