@@ -234,6 +234,16 @@ def clinear_like(input, weight, bias, module_forward, *, transposed=False, rule=
     ridge = check_ridge(ridge)
     if bypass:
         return module_forward(input)
+    if torch.jit.is_tracing():
+        # The tracer cannot record a Function taking a Python callable (it failed with
+        # "unordered_map::at"); without grad nothing is matched, so the forward is the trace.
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                "torch.jit.trace cannot trace a registered linear-like C-layer while it "
+                "trains: its own forward is an argument of its matched backward's Function, "
+                "which the tracer cannot record. Trace under torch.no_grad() for inference, "
+                "or train the eager or torch.compile'd model")
+        return module_forward(input)
     _check_tensors(input, weight, bias)
     if weight.dim() != 2:   # checked here: CLinear's backward would fail on it
         raise ValueError(f"a linear-like layer's weight must be 2-D, (out, in) or (in, out); got "

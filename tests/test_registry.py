@@ -497,3 +497,19 @@ def test_registering_again_reaches_layers_converted_before(clean_registry):
     cx.register_layer(TransposedToy, OwnCToy, transposed=True, weight="kernel", bias="offset")
     cx.consequentialize(model, ridge=RIDGE)
     assert type(model[0]) is OwnCToy
+
+
+def test_jit_trace_of_a_registered_layer_is_named_while_training_and_works_without_grad(
+        clean_registry):
+    """The tracer cannot record a Function taking the layer's own forward (it raised
+    'unordered_map::at'): training, a NotImplementedError saying so; under no_grad the trace
+    is the layer's forward, equal to eager."""
+    cx.register_layer(TransposedToy, transposed=True, weight="kernel", bias="offset")
+    model = cx.consequentialize(nn.Sequential(TransposedToy(3, 4), nn.Tanh()))
+    x = torch.randn(5, 3)
+    with pytest.raises(NotImplementedError, match="registered linear-like C-layer while it "
+                                                   "trains"):
+        torch.jit.trace(model, x)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+        assert torch.equal(traced(x), model(x))
