@@ -419,7 +419,7 @@ MUTANTS = [
        "tests/test_ops.py::test_ridge_solve_many_right_hand_sides",
        why="the blocked solve's backward pass skipping the blocks below"),
     _m("cpu.blocked-solve-diagonal-untransposed", "csrc/cpu/lapack_solve.cpp",
-       "    gemm('T', 'N', kb, nrhs, kb, T(1),", "    gemm('N', 'N', kb, nrhs, kb, T(1),",
+       "    apply_inverse(k, 'T');", "    apply_inverse(k, 'N');",
        "tests/test_ops.py::test_ridge_solve_many_right_hand_sides",
        why="the forward pass applying U_kk⁻¹ where U_kk⁻ᵀ belongs"),
     _m("cpu.solve-escalation-step", "csrc/cpu/ridge_solve_cpu.cpp",

@@ -88,43 +88,40 @@ void blocked_potrs(const T* a, int n, T* b, int nrhs) {
   const int nb = (n + kInverseBlock - 1) / kInverseBlock;
   std::vector<T> inverse(static_cast<size_t>(nb) * kInverseBlock * kInverseBlock, T(0));
   std::vector<T> work(static_cast<size_t>(kInverseBlock) * nrhs);
-  auto block = [&](int k, int* k0, int* kb) {
-    *k0 = k * kInverseBlock;
-    *kb = std::min(kInverseBlock, n - *k0);
+  auto start = [](int k) { return k * kInverseBlock; };
+  auto width = [&](int k) { return std::min(kInverseBlock, n - start(k)); };
+  // S_k = U_kk⁻¹ (upper, width × width, leading dimension width) in block k's slot.
+  auto inverse_of = [&](int k) {
+    return inverse.data() + static_cast<size_t>(k) * kInverseBlock * kInverseBlock;
   };
-  for (int k = 0; k < nb; ++k) {  // S_k = U_kk⁻¹ (upper, kb × kb, leading dimension kb)
-    int k0, kb;
-    block(k, &k0, &kb);
-    T* s = inverse.data() + static_cast<size_t>(k) * kInverseBlock * kInverseBlock;
+  // b_k ← op(S_k) b_k (op: 'T' transposes), through a copy (GEMM's output may not alias).
+  auto apply_inverse = [&](int k, char op) {
+    const int k0 = start(k), kb = width(k);
+    for (int j = 0; j < nrhs; ++j)
+      std::copy_n(b + k0 + static_cast<int64_t>(j) * n, kb, work.data() + j * kb);
+    gemm(op, 'N', kb, nrhs, kb, T(1), inverse_of(k), kb, work.data(), kb, T(0), b + k0, n);
+  };
+  for (int k = 0; k < nb; ++k) {
+    const int k0 = start(k), kb = width(k);
+    T* s = inverse_of(k);
     for (int i = 0; i < kb; ++i) s[i * kb + i] = T(1);
     upper_solve(a + k0 + static_cast<int64_t>(k0) * n, kb, n, s, kb, kb);
   }
   // Uᵀ y = b, forward: y_k = S_kᵀ (b_k − U_{<k,k}ᵀ y_{<k}).
   for (int k = 0; k < nb; ++k) {
-    int k0, kb;
-    block(k, &k0, &kb);
+    const int k0 = start(k), kb = width(k);
     if (k0 > 0)
       gemm('T', 'N', kb, nrhs, k0, T(-1), a + static_cast<int64_t>(k0) * n, n, b, n, T(1),
            b + k0, n);
-    for (int j = 0; j < nrhs; ++j)
-      std::copy_n(b + k0 + static_cast<int64_t>(j) * n, kb, work.data() + j * kb);
-    gemm('T', 'N', kb, nrhs, kb, T(1),
-         inverse.data() + static_cast<size_t>(k) * kInverseBlock * kInverseBlock, kb,
-         work.data(), kb, T(0), b + k0, n);
+    apply_inverse(k, 'T');
   }
   // U x = y, backward: x_k = S_k (y_k − U_{k,>k} x_{>k}).
   for (int k = nb - 1; k >= 0; --k) {
-    int k0, kb;
-    block(k, &k0, &kb);
-    const int k1 = k0 + kb;
+    const int k0 = start(k), k1 = k0 + width(k);
     if (k1 < n)
-      gemm('N', 'N', kb, nrhs, n - k1, T(-1), a + k0 + static_cast<int64_t>(k1) * n, n, b + k1,
-           n, T(1), b + k0, n);
-    for (int j = 0; j < nrhs; ++j)
-      std::copy_n(b + k0 + static_cast<int64_t>(j) * n, kb, work.data() + j * kb);
-    gemm('N', 'N', kb, nrhs, kb, T(1),
-         inverse.data() + static_cast<size_t>(k) * kInverseBlock * kInverseBlock, kb,
-         work.data(), kb, T(0), b + k0, n);
+      gemm('N', 'N', width(k), nrhs, n - k1, T(-1), a + k0 + static_cast<int64_t>(k1) * n, n,
+           b + k1, n, T(1), b + k0, n);
+    apply_inverse(k, 'N');
   }
 }
 
