@@ -154,6 +154,70 @@ def test_layer_called_several_times_sums_matched_grads():
     _close(layer.bias.grad, b1 + b2, 1e-9)
 
 
+def _differentiable_matched(fn, cols_of, x, weight, bias, grad_out, ridge):
+    """[G | g_b] (A + λI)⁻¹ in float64, differentiable in x and grad_out: G by autograd of
+    ``fn`` with create_graph, X = ``cols_of(x)`` (D × N) with a ones row, N the batch."""
+    w, b = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    gw, gb = torch.autograd.grad(fn(x, w, b), [w, b], grad_out, create_graph=True)
+    cols = cols_of(x)
+    cols = torch.cat([cols, torch.ones(1, cols.shape[1], dtype=cols.dtype)], 0)
+    g = torch.cat([gw.reshape(gw.shape[0], -1), gb[:, None]], 1)
+    m = ref.solve_right(g, cols @ cols.T / x.shape[0], ridge)
+    return m[:, :-1].reshape(gw.shape), m[:, -1]
+
+
+SECOND_ORDER_CASES = {
+    "linear": (lambda: cx.CLinear(5, 3, dtype=torch.float64), (7, 5),
+               torch.nn.functional.linear, lambda x: x.T),
+    "conv2d": (lambda: cx.CConv2d(3, 4, 3, padding=1, dtype=torch.float64), (2, 3, 5, 6),
+               lambda x, w, b: torch.nn.functional.conv2d(x, w, b, padding=1),
+               lambda x: torch.nn.functional.unfold(x, 3, padding=1).transpose(0, 1)
+               .reshape(27, -1)),
+}
+
+
+@pytest.mark.parametrize("case", SECOND_ORDER_CASES)
+def test_create_graph_matches_the_second_order_signal_too(case):
+    """docs/design.md §2: under create_graph, d⟨W.grad, V⟩/dW is the matched gradient of the
+    second-order signal at the layer's output (not the plain Hessian-vector product), and
+    d/dx is the exact derivative of the matched gradient (through X and through y)."""
+    make, shape, fn, cols_of = SECOND_ORDER_CASES[case]
+    torch.manual_seed(0)
+    ridge = 0.1
+    layer = make()
+    layer.ridge = ridge
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    r = torch.randn_like(y)
+    loss = (y * r).sum() + 0.1 * y.square().sum()          # dL/dy = r + 0.2 y
+    gw, gb = torch.autograd.grad(loss, [layer.weight, layer.bias], create_graph=True)
+    v, vb = torch.randn_like(gw), torch.randn_like(gb)
+    dw, db, dx = torch.autograd.grad((gw * v).sum() + (gb * vb).sum(),
+                                     [layer.weight, layer.bias, x])
+    # The reference: φ(x, gy) = ⟨matched(x, gy), V⟩; the signal reaching y is 0.2·∂φ/∂gy.
+    xr = x.detach().requires_grad_()
+    gy = (r + 0.2 * y).detach().requires_grad_()
+    mw, mb = _differentiable_matched(fn, cols_of, xr, layer.weight, layer.bias, gy, ridge)
+    phi_gy, phi_x = torch.autograd.grad((mw * v).sum() + (mb * vb).sum(), [gy, xr])
+    signal = 0.2 * phi_gy
+    ew, eb = _differentiable_matched(fn, cols_of, xr.detach(), layer.weight, layer.bias,
+                                     signal, ridge)
+    _close(dw, ew.detach(), 1e-9)
+    _close(db, eb.detach(), 1e-9)
+    xin = x.detach().requires_grad_()
+    through_y, = torch.autograd.grad(fn(xin, layer.weight.detach(), layer.bias.detach()), xin,
+                                     signal)
+    _close(dx, phi_x + through_y, 1e-9)
+    # and it is not the plain second derivative
+    plain = make()
+    plain.load_state_dict(layer.state_dict())
+    plain.rule = "sgd"
+    pg, = torch.autograd.grad(((plain(x) * r).sum() + 0.1 * plain(x).square().sum()),
+                              [plain.weight], create_graph=True)
+    hv, = torch.autograd.grad((pg * v).sum(), [plain.weight])
+    assert (hv - dw).norm() > 0.1 * hv.norm()
+
+
 def test_sgd_rule_is_bit_identical_to_nn():
     torch.manual_seed(0)
     c = cx.CConv2d(3, 4, 3, padding=1, rule="sgd")
