@@ -123,6 +123,9 @@ class GramAmortizer(nn.Module):
             return t.to(device=target.device, dtype=reference.accumulate_dtype(target.dtype))
         return super()._apply(keep_wide, recurse)
 
+    # Outside Dynamo: reading the count is a graph break anyway (the schedule is data), and
+    # traced it was one with torch's long ".item()" warning per compile.
+    @torch.compiler.disable
     def _step_count(self) -> int:
         tensor, version, value = self._steps_seen
         now = _version_of(self.steps)

@@ -246,3 +246,34 @@ def test_a_registered_linear_like_layer_compiles_with_fullgraph(monkeypatch):
     layer.kernel.grad = None
     step(x).backward()
     assert rel_err(compiled_grad, layer.kernel.grad) < 1e-6
+
+
+def test_an_amortised_model_compiles_without_fullgraph_quietly():
+    """README: without fullgraph the amortiser runs eagerly — same gradients and schedule as
+    an eager copy, and no Dynamo warning (reading the step count traced logged torch's long
+    '.item()' graph-break warning once per compile)."""
+    import copy
+    import logging
+    torch._dynamo.reset()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("torch._dynamo")
+    logger.addHandler(handler)
+    try:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(100, 3))
+        cx.amortize(cx.consequentialize(model), every=2)
+        eager = copy.deepcopy(model)
+        compiled = torch.compile(model, backend="aot_eager")
+        for _ in range(3):
+            x = torch.randn(8, 2, 5, 5)
+            compiled(x).square().mean().backward()
+            eager(x).square().mean().backward()
+    finally:
+        logger.removeHandler(handler)
+    for p, q in zip(model.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    assert int(model[0].amortizer.steps) == int(eager[0].amortizer.steps) == 3
+    assert not [r.getMessage()[:200] for r in records if r.levelno >= logging.WARNING]
