@@ -105,6 +105,26 @@ def _split_padding_of(padding, kernel_size, dilation):
 _split_padding_cached = functools.lru_cache(maxsize=256)(_split_padding_of)  # ~5 µs a backward
 
 
+def _hits_onednn_heap_bug(x, weight, stride):
+    """Whether torch 2.13's oneDNN weight gradient could corrupt the heap here: a 1×1 conv with
+    a stride over 2–7 input channels, computed channels_last (the input's or the weight's
+    layout; plain nn.Conv2d's backward aborts the process the same way). NCHW it does not,
+    and such a layer is small: its input and weight go NCHW (csrc/cpu/gram_cpu.cpp's
+    aten_weight_grad guards the same case)."""
+    return x.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and tuple(stride) != (1, 1) \
+        and 2 <= x.shape[1] < 8 and not (_is_nchw(x) and _is_nchw(weight))
+
+
+def _is_nchw(t):
+    # is_contiguous() also holds for channels_last strides where dims are 1 (a 1×1 weight),
+    # and oneDNN then takes the channels_last path
+    return t.stride() == torch.empty(t.shape, device="meta").stride()
+
+
+def _nchw(t):
+    return t if _is_nchw(t) else t.clone(memory_format=torch.contiguous_format)
+
+
 class Conv2dGradients:
     """Backward of ``F.conv2d``: X is every im2col patch of every sample, per group.
 
@@ -121,6 +141,8 @@ class Conv2dGradients:
         # padded ``input`` before the conv (functional.cconv_padded).
         self.map_size = tuple(input.shape[2:]) if map_size is None else tuple(map_size)
         self.x = torch.nn.functional.pad(input, self.extra) if any(self.extra) else input
+        if _hits_onednn_heap_bug(self.x, weight, stride):
+            self.x, weight = (_nchw(t) for t in (self.x, weight))
         self.input, self.weight, self.grad_output = input, weight, grad_output
         self.stride, self.dilation, self.groups = stride, dilation, groups
         self.has_bias, self.ridge, self.amortizer = has_bias, ridge, amortizer

@@ -330,3 +330,24 @@ def test_the_gram_ops_refuse_float8_on_every_backend():
                 cx.ops.im2col_gram(x, 3)
             with pytest.raises(TypeError, match="x must be float16"):
                 cx.ops.conv_weight_grad(x, torch.randn(1, 3, 3, 3).to(x.dtype), 3)
+
+
+@pytest.mark.parametrize("shape, kwargs, match", [
+    # F.conv2d refuses an empty map; the compiled Gram took it, the reference and the
+    # compiled G failed inside unfold / ATen
+    ((2, 3, 0, 0), {"padding": 1}, "non-empty spatial dims"),
+    # the kernels' int64 sums wrapped: "does not fit" for a 1×1 kernel
+    ((1, 2, 3, 3), {"padding": 2 ** 62}, "padding and dilation"),
+    ((1, 2, 3, 3), {"padding": 2 ** 40}, "more output positions than int64 counts"),
+])
+def test_conv_gram_ops_name_an_empty_map_or_an_overflowing_geometry(shape, kwargs, match):
+    x = torch.randn(shape)
+    for backend in cx.ops.available_backends("im2col_gram", "cpu"):    # cpu, reference
+        with cx.ops.use_backend(backend):
+            with pytest.raises(ValueError, match=match):
+                cx.ops.im2col_gram(x, 1, bias=True, **kwargs)
+            with pytest.raises(ValueError, match=match):
+                cx.ops.conv_gram_grad(x, torch.randn(shape[0], 4, 2, 2), 1, bias=True, **kwargs)
+    # the geometry far out but its output small still works
+    gram = cx.ops.im2col_gram(torch.randn(1, 2, 3, 3), 1, stride=2 ** 62, padding=2 ** 40)
+    assert gram.shape == (2, 2) and gram.abs().sum() == 0    # the one patch lies in padding

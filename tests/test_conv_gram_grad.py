@@ -235,3 +235,63 @@ def test_amortised_c_layer_takes_g_alone_from_the_shift_kernel(input_grad):
             close(got_x, x.grad.double(), 1e-6, "input")
         for layer in (conv, twin):
             layer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("groups, k", [(1, 1), (2, 3)])
+def test_an_input_without_channels_still_has_the_bias_column(groups, k):
+    """x with C = 0: every patch is zero but the bias's ones row, so G's last column is Σ dZ
+    (ATen's conv backward of an empty input zeroes its bias gradient: the column was 0)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 0, 5, 5)
+    gy = torch.randn(2, 4, 5 - k + 1, 5 - k + 1)
+    expected = gy.double().sum((0, 2, 3)).reshape(groups, 4 // groups)
+    for backend in ops.available_backends("_conv_gram_grad", "cpu"):
+        with ops.use_backend(backend):
+            gram, grad = ops.conv_gram_grad(x, gy, k, groups=groups, bias=True)
+            alone = ops.conv_weight_grad(x, gy, k, groups=groups, bias=True)
+        for g in (grad, alone):
+            assert g.shape == (groups, 4 // groups, 1)
+            torch.testing.assert_close(g[..., -1].double(), expected, rtol=1e-6, atol=1e-6)
+        assert gram.shape == (groups, 1, 1) and gram.flatten().tolist() == [2 * (5 - k + 1) ** 2] * groups
+
+
+_ONEDNN_HEAP_BUG = """
+import torch, torch.nn.functional as F, consequential_ext as cx
+from consequential_ext import ops
+torch.set_num_threads(1)
+torch.manual_seed(0)
+for c in (2, 3, 7):
+    for stride in ((2, 2), (2, 1), (1, 2)):
+        x = torch.randn(2, c, 16, 16).contiguous(memory_format=torch.channels_last)
+        ho, wo = (16 - 1) // stride[0] + 1, (16 - 1) // stride[1] + 1
+        gy = torch.randn(2, 4, ho, wo)
+        w = torch.zeros(4, c, 1, 1, dtype=torch.float64, requires_grad=True)
+        F.conv2d(x.double().contiguous(), w, None, stride).backward(gy.double())
+        expected = w.grad.reshape(1, 4, c)
+        for _ in range(3):
+            g = ops.conv_weight_grad(x, gy, 1, stride)
+            _, g2 = ops.conv_gram_grad(x, gy, 1, stride)
+            for got in (g, g2):
+                assert (got.double() - expected).abs().max() < 1e-4, (c, stride)
+            layer = cx.CConv2d(c, 4, 1, stride).to(memory_format=torch.channels_last)
+            layer(x.requires_grad_()).backward(gy)
+            assert torch.isfinite(layer.weight.grad).all()
+            x = x.detach()
+print("survived")
+"""
+
+
+def test_a_strided_1x1_conv_over_a_few_channels_last_channels_survives_its_backward():
+    """torch 2.13's oneDNN weight gradient of a 1×1 strided conv over a channels_last input of
+    2–7 channels corrupts the heap (plain nn.Conv2d's backward aborts the process); the ops'
+    ATen path and the C-layers' backward give that input NCHW. Run in a child process: the
+    bug aborts it."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).parent.parent
+    run = subprocess.run([sys.executable, "-c", _ONEDNN_HEAP_BUG], cwd=root,
+                         env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and "survived" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]

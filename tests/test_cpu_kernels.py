@@ -323,6 +323,11 @@ def test_cconv2d_backward_runs_the_cpu_kernels_by_default():
     (((2, 3, 5, 5), (3, 3), (1, 1), (0, 0), (1, 0), 1), "dilation"),
     (((2, 3, 5, 5), (3, 3), (1, 1), (0, 0), (1, 1), 2), "groups"),
     (((2, 3, 2, 5), (3, 3), (1, 1), (0, 0), (1, 1), 1), "does not fit"),
+    (((2, 3, 0, 5), (1, 1), (1, 1), (1, 1), (1, 1), 1), "non-empty spatial dims"),
+    # past int64 inside the kernel: the padded size wrapped ("does not fit", wrongly)
+    (((1, 2, 3, 3), (1, 1), (1, 1), (2 ** 62, 0), (1, 1), 1), "below 2\\^62"),
+    (((1, 2, 3, 3), (3, 3), (1, 1), (0, 0), (1, 2 ** 61), 1), "below 2\\^62"),
+    (((1, 2, 3, 3), (1, 1), (1, 1), (2 ** 40, 2 ** 40), (1, 1), 1), "than int64 counts"),
 ])
 def test_gram_rejects_bad_arguments(args, match):
     shape, *rest = args

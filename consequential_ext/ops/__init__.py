@@ -58,6 +58,9 @@ def im2col_gram(x, kernel_size, stride=1, padding=0, dilation=1, *, groups=1, bi
     x: (B, C, H, W), any memory format. Returns (D, D) for ``groups=1`` and
     (groups, D, D) otherwise, D = C/groups·kh·kw (+1 with ``bias``: the constant-1 row
     a bias multiplies). float32 accumulation (float64 for float64 input).
+
+    Raises ValueError naming the argument for a geometry F.conv2d refuses (an empty map, a
+    kernel that does not fit) or one past the kernels' int64 counts (docs/design.md §3).
     """
     ks, st, pd, dl = check_conv_args(x, kernel_size, stride, padding, dilation, groups)
     groups, bias = int(groups), check_bias_flag(bias)

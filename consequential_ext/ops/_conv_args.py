@@ -7,6 +7,7 @@ import torch
 
 
 _INT64 = range(-2 ** 63, 2 ** 63)    # what the compiled ops' int[2] arguments hold
+_EXTENT_LIMIT = 2 ** 62              # a padded size or receptive field: int64 sums stay exact
 
 
 def _is_int(v):
@@ -46,10 +47,22 @@ def check_conv_args(x, kernel_size, stride, padding, dilation, groups):
     if not _is_int(groups) or groups < 1 or x.shape[1] % groups:
         raise ValueError(f"im2col_gram: groups must be a positive int dividing C={x.shape[1]}, "
                          f"got {groups!r}")
+    if 0 in x.shape[2:]:
+        raise ValueError(f"im2col_gram: x must have non-empty spatial dims (F.conv2d refuses "
+                         f"them too), got shape {tuple(x.shape)}")
     for i in range(2):
+        # the kernels add and multiply these in int64
+        if x.shape[2 + i] + 2 * pd[i] >= _EXTENT_LIMIT or dl[i] * (ks[i] - 1) >= _EXTENT_LIMIT:
+            raise ValueError(f"im2col_gram: padding and dilation·(kernel_size − 1) must keep "
+                             f"the padded input and the receptive field below 2**62, got "
+                             f"padding={pd}, dilation={dl}, kernel_size={ks}")
         if x.shape[2 + i] + 2 * pd[i] < dl[i] * (ks[i] - 1) + 1:
             raise ValueError(f"im2col_gram: kernel_size {ks} (dilation {dl}) does not fit the "
                              f"padded input {tuple(x.shape[2:])} + 2·{pd}")
+    out = output_size(x, ks, st, pd, dl)
+    if x.shape[0] * out[0] * out[1] >= 2 ** 63:
+        raise ValueError(f"im2col_gram: the conv has more output positions than int64 counts: "
+                         f"{x.shape[0]}·{out[0]}·{out[1]} (padding={pd}, stride={st})")
     return ks, st, pd, dl
 
 

@@ -2,6 +2,8 @@
 #include "gram_cpu.h"
 
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
+#include <c10/util/strides.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -44,12 +46,30 @@ PatchGeometry checked_geometry(const at::Tensor& x, c10::IntArrayRef kernel_size
   check_pair(dilation, "dilation", 1);
   TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0,
               "im2col_gram: groups must be a positive divisor of C=", x.size(1), ", got ", groups);
+  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0,
+              "im2col_gram: x must have non-empty spatial dims (F.conv2d refuses them too), got ",
+              x.sizes());
+  // ops/_conv_args.py's bound: the padded input and the receptive field stay below 2^62, so
+  // the sums and products below are exact in int64.
+  constexpr int64_t kExtentLimit = int64_t{1} << 62;
+  for (int i = 0; i < 2; ++i)
+    TORCH_CHECK(padding[i] <= (kExtentLimit - 1 - x.size(2 + i)) / 2 &&
+                    (kernel_size[i] == 1 ||
+                     dilation[i] <= (kExtentLimit - 1) / (kernel_size[i] - 1)),
+                "im2col_gram: padding and dilation*(kernel_size - 1) must keep the padded input "
+                "and the receptive field below 2^62, got padding=", padding, ", dilation=",
+                dilation, ", kernel_size=", kernel_size);
   const PatchGeometry g{kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0],
                         padding[1],     dilation[0],    dilation[1], groups,   bias};
   TORCH_CHECK(x.size(2) + 2 * g.ph >= g.dh * (g.kh - 1) + 1 &&
                   x.size(3) + 2 * g.pw >= g.dw * (g.kw - 1) + 1,
               "im2col_gram: kernel_size ", kernel_size, " (dilation ", dilation,
               ") does not fit the padded input ", x.sizes().slice(2), " + 2*", padding);
+  int64_t patches = 0;  // B·Ho·Wo, counted by every kernel in int64
+  TORCH_CHECK(!c10::mul_overflows(g.out_h(x.size(2)), g.out_w(x.size(3)), &patches) &&
+                  !c10::mul_overflows(patches, x.size(0), &patches),
+              "im2col_gram: the conv has more output positions than int64 counts (padding=",
+              padding, ", stride=", stride, ")");
   return g;
 }
 
@@ -135,10 +155,19 @@ at::Tensor aten_weight_grad(const at::Tensor& x, const at::Tensor& grad_output,
   std::optional<at::IntArrayRef> bias_sizes;
   const std::vector<int64_t> bias_shape{out};
   if (g.bias) bias_sizes = bias_shape;
+  // torch 2.13's oneDNN weight gradient of a 1×1 strided conv over 2–7 input channels,
+  // computed channels_last, corrupts the heap (nn.Conv2d's backward too): that input, small,
+  // goes NCHW (gradients.py's _hits_onednn_heap_bug, the same case; weight is NCHW here).
+  const bool heap_bug = g.kh == 1 && g.kw == 1 && (g.sh > 1 || g.sw > 1) && x.size(1) >= 2 &&
+                        x.size(1) < 8 && x.strides() != at::IntArrayRef(c10::contiguous_strides(x.sizes()));
   auto [unused, grad_w, grad_b] = at::convolution_backward(
-      grad_output.to(acc), x.to(acc), weight, bias_sizes, {g.sh, g.sw}, {g.ph, g.pw},
+      grad_output.to(acc),
+      (heap_bug ? x.clone(at::MemoryFormat::Contiguous) : x).to(acc), weight, bias_sizes, {g.sh, g.sw}, {g.ph, g.pw},
       {g.dh, g.dw}, false, {0, 0}, groups, {false, true, g.bias});
   auto grad = grad_w.reshape({groups, out / groups, -1});
+  // ATen's conv backward of an empty input (C = 0) zeroes the bias gradient too; its column
+  // multiplies the ones row, Σ dZ, whatever x holds.
+  if (g.bias && x.numel() == 0) grad_b = grad_output.to(acc).sum({0, 2, 3});
   if (g.bias) grad = at::cat({grad, grad_b.reshape({groups, out / groups, 1})}, -1);
   return grad;
 }
