@@ -252,7 +252,8 @@ def test_an_input_without_channels_still_has_the_bias_column(groups, k):
         for g in (grad, alone):
             assert g.shape == (groups, 4 // groups, 1)
             torch.testing.assert_close(g[..., -1].double(), expected, rtol=1e-6, atol=1e-6)
-        assert gram.shape == (groups, 1, 1) and gram.flatten().tolist() == [2 * (5 - k + 1) ** 2] * groups
+        patches = 2 * (5 - k + 1) ** 2
+        assert gram.shape == (groups, 1, 1) and gram.flatten().tolist() == [patches] * groups
 
 
 _ONEDNN_HEAP_BUG = """
