@@ -76,10 +76,17 @@ def _apply_rule(ctx, layer):
     return grad_input, grad_weight, grad_bias
 
 
-def _save_common(ctx, input, weight, bias, rule, ridge, amortizer):
+def _save_common(ctx, input, weight, bias, rule, ridge, amortizer, *,
+                 weight_by_reference=False):
     # Every C-layer Function saves (input, weight) and says so by cx_saved_weight_index = 1
-    # (read by layerwise.producer_weight and graph_check).
-    ctx.save_for_backward(input, weight)
+    # (read by layerwise.producer_weight and graph_check) — or, with weight_by_reference, holds
+    # the weight as ctx.cx_weight, outside autograd's in-place checks (a backward that reads
+    # only its shape and dtype must not fail on a weight changed in place since).
+    if weight_by_reference:
+        ctx.save_for_backward(input)
+        ctx.cx_weight = weight
+    else:
+        ctx.save_for_backward(input, weight)
     ctx.has_bias, ctx.rule, ctx.ridge, ctx.amortizer = (bias is not None, rule_named(rule), ridge,
                                                         amortizer)
     # A forward inside a backward is a reentrant checkpoint's recomputation: its backward runs
@@ -269,18 +276,21 @@ class CEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
                 sparse, rule, ridge):
-        # max_norm renormalises rows of weight in place: the saved weight is the one looked up.
         out = F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
                           sparse)
-        _save_common(ctx, input, weight, None, rule, ridge, None)
+        # The backward reads the weight's shape and dtype only, as nn's: max_norm renormalising
+        # rows in place at a second lookup (a table shared by source and target), or an edit
+        # under no_grad, must not fail it.
+        _save_common(ctx, input, weight, None, rule, ridge, None, weight_by_reference=True)
         ctx.conf = dict(padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq,
                         sparse=sparse)
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        layer = EmbeddingGradients(input, weight, grad_output, needs_weight=_wanted(ctx, 1),
+        input, = ctx.saved_tensors
+        layer = EmbeddingGradients(input, ctx.cx_weight, grad_output,
+                                   needs_weight=_wanted(ctx, 1),
                                    ridge=ctx.ridge, **ctx.conf)
         _, grad_weight, _ = _apply_rule(ctx, layer)
         return None, grad_weight, None, None, None, None, None, None, None

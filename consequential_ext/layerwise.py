@@ -115,8 +115,9 @@ def producer_weight(tensor):
         if name == "AccumulateGrad":             # reached a leaf
             break
         index = getattr(getattr(node, "_forward_cls", None), "cx_saved_weight_index", None)
-        if index is not None:
-            return node.saved_tensors[index]
+        if index is not None:   # saved, or held by reference (functional._save_common)
+            held = getattr(node, "cx_weight", None)
+            return held if held is not None else node.saved_tensors[index]
         if _WEIGHTED_OP.match(name):
             return None
         inputs = [n for n, _ in node.next_functions if n is not None]

@@ -75,6 +75,34 @@ def test_max_norm_renormalises_as_nn_and_matches_on_the_renormalised_rows():
     assert rel_err(layer.weight.grad, expected) < 1e-10
 
 
+def test_a_max_norm_table_looked_up_twice_trains_as_nn_does():
+    """One max_norm table looked up twice in a forward (source and target tokens): the second
+    lookup renormalises rows in place, and the saved weight failed the first call's backward
+    ("modified by an inplace operation"; nn's backward reads only the table's size). Each
+    call's matched gradient, summed; so too after an edit of the table under no_grad."""
+    gen = torch.Generator().manual_seed(5)
+    plain = nn.Embedding(V, E, max_norm=0.5, dtype=torch.float64)
+    with torch.no_grad():
+        plain.weight.mul_(3)                       # rows past max_norm: both lookups renorm
+    layer = cx.CEmbedding(V, E, max_norm=0.5, dtype=torch.float64, ridge=RIDGE)
+    layer.load_state_dict(plain.state_dict())
+    a, b = _indices(3, 4, generator=gen), _indices(2, 5, generator=gen)
+    b[0, 0] = V - 1                               # a row only the second lookup renormalises
+    ya, yb = layer(a), layer(b)
+    assert torch.equal(ya, plain(a)) and torch.equal(yb, plain(b))
+    ga = torch.randn(ya.shape, generator=gen, dtype=torch.float64)
+    gb = torch.randn(yb.shape, generator=gen, dtype=torch.float64)
+    torch.autograd.backward([ya, yb], [ga, gb])
+    expected = reference(a, plain.weight, ga, RIDGE) + reference(b, plain.weight, gb, RIDGE)
+    assert rel_err(layer.weight.grad, expected) < 1e-10
+    layer.weight.grad = None
+    out = layer(a)
+    with torch.no_grad():
+        layer.weight[0].zero_()
+    out.backward(ga)
+    assert rel_err(layer.weight.grad, reference(a, layer.weight, ga, RIDGE)) < 1e-10
+
+
 @pytest.mark.parametrize("padding_idx", [0, None])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sparse_gradient_equals_the_dense_one_and_leaves_grad_output_alone(dtype, padding_idx):

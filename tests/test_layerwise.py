@@ -135,6 +135,9 @@ def test_producer_is_found_through_single_input_ops_only():
     assert producer_weight(x.requires_grad_()) is None        # a leaf
     assert producer_weight(nn.Linear(3, 4)(x)) is None        # not a C-layer
     assert producer_weight(F.dropout(F.relu(lin(x)), 0.5, training=True)) is lin.weight
+    # an embedding holds its weight by reference, not as a saved tensor (functional.py)
+    emb = cx.CEmbedding(5, 3, max_norm=1.0)
+    assert producer_weight(F.relu(emb(torch.tensor([[1, 2], [2, 4]]))).flatten(1)) is emb.weight
     # A frozen nn layer hides its weight from the graph: it still ends the walk.
     frozen_lin = nn.Linear(4, 4).requires_grad_(False)
     frozen_conv = nn.Conv2d(3, 3, 1, bias=False).requires_grad_(False)
