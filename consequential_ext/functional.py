@@ -320,7 +320,8 @@ def cembedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
         if not -weight.shape[0] <= padding_idx < weight.shape[0]:
             raise ValueError(f"padding_idx must be within num_embeddings ({weight.shape[0]}); "
                              f"got {padding_idx}")
-        padding_idx %= weight.shape[0]
+        if padding_idx < 0:     # no arithmetic with the size otherwise: traced, it is a value
+            padding_idx += weight.shape[0]   # the tracer cannot hand Function.apply
     if bypass:
         return F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
                            sparse)
@@ -466,7 +467,8 @@ def cmulti_head_attention_forward(
             key_padding_mask = F.pad(key_padding_mask, (0, 1))
     src_len = k.size(1)
     if key_padding_mask is not None:
-        F._check_key_padding_mask(key_padding_mask, src_len, bsz)
+        if not torch.jit.is_tracing():   # as nn's: traced, its sizes are values, not ints
+            F._check_key_padding_mask(key_padding_mask, src_len, bsz)
         key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len) \
             .expand(-1, num_heads, -1, -1).reshape(bsz * num_heads, 1, src_len)
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask

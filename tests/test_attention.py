@@ -283,3 +283,27 @@ def test_an_excluded_out_proj_stays_plain_through_a_later_include():
     cx.consequentialize(model, include=["fc"])    # selects neither: left as they are
     assert model.attn._cx_out_proj_plain()
     assert [p.name for p in cx.coverage(model).plain] == ["attn.out_proj"]
+
+
+def test_jit_trace_with_a_key_padding_mask_trains_as_eager():
+    """torch.jit.trace of a CMultiheadAttention given a key_padding_mask: the mask's shape
+    check ran on traced sizes (TypeError 'cond must be a bool'); nn skips it while tracing."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(E, H, dtype=torch.float64)
+
+        def forward(self, x, kpm):
+            return self.attn(x, x, x, key_padding_mask=kpm)[0]
+    torch.manual_seed(8)
+    model = _convert_silently(Block())
+    x = torch.randn(5, 2, E, dtype=torch.float64)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, -2:] = True
+    model(x, mask).square().sum().backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    traced = torch.jit.trace(model, (x, mask), check_trace=False)
+    model.zero_grad()
+    traced(x, mask).square().sum().backward()
+    for p, e in zip(model.parameters(), eager, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=0, atol=0)

@@ -351,3 +351,22 @@ def test_bad_arguments_and_embedding_bag():
     with pytest.warns(UserWarning, match=r"0 \(nn\.EmbeddingBag is not supported: a bag"):
         cx.consequentialize(model)
     assert type(model[0]) is nn.EmbeddingBag
+
+
+@pytest.mark.parametrize("padding_idx", [0, -2])
+def test_jit_trace_of_an_embedding_with_a_padding_row_trains_as_eager(padding_idx):
+    """torch.jit.trace through a CEmbedding with padding_idx: the index taken modulo the
+    table's size was a traced value the tracer could not hand Function.apply
+    ('unordered_map::at'); nn.Embedding stores it non-negative, so no arithmetic is traced."""
+    gen = torch.Generator().manual_seed(6)
+    layer = cx.CEmbedding(V, E, padding_idx=padding_idx, dtype=torch.float64, ridge=RIDGE)
+    idx = _indices(3, 4, generator=gen)
+    idx[0, 1] = layer.padding_idx
+    grad_out = torch.randn(3, 4, E, generator=gen, dtype=torch.float64)
+    traced = torch.jit.trace(layer, idx, check_trace=False)
+    traced(idx).backward(grad_out)
+    by_trace, layer.weight.grad = layer.weight.grad, None
+    layer(idx).backward(grad_out)
+    torch.testing.assert_close(by_trace, layer.weight.grad, rtol=0, atol=0)
+    expected = reference(idx, layer.weight, grad_out, RIDGE, padding_idx=layer.padding_idx)
+    assert rel_err(by_trace, expected) < 1e-10
