@@ -433,9 +433,11 @@ def cmulti_head_attention_forward(
                                       other_name="", target_type=query.dtype, check_other=False)
         if key_padding_mask is not None:
             is_causal = False
-    if embed_dim != embed_dim_to_check or embed_dim % num_heads:
-        raise ValueError(f"embed_dim {embed_dim} must equal {embed_dim_to_check} and be "
-                         f"divisible by num_heads {num_heads}")
+    if embed_dim != embed_dim_to_check:     # nn's AssertionErrors and messages
+        raise AssertionError(f"was expecting embedding dimension of {embed_dim_to_check}, but "
+                             f"got {embed_dim}")
+    if embed_dim % num_heads:
+        raise AssertionError(f"embed_dim {embed_dim} not divisible by num_heads {num_heads}")
     head_dim = embed_dim // num_heads
     _check_attention_shapes(key, value, attn_mask, bias_k, bias_v, static_k, static_v,
                             use_separate_proj_weight, tgt_len, bsz * num_heads, head_dim)

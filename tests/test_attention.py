@@ -237,6 +237,10 @@ BAD_ARGUMENTS = {
     "key padding (1, S)": dict(key_padding_mask=torch.zeros(1, S, dtype=torch.bool)),
     "key padding (B, 1)": dict(key_padding_mask=torch.zeros(B, 1, dtype=torch.bool)),
     "value of another length": dict(value=torch.randn(S + 1, B, EMBED)),
+    # nn asserts; the converted layer raised a ValueError of its own
+    "query of another width": dict(query=torch.randn(L, B, EMBED + 2),
+                                   key=torch.randn(S, B, EMBED + 2),
+                                   value=torch.randn(S, B, EMBED + 2)),
 }
 
 
