@@ -121,10 +121,6 @@ def _is_nchw(t):
     return t.stride() == torch.empty(t.shape, device="meta").stride()
 
 
-def _nchw(t):
-    return t if _is_nchw(t) else t.clone(memory_format=torch.contiguous_format)
-
-
 class Conv2dGradients:
     """Backward of ``F.conv2d``: X is every im2col patch of every sample, per group.
 
@@ -142,7 +138,8 @@ class Conv2dGradients:
         self.map_size = tuple(input.shape[2:]) if map_size is None else tuple(map_size)
         self.x = torch.nn.functional.pad(input, self.extra) if any(self.extra) else input
         if _hits_onednn_heap_bug(self.x, weight, stride):
-            self.x, weight = (_nchw(t) for t in (self.x, weight))
+            self.x, weight = (t.clone(memory_format=torch.contiguous_format)
+                              for t in (self.x, weight))
         self.input, self.weight, self.grad_output = input, weight, grad_output
         self.stride, self.dilation, self.groups = stride, dilation, groups
         self.has_bias, self.ridge, self.amortizer = has_bias, ridge, amortizer

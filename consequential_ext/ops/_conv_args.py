@@ -51,12 +51,12 @@ def check_conv_args(x, kernel_size, stride, padding, dilation, groups):
         raise ValueError(f"im2col_gram: x must have non-empty spatial dims (F.conv2d refuses "
                          f"them too), got shape {tuple(x.shape)}")
     for i in range(2):
-        # the kernels add and multiply these in int64
-        if x.shape[2 + i] + 2 * pd[i] >= _EXTENT_LIMIT or dl[i] * (ks[i] - 1) >= _EXTENT_LIMIT:
+        padded, field = x.shape[2 + i] + 2 * pd[i], dl[i] * (ks[i] - 1) + 1
+        if padded >= _EXTENT_LIMIT or field > _EXTENT_LIMIT:   # the kernels' int64 sums
             raise ValueError(f"im2col_gram: padding and dilation·(kernel_size − 1) must keep "
                              f"the padded input and the receptive field below 2**62, got "
                              f"padding={pd}, dilation={dl}, kernel_size={ks}")
-        if x.shape[2 + i] + 2 * pd[i] < dl[i] * (ks[i] - 1) + 1:
+        if padded < field:
             raise ValueError(f"im2col_gram: kernel_size {ks} (dilation {dl}) does not fit the "
                              f"padded input {tuple(x.shape[2:])} + 2·{pd}")
     out = output_size(x, ks, st, pd, dl)

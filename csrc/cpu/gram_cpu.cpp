@@ -158,9 +158,9 @@ at::Tensor aten_weight_grad(const at::Tensor& x, const at::Tensor& grad_output,
   // torch 2.13's oneDNN weight gradient of a 1×1 strided conv over 2–7 input channels,
   // computed channels_last, corrupts the heap (nn.Conv2d's backward too): that input, small,
   // goes NCHW (gradients.py's _hits_onednn_heap_bug, the same case; weight is NCHW here).
-  const bool nchw = x.strides() == at::IntArrayRef(c10::contiguous_strides(x.sizes()));
-  const bool heap_bug = g.kh == 1 && g.kw == 1 && (g.sh > 1 || g.sw > 1) && x.size(1) >= 2 &&
-                        x.size(1) < 8 && !nchw;
+  const bool heap_bug =
+      g.kh == 1 && g.kw == 1 && (g.sh > 1 || g.sw > 1) && x.size(1) >= 2 && x.size(1) < 8 &&
+      x.strides() != at::IntArrayRef(c10::contiguous_strides(x.sizes()));
   const auto input = heap_bug ? x.clone(at::MemoryFormat::Contiguous) : x;
   auto [unused, grad_w, grad_b] = at::convolution_backward(
       grad_output.to(acc), input.to(acc), weight, bias_sizes, {g.sh, g.sw}, {g.ph, g.pw},
