@@ -1,7 +1,7 @@
 """ops.conv_gram_grad — a conv's Gram and its weight gradient G = dZ Xᵀ in one call — and
 ops.conv_weight_grad — that G alone — against float64 references (explicit ``unfold`` for the
-Gram, autograd of ``F.conv2d`` for G), where the CPU shift kernel computes G in its own pass
-over x and where ATen's conv backward gives it; the predicate that picks between them for a
+Gram, autograd of ``F.conv2d`` for G), where the CPU shift or rows kernel computes G in its
+own pass over x and where ATen's conv backward gives it; the predicate that picks between them for a
 layer that also needs its input gradient (ops.conv_gram_brings_grad) against what the
 compiled ops do; and C-layers, exact and amortised, on both paths."""
 import copy
@@ -57,11 +57,23 @@ FUSED = [
     ((2, 16, 6, 7), 32, (3, 3), (2, 2), (1, 1), 1, False),
     ((3, 32, 8, 8), 16, (3, 3), (1, 1), (1, 1), 1, True),
     ((2, 16, 8, 6), 16, (3, 3), (2, 1), (1, 1), 1, True),
+    # The rows kernel (D ≤ 48, stride 1, any channels): G from its GEMM beside the Gram — a
+    # 3-channel stem, one channel 5×5 'valid', 1×1 over 16 and over 47 (D = 48), a dilated
+    # non-square kernel with oversize padding, more output channels than taps, groups of
+    # ≥ 16 channels with a 1×1 kernel, output rows so wide that a panel holds one
+    ((2, 3, 7, 6), 16, (3, 3), (1, 1), (1, 1), 1, True),
+    ((3, 1, 9, 8), 6, (5, 5), (0, 0), (1, 1), 1, False),
+    ((2, 16, 6, 6), 16, (1, 1), (0, 0), (1, 1), 1, True),
+    ((2, 47, 5, 3), 9, (1, 1), (0, 0), (1, 1), 1, True),
+    ((2, 4, 6, 9), 5, (2, 3), (3, 4), (2, 2), 1, True),
+    ((3, 2, 5, 7), 70, (3, 3), (1, 1), (1, 1), 1, False),
+    ((2, 32, 3, 5), 32, (1, 1), (0, 0), (1, 1), 2, True),
+    ((1, 3, 3, 800), 40, (3, 3), (1, 1), (1, 1), 1, True),
 ]
 NOT_FUSED = [
-    ((2, 3, 7, 6), 16, (3, 3), (1, 1), (1, 1), 1, True),     # few input channels
     ((2, 20, 6, 5), 24, (3, 3), (1, 1), (1, 1), 1, True),    # mostly padding lanes
-    ((2, 16, 6, 6), 16, (1, 1), (0, 0), (1, 1), 1, True),    # 1×1: the tiled Gram
+    ((2, 6, 6, 7), 8, (3, 3), (1, 1), (1, 1), 1, True),      # D = 55: past the rows kernel
+    ((2, 64, 4, 5), 32, (1, 1), (0, 0), (1, 1), 1, True),    # 1×1 over 64: the tiled Gram
     ((2, 8, 7, 7), 8, (3, 3), (1, 1), (1, 1), 8, False),     # depthwise: lanes
     ((1, 32, 2, 2), 32, (3, 3), (1, 1), (1, 1), 1, True),    # few patches: GEMM
 ]
@@ -129,7 +141,7 @@ def _aten_backward_ran(fn):
 
 @pytest.mark.parametrize("case", FUSED + NOT_FUSED)
 def test_predicate_says_what_the_compiled_op_does(case):
-    """conv_gram_brings_grad mirrors csrc/cpu/gram_cpu.cpp's shift_brings_grad: the op runs
+    """conv_gram_brings_grad mirrors csrc/cpu/gram_cpu.cpp's grad_algorithm: the op runs
     ATen's conv backward exactly where the predicate says the kernel does not bring G."""
     shape, out, k, p, d, groups, bias = case
     x, gy, _ = _case(shape, out, k, p, d, groups)
@@ -140,7 +152,7 @@ def test_predicate_says_what_the_compiled_op_does(case):
     assert _aten_backward_ran(
         lambda: ops.conv_weight_grad(x, gy, k, 1, p, d, groups=groups, bias=bias)) != brings
     strided = ops.conv_gram_brings_grad(x, gy, k, (2, 1), p, d, groups, bias)
-    assert not strided  # the shift kernel is stride 1 only
+    assert not strided  # the shift and rows kernels are stride 1 only
 
 
 def test_reference_backend_gives_the_same():

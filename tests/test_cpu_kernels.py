@@ -1,6 +1,7 @@
 """CPU kernels (csrc/cpu) against the float64 reference: im2col_gram (shift-correlation
-form for stride 1, tiled form otherwise, im2col + GEMM for few patches, groups in lanes;
-each also by name) and ridge_solve (batched Cholesky)."""
+form for stride 1, a tap-major panel and its GEMM for stride 1 with few channels, tiled form
+otherwise, im2col + GEMM for few patches, groups in lanes; each also by name) and ridge_solve
+(batched Cholesky)."""
 import math
 import warnings
 
@@ -53,7 +54,7 @@ def check_gram(out, x, geometry, bias, tol):
 
 # (B, C, H, W), kernel, stride, padding, dilation, groups — odd sizes, non-square kernels,
 # padding 0 / "same" / larger than the kernel, dilation, groups; stride 1 exercises the
-# shift-correlation form, the others the tiled form.
+# shift-correlation form (the rows form where D ≤ 48: few channels), the others the tiled form.
 GEOMETRIES = [
     ((3, 5, 9, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1),
     ((2, 4, 11, 6), (3, 3), (1, 1), (0, 0), (1, 1), 2),
@@ -158,7 +159,7 @@ algorithm_op = torch.ops.consequential_ext._im2col_gram_algorithm
 # image's energy: on the few-patch geometries (a 2×2 map of one image, windows of one pixel)
 # that is not small against the entry's own Cauchy–Schwarz scale, and those geometries go to
 # the GEMM anyway. Shift multiplies each in-image pixel pair once, so it runs on them too.
-ALGORITHMS = ("shift", "tiled", "grouped", "blas")
+ALGORITHMS = ("shift", "tiled", "grouped", "blas", "rows")
 
 
 def _algorithm_cases():
@@ -169,7 +170,7 @@ def _algorithm_cases():
                 continue
             if algorithm == "grouped" and shape[1] // groups >= 16:
                 continue
-            if algorithm == "shift" and s != (1, 1):
+            if algorithm in ("shift", "rows") and s != (1, 1):
                 continue
             yield geometry, algorithm
 
@@ -185,7 +186,7 @@ def test_every_algorithm_matches_reference(geometry, algorithm, bias, dtype, tol
     check_gram(algorithm_op(x, k, s, p, d, groups, bias, algorithm), x, geometry, bias, tol)
 
 
-@pytest.mark.parametrize("algorithm", ["shift", "tiled", "blas"])
+@pytest.mark.parametrize("algorithm", ["shift", "tiled", "blas", "rows"])
 def test_bias_entries_of_small_windows_beside_large_values(algorithm):
     # A tap whose window holds small values in rows of large ones: its bias entry (Σ x over
     # the window) must be accurate on its own scale, not the row's (the shift kernel once took
@@ -212,20 +213,26 @@ def test_bias_entries_of_small_windows_beside_large_values(algorithm):
 def test_automatic_choice_is_one_of_the_algorithms():
     # 16 × 16 × 32 × 32 takes the shift form, stride 2 the tiled one, 4 × 256 × 2 × 2 the GEMM
     # (32·P <= D: kBlasRatio in gram_cpu.h) but 32 × 256 × 4 × 4 (4·P <= D) the shift form,
-    # 8 groups of 4 channels the grouped one
-    for shape, stride, groups, algorithm in (((16, 16, 32, 32), 1, 1, "shift"),
-                                             ((16, 16, 32, 32), 2, 1, "tiled"),
-                                             ((4, 256, 2, 2), 1, 1, "blas"),
-                                             ((32, 256, 4, 4), 1, 1, "shift"),
-                                             ((8, 32, 9, 9), 1, 8, "grouped")):
+    # 8 groups of 4 channels the grouped one, 3 and 5 channels (D = 28, 46 <= kRowsMaxD) and
+    # a 1×1 over 47 the rows form, 6 channels (D = 55) the shift form again
+    for shape, k, stride, groups, algorithm in (((16, 16, 32, 32), 3, 1, 1, "shift"),
+                                                ((16, 16, 32, 32), 3, 2, 1, "tiled"),
+                                                ((4, 256, 2, 2), 3, 1, 1, "blas"),
+                                                ((32, 256, 4, 4), 3, 1, 1, "shift"),
+                                                ((8, 32, 9, 9), 3, 1, 8, "grouped"),
+                                                ((4, 3, 32, 32), 3, 1, 1, "rows"),
+                                                ((4, 5, 9, 9), 3, 1, 1, "rows"),
+                                                ((4, 47, 9, 9), 1, 1, 1, "rows"),
+                                                ((4, 6, 9, 9), 3, 1, 1, "shift")):
         x = torch.randn(shape)
-        st = (stride, stride)
-        assert torch.equal(gram_op(x, (3, 3), st, (1, 1), (1, 1), groups, True),
-                           algorithm_op(x, (3, 3), st, (1, 1), (1, 1), groups, True, algorithm))
+        st, ks, pd = (stride, stride), (k, k), (k // 2, k // 2)
+        assert torch.equal(gram_op(x, ks, st, pd, (1, 1), groups, True),
+                           algorithm_op(x, ks, st, pd, (1, 1), groups, True, algorithm))
 
 
 @pytest.mark.parametrize("algorithm,stride,match", [
     ("shift", 2, "shift algorithm needs stride 1"),
+    ("rows", 2, "rows algorithm needs stride 1"),
     ("fft", 1, "algorithm must be one of"),
 ])
 def test_algorithm_refuses_what_it_cannot_do(algorithm, stride, match):
@@ -248,6 +255,26 @@ def test_gram_across_batch_chunks():
     x = torch.randn(64, 16, 33, 33)
     out = gram_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True)
     _assert_gram_close(out, _ref_gram(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, True), 2e-5)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed_hw"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float16, 2e-5)])
+def test_rows_form_any_layout_across_chunks(layout, dtype, tol):
+    # The rows form's panels hold 2^16 elements: 3 channels × 3×3 over 333-wide rows take 7
+    # output rows a chunk (45 rows: the last chunk 3, its columns no whole number of
+    # vectors); 1200-wide rows one output row a chunk.
+    for shape in ((5, 3, 9, 333), (2, 3, 3, 1200)):
+        if layout == "channels_last":
+            x = torch.randn(shape, dtype=dtype).to(memory_format=torch.channels_last)
+        elif layout == "sliced":
+            x = torch.randn(shape[0], 2 * shape[1], shape[2] + 1, shape[3], dtype=dtype)
+            x = x[:, ::2, 1:]
+        else:
+            x = torch.randn(shape[0], shape[1], shape[3], shape[2], dtype=dtype).transpose(2, 3)
+        assert not x.is_contiguous()
+        for p in ((1, 1), (0, 2)):
+            out = algorithm_op(x, (3, 3), (1, 1), p, (1, 2), 1, True, "rows")
+            check_gram(out, x, (shape, (3, 3), (1, 1), p, (1, 2), 1), True, tol)
 
 
 def test_gram_is_exactly_symmetric():
@@ -300,14 +327,15 @@ def test_public_op_dispatches_to_cpu_kernel():
 
 
 def test_cconv2d_backward_runs_the_cpu_kernels_by_default():
-    # P = 4·81 patches ≫ D = 46: the matched gradient takes the row side (im2col_gram).
+    # P = 4·81 patches ≫ D = 46: the matched gradient takes the row side, the Gram and G
+    # from one _conv_gram_grad call (the rows form: D ≤ 48).
     x = torch.randn(4, 5, 9, 9, requires_grad=True)
     conv = cx.CConv2d(5, 7, 3, padding=1)
     go = torch.randn(4, 7, 9, 9)
     with torch.profiler.profile() as prof:
         conv(x).backward(go)
     names = {e.name for e in prof.events()}
-    assert {"consequential_ext::im2col_gram", "consequential_ext::ridge_solve"} <= names
+    assert {"consequential_ext::_conv_gram_grad", "consequential_ext::ridge_solve"} <= names
     by_kernel = conv.weight.grad.clone()
     conv.weight.grad = None
     with cx.ops.use_backend("reference"):

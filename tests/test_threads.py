@@ -112,6 +112,8 @@ SCENARIOS = {
                                 x[:8], 3, 2, 1),
     "grouped": lambda: ns._im2col_gram_algorithm(x[:8], (3, 3), *args[:3], 4, True, "grouped")
                        .shape == (4, 37, 37),
+    "rows": lambda: (lambda o: gram_close(o[0], x[:, :3], 3, 1, 1) and
+                     grad_close(o[1], x[:, :3], gy, 3, 1))(ns._conv_gram_grad(x[:, :3], gy, (3, 3), *args)),
     "conv_gram_grad": lambda: (lambda o: gram_close(o[0], x, 3, 1, 1) and
                                grad_close(o[1], x, gy, 3, 1))(ns._conv_gram_grad(x, gy, (3, 3), *args)),
     "conv_weight_grad": lambda: grad_close(ns._conv_weight_grad(x, gy, (3, 3), *args), x, gy, 3, 1),
@@ -152,4 +154,4 @@ def test_a_threads_first_kernel_call_keeps_its_thread_count():
                          text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = run.stdout.splitlines()
-    assert len(lines) == 12 and all(line.startswith("ok ") for line in lines), run.stdout
+    assert len(lines) == 14 and all(line.startswith("ok ") for line in lines), run.stdout

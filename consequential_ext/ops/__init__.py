@@ -81,10 +81,10 @@ def conv_gram_grad(x, grad_output, kernel_size, stride=1, padding=0, dilation=1,
     group: ((groups, D, D), (groups, out/groups, D)), G's last column Σ dZ with ``bias``.
 
     grad_output: dZ, (B, out, Ho, Wo), in x's dtype. Accumulated like the Gram (float32,
-    float64 for float64 input). On CPU one compiled call, G from the shift kernel's own pass
-    over ``x`` where ``conv_gram_brings_grad``, else from ATen's conv backward; other devices
-    have only the reference (explicit im2col): there the Gram op and the native conv backward
-    are the faster pair.
+    float64 for float64 input). On CPU one compiled call, G from the shift or rows kernel's
+    own pass over ``x`` where ``conv_gram_brings_grad``, else from ATen's conv backward; other
+    devices have only the reference (explicit im2col): there the Gram op and the native conv
+    backward are the faster pair.
     """
     return _grad_op("conv_gram_grad", x, grad_output, kernel_size, stride, padding, dilation,
                     groups, bias)
@@ -92,8 +92,8 @@ def conv_gram_grad(x, grad_output, kernel_size, stride=1, padding=0, dilation=1,
 
 def conv_weight_grad(x, grad_output, kernel_size, stride=1, padding=0, dilation=1, *, groups=1,
                      bias=False):
-    """``conv_gram_grad``'s G alone, (groups, out/groups, D): on CPU from the shift kernel's
-    pass without the Gram where ``conv_gram_brings_grad`` (there cheaper than ATen's
+    """``conv_gram_grad``'s G alone, (groups, out/groups, D): on CPU from the shift or rows
+    kernel's pass without the Gram where ``conv_gram_brings_grad`` (there cheaper than ATen's
     weight-gradient pass, docs/performance.md, "Since 017cced"), elsewhere from ATen's conv
     backward; other devices have only the reference (explicit im2col)."""
     return _grad_op("conv_weight_grad", x, grad_output, kernel_size, stride, padding, dilation,
@@ -139,11 +139,13 @@ def conv_gram_grad_is_native(x, grad_output):
 
 _CORR_ALIGN = 16  # csrc/cpu/corr_kernel.h: kCorrAlign
 _BLAS_RATIO = 32  # csrc/cpu/gram_cpu.h: kBlasRatio
+_ROWS_MAX_D = 48  # csrc/cpu/gram_cpu.h: kRowsMaxD
+_PANEL_ELEMS = 1 << 16  # csrc/cpu/gram_cpu.h: kPanelElems
 
 
 def conv_gram_brings_grad(x, grad_output, kernel_size, stride, padding, dilation, groups, bias):
     """Whether ``conv_gram_grad`` computes G in the Gram kernel's own pass (cheaper than a
-    native conv backward's weight-gradient pass there); mirrors ``shift_brings_grad`` in
+    native conv backward's weight-gradient pass there); mirrors ``grad_algorithm`` in
     csrc/cpu/gram_cpu.cpp (a test holds the two together)."""
     if not conv_gram_grad_is_native(x, grad_output) or x.numel() == 0:
         return False
@@ -151,10 +153,13 @@ def conv_gram_brings_grad(x, grad_output, kernel_size, stride, padding, dilation
     cg, og = x.shape[1] // groups, grad_output.shape[1] // groups
     ho, wo = output_size(x, kernel_size, stride, padding, dilation)
     d = cg * kh * kw + int(bias)
-    shift = ((groups == 1 or cg >= _CORR_ALIGN) and x.shape[0] * ho * wo * _BLAS_RATIO > d
-             and sh == sw == 1 and kh * kw > 1)
+    ungrouped = (groups == 1 or cg >= _CORR_ALIGN) and x.shape[0] * ho * wo * _BLAS_RATIO > d \
+        and sh == sw == 1
+    if ungrouped and d <= _ROWS_MAX_D and (cg * kh * kw + 1 + og) * wo <= _PANEL_ELEMS:
+        return True  # the rows kernel: G from its GEMM, whatever the channels
     cp, op = (-(-c // _CORR_ALIGN) * _CORR_ALIGN for c in (cg, og))
-    return shift and min(cg, og) >= _CORR_ALIGN and 4 * cp * op <= 5 * cg * og
+    return ungrouped and kh * kw > 1 and min(cg, og) >= _CORR_ALIGN \
+        and 4 * cp * op <= 5 * cg * og
 
 
 # What the solve reads (float8 has no arithmetic to check or factor with); out_dtype may be

@@ -104,6 +104,47 @@ __attribute__((always_inline)) inline void corr_any(T* out, int64_t ldo, const T
     corr_tiles<T, W, 16, 1>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
 }
 
+// An MR × NR tile of row dot products, lanes along the rows: every loaded B vector feeds MR
+// FMAs and every A vector NR; each of the MR·NR sums is reduced across lanes once, at the end.
+template <typename T, int W, int MR, int NR>
+__attribute__((always_inline)) inline void dot_tile(T* out, int64_t ldo, const T* A, const T* B,
+                                                    int64_t ld, int64_t K) {
+  using vec = typename Vec<T, W>::type;
+  constexpr int V = W / sizeof(T);
+  vec acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = vec{};
+  for (int64_t k = 0; k < K; k += V) {
+    vec a[MR];  // unrolled: a loop left in place copied each vector through the stack
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) std::memcpy(&a[m], A + m * ld + k, sizeof(vec));
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) {
+      vec b;
+      std::memcpy(&b, B + n * ld + k, sizeof(vec));
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][n] += a[m] * b;
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      T sum = 0;
+      for (int l = 0; l < V; ++l) sum += acc[m][n][l];
+      out[m * ldo + n] += sum;
+    }
+}
+
+template <typename T, int W>
+__attribute__((always_inline)) inline void dots_any(T* out, int64_t ldo, const T* A, const T* B,
+                                                    int64_t ld, int64_t M, int64_t N, int64_t K,
+                                                    bool upper) {
+  // 12 accumulators beside 3 + 1 vectors: AVX2's 16 registers.
+  constexpr int MR = kDotRowAlign, NR = kDotColAlign;
+  for (int64_t m0 = 0; m0 < M; m0 += MR)
+    for (int64_t n0 = upper ? m0 / NR * NR : 0; n0 < N; n0 += NR)
+      dot_tile<T, W, MR, NR>(out + m0 * ldo + n0, ldo, A + m0 * ld, B + n0 * ld, ld, K);
+}
+
 // Up to NV lane vectors at once, two accumulators each (the FMA latency, not the loads,
 // bounds a single chain over a short batch).
 template <typename T, int W, int NV>
@@ -216,6 +257,11 @@ __attribute__((always_inline)) inline void sum_rows_any(T* out, const T* in, int
     add_any<T>(out, ldo, in, ldi, M, N);                                                         \
   }                                                                                              \
   template <typename T>                                                                          \
+  ATTR void NAME##_dots(T* out, int64_t ldo, const T* A, const T* B, int64_t ld, int64_t M,       \
+                        int64_t N, int64_t K, bool upper) {                                       \
+    dots_any<T, W>(out, ldo, A, B, ld, M, N, K, upper);                                          \
+  }                                                                                              \
+  template <typename T>                                                                          \
   ATTR void NAME##_sum_rows(T* out, const T* in, int64_t n, int64_t ld, int64_t N) {             \
     sum_rows_any<T, W>(out, in, n, ld, N);                                                        \
   }
@@ -310,6 +356,16 @@ void add_dispatch(T* out, int64_t ldo, const T* in, int64_t ldi, int64_t M, int6
 }
 
 template <typename T>
+void dots_dispatch(T* out, int64_t ldo, const T* A, const T* B, int64_t ld, int64_t M, int64_t N,
+                   int64_t K, bool upper) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return corr_avx512_dots<T>(out, ldo, A, B, ld, M, N, K, upper);
+    case Isa::kAvx2: return corr_avx2_dots<T>(out, ldo, A, B, ld, M, N, K, upper);
+    default: return corr_portable_dots<T>(out, ldo, A, B, ld, M, N, K, upper);
+  }
+}
+
+template <typename T>
 void sum_rows_dispatch(T* out, const T* in, int64_t n, int64_t ld, int64_t N) {
   switch (cpu_isa()) {
     case Isa::kAvx512: return corr_avx512_sum_rows<T>(out, in, n, ld, N);
@@ -330,6 +386,15 @@ void add_block(float* out, int64_t ldo, const float* in, int64_t ldi, int64_t M,
 }
 void add_block(double* out, int64_t ldo, const double* in, int64_t ldi, int64_t M, int64_t N) {
   add_dispatch<double>(out, ldo, in, ldi, M, N);
+}
+
+void row_dots(float* out, int64_t ldo, const float* A, const float* B, int64_t ld, int64_t M,
+              int64_t N, int64_t K, bool upper) {
+  dots_dispatch<float>(out, ldo, A, B, ld, M, N, K, upper);
+}
+void row_dots(double* out, int64_t ldo, const double* A, const double* B, int64_t ld, int64_t M,
+              int64_t N, int64_t K, bool upper) {
+  dots_dispatch<double>(out, ldo, A, B, ld, M, N, K, upper);
 }
 
 void sum_rows(float* out, const float* in, int64_t n, int64_t ld, int64_t N) {

@@ -22,6 +22,16 @@ void corr_accumulate(double* out, int64_t ldo, const double* L, const double* R,
 void add_block(float* out, int64_t ldo, const float* in, int64_t ldi, int64_t M, int64_t N);
 void add_block(double* out, int64_t ldo, const double* in, int64_t ldi, int64_t M, int64_t N);
 
+// out[m·ldo + n] += Σ_{k < K} A[m·ld + k] · B[n·ld + k] for m < M, n < N: dot products of
+// rows, K a multiple of kCorrAlign (whole vectors: callers pad with zeros), M a multiple of
+// kDotRowAlign, N of kDotColAlign. upper (A = B, M ≤ N): tiles wholly below the diagonal,
+// whose entries are all m > n, are skipped.
+constexpr int64_t kDotRowAlign = 3, kDotColAlign = 4;
+void row_dots(float* out, int64_t ldo, const float* A, const float* B, int64_t ld, int64_t M,
+              int64_t N, int64_t K, bool upper);
+void row_dots(double* out, int64_t ldo, const double* A, const double* B, int64_t ld, int64_t M,
+              int64_t N, int64_t K, bool upper);
+
 // out[c] = Σ_{r < n} in[r·ld + c] for c < N: the sum of n rows. Overwrites out.
 void sum_rows(float* out, const float* in, int64_t n, int64_t ld, int64_t N);
 void sum_rows(double* out, const double* in, int64_t n, int64_t ld, int64_t N);

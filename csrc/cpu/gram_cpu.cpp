@@ -21,12 +21,19 @@ void check_pair(c10::IntArrayRef v, const char* name, int64_t min_value) {
               min_value, ", got ", v);
 }
 
-enum class Algorithm { kAuto, kGrouped, kBlas, kShift, kTiled };
+enum class Algorithm { kAuto, kGrouped, kBlas, kShift, kTiled, kRows };
 
 // The automatic choice, cheapest first where it applies (measured: README, "Real models").
-Algorithm choose(int64_t channels, const PatchGeometry& g, int64_t patches, int64_t d) {
+Algorithm choose(const at::Tensor& x, const PatchGeometry& g, int64_t patches, int64_t d,
+                 int64_t out = 0) {
+  const int64_t channels = x.size(1);
   if (g.groups > 1 && channels / g.groups < kCorrAlign) return Algorithm::kGrouped;
   if (gram_prefers_blas(patches, d)) return Algorithm::kBlas;
+  // Stride 1 with few taps: the rows kernel (measured, 2 threads, CPU time, ×128: a
+  // 3-channel 3×3 stem on 32×32 1.7 ms against the shift form's 8.1 and the tiled 6.9; 1×1
+  // over 16 channels 1.0 against 14 tiled; 4 channels, D = 37, 6.3 against 8.4 shift; at
+  // 8 channels, D = 73, the shift form is 1.8× faster).
+  if (d <= kRowsMaxD && rows_applies(x, g, out)) return Algorithm::kRows;
   // 1×1 has no shifts to share, and the tiled kernel's upper-triangle blocks are faster
   // (32×160×16×16, one thread: 4.9 against 9.5 ms; two: 7.6 against 9.3 ms CPU).
   return g.sh == 1 && g.sw == 1 && g.kh * g.kw > 1 ? Algorithm::kShift : Algorithm::kTiled;
@@ -100,7 +107,7 @@ at::Tensor gram_with(const at::Tensor& x, const PatchGeometry& g, Algorithm algo
     if (g.bias) gram.select(1, d - 1).select(1, d - 1).fill_(patches);
     return gram;
   }
-  if (algorithm == Algorithm::kAuto) algorithm = choose(x.size(1), g, patches, d);
+  if (algorithm == Algorithm::kAuto) algorithm = choose(x, g, patches, d);
   const bool unit_stride = g.sh == 1 && g.sw == 1;
   TORCH_CHECK(algorithm != Algorithm::kShift || unit_stride,
               "im2col_gram: the shift algorithm needs stride 1, got [", g.sh, ", ", g.sw, "]");
@@ -108,6 +115,7 @@ at::Tensor gram_with(const at::Tensor& x, const PatchGeometry& g, Algorithm algo
     case Algorithm::kGrouped: gram_grouped_cpu(x, g, gram); break;
     case Algorithm::kBlas: gram_blas_cpu(x, g, gram); break;
     case Algorithm::kShift: gram_shift_cpu(x, g, gram); break;
+    case Algorithm::kRows: gram_rows_cpu(x, g, &gram); break;
     default: gram_tiled_cpu(x, g, gram); break;
   }
   return gram;
@@ -117,12 +125,11 @@ at::Tensor gram_with(const at::Tensor& x, const PatchGeometry& g, Algorithm algo
 // channels on both sides that the 16-wide padding wastes little (measured, 2 threads, CPU
 // time, G against oneDNN's weight-gradient pass: 64→64 on 8×8 ×128 0.76, 16→16 on 32×32
 // 0.45–0.55, 16→32 on 16×16 1.03; 3→16 on 32×32 4.0 and 8→8 1.6, so not there).
-// ops.conv_gram_brings_grad mirrors this.
-bool shift_brings_grad(int64_t channels, int64_t out_channels, const PatchGeometry& g,
+bool shift_brings_grad(const at::Tensor& x, int64_t out_channels, const PatchGeometry& g,
                        int64_t patches, int64_t d) {
-  const int64_t cg = channels / g.groups, og = out_channels / g.groups;
+  const int64_t cg = x.size(1) / g.groups, og = out_channels / g.groups;
   const int64_t cp = round_up(cg, kCorrAlign), op = round_up(og, kCorrAlign);
-  return choose(channels, g, patches, d) == Algorithm::kShift && cg >= kCorrAlign &&
+  return choose(x, g, patches, d, out_channels) == Algorithm::kShift && cg >= kCorrAlign &&
          og >= kCorrAlign && 4 * cp * op <= 5 * cg * og;
 }
 
@@ -141,9 +148,17 @@ void check_grad_output(const at::Tensor& x, const at::Tensor& grad_output,
               grad_output.scalar_type());
 }
 
-bool brings_grad(const at::Tensor& x, const at::Tensor& grad_output, const PatchGeometry& g) {
-  return x.numel() > 0 &&
-         shift_brings_grad(x.size(1), grad_output.size(1), g, patch_count(x, g), gram_size(x, g));
+// Which kernel gives G beside the Gram (kShift or kRows), else kAuto: ATen's conv backward.
+// The rows kernel wherever it builds the Gram: its panel rows of dZ ran 2–14× faster than
+// oneDNN's weight gradient there (3→16 3×3 on 32×32 ×128: 6.4 ms CPU for both against 17.7
+// for the shift Gram and oneDNN's G; 16→64 1×1: 17 against 53). ops.conv_gram_brings_grad
+// mirrors this.
+Algorithm grad_algorithm(const at::Tensor& x, const at::Tensor& grad_output,
+                         const PatchGeometry& g) {
+  if (x.numel() == 0) return Algorithm::kAuto;
+  const int64_t patches = patch_count(x, g), d = gram_size(x, g), out = grad_output.size(1);
+  if (choose(x, g, patches, d, out) == Algorithm::kRows) return Algorithm::kRows;
+  return shift_brings_grad(x, out, g, patches, d) ? Algorithm::kShift : Algorithm::kAuto;
 }
 
 // G (groups, out/groups, D) from ATen's conv backward (oneDNN), in x's accumulation type.
@@ -175,38 +190,46 @@ at::Tensor aten_weight_grad(const at::Tensor& x, const at::Tensor& grad_output,
 
 // The Gram and the weight gradient G = dZ Xᵀ of a conv's input x and output gradient
 // grad_output: (gram (groups, D, D), grad (groups, out/groups, D), the bias column Σ dZ),
-// both in x's accumulation type. G from the shift kernel's own pass over x where
-// shift_brings_grad, else from ATen's conv backward (oneDNN).
+// both in x's accumulation type. G from the rows or shift kernel's own pass over x where
+// grad_algorithm says so, else from ATen's conv backward (oneDNN).
 std::tuple<at::Tensor, at::Tensor> conv_gram_grad_cpu(
     const at::Tensor& x, const at::Tensor& grad_output, c10::IntArrayRef kernel_size,
     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     bool bias) {
   const PatchGeometry g = checked_geometry(x, kernel_size, stride, padding, dilation, groups, bias);
   check_grad_output(x, grad_output, g, "conv_gram_grad");
-  if (!brings_grad(x, grad_output, g))
+  const Algorithm algorithm = grad_algorithm(x, grad_output, g);
+  if (algorithm == Algorithm::kAuto)
     return {gram_with(x, g, Algorithm::kAuto), aten_weight_grad(x, grad_output, g)};
   keep_thread_count();
   const int64_t d = gram_size(x, g), out = grad_output.size(1);
   auto gram = at::empty({groups, d, d}, x.options().dtype(accumulate_type(x)));
   auto grad = at::empty({groups, out / groups, d}, x.options().dtype(accumulate_type(x)));
-  gram_shift_cpu(x, g, gram, &grad_output, &grad);
+  if (algorithm == Algorithm::kRows)
+    gram_rows_cpu(x, g, &gram, &grad_output, &grad);
+  else
+    gram_shift_cpu(x, g, gram, &grad_output, &grad);
   return {gram, grad};
 }
 
-// G alone, as conv_gram_grad_cpu gives it: the shift kernel's pass without the Gram's
-// correlations where shift_brings_grad, else ATen's conv backward.
+// G alone, as conv_gram_grad_cpu gives it: the rows or shift kernel's pass without the
+// Gram's products where grad_algorithm says so, else ATen's conv backward.
 at::Tensor conv_weight_grad_cpu(const at::Tensor& x, const at::Tensor& grad_output,
                                 c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                                 c10::IntArrayRef padding, c10::IntArrayRef dilation,
                                 int64_t groups, bool bias) {
   const PatchGeometry g = checked_geometry(x, kernel_size, stride, padding, dilation, groups, bias);
   check_grad_output(x, grad_output, g, "conv_weight_grad");
-  if (!brings_grad(x, grad_output, g)) return aten_weight_grad(x, grad_output, g);
+  const Algorithm algorithm = grad_algorithm(x, grad_output, g);
+  if (algorithm == Algorithm::kAuto) return aten_weight_grad(x, grad_output, g);
   keep_thread_count();
   auto grad = at::empty({groups, grad_output.size(1) / groups, gram_size(x, g)},
                         x.options().dtype(accumulate_type(x)));
   at::Tensor no_gram;
-  gram_shift_cpu(x, g, no_gram, &grad_output, &grad);
+  if (algorithm == Algorithm::kRows)
+    gram_rows_cpu(x, g, nullptr, &grad_output, &grad);
+  else
+    gram_shift_cpu(x, g, no_gram, &grad_output, &grad);
   return grad;
 }
 
@@ -226,13 +249,13 @@ at::Tensor im2col_gram_algorithm_cpu(const at::Tensor& x, c10::IntArrayRef kerne
   static const std::pair<const char*, Algorithm> names[] = {
       {"auto", Algorithm::kAuto},       {"grouped", Algorithm::kGrouped},
       {"blas", Algorithm::kBlas},       {"shift", Algorithm::kShift},
-      {"tiled", Algorithm::kTiled}};
+      {"tiled", Algorithm::kTiled},     {"rows", Algorithm::kRows}};
   for (const auto& [name, value] : names)
     if (algorithm == name)
       return gram_with(
           x, checked_geometry(x, kernel_size, stride, padding, dilation, groups, bias), value);
   TORCH_CHECK(false, "im2col_gram: algorithm must be one of auto, grouped, blas, shift, "
-              "tiled; got '", algorithm, "'");
+              "tiled, rows; got '", algorithm, "'");
 }
 
 }  // namespace

@@ -28,6 +28,17 @@ void gram_tiled_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gra
 // Few channels per group (depthwise, small groups), any stride: groups in SIMD lanes,
 // per tap difference one pass of batch products and strided prefix sums.
 void gram_grouped_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
+// Stride 1, few taps: a tap-major patch panel per chunk of output rows, its rows' dot products
+// (gram_rows_cpu.cpp); with grad_output also G into grad (gram may then be null: G alone).
+void gram_rows_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor* gram,
+                   const at::Tensor* grad_output = nullptr, at::Tensor* grad = nullptr);
+// The largest D (taps + bias) gram_rows_cpu is chosen for.
+constexpr int64_t kRowsMaxD = 48;
+// One chunk's panel: ~256 KiB of float, L2-resident while the tiles read it.
+constexpr int64_t kPanelElems = int64_t{1} << 16;
+// Whether gram_rows_cpu can take x (with `out` output channels for G): stride 1, and one
+// output row of the panel (taps, bias and dZ's channels) within a chunk.
+bool rows_applies(const at::Tensor& x, const PatchGeometry& g, int64_t out);
 // Very few patches per Gram entry, any geometry: im2col and one GEMM per group
 // (gram_blas_cpu.cpp).
 void gram_blas_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
