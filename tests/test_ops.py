@@ -126,6 +126,35 @@ def test_ridge_solve_one_large_system(threads, dtype, tol, d, m):
         assert ((out - expected).norm() / expected.norm()) < tol
 
 
+# From D = 128 the CPU solve goes by 32-wide blocks (csrc/cpu/blocked_cholesky.cpp): D at
+# the threshold, a last block of one row, of 30, right-hand sides none, one, and more than a
+# 256-wide work item; a batch, whose systems each go by blocks on one thread; on 1, 2 and 3
+# threads (the work split into shares of equal weight).
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("batch,d,m", [((), 128, 5), ((), 161, 0), ((), 161, 300),
+                                       ((), 190, 1), ((3,), 150, 40), ((2,), 257, 96)])
+def test_ridge_solve_by_blocks(threads, dtype, tol, batch, d, m):
+    gram = _spd(batch, d)
+    grad = torch.randn(*batch, m, d, dtype=torch.float64)
+    # one system at a time: torch's batched float64 solve (MKL's getrf inside ATen's parallel
+    # loop) can hang once torch.set_num_threads has changed the count in this process
+    eye = 0.1 * torch.eye(d, dtype=gram.dtype)
+    systems = gram.reshape(-1, d, d)
+    expected = torch.stack([torch.linalg.solve(a + eye, g.mT).mT
+                            for a, g in zip(systems, grad.reshape(len(systems), m, d))])
+    expected = expected.reshape(grad.shape)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cx.ops.ridge_solve(gram.to(dtype), grad.to(dtype), 0.1, out_dtype=torch.float64)
+    finally:
+        torch.set_num_threads(saved)
+    assert out.shape == expected.shape
+    if m:
+        assert ((out - expected).norm() / expected.norm()) < tol
+
+
 # Not positive definite only far down the diagonal (the factorisation fails late, on
 # several threads): the ridge escalates as the reference's does.
 @pytest.mark.parametrize("threads", [2, 3])

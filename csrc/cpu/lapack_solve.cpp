@@ -1,6 +1,7 @@
 // potrf/potrs called directly: ATen's linalg_cholesky_ex + cholesky_solve pay for
 // column-major copies, a tril of the factor and transposed right-hand sides, which cost more
-// than the factorisation itself at D of a few hundred (docs/design.md §3, the solve).
+// than the factorisation itself at D of a few hundred (docs/design.md §3, the solve). From
+// D = 128 on, blocked_cholesky.cpp instead.
 #include "lapack_solve.h"
 
 #include <ATen/Parallel.h>
@@ -9,70 +10,15 @@
 #include <atomic>
 #include <vector>
 
-// Weak: resolved from libtorch_cpu where torch exports its LAPACK, null otherwise.
-extern "C" {
-void spotrf_(const char* uplo, const int* n, float* a, const int* lda, int* info)
-    __attribute__((weak));
-void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info)
-    __attribute__((weak));
-void spotrs_(const char* uplo, const int* n, const int* nrhs, const float* a, const int* lda,
-             float* b, const int* ldb, int* info) __attribute__((weak));
-void dpotrs_(const char* uplo, const int* n, const int* nrhs, const double* a, const int* lda,
-             double* b, const int* ldb, int* info) __attribute__((weak));
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
-void strsm_(const char* side, const char* uplo, const char* ta, const char* diag, const int* m,
-            const int* n, const float* alpha, const float* a, const int* lda, float* b,
-            const int* ldb) __attribute__((weak));
-void dtrsm_(const char* side, const char* uplo, const char* ta, const char* diag, const int* m,
-            const int* n, const double* alpha, const double* a, const int* lda, double* b,
-            const int* ldb) __attribute__((weak));
-}
+#include "blocked_cholesky.h"
+#include "lapack_calls.h"
 
 namespace consequential_ext::cpu {
 namespace {
 
-// Column-major upper = row-major lower: the triangle the lane solver and the reference
-// (torch.linalg.cholesky) read, so a Gram that is not bit-symmetric gets one answer on
-// every path.
-constexpr char kUplo = 'U';
-
-void potrf(float* a, int n, int* info) {
-  spotrf_(&kUplo, &n, a, &n, info);
-}
-void potrf(double* a, int n, int* info) {
-  dpotrf_(&kUplo, &n, a, &n, info);
-}
-void potrs(const float* a, int n, float* b, int nrhs, int* info) {
-  spotrs_(&kUplo, &n, &nrhs, a, &n, b, &n, info);
-}
-void potrs(const double* a, int n, double* b, int nrhs, int* info) {
-  dpotrs_(&kUplo, &n, &nrhs, a, &n, b, &n, info);
-}
-
-void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
-          const float* b, int ldb, float beta, float* c, int ldc) {
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-void gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
-          const double* b, int ldb, double beta, double* c, int ldc) {
-  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-// b ← U⁻¹ b, U upper (column-major, leading dimension lda), b n × m (leading dimension ldb).
-void upper_solve(const float* u, int n, int lda, float* b, int m, int ldb) {
-  const char side = 'L', uplo = 'U', ta = 'N', diag = 'N';
-  const float one = 1;
-  strsm_(&side, &uplo, &ta, &diag, &n, &m, &one, u, &lda, b, &ldb);
-}
-void upper_solve(const double* u, int n, int lda, double* b, int m, int ldb) {
-  const char side = 'L', uplo = 'U', ta = 'N', diag = 'N';
-  const double one = 1;
-  dtrsm_(&side, &uplo, &ta, &diag, &n, &m, &one, u, &lda, b, &ldb);
-}
+using lapack::gemm;
+using lapack::potrs;
+using lapack::upper_solve;
 
 // Many right-hand sides: potrs' two triangular solves by blocks, each diagonal block applied
 // as its explicit inverse (kInverseBlock wide, from a triangular solve of the identity) and
@@ -132,6 +78,13 @@ void blocked_potrs(const T* a, int n, T* b, int nrhs) {
 // for a 96 → 384 CLinear after a LayerNorm ×100, 2e-5 (5e-7) already after a plain
 // LayerNorm. On the Intel Xeon that measured this, potrs costs 1.15–1.3× that route.
 
+// From this D on a system goes to blocked_cholesky.cpp (measured, one system, wall, 2-core
+// AMD EPYC, the two interleaved: D = 145 with 16 right-hand sides 0.13 against LAPACK's
+// 0.16–0.18 ms, 289 with 32 0.43 against 0.67, 577 with 64 on two threads 1.7 against 1.9;
+// with another process busy on one core 1.8–2.0 against 4.0, on both 6.6–7.1 against 37–48:
+// MKL's threaded potrf waits far longer for a descheduled thread; 73 about even).
+constexpr int kBlockedMinN = 128;
+
 template <typename T>
 bool solve_all(T* a, T* x, int64_t systems, int n, int nrhs, bool serial) {
   // The column-major upper factor of a row-major matrix reads its lower triangle (kUplo).
@@ -144,8 +97,12 @@ bool solve_all(T* a, T* x, int64_t systems, int n, int nrhs, bool serial) {
   const bool blocked = (nrhs >= n || (2 * nrhs >= n && n > kInverseBlock)) &&
                        (serial || systems > 1);
   auto one = [&](int64_t s) {
+    if (n >= kBlockedMinN) {  // the whole solve by blocks, on this thread or ATen's threads
+      if (!blocked_cholesky_solve(a + s * n * n, x + s * n * nrhs, n, nrhs)) ok = false;
+      return;
+    }
     int info = 0;
-    potrf(a + s * n * n, n, &info);
+    lapack::potrf(a + s * n * n, n, n, &info);
     if (info != 0) {
       ok = false;
       return;
@@ -157,7 +114,7 @@ bool solve_all(T* a, T* x, int64_t systems, int n, int nrhs, bool serial) {
       potrs(a + s * n * n, n, x + s * n * nrhs, nrhs, &info);
   };
   if (systems == 1) {
-    one(0);  // one system: LAPACK's own threads
+    one(0);  // one system: its own threads (LAPACK's or blocked_cholesky's)
   } else {
     // several: one system per thread (LAPACK runs single-threaded inside a parallel region)
     at::parallel_for(0, systems, 1, [&](int64_t lo, int64_t hi) {
