@@ -106,34 +106,18 @@ def test_ridge_solve_float32_error_stays_out_of_the_inputs_span(backend, batch, 
     assert error < 1e-4
 
 
-# One large system (batch·D³ past 3·10⁷: LAPACK's own threads, csrc/cpu/ridge_solve_cpu.cpp)
-# with no, one, a few and many right-hand sides, on 1, 2 and 3 threads.
+# One system past batch·D³ = 3·10⁷ (every thread, csrc/cpu/ridge_solve_cpu.cpp) with no, one,
+# a few and many right-hand sides; and from D = 128 on, where the CPU solve goes by 32-wide
+# blocks (csrc/cpu/blocked_cholesky.cpp): D at the threshold, a last block of one row, of 30,
+# right-hand sides none, one and more than a 256-wide work item, batches, whose systems each
+# go by blocks on one thread — on 1, 2 and 3 threads (the work split into shares of equal
+# weight).
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("d,m", [(331, 0), (331, 1), (331, 700), (449, 17), (449, 530)])
-def test_ridge_solve_one_large_system(threads, dtype, tol, d, m):
-    gram = _spd((), d)
-    grad = torch.randn(m, d, dtype=torch.float64)
-    expected = torch.linalg.solve(gram + 0.1 * torch.eye(d, dtype=gram.dtype), grad.T).T
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = cx.ops.ridge_solve(gram.to(dtype), grad.to(dtype), 0.1, out_dtype=torch.float64)
-    finally:
-        torch.set_num_threads(saved)
-    assert out.shape == (m, d)
-    if m:
-        assert ((out - expected).norm() / expected.norm()) < tol
-
-
-# From D = 128 the CPU solve goes by 32-wide blocks (csrc/cpu/blocked_cholesky.cpp): D at
-# the threshold, a last block of one row, of 30, right-hand sides none, one, and more than a
-# 256-wide work item; a batch, whose systems each go by blocks on one thread; on 1, 2 and 3
-# threads (the work split into shares of equal weight).
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("batch,d,m", [((), 128, 5), ((), 161, 0), ((), 161, 300),
-                                       ((), 190, 1), ((3,), 150, 40), ((2,), 257, 96)])
+@pytest.mark.parametrize("batch,d,m", [((), 331, 0), ((), 331, 1), ((), 331, 700),
+                                       ((), 449, 17), ((), 449, 530), ((), 128, 5),
+                                       ((), 161, 0), ((), 161, 300), ((), 190, 1),
+                                       ((3,), 150, 40), ((2,), 257, 96)])
 def test_ridge_solve_by_blocks(threads, dtype, tol, batch, d, m):
     gram = _spd(batch, d)
     grad = torch.randn(*batch, m, d, dtype=torch.float64)
