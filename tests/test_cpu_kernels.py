@@ -241,6 +241,16 @@ def test_algorithm_refuses_what_it_cannot_do(algorithm, stride, match):
                      algorithm)
 
 
+def test_rows_form_refuses_an_output_row_wider_than_its_panel():
+    # 28 taps × 30000 output columns is past the panel's 2^16 elements; the automatic choice
+    # then takes the shift form, which has no such bound.
+    x = torch.randn(1, 3, 2, 30000)
+    with pytest.raises(RuntimeError, match="an output row that fits a panel"):
+        algorithm_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, False, "rows")
+    assert torch.equal(gram_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, False),
+                       algorithm_op(x, (3, 3), (1, 1), (1, 1), (1, 1), 1, False, "shift"))
+
+
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_gram_after_caller_padding_modes(mode):
     x = torch.randn(2, 3, 8, 7)

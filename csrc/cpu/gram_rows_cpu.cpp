@@ -125,7 +125,10 @@ void gram_rows_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor* gra
 }  // namespace
 
 bool rows_applies(const at::Tensor& x, const PatchGeometry& g, int64_t out) {
-  if (g.sh != 1 || g.sw != 1 || g.kh > kPanelElems || g.kw > kPanelElems) return false;
+  // Each factor bounded first, so that the product below cannot overflow.
+  if (g.sh != 1 || g.sw != 1 || g.kh > kPanelElems || g.kw > kPanelElems ||
+      x.size(1) / g.groups > kPanelElems || out / g.groups > kPanelElems)
+    return false;
   const int64_t rows = x.size(1) / g.groups * g.kh * g.kw + 1 + out / g.groups;
   return rows <= kPanelElems && rows * g.out_w(x.size(3)) <= kPanelElems;
 }
