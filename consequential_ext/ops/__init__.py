@@ -156,7 +156,7 @@ def conv_gram_brings_grad(x, grad_output, kernel_size, stride, padding, dilation
     ungrouped = (groups == 1 or cg >= _CORR_ALIGN) and x.shape[0] * ho * wo * _BLAS_RATIO > d \
         and sh == sw == 1
     if ungrouped and d <= _ROWS_MAX_D and (cg * kh * kw + 1 + og) * wo <= _PANEL_ELEMS:
-        return True  # the rows kernel: G from its GEMM, whatever the channels
+        return True  # the rows kernel: G from its panel, whatever the channels
     cp, op = (-(-c // _CORR_ALIGN) * _CORR_ALIGN for c in (cg, og))
     return ungrouped and kh * kw > 1 and min(cg, og) >= _CORR_ALIGN \
         and 4 * cp * op <= 5 * cg * og
