@@ -21,22 +21,12 @@
 namespace consequential_ext::cpu {
 namespace {
 
+using lapack::multiply_in_place;
+
 constexpr int kBlock = 32;       // the diagonal blocks, and GEMM's k in the updates
 constexpr int kColumnTile = 64;  // columns of a work item in the block row and the updates
 constexpr int kRhsTile = 256;    // right-hand sides of a work item
 constexpr int kMinBackwardColumns = 16;  // right-hand sides per thread in the backward sweep
-
-// b (rows × cols, leading dimension ldb) ← op(inv) · b, inv rows × rows (leading dimension
-// rows); through a copy, as GEMM's output may not alias its input.
-template <typename T>
-void multiply_in_place(char op, int rows, int cols, const T* inv, T* b, int ldb,
-                       std::vector<T>& copy) {
-  if (rows == 0 || cols == 0) return;
-  copy.resize(static_cast<size_t>(rows) * cols);
-  for (int j = 0; j < cols; ++j)
-    std::copy_n(b + static_cast<int64_t>(j) * ldb, rows, copy.data() + static_cast<int64_t>(j) * rows);
-  lapack::gemm(op, 'N', rows, cols, rows, T(1), inv, rows, copy.data(), rows, T(0), b, ldb);
-}
 
 // body(item) for every item, the items split into contiguous shares of about equal weight,
 // one per thread (at::parallel_for's even split of the indices would not balance them).
@@ -81,9 +71,7 @@ bool blocked_cholesky_solve(T* a, T* x, int n, int nrhs) {
     lapack::potrf(el(k0, k0), kb, n, &info);
     if (info != 0) return false;
     T* inv = inverse(k0);
-    std::fill(inv, inv + kb * kb, T(0));
-    for (int i = 0; i < kb; ++i) inv[i + i * kb] = T(1);
-    lapack::upper_solve(el(k0, k0), kb, n, inv, kb, kb);
+    lapack::upper_inverse(el(k0, k0), kb, n, inv);
     multiply_in_place('T', kb, nrhs, inv, xel(k0, 0), n, copy);  // y_k = U_kk⁻ᵀ x_k
     if (k1 == n) break;
     // The block row: U12 = U11⁻ᵀ A12, by column tiles.

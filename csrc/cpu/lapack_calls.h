@@ -2,6 +2,9 @@
 // row-major matrix is the column-major transpose, and a symmetric one's row-major lower
 // triangle its column-major upper one ('U' below).
 #pragma once
+#include <algorithm>
+#include <cstdint>
+#include <vector>
 
 // Weak: resolved from libtorch_cpu where torch exports its LAPACK, null otherwise.
 extern "C" {
@@ -67,6 +70,26 @@ inline void upper_solve(const double* u, int n, int lda, double* b, int m, int l
   const char side = 'L', uplo = 'U', ta = 'N', diag = 'N';
   const double one = 1;
   dtrsm_(&side, &uplo, &ta, &diag, &n, &m, &one, u, &lda, b, &ldb);
+}
+
+// inv (kb × kb, leading dimension kb) ← U⁻¹ of the upper block at u (leading dimension ldu):
+// a triangular solve of the identity, for the blocked substitutions' diagonal blocks.
+template <typename T>
+void upper_inverse(const T* u, int kb, int ldu, T* inv) {
+  std::fill(inv, inv + kb * kb, T(0));
+  for (int i = 0; i < kb; ++i) inv[i + i * kb] = T(1);
+  upper_solve(u, kb, ldu, inv, kb, kb);
+}
+// b (rows × cols, leading dimension ldb) ← op(inv) · b, inv rows × rows (leading dimension
+// rows); through `copy`, as GEMM's output may not alias its input.
+template <typename T>
+void multiply_in_place(char op, int rows, int cols, const T* inv, T* b, int ldb,
+                       std::vector<T>& copy) {
+  if (rows == 0 || cols == 0) return;
+  copy.resize(static_cast<size_t>(rows) * cols);
+  for (int j = 0; j < cols; ++j)
+    std::copy_n(b + static_cast<int64_t>(j) * ldb, rows, copy.data() + static_cast<int64_t>(j) * rows);
+  gemm(op, 'N', rows, cols, rows, T(1), inv, rows, copy.data(), rows, T(0), b, ldb);
 }
 
 }  // namespace consequential_ext::cpu::lapack

@@ -18,7 +18,6 @@ namespace {
 
 using lapack::gemm;
 using lapack::potrs;
-using lapack::upper_solve;
 
 // Many right-hand sides: potrs' two triangular solves by blocks, each diagonal block applied
 // as its explicit inverse (kInverseBlock wide, from a triangular solve of the identity) and
@@ -32,8 +31,8 @@ template <typename T>
 void blocked_potrs(const T* a, int n, T* b, int nrhs) {
   // a's upper triangle: U, A = UᵀU (column-major); b: n × nrhs, column-major. x = U⁻¹ U⁻ᵀ b.
   const int nb = (n + kInverseBlock - 1) / kInverseBlock;
-  std::vector<T> inverse(static_cast<size_t>(nb) * kInverseBlock * kInverseBlock, T(0));
-  std::vector<T> work(static_cast<size_t>(kInverseBlock) * nrhs);
+  std::vector<T> inverse(static_cast<size_t>(nb) * kInverseBlock * kInverseBlock);
+  std::vector<T> work;
   auto start = [](int k) { return k * kInverseBlock; };
   auto width = [&](int k) { return std::min(kInverseBlock, n - start(k)); };
   // S_k = U_kk⁻¹ (upper, width × width, leading dimension width) in block k's slot.
@@ -42,17 +41,11 @@ void blocked_potrs(const T* a, int n, T* b, int nrhs) {
   };
   // b_k ← op(S_k) b_k (op: 'T' transposes), through a copy (GEMM's output may not alias).
   auto apply_inverse = [&](int k, char op) {
-    const int k0 = start(k), kb = width(k);
-    for (int j = 0; j < nrhs; ++j)
-      std::copy_n(b + k0 + static_cast<int64_t>(j) * n, kb, work.data() + j * kb);
-    gemm(op, 'N', kb, nrhs, kb, T(1), inverse_of(k), kb, work.data(), kb, T(0), b + k0, n);
+    lapack::multiply_in_place(op, width(k), nrhs, inverse_of(k), b + start(k), n, work);
   };
-  for (int k = 0; k < nb; ++k) {
-    const int k0 = start(k), kb = width(k);
-    T* s = inverse_of(k);
-    for (int i = 0; i < kb; ++i) s[i * kb + i] = T(1);
-    upper_solve(a + k0 + static_cast<int64_t>(k0) * n, kb, n, s, kb, kb);
-  }
+  for (int k = 0; k < nb; ++k)
+    lapack::upper_inverse(a + start(k) + static_cast<int64_t>(start(k)) * n, width(k), n,
+                          inverse_of(k));
   // Uᵀ y = b, forward: y_k = S_kᵀ (b_k − U_{<k,k}ᵀ y_{<k}).
   for (int k = 0; k < nb; ++k) {
     const int k0 = start(k), kb = width(k);
