@@ -159,7 +159,7 @@ algorithm_op = torch.ops.consequential_ext._im2col_gram_algorithm
 # image's energy: on the few-patch geometries (a 2×2 map of one image, windows of one pixel)
 # that is not small against the entry's own Cauchy–Schwarz scale, and those geometries go to
 # the GEMM anyway. Shift multiplies each in-image pixel pair once, so it runs on them too.
-ALGORITHMS = ("shift", "tiled", "grouped", "blas", "rows")
+ALGORITHMS = ("shift", "tiled", "grouped", "blas", "rows", "runs")
 
 
 def _algorithm_cases():
@@ -171,6 +171,8 @@ def _algorithm_cases():
             if algorithm == "grouped" and shape[1] // groups >= 16:
                 continue
             if algorithm in ("shift", "rows") and s != (1, 1):
+                continue
+            if algorithm == "runs" and geometry[4][1] != 1:  # runs of kw·C need dw = 1
                 continue
             yield geometry, algorithm
 
@@ -211,12 +213,16 @@ def test_bias_entries_of_small_windows_beside_large_values(algorithm):
 
 
 def test_automatic_choice_is_one_of_the_algorithms():
-    # 16 × 16 × 32 × 32 takes the shift form, stride 2 the tiled one, 4 × 256 × 2 × 2 the GEMM
+    # 16 × 16 × 32 × 32 takes the shift form, stride 2 the runs one (16 and 32 channels a run
+    # step of sw·C ≤ 64) but the tiled one over 64 channels or with dilation across the rows,
+    # 4 × 256 × 2 × 2 the GEMM
     # (32·P <= D: kBlasRatio in gram_cpu.h) but 32 × 256 × 4 × 4 (4·P <= D) the shift form,
     # 8 groups of 4 channels the grouped one, 3 and 5 channels (D = 28, 46 <= kRowsMaxD) and
     # a 1×1 over 47 the rows form, 6 channels (D = 55) the shift form again
     for shape, k, stride, groups, algorithm in (((16, 16, 32, 32), 3, 1, 1, "shift"),
-                                                ((16, 16, 32, 32), 3, 2, 1, "tiled"),
+                                                ((16, 16, 32, 32), 3, 2, 1, "runs"),
+                                                ((4, 32, 16, 16), 3, 2, 1, "runs"),
+                                                ((4, 64, 16, 16), 3, 2, 1, "tiled"),
                                                 ((4, 256, 2, 2), 3, 1, 1, "blas"),
                                                 ((32, 256, 4, 4), 3, 1, 1, "shift"),
                                                 ((8, 32, 9, 9), 3, 1, 8, "grouped"),
@@ -230,15 +236,55 @@ def test_automatic_choice_is_one_of_the_algorithms():
                            algorithm_op(x, ks, st, pd, (1, 1), groups, True, algorithm))
 
 
-@pytest.mark.parametrize("algorithm,stride,match", [
-    ("shift", 2, "shift algorithm needs stride 1"),
-    ("rows", 2, "rows algorithm needs stride 1"),
-    ("fft", 1, "algorithm must be one of"),
+@pytest.mark.parametrize("algorithm,stride,dilation,match", [
+    ("shift", 2, 1, "shift algorithm needs stride 1"),
+    ("rows", 2, 1, "rows algorithm needs stride 1"),
+    ("runs", 1, 2, "runs algorithm needs dilation 1 along the width"),
+    ("fft", 1, 1, "algorithm must be one of"),
 ])
-def test_algorithm_refuses_what_it_cannot_do(algorithm, stride, match):
+def test_algorithm_refuses_what_it_cannot_do(algorithm, stride, dilation, match):
     with pytest.raises(RuntimeError, match=match):
-        algorithm_op(torch.randn(2, 4, 6, 6), (3, 3), (stride, stride), (1, 1), (1, 1), 1, False,
-                     algorithm)
+        algorithm_op(torch.randn(2, 4, 6, 6), (3, 3), (stride, stride), (1, 1), (1, dilation),
+                     1, False, algorithm)
+
+
+# The runs kernel's pieces of work (csrc/cpu/gram_runs_cpu.cpp): one image cut into chunks of
+# output rows (fewer than 4 images a thread), batches of many small pieces, a piece wider than
+# a batch; runs padded to 16 lanes (3·7 = 21 of 32 columns real), row dilation, groups of 16
+# channels, kernel = stride, 1×1 strided.
+RUNS_GEOMETRIES = [
+    ((1, 24, 13, 11), (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    ((40, 16, 5, 6), (3, 3), (2, 2), (1, 0), (1, 1), 1),
+    ((2, 48, 40, 37), (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    ((3, 7, 9, 12), (3, 3), (1, 2), (1, 1), (1, 1), 1),
+    ((3, 20, 12, 9), (3, 3), (2, 2), (2, 1), (2, 1), 1),
+    ((2, 32, 9, 8), (3, 3), (2, 2), (1, 1), (1, 1), 2),
+    ((4, 16, 8, 12), (4, 4), (4, 4), (0, 0), (1, 1), 1),
+    ((3, 64, 7, 5), (1, 1), (2, 2), (0, 0), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("geometry", RUNS_GEOMETRIES, ids=lambda g: f"{g[0]}k{g[1]}s{g[2]}p{g[3]}d{g[4]}g{g[5]}")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5),
+                                       (torch.float16, 2e-5)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_runs_form_matches_reference(geometry, layout, dtype, tol, threads):
+    shape, k, s, p, d, groups = geometry
+    x = torch.randn(shape, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(shape[0], shape[1] * 2, shape[2], shape[3] + 3, dtype=torch.float64)
+        x = x[:, 1::2, :, 2:-1]
+    x = x.to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (False, True):
+            check_gram(algorithm_op(x, k, s, p, d, groups, bias, "runs"), x, geometry, bias, tol)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_rows_form_refuses_an_output_row_wider_than_its_panel():

@@ -301,6 +301,27 @@ __attribute__((target("avx512f"))) void transpose16_avx512(const float* src, int
     _mm512_storeu_ps(dst[m + 8], _mm512_shuffle_f32x4(t[m], t[8 + m], 0xDD));
   }
 }
+
+// The same in three rounds for 8 × 8 (unpack, shuffle, then swapping 128-bit lanes).
+__attribute__((target("avx2"))) void transpose8_avx2(const float* src, int64_t ld,
+                                                     float* const* dst) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int m = 0; m < 4; ++m) {
+    _mm256_storeu_ps(dst[m], _mm256_permute2f128_ps(r[m], r[4 + m], 0x20));
+    _mm256_storeu_ps(dst[m + 4], _mm256_permute2f128_ps(r[m], r[4 + m], 0x31));
+  }
+}
 #pragma GCC diagnostic pop
 
 Isa detect_isa() {
@@ -404,10 +425,20 @@ void sum_rows(double* out, const double* in, int64_t n, int64_t ld, int64_t N) {
   sum_rows_dispatch<double>(out, in, n, ld, N);
 }
 
-bool transpose16(const float* src, int64_t ld, float* const* dst) {
-  if (cpu_isa() != Isa::kAvx512) return false;
-  transpose16_avx512(src, ld, dst);
-  return true;
+int64_t transpose_width() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return 16;
+    case Isa::kAvx2: return 8;
+    default: return 0;
+  }
+}
+
+void transpose_block(const float* src, int64_t ld, float* const* dst) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return transpose16_avx512(src, ld, dst);
+    case Isa::kAvx2: return transpose8_avx2(src, ld, dst);
+    default: throw std::logic_error("transpose_block: no register transpose on this CPU");
+  }
 }
 
 void lane_dot(float* out, const float* L, const float* R, int64_t n, int64_t ls, int64_t rs,

@@ -43,9 +43,11 @@ void lane_dot(float* out, const float* L, const float* R, int64_t n, int64_t ls,
 void lane_dot(double* out, const double* L, const double* R, int64_t n, int64_t ls, int64_t rs,
               int64_t lanes);
 
-// dst[j][i] = src[i·ld + j] for i, j < 16: a 16 × 16 block of floats stored transposed, each
-// dst[j] a row of 16. In registers (AVX-512); false, with nothing written, on a CPU (or a
-// CX_CPU_ISA) without it — the caller then copies element by element.
-bool transpose16(const float* src, int64_t ld, float* const* dst);
+// The side of the float blocks transpose_block moves in registers: 16 (AVX-512), 8 (AVX2),
+// 0 where neither runs (callers then copy element by element).
+int64_t transpose_width();
+// dst[j][i] = src[i·ld + j] for i, j < transpose_width(): a square block of floats stored
+// transposed, each dst[j] a row.
+void transpose_block(const float* src, int64_t ld, float* const* dst);
 
 }  // namespace consequential_ext::cpu

@@ -21,7 +21,7 @@ void check_pair(c10::IntArrayRef v, const char* name, int64_t min_value) {
               min_value, ", got ", v);
 }
 
-enum class Algorithm { kAuto, kGrouped, kBlas, kShift, kTiled, kRows };
+enum class Algorithm { kAuto, kGrouped, kBlas, kShift, kTiled, kRows, kRuns };
 
 // The automatic choice, cheapest first where it applies (measured: README, "Real models").
 Algorithm choose(const at::Tensor& x, const PatchGeometry& g, int64_t patches, int64_t d,
@@ -36,7 +36,8 @@ Algorithm choose(const at::Tensor& x, const PatchGeometry& g, int64_t patches, i
   if (d <= kRowsMaxD && rows_applies(x, g, out)) return Algorithm::kRows;
   // 1×1 has no shifts to share, and the tiled kernel's upper-triangle blocks are faster
   // (32×160×16×16, one thread: 4.9 against 9.5 ms; two: 7.6 against 9.3 ms CPU).
-  return g.sh == 1 && g.sw == 1 && g.kh * g.kw > 1 ? Algorithm::kShift : Algorithm::kTiled;
+  if (g.sh == 1 && g.sw == 1 && g.kh * g.kw > 1) return Algorithm::kShift;
+  return runs_applies(x, g) ? Algorithm::kRuns : Algorithm::kTiled;
 }
 
 PatchGeometry checked_geometry(const at::Tensor& x, c10::IntArrayRef kernel_size,
@@ -116,6 +117,7 @@ at::Tensor gram_with(const at::Tensor& x, const PatchGeometry& g, Algorithm algo
     case Algorithm::kBlas: gram_blas_cpu(x, g, gram); break;
     case Algorithm::kShift: gram_shift_cpu(x, g, gram); break;
     case Algorithm::kRows: gram_rows_cpu(x, g, &gram); break;
+    case Algorithm::kRuns: gram_runs_cpu(x, g, gram); break;
     default: gram_tiled_cpu(x, g, gram); break;
   }
   return gram;
@@ -249,13 +251,14 @@ at::Tensor im2col_gram_algorithm_cpu(const at::Tensor& x, c10::IntArrayRef kerne
   static const std::pair<const char*, Algorithm> names[] = {
       {"auto", Algorithm::kAuto},       {"grouped", Algorithm::kGrouped},
       {"blas", Algorithm::kBlas},       {"shift", Algorithm::kShift},
-      {"tiled", Algorithm::kTiled},     {"rows", Algorithm::kRows}};
+      {"tiled", Algorithm::kTiled},     {"rows", Algorithm::kRows},
+      {"runs", Algorithm::kRuns}};
   for (const auto& [name, value] : names)
     if (algorithm == name)
       return gram_with(
           x, checked_geometry(x, kernel_size, stride, padding, dilation, groups, bias), value);
   TORCH_CHECK(false, "im2col_gram: algorithm must be one of auto, grouped, blas, shift, "
-              "tiled, rows; got '", algorithm, "'");
+              "tiled, rows, runs; got '", algorithm, "'");
 }
 
 }  // namespace

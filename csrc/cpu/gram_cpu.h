@@ -25,6 +25,12 @@ void gram_shift_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gra
                     const at::Tensor* grad_output = nullptr, at::Tensor* grad = nullptr);
 // Any stride / dilation (and 1×1): im2col in cache-sized tiles of patches, upper triangle only.
 void gram_tiled_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
+// Any stride and dilation dh, undilated rows (dw = 1): each kernel row of a patch is one run
+// of kw·Cg in a zero-padded pixel-major copy of the image, correlated in place
+// (gram_runs_cpu.cpp); runs_applies: where it is chosen over the tiled kernel (dw = 1, few
+// channels a column step, a run padded to whole vectors wasting ≤ 1/4).
+void gram_runs_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
+bool runs_applies(const at::Tensor& x, const PatchGeometry& g);
 // Few channels per group (depthwise, small groups), any stride: groups in SIMD lanes,
 // per tap difference one pass of batch products and strided prefix sums.
 void gram_grouped_cpu(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gram);
