@@ -249,13 +249,14 @@ def test_algorithm_refuses_what_it_cannot_do(algorithm, stride, dilation, match)
 
 
 # The runs kernel's pieces of work (csrc/cpu/gram_runs_cpu.cpp): one image cut into chunks of
-# output rows (fewer than 4 images a thread), batches of many small pieces, a piece wider than
-# a batch; runs padded to 16 lanes (3·7 = 21 of 32 columns real), row dilation, groups of 16
-# channels, kernel = stride, 1×1 strided.
+# output rows (fewer than 4 images a thread), batches of many small pieces, of one piece, and
+# a piece wider than a batch (3 rows × 702 × 32 > 2^16); runs padded to 16 lanes (3·7 = 21
+# of 32 columns real), row dilation, groups of 16 channels, kernel = stride, 1×1 strided.
 RUNS_GEOMETRIES = [
     ((1, 24, 13, 11), (3, 3), (2, 2), (1, 1), (1, 1), 1),
     ((40, 16, 5, 6), (3, 3), (2, 2), (1, 0), (1, 1), 1),
     ((2, 48, 40, 37), (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    ((1, 32, 5, 700), (3, 3), (2, 2), (1, 1), (1, 1), 1),
     ((3, 7, 9, 12), (3, 3), (1, 2), (1, 1), (1, 1), 1),
     ((3, 20, 12, 9), (3, 3), (2, 2), (2, 1), (2, 1), 1),
     ((2, 32, 9, 8), (3, 3), (2, 2), (1, 1), (1, 1), 2),

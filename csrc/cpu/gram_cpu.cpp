@@ -34,8 +34,9 @@ Algorithm choose(const at::Tensor& x, const PatchGeometry& g, int64_t patches, i
   // over 16 channels 1.0 against 14 tiled; 4 channels, D = 37, 6.3 against 8.4 shift; at
   // 8 channels, D = 73, the shift form is 1.8× faster).
   if (d <= kRowsMaxD && rows_applies(x, g, out)) return Algorithm::kRows;
-  // 1×1 has no shifts to share, and the tiled kernel's upper-triangle blocks are faster
-  // (32×160×16×16, one thread: 4.9 against 9.5 ms; two: 7.6 against 9.3 ms CPU).
+  // Strided and 1×1 kernels have no shifts to share (1×1 over 160: the tiled kernel's
+  // upper-triangle blocks 4.9 against the shift form's 9.5 ms, one thread): the runs
+  // kernel where its column step is narrow (runs_applies), else the tiled one.
   if (g.sh == 1 && g.sw == 1 && g.kh * g.kw > 1) return Algorithm::kShift;
   return runs_applies(x, g) ? Algorithm::kRuns : Algorithm::kTiled;
 }
