@@ -248,11 +248,14 @@ def test_algorithm_refuses_what_it_cannot_do(algorithm, stride, dilation, match)
                      1, False, algorithm)
 
 
-# The runs kernel's pieces of work (csrc/cpu/gram_runs_cpu.cpp): one image cut into chunks of
-# output rows (fewer than 4 images a thread), batches of many small pieces, of one piece, and
-# a piece wider than a batch (3 rows × 702 × 32 > 2^16); runs padded to 16 lanes (3·7 = 21
-# of 32 columns real), row dilation, groups of 16 channels, kernel = stride, 1×1 strided.
-RUNS_GEOMETRIES = [
+# The strided and 1×1 forms, by name, on every layout. The runs kernel's pieces of work
+# (csrc/cpu/gram_runs_cpu.cpp): one image cut into chunks of output rows (fewer than 4 images
+# a thread), batches of many small pieces, of one piece, and a piece wider than a batch
+# (3 rows × 702 × 32 > 2^16); runs padded to 16 lanes (3·7 = 21 of 32 columns real), row
+# dilation, groups of 16 channels, kernel = stride, 1×1 strided. Then what the automatic
+# choice leaves to the tiled kernel: a wide column step (2·48 > 64) and dilation across the
+# rows (no runs there).
+STRIDED_GEOMETRIES = [
     ((1, 24, 13, 11), (3, 3), (2, 2), (1, 1), (1, 1), 1),
     ((40, 16, 5, 6), (3, 3), (2, 2), (1, 0), (1, 1), 1),
     ((2, 48, 40, 37), (3, 3), (2, 2), (1, 1), (1, 1), 1),
@@ -262,15 +265,26 @@ RUNS_GEOMETRIES = [
     ((2, 32, 9, 8), (3, 3), (2, 2), (1, 1), (1, 1), 2),
     ((4, 16, 8, 12), (4, 4), (4, 4), (0, 0), (1, 1), 1),
     ((3, 64, 7, 5), (1, 1), (2, 2), (0, 0), (1, 1), 1),
+    ((3, 48, 9, 9), (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    ((2, 5, 10, 9), (3, 3), (2, 2), (1, 1), (1, 2), 1),
 ]
 
 
-@pytest.mark.parametrize("geometry", RUNS_GEOMETRIES, ids=lambda g: f"{g[0]}k{g[1]}s{g[2]}p{g[3]}d{g[4]}g{g[5]}")
+def _strided_cases():
+    for geometry in STRIDED_GEOMETRIES:
+        for algorithm in ("runs", "tiled"):
+            if algorithm == "runs" and geometry[4][1] != 1:
+                continue
+            yield algorithm, geometry
+
+
+@pytest.mark.parametrize("algorithm,geometry", list(_strided_cases()),
+                         ids=lambda v: v if isinstance(v, str) else f"{v[0]}k{v[1]}s{v[2]}p{v[3]}d{v[4]}g{v[5]}")
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5),
                                        (torch.float16, 2e-5)])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_runs_form_matches_reference(geometry, layout, dtype, tol, threads):
+def test_strided_forms_match_reference(algorithm, geometry, layout, dtype, tol, threads):
     shape, k, s, p, d, groups = geometry
     x = torch.randn(shape, dtype=torch.float64)
     if layout == "channels_last":
@@ -283,7 +297,8 @@ def test_runs_form_matches_reference(geometry, layout, dtype, tol, threads):
     torch.set_num_threads(threads)
     try:
         for bias in (False, True):
-            check_gram(algorithm_op(x, k, s, p, d, groups, bias, "runs"), x, geometry, bias, tol)
+            check_gram(algorithm_op(x, k, s, p, d, groups, bias, algorithm), x, geometry, bias,
+                       tol)
     finally:
         torch.set_num_threads(before)
 
