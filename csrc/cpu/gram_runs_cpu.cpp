@@ -116,16 +116,12 @@ void gram_runs_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gra
       add_block(total.data(), Dp, blocks[t].data(), Dp, Dp, Dp);
       add_block(total_sums.data(), Dp, bias_rows[t].data(), Dp, 1, Dp);
     }
-    for (int64_t p = 0; p < d0; ++p)
-      for (int64_t q = p; q < d0; ++q) {
-        const int64_t a = column[p], b = column[q];
-        out[grp][p][q] = a <= b ? total[a * Dp + b] : total[b * Dp + a];
-      }
+    const int64_t D = d0 + (g.bias ? 1 : 0);
+    upper_from_permuted(&out[grp][0][0], D, d0, total.data(), Dp, column.data());
     if (g.bias) {
       for (int64_t p = 0; p < d0; ++p) out[grp][p][d0] = total_sums[column[p]];
       out[grp][d0][d0] = static_cast<acc_t>(B * Ho * Wo);
     }
-    const int64_t D = d0 + (g.bias ? 1 : 0);
     mirror_triangle(&out[grp][0][0], D, D, Mirror::kUpperToLower);
   }
 }

@@ -118,13 +118,9 @@ void gram_tiled_impl(const at::Tensor& x, const PatchGeometry& g, at::Tensor& gr
       for (size_t e = 0; e < other.size(); ++e) acc[e] += other[e];
       std::vector<acc_t>().swap(other);
     }
-    // (channel, i, j) order from the tile's offset-major columns; either side of acc's upper
-    // triangle (computed in whole 16 × 16 blocks) by symmetry.
-    for (int64_t p = 0; p < D; ++p)
-      for (int64_t q = p; q < D; ++q) {
-        const int64_t a = column[p], b = column[q];
-        out[grp][p][q] = a <= b ? acc[a * Dp + b] : acc[b * Dp + a];
-      }
+    // (channel, i, j) order from the tile's offset-major columns (acc's upper triangle is
+    // computed in whole 16 × 16 blocks).
+    upper_from_permuted(&out[grp][0][0], D, D, acc.data(), Dp, column.data());
     mirror_triangle(&out[grp][0][0], D, D, Mirror::kUpperToLower);
   }
 }

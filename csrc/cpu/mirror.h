@@ -27,4 +27,18 @@ void mirror_triangle(T* a, int64_t n, int64_t ld, Mirror direction) {
     }
 }
 
+// out[p][q] (row stride ldo) for p ≤ q < n from a Gram accumulated in another column order:
+// entry (column[p], column[q]) of acc (row stride lda), whose upper triangle is the one
+// computed (column[] need not be increasing, so either side of it is read). The tiled and runs
+// kernels accumulate in kernel-offset-major order; the Gram is (channel, i, j).
+template <typename T>
+void upper_from_permuted(T* out, int64_t ldo, int64_t n, const T* acc, int64_t lda,
+                         const int64_t* column) {
+  for (int64_t p = 0; p < n; ++p)
+    for (int64_t q = p; q < n; ++q) {
+      const int64_t a = column[p], b = column[q];
+      out[p * ldo + q] = a <= b ? acc[a * lda + b] : acc[b * lda + a];
+    }
+}
+
 }  // namespace consequential_ext::cpu
