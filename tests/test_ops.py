@@ -108,8 +108,9 @@ def test_ridge_solve_float32_error_stays_out_of_the_inputs_span(backend, batch, 
 
 # One system past batch·D³ = 3·10⁷ (every thread, csrc/cpu/ridge_solve_cpu.cpp) with no, one,
 # a few and many right-hand sides; and from D = 128 on, where the CPU solve goes by 32-wide
-# blocks (csrc/cpu/blocked_cholesky.cpp): D at the threshold, a last block of one row, of 30,
-# right-hand sides none, one and more than a 256-wide work item, batches, whose systems each
+# blocks in 128-row panels (csrc/cpu/blocked_cholesky.cpp): D at the threshold (one panel), a
+# last panel of one row (257), of a block and a row (161), a last block of one row, of 30, four
+# panels (449), right-hand sides none, one and more than a 256-wide work item, batches, whose systems each
 # go by blocks on one thread — on 1, 2 and 3 threads (the work split into shares of equal
 # weight).
 @pytest.mark.parametrize("threads", [1, 2, 3])
