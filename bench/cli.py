@@ -71,7 +71,7 @@ def parse_args(argv=None):
     return args
 
 
-def _meta(args, argv) -> dict:
+def _meta(args, argv, allocator) -> dict:
     import consequential_ext as cx
     device = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
@@ -84,7 +84,7 @@ def _meta(args, argv) -> dict:
             "library": f"consequential_ext of this checkout (rules: {', '.join(cx.RULES)}; "
                        f"optim: {'yes' if hasattr(cx, 'optim') else 'no'}; "
                        f"amortize: {'yes' if hasattr(cx, 'amortize') else 'no'})",
-            "training threads": "1 (see bench/protocol.py)"}
+            "training threads": "1 (see bench/protocol.py)", "allocator": allocator}
     if args.append:
         meta["note"] = ("this header is the last run's; the report may merge sections of "
                         "several runs (--append), each of which names its command and library")
@@ -106,7 +106,9 @@ def merge_sections(old: list, new: list) -> list:
     return [by_name[n] for n in SECTIONS if n in by_name]
 
 
-def main(argv=None) -> int:
+def main(argv=None, allocator="as the process found it") -> int:
+    """The command line; ``allocator``: what ``python -m bench`` did to malloc first, for the
+    report's header (``bench/allocator.py``; not done where tests call this in-process)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     ctx = Context(out=args.out, quick=args.quick, seeds=args.seeds, device=args.device)
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
     if problem:
         print(f"python -m bench: error: argument --out: {args.out}: {problem}", file=sys.stderr)
         return 2
-    meta = _meta(args, argv)
+    meta = _meta(args, argv, allocator)
     results, t_start, cpu_start, failed = [], time.perf_counter(), time.process_time(), 0
 
     def write():

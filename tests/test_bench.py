@@ -2,6 +2,9 @@
 loaders, training-loop bookkeeping, and one tiny section end to end."""
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,3 +397,40 @@ def test_recurrent_study_counts_dead_runs_and_steps_to_target(tmp_path, capsys):
     with pytest.raises(SystemExit):
         rs.main(["--tasks", "digits9-lstm", "--out", str(out)])
     assert "--tasks: unknown digits9-lstm" in capsys.readouterr().err
+
+
+# A block between glibc's mmap threshold and the pinned one (32 MiB) is a fresh mapping before
+# the pin (mallinfo2's hblkhd grows by its size) and heap after it — 20 MiB after a 4 MiB one
+# was freed, which raised the unpinned threshold to 4 MiB only; one above 32 MiB stays a
+# mapping. In a child process, as `python -m bench` pins its own.
+_MMAPPED_BYTES = """
+import ctypes, ctypes.util, sys
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+if not hasattr(libc, "mallinfo2"):
+    print("skip"); sys.exit()
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks "
+                "fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def mapped_by(size):
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(size)
+    grown = libc.mallinfo2().hblkhd - before
+    libc.free(block)
+    return grown
+size = 4 << 20
+unpinned = mapped_by(size)
+from bench.allocator import pin_malloc_thresholds
+said = pin_malloc_thresholds()
+print(unpinned >= size, mapped_by(20 << 20) == 0, mapped_by(40 << 20) >= 40 << 20, said)
+"""
+
+
+def test_pinned_malloc_thresholds_keep_blocks_below_32_mib_on_the_heap():
+    out = subprocess.run([sys.executable, "-c", _MMAPPED_BYTES], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
+    if out == "skip":
+        pytest.skip("not glibc ≥ 2.33 (no mallinfo2)")
+    assert out.startswith("True True True glibc malloc, mmap threshold 32 MiB"), out
