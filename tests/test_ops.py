@@ -110,9 +110,9 @@ def test_ridge_solve_float32_error_stays_out_of_the_inputs_span(backend, batch, 
 # a few and many right-hand sides; and from D = 128 on, where the CPU solve goes by 32-wide
 # blocks in 128-row panels (csrc/cpu/blocked_cholesky.cpp): D at the threshold (one panel), a
 # last panel of one row (257), of a block and a row (161), a last block of one row, of 30, four
-# panels (449), right-hand sides none, one and more than a 256-wide work item, batches, whose systems each
-# go by blocks on one thread — on 1, 2 and 3 threads (the work split into shares of equal
-# weight).
+# panels (449), right-hand sides none, one and more than a 256-wide work item, batches, whose
+# systems each go by blocks on one thread — on 1, 2 and 3 threads (the work split into shares
+# of equal weight).
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("batch,d,m", [((), 331, 0), ((), 331, 1), ((), 331, 700),
