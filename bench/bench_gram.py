@@ -13,8 +13,8 @@ medians with 20/80 % quantiles):
 * ``CConv2d`` forward+backward / ``nn.Conv2d`` forward+backward (oneDNN) (goal ≤ 2.0);
 
 plus ResNet-20's two stride-2 shapes (the runs path), resnet18's 8×8, 4×4 and 2×2 stages,
-and the depthwise (grouped path) and 1×1 (rows, runs or tiled path, by width) layers of EfficientNet and ConvNeXt at
-64 px, no goal for those. ``--only a,b`` runs the cases whose names contain a or b. Writes ``gram_cpu.json``
+and the depthwise (grouped path) and 1×1 (rows, runs or tiled path, by width) layers of
+EfficientNet and ConvNeXt at 64 px, no goal for those. ``--only a,b`` runs the cases whose names contain a or b. Writes ``gram_cpu.json``
 and ``gram_cpu.md`` (``gram_cpu_Nthread.*`` with ``--threads N``) to DIR (default
 ``results/gram_cpu``). ``run(...)`` returns the rows;
 importing this module runs nothing.

@@ -278,8 +278,11 @@ def _strided_cases():
             yield algorithm, geometry
 
 
-@pytest.mark.parametrize("algorithm,geometry", list(_strided_cases()),
-                         ids=lambda v: v if isinstance(v, str) else f"{v[0]}k{v[1]}s{v[2]}p{v[3]}d{v[4]}g{v[5]}")
+def _case_id(value):
+    return value if isinstance(value, str) else "{}k{}s{}p{}d{}g{}".format(*value)
+
+
+@pytest.mark.parametrize("algorithm,geometry", list(_strided_cases()), ids=_case_id)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5),
                                        (torch.float16, 2e-5)])

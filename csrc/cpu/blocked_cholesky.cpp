@@ -39,6 +39,7 @@ constexpr int kMinBackwardColumns = 16;  // right-hand sides per thread in the b
 template <typename F>
 void for_shares(const std::vector<int64_t>& weight, F&& body) {
   const int count = static_cast<int>(weight.size());
+  if (count == 0) return;  // no region to open (a last panel without right-hand sides)
   const int threads = std::max(1, std::min<int>(at::get_num_threads(), count));
   std::vector<int> bounds(threads + 1, count);
   bounds[0] = 0;
