@@ -61,21 +61,38 @@ __attribute__((always_inline)) inline void corr_tile(T* out, int64_t ldo, const 
 // it): that maps a strip onto a few cache sets.
 constexpr int64_t kBlockRows = 64, kBlockedPanelBytes = 64 * 1024;
 
+// Rows [0, M) (a multiple of 4) go in tiles of MR, the last one or two in tiles of 4 where
+// MR = 6 does not divide M (16: 6, 6, 4): the rows up to this go in MR-row tiles.
+template <int MR>
+inline int64_t full_tile_rows(int64_t M) {
+  return MR != 6 || M % 6 == 0 ? M : M - (M % 6 == 4 ? 4 : 8);
+}
+
 template <typename T, int W, int MR, int NV>
 __attribute__((always_inline)) inline void corr_tiles(T* out, int64_t ldo, const T* L, const T* R,
                                                       int64_t M, int64_t N, int64_t n_outer,
                                                       int64_t os, int64_t n_inner, int64_t ld) {
   constexpr int64_t NW = NV * (W / sizeof(T));
+  const int64_t M6 = full_tile_rows<MR>(M);
   auto sweep = [&](int64_t o0, int64_t o1, int64_t k0, int64_t k1) {
-    for (int64_t n0 = 0; n0 < N; n0 += NW)
-      for (int64_t m0 = 0; m0 < M; m0 += MR)
+    for (int64_t n0 = 0; n0 < N; n0 += NW) {
+      int64_t m0 = 0;
+      for (; m0 < M6; m0 += MR)
         corr_tile<T, W, MR, NV>(out + m0 * ldo + n0, ldo, L + m0, R + n0, o0, o1, os, k0, k1, ld);
+      for (; m0 < M; m0 += 4)
+        corr_tile<T, W, 4, NV>(out + m0 * ldo + n0, ldo, L + m0, R + n0, o0, o1, os, k0, k1, ld);
+    }
   };
   if (N <= NW || M * kBlockRows * int64_t{sizeof(T)} > kBlockedPanelBytes) {
-    for (int64_t m0 = 0; m0 < M; m0 += MR)
+    int64_t m0 = 0;
+    for (; m0 < M6; m0 += MR)
       for (int64_t n0 = 0; n0 < N; n0 += NW)
         corr_tile<T, W, MR, NV>(out + m0 * ldo + n0, ldo, L + m0, R + n0, 0, n_outer, os, 0,
                                 n_inner, ld);
+    for (; m0 < M; m0 += 4)
+      for (int64_t n0 = 0; n0 < N; n0 += NW)
+        corr_tile<T, W, 4, NV>(out + m0 * ldo + n0, ldo, L + m0, R + n0, 0, n_outer, os, 0,
+                               n_inner, ld);
   } else if (n_inner >= kBlockRows) {  // blocks within each run
     for (int64_t o = 0; o < n_outer; ++o)
       for (int64_t k0 = 0; k0 < n_inner; k0 += kBlockRows)
@@ -88,16 +105,19 @@ __attribute__((always_inline)) inline void corr_tiles(T* out, int64_t ldo, const
 }
 
 // 64-byte registers (32 of them): two vectors wide when N allows (more FMAs per broadcast),
-// else one vector and taller tiles. 32 or 16 bytes (16 registers): 4 × 2 vectors, 8
-// accumulators beside the loads. M is a multiple of 16, so MR always divides it; N is a
-// multiple of 16 elements, so two 32- or 16-byte vectors always divide it.
+// else one vector and taller tiles. 32 or 16 bytes (16 registers): 6 × 2 vectors, 12
+// accumulators beside two loaded vectors and a broadcast (with 4 × 2, 8 accumulators, the
+// FMAs' latency showed: 16 × 16 outputs over 64 rows, one AVX2 thread, ~48 against ~68
+// GFLOP/s, 64 × 64 over 32 rows ~58 against ~62). M is a multiple of 16, so 8 and 16 divide
+// it and 6 with a tail of 4-row tiles; N is a multiple of 16 elements, so two 32- or 16-byte
+// vectors always divide it.
 template <typename T, int W>
 __attribute__((always_inline)) inline void corr_any(T* out, int64_t ldo, const T* L, const T* R,
                                                     int64_t M, int64_t N, int64_t n_outer,
                                                     int64_t os, int64_t n_inner, int64_t ld) {
   constexpr int V = W / sizeof(T);
   if constexpr (W < 64)
-    corr_tiles<T, W, 4, 2>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
+    corr_tiles<T, W, 6, 2>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
   else if (N % (2 * V) == 0)
     corr_tiles<T, W, 8, 2>(out, ldo, L, R, M, N, n_outer, os, n_inner, ld);
   else
