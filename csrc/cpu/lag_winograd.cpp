@@ -186,11 +186,12 @@ __attribute__((always_inline)) inline void lag_transform(T* A, T* R, int64_t ps,
       T* const r = R + kk * Cs;
       for (int64_t c = 0; c < len; c += V) {
         vec w[N][M];
+#pragma GCC unroll 64
         for (int i = 0; i < N; ++i)
-          for (int j = 0; j < M; ++j)
-            std::memcpy(&w[i][j], base[i][j] + b * step[i][j] + c, sizeof(vec));
-        auto put_a = [&](int pt, const vec& v) { std::memcpy(a + pt * ps + c, &v, sizeof(vec)); };
-        auto put_r = [&](int pt, const vec& v) { std::memcpy(r + pt * ps + c, &v, sizeof(vec)); };
+#pragma GCC unroll 64
+          for (int j = 0; j < M; ++j) load_vec<T, W>(w[i][j], base[i][j] + b * step[i][j] + c);
+        auto put_a = [&](int pt, const vec& v) { store_vec<T, W>(a + pt * ps + c, v); };
+        auto put_r = [&](int pt, const vec& v) { store_vec<T, W>(r + pt * ps + c, v); };
         if constexpr (S == 2)
           tile2_points(w, T(0.5), put_a, put_r);
         else
@@ -298,9 +299,7 @@ __attribute__((always_inline)) inline void grad_transform_any(
   using vec = typename Vec<T, W>::type;
   constexpr int V = W / sizeof(T), N = S + 2;  // the b window's side
   const T half = T(0.5);
-  auto put = [&](T* base, int pt, int64_t c, const vec& v) {
-    std::memcpy(base + pt * ps + c, &v, sizeof(vec));
-  };
+  auto put = [&](T* base, int pt, int64_t c, const vec& v) { store_vec<T, W>(base + pt * ps + c, v); };
   for (int64_t tile = t0; tile < t0 + nt; ++tile) {
     const int64_t y = y0 + S * (tile / ntx), x = x0 + S * (tile % ntx);
     const T* base[N][N];
@@ -317,9 +316,10 @@ __attribute__((always_inline)) inline void grad_transform_any(
       const T* q = ay + b * Cs;
       for (int64_t c = 0; c < a_len; c += V) {
         vec v[S][S];
+#pragma GCC unroll 16
         for (int i = 0; i < S; ++i)
-          for (int j = 0; j < S; ++j)
-            std::memcpy(&v[i][j], q + (i * Wz + j) * bc * Cs + c, sizeof(vec));
+#pragma GCC unroll 16
+          for (int j = 0; j < S; ++j) load_vec<T, W>(v[i][j], q + (i * Wz + j) * bc * Cs + c);
         auto put_a = [&](int pt, const vec& x) { put(a, pt, c, x); };
         if constexpr (S == 2)
           a_points_3x3<0>(v, half, put_a);
@@ -328,9 +328,10 @@ __attribute__((always_inline)) inline void grad_transform_any(
       }
       for (int64_t c = 0; c < b_len; c += V) {
         vec w[N][N];
+#pragma GCC unroll 64
         for (int i = 0; i < N; ++i)
-          for (int j = 0; j < N; ++j)
-            std::memcpy(&w[i][j], base[i][j] + b * step[i][j] + c, sizeof(vec));
+#pragma GCC unroll 64
+          for (int j = 0; j < N; ++j) load_vec<T, W>(w[i][j], base[i][j] + b * step[i][j] + c);
         auto put_r = [&](int pt, const vec& x) { put(r, pt, c, x); };
         if constexpr (S == 2)
           b_points_3x3<0>(w, put_r);

@@ -21,4 +21,21 @@ struct Vec {
   typedef T type __attribute__((vector_size(W)));
 };
 
+// One such vector loaded from / stored to memory aligned only to T, as one vector move. (A
+// std::memcpy of a vector in an unrolled loop GCC compiled to a byte copy, 16 bytes at a
+// time, through an array on the stack: in the Winograd transforms those copies took about
+// half of their time.)
+template <typename T, int W>
+struct UnalignedVec {
+  typedef T type __attribute__((vector_size(W), aligned(sizeof(T)), may_alias));
+};
+template <typename T, int W>
+__attribute__((always_inline)) inline void load_vec(typename Vec<T, W>::type& v, const T* p) {
+  v = *reinterpret_cast<const typename UnalignedVec<T, W>::type*>(p);
+}
+template <typename T, int W>
+__attribute__((always_inline)) inline void store_vec(T* p, const typename Vec<T, W>::type& v) {
+  *reinterpret_cast<typename UnalignedVec<T, W>::type*>(p) = v;
+}
+
 }  // namespace consequential_ext::cpu
