@@ -22,9 +22,9 @@ struct Vec {
 };
 
 // One such vector loaded from / stored to memory aligned only to T, as one vector move. (A
-// std::memcpy of a vector in an unrolled loop GCC compiled to a byte copy, 16 bytes at a
-// time, through an array on the stack: in the Winograd transforms those copies took about
-// half of their time.)
+// std::memcpy of a vector in a loop GCC compiled to a byte copy, 16 bytes at a time, through
+// an array on the stack: in the Winograd transforms those copies took about half of their
+// time.)
 template <typename T, int W>
 struct UnalignedVec {
   typedef T type __attribute__((vector_size(W), aligned(sizeof(T)), may_alias));
